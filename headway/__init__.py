@@ -1,0 +1,1 @@
+"""Headway: train language models with rewards."""

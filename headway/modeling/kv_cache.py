@@ -1,0 +1,53 @@
+"""`KVCache`: a preallocated key/value store for one attention layer.
+
+Shape `[B, kv_heads, max_len, head_dim]`, allocated once and written in place at each
+row's own positions (rows of a batch sit at different positions: ragged prompts, rows that
+joined the batch later). Nothing is grown or concatenated while decoding, so a decode step
+has static shapes. Entries past a row's current position may hold garbage from padding;
+attention masks them out and the next write at that position overwrites them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache(torch.nn.Module):
+    """Keys and values of one layer for `batch` rows of up to `max_len` positions."""
+
+    def __init__(
+        self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(
+        self,
+        positions: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v `[B, kv_heads, T, head_dim]` at `positions` `[B, T]`.
+
+        `rows` `[B]` picks the cache rows written and read (None: all rows, in order).
+        Returns the keys and values attention reads, `[B, kv_heads, max_len, head_dim]`.
+        """
+        r = torch.arange(k.shape[0], device=k.device) if rows is None else rows
+        # Advanced indices separated by a slice put their broadcast dims first: [B, T, H, D].
+        self.k[r[:, None], :, positions] = k.transpose(1, 2)
+        self.v[r[:, None], :, positions] = v.transpose(1, 2)
+        if rows is None:
+            return self.k, self.v
+        return self.k[rows], self.v[rows]
+
+
+def round_up(n: int, multiple: int = 8) -> int:
+    """`n` rounded up to a multiple (cache lengths are multiples of 8, as in gpt-fast)."""
+    return (n + multiple - 1) // multiple * multiple

@@ -1,0 +1,252 @@
+"""The decoder: one implementation of the Llama, Qwen2 and Qwen3 families.
+
+Module and parameter names follow Hugging Face's (`layers.N.self_attn.q_proj`, ...) minus
+the leading `model.`, so loading is a prefix strip and LoRA keys map to PEFT's directly.
+The family differences are `ModelConfig` switches: q/k/v bias (Qwen2), per-head q/k RMSNorm
+(Qwen3), Llama-3 RoPE scaling, tied or untied embeddings.
+
+`Transformer.forward` serves training (a full causal forward over right-padded rows) and
+sampling (prefill and one-token decode against preallocated `KVCache`s, each row at its own
+position). It returns logits only; logprobs come from `headway.modeling.logprobs`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from headway.modeling.config import ModelConfig
+from headway.modeling.errors import ModelError
+from headway.modeling.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back, exactly as transformers does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """RoPE inverse frequencies `[head_dim // 2]` (fp32), with Llama-3 scaling if configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (
+        # An explicit device: built on the meta device, the model still needs real frequencies.
+        config.rope_theta
+        ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
+    )
+    spec = config.rope_scaling
+    if spec is None:
+        return inv_freq
+    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the middle band
+    # interpolated (same arithmetic as transformers' _compute_llama3_parameters).
+    factor, low, high = spec["factor"], spec["low_freq_factor"], spec["high_freq_factor"]
+    old_len = spec["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin `[B, 1, T, head_dim]` for integer `positions` `[B, T]`."""
+    freqs = positions[..., None].float() * inv_freq  # [B, T, head_dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` `[B, H, T, head_dim]` (the half-split convention of HF checkpoints)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with optional q/k bias and q/k norm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        rows: torch.Tensor | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            k, v = cache.update(positions, k, v, rows)  # [B, H_kv, max_len, D]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, *attn_args: object) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), *attn_args)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model; `forward` returns logits `[B, T, vocab]`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # A plain attribute, not a buffer: `.to(bfloat16)` must not round the frequencies.
+        self.inv_freq = rope_inv_freq(config)
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
+        """Random initialisation as transformers does it (normal(0, std), norms at 1)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                with torch.no_grad():
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        """One preallocated `KVCache` per layer for `batch` rows of `max_len` positions."""
+        if max_len > self.config.max_context:
+            raise ModelError(
+                f"a cache of {max_len} positions exceeds the model's context of "
+                f"{self.config.max_context} (max_position_embeddings in config.json)"
+            )
+        c, p = self.config, self.embed_tokens.weight
+        return [
+            KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, p.dtype).to(p.device)
+            for _ in range(c.num_hidden_layers)
+        ]
+
+    def check_tokens(self, input_ids: torch.Tensor) -> None:
+        """Raise `ModelError` naming the first token id outside [0, vocab_size)."""
+        bad = (input_ids < 0) | (input_ids >= self.config.vocab_size)
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            where = f"row {idx[0]}, position {idx[1]}" if len(idx) == 2 else f"position {idx[0]}"
+            raise ModelError(
+                f"token id {int(input_ids[idx])} at {where} is out of range: "
+                f"the vocabulary has ids 0..{self.config.vocab_size - 1}"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        *,
+        caches: list[KVCache] | None = None,
+        rows: torch.Tensor | None = None,
+        output_index: torch.Tensor | None = None,
+        validate: bool = True,
+    ) -> torch.Tensor:
+        """Logits for `input_ids` `[B, T]`.
+
+        Without `caches`: a causal forward over positions 0..T-1 (training, scoring). Rows of
+        different lengths are right-padded; padding never affects earlier positions.
+        With `caches`: k/v are written at `positions` `[B, T]` (each row its own) into cache
+        `rows` (None: all), and each query attends to cache entries at positions ≤ its own:
+        prefill is T > 1, decode is T == 1.
+        `output_index` `[B]`: compute logits only at that position of each row (`[B, 1, V]`),
+        sparing the vocabulary projection of a whole prompt.
+        `validate=False` skips the token/context checks (a host sync) on the decode hot path.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        if validate:
+            self.check_tokens(input_ids)
+            limit = self.config.max_context if caches is None else caches[0].max_len
+            last = int(positions.max()) + 1 if positions.numel() else 0
+            if last > limit:
+                what = "the model's context" if caches is None else "the KV cache length"
+                raise ModelError(
+                    f"sequence of {last} tokens exceeds {what} of {limit}; shorten the input"
+                    + (" (max_position_embeddings in config.json)" if caches is None else "")
+                )
+        x = self.embed_tokens(input_ids)
+        if self.inv_freq.device != x.device:
+            self.inv_freq = self.inv_freq.to(x.device)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        mask = None
+        if caches is not None:
+            keys = torch.arange(caches[0].max_len, device=x.device)
+            mask = (keys <= positions[..., None])[:, None]  # [B, 1, T, max_len]
+        for i, layer in enumerate(self.layers):
+            cache = caches[i] if caches is not None else None
+            x = layer(x, cos, sin, positions, cache, rows, mask)
+        if output_index is not None:
+            x = x[torch.arange(B, device=x.device), output_index][:, None]
+        return self.lm_head(self.norm(x))

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny random Hugging Face models of each family, and a trained tokenizer.
+
+The reference models are built with transformers itself, every parameter (biases and norm
+weights included) randomised so that a missed bias or norm shows up in the logits, then
+saved to disk in Hugging Face format for our loader to read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+VOCAB = 96
+
+# Small but complete: GQA (4 heads / 2 kv), explicit head_dim, several layers.
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+)
+
+FAMILIES = {
+    "qwen3": dict(head_dim=24, tie_word_embeddings=True, rope_theta=1_000_000.0),
+    "qwen2": dict(tie_word_embeddings=False, rope_theta=10_000.0),
+    "llama": dict(
+        tie_word_embeddings=False,
+        attention_bias=True,
+        rope_theta=500_000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+}
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_hf_model(family: str, seed: int = 0, **overrides: object) -> torch.nn.Module:
+    """A transformers model of `family` with every parameter randomised."""
+    import transformers
+
+    cls_name = {"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama"}[family]
+    config_cls = getattr(transformers, f"{cls_name}Config")
+    model_cls = getattr(transformers, f"{cls_name}ForCausalLM")
+    config = config_cls(**{**_COMMON, **FAMILIES[family], **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def hf_dir(family: str, tmp_path: Path) -> tuple[torch.nn.Module, Path]:
+    """(transformers model, its saved directory) for each family."""
+    model = build_hf_model(family)
+    path = tmp_path / family
+    model.save_pretrained(path)
+    return model, path
+
+
+def train_tokenizer(path: Path) -> Path:
+    """Train a small byte-level BPE with the `tokenizers` library and save HF files in `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    # The alphabet is what the corpus uses, so the whole vocabulary fits the tiny models.
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials)
+    corpus = [f"what is {a} plus {b}? it is {a + b}." for a in range(30) for b in range(30)]
+    tok.train_from_iterator(corpus, trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": CHATML,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2]}))
+    return path
