@@ -59,7 +59,9 @@ def test_cached_greedy_generation_matches_transformers_generate(hf_dir):
         )[0, prompt.shape[1] :]
         caches = model.new_caches(1, round_up(prompt.shape[1] + new))
         T = prompt.shape[1]
-        logits = model(prompt, torch.arange(T)[None], caches=caches, output_index=torch.tensor([T - 1]))
+        logits = model(
+            prompt, torch.arange(T)[None], caches=caches, output_index=torch.tensor([T - 1])
+        )
         out = []
         for i in range(new):
             token = logits[:, -1].argmax(-1)

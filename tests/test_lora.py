@@ -56,7 +56,9 @@ def test_adapter_loads_in_peft_with_our_logits(hf_dir, tmp_path):
 
     hf, path = hf_dir
     model, _ = load_model(path)
-    apply_lora(model, LoraConfig(rank=4, alpha=16, target_modules=("q_proj", "v_proj", "down_proj")))
+    apply_lora(
+        model, LoraConfig(rank=4, alpha=16, target_modules=("q_proj", "v_proj", "down_proj"))
+    )
     _randomise_adapter(model)
     save_adapter(model, tmp_path / "adapter", base_model=str(path))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())

@@ -45,7 +45,9 @@ class ModelConfig:
     # Llama-3 style frequency scaling ({"rope_type": "llama3", "factor", ...}); None = plain RoPE.
     rope_scaling: dict[str, Any] | None = None
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False  # bias on q/k/v projections (Qwen2 always; Llama/Qwen3 if attention_bias)
+    qkv_bias: bool = (
+        False  # bias on q/k/v projections (Qwen2 always; Llama/Qwen3 if attention_bias)
+    )
     o_bias: bool = False  # bias on the output projection (Llama/Qwen3 attention_bias)
     mlp_bias: bool = False  # Llama's mlp_bias
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
@@ -81,14 +83,18 @@ class ModelConfig:
             )
         for name in _REQUIRED:
             if raw.get(name) is None:
-                raise ModelError(f"{source}: missing required field {name!r} for a {model_type} model")
+                raise ModelError(
+                    f"{source}: missing required field {name!r} for a {model_type} model"
+                )
         if raw.get("use_sliding_window"):
             raise ModelError(
                 f"{source}: use_sliding_window=true is not supported; set it to false "
                 "(full attention on every layer)"
             )
         if raw.get("hidden_act", "silu") != "silu":
-            raise ModelError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported; use 'silu'")
+            raise ModelError(
+                f"{source}: hidden_act {raw['hidden_act']!r} is not supported; use 'silu'"
+            )
 
         rope_theta, rope_scaling = _read_rope(raw, source)
         attention_bias = bool(raw.get("attention_bias", False))
@@ -127,7 +133,9 @@ class ModelConfig:
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
-            raise ModelError(f"{path}: not found; a model directory needs a Hugging Face config.json")
+            raise ModelError(
+                f"{path}: not found; a model directory needs a Hugging Face config.json"
+            )
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as e:
@@ -180,11 +188,17 @@ def _read_rope(raw: dict[str, Any], source: str) -> tuple[float, dict[str, Any] 
         return theta, None
     if rope_type != "llama3":
         raise ModelError(
-            f"{source}: rope type {rope_type!r} is not supported; use default or llama3 rope scaling"
+            f"{source}: rope type {rope_type!r} is not supported; "
+            "use default or llama3 rope scaling"
         )
     spec = dict(scaling or params)
     spec.pop("rope_theta", None)
-    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+    for key in (
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "original_max_position_embeddings",
+    ):
         if key not in spec:
             raise ModelError(f"{source}: llama3 rope scaling is missing {key!r}")
     spec["rope_type"] = "llama3"

@@ -86,28 +86,28 @@ def read_weights(
         expected.pop("lm_head.weight", None)
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
-    for hf_name, file in files.items():
-        by_file.setdefault(file, []).append(hf_name)
+    for key, file in files.items():
+        by_file.setdefault(file, []).append(key)
     for file, names in by_file.items():
         if not file.is_file():
             raise ModelError(f"{file}: listed in {INDEX_FILE} but missing; restore the shard")
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
-                for hf_name in names:
-                    name = hf_name.removeprefix(_HF_PREFIX)
+                for key in names:
+                    name = key.removeprefix(_HF_PREFIX)
                     if name.endswith(_IGNORED) or (
                         name == "lm_head.weight" and model.config.tie_word_embeddings
                     ):
                         continue
                     if name not in expected:
                         raise ModelError(
-                            f"{file}: unexpected tensor {hf_name!r}; the weights do not match "
+                            f"{file}: unexpected tensor {key!r}; the weights do not match "
                             f"config.json's {model.config.model_type} architecture"
                         )
-                    tensor = f.get_tensor(hf_name)
+                    tensor = f.get_tensor(key)
                     if tuple(tensor.shape) != tuple(expected[name]):
                         raise ModelError(
-                            f"{file}: tensor {hf_name!r} has shape {list(tensor.shape)} but "
+                            f"{file}: tensor {key!r} has shape {list(tensor.shape)} but "
                             f"config.json implies {list(expected[name])}; the config and "
                             "weights do not belong together"
                         )
@@ -116,26 +116,26 @@ def read_weights(
             raise
         except Exception as e:
             raise ModelError(f"{file}: cannot read safetensors (truncated or corrupt?): {e}") from e
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(hf_name(n) for n in set(expected) - set(state))
     if missing:
         raise ModelError(
-            f"{path}: weights are missing {len(missing)} tensor(s), e.g. "
-            f"{_HF_PREFIX if missing[0] != 'lm_head.weight' else ''}{missing[0]!r}"
+            f"{path}: weights are missing {len(missing)} tensor(s), e.g. {missing[0]!r}"
         )
     return state
 
 
+def hf_name(name: str) -> str:
+    """Hugging Face's name of one of our tensors (the body sits under `model.`)."""
+    return name if name == "lm_head.weight" else _HF_PREFIX + name
+
+
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """The model's tensors under Hugging Face names (tied lm_head omitted, as HF saves it)."""
-    out = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            if model.config.tie_word_embeddings:
-                continue
-            out[name] = tensor
-        else:
-            out[_HF_PREFIX + name] = tensor
-    return {k: v.detach().contiguous() for k, v in out.items()}
+    return {
+        hf_name(name): tensor.detach().contiguous()
+        for name, tensor in model.state_dict().items()
+        if not (name == "lm_head.weight" and model.config.tie_word_embeddings)
+    }
 
 
 def save_model(model: Transformer, tokenizer: Tokenizer | None, path: str | Path) -> None:

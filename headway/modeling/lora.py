@@ -65,9 +65,10 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's initialisation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + F.linear(
-            F.linear(x, self.lora_A), self.lora_B
-        ) * self.scaling
+        return (
+            F.linear(x, self.weight, self.bias)
+            + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        )
 
     def merged(self) -> nn.Linear:
         """A plain projection with the update folded in (a new tensor; the base is untouched)."""
