@@ -1,0 +1,54 @@
+"""Errors that cross a service boundary, each bound to the gRPC status it maps to.
+
+Domain code (store, trainer, sampler engine) raises these with a message that says what
+to fix; a servicer turns them into `context.abort(code, message)` and nothing else. This
+module imports neither grpc nor torch, so the SDK and gateway can use it too.
+"""
+
+from __future__ import annotations
+
+
+class HeadwayError(Exception):
+    """Base class: `code` is the name of a `grpc.StatusCode` member."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(HeadwayError):
+    """The request itself is wrong; retrying it unchanged will fail again."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(HeadwayError):
+    """A model, checkpoint, trace or forward id that does not exist (for this caller)."""
+
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(HeadwayError):
+    """A name that is taken."""
+
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(HeadwayError):
+    """Well formed, but the current state forbids it (no gradient to apply, a base ...)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(HeadwayError):
+    """Over a size limit: context, batch, token budget."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unauthenticated(HeadwayError):
+    """A missing or unknown API key."""
+
+    code = "UNAUTHENTICATED"
