@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint protos bench bench-model clean
+.PHONY: install test lint protos bench bench-model bench-trainer clean
 
 install: $(STAMP)
 
@@ -30,10 +30,13 @@ lint: install
 protos: install
 	$(PY) protos/generate.py
 
-bench: bench-model
+bench: bench-model bench-trainer
 
 bench-model: install
 	$(PY) bench/bench_model.py
+
+bench-trainer: install
+	$(PY) bench/bench_trainer.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -108,3 +108,22 @@ def train_tokenizer(path: Path) -> Path:
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2]}))
     return path
+
+
+@pytest.fixture
+def tiny_base(tmp_path: Path) -> Path:
+    """A tiny Qwen3 base directory made by our own code (weights + trained tokenizer)."""
+    from tests.stack import make_tiny_base
+
+    return make_tiny_base(tmp_path / "tiny-base")
+
+
+@pytest.fixture
+def trainer_stack(tmp_path: Path, tiny_base: Path):
+    """A trainer gRPC server on a loopback port, real Redis, the base "tiny" registered."""
+    from tests.stack import TrainerStack
+
+    stack = TrainerStack(tmp_path / "store")
+    stack.add_base(tiny_base, "tiny")
+    yield stack
+    stack.stop()

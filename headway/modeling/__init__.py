@@ -14,7 +14,14 @@ Imports torch and nothing else of ours.
 from headway.modeling.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from headway.modeling.errors import ModelError
 from headway.modeling.kv_cache import KVCache, round_up
-from headway.modeling.load import hf_state_dict, load_model, save_model
+from headway.modeling.load import (
+    build_model,
+    empty_model,
+    from_hf_names,
+    hf_state_dict,
+    load_model,
+    save_model,
+)
 from headway.modeling.logprobs import entropy, token_logprobs
 from headway.modeling.lora import (
     DEFAULT_TARGETS,
@@ -40,6 +47,9 @@ __all__ = [
     "Tokenizer",
     "Transformer",
     "apply_lora",
+    "build_model",
+    "empty_model",
+    "from_hf_names",
     "entropy",
     "hf_state_dict",
     "load_adapter",

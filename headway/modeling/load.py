@@ -37,18 +37,36 @@ def load_model(
     if not path.is_dir():
         raise ModelError(f"{path}: not a directory; pass a Hugging Face model directory")
     config = ModelConfig.from_file(path)
-    with torch.device("meta"):
-        model = Transformer(config)
-    state = read_weights(path, model, dtype, device)
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.inv_freq = model.inv_freq.to(device)
+    model = build_model(config, read_weights(path, empty_model(config), dtype, device))
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
     if tokenizer is not None and not tokenizer.eos_token_ids and config.eos_token_id is not None:
         eos = config.eos_token_id
         tokenizer.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
     return model.eval(), tokenizer
+
+
+def empty_model(config: ModelConfig) -> Transformer:
+    """A model on the meta device: the shapes, no memory."""
+    with torch.device("meta"):
+        return Transformer(config)
+
+
+def build_model(config: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
+    """A model whose parameters ARE the tensors of `state` (our names; shared, not copied).
+
+    Sharing is what lets many LoRA forks of one base hold one copy of its weights.
+    """
+    model = empty_model(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = model.inv_freq.to(state["embed_tokens.weight"].device)
+    return model.eval()
+
+
+def from_hf_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our names for tensors saved under Hugging Face names (see `hf_state_dict`)."""
+    return {k.removeprefix(_HF_PREFIX): v for k, v in tensors.items()}
 
 
 def weight_files(path: Path) -> dict[str, Path]:
@@ -77,14 +95,23 @@ def _keys(file: Path) -> list[str]:
 
 
 def read_weights(
-    path: Path, model: Transformer, dtype: torch.dtype, device: str | torch.device
+    path: Path,
+    model: Transformer,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    load: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Checked tensors for `model` (our names, `dtype`, `device`) from the directory `path`."""
+    """Checked tensors for `model` (our names, `dtype`, `device`) from the directory `path`.
+
+    `load=False` checks names and shapes from the file headers only and returns {}: a
+    cheap validation of a large model directory.
+    """
     files = weight_files(path)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     state: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
     by_file: dict[Path, list[str]] = {}
     for key, file in files.items():
         by_file.setdefault(file, []).append(key)
@@ -104,19 +131,21 @@ def read_weights(
                             f"{file}: unexpected tensor {key!r}; the weights do not match "
                             f"config.json's {model.config.model_type} architecture"
                         )
-                    tensor = f.get_tensor(key)
-                    if tuple(tensor.shape) != tuple(expected[name]):
+                    shape = f.get_slice(key).get_shape()
+                    if tuple(shape) != tuple(expected[name]):
                         raise ModelError(
-                            f"{file}: tensor {key!r} has shape {list(tensor.shape)} but "
+                            f"{file}: tensor {key!r} has shape {list(shape)} but "
                             f"config.json implies {list(expected[name])}; the config and "
                             "weights do not belong together"
                         )
-                    state[name] = tensor.to(dtype)
+                    seen.add(name)
+                    if load:
+                        state[name] = f.get_tensor(key).to(dtype)
         except ModelError:
             raise
         except Exception as e:
             raise ModelError(f"{file}: cannot read safetensors (truncated or corrupt?): {e}") from e
-    missing = sorted(hf_name(n) for n in set(expected) - set(state))
+    missing = sorted(hf_name(n) for n in set(expected) - seen)
     if missing:
         raise ModelError(
             f"{path}: weights are missing {len(missing)} tensor(s), e.g. {missing[0]!r}"

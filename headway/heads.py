@@ -1,0 +1,66 @@
+"""Head-change events and the head mirror in Redis: the names and payloads all services share.
+
+The trainer, after a head is durable on disk, publishes `{model, checkpoint, step}` on
+`<prefix>heads` and mirrors it in the key `<prefix>head:<model>`. Samplers subscribe to the
+channel to reload early, and read the mirror keys on (re)connect so a missed event costs
+only time. The store stays the truth; Redis only makes changes travel fast.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+DEFAULT_PREFIX = "headway:"
+
+
+@dataclass(frozen=True)
+class HeadEvent:
+    """A model's head moved to `checkpoint` (at `step`)."""
+
+    model: str
+    checkpoint: str
+    step: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> HeadEvent:
+        data = json.loads(raw)
+        return cls(model=data["model"], checkpoint=data["checkpoint"], step=int(data["step"]))
+
+
+def channel(prefix: str = DEFAULT_PREFIX) -> str:
+    """The pub/sub channel of head events."""
+    return f"{prefix}heads"
+
+
+def mirror_key(model: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """The key mirroring a model's current head (a HeadEvent as JSON)."""
+    return f"{prefix}head:{model}"
+
+
+async def publish_head(redis: object, event: HeadEvent, prefix: str = DEFAULT_PREFIX) -> None:
+    """Mirror then publish `event` with a `redis.asyncio.Redis` client.
+
+    The mirror is written first so a subscriber that reconciles right after the message
+    finds the same head in the key.
+    """
+    payload = event.to_json()
+    async with redis.pipeline(transaction=True) as pipe:  # type: ignore[attr-defined]
+        pipe.set(mirror_key(event.model, prefix), payload)
+        pipe.publish(channel(prefix), payload)
+        await pipe.execute()
+
+
+async def read_heads(redis: object, prefix: str = DEFAULT_PREFIX) -> dict[str, HeadEvent]:
+    """Every mirrored head, by model (for reconciliation on start and reconnect)."""
+    out: dict[str, HeadEvent] = {}
+    keys = [k async for k in redis.scan_iter(match=mirror_key("*", prefix))]  # type: ignore[attr-defined]
+    if keys:
+        for raw in await redis.mget(keys):  # type: ignore[attr-defined]
+            if raw is not None:
+                event = HeadEvent.from_json(raw)
+                out[event.model] = event
+    return out

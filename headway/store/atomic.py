@@ -1,0 +1,75 @@
+"""Crash-safe writes: temp name → fsync → rename → fsync the directory.
+
+A reader (or a process restarted after SIGKILL) sees either the old content or the new,
+never a torn file. Directories are published the same way: built under a temp name,
+every file in them fsynced, then renamed into place in one step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+TMP_PREFIX = ".tmp-"  # anything named so is a leftover of an interrupted write
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory `path` (renames, new files) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Make the content of file `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_sibling(path: Path) -> Path:
+    """A fresh temp name beside `path`, recognisable as a leftover by its prefix."""
+    return path.with_name(f"{TMP_PREFIX}{path.name}-{secrets.token_hex(4)}")
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Atomically replace `path` with `data`."""
+    tmp = temp_sibling(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Atomically replace `path` with `value` as indented JSON."""
+    write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file and directory under `path` (before publishing it by rename)."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            fsync_file(Path(root) / name)
+        fsync_dir(Path(root))
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Rename the fully written directory `tmp` to `final` and make the rename durable.
+
+    Raises FileExistsError if `final` exists (rename over a non-empty directory fails).
+    """
+    fsync_tree(tmp)
+    if final.exists():
+        raise FileExistsError(final)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)

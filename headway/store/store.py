@@ -1,0 +1,271 @@
+"""`CheckpointStore`: the directory tree that is the truth about models and checkpoints.
+
+    <root>/models/<slug>/model.json                     ModelRecord
+    <root>/models/<slug>/HEAD                           id of the head checkpoint
+    <root>/models/<slug>/checkpoints/<id>/meta.json     CheckpointRecord (written last)
+    <root>/models/<slug>/checkpoints/<id>/adapter_model.safetensors + adapter_config.json
+                                                        a LoRA checkpoint (a PEFT adapter dir)
+    <root>/models/<slug>/checkpoints/<id>/weights.safetensors      a full checkpoint (HF names)
+    <root>/models/<slug>/checkpoints/<id>/optimizer.safetensors    AdamW state
+
+Invariants: a checkpoint directory appears only complete (built under a temp name, fsynced,
+renamed); HEAD names only a complete checkpoint and moves atomically; a model directory
+appears only with its model.json, root checkpoint and HEAD. Leftovers of interrupted writes
+carry the temp prefix and are removed when a store opens. Many processes may read; one
+trainer writes a given model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from headway.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from headway.store import atomic
+from headway.store.records import CheckpointRecord, CheckpointRef, ModelRecord
+
+SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ADAPTER_FILE = "adapter_model.safetensors"
+WEIGHTS_FILE = "weights.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+META_FILE = "meta.json"
+_DELETED_PREFIX = ".deleted-"
+
+
+def check_slug(name: str) -> str:
+    """`name` if it is a valid model slug, else InvalidArgument saying the rule."""
+    if not SLUG_RE.match(name or ""):
+        raise InvalidArgument(
+            f"model name {name!r} is not valid: use 1-64 characters from [A-Za-z0-9._-], "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+class CheckpointStore:
+    """Models, their checkpoint trees and heads, on disk under `root`."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        self.models_dir = self.root / "models"
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.remove_leftovers()
+
+    # ----------------------------------------------------------------- recovery
+    def remove_leftovers(self) -> list[Path]:
+        """Delete what interrupted writes left behind; returns the removed paths."""
+        removed = []
+        candidates = list(self.models_dir.iterdir())
+        for model_dir in self.models_dir.iterdir():
+            if model_dir.is_dir() and not model_dir.name.startswith("."):
+                candidates += list(model_dir.iterdir())
+                ckpts = model_dir / "checkpoints"
+                if ckpts.is_dir():
+                    candidates += list(ckpts.iterdir())
+        for path in candidates:
+            if path.name.startswith((atomic.TMP_PREFIX, _DELETED_PREFIX)):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                removed.append(path)
+        return removed
+
+    # ------------------------------------------------------------------- models
+    def model_dir(self, slug: str) -> Path:
+        return self.models_dir / slug
+
+    def has_model(self, slug: str) -> bool:
+        return bool(SLUG_RE.match(slug or "")) and (self.model_dir(slug) / "model.json").is_file()
+
+    def get_model(self, slug: str) -> ModelRecord:
+        """The record of `slug`, or NotFound."""
+        if not self.has_model(slug):
+            raise NotFound(f"model {slug!r} not found")
+        return ModelRecord.from_json(json.loads((self.model_dir(slug) / "model.json").read_text()))
+
+    def list_models(self) -> list[ModelRecord]:
+        """Every model: bases first, then forks, each sorted by slug."""
+        records = [
+            self.get_model(d.name)
+            for d in self.models_dir.iterdir()
+            if not d.name.startswith(".") and (d / "model.json").is_file()
+        ]
+        return sorted(records, key=lambda r: (not r.is_base, r.slug))
+
+    def create_model(
+        self,
+        record: ModelRecord,
+        root: CheckpointRecord,
+        write_root_files: Callable[[Path], None] | None = None,
+    ) -> ModelRecord:
+        """Create a model with its root checkpoint as head, all in one atomic rename."""
+        check_slug(record.slug)
+        final = self.model_dir(record.slug)
+        if final.exists():
+            raise AlreadyExists(f"model name {record.slug!r} is taken; choose another name")
+        tmp = self.models_dir / f"{atomic.TMP_PREFIX}{record.slug}-{secrets.token_hex(4)}"
+        ckpt_dir = tmp / "checkpoints" / root.id
+        ckpt_dir.mkdir(parents=True)
+        try:
+            if write_root_files is not None:
+                write_root_files(ckpt_dir)
+            (ckpt_dir / META_FILE).write_text(json.dumps(root.to_json(), indent=2))
+            (tmp / "model.json").write_text(json.dumps(record.to_json(), indent=2))
+            (tmp / "HEAD").write_text(root.id + "\n")
+            atomic.publish_dir(tmp, final)
+        except FileExistsError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise AlreadyExists(
+                f"model name {record.slug!r} is taken; choose another name"
+            ) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return record
+
+    def dependents(self, slug: str) -> list[str]:
+        """Models whose files or lineage reference `slug` (their source, frozen weights)."""
+        out = []
+        for rec in self.list_models():
+            if rec.slug == slug:
+                continue
+            refs = {rec.source, rec.frozen.model if rec.frozen else ""}
+            if slug in refs:
+                out.append(rec.slug)
+        return out
+
+    def delete_model(self, slug: str) -> None:
+        """Remove a fork. Refused for bases and for models other models fork from.
+
+        Forks reference their source's files (copy-on-write), so deleting a source would
+        break them: the caller must delete the dependents first.
+        """
+        record = self.get_model(slug)
+        if record.is_base:
+            raise FailedPrecondition(f"model {slug!r} is a base: bases are read-only")
+        deps = self.dependents(slug)
+        if deps:
+            raise FailedPrecondition(
+                f"model {slug!r} is the source of {', '.join(sorted(deps))}, which reference "
+                "its checkpoints; delete those first"
+            )
+        # Rename first (atomic), then remove: a crash mid-delete leaves a leftover, not a
+        # half-deleted model.
+        doomed = self.models_dir / f"{_DELETED_PREFIX}{slug}-{secrets.token_hex(4)}"
+        os.rename(self.model_dir(slug), doomed)
+        atomic.fsync_dir(self.models_dir)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    # -------------------------------------------------------------- checkpoints
+    def checkpoint_dir(self, slug: str, ckpt_id: str) -> Path:
+        return self.model_dir(slug) / "checkpoints" / ckpt_id
+
+    @staticmethod
+    def new_checkpoint_id(step: int) -> str:
+        """A fresh, opaque, unique id (step and a random suffix, for people reading dirs)."""
+        return f"s{step:06d}-{secrets.token_hex(4)}"
+
+    def get_checkpoint(self, slug: str, ckpt_id: str) -> CheckpointRecord:
+        """A complete checkpoint of `slug`, or NotFound."""
+        self.get_model(slug)
+        meta = self.checkpoint_dir(slug, ckpt_id) / META_FILE
+        if ckpt_id.startswith(".") or "/" in ckpt_id or not meta.is_file():
+            raise NotFound(f"checkpoint {ckpt_id!r} of model {slug!r} not found")
+        return CheckpointRecord.from_json(json.loads(meta.read_text()))
+
+    def list_checkpoints(self, slug: str) -> list[CheckpointRecord]:
+        """The model's complete checkpoints, oldest first."""
+        self.get_model(slug)
+        ckpts = self.model_dir(slug) / "checkpoints"
+        records = [
+            CheckpointRecord.from_json(json.loads((d / META_FILE).read_text()))
+            for d in ckpts.iterdir()
+            if not d.name.startswith(".") and (d / META_FILE).is_file()
+        ]
+        return sorted(records, key=lambda r: (r.created, r.step, r.id))
+
+    def write_checkpoint(
+        self, record: CheckpointRecord, write_files: Callable[[Path], None] | None = None
+    ) -> CheckpointRecord:
+        """Publish a complete checkpoint: files, then meta.json, fsynced, renamed into place.
+
+        Does not move HEAD (see `set_head`).
+        """
+        self.get_model(record.model)
+        final = self.checkpoint_dir(record.model, record.id)
+        tmp = final.with_name(f"{atomic.TMP_PREFIX}{record.id}-{secrets.token_hex(4)}")
+        tmp.mkdir(parents=True)
+        try:
+            if write_files is not None:
+                write_files(tmp)
+            record.created = time.time()
+            (tmp / META_FILE).write_text(json.dumps(record.to_json(), indent=2))
+            atomic.publish_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return record
+
+    # --------------------------------------------------------------------- head
+    def head(self, slug: str) -> str:
+        """Id of the model's head checkpoint."""
+        self.get_model(slug)
+        return (self.model_dir(slug) / "HEAD").read_text().strip()
+
+    def head_checkpoint(self, slug: str) -> CheckpointRecord:
+        """The model's head checkpoint record."""
+        return self.get_checkpoint(slug, self.head(slug))
+
+    def set_head(self, slug: str, ckpt_id: str) -> CheckpointRecord:
+        """Atomically point HEAD at a complete checkpoint of the model (durable on return)."""
+        record = self.get_checkpoint(slug, ckpt_id)
+        atomic.write_bytes(self.model_dir(slug) / "HEAD", (ckpt_id + "\n").encode())
+        return record
+
+    # -------------------------------------------------------------------- files
+    def resolve(self, slug: str, ckpt_id: str) -> CheckpointRecord:
+        """The checkpoint whose files hold the content of (slug, ckpt_id), following refs."""
+        record = self.get_checkpoint(slug, ckpt_id)
+        seen = set()
+        while record.ref is not None:
+            if (record.model, record.id) in seen:
+                raise FailedPrecondition(f"reference cycle at {record.model}/{record.id}")
+            seen.add((record.model, record.id))
+            record = self.get_checkpoint(record.ref.model, record.ref.checkpoint)
+        return record
+
+    def files_dir(self, record: CheckpointRecord) -> Path:
+        """Directory holding the files of `record` (which must not be a reference)."""
+        return self.checkpoint_dir(record.model, record.id)
+
+    def sampler_path(self, slug: str, ckpt_id: str) -> str:
+        """Store-relative path a sampler loads: adapter dir (LoRA), weights file (full),
+        "" for a base checkpoint (its weights are the base's Hugging Face directory)."""
+        target = self.resolve(slug, ckpt_id)
+        if target.kind == "base":
+            return ""
+        rel = self.files_dir(target).relative_to(self.root)
+        return str(rel if target.kind == "lora" else rel / WEIGHTS_FILE)
+
+    def state_path(self, slug: str, ckpt_id: str) -> str:
+        """Store-relative path of the optimizer state, "" when the checkpoint has none."""
+        record = self.get_checkpoint(slug, ckpt_id)
+        if not record.has_optimizer:
+            return ""
+        return str((self.checkpoint_dir(slug, ckpt_id) / OPTIMIZER_FILE).relative_to(self.root))
+
+    def find_request(self, slug: str, request_id: str) -> CheckpointRecord | None:
+        """The checkpoint an OptimStep with this idempotency key produced, if any."""
+        if not request_id:
+            return None
+        for record in self.list_checkpoints(slug):
+            if record.request_id == request_id:
+                return record
+        return None
+
+
+__all__ = ["CheckpointRef", "CheckpointStore", "check_slug"]

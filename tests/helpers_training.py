@@ -1,0 +1,47 @@
+"""Building training requests and reading checkpoints back, for the trainer's tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from headway.tensors import to_tensor
+from headway.v1 import common_pb2
+from tests.conftest import VOCAB
+
+
+def rl_datum(seed: int, n: int = 12, prompt: int = 4) -> common_pb2.Datum:
+    """A random RL datum: prompt positions masked, sampling logprobs and advantages set."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, VOCAB, n + 1)
+    weights = np.r_[np.zeros(prompt), np.ones(n - prompt)].astype(np.float32)
+    q = (-rng.uniform(2.0, 6.0, n)).astype(np.float32) * weights
+    adv = (rng.normal(size=n).astype(np.float32)) * weights
+    return common_pb2.Datum(
+        input_tokens=to_tensor(tokens[:-1]), target_tokens=to_tensor(tokens[1:]),
+        weights=to_tensor(weights), sampling_logprobs=to_tensor(q), advantages=to_tensor(adv),
+        reward=float(rng.integers(0, 2)),
+    )  # fmt: skip
+
+
+def items(*datums: common_pb2.Datum) -> list[common_pb2.TrainingItem]:
+    return [common_pb2.TrainingItem(datum=d) for d in datums]
+
+
+def batch(seed: int = 0, size: int = 3) -> list[common_pb2.TrainingItem]:
+    return items(*(rl_datum(seed * 100 + i, n=8 + 3 * i) for i in range(size)))
+
+
+def adam(lr: float = 1e-3, **kw: float) -> common_pb2.AdamParams:
+    return common_pb2.AdamParams(learning_rate=lr, **kw)
+
+
+def checkpoint_tensors(store: Path, sampler_path: str) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint holds (adapter or full), as saved."""
+    path = store / sampler_path
+    if path.is_dir():
+        return load_file(str(path / "adapter_model.safetensors"))
+    return load_file(str(path))

@@ -1,0 +1,122 @@
+"""Real services for end-to-end tests: gRPC servers on loopback ports, a real Redis.
+
+Servers run in a background thread with their own event loop, exactly as in production
+(grpc.aio), and tests talk to them through ordinary channels. Redis is the one on
+127.0.0.1:6379 (CI starts it); every test run uses its own key prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from headway.grpc_util import CHANNEL_OPTIONS
+from headway.modeling import ModelConfig, Tokenizer, Transformer, save_model
+from tests.conftest import VOCAB, train_tokenizer
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def redis_prefix() -> str:
+    """A Redis key prefix no other test run shares."""
+    return f"headway-test-{secrets.token_hex(4)}:"
+
+
+def make_tiny_base(path: Path, seed: int = 0, **overrides: Any) -> Path:
+    """A tiny Qwen3-family base (our own weights and a trained tokenizer) saved at `path`."""
+    train_tokenizer(path)
+    tokenizer = Tokenizer.from_dir(path)
+    fields = dict(model_type="qwen3", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, max_position_embeddings=256, tie_word_embeddings=True,
+                  qk_norm=True)  # fmt: skip
+    fields.update(overrides)
+    model = Transformer(ModelConfig(**fields))
+    model.init_weights(std=0.1, seed=seed)
+    save_model(model, tokenizer, path)
+    return path
+
+
+class ServerThread:
+    """Runs `start()` → (server, port, payload) on a private event loop in a thread."""
+
+    def __init__(self, start: Callable[[], Awaitable[tuple[grpc.aio.Server, int, Any]]]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def boot() -> tuple[grpc.aio.Server, int, Any]:
+            server, port, payload = await start()
+            await server.start()
+            return server, port, payload
+
+        self.server, self.port, self.payload = self.run(boot())
+        self.address = f"127.0.0.1:{self.port}"
+
+    def run(self, coro: Awaitable[Any], timeout: float = 120) -> Any:
+        """Run a coroutine on the server's loop and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+
+    def stop(self) -> None:
+        self.run(self.server.stop(grace=1))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+def set_torch_threads() -> None:
+    """Tests share 2 cores with the servers they start: keep torch from oversubscribing."""
+    torch.set_num_threads(1)
+
+
+class TrainerStack:
+    """A trainer server plus stubs; `.trainer` is the domain object behind it."""
+
+    def __init__(self, store: Path, **config: Any) -> None:
+        from headway.v1 import model_pb2_grpc, training_pb2_grpc
+        from trainer_svc.config import TrainerConfig
+        from trainer_svc.server import create_server
+
+        set_torch_threads()
+        self.prefix = redis_prefix()
+        self.config = TrainerConfig(store=store, redis_url=REDIS_URL, redis_prefix=self.prefix,
+                                    **config)  # fmt: skip
+        self.server = ServerThread(lambda: create_server(self.config))
+        self.trainer = self.server.payload
+        self.channel = self.server.channel()
+        self.models = model_pb2_grpc.ModelServiceStub(self.channel)
+        self.train = training_pb2_grpc.TrainingServiceStub(self.channel)
+
+    def add_base(self, path: Path, name: str) -> Any:
+        from headway.v1 import model_pb2
+
+        return self.models.AddBase(model_pb2.AddBaseRequest(path=str(path), name=name))
+
+    def fork(self, name: str, source: str = "tiny", *, full: bool = False, rank: int = 4,
+             team: str = "") -> Any:  # fmt: skip
+        from headway.v1 import common_pb2, model_pb2
+
+        req = model_pb2.ForkModelRequest(source=source, name=name)
+        if full:
+            req.full = True
+        else:
+            req.lora.CopyFrom(common_pb2.LoraConfig(rank=rank, alpha=2 * rank))
+        return self.models.ForkModel(req, metadata=team_md(team))
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.server.stop()
+
+
+def team_md(team: str) -> list[tuple[str, str]]:
+    """Metadata the gateway sets for an authenticated caller of `team`."""
+    return [("x-headway-team", team)] if team else []

@@ -1,0 +1,239 @@
+"""The training arithmetic: forward a batch in chunks, losses, custom-loss backward, AdamW.
+
+Pure torch on a `ModelState`; no gRPC, no store. A batch is processed in chunks of at most
+`microbatch_tokens` padded tokens, each chunk backpropagated before the next, so memory is
+bounded and, the losses being sums, the accumulated gradient is that of the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from headway.datums import DatumArrays
+from headway.errors import FailedPrecondition, InvalidArgument
+from headway.modeling import entropy, token_logprobs
+from trainer_svc.losses import Loss, TokenInputs
+from trainer_svc.state import ModelState
+
+
+@dataclass
+class Chunk:
+    """Datums forwarded together: their indices in the batch, padded to one length."""
+
+    index: list[int]
+    ids: torch.Tensor  # [b, n] input tokens, right-padded with 0
+    targets: torch.Tensor  # [b, n]
+    valid: torch.Tensor  # [b, n] bool: a real position (not padding)
+    w: torch.Tensor  # [b, n] weights (0 at padding)
+    q: torch.Tensor | None  # [b, n] sampling logprobs, None if any datum lacks them
+    a: torch.Tensor | None  # [b, n] advantages
+
+
+def make_chunks(datums: list[DatumArrays], microbatch_tokens: int) -> list[Chunk]:
+    """Split the batch, in order, into chunks of at most `microbatch_tokens` padded tokens."""
+    groups: list[list[int]] = []
+    for i, d in enumerate(datums):
+        n = len(d.input_tokens)
+        if groups:
+            cur = groups[-1]
+            longest = max(n, *(len(datums[j].input_tokens) for j in cur))
+            if (len(cur) + 1) * longest <= microbatch_tokens:
+                cur.append(i)
+                continue
+        groups.append([i])
+    return [_pack([datums[i] for i in g], g) for g in groups]
+
+
+def _pad(rows: list[np.ndarray], n: int, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.zeros(len(rows), n, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.from_numpy(np.ascontiguousarray(r)).to(dtype)
+    return out
+
+
+def _pack(datums: list[DatumArrays], index: list[int]) -> Chunk:
+    n = max(len(d.input_tokens) for d in datums)
+    valid = _pad([np.ones(len(d.input_tokens), bool) for d in datums], n, torch.bool)
+    has_q = all(d.sampling_logprobs is not None for d in datums)
+    has_a = all(d.advantages is not None for d in datums)
+    return Chunk(
+        index=index,
+        ids=_pad([d.input_tokens for d in datums], n, torch.long),
+        targets=_pad([d.target_tokens for d in datums], n, torch.long),
+        valid=valid,
+        w=_pad([d.weights for d in datums], n, torch.float32),
+        q=_pad([d.sampling_logprobs for d in datums], n, torch.float32) if has_q else None,
+        a=_pad([d.advantages for d in datums], n, torch.float32) if has_a else None,
+    )
+
+
+def chunk_logprobs(state: ModelState, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprobs [b, n] with grad, logits detached) of a chunk's targets."""
+    logits = state.module(chunk.ids, validate=False)
+    return token_logprobs(logits, chunk.targets), logits.detach()
+
+
+class Stats:
+    """Token-level statistics summed over chunks, turned into the call's metrics."""
+
+    def __init__(self) -> None:
+        self.tokens = 0.0
+        self.sums: dict[str, float] = {}
+
+    def add(self, key: str, value: torch.Tensor | float) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + float(value)
+
+    def observe(self, chunk: Chunk, lp: torch.Tensor, logits: torch.Tensor | None) -> None:
+        """Ratio, sampler↔trainer KL and entropy over the trained tokens of a chunk."""
+        trained = (chunk.w != 0) & chunk.valid
+        self.tokens += float(trained.sum())
+        lp = lp.detach()
+        if chunk.q is not None:
+            log_ratio = (lp - chunk.q)[trained]
+            self.add("ratio", log_ratio.exp().sum())
+            self.add("kl", (-log_ratio).sum())  # k1 estimate of KL(sampler ‖ trainer)
+            self.add("kl3", (log_ratio.exp() - 1 - log_ratio).sum())  # k3, always ≥ 0
+        if logits is not None:
+            self.add("entropy", entropy(logits[trained]).sum())
+
+    def metrics(self) -> dict[str, float]:
+        n = max(self.tokens, 1.0)
+        out = {"num_tokens": self.tokens}
+        names = {"ratio": "ratio/mean", "kl": "kl/sampler_trainer", "kl3": "kl/sampler_trainer_k3",
+                 "entropy": "entropy/mean", "clip": "clip/fraction"}  # fmt: skip
+        for key, name in names.items():
+            if key in self.sums:
+                out[name] = self.sums[key] / n
+        return out
+
+
+def _datum_logprobs(chunks: list[Chunk], lps: list[torch.Tensor], count: int) -> list[np.ndarray]:
+    out: list[np.ndarray] = [np.zeros(0, np.float32)] * count
+    for chunk, lp in zip(chunks, lps, strict=True):
+        for row, i in enumerate(chunk.index):
+            n = int(chunk.valid[row].sum())
+            out[i] = lp[row, :n].detach().numpy().astype(np.float32)
+    return out
+
+
+def forward_backward(
+    state: ModelState, datums: list[DatumArrays], loss: Loss, cfg: dict[str, float],
+    microbatch_tokens: int,
+) -> tuple[list[np.ndarray], dict[str, float]]:  # fmt: skip
+    """Accumulate the gradient of `loss` over the batch; (per-datum logprobs, metrics)."""
+    chunks = make_chunks(datums, microbatch_tokens)
+    if loss.needs_sampling:
+        for chunk in chunks:
+            if chunk.q is None or chunk.a is None:
+                missing = next(
+                    i for i in chunk.index
+                    if datums[i].sampling_logprobs is None or datums[i].advantages is None
+                )  # fmt: skip
+                raise InvalidArgument(
+                    f"datum {missing} has no sampling_logprobs or advantages, which "
+                    f"{loss.name} needs (use cross_entropy for supervised data)"
+                )
+    stats, loss_sum, lps = Stats(), 0.0, []
+    for chunk in chunks:
+        lp, logits = chunk_logprobs(state, chunk)
+        trained = chunk.valid & (chunk.w != 0)
+        inputs = TokenInputs(
+            lp=lp[trained], w=chunk.w[trained],
+            q=chunk.q[trained] if chunk.q is not None else None,
+            a=chunk.a[trained] if chunk.a is not None else None,
+        )  # fmt: skip
+        value, extra = loss.fn(inputs, cfg)
+        if value.requires_grad:
+            value.backward()
+        loss_sum += float(value.detach())
+        stats.observe(chunk, lp, logits)
+        if "clip/fraction" in extra:
+            stats.add("clip", extra["clip/fraction"] * float(trained.sum()))
+        lps.append(lp.detach())
+        del logits
+    metrics = stats.metrics()
+    metrics["loss:sum"] = loss_sum
+    return _datum_logprobs(chunks, lps, len(datums)), metrics
+
+
+@dataclass
+class KeptForward:
+    """A custom-loss forward awaiting its backward: the chunks and, if kept, their graphs."""
+
+    datums: list[DatumArrays]
+    chunks: list[Chunk]
+    graphs: list[torch.Tensor] | None  # logprobs with autograd graph, or None: recompute
+
+
+def forward_custom(
+    state: ModelState, datums: list[DatumArrays], microbatch_tokens: int, keep_graph_tokens: int
+) -> tuple[list[np.ndarray], KeptForward]:
+    """Forward the batch; keep the graph when small enough, else plan a recompute."""
+    chunks = make_chunks(datums, microbatch_tokens)
+    keep = sum(c.ids.numel() for c in chunks) <= keep_graph_tokens
+    lps, graphs = [], []
+    for chunk in chunks:
+        with torch.set_grad_enabled(keep):
+            lp, _ = chunk_logprobs(state, chunk)
+        graphs.append(lp)
+        lps.append(lp.detach())
+    return _datum_logprobs(chunks, lps, len(datums)), KeptForward(datums, chunks, graphs if keep else None)
+
+
+def backward_custom(
+    state: ModelState, kept: KeptForward, weights: list[np.ndarray]
+) -> dict[str, float]:
+    """Backpropagate −Σ w·logprob through the kept (or recomputed) forward; its metrics."""
+    stats = Stats()
+    for k, chunk in enumerate(kept.chunks):
+        if kept.graphs is not None:
+            lp = kept.graphs[k]
+        else:
+            lp, _ = chunk_logprobs(state, chunk)  # same inputs, same numbers
+        w = torch.zeros_like(chunk.w)
+        for row, i in enumerate(chunk.index):
+            w[row, : len(weights[i])] = torch.from_numpy(weights[i])
+        surrogate = -(w * lp)[chunk.valid].sum()
+        if surrogate.requires_grad:
+            surrogate.backward()
+        # Ratio and KL are reported over the positions the client trained (w ≠ 0).
+        stats.observe(Chunk(chunk.index, chunk.ids, chunk.targets, chunk.valid, w, chunk.q, chunk.a),
+                      lp, None)  # fmt: skip
+    kept.graphs = None
+    return stats.metrics()
+
+
+def check_adam(lr: float, beta1: float, beta2: float, eps: float, wd: float, clip: float) -> None:
+    """InvalidArgument for AdamW hyperparameters that would corrupt the weights."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise InvalidArgument(f"learning_rate must be a finite number > 0; got {lr}")
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if not (math.isfinite(beta) and 0 <= beta < 1):
+            raise InvalidArgument(f"{name} must lie in [0, 1); got {beta}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise InvalidArgument(f"eps must be a finite number > 0; got {eps}")
+    if not (math.isfinite(wd) and wd >= 0):
+        raise InvalidArgument(f"weight_decay must be a finite number ≥ 0; got {wd}")
+    if not (math.isfinite(clip) and clip >= 0):
+        raise InvalidArgument(f"grad_clip_norm must be a finite number ≥ 0 (0 = off); got {clip}")
+
+
+def optim_step(
+    state: ModelState, lr: float, beta1: float, beta2: float, eps: float, wd: float, clip: float
+) -> float:
+    """Apply AdamW to the accumulated gradient; returns the gradient norm before clipping."""
+    if not state.acc.has_grad:
+        raise FailedPrecondition(
+            "no gradient accumulated since the last optim_step: call forward_backward first"
+        )
+    params = [p for p in state.params.values() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+    for group in state.optimizer.param_groups:
+        group.update(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd)
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    return float(norm)

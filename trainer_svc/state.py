@@ -1,0 +1,209 @@
+"""`ModelState`: one model's training state in memory, restored from and saved to the store.
+
+The state is the module (an adapter over shared frozen weights, or a full copy), the AdamW
+optimizer with its moments, the gradient accumulated since the last step (in `.grad`), the
+statistics of that accumulation, and the custom-loss forwards awaiting their backward.
+Everything here is reproducible from the head checkpoint alone (weights + optimizer state),
+which is what makes eviction, restarts and SetHead rollbacks exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from headway.modeling import (
+    LoraConfig,
+    Transformer,
+    apply_lora,
+    build_model,
+    hf_state_dict,
+    lora_state_dict,
+    save_adapter,
+)
+from headway.modeling.lora import peft_config
+from headway.store import OPTIMIZER_FILE, WEIGHTS_FILE, CheckpointRecord, CheckpointStore, ModelRecord
+from headway.store.weights import adapter_dir, base_config, full_state, read_adapter
+from trainer_svc.pool import FrozenPool
+
+
+@dataclass
+class Accumulation:
+    """What the forward/backward calls since the last OptimStep added up to."""
+
+    loss_fns: list[str] = field(default_factory=list)
+    num_datums: int = 0
+    num_tokens: int = 0
+    loss_sum: float = 0.0
+    rewards: list[float] = field(default_factory=list)
+    # Token-weighted sums of mean metrics, and plain sums of ":sum" metrics.
+    weighted: dict[str, float] = field(default_factory=dict)
+    sums: dict[str, float] = field(default_factory=dict)
+    has_grad: bool = False
+
+    def add(self, loss_fn: str, num_datums: int, rewards: list[float], metrics: dict[str, float]) -> None:
+        """Fold one call's metrics in (":sum" keys add up, others are token-weighted)."""
+        tokens = int(metrics.get("num_tokens", 0))
+        if loss_fn not in self.loss_fns:
+            self.loss_fns.append(loss_fn)
+        self.num_datums += num_datums
+        self.num_tokens += tokens
+        self.loss_sum += metrics.get("loss:sum", 0.0)
+        self.rewards.extend(rewards)
+        self.has_grad = True
+        for key, value in metrics.items():
+            if key == "num_tokens":
+                continue
+            if key.endswith(":sum") or key.startswith("groups/"):
+                self.sums[key] = self.sums.get(key, 0.0) + value
+            else:
+                self.weighted[key] = self.weighted.get(key, 0.0) + value * max(tokens, 1)
+
+    def stats(self, learning_rate: float) -> dict[str, Any]:
+        """CheckpointStats of the step that applies this accumulation."""
+        n = len(self.rewards)
+        mean = sum(self.rewards) / n if n else 0.0
+        std = math.sqrt(sum((r - mean) ** 2 for r in self.rewards) / n) if n else 0.0
+        metrics = dict(self.sums)
+        metrics.update({k: v / max(self.num_tokens, 1) for k, v in self.weighted.items()})
+        return {
+            "loss_fn": ",".join(self.loss_fns),
+            "num_datums": self.num_datums,
+            "num_tokens": self.num_tokens,
+            "loss": self.loss_sum,
+            "reward_mean": mean,
+            "reward_std": std,
+            "learning_rate": learning_rate,
+            "metrics": metrics,
+        }
+
+
+@dataclass
+class ModelState:
+    """A model ready to train: module, optimizer, accumulated gradient, pending forwards."""
+
+    record: ModelRecord
+    head: CheckpointRecord
+    module: Transformer
+    params: dict[str, torch.nn.Parameter]  # the trained parameters by name
+    optimizer: torch.optim.AdamW
+    frozen_ref: Any = None  # the FrozenPool key this state holds, to release on eviction
+    acc: Accumulation = field(default_factory=Accumulation)
+    forwards: dict[str, Any] = field(default_factory=dict)  # forward_id → KeptForward
+
+    @property
+    def busy(self) -> bool:
+        """True while it holds work that exists nowhere else (gradient, kept forwards)."""
+        return self.acc.has_grad or bool(self.forwards)
+
+    def reset_accumulation(self) -> None:
+        """Drop the accumulated gradient, its statistics and pending forwards."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.acc = Accumulation()
+        self.forwards.clear()
+
+
+def _new_optimizer(params: dict[str, torch.nn.Parameter]) -> torch.optim.AdamW:
+    # Hyperparameters are set per OptimStep; these are placeholders. foreach=False keeps
+    # the update arithmetic identical to a plain torch.optim.AdamW loop on CPU.
+    return torch.optim.AdamW(list(params.values()), lr=1e-5, betas=(0.9, 0.95), eps=1e-8,
+                             weight_decay=0.0, foreach=False)  # fmt: skip
+
+
+def load_state(
+    store: CheckpointStore, pool: FrozenPool, slug: str, dtype: torch.dtype
+) -> ModelState:
+    """Restore `slug` at its head: weights and, when the head has it, optimizer state."""
+    record = store.get_model(slug)
+    head = store.head_checkpoint(slug)
+    config = base_config(store, slug)
+    frozen_ref = None
+    if record.lora:
+        frozen_ref = record.frozen
+        module = build_model(config, pool.acquire(frozen_ref))
+        lora = LoraConfig(**record.lora)
+        apply_lora(module, lora)
+        _, adapter = read_adapter(adapter_dir(store, slug, head.id))
+        params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(adapter[name])
+    else:
+        state = {k: v.clone() for k, v in full_state(store, slug, head.id, dtype).items()}
+        module = build_model(config, state)
+        params = dict(module.named_parameters())  # tied weights appear once
+        for p in params.values():
+            p.requires_grad_(True)
+    module.train()
+    optimizer = _new_optimizer(params)
+    if head.has_optimizer:
+        _load_optimizer(optimizer, params, store.checkpoint_dir(slug, head.id) / OPTIMIZER_FILE)
+    return ModelState(record, head, module, params, optimizer, frozen_ref)
+
+
+def _load_optimizer(
+    optimizer: torch.optim.AdamW, params: dict[str, torch.nn.Parameter], file: Path
+) -> None:
+    saved = load_file(str(file))
+    for name, p in params.items():
+        optimizer.state[p] = {
+            "step": saved[f"{name}.step"],
+            "exp_avg": saved[f"{name}.exp_avg"],
+            "exp_avg_sq": saved[f"{name}.exp_avg_sq"],
+        }
+
+
+def optimizer_tensors(state: ModelState) -> dict[str, torch.Tensor]:
+    """AdamW moments and step count by parameter name, for optimizer.safetensors."""
+    out = {}
+    for name, p in state.params.items():
+        s = state.optimizer.state.get(p)
+        if s:
+            out[f"{name}.step"] = s["step"].detach().clone()
+            out[f"{name}.exp_avg"] = s["exp_avg"].detach().contiguous()
+            out[f"{name}.exp_avg_sq"] = s["exp_avg_sq"].detach().contiguous()
+    return out
+
+
+def checkpoint_writer(state: ModelState) -> Any:
+    """A function writing the state's checkpoint files into a directory."""
+    base_path = state.record.base
+
+    def write(directory: Path) -> None:
+        if state.record.lora:
+            save_adapter(state.module, directory, base_model=base_path)
+        else:
+            save_file(hf_state_dict(state.module), str(directory / WEIGHTS_FILE),
+                      metadata={"format": "pt"})  # fmt: skip
+        save_file(optimizer_tensors(state), str(directory / OPTIMIZER_FILE), metadata={"format": "pt"})
+
+    return write
+
+
+def fresh_adapter_writer(config: Any, lora: LoraConfig, base_model: str, seed: int) -> Any:
+    """A function writing a new adapter (random A, zero B) for a LoRA fork's root."""
+
+    def write(directory: Path) -> None:
+        import json
+
+        with torch.device("meta"):
+            shell = Transformer(config)
+        apply_lora(shell, lora)
+        gen = torch.Generator().manual_seed(seed)
+        tensors = {}
+        for key, p in lora_state_dict(shell).items():
+            if "lora_A" in key:
+                # PEFT's init: kaiming_uniform(a=√5) = U(−1/√in, 1/√in).
+                bound = 1 / math.sqrt(p.shape[1])
+                tensors[key] = (torch.rand(p.shape, generator=gen) * 2 - 1) * bound
+            else:
+                tensors[key] = torch.zeros(p.shape)
+        save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (directory / "adapter_config.json").write_text(json.dumps(peft_config(lora, base_model), indent=2))
+
+    return write
