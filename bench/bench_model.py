@@ -76,8 +76,14 @@ def main() -> None:
         ours_decode = batch * NEW / (t_all - t_pre)
         hf_decode = batch * NEW / (t_hf_all - t_hf_pre)
         ratios[batch] = ours_decode / hf_decode
-        rows.append([f"prefill b{batch} tok/s", batch * PROMPT / t_pre, batch * PROMPT / t_hf_pre,
-                     t_hf_pre / t_pre])  # fmt: skip
+        rows.append(
+            [
+                f"prefill b{batch} tok/s",
+                batch * PROMPT / t_pre,
+                batch * PROMPT / t_hf_pre,
+                t_hf_pre / t_pre,
+            ]
+        )
         rows.append([f"decode b{batch} tok/s", ours_decode, hf_decode, ratios[batch]])
         rows.append([f"greedy tokens equal b{batch}", f"{agree:.0%}", "", ""])
     print_table(

@@ -37,7 +37,7 @@ def team_of(context: grpc.aio.ServicerContext) -> str:
 
 
 def maps_errors(method: F) -> F:
-    """Abort with the status of a `HeadwayError`; ValueError (bad model input) → INVALID_ARGUMENT."""
+    """Abort with a `HeadwayError`'s status; ValueError (bad model input) → INVALID_ARGUMENT."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -21,10 +21,13 @@ def rl_datum(seed: int, n: int = 12, prompt: int = 4) -> common_pb2.Datum:
     q = (-rng.uniform(2.0, 6.0, n)).astype(np.float32) * weights
     adv = (rng.normal(size=n).astype(np.float32)) * weights
     return common_pb2.Datum(
-        input_tokens=to_tensor(tokens[:-1]), target_tokens=to_tensor(tokens[1:]),
-        weights=to_tensor(weights), sampling_logprobs=to_tensor(q), advantages=to_tensor(adv),
+        input_tokens=to_tensor(tokens[:-1]),
+        target_tokens=to_tensor(tokens[1:]),
+        weights=to_tensor(weights),
+        sampling_logprobs=to_tensor(q),
+        advantages=to_tensor(adv),
         reward=float(rng.integers(0, 2)),
-    )  # fmt: skip
+    )
 
 
 def items(*datums: common_pb2.Datum) -> list[common_pb2.TrainingItem]:

@@ -33,10 +33,19 @@ def make_tiny_base(path: Path, seed: int = 0, **overrides: Any) -> Path:
     """A tiny Qwen3-family base (our own weights and a trained tokenizer) saved at `path`."""
     train_tokenizer(path)
     tokenizer = Tokenizer.from_dir(path)
-    fields = dict(model_type="qwen3", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=16, max_position_embeddings=256, tie_word_embeddings=True,
-                  qk_norm=True)  # fmt: skip
+    fields = dict(
+        model_type="qwen3",
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        qk_norm=True,
+    )
     fields.update(overrides)
     model = Transformer(ModelConfig(**fields))
     model.init_weights(std=0.1, seed=seed)
@@ -88,8 +97,9 @@ class TrainerStack:
 
         set_torch_threads()
         self.prefix = redis_prefix()
-        self.config = TrainerConfig(store=store, redis_url=REDIS_URL, redis_prefix=self.prefix,
-                                    **config)  # fmt: skip
+        self.config = TrainerConfig(
+            store=store, redis_url=REDIS_URL, redis_prefix=self.prefix, **config
+        )
         self.server = ServerThread(lambda: create_server(self.config))
         self.trainer = self.server.payload
         self.channel = self.server.channel()
@@ -101,8 +111,9 @@ class TrainerStack:
 
         return self.models.AddBase(model_pb2.AddBaseRequest(path=str(path), name=name))
 
-    def fork(self, name: str, source: str = "tiny", *, full: bool = False, rank: int = 4,
-             team: str = "") -> Any:  # fmt: skip
+    def fork(
+        self, name: str, source: str = "tiny", *, full: bool = False, rank: int = 4, team: str = ""
+    ) -> Any:
         from headway.v1 import common_pb2, model_pb2
 
         req = model_pb2.ForkModelRequest(source=source, name=name)

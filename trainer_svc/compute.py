@@ -103,8 +103,13 @@ class Stats:
     def metrics(self) -> dict[str, float]:
         n = max(self.tokens, 1.0)
         out = {"num_tokens": self.tokens}
-        names = {"ratio": "ratio/mean", "kl": "kl/sampler_trainer", "kl3": "kl/sampler_trainer_k3",
-                 "entropy": "entropy/mean", "clip": "clip/fraction"}  # fmt: skip
+        names = {
+            "ratio": "ratio/mean",
+            "kl": "kl/sampler_trainer",
+            "kl3": "kl/sampler_trainer_k3",
+            "entropy": "entropy/mean",
+            "clip": "clip/fraction",
+        }
         for key, name in names.items():
             if key in self.sums:
                 out[name] = self.sums[key] / n
@@ -121,18 +126,22 @@ def _datum_logprobs(chunks: list[Chunk], lps: list[torch.Tensor], count: int) ->
 
 
 def forward_backward(
-    state: ModelState, datums: list[DatumArrays], loss: Loss, cfg: dict[str, float],
+    state: ModelState,
+    datums: list[DatumArrays],
+    loss: Loss,
+    cfg: dict[str, float],
     microbatch_tokens: int,
-) -> tuple[list[np.ndarray], dict[str, float]]:  # fmt: skip
+) -> tuple[list[np.ndarray], dict[str, float]]:
     """Accumulate the gradient of `loss` over the batch; (per-datum logprobs, metrics)."""
     chunks = make_chunks(datums, microbatch_tokens)
     if loss.needs_sampling:
         for chunk in chunks:
             if chunk.q is None or chunk.a is None:
                 missing = next(
-                    i for i in chunk.index
+                    i
+                    for i in chunk.index
                     if datums[i].sampling_logprobs is None or datums[i].advantages is None
-                )  # fmt: skip
+                )
                 raise InvalidArgument(
                     f"datum {missing} has no sampling_logprobs or advantages, which "
                     f"{loss.name} needs (use cross_entropy for supervised data)"
@@ -142,10 +151,11 @@ def forward_backward(
         lp, logits = chunk_logprobs(state, chunk)
         trained = chunk.valid & (chunk.w != 0)
         inputs = TokenInputs(
-            lp=lp[trained], w=chunk.w[trained],
+            lp=lp[trained],
+            w=chunk.w[trained],
             q=chunk.q[trained] if chunk.q is not None else None,
             a=chunk.a[trained] if chunk.a is not None else None,
-        )  # fmt: skip
+        )
         value, extra = loss.fn(inputs, cfg)
         if value.requires_grad:
             value.backward()
@@ -181,7 +191,9 @@ def forward_custom(
             lp, _ = chunk_logprobs(state, chunk)
         graphs.append(lp)
         lps.append(lp.detach())
-    return _datum_logprobs(chunks, lps, len(datums)), KeptForward(datums, chunks, graphs if keep else None)
+    return _datum_logprobs(chunks, lps, len(datums)), KeptForward(
+        datums, chunks, graphs if keep else None
+    )
 
 
 def backward_custom(
@@ -201,8 +213,9 @@ def backward_custom(
         if surrogate.requires_grad:
             surrogate.backward()
         # Ratio and KL are reported over the positions the client trained (w ≠ 0).
-        stats.observe(Chunk(chunk.index, chunk.ids, chunk.targets, chunk.valid, w, chunk.q, chunk.a),
-                      lp, None)  # fmt: skip
+        stats.observe(
+            Chunk(chunk.index, chunk.ids, chunk.targets, chunk.valid, w, chunk.q, chunk.a), lp, None
+        )
     kept.graphs = None
     return stats.metrics()
 

@@ -19,14 +19,22 @@ def timestamp(seconds: float) -> Timestamp:
 def model_pb(store: CheckpointStore, record: ModelRecord) -> common_pb2.Model:
     head = store.head_checkpoint(record.slug)
     msg = common_pb2.Model(
-        slug=record.slug, team=record.team, is_base=record.is_base, base=record.base,
-        source=record.source, trainable=not record.is_base, full=record.kind == "full",
-        head_checkpoint=head.id, head_step=head.step, created=timestamp(record.created),
+        slug=record.slug,
+        team=record.team,
+        is_base=record.is_base,
+        base=record.base,
+        source=record.source,
+        trainable=not record.is_base,
+        full=record.kind == "full",
+        head_checkpoint=head.id,
+        head_step=head.step,
+        created=timestamp(record.created),
         model_type=record.arch.get("model_type", ""),
         vocab_size=int(record.arch.get("vocab_size", 0)),
         max_context=int(record.arch.get("max_context", 0)),
-        eos_token_ids=list(record.arch.get("eos_token_ids", [])), path=record.path,
-    )  # fmt: skip
+        eos_token_ids=list(record.arch.get("eos_token_ids", [])),
+        path=record.path,
+    )
     if record.lora:
         msg.lora.CopyFrom(common_pb2.LoraConfig(**record.lora))
     return msg
@@ -38,18 +46,29 @@ def checkpoint_pb(
     if head_id is None:
         head_id = store.head(record.model)
     msg = common_pb2.Checkpoint(
-        id=record.id, model=record.model, parent_id=record.parent_id, step=record.step,
-        created=timestamp(record.created), is_head=record.id == head_id,
+        id=record.id,
+        model=record.model,
+        parent_id=record.parent_id,
+        step=record.step,
+        created=timestamp(record.created),
+        is_head=record.id == head_id,
         sampler_path=store.sampler_path(record.model, record.id),
         state_path=store.state_path(record.model, record.id),
-    )  # fmt: skip
+    )
     if record.stats:
         s = record.stats
-        msg.stats.CopyFrom(common_pb2.CheckpointStats(
-            loss_fn=s["loss_fn"], num_datums=s["num_datums"], num_tokens=s["num_tokens"],
-            loss=s["loss"], reward_mean=s["reward_mean"], reward_std=s["reward_std"],
-            learning_rate=s["learning_rate"], metrics=s["metrics"],
-        ))  # fmt: skip
+        msg.stats.CopyFrom(
+            common_pb2.CheckpointStats(
+                loss_fn=s["loss_fn"],
+                num_datums=s["num_datums"],
+                num_tokens=s["num_tokens"],
+                loss=s["loss"],
+                reward_mean=s["reward_mean"],
+                reward_std=s["reward_std"],
+                learning_rate=s["learning_rate"],
+                metrics=s["metrics"],
+            )
+        )
     return msg
 
 
@@ -68,16 +87,20 @@ def adam_args(params: common_pb2.AdamParams) -> AdamArgs:
 def forward_backward_pb(result: ForwardResult) -> training_pb2.ForwardBackwardResponse:
     return training_pb2.ForwardBackwardResponse(
         logprobs=[to_tensor(lp, common_pb2.DTYPE_FLOAT32) for lp in result.logprobs],
-        metrics=result.metrics, num_datums=result.num_datums, num_tokens=result.num_tokens,
-    )  # fmt: skip
+        metrics=result.metrics,
+        num_datums=result.num_datums,
+        num_tokens=result.num_tokens,
+    )
 
 
 def optim_step_pb(store: CheckpointStore, result: StepResult) -> training_pb2.OptimStepResponse:
     return training_pb2.OptimStepResponse(
-        step=result.checkpoint.step, checkpoint=result.checkpoint.id,
-        sampler_path=result.sampler_path, state_path=result.state_path,
+        step=result.checkpoint.step,
+        checkpoint=result.checkpoint.id,
+        sampler_path=result.sampler_path,
+        state_path=result.state_path,
         checkpoint_info=checkpoint_pb(store, result.checkpoint),
-    )  # fmt: skip
+    )
 
 
 def datum_tensors_pb(result: ForwardResult) -> list[training_pb2.DatumTensors]:
@@ -87,8 +110,10 @@ def datum_tensors_pb(result: ForwardResult) -> list[training_pb2.DatumTensors]:
             logprobs=to_tensor(lp, common_pb2.DTYPE_FLOAT32),
             target_tokens=to_tensor(d.target_tokens, common_pb2.DTYPE_INT32),
             mask=to_tensor(d.weights, common_pb2.DTYPE_FLOAT32),
-            reward=d.reward, advantage=d.advantage, group_index=d.group_index,
-        )  # fmt: skip
+            reward=d.reward,
+            advantage=d.advantage,
+            group_index=d.group_index,
+        )
         if d.sampling_logprobs is not None:
             msg.sampling_logprobs.CopyFrom(to_tensor(d.sampling_logprobs, common_pb2.DTYPE_FLOAT32))
         if d.advantages is not None:

@@ -24,7 +24,9 @@ SERVICES = (
 )
 
 
-async def create_server(config: TrainerConfig, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int, Trainer]:
+async def create_server(
+    config: TrainerConfig, address: str = "127.0.0.1:0"
+) -> tuple[grpc.aio.Server, int, Trainer]:
     """A started-ready (not started) server bound to `address`; (server, port, trainer)."""
     redis = aioredis.from_url(config.redis_url) if config.redis_url else None
     trainer = Trainer(config, redis)
@@ -35,7 +37,9 @@ async def create_server(config: TrainerConfig, address: str = "127.0.0.1:0") -> 
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection(
+        (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind the trainer to {address}")
@@ -46,7 +50,9 @@ async def serve(config: TrainerConfig, address: str) -> None:
     """Run the trainer until SIGINT/SIGTERM, then stop gracefully."""
     server, port, trainer = await create_server(config, address)
     await server.start()
-    log.info("trainer serving on port %d (store %s, redis %s)", port, config.store, config.redis_url)
+    log.info(
+        "trainer serving on port %d (store %s, redis %s)", port, config.store, config.redis_url
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

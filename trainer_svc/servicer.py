@@ -29,9 +29,13 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         self.store = trainer.store
 
     @maps_errors
-    async def ListModels(self, request: model_pb2.ListModelsRequest, context: Ctx) -> model_pb2.ListModelsResponse:
+    async def ListModels(
+        self, request: model_pb2.ListModelsRequest, context: Ctx
+    ) -> model_pb2.ListModelsResponse:
         models = self.trainer.list_models(team_of(context))
-        return model_pb2.ListModelsResponse(models=[convert.model_pb(self.store, m) for m in models])
+        return model_pb2.ListModelsResponse(
+            models=[convert.model_pb(self.store, m) for m in models]
+        )
 
     @maps_errors
     async def GetModel(self, request: model_pb2.GetModelRequest, context: Ctx) -> common_pb2.Model:
@@ -44,20 +48,27 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         return convert.model_pb(self.store, record)
 
     @maps_errors
-    async def ForkModel(self, request: model_pb2.ForkModelRequest, context: Ctx) -> common_pb2.Model:
+    async def ForkModel(
+        self, request: model_pb2.ForkModelRequest, context: Ctx
+    ) -> common_pb2.Model:
         full = request.WhichOneof("mode") == "full" and request.full
         lora = None
         if request.HasField("lora"):
             c = request.lora
-            lora = LoraConfig(c.rank or 32, c.alpha, tuple(c.target_modules) or LoraConfig().target_modules)
+            lora = LoraConfig(
+                c.rank or 32, c.alpha, tuple(c.target_modules) or LoraConfig().target_modules
+            )
         if not request.name:
             raise InvalidArgument("name is empty: give the new model a name")
-        record = await self.trainer.fork(_required(request.source, "source"), request.name,
-                                         team_of(context), lora, full)  # fmt: skip
+        record = await self.trainer.fork(
+            _required(request.source, "source"), request.name, team_of(context), lora, full
+        )
         return convert.model_pb(self.store, record)
 
     @maps_errors
-    async def ListCheckpoints(self, request: model_pb2.ListCheckpointsRequest, context: Ctx) -> model_pb2.ListCheckpointsResponse:
+    async def ListCheckpoints(
+        self, request: model_pb2.ListCheckpointsRequest, context: Ctx
+    ) -> model_pb2.ListCheckpointsResponse:
         slug = _required(request.model, "model")
         self.trainer.model(slug, team_of(context))
         head = self.store.head(slug)
@@ -67,21 +78,28 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         )
 
     @maps_errors
-    async def GetHead(self, request: model_pb2.GetHeadRequest, context: Ctx) -> common_pb2.Checkpoint:
+    async def GetHead(
+        self, request: model_pb2.GetHeadRequest, context: Ctx
+    ) -> common_pb2.Checkpoint:
         slug = _required(request.model, "model")
         self.trainer.model(slug, team_of(context))
         return convert.checkpoint_pb(self.store, self.store.head_checkpoint(slug))
 
     @maps_errors
-    async def SetHead(self, request: model_pb2.SetHeadRequest, context: Ctx) -> common_pb2.Checkpoint:
+    async def SetHead(
+        self, request: model_pb2.SetHeadRequest, context: Ctx
+    ) -> common_pb2.Checkpoint:
         if not request.checkpoint:
             raise InvalidArgument("checkpoint is empty: give the id of a checkpoint of the model")
-        record = await self.trainer.set_head(_required(request.model, "model"), request.checkpoint,
-                                             team_of(context))  # fmt: skip
+        record = await self.trainer.set_head(
+            _required(request.model, "model"), request.checkpoint, team_of(context)
+        )
         return convert.checkpoint_pb(self.store, record)
 
     @maps_errors
-    async def DeleteModel(self, request: model_pb2.DeleteModelRequest, context: Ctx) -> model_pb2.DeleteModelResponse:
+    async def DeleteModel(
+        self, request: model_pb2.DeleteModelRequest, context: Ctx
+    ) -> model_pb2.DeleteModelResponse:
         await self.trainer.delete(_required(request.model, "model"), team_of(context))
         return model_pb2.DeleteModelResponse()
 
@@ -93,65 +111,106 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         self.trainer = trainer
 
     @maps_errors
-    async def ForwardBackward(self, request: training_pb2.ForwardBackwardRequest, context: Ctx) -> training_pb2.ForwardBackwardResponse:
+    async def ForwardBackward(
+        self, request: training_pb2.ForwardBackwardRequest, context: Ctx
+    ) -> training_pb2.ForwardBackwardResponse:
         result = await self.trainer.forward_backward(
-            _required(request.model, "model"), team_of(context), request.data, request.loss_fn,
-            dict(request.loss_fn_config), request.group_size, request.normalize_std,
+            _required(request.model, "model"),
+            team_of(context),
+            request.data,
+            request.loss_fn,
+            dict(request.loss_fn_config),
+            request.group_size,
+            request.normalize_std,
             request.request_id,
-        )  # fmt: skip
+        )
         return convert.forward_backward_pb(result)
 
     @maps_errors
-    async def ForwardCustom(self, request: training_pb2.ForwardCustomRequest, context: Ctx) -> training_pb2.ForwardCustomResponse:
+    async def ForwardCustom(
+        self, request: training_pb2.ForwardCustomRequest, context: Ctx
+    ) -> training_pb2.ForwardCustomResponse:
         result = await self.trainer.forward_custom(
-            _required(request.model, "model"), team_of(context), request.data,
-            request.group_size, request.normalize_std, request.request_id,
-        )  # fmt: skip
+            _required(request.model, "model"),
+            team_of(context),
+            request.data,
+            request.group_size,
+            request.normalize_std,
+            request.request_id,
+        )
         return training_pb2.ForwardCustomResponse(
             forward_id=result.forward_id, data=convert.datum_tensors_pb(result)
         )
 
     @maps_errors
-    async def BackwardCustom(self, request: training_pb2.BackwardCustomRequest, context: Ctx) -> training_pb2.BackwardCustomResponse:
+    async def BackwardCustom(
+        self, request: training_pb2.BackwardCustomRequest, context: Ctx
+    ) -> training_pb2.BackwardCustomResponse:
         if not request.forward_id:
             raise InvalidArgument("forward_id is empty: pass ForwardCustomResponse.forward_id")
         weights = [floats(w, f"weights[{i}]") for i, w in enumerate(request.weights)]
         result = await self.trainer.backward_custom(
-            _required(request.model, "model"), team_of(context), request.forward_id, weights,
-            dict(request.metrics), request.request_id,
-        )  # fmt: skip
+            _required(request.model, "model"),
+            team_of(context),
+            request.forward_id,
+            weights,
+            dict(request.metrics),
+            request.request_id,
+        )
         return training_pb2.BackwardCustomResponse(
             metrics=result.metrics, num_datums=result.num_datums, num_tokens=result.num_tokens
         )
 
     @maps_errors
-    async def OptimStep(self, request: training_pb2.OptimStepRequest, context: Ctx) -> training_pb2.OptimStepResponse:
+    async def OptimStep(
+        self, request: training_pb2.OptimStepRequest, context: Ctx
+    ) -> training_pb2.OptimStepResponse:
         result = await self.trainer.optim_step(
-            _required(request.model, "model"), team_of(context), convert.adam_args(request.adam),
+            _required(request.model, "model"),
+            team_of(context),
+            convert.adam_args(request.adam),
             request.request_id,
-        )  # fmt: skip
+        )
         return convert.optim_step_pb(self.trainer.store, result)
 
     @maps_errors
-    async def Step(self, request: training_pb2.StepRequest, context: Ctx) -> training_pb2.StepResponse:
+    async def Step(
+        self, request: training_pb2.StepRequest, context: Ctx
+    ) -> training_pb2.StepResponse:
         fb, step = await self.trainer.step(
-            _required(request.model, "model"), team_of(context), request.data, request.loss_fn,
-            dict(request.loss_fn_config), request.group_size, request.normalize_std,
-            convert.adam_args(request.adam), request.request_id,
-        )  # fmt: skip
+            _required(request.model, "model"),
+            team_of(context),
+            request.data,
+            request.loss_fn,
+            dict(request.loss_fn_config),
+            request.group_size,
+            request.normalize_std,
+            convert.adam_args(request.adam),
+            request.request_id,
+        )
         return training_pb2.StepResponse(
             forward_backward=convert.forward_backward_pb(fb),
             optim_step=convert.optim_step_pb(self.trainer.store, step),
         )
 
     @maps_errors
-    async def AvailableLosses(self, request: training_pb2.AvailableLossesRequest, context: Ctx) -> training_pb2.AvailableLossesResponse:
+    async def AvailableLosses(
+        self, request: training_pb2.AvailableLossesRequest, context: Ctx
+    ) -> training_pb2.AvailableLossesResponse:
         if request.model:
             self.trainer.model(request.model, team_of(context))
-        return training_pb2.AvailableLossesResponse(losses=[
-            training_pb2.LossInfo(name=loss.name, description=loss.description, config=[
-                training_pb2.LossConfigKey(name=k.name, default_value=k.default, description=k.description)
-                for k in loss.config
-            ])
-            for loss in losses.LOSSES.values()
-        ])  # fmt: skip
+        return training_pb2.AvailableLossesResponse(
+            losses=[
+                training_pb2.LossInfo(
+                    name=loss.name,
+                    description=loss.description,
+                    config=[
+                        training_pb2.LossConfigKey(
+                            name=k.name, default_value=k.default, description=k.description
+                        )
+                        for k in loss.config
+                    ],
+                )
+                for loss in losses.LOSSES.values()
+            ]
+        )

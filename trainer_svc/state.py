@@ -27,7 +27,13 @@ from headway.modeling import (
     save_adapter,
 )
 from headway.modeling.lora import peft_config
-from headway.store import OPTIMIZER_FILE, WEIGHTS_FILE, CheckpointRecord, CheckpointStore, ModelRecord
+from headway.store import (
+    OPTIMIZER_FILE,
+    WEIGHTS_FILE,
+    CheckpointRecord,
+    CheckpointStore,
+    ModelRecord,
+)
 from headway.store.weights import adapter_dir, base_config, full_state, read_adapter
 from trainer_svc.pool import FrozenPool
 
@@ -46,7 +52,9 @@ class Accumulation:
     sums: dict[str, float] = field(default_factory=dict)
     has_grad: bool = False
 
-    def add(self, loss_fn: str, num_datums: int, rewards: list[float], metrics: dict[str, float]) -> None:
+    def add(
+        self, loss_fn: str, num_datums: int, rewards: list[float], metrics: dict[str, float]
+    ) -> None:
         """Fold one call's metrics in (":sum" keys add up, others are token-weighted)."""
         tokens = int(metrics.get("num_tokens", 0))
         if loss_fn not in self.loss_fns:
@@ -111,8 +119,9 @@ class ModelState:
 def _new_optimizer(params: dict[str, torch.nn.Parameter]) -> torch.optim.AdamW:
     # Hyperparameters are set per OptimStep; these are placeholders. foreach=False keeps
     # the update arithmetic identical to a plain torch.optim.AdamW loop on CPU.
-    return torch.optim.AdamW(list(params.values()), lr=1e-5, betas=(0.9, 0.95), eps=1e-8,
-                             weight_decay=0.0, foreach=False)  # fmt: skip
+    return torch.optim.AdamW(
+        list(params.values()), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, foreach=False
+    )
 
 
 def load_state(
@@ -178,9 +187,14 @@ def checkpoint_writer(state: ModelState) -> Any:
         if state.record.lora:
             save_adapter(state.module, directory, base_model=base_path)
         else:
-            save_file(hf_state_dict(state.module), str(directory / WEIGHTS_FILE),
-                      metadata={"format": "pt"})  # fmt: skip
-        save_file(optimizer_tensors(state), str(directory / OPTIMIZER_FILE), metadata={"format": "pt"})
+            save_file(
+                hf_state_dict(state.module),
+                str(directory / WEIGHTS_FILE),
+                metadata={"format": "pt"},
+            )
+        save_file(
+            optimizer_tensors(state), str(directory / OPTIMIZER_FILE), metadata={"format": "pt"}
+        )
 
     return write
 
@@ -204,6 +218,8 @@ def fresh_adapter_writer(config: Any, lora: LoraConfig, base_model: str, seed: i
             else:
                 tensors[key] = torch.zeros(p.shape)
         save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (directory / "adapter_config.json").write_text(json.dumps(peft_config(lora, base_model), indent=2))
+        (directory / "adapter_config.json").write_text(
+            json.dumps(peft_config(lora, base_model), indent=2)
+        )
 
     return write

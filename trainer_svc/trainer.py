@@ -52,8 +52,14 @@ class AdamArgs:
     grad_clip_norm: float = 0.0
 
     def check(self) -> None:
-        compute.check_adam(self.learning_rate, self.beta1, self.beta2, self.eps,
-                           self.weight_decay, self.grad_clip_norm)  # fmt: skip
+        compute.check_adam(
+            self.learning_rate,
+            self.beta1,
+            self.beta2,
+            self.eps,
+            self.weight_decay,
+            self.grad_clip_norm,
+        )
 
 
 @dataclass
@@ -127,8 +133,15 @@ class Trainer:
             raise InvalidArgument(f"base path {path!r} is not a directory on the trainer's machine")
         name = check_slug(name or directory.name)
         arch = await asyncio.to_thread(_validate_base, directory)
-        record = ModelRecord(slug=name, team="", is_base=True, base=name, created=time.time(),
-                             path=str(directory), arch=arch)  # fmt: skip
+        record = ModelRecord(
+            slug=name,
+            team="",
+            is_base=True,
+            base=name,
+            created=time.time(),
+            path=str(directory),
+            arch=arch,
+        )
         root = CheckpointRecord(id="base", model=name, kind="base", step=0, created=time.time())
         async with self._create_lock:
             self.store.create_model(record, root)
@@ -145,10 +158,24 @@ class Trainer:
         src_head = self.store.head_checkpoint(source)
         now = time.time()
         root_id = self.store.new_checkpoint_id(0)
-        root = CheckpointRecord(id=root_id, model=name, kind="full" if full else "lora", step=0,
-                                created=now, parent_id=src_head.id, parent_model=source)  # fmt: skip
-        record = ModelRecord(slug=name, team=team, is_base=False, base=src.base, created=now,
-                             source=source, arch=dict(src.arch))  # fmt: skip
+        root = CheckpointRecord(
+            id=root_id,
+            model=name,
+            kind="full" if full else "lora",
+            step=0,
+            created=now,
+            parent_id=src_head.id,
+            parent_model=source,
+        )
+        record = ModelRecord(
+            slug=name,
+            team=team,
+            is_base=False,
+            base=src.base,
+            created=now,
+            source=source,
+            arch=dict(src.arch),
+        )
         writer = None
         if full:
             if src.lora:
@@ -200,22 +227,35 @@ class Trainer:
 
     # -------------------------------------------------------------- training
     async def forward_backward(
-        self, slug: str, team: str, items: Sequence[common_pb2.TrainingItem], loss_fn: str,
-        loss_fn_config: dict[str, float], group_size: int, normalize_std: bool, request_id: str,
-    ) -> ForwardResult:  # fmt: skip
+        self,
+        slug: str,
+        team: str,
+        items: Sequence[common_pb2.TrainingItem],
+        loss_fn: str,
+        loss_fn_config: dict[str, float],
+        group_size: int,
+        normalize_std: bool,
+        request_id: str,
+    ) -> ForwardResult:
         """Accumulate the gradient of a built-in loss over a batch."""
         record = self.trainable(slug, team)
 
         async def run() -> ForwardResult:
-            return await self._forward_backward(record, items, loss_fn, loss_fn_config,
-                                                group_size, normalize_std)  # fmt: skip
+            return await self._forward_backward(
+                record, items, loss_fn, loss_fn_config, group_size, normalize_std
+            )
 
         return await self._once(slug, request_id, "forward_backward", run)
 
     async def _forward_backward(
-        self, record: ModelRecord, items: Sequence[common_pb2.TrainingItem], loss_fn: str,
-        loss_fn_config: dict[str, float], group_size: int, normalize_std: bool,
-    ) -> ForwardResult:  # fmt: skip
+        self,
+        record: ModelRecord,
+        items: Sequence[common_pb2.TrainingItem],
+        loss_fn: str,
+        loss_fn_config: dict[str, float],
+        group_size: int,
+        normalize_std: bool,
+    ) -> ForwardResult:
         loss, cfg = losses.resolve(loss_fn, loss_fn_config)
         batch = self._batch(record, items, group_size, normalize_std)
         state = await self._state(record.slug)
@@ -227,9 +267,14 @@ class Trainer:
         return ForwardResult(logprobs, metrics, len(batch.datums), batch.num_tokens)
 
     async def forward_custom(
-        self, slug: str, team: str, items: Sequence[common_pb2.TrainingItem], group_size: int,
-        normalize_std: bool, request_id: str,
-    ) -> ForwardResult:  # fmt: skip
+        self,
+        slug: str,
+        team: str,
+        items: Sequence[common_pb2.TrainingItem],
+        group_size: int,
+        normalize_std: bool,
+        request_id: str,
+    ) -> ForwardResult:
         """Forward half of a custom loss: logprobs and datum tensors, graph kept if it fits."""
         record = self.trainable(slug, team)
 
@@ -237,21 +282,35 @@ class Trainer:
             batch = self._batch(record, items, group_size, normalize_std)
             state = await self._state(slug)
             logprobs, kept = await asyncio.to_thread(
-                compute.forward_custom, state, batch.datums, self.config.microbatch_tokens,
+                compute.forward_custom,
+                state,
+                batch.datums,
+                self.config.microbatch_tokens,
                 self.config.keep_graph_tokens,
-            )  # fmt: skip
+            )
             forward_id = f"fwd-{secrets.token_hex(8)}"
             kept.batch = batch  # type: ignore[attr-defined]
             state.forwards[forward_id] = kept
-            return ForwardResult(logprobs, _batch_metrics(batch), len(batch.datums),
-                                 batch.num_tokens, batch.datums, forward_id)  # fmt: skip
+            return ForwardResult(
+                logprobs,
+                _batch_metrics(batch),
+                len(batch.datums),
+                batch.num_tokens,
+                batch.datums,
+                forward_id,
+            )
 
         return await self._once(slug, request_id, "forward_custom", run)
 
     async def backward_custom(
-        self, slug: str, team: str, forward_id: str, weights: list[np.ndarray],
-        client_metrics: dict[str, float], request_id: str,
-    ) -> ForwardResult:  # fmt: skip
+        self,
+        slug: str,
+        team: str,
+        forward_id: str,
+        weights: list[np.ndarray],
+        client_metrics: dict[str, float],
+        request_id: str,
+    ) -> ForwardResult:
         """Backward half: backpropagate −Σ w·logprob through the kept or recomputed forward."""
         self.trainable(slug, team)
 
@@ -281,21 +340,30 @@ class Trainer:
         """AdamW → save → promote HEAD → publish; returns once the head is durable."""
         self.trainable(slug, team)
         adam.check()
-        return await self._once(slug, request_id, "optim_step",
-                                lambda: self._optim_step(slug, adam, request_id))  # fmt: skip
+        return await self._once(
+            slug, request_id, "optim_step", lambda: self._optim_step(slug, adam, request_id)
+        )
 
     async def step(
-        self, slug: str, team: str, items: Sequence[common_pb2.TrainingItem], loss_fn: str,
-        loss_fn_config: dict[str, float], group_size: int, normalize_std: bool, adam: AdamArgs,
+        self,
+        slug: str,
+        team: str,
+        items: Sequence[common_pb2.TrainingItem],
+        loss_fn: str,
+        loss_fn_config: dict[str, float],
+        group_size: int,
+        normalize_std: bool,
+        adam: AdamArgs,
         request_id: str,
-    ) -> tuple[ForwardResult, StepResult]:  # fmt: skip
+    ) -> tuple[ForwardResult, StepResult]:
         """ForwardBackward then OptimStep, atomically for the model."""
         record = self.trainable(slug, team)
         adam.check()  # everything is validated before anything is applied
 
         async def run() -> tuple[ForwardResult, StepResult]:
-            fb = await self._forward_backward(record, items, loss_fn, loss_fn_config,
-                                              group_size, normalize_std)  # fmt: skip
+            fb = await self._forward_backward(
+                record, items, loss_fn, loss_fn_config, group_size, normalize_std
+            )
             return fb, await self._optim_step(slug, adam, request_id)
 
         return await self._once(slug, request_id, "step", run)
@@ -307,11 +375,16 @@ class Trainer:
                 "no gradient accumulated since the last optim_step: call forward_backward first"
             )
         record = CheckpointRecord(
-            id=self.store.new_checkpoint_id(state.head.step + 1), model=slug,
-            kind="lora" if state.record.lora else "full", step=state.head.step + 1, created=0.0,
-            parent_id=state.head.id, has_optimizer=True,
-            stats=state.acc.stats(adam.learning_rate), request_id=request_id,
-        )  # fmt: skip
+            id=self.store.new_checkpoint_id(state.head.step + 1),
+            model=slug,
+            kind="lora" if state.record.lora else "full",
+            step=state.head.step + 1,
+            created=0.0,
+            parent_id=state.head.id,
+            has_optimizer=True,
+            stats=state.acc.stats(adam.learning_rate),
+            request_id=request_id,
+        )
         try:
             await asyncio.to_thread(self._apply_and_save, state, adam, record)
         except BaseException:
@@ -325,21 +398,32 @@ class Trainer:
         return self._step_result(slug, record)
 
     def _apply_and_save(self, state: ModelState, adam: AdamArgs, record: CheckpointRecord) -> None:
-        norm = compute.optim_step(state, adam.learning_rate, adam.beta1, adam.beta2, adam.eps,
-                                  adam.weight_decay, adam.grad_clip_norm)  # fmt: skip
+        norm = compute.optim_step(
+            state,
+            adam.learning_rate,
+            adam.beta1,
+            adam.beta2,
+            adam.eps,
+            adam.weight_decay,
+            adam.grad_clip_norm,
+        )
         record.stats["metrics"]["grad/norm"] = norm
         self.store.write_checkpoint(record, checkpoint_writer(state))
         self.store.set_head(record.model, record.id)
 
     def _step_result(self, slug: str, record: CheckpointRecord) -> StepResult:
-        return StepResult(record, self.store.sampler_path(slug, record.id),
-                          self.store.state_path(slug, record.id))  # fmt: skip
+        return StepResult(
+            record, self.store.sampler_path(slug, record.id), self.store.state_path(slug, record.id)
+        )
 
     # --------------------------------------------------------------- helpers
     def _batch(
-        self, record: ModelRecord, items: Sequence[common_pb2.TrainingItem], group_size: int,
+        self,
+        record: ModelRecord,
+        items: Sequence[common_pb2.TrainingItem],
+        group_size: int,
         normalize_std: bool,
-    ) -> Batch:  # fmt: skip
+    ) -> Batch:
         batch = assemble_batch(items, group_size=group_size, normalize_std=normalize_std)
         check_vocab(batch.datums, int(record.arch["vocab_size"]))
         context = int(record.arch["max_context"])
@@ -380,8 +464,12 @@ class Trainer:
                     # The forward half's logprobs died with the process; its metrics
                     # live on in the checkpoint's stats.
                     stats = done.stats or {}
-                    fb = ForwardResult([], dict(stats.get("metrics", {})),
-                                       stats.get("num_datums", 0), stats.get("num_tokens", 0))
+                    fb = ForwardResult(
+                        [],
+                        dict(stats.get("metrics", {})),
+                        stats.get("num_datums", 0),
+                        stats.get("num_tokens", 0),
+                    )
                     return (fb, result)  # type: ignore[return-value]
             value = await run()
             if request_id:
@@ -487,5 +575,6 @@ def _check_weights(weights: list[np.ndarray], datums: list[DatumArrays]) -> None
     for i, (w, d) in enumerate(zip(weights, datums, strict=True)):
         if len(w) != len(d.input_tokens):
             raise InvalidArgument(
-                f"weights[{i}] has {len(w)} values but datum {i} has {len(d.input_tokens)} positions"
+                f"weights[{i}] has {len(w)} values but datum {i} has "
+                f"{len(d.input_tokens)} positions"
             )

@@ -99,10 +99,20 @@ class ModelConfig:
         rope_theta, rope_scaling = _read_rope(raw, source)
         attention_bias = bool(raw.get("attention_bias", False))
         known = set(_REQUIRED) | {
-            "model_type", "num_key_value_heads", "head_dim", "max_position_embeddings",
-            "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
-            "tie_word_embeddings", "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id",
-        }  # fmt: skip
+            "model_type",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "rms_norm_eps",
+            "rope_theta",
+            "rope_scaling",
+            "rope_parameters",
+            "tie_word_embeddings",
+            "attention_bias",
+            "mlp_bias",
+            "bos_token_id",
+            "eos_token_id",
+        }
         return cls(
             model_type=model_type,
             vocab_size=int(raw["vocab_size"]),

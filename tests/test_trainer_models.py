@@ -1,0 +1,220 @@
+"""ModelService over gRPC: bases, forks (copy-on-write), the tree, heads, deletion, teams."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import grpc
+import pytest
+import torch
+
+from headway.modeling import load_model
+from headway.store import META_FILE
+from headway.v1 import model_pb2, training_pb2
+from tests.helpers_training import adam, batch
+from tests.stack import team_md
+
+
+def _code(call) -> str:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code().name, err.value.details()
+
+
+def test_add_base_references_the_directory_and_has_an_active_checkpoint(trainer_stack, tiny_base):
+    stack = trainer_stack
+    model = stack.models.GetModel(model_pb2.GetModelRequest(model="tiny"))
+    assert model.is_base and not model.trainable and model.path == str(tiny_base)
+    assert model.model_type == "qwen3" and model.vocab_size == 96 and model.max_context == 256
+    assert model.head_checkpoint and model.eos_token_ids
+    head = stack.models.GetHead(model_pb2.GetHeadRequest(model="tiny"))
+    assert head.step == 0 and head.is_head and head.sampler_path == ""
+    # Referenced, not copied: no weights live in the store for a base.
+    assert not list((stack.trainer.store.root).rglob("*.safetensors"))
+
+
+def test_add_base_refuses_what_does_not_load(trainer_stack, tmp_path, tiny_base):
+    stack = trainer_stack
+    code, msg = _code(lambda: stack.add_base(tmp_path / "nowhere", "x"))
+    assert code == "INVALID_ARGUMENT" and "not a directory" in msg
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_base, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (broken / "config.json").write_text(json.dumps(config))
+    code, msg = _code(lambda: stack.add_base(broken, "x"))
+    assert code == "INVALID_ARGUMENT" and "model_type 'gpt2' is not supported" in msg
+    no_tok = tmp_path / "no-tok"
+    shutil.copytree(tiny_base, no_tok)
+    (no_tok / "tokenizer.json").unlink()
+    code, msg = _code(lambda: stack.add_base(no_tok, "x"))
+    assert code == "INVALID_ARGUMENT" and "tokenizer.json" in msg
+    assert _code(lambda: stack.add_base(tiny_base, "tiny"))[0] == "ALREADY_EXISTS"
+    assert _code(lambda: stack.add_base(tiny_base, "bad name!"))[0] == "INVALID_ARGUMENT"
+    names = [m.slug for m in stack.models.ListModels(model_pb2.ListModelsRequest()).models]
+    assert names == ["tiny"]
+
+
+def test_lora_fork_root_is_a_peft_adapter_equal_to_the_base(trainer_stack, tiny_base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    stack = trainer_stack
+    model = stack.fork("f", rank=8)
+    assert model.lora.rank == 8 and model.lora.alpha == 16 and model.source == "tiny"
+    head = stack.models.GetHead(model_pb2.GetHeadRequest(model="f"))
+    assert head.step == 0 and head.parent_id == "base" and head.state_path == ""
+    adapter = stack.trainer.store.root / head.sampler_path
+    hf = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    peft = PeftModel.from_pretrained(hf, adapter).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    base, _ = load_model(tiny_base)
+    with torch.no_grad():
+        assert (peft(ids).logits - base(ids)).abs().max() <= 1e-5
+
+
+def test_full_fork_references_its_source_copy_on_write(trainer_stack):
+    stack = trainer_stack
+    stack.fork("full", full=True)
+    ckpts = stack.trainer.store.model_dir("full") / "checkpoints"
+    (root,) = list(ckpts.iterdir())
+    assert [p.name for p in root.iterdir()] == [META_FILE], "a fork copied files"
+    meta = json.loads((root / META_FILE).read_text())
+    assert meta["ref"] == {"model": "tiny", "checkpoint": "base"}
+    # Training it writes its own weights; the second fork of it references them.
+    stack.train.Step(
+        training_pb2.StepRequest(
+            model="full", data=batch(seed=1), loss_fn="cross_entropy", adam=adam()
+        )
+    )
+    child = stack.fork("child", source="full", full=True)
+    head = stack.models.GetHead(model_pb2.GetHeadRequest(model="child"))
+    parent = stack.models.GetHead(model_pb2.GetHeadRequest(model="full"))
+    assert head.sampler_path == parent.sampler_path and child.source == "full"
+
+
+def test_fork_of_a_lora_model_continues_its_adapter_or_merges_it(trainer_stack):
+    stack = trainer_stack
+    stack.fork("a", rank=4)
+    stack.train.Step(
+        training_pb2.StepRequest(
+            model="a", data=batch(seed=2), loss_fn="cross_entropy", adam=adam(1e-2)
+        )
+    )
+    a_head = stack.models.GetHead(model_pb2.GetHeadRequest(model="a"))
+    same = stack.fork("same", source="a", rank=4)
+    assert same.lora.rank == 4
+    assert (
+        stack.models.GetHead(model_pb2.GetHeadRequest(model="same")).sampler_path
+        == a_head.sampler_path
+    )
+    merged = stack.fork("merged", source="a", full=True)
+    assert merged.full
+    # The full fork's weights are a's merged weights: same logprobs on the same data.
+    data = batch(seed=3)
+    lps = []
+    for name in ("a", "merged"):
+        r = stack.train.ForwardBackward(
+            training_pb2.ForwardBackwardRequest(model=name, data=data, loss_fn="cross_entropy")
+        )
+        lps.append([torch.frombuffer(bytearray(t.data), dtype=torch.float32) for t in r.logprobs])
+    for x, y in zip(*lps, strict=True):
+        assert torch.allclose(x, y, atol=1e-5)
+
+
+def test_list_checkpoints_is_the_tree_oldest_first_with_the_head_marked(trainer_stack):
+    stack = trainer_stack
+    stack.fork("m")
+    ids = []
+    for seed in range(3):
+        r = stack.train.Step(
+            training_pb2.StepRequest(
+                model="m", data=batch(seed=seed), loss_fn="ppo", adam=adam(1e-3)
+            )
+        )
+        ids.append(r.optim_step.checkpoint)
+    tree = stack.models.ListCheckpoints(model_pb2.ListCheckpointsRequest(model="m"))
+    assert [c.step for c in tree.checkpoints] == [0, 1, 2, 3]
+    assert [c.id for c in tree.checkpoints][1:] == ids and tree.head == ids[-1]
+    assert [c.is_head for c in tree.checkpoints] == [False, False, False, True]
+    assert [c.parent_id for c in tree.checkpoints][1:] == [tree.checkpoints[0].id, *ids[:2]]
+    stats = tree.checkpoints[1].stats
+    assert stats.loss_fn == "ppo" and stats.num_datums == 3 and stats.learning_rate == 1e-3
+    assert {"loss:sum", "ratio/mean", "clip/fraction", "kl/sampler_trainer"} <= set(stats.metrics)
+    assert stats.reward_mean == pytest.approx(sum(d.datum.reward for d in batch(seed=0)) / 3)
+
+
+def test_set_head_to_an_unknown_checkpoint_changes_nothing(trainer_stack):
+    stack = trainer_stack
+    stack.fork("m")
+    before = stack.models.GetHead(model_pb2.GetHeadRequest(model="m"))
+    code, msg = _code(
+        lambda: stack.models.SetHead(model_pb2.SetHeadRequest(model="m", checkpoint="nope"))
+    )
+    assert code == "NOT_FOUND" and "nope" in msg
+    code, _ = _code(
+        lambda: stack.models.SetHead(model_pb2.SetHeadRequest(model="m", checkpoint="base"))
+    )
+    assert code == "NOT_FOUND"  # a checkpoint of another model (the base) is not this model's
+    assert stack.models.GetHead(model_pb2.GetHeadRequest(model="m")) == before
+
+
+def test_delete_is_refused_while_another_model_forks_from_it(trainer_stack):
+    stack = trainer_stack
+    stack.fork("parent")
+    stack.fork("child", source="parent")
+    code, msg = _code(
+        lambda: stack.models.DeleteModel(model_pb2.DeleteModelRequest(model="parent"))
+    )
+    assert code == "FAILED_PRECONDITION" and "child" in msg
+    code, _ = _code(lambda: stack.models.DeleteModel(model_pb2.DeleteModelRequest(model="tiny")))
+    assert code == "FAILED_PRECONDITION"
+    stack.models.DeleteModel(model_pb2.DeleteModelRequest(model="child"))
+    stack.models.DeleteModel(model_pb2.DeleteModelRequest(model="parent"))
+    names = [m.slug for m in stack.models.ListModels(model_pb2.ListModelsRequest()).models]
+    assert names == ["tiny"]
+    assert (
+        _code(lambda: stack.models.GetModel(model_pb2.GetModelRequest(model="parent")))[0]
+        == "NOT_FOUND"
+    )
+
+
+def test_another_teams_model_is_not_found_on_every_rpc(trainer_stack):
+    stack = trainer_stack
+    stack.fork("secret", team="red")
+    blue = team_md("blue")
+    calls = [
+        lambda: stack.models.GetModel(model_pb2.GetModelRequest(model="secret"), metadata=blue),
+        lambda: stack.models.GetHead(model_pb2.GetHeadRequest(model="secret"), metadata=blue),
+        lambda: stack.models.ListCheckpoints(
+            model_pb2.ListCheckpointsRequest(model="secret"), metadata=blue
+        ),
+        lambda: stack.models.SetHead(
+            model_pb2.SetHeadRequest(model="secret", checkpoint="x"), metadata=blue
+        ),
+        lambda: stack.models.DeleteModel(
+            model_pb2.DeleteModelRequest(model="secret"), metadata=blue
+        ),
+        lambda: stack.train.ForwardBackward(
+            training_pb2.ForwardBackwardRequest(model="secret", data=batch(), loss_fn="ppo"),
+            metadata=blue,
+        ),
+        lambda: stack.train.OptimStep(
+            training_pb2.OptimStepRequest(model="secret", adam=adam()), metadata=blue
+        ),
+    ]
+    for call in calls:
+        code, msg = _code(call)
+        assert code == "NOT_FOUND" and msg == "model 'secret' not found"
+    visible = [
+        m.slug for m in stack.models.ListModels(model_pb2.ListModelsRequest(), metadata=blue).models
+    ]
+    assert visible == ["tiny"]
+    red = [
+        m.slug
+        for m in stack.models.ListModels(
+            model_pb2.ListModelsRequest(), metadata=team_md("red")
+        ).models
+    ]
+    assert red == ["tiny", "secret"]
