@@ -384,3 +384,22 @@ def test_evicted_models_resume_exactly_from_their_heads(tmp_path, tiny_base):
         keeping.stop()
     a, b, c = (checkpoint_tensors(tmp_path / "store", heads[n].sampler_path) for n in "abc")
     assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+
+
+def test_concurrent_calls_on_one_model_are_serialized(trainer_stack):
+    from concurrent.futures import ThreadPoolExecutor
+
+    stack = trainer_stack
+    stack.fork("m")
+    data = batch(seed=15)
+    request = training_pb2.ForwardBackwardRequest(model="m", data=data, loss_fn="cross_entropy")
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: stack.train.ForwardBackward(request), range(4)))
+    state = stack.trainer._states["m"]
+    assert state.acc.num_datums == 12  # no call was lost or interleaved
+    module = reference_module(stack, "m")
+    (4 * reference_loss(module, data, "cross_entropy", {})[0]).backward()
+    grads = trainer_grads(stack, "m")
+    for name, p in module.named_parameters():
+        if p.grad is not None:
+            assert rel_err(grads[name], p.grad) < 1e-4
