@@ -1,0 +1,366 @@
+"""`make bench-trainer`: our trainer's training steps against a plain transformers loop.
+
+Same run, same weights (the ~40M Qwen3-shaped config of `configs/qwen3-40m.json`, fp32),
+same batch: 8 sequences × 128 tokens of importance-sampling data (first 16 positions of
+each masked, random sampling logprobs and advantages, fixed seed), learning rate 1e-5.
+
+- Step: our gRPC `Step` (built-in importance_sampling) on a FULL fork, against a plain
+  transformers loop doing full fine-tuning too (forward, log_softmax + gather, the same
+  summed loss −Σ w·exp(lp − q)·A, backward, torch.optim.AdamW step). Our Step also writes a
+  durable checkpoint (weights + optimizer state, fsynced) and the loop saves nothing, so
+  the forward/backward and the OptimStep of the full fork are also timed apart.
+- Custom loss: ForwardCustom, the same loss's gradient computed client-side from the
+  returned DatumTensors (w = ratio·A·mask), BackwardCustom, OptimStep; against
+  ForwardBackward (built-in) + OptimStep, on a LoRA fork (rank 32), same batch.
+- Durable save: OptimStep alone (after a ForwardBackward) for the LoRA fork (the
+  OptimSteps of both runs above) and the full fork.
+
+Medians of repeats after a warmup round, the compared runs interleaved (the machine is
+shared and noisy: read the ratios, not the absolute figures). Last line:
+`trainer_vs_hf=<r> custom_vs_builtin=<r> lora_save_ms=<ms>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import build_bench_model, print_table  # noqa: E402
+from headway.grpc_util import CHANNEL_OPTIONS  # noqa: E402
+from headway.tensors import floats, to_tensor  # noqa: E402
+from headway.v1 import (  # noqa: E402
+    common_pb2,
+    model_pb2,
+    model_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+BATCH, SEQ, PROMPT = 8, 128, 16  # datums, tokens per datum, masked leading positions
+LR, BETAS, EPS = 1e-5, (0.9, 0.95), 1e-8  # AdamParams defaults, weight decay 0 both sides
+LOSS = "importance_sampling"
+LORA_RANK = 32
+
+
+# ------------------------------------------------------------------------------ setup
+def add_tokenizer(path: Path) -> None:
+    """A minimal word-level tokenizer: the trainer only needs one to register the base."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, "<|im_end|>": 1, "<unk>": 2}
+    vocab.update({f"w{i}": i for i in range(3, 256)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+class ServerThread:
+    """The trainer's grpc.aio server on a private event loop in a daemon thread."""
+
+    def __init__(self, store: Path, prefix: str) -> None:
+        from trainer_svc.config import TrainerConfig
+        from trainer_svc.server import create_server
+
+        config = TrainerConfig(store=store, redis_url=REDIS_URL, redis_prefix=prefix)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def boot() -> tuple[grpc.aio.Server, int, Any]:
+            server, port, trainer = await create_server(config)
+            await server.start()
+            return server, port, trainer
+
+        self.server, port, self.trainer = self.run(boot())
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+        self.models = model_pb2_grpc.ModelServiceStub(self.channel)
+        self.train = training_pb2_grpc.TrainingServiceStub(self.channel)
+
+    def run(self, coro: Any, timeout: float = 120) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.run(self.server.stop(grace=1))
+        if self.trainer.redis is not None:
+            self.run(self.trainer.redis.aclose())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+def make_batch(vocab: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """BATCH importance-sampling datums of SEQ tokens: arrays both sides train on."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(BATCH):
+        tokens = rng.integers(0, vocab, SEQ + 1)
+        w = np.r_[np.zeros(PROMPT), np.ones(SEQ - PROMPT)].astype(np.float32)
+        out.append(
+            {
+                "input": tokens[:-1],
+                "target": tokens[1:],
+                "w": w,
+                "q": (-rng.uniform(9.0, 12.0, SEQ)).astype(np.float32) * w,  # ≈ log(1/32000)
+                "a": rng.normal(size=SEQ).astype(np.float32) * w,
+            }
+        )
+    return out
+
+
+def training_items(batch: list[dict[str, np.ndarray]]) -> list[common_pb2.TrainingItem]:
+    out = []
+    for d in batch:
+        datum = common_pb2.Datum(
+            input_tokens=to_tensor(d["input"]),
+            target_tokens=to_tensor(d["target"]),
+            weights=to_tensor(d["w"]),
+            sampling_logprobs=to_tensor(d["q"]),
+            advantages=to_tensor(d["a"]),
+        )
+        out.append(common_pb2.TrainingItem(datum=datum))
+    return out
+
+
+# ---------------------------------------------------------------------------- baseline
+class PlainLoop:
+    """The reference: a transformers model trained with a textbook loop, full fine-tuning."""
+
+    def __init__(self, path: Path, batch: list[dict[str, np.ndarray]]) -> None:
+        import transformers
+
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        self.model.train()
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0
+        )
+        self.ids = torch.from_numpy(np.stack([d["input"] for d in batch]))
+        self.targets = torch.from_numpy(np.stack([d["target"] for d in batch]))
+        self.w, self.q, self.a = (
+            torch.from_numpy(np.stack([d[k] for d in batch])) for k in ("w", "q", "a")
+        )
+        self.first_lp: torch.Tensor | None = None
+
+    def fwd_bwd(self) -> None:
+        logits = self.model(input_ids=self.ids).logits
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, self.targets[..., None])[..., 0]
+        if self.first_lp is None:
+            self.first_lp = lp.detach().clone()
+        loss = -(self.w * torch.exp(lp - self.q) * self.a).sum()
+        loss.backward()
+
+    def opt_step(self) -> None:
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        self.fwd_bwd()
+        self.opt_step()
+
+
+# -------------------------------------------------------------------------- measuring
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Wall times of each fn, run in turn `warmup + repeats` times (warmup runs dropped)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(warmup + repeats):
+        for key, fn in fns.items():
+            t = timed(fn)
+            if i >= warmup:
+                times[key].append(t)
+    return times
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# ------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=5, help="timed Steps and loop steps")
+    parser.add_argument("--save-repeats", type=int, default=5, help="timed OptimSteps per fork")
+    args = parser.parse_args()
+    started = time.perf_counter()
+
+    path = build_bench_model()
+    add_tokenizer(path)
+    store = Path(tempfile.mkdtemp(prefix="headway-bench-store-"))
+    prefix = f"headway-bench-{secrets.token_hex(4)}:"
+    srv = ServerThread(store, prefix)
+    try:
+        srv.models.AddBase(model_pb2.AddBaseRequest(path=str(path), name="base40m"))
+        srv.models.ForkModel(model_pb2.ForkModelRequest(source="base40m", name="full", full=True))
+        lora = common_pb2.LoraConfig(rank=LORA_RANK, alpha=2 * LORA_RANK)
+        srv.models.ForkModel(model_pb2.ForkModelRequest(source="base40m", name="lora", lora=lora))
+
+        config = json.loads((path / "config.json").read_text())
+        batch = make_batch(config["vocab_size"])
+        items = training_items(batch)
+        loop = PlainLoop(path, batch)
+        params = sum(p.numel() for p in loop.model.parameters()) / 1e6
+        print(
+            f"model: qwen3-40m ({params:.1f}M params, fp32), batch {BATCH}×{SEQ} tokens, "
+            f"torch threads {torch.get_num_threads()}"
+        )
+
+        adam = common_pb2.AdamParams(learning_rate=LR)
+        first: dict[str, Any] = {}
+
+        def step_full() -> None:
+            r = srv.train.Step(
+                training_pb2.StepRequest(model="full", data=items, loss_fn=LOSS, adam=adam)
+            )
+            first.setdefault("step", r)
+
+        def fb(model: str) -> Callable[[], object]:
+            req = training_pb2.ForwardBackwardRequest(model=model, data=items, loss_fn=LOSS)
+            return lambda: srv.train.ForwardBackward(req)
+
+        def optim(model: str) -> Callable[[], object]:
+            req = training_pb2.OptimStepRequest(model=model, adam=adam)
+            return lambda: srv.train.OptimStep(req)
+
+        def custom_fb(model: str) -> Callable[[], object]:
+            def run() -> None:
+                req = training_pb2.ForwardCustomRequest(model=model, data=items)
+                fwd = srv.train.ForwardCustom(req)
+                weights = []
+                for i, d in enumerate(fwd.data):
+                    lp = floats(d.logprobs, f"data[{i}].logprobs")
+                    q = floats(d.sampling_logprobs, f"data[{i}].sampling_logprobs")
+                    a = floats(d.advantages, f"data[{i}].advantages")
+                    mask = floats(d.mask, f"data[{i}].mask")
+                    # d/dlp of −mask·exp(lp − q)·A is −w with w = mask·ratio·A: the gradient
+                    # of the −Σ w·lp that BackwardCustom backpropagates.
+                    weights.append(to_tensor((mask * np.exp(lp - q) * a).astype(np.float32)))
+                srv.train.BackwardCustom(
+                    training_pb2.BackwardCustomRequest(
+                        model=model, forward_id=fwd.forward_id, weights=weights
+                    )
+                )
+
+            return run
+
+        # 1. Full fine-tuning: our Step vs the plain loop (interleaved).
+        t = interleaved({"step": step_full, "loop": loop.step}, args.repeats)
+        t_step, t_loop = med(t["step"]), med(t["loop"])
+
+        # Same weights, same batch, same loss: the first step's logprobs must agree.
+        ours_lp = np.stack([floats(x, "lp") for x in first["step"].forward_backward.logprobs])
+        assert loop.first_lp is not None
+        lp_diff = float(np.abs(ours_lp - loop.first_lp.numpy()).max())
+
+        # 2. Full fork split: ForwardBackward, then OptimStep (durable save) alone; the loop's
+        #    forward/backward and its AdamW step alone.
+        fb_full, opt_full, loop_fb, loop_opt = [], [], [], []
+        for i in range(1 + args.save_repeats):
+            fns = (fb("full"), optim("full"), loop.fwd_bwd, loop.opt_step)
+            for acc, fn in zip((fb_full, opt_full, loop_fb, loop_opt), fns, strict=True):
+                t_fn = timed(fn)
+                if i:
+                    acc.append(t_fn)
+
+        # 3. LoRA fork: custom loss vs built-in (each + OptimStep), interleaved; the
+        #    OptimSteps of both give the LoRA save latency.
+        opt_lora: list[float] = []
+
+        def with_optim(forward_backward: Callable[[], object]) -> Callable[[], None]:
+            def run() -> None:
+                forward_backward()
+                opt_lora.append(timed(optim("lora")))
+
+            return run
+
+        t = interleaved(
+            {"builtin": with_optim(fb("lora")), "custom": with_optim(custom_fb("lora"))},
+            args.save_repeats,
+        )
+        opt_lora = opt_lora[2:]  # the warmup round's two
+        t_builtin, t_custom = med(t["builtin"]), med(t["custom"])
+    finally:
+        srv.stop()
+        _clean_redis(prefix)
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
+
+    tokens = BATCH * SEQ
+    ours_tps, loop_tps = tokens / t_step, tokens / t_loop
+    trainer_vs_hf = ours_tps / loop_tps
+    custom_vs_builtin = t_custom / t_builtin
+    lora_save_ms = med(opt_lora) * 1e3
+    fb_ms, opt_ms = med(fb_full) * 1e3, med(opt_full) * 1e3
+    loop_fb_ms, loop_opt_ms = med(loop_fb) * 1e3, med(loop_opt) * 1e3
+    rows = [
+        ["Step tok/s (full fork, incl. durable save)", ours_tps, loop_tps, trainer_vs_hf],
+        ["  ForwardBackward ms (full) / loop fwd+bwd", fb_ms, loop_fb_ms, loop_fb_ms / fb_ms],
+        ["  OptimStep ms (full: AdamW+save) / AdamW", opt_ms, loop_opt_ms, loop_opt_ms / opt_ms],
+        ["custom-loss step ms (LoRA) / built-in", t_custom * 1e3, t_builtin * 1e3,
+         custom_vs_builtin],
+        ["OptimStep durable-save ms, LoRA r32", lora_save_ms, "", ""],
+        ["OptimStep durable-save ms, full", opt_ms, "", ""],
+        ["logprobs max |diff| vs loop, step 0", f"{lp_diff:.1e}", "", ""],
+    ]  # fmt: skip
+    print_table(
+        "trainer speed (medians; baseline: plain transformers loop, which saves nothing)",
+        ["metric", "headway", "baseline", "ratio"],
+        rows,
+    )
+    print(
+        "ratio: baseline time / ours (>1 = headway faster), except the custom-loss row: "
+        "custom time / built-in time.\n"
+        "goals: trainer_vs_hf >= 1.0, custom_vs_builtin <= 1.1, lora_save_ms <= 50; "
+        f"bench took {time.perf_counter() - started:.0f} s"
+    )
+    print(
+        f"trainer_vs_hf={trainer_vs_hf:.2f} custom_vs_builtin={custom_vs_builtin:.2f} "
+        f"lora_save_ms={lora_save_ms:.1f}"
+    )
+
+
+def _clean_redis(prefix: str) -> None:
+    """Remove the head mirrors this run wrote."""
+    try:
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+    except Exception as e:  # best effort: the keys are namespaced and harmless
+        print(f"(could not clean Redis keys {prefix}*: {e})")
+
+
+if __name__ == "__main__":
+    main()
