@@ -71,10 +71,34 @@ def _pack(datums: list[DatumArrays], index: list[int]) -> Chunk:
     )
 
 
-def chunk_logprobs(state: ModelState, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logprobs [b, n] with grad, logits detached) of a chunk's targets."""
-    logits = state.module(chunk.ids, validate=False)
-    return token_logprobs(logits, chunk.targets), logits.detach()
+@dataclass
+class ChunkForward:
+    """Logprobs of a chunk: `lp` `[b, n]` for every real position (detached), and the
+    positions that carry gradient with their logprobs (`grad_lp`, in graph) and logits."""
+
+    lp: torch.Tensor
+    grad_lp: torch.Tensor  # [k] logprobs at the grad positions, with autograd graph
+    grad_logits: torch.Tensor  # [k, V] detached, for entropy
+
+
+def chunk_forward(state: ModelState, chunk: Chunk, grad_mask: torch.Tensor) -> ChunkForward:
+    """Forward a chunk; only `grad_mask` positions enter the autograd graph.
+
+    The vocabulary projection and its log-softmax are the largest tensors of a step; at
+    positions that carry no loss (prompts, padding) they are computed without a graph, or
+    not at all, so their backward costs nothing.
+    """
+    hidden = state.module(chunk.ids, validate=False, return_hidden=True)
+    head = state.module.lm_head
+    logits = head(hidden[grad_mask])
+    grad_lp = token_logprobs(logits, chunk.targets[grad_mask])
+    lp = torch.zeros(chunk.ids.shape)
+    lp[grad_mask] = grad_lp.detach()
+    rest = chunk.valid & ~grad_mask
+    if bool(rest.any()):
+        with torch.no_grad():
+            lp[rest] = token_logprobs(head(hidden[rest]), chunk.targets[rest])
+    return ChunkForward(lp, grad_lp, logits.detach())
 
 
 class Stats:
@@ -97,8 +121,8 @@ class Stats:
             self.add("ratio", log_ratio.exp().sum())
             self.add("kl", (-log_ratio).sum())  # k1 estimate of KL(sampler ‖ trainer)
             self.add("kl3", (log_ratio.exp() - 1 - log_ratio).sum())  # k3, always ≥ 0
-        if logits is not None:
-            self.add("entropy", entropy(logits[trained]).sum())
+        if logits is not None:  # the logits of exactly the trained positions
+            self.add("entropy", entropy(logits).sum())
 
     def metrics(self) -> dict[str, float]:
         n = max(self.tokens, 1.0)
@@ -148,10 +172,10 @@ def forward_backward(
                 )
     stats, loss_sum, lps = Stats(), 0.0, []
     for chunk in chunks:
-        lp, logits = chunk_logprobs(state, chunk)
         trained = chunk.valid & (chunk.w != 0)
+        fwd = chunk_forward(state, chunk, trained)
         inputs = TokenInputs(
-            lp=lp[trained],
+            lp=fwd.grad_lp,
             w=chunk.w[trained],
             q=chunk.q[trained] if chunk.q is not None else None,
             a=chunk.a[trained] if chunk.a is not None else None,
@@ -160,11 +184,10 @@ def forward_backward(
         if value.requires_grad:
             value.backward()
         loss_sum += float(value.detach())
-        stats.observe(chunk, lp, logits)
+        stats.observe(chunk, fwd.lp, fwd.grad_logits)
         if "clip/fraction" in extra:
             stats.add("clip", extra["clip/fraction"] * float(trained.sum()))
-        lps.append(lp.detach())
-        del logits
+        lps.append(fwd.lp)
     metrics = stats.metrics()
     metrics["loss:sum"] = loss_sum
     return _datum_logprobs(chunks, lps, len(datums)), metrics
@@ -187,13 +210,13 @@ def forward_custom(
     keep = sum(c.ids.numel() for c in chunks) <= keep_graph_tokens
     lps, graphs = [], []
     for chunk in chunks:
+        # The client may weigh any real position, so all of them carry gradient.
         with torch.set_grad_enabled(keep):
-            lp, _ = chunk_logprobs(state, chunk)
-        graphs.append(lp)
-        lps.append(lp.detach())
-    return _datum_logprobs(chunks, lps, len(datums)), KeptForward(
-        datums, chunks, graphs if keep else None
-    )
+            fwd = chunk_forward(state, chunk, chunk.valid)
+        graphs.append(fwd.grad_lp)
+        lps.append(fwd.lp)
+    kept = KeptForward(datums, chunks, graphs if keep else None)
+    return _datum_logprobs(chunks, lps, len(datums)), kept
 
 
 def backward_custom(
@@ -203,19 +226,20 @@ def backward_custom(
     stats = Stats()
     for k, chunk in enumerate(kept.chunks):
         if kept.graphs is not None:
-            lp = kept.graphs[k]
-        else:
-            lp, _ = chunk_logprobs(state, chunk)  # same inputs, same numbers
+            grad_lp = kept.graphs[k]
+        else:  # same inputs, same numbers
+            grad_lp = chunk_forward(state, chunk, chunk.valid).grad_lp
         w = torch.zeros_like(chunk.w)
         for row, i in enumerate(chunk.index):
             w[row, : len(weights[i])] = torch.from_numpy(weights[i])
-        surrogate = -(w * lp)[chunk.valid].sum()
+        surrogate = -(w[chunk.valid] * grad_lp).sum()
         if surrogate.requires_grad:
             surrogate.backward()
         # Ratio and KL are reported over the positions the client trained (w ≠ 0).
-        stats.observe(
-            Chunk(chunk.index, chunk.ids, chunk.targets, chunk.valid, w, chunk.q, chunk.a), lp, None
-        )
+        lp = torch.zeros(chunk.ids.shape)
+        lp[chunk.valid] = grad_lp.detach()
+        weighted = Chunk(chunk.index, chunk.ids, chunk.targets, chunk.valid, w, chunk.q, chunk.a)
+        stats.observe(weighted, lp, None)
     kept.graphs = None
     return stats.metrics()
 

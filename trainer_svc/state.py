@@ -117,10 +117,11 @@ class ModelState:
 
 
 def _new_optimizer(params: dict[str, torch.nn.Parameter]) -> torch.optim.AdamW:
-    # Hyperparameters are set per OptimStep; these are placeholders. foreach=False keeps
-    # the update arithmetic identical to a plain torch.optim.AdamW loop on CPU.
+    # Hyperparameters are set per OptimStep; these are placeholders. foreach=True: one
+    # fused pass over all tensors instead of a Python loop per parameter (~35% faster on a
+    # full 40M model); tests compare against torch's AdamW with the same setting.
     return torch.optim.AdamW(
-        list(params.values()), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, foreach=False
+        list(params.values()), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, foreach=True
     )
 
 

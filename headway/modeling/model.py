@@ -211,6 +211,7 @@ class Transformer(nn.Module):
         rows: torch.Tensor | None = None,
         output_index: torch.Tensor | None = None,
         validate: bool = True,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """Logits for `input_ids` `[B, T]`.
 
@@ -222,6 +223,9 @@ class Transformer(nn.Module):
         `output_index` `[B]`: compute logits only at that position of each row (`[B, 1, V]`),
         sparing the vocabulary projection of a whole prompt.
         `validate=False` skips the token/context checks (a host sync) on the decode hot path.
+        `return_hidden=True` returns the final normed hidden states `[B, T, hidden]` instead,
+        for callers that project only the positions they need (training skips the vocabulary
+        projection's backward at positions that carry no loss).
         """
         B, T = input_ids.shape
         if positions is None:
@@ -249,4 +253,5 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, positions, cache, rows, mask)
         if output_index is not None:
             x = x[torch.arange(B, device=x.device), output_index][:, None]
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
