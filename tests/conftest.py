@@ -127,3 +127,14 @@ def trainer_stack(tmp_path: Path, tiny_base: Path):
     stack.add_base(tiny_base, "tiny")
     yield stack
     stack.stop()
+
+
+@pytest.fixture
+def sampling_stack(trainer_stack):
+    """The trainer stack plus one sampler replica on the same store and Redis prefix."""
+    from tests.stack import SamplerReplica
+
+    replica = SamplerReplica(trainer_stack.config.store, trainer_stack.prefix, max_seq_len=256)
+    trainer_stack.sampler = replica
+    yield trainer_stack
+    replica.stop()

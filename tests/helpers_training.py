@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from headway.modeling import LoraConfig, apply_lora, build_model, load_adapter
+from headway.store.weights import adapter_dir, base_config, full_state
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2
 from tests.conftest import VOCAB
@@ -48,3 +51,32 @@ def checkpoint_tensors(store: Path, sampler_path: str) -> dict[str, torch.Tensor
     if path.is_dir():
         return load_file(str(path / "adapter_model.safetensors"))
     return load_file(str(path))
+
+
+def reference_module(stack: Any, slug: str, checkpoint: str = "") -> torch.nn.Module:
+    """The model at a checkpoint (default its head), rebuilt from the store outside the
+    services."""
+    store = stack.trainer.store
+    record, head = store.get_model(slug), checkpoint or store.head(slug)
+    config = base_config(store, slug)
+    if record.lora:
+        frozen = full_state(store, record.frozen.model, record.frozen.checkpoint)
+        module = build_model(config, frozen)
+        apply_lora(module, LoraConfig(**record.lora))
+        load_adapter(module, adapter_dir(store, slug, head))
+    else:
+        module = build_model(
+            config, {k: v.clone() for k, v in full_state(store, slug, head).items()}
+        )
+        for p in module.parameters():
+            p.requires_grad_(True)
+    return module
+
+
+@torch.inference_mode()
+def greedy_reference(module: torch.nn.Module, prompt: list[int], steps: int) -> list[int]:
+    """Greedy tokens by full forwards (no cache): what temperature 0 must produce."""
+    seq = list(prompt)
+    for _ in range(steps):
+        seq.append(int(module(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt) :]

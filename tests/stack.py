@@ -125,9 +125,33 @@ class TrainerStack:
 
     def stop(self) -> None:
         self.channel.close()
+        self.server.run(self.trainer.close())
         self.server.stop()
 
 
 def team_md(team: str) -> list[tuple[str, str]]:
     """Metadata the gateway sets for an authenticated caller of `team`."""
     return [("x-headway-team", team)] if team else []
+
+
+class SamplerReplica:
+    """A sampler replica server (engine thread, Redis watcher) plus a stub."""
+
+    def __init__(self, store: Path, prefix: str, redis_url: str = REDIS_URL, **config: Any) -> None:
+        from headway.v1 import sampling_pb2_grpc
+        from sampler_svc.config import SamplerConfig
+        from sampler_svc.server import create_replica
+
+        set_torch_threads()
+        self.config = SamplerConfig(store=store, redis_url=redis_url, redis_prefix=prefix, **config)
+        self.server = ServerThread(lambda: create_replica(self.config))
+        self.replica = self.server.payload
+        self.sampler = self.replica.sampler
+        self.channel = self.server.channel()
+        self.stub = sampling_pb2_grpc.SamplingServiceStub(self.channel)
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.server.run(self.replica.close())
+        self.server.loop.call_soon_threadsafe(self.server.loop.stop)
+        self.server.thread.join(timeout=10)

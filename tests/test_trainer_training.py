@@ -13,10 +13,8 @@ from safetensors.torch import load_file
 
 from headway.datums import assemble_batch
 from headway.heads import channel, mirror_key
-from headway.modeling import LoraConfig, apply_lora, build_model, load_adapter
-from headway.store.weights import adapter_dir, base_config, full_state
 from headway.v1 import model_pb2, training_pb2
-from tests.helpers_training import adam, batch, checkpoint_tensors
+from tests.helpers_training import adam, batch, checkpoint_tensors, reference_module
 from tests.stack import REDIS_URL, TrainerStack
 
 LOSS_CONFIGS = {
@@ -26,25 +24,6 @@ LOSS_CONFIGS = {
     "cispo": {"epsilon": 0.1},
     "dro": {"beta": 0.3},
 }
-
-
-def reference_module(stack: TrainerStack, slug: str) -> torch.nn.Module:
-    """The model at its head, rebuilt from the store outside the trainer."""
-    store = stack.trainer.store
-    record, head = store.get_model(slug), store.head(slug)
-    config = base_config(store, slug)
-    if record.lora:
-        frozen = full_state(store, record.frozen.model, record.frozen.checkpoint)
-        module = build_model(config, frozen)
-        apply_lora(module, LoraConfig(**record.lora))
-        load_adapter(module, adapter_dir(store, slug, head))
-    else:
-        module = build_model(
-            config, {k: v.clone() for k, v in full_state(store, slug, head).items()}
-        )
-        for p in module.parameters():
-            p.requires_grad_(True)
-    return module
 
 
 def reference_loss(module, data, loss_fn, cfg):

@@ -43,6 +43,9 @@ async def create_server(
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind the trainer to {address}")
+    if redis is not None:
+        await trainer.mirror_heads()
+        trainer.publisher = asyncio.create_task(trainer.retry_publishes())
     return server, port, trainer
 
 
@@ -59,5 +62,4 @@ async def serve(config: TrainerConfig, address: str) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop(grace=5)
-    if trainer.redis is not None:
-        await trainer.redis.aclose()
+    await trainer.close()

@@ -102,6 +102,8 @@ class Trainer:
         self._locks: dict[str, asyncio.Lock] = {}
         self._create_lock = asyncio.Lock()
         self._replies: dict[str, OrderedDict[str, _Reply]] = {}
+        self._unpublished: dict[str, CheckpointRecord] = {}  # heads Redis has not heard of
+        self.publisher: asyncio.Task[None] | None = None  # the retry_publishes task
 
     # ------------------------------------------------------------ visibility
     def model(self, slug: str, team: str) -> ModelRecord:
@@ -458,6 +460,7 @@ class Trainer:
             if request_id and kind in ("optim_step", "step"):
                 done = self.store.find_request(slug, request_id)  # survives restarts
                 if done is not None:
+                    await self._finish_promotion(slug, done)
                     result = self._step_result(slug, done)
                     if kind == "optim_step":
                         return result  # type: ignore[return-value]
@@ -477,6 +480,44 @@ class Trainer:
                 while len(replies) > self.config.request_cache:
                     replies.popitem(last=False)
             return value
+
+    async def _finish_promotion(self, slug: str, record: CheckpointRecord) -> None:
+        """Complete an OptimStep interrupted between its checkpoint and its HEAD move.
+
+        A crash in that window leaves the checkpoint on disk and HEAD on its parent; the
+        client's retry (same request id) must get that checkpoint *as the head*. Only the
+        step right after the current head is promoted: replays of older requests never
+        move HEAD back.
+        """
+        if self.store.head(slug) == record.parent_id:
+            self.store.set_head(slug, record.id)
+            self._drop(slug)  # reload from the promoted head
+            await self._publish(slug, record)
+
+    async def close(self) -> None:
+        """Stop background publishing and close the Redis client."""
+        if self.publisher is not None:
+            self.publisher.cancel()
+            await asyncio.gather(self.publisher, return_exceptions=True)
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    async def mirror_heads(self) -> None:
+        """Mirror every model's head in Redis (at start: a crash may have left it stale)."""
+        for model in self.store.list_models():
+            await self._publish(model.slug, self.store.head_checkpoint(model.slug))
+
+    async def retry_publishes(self, interval: float = 1.0) -> None:
+        """Forever: re-publish heads whose publish failed (Redis was down)."""
+        while True:
+            await asyncio.sleep(interval)
+            for slug in list(self._unpublished):
+                record = self._unpublished.pop(slug)
+                try:
+                    if self.store.head(slug) == record.id:
+                        await self._publish(slug, record)
+                except NotFound:  # deleted meanwhile
+                    pass
 
     async def _state(self, slug: str) -> ModelState:
         """The model's training state, loaded from its head if not in memory."""
@@ -515,7 +556,9 @@ class Trainer:
         event = HeadEvent(model=slug, checkpoint=record.id, step=record.step)
         try:
             await publish_head(self.redis, event, self.config.redis_prefix)
+            self._unpublished.pop(slug, None)
         except Exception as e:
+            self._unpublished[slug] = record  # retried by retry_publishes
             # The head is already durable; samplers reconcile from the store and the
             # mirror on reconnect, and the gateway pins requests to the store's head.
             log.warning("head of %s moved to %s but Redis publish failed: %s", slug, record.id, e)

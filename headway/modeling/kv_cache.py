@@ -27,6 +27,17 @@ class KVCache(torch.nn.Module):
     def max_len(self) -> int:
         return self.k.shape[2]
 
+    def window(self, batch: int, length: int) -> KVCache:
+        """A view of the first `batch` rows and `length` positions (shared storage).
+
+        Decoding attends over the window of positions in use, not the whole preallocation,
+        so a step's attention cost follows the live sequences, not the configured maximum.
+        """
+        view = KVCache.__new__(KVCache)
+        torch.nn.Module.__init__(view)
+        view.k, view.v = self.k[:batch, :, :length], self.v[:batch, :, :length]
+        return view
+
     def update(
         self,
         positions: torch.Tensor,
@@ -36,15 +47,16 @@ class KVCache(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v `[B, kv_heads, T, head_dim]` at `positions` `[B, T]`.
 
-        `rows` `[B]` picks the cache rows written and read (None: all rows, in order).
+        `rows` `[B]` picks the cache rows written and read (None: the first B rows).
         Returns the keys and values attention reads, `[B, kv_heads, max_len, head_dim]`.
         """
-        r = torch.arange(k.shape[0], device=k.device) if rows is None else rows
+        B = k.shape[0]
+        r = torch.arange(B, device=k.device) if rows is None else rows
         # Advanced indices separated by a slice put their broadcast dims first: [B, T, H, D].
         self.k[r[:, None], :, positions] = k.transpose(1, 2)
         self.v[r[:, None], :, positions] = v.transpose(1, 2)
-        if rows is None:
-            return self.k, self.v
+        if rows is None:  # the first B rows: a view, no copy
+            return self.k[:B], self.v[:B]
         return self.k[rows], self.v[rows]
 
 

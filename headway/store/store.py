@@ -51,11 +51,17 @@ def check_slug(name: str) -> str:
 class CheckpointStore:
     """Models, their checkpoint trees and heads, on disk under `root`."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, recover: bool = True) -> None:
+        """Open (creating) the store at `root`.
+
+        `recover` removes leftovers of interrupted writes: only the writer (the trainer)
+        may, since a reader cannot tell a leftover from a write in progress.
+        """
         self.root = Path(root).resolve()
         self.models_dir = self.root / "models"
         self.models_dir.mkdir(parents=True, exist_ok=True)
-        self.remove_leftovers()
+        if recover:
+            self.remove_leftovers()
 
     # ----------------------------------------------------------------- recovery
     def remove_leftovers(self) -> list[Path]:

@@ -1,0 +1,61 @@
+"""The sampler replica registry in Redis: what each live replica serves and how busy it is.
+
+Each sampler refreshes `<prefix>replica:<id>` (a `ReplicaInfo` as JSON) every second with a
+TTL of a few seconds; a replica that dies drops out when its key expires. The gateway lists
+them to route a pinned request to the least-loaded replica that already holds the
+checkpoint, else to any live one (which loads it on demand).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from headway.heads import DEFAULT_PREFIX
+
+
+@dataclass
+class ReplicaInfo:
+    """One sampler replica as the gateway sees it."""
+
+    id: str
+    address: str  # host:port of its SamplingService
+    bases: list[str] = field(default_factory=list)  # bases it preloads ([] = all)
+    loaded: list[str] = field(default_factory=list)  # "model/checkpoint" servable now
+    queue_depth: int = 0  # requests waiting for rows
+    live_rows: int = 0  # sequences being decoded
+    updated: float = 0.0  # unix seconds of this report
+
+    @property
+    def load(self) -> int:
+        return self.queue_depth + self.live_rows
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> ReplicaInfo:
+        return cls(**json.loads(raw))
+
+
+def replica_key(replica_id: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}replica:{replica_id}"
+
+
+async def announce(redis: Any, info: ReplicaInfo, ttl: float, prefix: str = DEFAULT_PREFIX) -> None:
+    """Write (refresh) a replica's entry with a TTL."""
+    await redis.set(replica_key(info.id, prefix), info.to_json(), px=int(ttl * 1000))
+
+
+async def withdraw(redis: Any, replica_id: str, prefix: str = DEFAULT_PREFIX) -> None:
+    """Remove a replica's entry (clean shutdown)."""
+    await redis.delete(replica_key(replica_id, prefix))
+
+
+async def list_replicas(redis: Any, prefix: str = DEFAULT_PREFIX) -> list[ReplicaInfo]:
+    """Every live replica (entries whose TTL has not run out)."""
+    keys = [k async for k in redis.scan_iter(match=replica_key("*", prefix))]
+    if not keys:
+        return []
+    return [ReplicaInfo.from_json(raw) for raw in await redis.mget(keys) if raw is not None]

@@ -1,0 +1,62 @@
+"""`python -m sampler_svc`: run a sampler replica (flags, or HEADWAY_* environment variables)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from sampler_svc.config import SamplerConfig
+from sampler_svc.server import serve
+
+
+def main() -> None:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="python -m sampler_svc", description=__doc__)
+    p.add_argument(
+        "--listen",
+        default=env("HEADWAY_SAMPLER_LISTEN", "127.0.0.1:50053"),
+        help="address to serve gRPC on (HEADWAY_SAMPLER_LISTEN)",
+    )
+    p.add_argument(
+        "--advertise",
+        default=env("HEADWAY_SAMPLER_ADVERTISE", ""),
+        help="address gateways dial, if not the listen address",
+    )
+    p.add_argument("--store", default=env("HEADWAY_STORE", "./headway-store"))
+    p.add_argument("--redis", default=env("HEADWAY_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    p.add_argument("--redis-prefix", default=env("HEADWAY_REDIS_PREFIX", "headway:"))
+    p.add_argument("--replica-id", default=env("HEADWAY_REPLICA_ID", ""))
+    p.add_argument(
+        "--bases",
+        default=env("HEADWAY_SAMPLER_BASES", ""),
+        help="comma-separated bases whose heads this replica preloads (default all)",
+    )
+    p.add_argument("--max-batch", type=int, default=int(env("HEADWAY_MAX_BATCH", "32")))
+    p.add_argument("--max-seq-len", type=int, default=int(env("HEADWAY_MAX_SEQ_LEN", "2048")))
+    p.add_argument("--adapter-slots", type=int, default=int(env("HEADWAY_ADAPTER_SLOTS", "8")))
+    p.add_argument("--max-lora-rank", type=int, default=int(env("HEADWAY_MAX_LORA_RANK", "64")))
+    p.add_argument("--log-level", default=env("HEADWAY_LOG_LEVEL", "INFO"))
+    args = p.parse_args()
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    config = SamplerConfig(
+        store=Path(args.store),
+        redis_url=args.redis,
+        redis_prefix=args.redis_prefix,
+        replica_id=args.replica_id,
+        advertise=args.advertise,
+        bases=[b for b in args.bases.split(",") if b],
+        max_batch=args.max_batch,
+        max_seq_len=args.max_seq_len,
+        adapter_slots=args.adapter_slots,
+        max_lora_rank=args.max_lora_rank,
+    )
+    asyncio.run(serve(config, args.listen))
+
+
+if __name__ == "__main__":
+    main()

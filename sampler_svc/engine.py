@@ -1,0 +1,174 @@
+"""`Engine`: batched decoding for one set of weights, on token ids only.
+
+The engine owns a model (one set of full weights, optionally with an `AdapterBank`) and a
+static KV cache of `max_batch` rows × `max_seq_len` positions. Live rows are kept packed at
+the front of the cache: a request joins at a step boundary (its prompt is prefilled once
+and the cache row copied into its n rows), every step decodes all live rows together, and
+a finished or cancelled row leaves by moving the last live row into its place. Attention
+reads only the window of positions in use. Text, chat templates and protobuf live at the
+service edge; the engine sees ids and reports per-row events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from headway.modeling import KVCache, Transformer, token_logprobs
+from sampler_svc.multilora import NO_ADAPTER, AdapterBank
+from sampler_svc.sampling import DrawParams, draw
+
+WINDOW = 64  # attention windows grow in steps of this many positions (few distinct shapes)
+
+
+@dataclass
+class Job:
+    """A sampling request as the engine sees it."""
+
+    prompt: list[int]
+    n: int
+    max_tokens: int
+    stop_ids: frozenset[int]
+    draw: list[DrawParams]  # one per row (its own generator)
+    slot: int = NO_ADAPTER  # adapter slot of the checkpoint that serves it
+    prompt_logprobs: bool = False
+    # Called on the engine thread: ("prompt_logprobs", -1, list) once if asked, then
+    # ("token", row, (token, logprob)) per token, ("done", row, "stop" | "length").
+    emit: Callable[[str, int, object], None] = lambda *_: None
+    cancelled: bool = False
+    stopped_rows: set[int] = field(default_factory=set)  # rows ended from outside (stop strings)
+    live_rows: int = 0
+
+
+@dataclass
+class Row:
+    job: Job
+    index: int  # which of the job's n sequences
+    pos: int  # position at which `last` is fed to the model at the next step
+    last: int  # the last token drawn
+    generated: int = 0
+
+
+class Engine:
+    """Decode loop state for one weight set."""
+
+    def __init__(
+        self, model: Transformer, bank: AdapterBank | None, max_batch: int, max_seq_len: int
+    ) -> None:
+        self.model, self.bank = model, bank
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self.caches: list[KVCache] = model.new_caches(max_batch, max_seq_len)
+        self.rows: list[Row] = []
+        self.mixed_steps = 0  # steps that decoded rows of different adapters together
+
+    @property
+    def free_rows(self) -> int:
+        return self.max_batch - len(self.rows)
+
+    def slots_in_use(self) -> set[int]:
+        return {r.job.slot for r in self.rows}
+
+    def _select(self, slots: list[int]) -> None:
+        if self.bank is not None:
+            self.bank.select(slots)
+
+    @torch.inference_mode()
+    def admit(self, job: Job) -> None:
+        """Prefill `job`'s prompt once, share it across its n rows, draw their first tokens."""
+        assert job.n <= self.free_rows
+        T, first = len(job.prompt), len(self.rows)
+        ids = torch.tensor([job.prompt])
+        self._select([job.slot])
+        out_index = None if job.prompt_logprobs else torch.tensor([T - 1])
+        logits = self.model(
+            ids,
+            torch.arange(T)[None],
+            caches=self.caches,
+            rows=torch.tensor([first]),
+            output_index=out_index,
+            validate=False,
+        )
+        if job.prompt_logprobs:
+            lp = token_logprobs(logits[0, :-1], ids[0, 1:])
+            job.emit("prompt_logprobs", -1, lp.tolist())
+        for c in self.caches:  # the prompt's cache, copied into the job's other rows
+            c.k[first + 1 : first + job.n, :, :T] = c.k[first, :, :T]
+            c.v[first + 1 : first + job.n, :, :T] = c.v[first, :, :T]
+        last = logits[:, -1].expand(job.n, -1)
+        tokens, lps = draw(last, job.draw)
+        job.live_rows = job.n
+        new_rows = [Row(job, i, T, 0) for i in range(job.n)]
+        self.rows.extend(new_rows)
+        self._record(new_rows, tokens.tolist(), lps.tolist())
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One decode step for every live row."""
+        self.retire()  # rows cancelled or stopped from outside since the last step
+        if not self.rows:
+            return
+        B = len(self.rows)
+        pos = [r.pos for r in self.rows]
+        window = min(self.max_seq_len, -(-(max(pos) + 1) // WINDOW) * WINDOW)
+        caches = [c.window(B, window) for c in self.caches]
+        slots = [r.job.slot for r in self.rows]
+        self.mixed_steps += len(set(slots)) > 1
+        self._select(slots)
+        logits = self.model(
+            torch.tensor([[r.last] for r in self.rows]),
+            torch.tensor(pos)[:, None],
+            caches=caches,
+            validate=False,
+        )
+        tokens, lps = draw(logits[:, 0], [r.job.draw[r.index] for r in self.rows])
+        for r in self.rows:
+            r.pos += 1  # where the token just drawn will be fed
+        self._record(list(self.rows), tokens.tolist(), lps.tolist())
+
+    def _record(self, rows: list[Row], tokens: list[int], lps: list[float]) -> None:
+        """Append each row's new token, emit it, and retire rows that are done."""
+        for row, token, lp in zip(rows, tokens, lps, strict=True):
+            job = row.job
+            row.last, row.generated = token, row.generated + 1
+            job.emit("token", row.index, (token, lp))
+            if token in job.stop_ids:
+                self._finish(row, "stop")
+            elif row.generated >= job.max_tokens or row.pos >= self.max_seq_len:
+                self._finish(row, "length")
+        self.retire()
+
+    def _finish(self, row: Row, reason: str) -> None:
+        row.job.emit("done", row.index, reason)
+        row.job.stopped_rows.add(row.index)
+
+    def retire(self) -> None:
+        """Remove rows that finished or were cancelled, keeping live rows packed."""
+        i = 0
+        while i < len(self.rows):
+            row = self.rows[i]
+            if row.job.cancelled or row.index in row.job.stopped_rows:
+                row.job.live_rows -= 1
+                last = len(self.rows) - 1
+                if i != last:  # move the last row into this cache row
+                    moved = self.rows[last]
+                    for c in self.caches:
+                        c.k[i, :, : moved.pos] = c.k[last, :, : moved.pos]
+                        c.v[i, :, : moved.pos] = c.v[last, :, : moved.pos]
+                    self.rows[i] = moved
+                self.rows.pop()
+            else:
+                i += 1
+
+    @torch.inference_mode()
+    def logprobs(self, sequences: list[list[int]], slot: int) -> list[np.ndarray]:
+        """log p(seq[i+1] | seq[..i]) for each sequence (a full forward, no cache)."""
+        out = []
+        for seq in sequences:
+            ids = torch.tensor([seq])
+            self._select([slot])
+            logits = self.model(ids, validate=False)
+            out.append(token_logprobs(logits[0, :-1], ids[0, 1:]).numpy().astype(np.float32))
+        return out

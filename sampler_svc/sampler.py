@@ -1,0 +1,270 @@
+"""`Sampler`: the engines of one replica, driven by one thread, fed from asyncio.
+
+Every change to weights and every forward happens on the engine thread, between decode
+steps: a checkpoint's weights are loaded into a free engine or adapter slot (never one a
+live row uses), jobs join at step boundaries, and each step decodes every live row of
+every engine. The gRPC side submits jobs and receives their tokens through thread-safe
+callbacks; it never touches torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from headway.errors import HeadwayError, NotFound, ResourceExhausted
+from headway.store import CheckpointRef, CheckpointStore
+from sampler_svc.config import SamplerConfig
+from sampler_svc.engine import Engine, Job
+from sampler_svc.multilora import NO_ADAPTER, AdapterBank
+from sampler_svc.weights import (
+    copy_full_weights,
+    load_engine_model,
+    read_lora,
+    serving_refs,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineEntry:
+    """An engine and the adapters resident in its bank."""
+
+    ref: CheckpointRef
+    engine: Engine
+    bank: AdapterBank
+    adapters: OrderedDict[CheckpointRef, int] = field(default_factory=OrderedDict)  # LRU
+
+    def busy(self) -> bool:
+        return bool(self.engine.rows)
+
+
+@dataclass
+class Pending:
+    model: str
+    checkpoint: str
+    job: Job
+    on_error: Callable[[HeadwayError | Exception], None]
+
+
+class Sampler:
+    """All engines of a replica and the thread that runs them."""
+
+    def __init__(self, config: SamplerConfig) -> None:
+        self.config = config
+        self.store = CheckpointStore(config.store, recover=False)  # the trainer writes
+        self.engines: OrderedDict[CheckpointRef, EngineEntry] = OrderedDict()
+        self.served: dict[tuple[str, str], tuple[CheckpointRef, CheckpointRef | None]] = {}
+        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._waiting: deque[Pending] = deque()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler-engine", daemon=True)
+        self.steps = 0
+
+    # ------------------------------------------------------------ public (any thread)
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        self._thread.join(timeout=30)
+
+    def submit(self, pending: Pending) -> None:
+        """Queue a job; its tokens arrive through `pending.job.emit`."""
+        if self.queue_depth >= self.config.max_queue:
+            raise ResourceExhausted(
+                f"the sampler has {self.queue_depth} requests waiting (limit "
+                f"{self.config.max_queue}); retry later or add replicas"
+            )
+        self._inbox.put(("submit", pending))
+
+    def preload(self, model: str, checkpoint: str) -> None:
+        """Load a checkpoint ahead of requests (a head event); best effort."""
+        self._inbox.put(("preload", (model, checkpoint)))
+
+    def call(self, fn: Callable[[], Any], timeout: float = 300) -> Any:
+        """Run `fn` on the engine thread between steps and return its result."""
+        done: queue.Queue[tuple[bool, Any]] = queue.Queue()
+        self._inbox.put(("call", (fn, done)))
+        ok, value = done.get(timeout=timeout)
+        if not ok:
+            raise value
+        return value
+
+    @property
+    def queue_depth(self) -> int:
+        return self._inbox.qsize() + len(self._waiting)
+
+    @property
+    def live_rows(self) -> int:
+        return sum(len(e.engine.rows) for e in list(self.engines.values()))
+
+    def loaded_checkpoints(self) -> list[str]:
+        """ "model/checkpoint" of everything servable without a load."""
+        return sorted(f"{m}/{c}" for (m, c) in list(self.served))
+
+    # ------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            idle = not self._waiting and not any(e.busy() for e in self.engines.values())
+            try:
+                kind, payload = self._inbox.get(timeout=0.05 if idle else 0)
+                self._handle(kind, payload)
+                while True:  # drain everything that arrived, then step
+                    kind, payload = self._inbox.get_nowait()
+                    self._handle(kind, payload)
+            except queue.Empty:
+                pass
+            self._admit()
+            for entry in list(self.engines.values()):
+                if entry.busy():
+                    entry.engine.step()
+                    self.steps += 1
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == "submit":
+            self._waiting.append(payload)
+        elif kind == "preload":
+            model, ckpt = payload
+            try:
+                self.ensure(model, ckpt)
+            except Exception as e:  # a head event for something we cannot load now
+                log.info("preload of %s/%s skipped: %s", model, ckpt, e)
+        elif kind == "call":
+            fn, done = payload
+            try:
+                done.put((True, fn()))
+            except Exception as e:
+                done.put((False, e))
+
+    def _admit(self) -> None:
+        """Start waiting jobs that fit, in order; a job that does not fit keeps its place."""
+        still: deque[Pending] = deque()
+        while self._waiting:
+            p = self._waiting.popleft()
+            if p.job.cancelled:
+                continue
+            try:
+                placed = self._place(p)
+            except Exception as e:
+                p.on_error(e)
+                continue
+            if not placed:
+                still.append(p)
+        self._waiting = still
+
+    def _place(self, p: Pending) -> bool:
+        located = self.ensure(p.model, p.checkpoint)
+        if located is None:
+            return False  # no free engine or slot now: wait for rows to finish
+        entry, slot = located
+        if entry.engine.free_rows < p.job.n:
+            return False
+        p.job.slot = slot
+        entry.engine.admit(p.job)
+        return True
+
+    def ensure(self, model: str, ckpt: str) -> tuple[EngineEntry, int] | None:
+        """(engine, adapter slot) serving (model, ckpt), loading what is missing.
+
+        None when it cannot be loaded now without disturbing live rows.
+        """
+        key = (model, ckpt)
+        if key not in self.served:
+            self.served[key] = serving_refs(self.store, model, ckpt)
+        engine_ref, adapter_ref = self.served[key]
+        entry = self._engine(engine_ref)
+        if entry is None:
+            return None
+        self.engines.move_to_end(engine_ref)
+        if adapter_ref is None:
+            return entry, NO_ADAPTER
+        if adapter_ref in entry.adapters:
+            entry.adapters.move_to_end(adapter_ref)
+            return entry, entry.adapters[adapter_ref]
+        slot = self._free_slot(entry)
+        if slot is None:
+            return None
+        config, tensors = read_lora(self.store, adapter_ref)
+        entry.bank.load(slot, config, tensors)
+        entry.adapters[adapter_ref] = slot
+        log.info(
+            "loaded adapter %s/%s into slot %d", adapter_ref.model, adapter_ref.checkpoint, slot
+        )
+        return entry, slot
+
+    def _free_slot(self, entry: EngineEntry) -> int | None:
+        used = set(entry.adapters.values())
+        for slot in range(1, entry.bank.slots):
+            if slot not in used:
+                return slot
+        in_use = entry.engine.slots_in_use()
+        for ref, slot in list(entry.adapters.items()):  # least recently used first
+            if slot not in in_use:
+                del entry.adapters[ref]
+                self._forget(lambda e, a, r=ref: a == r)
+                return slot
+        return None
+
+    def _engine(self, ref: CheckpointRef) -> EngineEntry | None:
+        if ref in self.engines:
+            return self.engines[ref]
+        record = self.store.get_checkpoint(ref.model, ref.checkpoint)
+        if len(self.engines) >= self.config.max_engines:
+            victim = next((e for e in self.engines.values() if not e.busy()), None)
+            if victim is None:
+                return None
+            del self.engines[victim.ref]
+            self._forget(lambda e, a, r=victim.ref: e == r)
+            if record.kind == "full" and victim.ref.model == ref.model and victim.engine.model:
+                # A new head of the same full model: reuse the preallocated tensors.
+                copy_full_weights(self.store, ref, victim.engine.model)
+                victim.ref, victim.adapters = ref, OrderedDict()
+                self.engines[ref] = victim
+                log.info("reloaded full weights %s/%s in place", ref.model, ref.checkpoint)
+                return victim
+        start = time.perf_counter()
+        model = load_engine_model(self.store, ref)
+        bank = AdapterBank(model, self.config.adapter_slots, self.config.max_lora_rank)
+        max_len = min(self.config.max_seq_len, model.config.max_context)
+        engine = Engine(model, bank, self.config.max_batch, max_len)
+        self.engines[ref] = EngineEntry(ref, engine, bank)
+        log.info(
+            "loaded weights %s/%s in %.0f ms",
+            ref.model,
+            ref.checkpoint,
+            1000 * (time.perf_counter() - start),
+        )
+        return self.engines[ref]
+
+    def _forget(self, predicate: Callable[[CheckpointRef, CheckpointRef | None], bool]) -> None:
+        for key, (engine_ref, adapter_ref) in list(self.served.items()):
+            if predicate(engine_ref, adapter_ref):
+                del self.served[key]
+
+    def compute_logprobs(
+        self, model: str, ckpt: str, sequences: list[list[int]]
+    ) -> list[np.ndarray]:
+        """Logprobs of given sequences under (model, ckpt), on the engine thread."""
+
+        def run() -> list[np.ndarray]:
+            located = self.ensure(model, ckpt)
+            if located is None:
+                raise ResourceExhausted("no engine or adapter slot is free; retry shortly")
+            entry, slot = located
+            return entry.engine.logprobs(sequences, slot)
+
+        return self.call(run)
+
+
+__all__ = ["NotFound", "Pending", "Sampler"]

@@ -1,0 +1,87 @@
+"""Assembling a sampler replica: engines, gRPC server, Redis watcher and heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+from dataclasses import dataclass
+
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from headway.grpc_util import CHANNEL_OPTIONS
+from headway.replicas import ReplicaInfo
+from headway.v1 import sampling_pb2, sampling_pb2_grpc
+from sampler_svc.config import SamplerConfig
+from sampler_svc.sampler import Sampler
+from sampler_svc.servicer import SamplingServicer
+from sampler_svc.watch import Watcher
+
+log = logging.getLogger(__name__)
+SERVICE = sampling_pb2.DESCRIPTOR.services_by_name["SamplingService"].full_name
+
+
+@dataclass
+class Replica:
+    """A running replica's parts (what tests and `serve` hold on to)."""
+
+    server: grpc.aio.Server
+    port: int
+    sampler: Sampler
+    watcher: Watcher
+    redis: aioredis.Redis
+
+    async def close(self, grace: float = 1.0) -> None:
+        await self.watcher.stop()
+        await self.server.stop(grace)
+        self.sampler.stop()
+        await self.redis.aclose()
+
+
+async def create_replica(
+    config: SamplerConfig, address: str = "127.0.0.1:0"
+) -> tuple[grpc.aio.Server, int, Replica]:
+    """A bound (not started) server with its engine thread and Redis tasks running."""
+    sampler = Sampler(config)
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    sampling_pb2_grpc.add_SamplingServiceServicer_to_server(SamplingServicer(sampler), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind the sampler to {address}")
+    host = address.rsplit(":", 1)[0]
+    info = ReplicaInfo(
+        id=config.replica_id or f"sampler-{secrets.token_hex(4)}",
+        address=config.advertise or f"{host}:{port}",
+        bases=list(config.bases),
+    )
+    redis = aioredis.from_url(config.redis_url)
+    watcher = Watcher(sampler, redis, config, info)
+    sampler.start()
+    watcher.start()
+    return server, port, Replica(server, port, sampler, watcher, redis)
+
+
+async def serve(config: SamplerConfig, address: str) -> None:
+    """Run a replica until SIGINT/SIGTERM, then stop gracefully."""
+    server, port, replica = await create_replica(config, address)
+    await server.start()
+    log.info(
+        "sampler %s serving on port %d (store %s)", replica.watcher.info.id, port, config.store
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await replica.close(grace=5)

@@ -1,0 +1,175 @@
+"""gRPC `SamplingService` of a sampler replica, thin over `Sampler` and `requests`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+
+from headway.errors import HeadwayError, InvalidArgument, NotFound
+from headway.grpc_util import maps_errors, team_of
+from headway.modeling import Tokenizer
+from headway.store import ModelRecord
+from headway.tensors import to_tensor, tokens
+from headway.v1 import common_pb2, sampling_pb2, sampling_pb2_grpc
+from sampler_svc.requests import Collector, validate
+from sampler_svc.sampler import Pending, Sampler
+
+Ctx = grpc.aio.ServicerContext
+STOP_REASONS = {"stop": sampling_pb2.STOP_REASON_STOP, "length": sampling_pb2.STOP_REASON_LENGTH}
+F32, I32 = common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_INT32
+
+
+class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
+    """Sample, SampleStream, ComputeLogprobs."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+        self.store = sampler.store
+        self._tokenizers: dict[str, Tokenizer] = {}
+
+    def _resolve(self, model: str, checkpoint: str, team: str) -> tuple[ModelRecord, str]:
+        """The model (if the team sees it) and the checkpoint that serves the request."""
+        if not model:
+            raise InvalidArgument("model is empty: give the model's slug")
+        record = self.store.get_model(model)
+        if not record.is_base and record.team != team:
+            raise NotFound(f"model {model!r} not found")
+        ckpt = checkpoint or self.store.head(model)
+        self.store.get_checkpoint(model, ckpt)  # NotFound for an unknown checkpoint
+        return record, ckpt
+
+    def _tokenizer(self, record: ModelRecord) -> Tokenizer:
+        base = record.base
+        if base not in self._tokenizers:
+            self._tokenizers[base] = Tokenizer.from_dir(self.store.get_model(base).path)
+        return self._tokenizers[base]
+
+    async def _start(
+        self, request: sampling_pb2.SampleRequest, context: Ctx
+    ) -> tuple[Collector, str]:
+        record, ckpt = self._resolve(request.model, request.checkpoint, team_of(context))
+        tokenizer = self._tokenizer(record)
+        spec = validate(request, record, tokenizer, self.sampler.config)
+        collector = Collector(spec, tokenizer, asyncio.get_running_loop())
+
+        def on_error(error: Exception) -> None:
+            collector.job.emit("error", -1, error)
+
+        self.sampler.submit(Pending(request.model, ckpt, collector.job, on_error))
+        return collector, ckpt
+
+    @staticmethod
+    def _raise_if_error(kind: str, payload: object) -> None:
+        if kind == "error":
+            if isinstance(payload, HeadwayError | ValueError):
+                raise payload
+            raise RuntimeError(f"sampling failed: {payload}")
+
+    @maps_errors
+    async def Sample(
+        self, request: sampling_pb2.SampleRequest, context: Ctx
+    ) -> sampling_pb2.SampleResponse:
+        collector, ckpt = await self._start(request, context)
+        try:
+            while not collector.done:
+                kind, row, payload = await collector.queue.get()
+                self._raise_if_error(kind, payload)
+                collector.apply(kind, row, payload)
+        finally:
+            collector.job.cancelled = not collector.done  # a cancelled call frees its rows
+        response = sampling_pb2.SampleResponse(
+            model=request.model,
+            checkpoint=ckpt,
+            prompt_tokens=to_tensor(collector.spec.prompt, I32),
+            sequences=[
+                sampling_pb2.SampledSequence(
+                    tokens=to_tensor(s.tokens, I32),
+                    logprobs=to_tensor(s.logprobs, F32),
+                    text=s.text,
+                    stop_reason=STOP_REASONS[s.stop_reason],
+                )
+                for s in collector.sequences
+            ],
+        )
+        if collector.prompt_logprobs is not None:
+            response.prompt_logprobs.CopyFrom(to_tensor(collector.prompt_logprobs, F32))
+        return response
+
+    async def SampleStream(
+        self, request: sampling_pb2.SampleRequest, context: Ctx
+    ) -> AsyncIterator[sampling_pb2.SampleChunk]:
+        try:
+            collector, ckpt = await self._start(request, context)
+        except HeadwayError as e:
+            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        first = sampling_pb2.SampleChunk(
+            checkpoint=ckpt, prompt_tokens=to_tensor(collector.spec.prompt, I32)
+        )
+        try:
+            if collector.spec.prompt_logprobs:
+                kind, row, payload = await collector.queue.get()
+                self._raise_if_error(kind, payload)
+                collector.apply(kind, row, payload)
+                first.prompt_logprobs.CopyFrom(to_tensor(collector.prompt_logprobs or [], F32))
+            yield first
+            while not collector.done:
+                kind, row, payload = await collector.queue.get()
+                self._raise_if_error(kind, payload)
+                was_running = not collector.sequences[row].stop_reason if row >= 0 else False
+                counted = collector.apply(kind, row, payload)
+                seq = collector.sequences[row] if row >= 0 else None
+                if counted is not None:
+                    token, lp = payload
+                    chunk = sampling_pb2.SampleChunk(
+                        index=row,
+                        tokens=to_tensor([token], I32),
+                        logprobs=to_tensor([lp], F32),
+                        text=counted[1],
+                    )
+                    if seq.stop_reason:
+                        chunk.stop_reason = STOP_REASONS[seq.stop_reason]
+                    yield chunk
+                elif was_running and seq is not None and seq.stop_reason:
+                    yield sampling_pb2.SampleChunk(
+                        index=row, stop_reason=STOP_REASONS[seq.stop_reason]
+                    )
+        except HeadwayError as e:
+            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+        finally:
+            collector.job.cancelled = not collector.done  # the client left: free its rows
+
+    @maps_errors
+    async def ComputeLogprobs(
+        self, request: sampling_pb2.ComputeLogprobsRequest, context: Ctx
+    ) -> sampling_pb2.ComputeLogprobsResponse:
+        record, ckpt = self._resolve(request.model, request.checkpoint, team_of(context))
+        vocab, context_len = int(record.arch["vocab_size"]), int(record.arch["max_context"])
+        if not request.sequences:
+            raise InvalidArgument("sequences is empty: give at least one token sequence")
+        seqs = []
+        for i, t in enumerate(request.sequences):
+            ids = tokens(t, f"sequences[{i}]")
+            if len(ids) < 2:
+                raise InvalidArgument(f"sequences[{i}] has {len(ids)} tokens; logprobs need ≥ 2")
+            if int(ids.max()) >= vocab:
+                pos = int(np.argmax(ids >= vocab))
+                raise InvalidArgument(
+                    f"sequences[{i}][{pos}] is token id {int(ids[pos])}, outside "
+                    f"the vocabulary (valid ids are 0..{vocab - 1})"
+                )
+            if len(ids) > context_len:
+                from headway.errors import ResourceExhausted
+
+                raise ResourceExhausted(
+                    f"sequences[{i}] has {len(ids)} tokens, over the context of {context_len}"
+                )
+            seqs.append(ids.tolist())
+        result = await asyncio.to_thread(self.sampler.compute_logprobs, request.model, ckpt, seqs)
+        return sampling_pb2.ComputeLogprobsResponse(
+            checkpoint=ckpt, logprobs=[to_tensor(lp, F32) for lp in result]
+        )

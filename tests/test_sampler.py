@@ -1,0 +1,355 @@
+"""The sampler over gRPC with a real trainer and Redis: exact logprobs, seeds, greedy,
+reloads, pinning, batching of LoRA forks, limits and cancellation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import redis
+
+from headway.replicas import list_replicas
+from headway.tensors import to_tensor
+from headway.v1 import common_pb2, model_pb2, sampling_pb2, training_pb2
+from tests.conftest import VOCAB
+from tests.helpers_training import adam, batch, greedy_reference, reference_module
+from tests.stack import REDIS_URL, team_md
+
+PROMPT = [5, 17, 33, 8, 41, 12]
+
+
+def sample(stack, model, *, prompt=PROMPT, checkpoint="", **params):
+    req = sampling_pb2.SampleRequest(
+        model=model,
+        prompt_tokens=to_tensor(prompt, common_pb2.DTYPE_INT32),
+        checkpoint=checkpoint,
+        params=common_pb2.SamplingParams(**params),
+    )
+    return stack.sampler.stub.Sample(req)
+
+
+def toks(seq) -> list[int]:
+    return np.frombuffer(seq.tokens.data, np.int32).tolist()
+
+
+def lps(seq) -> np.ndarray:
+    return np.frombuffer(seq.logprobs.data, np.float32)
+
+
+def trained(stack, name, *, full=False, steps=1):
+    """A fork with `steps` training steps behind it (so its weights differ from the base)."""
+    stack.fork(name, full=full, rank=4)
+    reply = None
+    for s in range(steps):
+        reply = stack.train.Step(
+            training_pb2.StepRequest(
+                model=name, data=batch(seed=50 + s), loss_fn="cross_entropy", adam=adam(5e-2)
+            )
+        )
+    return reply.optim_step if reply else None
+
+
+def wait_for(predicate, timeout=10.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_sampler_and_trainer_logprobs_agree(sampling_stack, full):
+    stack = sampling_stack
+    trained(stack, "m", full=full)
+    # A shaped draw (temperature, top-p, top-k): logprobs are still the policy's at T = 1.
+    reply = sample(
+        stack,
+        "m",
+        n=4,
+        max_tokens=12,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=20,
+        seed=3,
+        ignore_eos=True,
+    )
+    head = stack.models.GetHead(model_pb2.GetHeadRequest(model="m")).id
+    assert reply.checkpoint == head
+    data = []
+    for seq in reply.sequences:
+        full_seq = PROMPT + toks(seq)
+        weights = np.r_[np.zeros(len(PROMPT) - 1), np.ones(len(toks(seq)))].astype(np.float32)
+        data.append(
+            common_pb2.TrainingItem(
+                datum=common_pb2.Datum(
+                    input_tokens=to_tensor(full_seq[:-1]),
+                    target_tokens=to_tensor(full_seq[1:]),
+                    weights=to_tensor(weights),
+                )
+            )
+        )
+    fb = stack.train.ForwardBackward(
+        training_pb2.ForwardBackwardRequest(model="m", data=data, loss_fn="cross_entropy")
+    )
+    worst = 0.0
+    for seq, trainer_lp in zip(reply.sequences, fb.logprobs, strict=True):
+        t = np.frombuffer(trainer_lp.data, np.float32)[len(PROMPT) - 1 :]
+        worst = max(worst, float(np.abs(t - lps(seq)).max()))
+    assert worst <= 1e-4, f"sampler and trainer logprobs differ by {worst:.2e}"
+    # ComputeLogprobs is the same function again.
+    seqs = [to_tensor(PROMPT + toks(s)) for s in reply.sequences]
+    computed = stack.sampler.stub.ComputeLogprobs(
+        sampling_pb2.ComputeLogprobsRequest(model="m", checkpoint=head, sequences=seqs)
+    )
+    for seq, c in zip(reply.sequences, computed.logprobs, strict=True):
+        got = np.frombuffer(c.data, np.float32)[len(PROMPT) - 1 :]
+        assert np.abs(got - lps(seq)).max() <= 1e-4
+
+
+def test_same_seed_same_tokens(sampling_stack):
+    stack = sampling_stack
+    a = sample(stack, "tiny", n=3, max_tokens=16, seed=11, ignore_eos=True)
+    b = sample(stack, "tiny", n=3, max_tokens=16, seed=11, ignore_eos=True)
+    c = sample(stack, "tiny", n=3, max_tokens=16, seed=12, ignore_eos=True)
+    assert [toks(s) for s in a.sequences] == [toks(s) for s in b.sequences]
+    assert [toks(s) for s in a.sequences] != [toks(s) for s in c.sequences]
+    # The n rows of one request draw independently.
+    assert len({tuple(toks(s)) for s in a.sequences}) > 1
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_greedy_is_the_argmax_of_a_full_forward(sampling_stack, full):
+    stack = sampling_stack
+    trained(stack, "m", full=full)
+    reply = sample(stack, "m", n=2, max_tokens=20, temperature=0, ignore_eos=True)
+    expected = greedy_reference(reference_module(stack, "m"), PROMPT, 20)
+    assert [toks(s) for s in reply.sequences] == [expected, expected]
+
+
+def test_a_published_head_is_loaded_before_any_request(sampling_stack):
+    stack = sampling_stack
+    stack.fork("m", rank=4)
+    sample(stack, "m", max_tokens=2)  # the replica now serves m
+    reply = stack.train.Step(
+        training_pb2.StepRequest(
+            model="m", data=batch(seed=1), loss_fn="cross_entropy", adam=adam(1e-2)
+        )
+    ).optim_step
+    wait_for(
+        lambda: f"m/{reply.checkpoint}" in stack.sampler.sampler.loaded_checkpoints(),
+        what="the head event to load the new adapter",
+    )
+    assert sample(stack, "m", max_tokens=2).checkpoint == reply.checkpoint
+
+
+def test_pinned_checkpoint_is_served_exactly_and_unknown_is_not_found(sampling_stack):
+    stack = sampling_stack
+    first = trained(stack, "m")
+    second = stack.train.Step(
+        training_pb2.StepRequest(
+            model="m", data=batch(seed=9), loss_fn="cross_entropy", adam=adam(5e-2)
+        )
+    ).optim_step
+    old = sample(
+        stack, "m", checkpoint=first.checkpoint, max_tokens=12, temperature=0, ignore_eos=True
+    )
+    assert old.checkpoint == first.checkpoint
+    expected = greedy_reference(reference_module(stack, "m", first.checkpoint), PROMPT, 12)
+    assert toks(old.sequences[0]) == expected
+    new = sample(stack, "m", max_tokens=12, temperature=0, ignore_eos=True)
+    assert new.checkpoint == second.checkpoint
+    with pytest.raises(grpc.RpcError) as err:
+        sample(stack, "m", checkpoint="s000009-deadbeef", max_tokens=2)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_reload_never_changes_weights_under_a_sequence_in_flight(sampling_stack):
+    stack = sampling_stack
+    first = trained(stack, "m")
+    request = sampling_pb2.SampleRequest(
+        model="m",
+        prompt_tokens=to_tensor(PROMPT),
+        checkpoint=first.checkpoint,
+        params=common_pb2.SamplingParams(max_tokens=200, temperature=0, ignore_eos=True),
+    )
+    stream = stack.sampler.stub.SampleStream(request)
+    tokens = []
+    for chunk in stream:
+        tokens += np.frombuffer(chunk.tokens.data, np.int32).tolist()
+        if len(tokens) == 5:  # mid-sequence: train, publish, let the replica reload
+            nxt = stack.train.Step(
+                training_pb2.StepRequest(
+                    model="m", data=batch(seed=3), loss_fn="cross_entropy", adam=adam(5e-2)
+                )
+            )
+            ckpt = nxt.optim_step.checkpoint
+            wait_for(lambda c=ckpt: f"m/{c}" in stack.sampler.sampler.loaded_checkpoints())
+    expected = greedy_reference(reference_module(stack, "m", first.checkpoint), PROMPT, 200)
+    assert tokens == expected
+
+
+def test_rows_of_two_lora_forks_decode_in_one_batch(sampling_stack):
+    stack = sampling_stack
+    trained(stack, "a")
+    trained(stack, "b")
+    alone = {m: sample(stack, m, max_tokens=40, temperature=0, ignore_eos=True) for m in "ab"}
+    engine = next(iter(stack.sampler.sampler.engines.values())).engine
+    mixed_before = engine.mixed_steps
+    results = {}
+
+    def run(m):
+        results[m] = sample(stack, m, max_tokens=40, temperature=0, ignore_eos=True)
+
+    threads = [threading.Thread(target=run, args=(m,)) for m in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert engine.mixed_steps > mixed_before, "the two forks never shared a decode step"
+    for m in "ab":
+        assert toks(results[m].sequences[0]) == toks(alone[m].sequences[0])
+        assert np.abs(lps(results[m].sequences[0]) - lps(alone[m].sequences[0])).max() <= 1e-4
+    assert toks(alone["a"].sequences[0]) != toks(alone["b"].sequences[0])
+
+
+def test_stop_token_and_stop_string(sampling_stack):
+    stack = sampling_stack
+    free = sample(stack, "tiny", max_tokens=30, temperature=0, ignore_eos=True).sequences[0]
+    stop_token = toks(free)[4]
+    first_at = toks(free).index(stop_token)
+    stopped = sample(
+        stack, "tiny", max_tokens=30, temperature=0, ignore_eos=True, stop_token_ids=[stop_token]
+    ).sequences[0]
+    assert toks(stopped) == toks(free)[: first_at + 1]  # the stop token is included
+    assert stopped.stop_reason == sampling_pb2.STOP_REASON_STOP
+    assert free.stop_reason == sampling_pb2.STOP_REASON_LENGTH
+    needle = free.text[6:9]
+    cut = sample(
+        stack, "tiny", max_tokens=30, temperature=0, ignore_eos=True, stop=[needle]
+    ).sequences[0]
+    assert cut.text == free.text[: free.text.index(needle)]
+    assert cut.stop_reason == sampling_pb2.STOP_REASON_STOP
+    assert len(toks(cut)) < len(toks(free))
+
+
+def test_stream_yields_the_same_tokens_as_sample(sampling_stack):
+    stack = sampling_stack
+    params = dict(n=2, max_tokens=10, seed=5, ignore_eos=True)
+    whole = sample(stack, "tiny", **params)
+    request = sampling_pb2.SampleRequest(
+        model="tiny",
+        prompt_tokens=to_tensor(PROMPT),
+        params=common_pb2.SamplingParams(**params),
+        include_prompt_logprobs=True,
+    )
+    chunks = list(stack.sampler.stub.SampleStream(request))
+    assert chunks[0].checkpoint == "base" and len(chunks[0].prompt_logprobs.shape) == 1
+    per_row = {0: [], 1: []}
+    for c in chunks[1:]:
+        per_row[c.index] += np.frombuffer(c.tokens.data, np.int32).tolist()
+    assert [per_row[0], per_row[1]] == [toks(s) for s in whole.sequences]
+
+
+def test_cancelling_a_stream_frees_its_rows(sampling_stack):
+    stack = sampling_stack
+    request = sampling_pb2.SampleRequest(
+        model="tiny",
+        prompt_tokens=to_tensor(PROMPT),
+        params=common_pb2.SamplingParams(n=4, max_tokens=240, ignore_eos=True),
+    )
+    stream = stack.sampler.stub.SampleStream(request)
+    next(stream)
+    next(stream)
+    assert stack.sampler.sampler.live_rows == 4
+    stream.cancel()
+    wait_for(lambda: stack.sampler.sampler.live_rows == 0, what="the cancelled rows to leave")
+
+
+BAD = {
+    "token over vocab": (
+        dict(prompt=[1, VOCAB]),
+        dict(max_tokens=2),
+        "INVALID_ARGUMENT",
+        "outside the vocabulary",
+    ),
+    "empty prompt": (dict(prompt=[]), dict(max_tokens=2), "INVALID_ARGUMENT", "prompt is empty"),
+    "negative temperature": (
+        {},
+        dict(max_tokens=2, temperature=-0.1),
+        "INVALID_ARGUMENT",
+        "temperature",
+    ),
+    "top_p zero": (
+        {},
+        dict(max_tokens=2, top_p=0.0),
+        "INVALID_ARGUMENT",
+        "top_p must lie in (0, 1]",
+    ),
+    "top_p over one": ({}, dict(max_tokens=2, top_p=1.5), "INVALID_ARGUMENT", "top_p"),
+    "negative top_k": ({}, dict(max_tokens=2, top_k=-1), "INVALID_ARGUMENT", "top_k"),
+    "negative n": ({}, dict(max_tokens=2, n=-1), "INVALID_ARGUMENT", "n must be"),
+    "zero max_tokens": ({}, dict(max_tokens=0), "INVALID_ARGUMENT", "max_tokens must be"),
+    "over the context": ({}, dict(max_tokens=251), "RESOURCE_EXHAUSTED", "over the context of 256"),
+    "n over the limit": ({}, dict(max_tokens=2, n=33), "RESOURCE_EXHAUSTED", "limit of 32"),
+    "unknown model": (
+        dict(model="nope"),
+        dict(max_tokens=2),
+        "NOT_FOUND",
+        "model 'nope' not found",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_requests_get_precise_statuses(sampling_stack, case):
+    overrides, params, code, fragment = BAD[case]
+    model = overrides.get("model", "tiny")
+    with pytest.raises(grpc.RpcError) as err:
+        sample(sampling_stack, model, prompt=overrides.get("prompt", PROMPT), **params)
+    assert err.value.code().name == code and fragment in err.value.details()
+    assert sampling_stack.sampler.sampler.live_rows == 0
+
+
+def test_another_teams_model_is_not_found(sampling_stack):
+    stack = sampling_stack
+    stack.fork("secret", team="red")
+    req = sampling_pb2.SampleRequest(
+        model="secret",
+        prompt_tokens=to_tensor(PROMPT),
+        params=common_pb2.SamplingParams(max_tokens=2),
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        stack.sampler.stub.Sample(req, metadata=team_md("blue"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert stack.sampler.stub.Sample(req, metadata=team_md("red")).checkpoint
+
+
+def test_replica_heartbeats_into_the_registry(sampling_stack):
+    stack = sampling_stack
+    sample(stack, "tiny", max_tokens=2)
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    async def read():
+        client = aioredis.from_url(REDIS_URL)
+        try:
+            return await list_replicas(client, stack.prefix)
+        finally:
+            await client.aclose()
+
+    deadline = time.time() + 5
+    replicas = []
+    while time.time() < deadline:
+        replicas = asyncio.run(read())
+        if replicas and "tiny/base" in replicas[0].loaded:
+            break
+        time.sleep(0.2)
+    (info,) = replicas
+    assert info.address == stack.sampler.server.address and "tiny/base" in info.loaded
+    ttl = redis.Redis.from_url(REDIS_URL).pttl(f"{stack.prefix}replica:{info.id}")
+    assert 0 < ttl <= 5000
