@@ -168,7 +168,7 @@ def test_optim_step_equals_torch_adamw_on_the_same_gradients(trainer_stack):
     hyper = dict(lr=1e-2, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1)
     module = reference_module(stack, "m")
     params = dict(module.named_parameters())
-    ref_opt = torch.optim.AdamW(params.values(), foreach=True, **hyper)
+    ref_opt = torch.optim.AdamW(params.values(), fused=True, **hyper)
     for seed in (4, 5):  # two steps: the second uses the moments of the first
         data = batch(seed=seed)
         stack.train.ForwardBackward(
@@ -203,7 +203,7 @@ def test_grad_clip_norm_bounds_the_update(trainer_stack):
     for name, p in params.items():
         p.grad = grads[name] * float(0.5 / norm)
     ref = torch.optim.AdamW(
-        params.values(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0, foreach=True
+        params.values(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0, fused=True
     )
     ref.step()
     reply = stack.train.OptimStep(

@@ -9,13 +9,15 @@ which is what makes eviction, restarts and SetHead rollbacks exact.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from headway.modeling import (
     LoraConfig,
@@ -117,11 +119,11 @@ class ModelState:
 
 
 def _new_optimizer(params: dict[str, torch.nn.Parameter]) -> torch.optim.AdamW:
-    # Hyperparameters are set per OptimStep; these are placeholders. foreach=True: one
-    # fused pass over all tensors instead of a Python loop per parameter (~35% faster on a
-    # full 40M model); tests compare against torch's AdamW with the same setting.
+    # Hyperparameters are set per OptimStep; these are placeholders. fused=True: torch's
+    # one-kernel AdamW, ~5x faster than the per-tensor loop on CPU (an OptimStep of a LoRA
+    # fork is mostly this and the save); tests compare with torch's AdamW, same setting.
     return torch.optim.AdamW(
-        list(params.values()), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, foreach=True
+        list(params.values()), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=True
     )
 
 
@@ -159,25 +161,32 @@ def load_state(
 def _load_optimizer(
     optimizer: torch.optim.AdamW, params: dict[str, torch.nn.Parameter], file: Path
 ) -> None:
-    saved = load_file(str(file))
-    for name, p in params.items():
-        optimizer.state[p] = {
-            "step": saved[f"{name}.step"],
-            "exp_avg": saved[f"{name}.exp_avg"],
-            "exp_avg_sq": saved[f"{name}.exp_avg_sq"],
-        }
+    with safe_open(str(file), framework="pt") as f:
+        names = json.loads(f.metadata()["params"])
+        if names != list(params):
+            raise ValueError(f"{file}: optimizer state is for other parameters")
+        steps, exp_avg, exp_avg_sq = (f.get_tensor(k) for k in ("step", "exp_avg", "exp_avg_sq"))
+    sizes = [p.numel() for p in params.values()]
+    moments = zip(exp_avg.split(sizes), exp_avg_sq.split(sizes), strict=True)
+    for k, (p, (m, v)) in enumerate(zip(params.values(), moments, strict=True)):
+        optimizer.state[p] = {"step": steps[k], "exp_avg": m.view_as(p), "exp_avg_sq": v.view_as(p)}
 
 
-def optimizer_tensors(state: ModelState) -> dict[str, torch.Tensor]:
-    """AdamW moments and step count by parameter name, for optimizer.safetensors."""
-    out = {}
-    for name, p in state.params.items():
-        s = state.optimizer.state.get(p)
-        if s:
-            out[f"{name}.step"] = s["step"].detach().clone()
-            out[f"{name}.exp_avg"] = s["exp_avg"].detach().contiguous()
-            out[f"{name}.exp_avg_sq"] = s["exp_avg_sq"].detach().contiguous()
-    return out
+def optimizer_tensors(state: ModelState) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """AdamW state packed as three tensors (step counts, first and second moments, in
+    parameter order) and the metadata naming that order.
+
+    Three flat tensors instead of three per parameter: writing hundreds of small tensors
+    costs more than the bytes themselves for a LoRA adapter.
+    """
+    names = [n for n, p in state.params.items() if state.optimizer.state.get(p)]
+    per = [state.optimizer.state[state.params[n]] for n in names]
+    tensors = {
+        "step": torch.stack([s["step"].detach().float().reshape(()) for s in per]),
+        "exp_avg": torch.cat([s["exp_avg"].detach().reshape(-1) for s in per]),
+        "exp_avg_sq": torch.cat([s["exp_avg_sq"].detach().reshape(-1) for s in per]),
+    }
+    return tensors, {"format": "pt", "params": json.dumps(names)}
 
 
 def checkpoint_writer(state: ModelState) -> Any:
@@ -193,9 +202,8 @@ def checkpoint_writer(state: ModelState) -> Any:
                 str(directory / WEIGHTS_FILE),
                 metadata={"format": "pt"},
             )
-        save_file(
-            optimizer_tensors(state), str(directory / OPTIMIZER_FILE), metadata={"format": "pt"}
-        )
+        tensors, metadata = optimizer_tensors(state)
+        save_file(tensors, str(directory / OPTIMIZER_FILE), metadata=metadata)
 
     return write
 
@@ -204,7 +212,6 @@ def fresh_adapter_writer(config: Any, lora: LoraConfig, base_model: str, seed: i
     """A function writing a new adapter (random A, zero B) for a LoRA fork's root."""
 
     def write(directory: Path) -> None:
-        import json
 
         with torch.device("meta"):
             shell = Transformer(config)
