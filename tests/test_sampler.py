@@ -3,6 +3,7 @@ reloads, pinning, batching of LoRA forks, limits and cancellation."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -353,3 +354,45 @@ def test_replica_heartbeats_into_the_registry(sampling_stack):
     assert info.address == stack.sampler.server.address and "tiny/base" in info.loaded
     ttl = redis.Redis.from_url(REDIS_URL).pttl(f"{stack.prefix}replica:{info.id}")
     assert 0 < ttl <= 5000
+
+
+def test_a_head_missed_while_redis_was_down_is_reconciled_on_reconnect(trainer_stack, tmp_path):
+    from tests.stack import PrivateRedis, SamplerReplica, free_port
+
+    stack = trainer_stack
+    stack.fork("m", rank=4)
+    port = free_port()
+    redis_a = PrivateRedis(port, tmp_path / "redis-a")
+    replica = SamplerReplica(stack.config.store, stack.prefix, redis_url=redis_a.url)
+    redis_b = None
+    try:
+        stack.sampler = replica
+        assert sample(stack, "m", max_tokens=2).checkpoint.startswith("s000000")
+        wait_for(lambda: replica.replica.watcher.reconciles == 1)
+        redis_a.stop()
+        # A step while the replica's Redis is down: its event never reaches the replica
+        # (the trainer publishes elsewhere), only the head mirror will tell.
+        reply = stack.train.Step(
+            training_pb2.StepRequest(
+                model="m", data=batch(seed=1), loss_fn="cross_entropy", adam=adam(1e-2)
+            )
+        ).optim_step
+        # The Redis that comes back holds the mirror key the trainer would have written
+        # (an RDB made beforehand), and no message is ever published on it.
+        staging = PrivateRedis(free_port(), tmp_path / "redis-b")
+        staging.client.set(
+            f"{stack.prefix}head:m",
+            json.dumps({"model": "m", "checkpoint": reply.checkpoint, "step": reply.step}),
+        )
+        staging.stop(save=True)
+        redis_b = PrivateRedis(port, tmp_path / "redis-b")
+        wait_for(
+            lambda: f"m/{reply.checkpoint}" in replica.sampler.loaded_checkpoints(),
+            timeout=15,
+            what="reconciliation from the head mirror",
+        )
+        assert replica.replica.watcher.reconciles >= 2
+    finally:
+        replica.stop()
+        if redis_b is not None:
+            redis_b.stop()
