@@ -52,3 +52,11 @@ class Unauthenticated(HeadwayError):
     """A missing or unknown API key."""
 
     code = "UNAUTHENTICATED"
+
+
+class ModelError(ValueError):
+    """A model directory or a model input that cannot be used; the message says why.
+
+    Raised by the model core (config, weights, tokenizer) and mapped to INVALID_ARGUMENT
+    at the service edge. A ValueError, so model code needs nothing of ours to catch it.
+    """

@@ -6,7 +6,7 @@
 - `logprobs.py` the single per-token logprob function shared by sampler and trainer
 - `lora.py`     LoRA adapters in PEFT's on-disk format, merge for export
 - `load.py`     `load_model` / `save_model` for Hugging Face directories
-- `tokenizer.py` the `tokenizers` wrapper with HF chat-template rendering
+- `headway.tokenizer` (re-exported): the `tokenizers` wrapper with HF chat templates
 
 Imports torch and nothing else of ours.
 """
@@ -34,7 +34,7 @@ from headway.modeling.lora import (
     save_adapter,
 )
 from headway.modeling.model import Transformer
-from headway.modeling.tokenizer import Tokenizer
+from headway.tokenizer import Tokenizer
 
 __all__ = [
     "DEFAULT_TARGETS",

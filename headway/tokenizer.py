@@ -1,4 +1,4 @@
-"""`Tokenizer`: the `tokenizers` library plus the HF conventions around it.
+"""`Tokenizer`: the `tokenizers` library plus the HF conventions around it (no torch).
 
 Reads `tokenizer.json`, `tokenizer_config.json` (special tokens, chat template) or
 `chat_template.jinja`, and `generation_config.json` (eos ids). The chat template renders
@@ -20,7 +20,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
-from headway.modeling.errors import ModelError
+from headway.errors import ModelError
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
