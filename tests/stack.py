@@ -229,3 +229,50 @@ class PrivateRedis:
         with contextlib.suppress(Exception):
             self.client.shutdown(save=save, nosave=not save)
         self.proc.wait(timeout=10)
+
+
+class GatewayNode:
+    """A gateway (gRPC + OpenAI HTTP) in front of a trainer, plus stubs of every service."""
+
+    def __init__(
+        self,
+        store: Path,
+        prefix: str,
+        trainer: str,
+        *,
+        http: bool = True,
+        redis_url: str = REDIS_URL,
+        **config: Any,
+    ) -> None:
+        from gateway.config import GatewayConfig
+        from gateway.server import create_gateway
+        from headway.v1 import (
+            model_pb2_grpc,
+            sampling_pb2_grpc,
+            trace_pb2_grpc,
+            training_pb2_grpc,
+        )
+
+        self.config = GatewayConfig(
+            store=store,
+            trainer=trainer,
+            redis_url=redis_url,
+            redis_prefix=prefix,
+            http_listen="127.0.0.1:0" if http else "",
+            **config,
+        )
+        self.server = ServerThread(lambda: create_gateway(self.config))
+        self.process = self.server.payload
+        self.gateway = self.process.gateway
+        self.http_url = f"http://127.0.0.1:{self.process.http_port}/v1" if http else ""
+        self.channel = self.server.channel()
+        self.models = model_pb2_grpc.ModelServiceStub(self.channel)
+        self.train = training_pb2_grpc.TrainingServiceStub(self.channel)
+        self.sampling = sampling_pb2_grpc.SamplingServiceStub(self.channel)
+        self.traces = trace_pb2_grpc.TraceServiceStub(self.channel)
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.server.run(self.process.close())
+        self.server.loop.call_soon_threadsafe(self.server.loop.stop)
+        self.server.thread.join(timeout=10)

@@ -1,0 +1,25 @@
+"""`GatewayConfig`: every knob of a gateway, with its default and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from headway.heads import DEFAULT_PREFIX
+
+
+@dataclass
+class GatewayConfig:
+    """Settings of one gateway process (flags and HEADWAY_* env of `python -m gateway`)."""
+
+    store: Path  # the checkpoint store (read here: heads, models, keys)
+    trainer: str = "127.0.0.1:50052"  # address of the trainer
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = DEFAULT_PREFIX
+    # True: every call needs `authorization: Bearer <key>` (keys from `headway keys create`).
+    # False (local mode): every caller is the local team "".
+    auth: bool = False
+    http_listen: str = ""  # host:port of the OpenAI-compatible HTTP API; "" = off
+    max_body_bytes: int = 32 * 1024 * 1024  # HTTP bodies over this are refused (413) unread
+    trace_retention_seconds: float = 7 * 24 * 3600.0
+    registry_cache_seconds: float = 0.25  # how long a replica listing is reused

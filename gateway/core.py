@@ -1,0 +1,177 @@
+"""`Gateway`: what every front door (gRPC, HTTP) of a gateway shares.
+
+Authentication (key → team), the read-your-writes pin (a Sample with no checkpoint is
+pinned to the head the store holds now: OptimStep replies only once that head is durable,
+so a Sample that starts after it can only see it or a newer one), replica routing with
+failover, trace resolution for training inputs, and the trainer channel. No torch here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+
+from gateway.config import GatewayConfig
+from gateway.routing import NoReplica, Router
+from gateway.traces import TraceStore
+from headway.errors import HeadwayError, InvalidArgument, NotFound
+from headway.grpc_util import CHANNEL_OPTIONS, TEAM_HEADER
+from headway.keys import KeyRing
+from headway.store import CheckpointStore, ModelRecord
+from headway.v1 import common_pb2, sampling_pb2
+
+log = logging.getLogger(__name__)
+Metadata = Sequence[tuple[str, str]]
+
+
+class Unavailable(HeadwayError):
+    code = "UNAVAILABLE"
+
+
+class Gateway:
+    """Shared state and logic of one gateway process."""
+
+    def __init__(self, config: GatewayConfig, redis: Any) -> None:
+        self.config = config
+        self.redis = redis
+        self.store = CheckpointStore(config.store, recover=False)  # the trainer writes
+        self.keys = KeyRing(config.store)
+        self.router = Router(redis, config.redis_prefix, config.registry_cache_seconds)
+        self.traces = TraceStore(redis, config.redis_prefix, config.trace_retention_seconds)
+        self.trainer = grpc.aio.insecure_channel(config.trainer, options=CHANNEL_OPTIONS)
+        self._raw: dict[str, Any] = {}
+
+    async def close(self) -> None:
+        await self.router.close()
+        await self.trainer.close()
+
+    # ------------------------------------------------------------------ auth
+    def team(self, metadata: Metadata | None) -> str:
+        """The caller's team from `authorization: Bearer <key>` ("" in local mode)."""
+        if not self.config.auth:
+            return ""
+        value = next((v for k, v in metadata or () if k == "authorization"), None)
+        return self.keys.team(value)
+
+    def model(self, slug: str, team: str) -> ModelRecord:
+        """A model the team may see; NotFound otherwise (never "forbidden")."""
+        if not slug:
+            raise InvalidArgument("model is empty: give the model's slug")
+        record = self.store.get_model(slug)
+        if not record.is_base and record.team != team:
+            raise NotFound(f"model {slug!r} not found")
+        return record
+
+    async def model_visible(self, slug: str, team: str) -> None:
+        self.model(slug, team)
+
+    def visible_models(self, team: str) -> list[ModelRecord]:
+        return [m for m in self.store.list_models() if m.is_base or m.team == team]
+
+    def pin(self, model: str, checkpoint: str, team: str) -> str:
+        """The checkpoint that serves a request: the caller's pin, else the store's head."""
+        self.model(model, team)
+        if checkpoint:
+            self.store.get_checkpoint(model, checkpoint)  # NotFound for an unknown pin
+            return checkpoint
+        return self.store.head(model)
+
+    # -------------------------------------------------------------- trainer
+    def raw(self, path: str) -> Any:
+        """A bytes-in, bytes-out callable for a trainer method (no re-encoding)."""
+        if path not in self._raw:
+            self._raw[path] = self.trainer.unary_unary(path)
+        return self._raw[path]
+
+    async def resolve_traces(self, items: Sequence[common_pb2.TrainingItem], team: str) -> bool:
+        """Replace trace-id items by their trajectories in place; True if any was."""
+        found = False
+        for i, item in enumerate(items):
+            if item.WhichOneof("item") == "trace_id":
+                if not item.trace_id:
+                    raise InvalidArgument(f"data[{i}].trace_id is empty: give the trace's id")
+                trajectory = await self.traces.trajectory(item.trace_id, team)
+                item.trajectory.CopyFrom(trajectory)
+                found = True
+        return found
+
+    # ------------------------------------------------------------- sampling
+    async def _attempts(self, model: str, checkpoint: str) -> list[str]:
+        try:
+            return await self.router.candidates(model, checkpoint)
+        except NoReplica as e:
+            raise Unavailable(str(e)) from None
+
+    async def sample(
+        self, request: sampling_pb2.SampleRequest, team: str, timeout: float | None
+    ) -> sampling_pb2.SampleResponse:
+        """Pin, route and send a Sample; a replica failing before answering is replaced."""
+        request.checkpoint = self.pin(request.model, request.checkpoint, team)
+        last: grpc.aio.AioRpcError | None = None
+        for address in await self._attempts(request.model, request.checkpoint):
+            self.router.begin(address)
+            try:
+                return await self.router.stub(address).Sample(
+                    request, metadata=[(TEAM_HEADER, team)], timeout=timeout
+                )
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                log.warning("sampler %s unavailable (%s); trying another", address, e.details())
+                self.router.mark_failed(address)
+                last = e
+            finally:
+                self.router.end(address)
+        assert last is not None
+        raise last
+
+    async def sample_stream(
+        self, request: sampling_pb2.SampleRequest, team: str, timeout: float | None
+    ) -> AsyncIterator[sampling_pb2.SampleChunk]:
+        """Streamed Sample; fails over only before the first chunk (tokens are not redone)."""
+        request.checkpoint = self.pin(request.model, request.checkpoint, team)
+        last: grpc.aio.AioRpcError | None = None
+        for address in await self._attempts(request.model, request.checkpoint):
+            self.router.begin(address)
+            started = False
+            try:
+                call = self.router.stub(address).SampleStream(
+                    request, metadata=[(TEAM_HEADER, team)], timeout=timeout
+                )
+                try:
+                    async for chunk in call:
+                        started = True
+                        yield chunk
+                finally:
+                    call.cancel()  # a client that left cancels the replica's rows too
+                return
+            except grpc.aio.AioRpcError as e:
+                if started or e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                self.router.mark_failed(address)
+                last = e
+            finally:
+                self.router.end(address)
+        assert last is not None
+        raise last
+
+    async def compute_logprobs(
+        self, request: sampling_pb2.ComputeLogprobsRequest, team: str, timeout: float | None
+    ) -> sampling_pb2.ComputeLogprobsResponse:
+        request.checkpoint = self.pin(request.model, request.checkpoint, team)
+        last: grpc.aio.AioRpcError | None = None
+        for address in await self._attempts(request.model, request.checkpoint):
+            try:
+                return await self.router.stub(address).ComputeLogprobs(
+                    request, metadata=[(TEAM_HEADER, team)], timeout=timeout
+                )
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                self.router.mark_failed(address)
+                last = e
+        assert last is not None
+        raise last

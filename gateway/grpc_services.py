@@ -1,0 +1,117 @@
+"""The gateway's gRPC face: every service of the contract on one port.
+
+ModelService and TrainingService calls are relayed to the trainer as raw bytes (nothing is
+decoded and re-encoded), with the caller's team attached; training requests that name
+traces are the exception: their trace ids are resolved into trajectories here first.
+SamplingService calls are pinned, routed to a sampler replica and failed over.
+TraceService is served here, from Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from gateway.core import Gateway
+from headway.errors import HeadwayError
+from headway.grpc_util import TEAM_HEADER
+from headway.v1 import model_pb2, sampling_pb2, sampling_pb2_grpc, training_pb2
+
+Ctx = grpc.aio.ServicerContext
+
+# Training requests whose `data` may name traces, by method.
+_WITH_DATA = {
+    "ForwardBackward": training_pb2.ForwardBackwardRequest,
+    "ForwardCustom": training_pb2.ForwardCustomRequest,
+    "Step": training_pb2.StepRequest,
+}
+
+
+async def abort_for(context: Ctx, error: BaseException) -> None:
+    """Abort with the status an error stands for (domain, upstream, or bad input)."""
+    if isinstance(error, HeadwayError):
+        await context.abort(getattr(grpc.StatusCode, error.code), error.message)
+    if isinstance(error, grpc.aio.AioRpcError):
+        await context.abort(error.code(), error.details() or "")
+    if isinstance(error, ValueError):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    raise error
+
+
+def _relay(gateway: Gateway, service: str, method: str) -> grpc.RpcMethodHandler:
+    path = f"/headway.v1.{service}/{method}"
+    parse = _WITH_DATA.get(method) if service == "TrainingService" else None
+
+    async def handler(request: bytes, context: Ctx) -> bytes:
+        try:
+            team = gateway.team(context.invocation_metadata())
+            if parse is not None:
+                message = parse.FromString(request)
+                if await gateway.resolve_traces(message.data, team):
+                    request = message.SerializeToString()
+            return await gateway.raw(path)(
+                request, metadata=[(TEAM_HEADER, team)], timeout=context.time_remaining()
+            )
+        except (HeadwayError, grpc.aio.AioRpcError, ValueError) as e:
+            await abort_for(context, e)
+            raise  # unreachable: abort raises
+
+    # No (de)serializers: the request and the reply stay bytes end to end.
+    return grpc.unary_unary_rpc_method_handler(handler)
+
+
+def relay_handlers(gateway: Gateway) -> list[grpc.GenericRpcHandler]:
+    """Generic handlers relaying ModelService and TrainingService to the trainer."""
+    out = []
+    for module, service in ((model_pb2, "ModelService"), (training_pb2, "TrainingService")):
+        methods = module.DESCRIPTOR.services_by_name[service].methods_by_name
+        out.append(
+            grpc.method_handlers_generic_handler(
+                f"headway.v1.{service}", {m: _relay(gateway, service, m) for m in methods}
+            )
+        )
+    return out
+
+
+def _guard(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(self: Any, request: Any, context: Ctx) -> Any:
+        try:
+            return await method(self, request, context)
+        except (HeadwayError, grpc.aio.AioRpcError, ValueError) as e:
+            await abort_for(context, e)
+
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+class GatewaySampling(sampling_pb2_grpc.SamplingServiceServicer):
+    """Sampling through the gateway: pinned to the head, routed, failed over."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    @_guard
+    async def Sample(
+        self, request: sampling_pb2.SampleRequest, context: Ctx
+    ) -> sampling_pb2.SampleResponse:
+        team = self.gateway.team(context.invocation_metadata())
+        return await self.gateway.sample(request, team, context.time_remaining())
+
+    async def SampleStream(
+        self, request: sampling_pb2.SampleRequest, context: Ctx
+    ) -> AsyncIterator[sampling_pb2.SampleChunk]:
+        try:
+            team = self.gateway.team(context.invocation_metadata())
+            async for chunk in self.gateway.sample_stream(request, team, context.time_remaining()):
+                yield chunk
+        except (HeadwayError, grpc.aio.AioRpcError, ValueError) as e:
+            await abort_for(context, e)
+
+    @_guard
+    async def ComputeLogprobs(
+        self, request: sampling_pb2.ComputeLogprobsRequest, context: Ctx
+    ) -> sampling_pb2.ComputeLogprobsResponse:
+        team = self.gateway.team(context.invocation_metadata())
+        return await self.gateway.compute_logprobs(request, team, context.time_remaining())

@@ -1,0 +1,83 @@
+"""Choosing a sampler replica for a pinned request, and failing over.
+
+Replicas come from the Redis registry (refreshed every few hundred ms). A request pinned
+to a checkpoint goes to the least-loaded live replica that already holds it, else to the
+least-loaded live replica (which loads it on demand). Load is what the replica last
+reported plus the requests this gateway has in flight on it, so a burst spreads before
+the next heartbeat. A replica that answers UNAVAILABLE is skipped for a few seconds and
+the request goes to the next one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+import grpc
+
+from headway.grpc_util import CHANNEL_OPTIONS
+from headway.replicas import ReplicaInfo, list_replicas
+from headway.v1 import sampling_pb2_grpc
+
+SUSPECT_SECONDS = 3.0  # how long a replica that failed is passed over
+
+
+class NoReplica(Exception):
+    """No live sampler replica is registered."""
+
+
+class Router:
+    """Replica choice and per-address channels for one gateway."""
+
+    def __init__(self, redis: Any, prefix: str, cache_seconds: float = 0.25) -> None:
+        self.redis, self.prefix, self.cache_seconds = redis, prefix, cache_seconds
+        self._replicas: list[ReplicaInfo] = []
+        self._fetched = 0.0
+        self._stubs: dict[str, sampling_pb2_grpc.SamplingServiceStub] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._inflight: dict[str, int] = defaultdict(int)
+        self._suspect: dict[str, float] = {}
+
+    async def replicas(self) -> list[ReplicaInfo]:
+        now = time.monotonic()
+        if now - self._fetched > self.cache_seconds:
+            self._replicas = await list_replicas(self.redis, self.prefix)
+            self._fetched = now
+        return self._replicas
+
+    def stub(self, address: str) -> sampling_pb2_grpc.SamplingServiceStub:
+        if address not in self._stubs:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
+            self._stubs[address] = sampling_pb2_grpc.SamplingServiceStub(channel)
+        return self._stubs[address]
+
+    async def candidates(self, model: str, checkpoint: str) -> list[str]:
+        """Replica addresses in the order to try them for (model, checkpoint)."""
+        now = time.monotonic()
+        live = [r for r in await self.replicas() if self._suspect.get(r.address, 0) < now]
+        if not live:  # every replica suspect: try them anyway rather than fail
+            live = list(await self.replicas())
+        if not live:
+            raise NoReplica("no sampler replica is running: start one (python -m sampler_svc)")
+        wanted = f"{model}/{checkpoint}"
+
+        def key(r: ReplicaInfo) -> tuple[int, int, str]:
+            return (wanted not in r.loaded, r.load + self._inflight[r.address], r.id)
+
+        return [r.address for r in sorted(live, key=key)]
+
+    def begin(self, address: str) -> None:
+        self._inflight[address] += 1
+
+    def end(self, address: str) -> None:
+        self._inflight[address] -= 1
+
+    def mark_failed(self, address: str) -> None:
+        self._suspect[address] = time.monotonic() + SUSPECT_SECONDS
+        self._fetched = 0.0  # re-read the registry: it may have dropped the replica
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()

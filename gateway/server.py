@@ -1,0 +1,136 @@
+"""Assembling a gateway: gRPC (all four services, health, reflection) and HTTP on one loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gateway.config import GatewayConfig
+from gateway.core import Gateway
+from gateway.grpc_services import GatewaySampling, relay_handlers
+from gateway.trace_service import TraceServicer
+from headway.grpc_util import CHANNEL_OPTIONS
+from headway.v1 import (
+    model_pb2,
+    sampling_pb2,
+    sampling_pb2_grpc,
+    trace_pb2,
+    trace_pb2_grpc,
+    training_pb2,
+)
+
+log = logging.getLogger(__name__)
+SERVICES = tuple(
+    module.DESCRIPTOR.services_by_name[name].full_name
+    for module, name in (
+        (model_pb2, "ModelService"),
+        (sampling_pb2, "SamplingService"),
+        (training_pb2, "TrainingService"),
+        (trace_pb2, "TraceService"),
+    )
+)
+
+
+@dataclass
+class GatewayProcess:
+    """A running gateway's parts."""
+
+    server: grpc.aio.Server
+    port: int
+    gateway: Gateway
+    http_port: int = 0
+    _http: object | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def close(self, grace: float = 1.0) -> None:
+        if self._http is not None:
+            self._http.should_exit = True  # type: ignore[attr-defined]
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.server.stop(grace)
+        await self.gateway.close()
+        await self.gateway.redis.aclose()
+
+
+async def create_gateway(
+    config: GatewayConfig, address: str = "127.0.0.1:0"
+) -> tuple[grpc.aio.Server, int, GatewayProcess]:
+    """A bound gRPC server (not started) and, if configured, the HTTP API (started)."""
+    redis = aioredis.from_url(config.redis_url)
+    gateway = Gateway(config, redis)
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server.add_generic_rpc_handlers(relay_handlers(gateway))
+    sampling_pb2_grpc.add_SamplingServiceServicer_to_server(GatewaySampling(gateway), server)
+
+    async def team_of(context: grpc.aio.ServicerContext) -> str:
+        return gateway.team(context.invocation_metadata())
+
+    trace_pb2_grpc.add_TraceServiceServicer_to_server(
+        TraceServicer(gateway.traces, team_of, gateway.model_visible), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *SERVICES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind the gateway to {address}")
+    process = GatewayProcess(server, port, gateway)
+    if config.http_listen:
+        await _start_http(process, config.http_listen)
+    if config.auth:
+        log.info("gateway: auth ON (API keys required)")
+    else:
+        log.warning("gateway: auth OFF (local mode): every caller is the local team, no key needed")
+    return server, port, process
+
+
+async def _start_http(process: GatewayProcess, listen: str) -> None:
+    import uvicorn
+
+    from gateway.http import create_app
+
+    host, _, port = listen.rpartition(":")
+    config = uvicorn.Config(
+        create_app(process.gateway),
+        host=host or "127.0.0.1",
+        port=int(port),
+        log_level="warning",
+        lifespan="off",
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    for _ in range(500):  # wait until it listens (and learn the port when 0 was asked)
+        if server.started:
+            break
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    process._http, process._tasks = server, [task]
+    process.http_port = server.servers[0].sockets[0].getsockname()[1]
+
+
+async def serve(config: GatewayConfig, address: str) -> None:
+    """Run a gateway until SIGINT/SIGTERM, then stop gracefully."""
+    server, port, process = await create_gateway(config, address)
+    await server.start()
+    log.info(
+        "gateway serving gRPC on port %d%s",
+        port,
+        f", HTTP on port {process.http_port}" if process.http_port else "",
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await process.close(grace=5)
