@@ -138,3 +138,15 @@ def sampling_stack(trainer_stack):
     trainer_stack.sampler = replica
     yield trainer_stack
     replica.stop()
+
+
+@pytest.fixture
+def gateway_stack(sampling_stack):
+    """Trainer + one sampler + a gateway (gRPC and HTTP) in front, base "tiny" registered."""
+    from tests.stack import GatewayNode
+
+    stack = sampling_stack
+    node = GatewayNode(stack.config.store, stack.prefix, stack.server.address)
+    stack.gateway = node
+    yield stack
+    node.stop()

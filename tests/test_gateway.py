@@ -1,0 +1,408 @@
+"""The gateway over real gRPC and HTTP, with a real trainer, samplers and Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import openai
+import pytest
+
+from headway.keys import create_key
+from headway.tensors import to_tensor
+from headway.v1 import common_pb2, model_pb2, sampling_pb2, trace_pb2, training_pb2
+from tests.helpers_training import adam, batch
+from tests.stack import GatewayNode, SamplerReplica, TrainerStack, redis_prefix
+
+PROMPT = [5, 17, 33, 8, 41, 12]
+I32 = common_pb2.DTYPE_INT32
+
+
+def sample_req(model, checkpoint="", **params):
+    return sampling_pb2.SampleRequest(
+        model=model,
+        prompt_tokens=to_tensor(PROMPT, I32),
+        checkpoint=checkpoint,
+        params=common_pb2.SamplingParams(**params),
+    )
+
+
+def post(url: str, body: bytes | list[bytes]) -> tuple[int, dict]:
+    """A raw HTTP POST (a list body is sent chunked, without Content-Length)."""
+    import http.client
+    import json
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    if isinstance(body, list):
+        conn.request(
+            "POST",
+            u.path,
+            body=iter(body),
+            encode_chunked=True,
+            headers={"Transfer-Encoding": "chunked", "Content-Type": "application/json"},
+        )
+    else:
+        conn.request("POST", u.path, body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    status, data = response.status, json.loads(response.read() or b"{}")
+    conn.close()
+    return status, data
+
+
+def code_of(call) -> tuple[str, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code().name, err.value.details()
+
+
+def test_read_your_writes_without_head_events(tmp_path, tiny_base):
+    # The trainer publishes under another prefix: no head event ever reaches the replica.
+    trainer = TrainerStack(tmp_path / "store")
+    prefix = redis_prefix()
+    replica = SamplerReplica(tmp_path / "store", prefix, max_seq_len=256)
+    gateway = GatewayNode(tmp_path / "store", prefix, trainer.server.address, http=False)
+    try:
+        trainer.add_base(tiny_base, "tiny")
+        gateway.models.ForkModel(model_pb2.ForkModelRequest(source="tiny", name="m"))
+        for round_ in range(50):
+            step = gateway.train.Step(training_pb2.StepRequest(
+                model="m", data=batch(seed=round_), loss_fn="importance_sampling",
+                adam=adam(1e-3))).optim_step  # fmt: skip
+            reply = gateway.sampling.Sample(sample_req("m", max_tokens=2))
+            assert reply.checkpoint == step.checkpoint, f"round {round_} served a stale head"
+        assert replica.replica.watcher.reconciles == 1  # connected, yet never told
+    finally:
+        gateway.stop()
+        replica.stop()
+        trainer.stop()
+
+
+def test_every_service_health_and_reflection_on_one_port(gateway_stack):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    channel = gateway_stack.gateway.channel
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in (
+        "",
+        "headway.v1.ModelService",
+        "headway.v1.SamplingService",
+        "headway.v1.TrainingService",
+        "headway.v1.TraceService",
+    ):
+        status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    (reply,) = list(stub.ServerReflectionInfo(iter([request])))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {
+        "headway.v1.ModelService",
+        "headway.v1.SamplingService",
+        "headway.v1.TrainingService",
+        "headway.v1.TraceService",
+        "grpc.health.v1.Health",
+    } <= names
+
+
+def test_pinned_checkpoint_through_the_gateway(gateway_stack):
+    g = gateway_stack.gateway
+    g.models.ForkModel(model_pb2.ForkModelRequest(source="tiny", name="m"))
+    first = g.models.GetHead(model_pb2.GetHeadRequest(model="m")).id
+    g.train.Step(training_pb2.StepRequest(model="m", data=batch(), loss_fn="ppo", adam=adam()))
+    assert g.sampling.Sample(sample_req("m", first, max_tokens=2)).checkpoint == first
+    assert (
+        code_of(lambda: g.sampling.Sample(sample_req("m", "nope", max_tokens=2)))[0] == "NOT_FOUND"
+    )
+
+
+def test_training_takes_trace_ids_mixed_with_inline_trajectories(gateway_stack):
+    g = gateway_stack.gateway
+    g.models.ForkModel(model_pb2.ForkModelRequest(source="tiny", name="m"))
+    client = openai.OpenAI(base_url=g.http_url, api_key="local")
+    traces = []
+    for seed in range(2):
+        c = client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "what is 3 plus 4?"}],
+            max_tokens=6,
+            seed=seed,
+            extra_body={"return_token_ids": True},
+        )
+        traces.append(c.trace_id)
+        g.traces.SetReward(trace_pb2.SetRewardRequest(trace_id=c.trace_id, reward=float(seed)))
+    trace = g.traces.GetTrace(trace_pb2.GetTraceRequest(trace_id=traces[0]))
+    inline = common_pb2.Trajectory(turns=list(trace.turns), reward=0.5)
+    data = [
+        common_pb2.TrainingItem(trace_id=traces[0]),
+        common_pb2.TrainingItem(trajectory=inline),
+        common_pb2.TrainingItem(trace_id=traces[1]),
+    ]
+    reply = g.train.ForwardBackward(
+        training_pb2.ForwardBackwardRequest(
+            model="m", data=data, loss_fn="importance_sampling", group_size=3
+        )
+    )
+    assert reply.num_datums == 3 and reply.metrics["reward/mean"] == pytest.approx(0.5)
+    # The trainer's logprobs of a traced turn are the sampler's (same checkpoint).
+    turn = trace.turns[0]
+    sampled = np.frombuffer(turn.completion_logprobs.data, np.float32)
+    got = np.frombuffer(reply.logprobs[0].data, np.float32)[-len(sampled) :]
+    assert np.abs(got - sampled).max() <= 1e-4
+    no_reward = client.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
+        extra_body={"return_token_ids": True},
+    ).trace_id
+    for trace_id, code in ((no_reward, "FAILED_PRECONDITION"), ("tr-" + "0" * 24, "NOT_FOUND")):
+        assert (
+            code_of(
+                lambda t=trace_id: g.train.ForwardBackward(
+                    training_pb2.ForwardBackwardRequest(
+                        model="m", data=[common_pb2.TrainingItem(trace_id=t)], loss_fn="ppo"
+                    )
+                )
+            )[0]
+            == code
+        )
+
+
+def test_openai_chat_returns_token_ids_logprobs_and_a_trace(gateway_stack):
+    g = gateway_stack.gateway
+    client = openai.OpenAI(base_url=g.http_url, api_key="local")
+    c = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "what is 1 plus 2?"}],
+        max_tokens=8,
+        n=2,
+        temperature=1.0,
+        seed=4,
+        extra_body={"return_token_ids": True},
+    )
+    assert len(c.choices) == 2 and c.usage.prompt_tokens == len(c.prompt_token_ids)
+    for choice in c.choices:
+        assert len(choice.token_ids) == len(choice.logprobs.content) >= 1
+        assert choice.prompt_token_ids == c.prompt_token_ids
+        assert all(t.logprob <= 0 for t in choice.logprobs.content)
+        trace = g.traces.GetTrace(trace_pb2.GetTraceRequest(trace_id=choice.trace_id))
+        assert (
+            np.frombuffer(trace.turns[0].completion_tokens.data, np.int32).tolist()
+            == choice.token_ids
+        )
+        assert trace.turns[0].checkpoint == c.checkpoint == "base"
+    # The chat template is the base's: the prompt is what the tokenizer renders.
+    tok = g.gateway.store.get_model("tiny")
+    from headway.tokenizer import Tokenizer
+
+    expected = Tokenizer.from_dir(tok.path).apply_chat_template(
+        [{"role": "user", "content": "what is 1 plus 2?"}]
+    )
+    assert c.prompt_token_ids == expected
+    again = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "what is 1 plus 2?"}],
+        max_tokens=8,
+        n=2,
+        temperature=1.0,
+        seed=4,
+        extra_body={"return_token_ids": True},
+    )
+    assert [ch.token_ids for ch in again.choices] == [ch.token_ids for ch in c.choices]
+
+
+def test_openai_multi_turn_continues_one_trace(gateway_stack):
+    g = gateway_stack.gateway
+    client = openai.OpenAI(base_url=g.http_url, api_key="local")
+    first = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "what is 1 plus 2?"}],
+        max_tokens=4,
+        extra_body={"return_token_ids": True},
+    )
+    ch = first.choices[0]
+    follow = ch.prompt_token_ids + ch.token_ids + [2, 1] + first.prompt_token_ids[1:5]
+    second = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "unused"}],
+        max_tokens=4,
+        extra_body={
+            "return_token_ids": True,
+            "prompt_token_ids": follow,
+            "trace_id": first.trace_id,
+        },
+    )
+    assert second.trace_id == first.trace_id and second.prompt_token_ids == follow
+    trace = g.traces.GetTrace(trace_pb2.GetTraceRequest(trace_id=first.trace_id))
+    assert len(trace.turns) == 2
+    g.traces.SetReward(trace_pb2.SetRewardRequest(trace_id=first.trace_id, reward=1.0))
+    g.models.ForkModel(model_pb2.ForkModelRequest(source="tiny", name="m"))
+    # One continued trajectory → one datum: the second prompt extends the first turn.
+    reply = g.train.ForwardBackward(
+        training_pb2.ForwardBackwardRequest(
+            model="m", data=[common_pb2.TrainingItem(trace_id=first.trace_id)], loss_fn="ppo"
+        )
+    )
+    assert reply.num_datums == 1
+    assert reply.num_tokens == len(ch.token_ids) + len(second.choices[0].token_ids)
+
+
+def test_openai_completions_streaming_and_models(gateway_stack):
+    g = gateway_stack.gateway
+    client = openai.OpenAI(base_url=g.http_url, api_key="local")
+    whole = client.completions.create(
+        model="tiny",
+        prompt="what is 2 plus",
+        max_tokens=10,
+        seed=9,
+        extra_body={"ignore_eos": True},
+    )
+    assert whole.choices[0].finish_reason == "length"
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=10,
+        seed=3,
+        extra_body={"ignore_eos": True},
+    )
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=10,
+        seed=3,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    parts, finish = [], None
+    for event in stream:
+        delta = event.choices[0].delta
+        parts.append(delta.content or "")
+        finish = event.choices[0].finish_reason or finish
+    assert "".join(parts) == chat.choices[0].message.content and finish == "length"
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["tiny"]
+
+
+def test_http_errors_have_openai_shape_and_status(gateway_stack):
+    g = gateway_stack.gateway
+    client = openai.OpenAI(base_url=g.http_url, api_key="local")
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert err.value.status_code == 404 and "nope" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], temperature=-1
+        )
+    assert "temperature" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=100_000
+        )
+    status, body = post(f"{g.http_url}/chat/completions", b"{not json")
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+
+
+def test_request_bodies_over_the_limit_are_refused_unread(gateway_stack):
+    stack = gateway_stack
+    small = GatewayNode(stack.config.store, stack.prefix, stack.server.address, max_body_bytes=1000)
+    try:
+        big = (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "' + b"x" * 5000 + b'"}]}'
+        )
+        status, body = post(f"{small.http_url}/chat/completions", big)
+        assert status == 413 and body["error"]["code"] == "request_too_large"
+        # No Content-Length: refused while it streams in.
+        status, body = post(f"{small.http_url}/chat/completions", [b"x" * 500] * 10)
+        assert status == 413 and body["error"]["code"] == "request_too_large"
+    finally:
+        small.stop()
+
+
+def test_keys_and_teams(gateway_stack):
+    stack = gateway_stack
+    red, blue = create_key(stack.config.store, "red"), create_key(stack.config.store, "blue")
+    node = GatewayNode(stack.config.store, stack.prefix, stack.server.address, auth=True)
+    try:
+        md = lambda key: [("authorization", f"Bearer {key}")]  # noqa: E731
+        for bad in ([], [("authorization", "Basic abc")], md("hw_unknown")):
+            code, _ = code_of(
+                lambda b=bad: node.models.ListModels(model_pb2.ListModelsRequest(), metadata=b)
+            )
+            assert code == "UNAUTHENTICATED"
+        node.models.ForkModel(
+            model_pb2.ForkModelRequest(source="tiny", name="secret"), metadata=md(red)
+        )
+        calls = [
+            lambda: node.models.GetModel(
+                model_pb2.GetModelRequest(model="secret"), metadata=md(blue)
+            ),
+            lambda: node.sampling.Sample(sample_req("secret", max_tokens=2), metadata=md(blue)),
+            lambda: node.train.ForwardBackward(
+                training_pb2.ForwardBackwardRequest(model="secret", data=batch(), loss_fn="ppo"),
+                metadata=md(blue),
+            ),
+            lambda: node.traces.RecordTurn(
+                trace_pb2.RecordTurnRequest(
+                    model="secret", turn=common_pb2.Turn(prompt_tokens=to_tensor([1], I32))
+                ),
+                metadata=md(blue),
+            ),
+        ]
+        for call in calls:
+            code, details = code_of(call)
+            assert code == "NOT_FOUND" and "secret" in details
+        assert node.sampling.Sample(sample_req("secret", max_tokens=2), metadata=md(red)).checkpoint
+        listed = [
+            m.slug
+            for m in node.models.ListModels(model_pb2.ListModelsRequest(), metadata=md(blue)).models
+        ]
+        assert listed == ["tiny"]
+        http = openai.OpenAI(base_url=node.http_url, api_key="hw_wrong")
+        with pytest.raises(openai.AuthenticationError) as err:
+            http.models.list()
+        assert err.value.status_code == 401
+        assert [
+            m.id for m in openai.OpenAI(base_url=node.http_url, api_key=red).models.list().data
+        ] == ["tiny", "secret"]
+    finally:
+        node.stop()
+
+
+def test_deadline_propagates_and_frees_the_rows(gateway_stack):
+    stack = gateway_stack
+    request = sample_req("tiny", max_tokens=240, n=4, ignore_eos=True)
+    code, _ = code_of(lambda: stack.gateway.sampling.Sample(request, timeout=0.3))
+    assert code == "DEADLINE_EXCEEDED"
+    deadline = time.time() + 10
+    while stack.sampler.sampler.live_rows and time.time() < deadline:
+        time.sleep(0.02)
+    assert stack.sampler.sampler.live_rows == 0
+
+
+def test_a_dead_replica_is_failed_over(gateway_stack):
+    stack = gateway_stack
+    second = SamplerReplica(stack.config.store, stack.prefix, max_seq_len=256)
+    try:
+        g = stack.gateway
+        # Both replicas are registered; stop one without withdrawing it from the registry.
+        deadline = time.time() + 5
+        while len(g.server.run(g.gateway.router.replicas())) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        second.server.run(second.replica.server.stop(0))
+        results = []
+
+        def run() -> None:
+            results.append(g.sampling.Sample(sample_req("tiny", max_tokens=3)).checkpoint)
+
+        threads = [threading.Thread(target=run) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == ["base"] * 8
+    finally:
+        second.stop()
