@@ -7,10 +7,15 @@ PIP    := $(PY) -m pip
 # the package metadata itself admits any recent torch for users with other needs.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# The Node.js example client (clients/node): its packages are installed only where node and
+# npm exist; elsewhere this step is skipped and its test skips with the reason.
+NODE_DIR   := clients/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+HAVE_NODE  := $(shell command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 && echo yes)
 
 .PHONY: install test lint protos bench bench-model bench-trainer clean
 
-install: $(STAMP)
+install: $(STAMP) $(if $(HAVE_NODE),$(NODE_STAMP))
 
 # Re-run only when the dependency list changes: a second `make install` takes no time.
 $(STAMP): pyproject.toml
@@ -19,6 +24,12 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# Re-run only when package.json or the lockfile changes (npm ci starts from an empty
+# node_modules, so the stamp inside it is written afresh after every install).
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	cd $(NODE_DIR) && npm ci --ignore-scripts --no-audit --no-fund
+	touch $(NODE_STAMP)
 
 test: install
 	$(PY) -m pytest -q
