@@ -16,7 +16,7 @@ from gateway.config import GatewayConfig
 from gateway.core import Gateway
 from gateway.grpc_services import GatewaySampling, relay_handlers
 from gateway.trace_service import TraceServicer
-from headway.grpc_util import CHANNEL_OPTIONS
+from headway.grpc_util import SERVER_OPTIONS
 from headway.v1 import (
     model_pb2,
     sampling_pb2,
@@ -64,7 +64,7 @@ async def create_gateway(
     """A bound gRPC server (not started) and, if configured, the HTTP API (started)."""
     redis = aioredis.from_url(config.redis_url)
     gateway = Gateway(config, redis)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers(relay_handlers(gateway))
     sampling_pb2_grpc.add_SamplingServiceServicer_to_server(GatewaySampling(gateway), server)
 

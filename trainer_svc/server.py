@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from headway.grpc_util import CHANNEL_OPTIONS
+from headway.grpc_util import SERVER_OPTIONS
 from headway.v1 import model_pb2, model_pb2_grpc, training_pb2, training_pb2_grpc
 from trainer_svc.config import TrainerConfig
 from trainer_svc.servicer import ModelServicer, TrainingServicer
@@ -30,7 +30,7 @@ async def create_server(
     """A started-ready (not started) server bound to `address`; (server, port, trainer)."""
     redis = aioredis.from_url(config.redis_url) if config.redis_url else None
     trainer = Trainer(config, redis)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     model_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(trainer), server)
     training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(trainer), server)
     health_servicer = health.aio.HealthServicer()

