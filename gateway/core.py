@@ -105,18 +105,14 @@ class Gateway:
         except NoReplica as e:
             raise Unavailable(str(e)) from None
 
-    async def sample(
-        self, request: sampling_pb2.SampleRequest, team: str, timeout: float | None
-    ) -> sampling_pb2.SampleResponse:
-        """Pin, route and send a Sample; a replica failing before answering is replaced."""
-        request.checkpoint = self.pin(request.model, request.checkpoint, team)
+    async def _failover(self, model: str, checkpoint: str, call: Any) -> Any:
+        """`await call(stub)` on the best replica; on UNAVAILABLE (it failed before
+        answering) mark it and try the next one."""
         last: grpc.aio.AioRpcError | None = None
-        for address in await self._attempts(request.model, request.checkpoint):
+        for address in await self._attempts(model, checkpoint):
             self.router.begin(address)
             try:
-                return await self.router.stub(address).Sample(
-                    request, metadata=[(TEAM_HEADER, team)], timeout=timeout
-                )
+                return await call(self.router.stub(address))
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
@@ -127,6 +123,18 @@ class Gateway:
                 self.router.end(address)
         assert last is not None
         raise last
+
+    async def sample(
+        self, request: sampling_pb2.SampleRequest, team: str, timeout: float | None
+    ) -> sampling_pb2.SampleResponse:
+        """Pin, route and send a Sample; a replica failing before answering is replaced."""
+        request.checkpoint = self.pin(request.model, request.checkpoint, team)
+        md = [(TEAM_HEADER, team)]
+        return await self._failover(
+            request.model,
+            request.checkpoint,
+            lambda stub: stub.Sample(request, metadata=md, timeout=timeout),
+        )
 
     async def sample_stream(
         self, request: sampling_pb2.SampleRequest, team: str, timeout: float | None
@@ -162,16 +170,9 @@ class Gateway:
         self, request: sampling_pb2.ComputeLogprobsRequest, team: str, timeout: float | None
     ) -> sampling_pb2.ComputeLogprobsResponse:
         request.checkpoint = self.pin(request.model, request.checkpoint, team)
-        last: grpc.aio.AioRpcError | None = None
-        for address in await self._attempts(request.model, request.checkpoint):
-            try:
-                return await self.router.stub(address).ComputeLogprobs(
-                    request, metadata=[(TEAM_HEADER, team)], timeout=timeout
-                )
-            except grpc.aio.AioRpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                self.router.mark_failed(address)
-                last = e
-        assert last is not None
-        raise last
+        md = [(TEAM_HEADER, team)]
+        return await self._failover(
+            request.model,
+            request.checkpoint,
+            lambda stub: stub.ComputeLogprobs(request, metadata=md, timeout=timeout),
+        )

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass, field
 
 import grpc
 import redis.asyncio as aioredis
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from gateway.config import GatewayConfig
 from gateway.core import Gateway
 from gateway.grpc_services import GatewaySampling, relay_handlers
 from gateway.trace_service import TraceServicer
-from headway.grpc_util import SERVER_OPTIONS
+from headway.grpc_util import SERVER_OPTIONS, add_health_and_reflection, bind, until_signalled
 from headway.v1 import (
     model_pb2,
     sampling_pb2,
@@ -74,16 +71,8 @@ async def create_gateway(
     trace_pb2_grpc.add_TraceServiceServicer_to_server(
         TraceServicer(gateway.traces, team_of, gateway.model_visible), server
     )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", *SERVICES):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot bind the gateway to {address}")
+    await add_health_and_reflection(server, SERVICES)
+    port = bind(server, address, "gateway")
     process = GatewayProcess(server, port, gateway)
     if config.http_listen:
         await _start_http(process, config.http_listen)
@@ -128,9 +117,5 @@ async def serve(config: GatewayConfig, address: str) -> None:
         port,
         f", HTTP on port {process.http_port}" if process.http_port else "",
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signalled()
     await process.close(grace=5)

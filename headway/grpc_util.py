@@ -6,8 +6,10 @@ Servicer methods stay thin: they call domain code and let `maps_errors` turn a
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import signal
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -52,3 +54,37 @@ def maps_errors(method: F) -> F:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     return wrapper  # type: ignore[return-value]
+
+
+async def add_health_and_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
+    """Serve the standard health service (every service SERVING) and server reflection."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in ("", *services):
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+
+
+def bind(server: grpc.aio.Server, address: str, what: str) -> int:
+    """Bind `server` to `address`; the port, or OSError naming the service and address."""
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as e:  # grpc raises this when the port is taken
+        raise OSError(f"cannot bind the {what} to {address}: {e}") from None
+    if port == 0:
+        raise OSError(f"cannot bind the {what} to {address}")
+    return port
+
+
+async def until_signalled() -> None:
+    """Return at the first SIGINT or SIGTERM (a service's graceful-stop point)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

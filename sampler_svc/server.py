@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
-import signal
 from dataclasses import dataclass
 
 import grpc
 import redis.asyncio as aioredis
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from headway.grpc_util import SERVER_OPTIONS
+from headway.grpc_util import SERVER_OPTIONS, add_health_and_reflection, bind, until_signalled
 from headway.replicas import ReplicaInfo
 from headway.v1 import sampling_pb2, sampling_pb2_grpc
 from sampler_svc.config import SamplerConfig
@@ -49,16 +45,8 @@ async def create_replica(
     sampler = Sampler(config)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     sampling_pb2_grpc.add_SamplingServiceServicer_to_server(SamplingServicer(sampler), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot bind the sampler to {address}")
+    await add_health_and_reflection(server, (SERVICE,))
+    port = bind(server, address, "sampler")
     host = address.rsplit(":", 1)[0]
     info = ReplicaInfo(
         id=config.replica_id or f"sampler-{secrets.token_hex(4)}",
@@ -79,9 +67,5 @@ async def serve(config: SamplerConfig, address: str) -> None:
     log.info(
         "sampler %s serving on port %d (store %s)", replica.watcher.info.id, port, config.store
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signalled()
     await replica.close(grace=5)
