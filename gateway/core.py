@@ -17,7 +17,7 @@ import grpc
 from gateway.config import GatewayConfig
 from gateway.routing import NoReplica, Router
 from gateway.traces import TraceStore
-from headway.errors import HeadwayError, InvalidArgument, NotFound
+from headway.errors import InvalidArgument, NotFound, Unavailable
 from headway.grpc_util import CHANNEL_OPTIONS, TEAM_HEADER
 from headway.keys import KeyRing
 from headway.store import CheckpointStore, ModelRecord
@@ -25,10 +25,6 @@ from headway.v1 import common_pb2, sampling_pb2
 
 log = logging.getLogger(__name__)
 Metadata = Sequence[tuple[str, str]]
-
-
-class Unavailable(HeadwayError):
-    code = "UNAVAILABLE"
 
 
 class Gateway:

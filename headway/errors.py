@@ -60,3 +60,49 @@ class ModelError(ValueError):
     Raised by the model core (config, weights, tokenizer) and mapped to INVALID_ARGUMENT
     at the service edge. A ValueError, so model code needs nothing of ours to catch it.
     """
+
+
+# Statuses no domain code raises but that reach callers (transport, deadlines, faults):
+# the gateway raises Unavailable when no replica runs; the SDK maps the rest.
+
+
+class Unavailable(HeadwayError):
+    """The service could not be reached (after the client's retries)."""
+
+    code = "UNAVAILABLE"
+
+
+class DeadlineExceeded(HeadwayError):
+    """The call's deadline passed. A training call may or may not have been applied."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+class PermissionDenied(HeadwayError):
+    """The caller may not do this."""
+
+    code = "PERMISSION_DENIED"
+
+
+class Cancelled(HeadwayError):
+    """The call was cancelled."""
+
+    code = "CANCELLED"
+
+
+class Aborted(HeadwayError):
+    """The server aborted the call (a conflict); it may be retried."""
+
+    code = "ABORTED"
+
+
+class Unimplemented(HeadwayError):
+    """The server does not implement this call (an older or different deployment)."""
+
+    code = "UNIMPLEMENTED"
+
+
+class Internal(HeadwayError):
+    """A server fault (INTERNAL, UNKNOWN, DATA_LOSS): not the request's fault."""
+
+    code = "INTERNAL"

@@ -1,0 +1,244 @@
+"""Agents: roll a model out through the gateway's OpenAI-compatible API and record `Run`s.
+
+```python
+agent = create_agent("arith-rl", completion_kwargs={"extra_body": {"return_token_ids": True}})
+run = await agent.run("what is 12 plus 7?")
+run.turns[0].completion_tokens, run.turns[0].completion_logprobs, run.trace_id
+```
+
+The agent is a plain chat loop over the official `openai` client (`AsyncOpenAI`), so
+anything that speaks OpenAI can stand in for it. With `return_token_ids` in the completion
+kwargs' `extra_body` (training rollouts), every turn records the exact prompt and
+completion token ids, the per-token sampling logprobs and the checkpoint that produced it,
+and the gateway records the same turns in a trace whose id the run keeps; later turns pass
+that `trace_id` so that one episode is one trace. Later turns' prompts are rendered by the
+gateway from the conversation: when the rendering extends the previous prompt +
+completion token for token, the trainer makes one sequence of the episode, otherwise it
+starts a new sequence at that turn (both are correct training data, see `Trajectory`).
+
+No torch, no grpc: `openai` is imported when the first agent is created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+import os
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from headway.errors import (
+    AlreadyExists,
+    HeadwayError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from headway.types import Run, Turn
+
+__all__ = ["DEFAULT_HTTP_URL", "Agent", "Tool", "create_agent"]
+
+DEFAULT_HTTP_URL = "http://127.0.0.1:8000/v1"
+
+# A tool (the environment's side of a multi-turn episode): given the assistant's reply,
+# the next message (its content, or a whole message dict), or None to end the episode.
+Tool = Callable[[str], "str | Mapping[str, Any] | None | Awaitable[str | Mapping[str, Any] | None]"]
+
+
+def _http_error(e: Exception) -> HeadwayError:
+    """An `openai` error as the `HeadwayError` of its HTTP status, with the server's text."""
+    from headway.client import DeadlineExceeded, Internal, PermissionDenied, Unavailable
+
+    status = getattr(e, "status_code", None)
+    body = getattr(e, "body", None)
+    message = body.get("message") if isinstance(body, dict) else None
+    message = message or getattr(e, "message", None) or str(e)
+    if status is None:  # no HTTP answer at all: connection refused, timeout
+        return Unavailable(f"gateway HTTP API unreachable: {message}")
+    cls: type[HeadwayError] = {
+        400: InvalidArgument,
+        401: Unauthenticated,
+        403: PermissionDenied,
+        404: NotFound,
+        409: AlreadyExists,
+        413: ResourceExhausted,
+        503: Unavailable,
+        504: DeadlineExceeded,
+    }.get(status, Internal)
+    return cls(message)
+
+
+def _extra(obj: Any, name: str) -> Any:
+    """A non-OpenAI field of a response object (the gateway's additions), or None."""
+    value = getattr(obj, name, None)
+    if value is None:
+        extra = getattr(obj, "model_extra", None) or {}
+        value = extra.get(name)
+    return value
+
+
+class Agent:
+    """A chat agent over one model, talking to the gateway's OpenAI-compatible endpoint.
+
+    Build it with `create_agent`. `run()` plays one episode and returns a `Run`; runs are
+    independent, so one agent can play many episodes concurrently.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        completion_kwargs: Mapping[str, Any] | None = None,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        system_prompt: str | None = None,
+    ) -> None:
+        self.model = model
+        self.completion_kwargs = dict(completion_kwargs or {})
+        self.base_url = base_url or os.environ.get("HEADWAY_HTTP_URL") or DEFAULT_HTTP_URL
+        # The openai client insists on a key; local mode (auth off) ignores it.
+        self.api_key = api_key or os.environ.get("HEADWAY_API_KEY") or "local"
+        self.system_prompt = system_prompt
+        n = self.completion_kwargs.get("n")
+        if n not in (None, 1):
+            raise InvalidArgument(
+                f"completion_kwargs n={n}: an agent run is one trajectory; run the task "
+                "several times instead (Job.start(..., group=n))"
+            )
+        self._client: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def records_tokens(self) -> bool:
+        """True when turns carry token ids and logprobs (training rollouts)."""
+        extra = self.completion_kwargs.get("extra_body") or {}
+        return bool(extra.get("return_token_ids"))
+
+    def _openai(self) -> Any:
+        # httpx connection pools belong to the loop they were opened on: one client per loop.
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            from openai import AsyncOpenAI
+
+            self._client = AsyncOpenAI(base_url=self.base_url, api_key=self.api_key)
+            self._loop = loop
+        return self._client
+
+    def _messages(self, task: str | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        if isinstance(task, str):
+            messages = [{"role": "user", "content": task}]
+        else:
+            messages = [dict(m) for m in task]
+            if not messages:
+                raise InvalidArgument("the task's messages are empty: give at least one")
+        if self.system_prompt and not any(m.get("role") == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return messages
+
+    async def _complete(self, messages: list[dict[str, Any]], trace_id: str) -> Any:
+        import openai
+
+        kwargs = copy.deepcopy(self.completion_kwargs)
+        if trace_id:
+            # Append this turn to the episode's trace instead of starting a new one.
+            kwargs["extra_body"] = {**(kwargs.get("extra_body") or {}), "trace_id": trace_id}
+        try:
+            return await self._openai().chat.completions.create(
+                model=self.model, messages=messages, **kwargs
+            )
+        except openai.APIError as e:
+            raise _http_error(e) from e
+
+    async def run(
+        self,
+        task: str | Sequence[Mapping[str, Any]],
+        max_turns: int = 1,
+        tool: Tool | None = None,
+    ) -> Run:
+        """Play one episode: `task` is the user prompt or a list of chat messages.
+
+        Each turn asks the model for a reply. After a turn, `tool(reply_text)` (sync or
+        async) gives the next message, as content for a "user" message or a whole message
+        dict; None ends the episode, as does reaching `max_turns` (without a tool there is
+        nothing to continue with, so one turn is played). The `Run` holds the messages,
+        one `Turn` per reply when token ids are recorded, and the trace id; its reward is
+        None until scored.
+        """
+        if max_turns < 1:
+            raise InvalidArgument(f"max_turns is {max_turns}: it must be >= 1")
+        messages = self._messages(task)
+        run = Run(messages=messages, model=self.model)
+        for turn_index in range(max_turns):
+            response = await self._complete(messages, run.trace_id)
+            choice = response.choices[0]
+            text = choice.message.content or ""
+            messages.append({"role": "assistant", "content": text})
+            if self.records_tokens:
+                run.turns.append(self._turn(response, choice))
+                run.trace_id = _extra(choice, "trace_id") or _extra(response, "trace_id") or ""
+            if tool is None or turn_index == max_turns - 1:
+                break
+            following = tool(text)
+            if inspect.isawaitable(following):
+                following = await following
+            if following is None:
+                break
+            if isinstance(following, str):
+                messages.append({"role": "user", "content": following})
+            else:
+                messages.append(dict(following))
+        return run
+
+    @staticmethod
+    def _turn(response: Any, choice: Any) -> Turn:
+        prompt = _extra(choice, "prompt_token_ids") or _extra(response, "prompt_token_ids")
+        tokens = _extra(choice, "token_ids")
+        if prompt is None or tokens is None:
+            raise InvalidArgument(
+                "the completion has no prompt_token_ids / token_ids although return_token_ids "
+                "was requested: is base_url a Headway gateway?"
+            )
+        content = choice.logprobs.content if choice.logprobs is not None else None
+        logprobs = [float(t.logprob) for t in content or []]
+        if len(logprobs) != len(tokens):
+            raise InvalidArgument(
+                f"the completion has {len(tokens)} token ids but {len(logprobs)} logprobs"
+            )
+        return Turn(
+            prompt_tokens=list(prompt),
+            completion_tokens=list(tokens),
+            completion_logprobs=logprobs,
+            checkpoint=_extra(response, "checkpoint") or "",
+        )
+
+    async def close(self) -> None:
+        """Close the HTTP client (a later run opens a new one)."""
+        if self._client is not None and self._loop is asyncio.get_running_loop():
+            await self._client.close()
+        self._client, self._loop = None, None
+
+
+def create_agent(
+    model: str,
+    completion_kwargs: Mapping[str, Any] | None = None,
+    *,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    system_prompt: str | None = None,
+) -> Agent:
+    """An agent sampling `model` through the gateway's OpenAI-compatible endpoint.
+
+    `completion_kwargs` go to every `chat.completions.create` call (max_tokens,
+    temperature, ..., and `extra_body={"return_token_ids": True}` to record training
+    rollouts). `base_url` defaults to `HEADWAY_HTTP_URL` (else http://127.0.0.1:8000/v1),
+    `api_key` to `HEADWAY_API_KEY`. `system_prompt` is prepended to tasks that have none.
+    """
+    return Agent(
+        model,
+        completion_kwargs,
+        base_url=base_url,
+        api_key=api_key,
+        system_prompt=system_prompt,
+    )
