@@ -2,6 +2,7 @@
 
 - `headway keys create --team T`: a new API key for a team (printed once, stored hashed).
 - `headway serve`: the trainer, sampler replicas and gateway on this machine.
+- `headway models ...`: list, fork, checkpoint trees, heads, export (see `cli_models`).
 
 Thin by design: the work lives in `headway.keys` and `headway.serve`, imported only by the
 command that needs them, so `headway --version` stays instant and nothing here imports
@@ -133,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds every service has to become healthy (default 120)",
     )
     serve.set_defaults(func=_serve)
+
+    from headway.cli_models import add_commands
+
+    add_commands(commands, _default_store())
     return parser
 
 

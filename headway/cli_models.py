@@ -1,0 +1,245 @@
+"""`headway models ...`: the model catalogue and checkpoint trees, from a terminal.
+
+Talks to the gateway (`HEADWAY_URL`, default 127.0.0.1:50051; key from `HEADWAY_API_KEY`)
+through the contract's stubs. `export` reads the checkpoint store directly (it writes
+files on this machine), so it takes `--store`. Errors are one line on stderr and a
+non-zero exit: 2 for bad input, 1 for everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from headway.grpc_util import CHANNEL_OPTIONS
+from headway.v1 import common_pb2, model_pb2, model_pb2_grpc
+
+DEFAULT_URL = "127.0.0.1:50051"
+_BAD_INPUT = {"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION"}
+
+
+def _stub(
+    args: argparse.Namespace,
+) -> tuple[model_pb2_grpc.ModelServiceStub, list[tuple[str, str]]]:
+    url = args.url or os.environ.get("HEADWAY_URL", DEFAULT_URL)
+    key = os.environ.get("HEADWAY_API_KEY", "")
+    channel = grpc.insecure_channel(url, options=CHANNEL_OPTIONS)
+    return model_pb2_grpc.ModelServiceStub(channel), (
+        [("authorization", f"Bearer {key}")] if key else []
+    )
+
+
+def _run(name: str, fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except grpc.RpcError as e:
+            code = e.code().name if e.code() else "UNKNOWN"
+            if code == "UNAVAILABLE":
+                print(
+                    f"headway {name}: cannot reach the gateway ({e.details()}); is "
+                    "`headway serve` running, and HEADWAY_URL right?",
+                    file=sys.stderr,
+                )
+                return 1
+            print(f"headway {name}: {e.details()}", file=sys.stderr)
+            return 2 if code in _BAD_INPUT else 1
+        except (ValueError, OSError) as e:
+            print(f"headway {name}: {e}", file=sys.stderr)
+            return 2
+
+    return wrapped
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _list(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    models = stub.ListModels(model_pb2.ListModelsRequest(), metadata=md).models
+    rows = []
+    for m in models:
+        kind = "base" if m.is_base else ("full" if m.full else f"lora r{m.lora.rank}")
+        rows.append([m.slug, m.base, "yes" if m.trainable else "no", kind, str(m.head_step)])
+    _table(rows, ["SLUG", "BASE", "TRAINABLE", "KIND", "HEAD STEP"])
+    return 0
+
+
+def _fork(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    request = model_pb2.ForkModelRequest(source=args.source, name=args.name)
+    if args.full:
+        request.full = True
+    else:
+        request.lora.CopyFrom(common_pb2.LoraConfig(rank=args.lora_rank or 0))
+    m = stub.ForkModel(request, metadata=md)
+    kind = "full fine-tuning" if m.full else f"LoRA rank {m.lora.rank}"
+    print(f"forked {m.slug} from {args.source} ({kind}); head {m.head_checkpoint}")
+    return 0
+
+
+def _stats(c: common_pb2.Checkpoint) -> str:
+    if not c.HasField("stats"):
+        return ""
+    s = c.stats
+    return (
+        f"reward {s.reward_mean:.3f}  loss {s.loss:.4g}  tokens {s.num_tokens}  "
+        f"lr {s.learning_rate:g}"
+    )
+
+
+def _checkpoints(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    tree = stub.ListCheckpoints(model_pb2.ListCheckpointsRequest(model=args.model), metadata=md)
+    ids = {c.id for c in tree.checkpoints}
+    children: dict[str, list[common_pb2.Checkpoint]] = {}
+    roots = []
+    for c in tree.checkpoints:  # oldest first
+        if c.parent_id in ids:
+            children.setdefault(c.parent_id, []).append(c)
+        else:
+            roots.append(c)
+
+    def show(c: common_pb2.Checkpoint, depth: int) -> None:
+        mark = "▶" if c.is_head else " "
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.created.seconds))
+        print(f"{mark} {'  ' * depth}{c.id}  step {c.step}  {when}  {_stats(c)}".rstrip())
+        for child in children.get(c.id, []):
+            show(child, depth + 1)
+
+    for root in roots:
+        show(root, 0)
+    return 0
+
+
+def _head(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    if args.set:
+        c = stub.SetHead(
+            model_pb2.SetHeadRequest(model=args.model, checkpoint=args.set), metadata=md
+        )
+        print(f"head of {args.model} is now {c.id} (step {c.step})")
+        return 0
+    c = stub.GetHead(model_pb2.GetHeadRequest(model=args.model), metadata=md)
+    print(f"▶ {c.id}  step {c.step}  parent {c.parent_id or '-'}")
+    if c.HasField("stats"):
+        s = c.stats
+        print(f"  loss_fn {s.loss_fn}  datums {s.num_datums}  tokens {s.num_tokens}")
+        print(f"  learning rate {s.learning_rate:g}")
+        print(f"  reward mean {s.reward_mean:.4f}  std {s.reward_std:.4f}  loss {s.loss:.6g}")
+        for key in sorted(s.metrics):
+            print(f"  {key} {s.metrics[key]:.6g}")
+    return 0
+
+
+def _add_base(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    m = stub.AddBase(
+        model_pb2.AddBaseRequest(path=os.path.abspath(args.path), name=args.name), metadata=md
+    )
+    print(
+        f"registered base {m.slug} ({m.model_type}, vocab {m.vocab_size}, context {m.max_context})"
+    )
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    stub.DeleteModel(model_pb2.DeleteModelRequest(model=args.model), metadata=md)
+    print(f"deleted {args.model}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from headway.store import CheckpointStore
+
+    store = CheckpointStore(args.store, recover=False)
+    record = store.get_model(args.model)
+    ckpt = args.checkpoint or store.head(args.model)
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty; choose a new directory")
+    if args.format == "peft":
+        if not record.lora:
+            raise ValueError(f"{args.model} is not a LoRA model: export it with --format hf")
+        from headway.store.weights import adapter_dir
+
+        shutil.copytree(adapter_dir(store, args.model, ckpt), out, dirs_exist_ok=True)
+    else:  # merged full weights plus the base's tokenizer: a plain HF directory
+        from headway.modeling import ModelConfig, build_model, save_model
+        from headway.store.weights import full_state
+        from headway.tokenizer import Tokenizer
+
+        base = store.get_model(record.base)
+        model = build_model(ModelConfig.from_file(base.path), full_state(store, args.model, ckpt))
+        save_model(model, Tokenizer.from_dir(base.path), out)
+    print(f"exported {args.model}@{ckpt} ({args.format}) to {out}")
+    return 0
+
+
+def _build_base(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from headway.bases import ensure_base
+
+    path = ensure_base(args.name, Path(args.cache) if args.cache else None)
+    print(path)
+    return 0
+
+
+def add_commands(commands: Any, default_store: str) -> None:
+    """Register `headway models ...` under the top-level subcommands."""
+    models = commands.add_parser(
+        "models",
+        help="models and checkpoint trees",
+        description="Models, their checkpoint trees and heads.",
+    )
+    sub = models.add_subparsers(dest="models_command", metavar="COMMAND")
+    models.set_defaults(func=lambda _a: (models.print_help(sys.stderr), 2)[1])
+
+    def command(
+        name: str, fn: Callable[[argparse.Namespace], int], help_: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--url", default="", help="gateway address (default $HEADWAY_URL)")
+        p.set_defaults(func=_run(f"models {name}", fn))
+        return p
+
+    command("list", _list, "list the models you can see (slug, base, trainable, kind, head step)")
+    p = command("fork", _fork, "fork a trainable model from a base or one of your models")
+    p.add_argument("source")
+    p.add_argument("--name", required=True)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (default 32)")
+    mode.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p = command("checkpoints", _checkpoints, "the checkpoint tree, oldest first (▶ = head)")
+    p.add_argument("model")
+    p = command("head", _head, "the head checkpoint and its stats; --set moves it")
+    p.add_argument("model")
+    p.add_argument("--set", metavar="CHECKPOINT", default="", help="roll back / branch here")
+    p = command("add-base", _add_base, "register a local Hugging Face directory as a base")
+    p.add_argument("path")
+    p.add_argument("--name", default="")
+    p = command("delete", _delete, "delete one of your models")
+    p.add_argument("model")
+    p = command("export", _export, "write a checkpoint as a PEFT adapter or a merged HF model")
+    p.add_argument("model")
+    p.add_argument("--format", choices=("peft", "hf"), required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--checkpoint", default="", help="default: the head")
+    p.add_argument("--store", default=default_store)
+    p = command("build-base", _build_base, "build (once, cached) a base the project ships")
+    p.add_argument("name", choices=("tiny-arith",))
+    p.add_argument("--cache", default="", help="cache directory (default $HEADWAY_HOME/bases)")

@@ -1,0 +1,85 @@
+"""The `headway models` CLI against a live gateway: the tree, heads, export, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headway.cli import main
+from headway.v1 import training_pb2
+from tests.helpers_training import adam, batch
+
+
+@pytest.fixture
+def cli(gateway_stack, monkeypatch, capsys):
+    monkeypatch.setenv("HEADWAY_URL", gateway_stack.gateway.server.address)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def test_fork_list_tree_and_head_set(cli, gateway_stack):
+    assert cli("models", "fork", "tiny", "--name", "m", "--lora-rank", "4")[0] == 0
+    g = gateway_stack.gateway
+    ids = []
+    for seed in range(2):
+        reply = g.train.Step(
+            training_pb2.StepRequest(model="m", data=batch(seed=seed), loss_fn="ppo", adam=adam())
+        )
+        ids.append(reply.optim_step.checkpoint)
+    code, out, _ = cli("models", "list")
+    assert code == 0 and "m" in out and "lora r4" in out
+    code, out, _ = cli("models", "checkpoints", "m")
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 3
+    assert lines[-1].startswith("▶") and ids[-1] in lines[-1]
+    assert not lines[0].startswith("▶") and "reward" in lines[-1]
+    code, out, _ = cli("models", "head", "m", "--set", ids[0])
+    assert code == 0 and ids[0] in out
+    code, out, _ = cli("models", "checkpoints", "m")
+    head_line = next(line for line in out.splitlines() if line.startswith("▶"))
+    assert ids[0] in head_line
+    code, out, _ = cli("models", "head", "m")
+    assert code == 0 and out.startswith(f"▶ {ids[0]}") and "loss:sum" in out
+
+
+def test_export_peft_loads_in_peft_and_hf_in_transformers(cli, gateway_stack, tmp_path, tiny_base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cli("models", "fork", "tiny", "--name", "m", "--lora-rank", "4")
+    gateway_stack.gateway.train.Step(
+        training_pb2.StepRequest(
+            model="m", data=batch(seed=3), loss_fn="cross_entropy", adam=adam(5e-2)
+        )
+    )
+    store = str(gateway_stack.config.store)
+    code, _, _ = cli(
+        "models", "export", "m", "--format", "peft", "-o", str(tmp_path / "peft"), "--store", store
+    )
+    assert code == 0
+    code, _, _ = cli(
+        "models", "export", "m", "--format", "hf", "-o", str(tmp_path / "hf"), "--store", store
+    )
+    assert code == 0
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(base, tmp_path / "peft").eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_base).eval()(ids).logits
+    assert (adapted - merged).abs().max() <= 1e-4
+    assert (adapted - plain).abs().max() > 1e-4  # the export carries the training
+
+
+def test_bad_input_is_one_line_and_a_nonzero_exit(cli):
+    code, out, err = cli("models", "head", "nope")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "nope" in err
+    code, _, err = cli("models", "fork", "tiny", "--name", "bad name!")
+    assert code == 2 and "not valid" in err
+    code, _, err = cli("models", "head", "tiny", "--set", "nope")
+    assert code == 2 and err.count("\n") == 1
