@@ -10,6 +10,7 @@ the request goes to the next one.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import defaultdict
 from typing import Any
@@ -38,13 +39,24 @@ class Router:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._inflight: dict[str, int] = defaultdict(int)
         self._suspect: dict[str, float] = {}
+        self._refreshing: asyncio.Future[None] | None = None
 
     async def replicas(self) -> list[ReplicaInfo]:
+        """The registry as last read; refreshed in the background, off the request path
+        (only a gateway that has never read it, or was told a replica failed, waits)."""
         now = time.monotonic()
-        if now - self._fetched > self.cache_seconds:
-            self._replicas = await list_replicas(self.redis, self.prefix)
-            self._fetched = now
+        if not self._fetched or not self._replicas:
+            await self._refresh()
+        elif now - self._fetched > self.cache_seconds and self._refreshing is None:
+            self._refreshing = asyncio.ensure_future(self._refresh())
         return self._replicas
+
+    async def _refresh(self) -> None:
+        try:
+            self._replicas = await list_replicas(self.redis, self.prefix)
+            self._fetched = time.monotonic()
+        finally:
+            self._refreshing = None
 
     def stub(self, address: str) -> sampling_pb2_grpc.SamplingServiceStub:
         if address not in self._stubs:
@@ -76,7 +88,7 @@ class Router:
 
     def mark_failed(self, address: str) -> None:
         self._suspect[address] = time.monotonic() + SUSPECT_SECONDS
-        self._fetched = 0.0  # re-read the registry: it may have dropped the replica
+        self._fetched = 0.0  # re-read the registry soon: it may have dropped the replica
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -127,6 +127,18 @@ class TrainerStack:
         self.channel.close()
         self.server.run(self.trainer.close())
         self.server.stop()
+        clear_prefix(self.prefix)
+
+
+def clear_prefix(prefix: str, redis_url: str = REDIS_URL) -> None:
+    """Delete every Redis key a test run wrote under its prefix."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
 
 
 def team_md(team: str) -> list[tuple[str, str]]:
