@@ -13,7 +13,7 @@ NODE_DIR   := clients/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 HAVE_NODE  := $(shell command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 && echo yes)
 
-.PHONY: install test lint protos bench bench-model bench-trainer clean
+.PHONY: install test lint protos bench bench-model bench-trainer bench-sampler bench-gateway clean
 
 install: $(STAMP) $(if $(HAVE_NODE),$(NODE_STAMP))
 
@@ -41,13 +41,19 @@ lint: install
 protos: install
 	$(PY) protos/generate.py
 
-bench: bench-model bench-trainer
+bench: bench-model bench-trainer bench-sampler bench-gateway
 
 bench-model: install
 	$(PY) bench/bench_model.py
 
 bench-trainer: install
 	$(PY) bench/bench_trainer.py
+
+bench-sampler: install
+	$(PY) bench/bench_sampler.py
+
+bench-gateway: install
+	$(PY) bench/bench_gateway.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

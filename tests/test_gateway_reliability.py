@@ -1,0 +1,297 @@
+"""Gateway failover end to end: two gateways, two samplers, one sampler SIGKILLed under load.
+
+Every service is a real process (`python -m trainer_svc`, `python -m sampler_svc`,
+`python -m gateway`) on loopback ports, sharing a store in tmp_path and a Redis prefix of
+the test's own. 32 Sample requests (16 through each gateway, n=16 × 200 tokens each, so
+that each replica holds them for seconds) run concurrently when replica s1 is SIGKILLed,
+right after a heartbeat of s1 that shows the requests it holds; 8 more are sent right after
+the kill, and 8 more once the gateways stop passing over s1 (it is still registered then,
+so those may try it first and must be retried on s2).
+
+The client cannot see which replica served a request, so the test checks what it can
+observe: a request may fail only because it was in flight on s1 (so only with UNAVAILABLE,
+and no more of them than the rows s1 reported live or queued at the kill), every request
+sent after the kill succeeds, every reply is complete, and the registry drops s1 within
+its TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import redis
+import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.routing import SUSPECT_SECONDS
+from headway.grpc_util import CHANNEL_OPTIONS
+from headway.replicas import ReplicaInfo, list_replicas, replica_key
+from headway.tensors import to_tensor
+from headway.v1 import common_pb2, model_pb2, model_pb2_grpc, sampling_pb2, sampling_pb2_grpc
+from tests.stack import REDIS_URL, free_port, make_tiny_base, redis_prefix
+
+REPO = Path(__file__).parents[1]
+READY_TIMEOUT = 60.0  # a process importing torch on a busy 2-core machine
+CALL_TIMEOUT = 60.0
+TTL = 5.0  # SamplerConfig.heartbeat_ttl: a replica missing this long drops out
+PROMPT = [5, 17, 33, 8, 41, 12]
+CONCURRENT = 32  # Samples in flight when s1 dies, half through each gateway
+AFTER_KILL = 8  # Samples sent right after the kill, half through each gateway
+N, MAX_TOKENS = 16, 200  # per request: 2 decode together per replica, ~0.5 s a pair
+
+
+class Service:
+    """One service as a real process on a fresh loopback port, its output in a log file."""
+
+    def __init__(self, name: str, module: str, args: list[str], tmp: Path, prefix: str) -> None:
+        self.name, self.port = name, free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = tmp / f"{name}.log"
+        cmd = [sys.executable, "-m", module, "--listen", self.address, "--redis", REDIS_URL,
+               "--redis-prefix", prefix, *args]  # fmt: skip
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        self.channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+
+    def wait_ready(self, deadline: float) -> None:
+        health = health_pb2_grpc.HealthStub(self.channel)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n"
+                                     f"{self.tail()}")  # fmt: skip
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name} not SERVING in time:\n{self.tail()}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def close(self) -> None:
+        self.kill()
+        self.channel.close()
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+@dataclass
+class Outcome:
+    """One Sample request as the client saw it."""
+
+    gateway: str
+    started: float  # monotonic
+    ended: float = 0.0
+    reply: sampling_pb2.SampleResponse | None = None
+    code: grpc.StatusCode | None = None
+    details: str = ""
+
+
+def sample_request(
+    seed: int, max_tokens: int = MAX_TOKENS, n: int = N
+) -> sampling_pb2.SampleRequest:
+    params = common_pb2.SamplingParams(
+        max_tokens=max_tokens, n=n, temperature=1.0, seed=seed, ignore_eos=True
+    )
+    return sampling_pb2.SampleRequest(
+        model="tiny", prompt_tokens=to_tensor(PROMPT, common_pb2.DTYPE_INT32), params=params
+    )
+
+
+def run_sample(stub: sampling_pb2_grpc.SamplingServiceStub, seed: int, out: Outcome) -> None:
+    try:
+        out.reply = stub.Sample(sample_request(seed), timeout=CALL_TIMEOUT)
+    except grpc.RpcError as e:
+        out.code, out.details = e.code(), e.details()
+    finally:
+        out.ended = time.monotonic()
+
+
+def registry_entry(client: redis.Redis, replica_id: str, prefix: str) -> ReplicaInfo | None:
+    raw = client.get(replica_key(replica_id, prefix))
+    return ReplicaInfo.from_json(raw) if raw is not None else None
+
+
+def registered_ids(prefix: str) -> set[str]:
+    async def ids() -> set[str]:
+        client = aioredis.from_url(REDIS_URL)
+        try:
+            return {r.id for r in await list_replicas(client, prefix)}
+        finally:
+            await client.aclose()
+
+    return asyncio.run(ids())
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_sigkilled_sampler_fails_only_its_in_flight_requests(tmp_path: Path) -> None:
+    """Invariant: with 2 gateways and 2 samplers, SIGKILL of one sampler under 32 concurrent
+    Samples fails no request that was not in flight on it (only UNAVAILABLE, at most the
+    rows it held), the rest and every later request complete on the other replica, and the
+    registry drops the dead replica within its TTL."""
+    base = make_tiny_base(tmp_path / "base")
+    store, prefix = tmp_path / "store", redis_prefix()
+    common = ["--store", str(store), "--log-level", "INFO"]
+    services: list[Service] = []
+    client = redis.Redis.from_url(REDIS_URL)
+    started = time.monotonic()
+
+    def start(name: str, module: str, args: list[str]) -> Service:
+        services.append(Service(name, module, args, tmp_path, prefix))  # closed in `finally`
+        return services[-1]
+
+    try:
+        trainer = start("trainer", "trainer_svc", common)
+        sampler_args = [*common, "--max-seq-len", "256", "--replica-id"]
+        s1, s2 = (start(rid, "sampler_svc", [*sampler_args, rid]) for rid in ("s1", "s2"))
+        gateway_args = [*common, "--trainer", trainer.address, "--http", ""]
+        gateways = [start(name, "gateway", gateway_args) for name in ("g1", "g2")]
+        deadline = time.monotonic() + READY_TIMEOUT
+        for service in services:
+            service.wait_ready(deadline)
+
+        model_pb2_grpc.ModelServiceStub(gateways[0].channel).AddBase(
+            model_pb2.AddBaseRequest(path=str(base), name="tiny"), timeout=CALL_TIMEOUT
+        )
+        wait_until(lambda: registered_ids(prefix) == {"s1", "s2"}, 10, "both replicas registered")
+        # Warm both replicas directly: each has the base loaded before the load arrives.
+        for replica in (s1, s2):
+            warm = sampling_pb2_grpc.SamplingServiceStub(replica.channel).Sample(
+                sample_request(0, max_tokens=4), timeout=CALL_TIMEOUT
+            )
+            assert warm.checkpoint == "base", replica.tail()
+
+        def both_loaded() -> bool:
+            entries = [registry_entry(client, rid, prefix) for rid in ("s1", "s2")]
+            return all(e is not None and "tiny/base" in e.loaded for e in entries)
+
+        # The gateways route by what the registry says is loaded: wait until it says so.
+        wait_until(both_loaded, 5, "both replicas reporting tiny/base loaded")
+        ready = time.monotonic() - started
+
+        stubs = {g.name: sampling_pb2_grpc.SamplingServiceStub(g.channel) for g in gateways}
+        names = [g.name for g in gateways]
+
+        def launch(count: int, seed0: int) -> tuple[list[Outcome], list[threading.Thread]]:
+            outcomes, threads = [], []
+            for i in range(count):
+                name = names[i % 2]
+                out = Outcome(name, time.monotonic())
+                t = threading.Thread(
+                    target=run_sample, args=(stubs[name], seed0 + i, out), daemon=True
+                )
+                t.start()
+                outcomes.append(out)
+                threads.append(t)
+            return outcomes, threads
+
+        # Load, then kill s1 right after its first heartbeat that shows the requests it
+        # holds (heartbeats are 1 s apart): that entry is what s1 held when it died.
+        launched_at, launched = time.time(), time.monotonic()
+        before, threads = launch(CONCURRENT, 1)
+
+        def s1_busy() -> ReplicaInfo | None:
+            entry = registry_entry(client, "s1", prefix)
+            if entry is None or entry.updated < launched_at or not entry.load:
+                return None
+            return entry
+
+        wait_until(lambda: s1_busy() is not None, 5, "a heartbeat of s1 showing requests")
+        s1_entry = s1_busy()
+        s1.kill()
+        killed = time.monotonic()
+        assert s1_entry is not None
+        s1_rows = s1_entry.live_rows + s1_entry.queue_depth
+        after, more = launch(AFTER_KILL, 1000)
+        threads += more
+
+        # The registry drops s1 within its TTL (its last heartbeat is at most the kill).
+        # Meanwhile, once the gateways stop passing over s1 (SUSPECT_SECONDS after they saw
+        # it fail) but still find it registered, send more: these try the dead s1 first when
+        # it ranks first, and must be retried on s2.
+        late_sent = False
+        while (listed := registered_ids(prefix)) != {"s2"}:
+            since = time.monotonic() - killed
+            assert since <= TTL + 1, f"registry still lists {listed} {since:.1f} s after the kill"
+            if not late_sent and since >= SUSPECT_SECONDS + 0.3:
+                wave, more = launch(AFTER_KILL, 2000)
+                after, threads, late_sent = after + wave, threads + more, True
+            time.sleep(0.05)
+        dropped = time.monotonic() - killed
+
+        for t in threads:
+            t.join(timeout=CALL_TIMEOUT + 10)
+        assert not any(t.is_alive() for t in threads), "a Sample never returned"
+
+        logs = "\n".join(f"--- {s.name}\n{s.tail()}" for s in services)
+        in_flight = [o for o in before if o.ended > killed]
+        failed = [o for o in before if o.reply is None]
+        failovers = sum(
+            g.log.read_text(errors="replace").count(f"sampler {s1.address} unavailable")
+            for g in gateways
+        )
+        summary = (
+            f"s1 held {s1_rows} rows ({s1_entry.live_rows} live, {s1_entry.queue_depth} "
+            f"queued) at the kill, {killed - launched:.2f} s after the launch; "
+            f"{len(in_flight)}/{CONCURRENT} requests unfinished then; {len(failed)} failed; "
+            f"{failovers} attempts on s1 failed over to s2 in the gateways; {len(after)} sent "
+            f"after the kill; registry dropped s1 {dropped:.2f} s after the kill; last reply "
+            f"{max(o.ended for o in before + after) - launched:.2f} s after the launch; "
+            f"setup {ready:.1f} s"
+        )
+        print(summary)
+
+        # The kill hit work in flight on s1 (else the test proves nothing).
+        assert s1_rows > 0, f"s1 held nothing at the kill: {summary}"
+        assert in_flight, f"every request had finished before the kill: {summary}"
+        assert failed or failovers, f"nothing was in flight on s1: {summary}\n{logs}"
+        # Only requests in flight on s1 may fail, and only with UNAVAILABLE.
+        codes = {(o.code, o.details) for o in failed}
+        assert all(o.code == grpc.StatusCode.UNAVAILABLE for o in failed), (
+            f"requests failed with other codes than UNAVAILABLE: {codes}\n{logs}"
+        )
+        assert len(failed) <= s1_rows, f"more failures than rows on s1: {summary}, {codes}"
+        # Every request sent after the kill succeeds (on s2).
+        late = [(o.gateway, o.code, o.details) for o in after if o.reply is None]
+        assert not late, f"requests sent after the kill failed: {late}\n{logs}"
+        # Every reply is complete: n sequences of max_tokens tokens and logprobs each.
+        for o in before + after:
+            if o.reply is None:
+                continue
+            assert o.reply.checkpoint == "base" and len(o.reply.sequences) == N
+            for seq in o.reply.sequences:
+                assert seq.tokens.shape == [MAX_TOKENS] and seq.logprobs.shape == [MAX_TOKENS]
+                assert len(seq.tokens.data) == 4 * MAX_TOKENS  # INT32
+                assert seq.stop_reason == sampling_pb2.STOP_REASON_LENGTH
+        assert s2.proc.poll() is None and all(g.proc.poll() is None for g in gateways), logs
+    finally:
+        for service in services:
+            service.close()
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
