@@ -433,7 +433,36 @@ class _Client:
         await self.close()
 
 
-class TrainingClient(_Client):
+class _ModelClient(_Client):
+    """A client bound to one model slug."""
+
+    _purpose = "use"  # finishes "give the slug of the model to ..." in the error
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+        max_retries: int = 5,
+        retry_backoff: float = 0.25,
+        timeout: float | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+    ) -> None:
+        if not model:
+            raise InvalidArgument(f"model is empty: give the slug of the model to {self._purpose}")
+        super().__init__(
+            url,
+            api_key,
+            max_retries=max_retries,
+            retry_backoff=retry_backoff,
+            timeout=timeout,
+            interceptors=interceptors,
+        )
+        self.model = model
+
+
+class TrainingClient(_ModelClient):
     """Trains one model: forward_backward, optim_step, step, custom losses, its head.
 
     ```python
@@ -450,28 +479,7 @@ class TrainingClient(_Client):
     `TrainingClient.sync()` / `SyncTrainingClient` is the blocking twin.
     """
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        url: str | None = None,
-        api_key: str | None = None,
-        max_retries: int = 5,
-        retry_backoff: float = 0.25,
-        timeout: float | None = None,
-        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
-    ) -> None:
-        if not model:
-            raise InvalidArgument("model is empty: give the slug of the model to train")
-        super().__init__(
-            url,
-            api_key,
-            max_retries=max_retries,
-            retry_backoff=retry_backoff,
-            timeout=timeout,
-            interceptors=interceptors,
-        )
-        self.model = model
+    _purpose = "train"
 
     def sync(self) -> SyncTrainingClient:
         """A blocking client for the same model and settings."""
@@ -695,35 +703,14 @@ class TrainingClient(_Client):
         )
 
 
-class SamplingClient(_Client):
+class SamplingClient(_ModelClient):
     """Samples one model through the gateway, with token ids and per-token logprobs.
 
     Settings as `TrainingClient`. Without `checkpoint`, a sample is served by the model's
     head as of the call (never an older one).
     """
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        url: str | None = None,
-        api_key: str | None = None,
-        max_retries: int = 5,
-        retry_backoff: float = 0.25,
-        timeout: float | None = None,
-        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
-    ) -> None:
-        if not model:
-            raise InvalidArgument("model is empty: give the slug of the model to sample")
-        super().__init__(
-            url,
-            api_key,
-            max_retries=max_retries,
-            retry_backoff=retry_backoff,
-            timeout=timeout,
-            interceptors=interceptors,
-        )
-        self.model = model
+    _purpose = "sample"
 
     def sync(self) -> SyncSamplingClient:
         """A blocking client for the same model and settings."""
