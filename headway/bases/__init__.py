@@ -1,0 +1,52 @@
+"""Bases Headway builds itself, for machines that cannot download weights.
+
+A built base is an ordinary Hugging Face directory (`config.json`, `model.safetensors`,
+`tokenizer.json`, `tokenizer_config.json` with a chat template, `generation_config.json`)
+that `headway.modeling.load_model` and transformers both load, cached under
+`default_cache_dir()` and added to a store like any other base.
+
+- `tiny-arith` (`headway.bases.tiny_arith`): a ~0.8M-parameter Qwen3-family model with a
+  character tokenizer, pretrained on chat-formatted `a+b=` problems until it is right
+  sometimes (20–60% on held-out problems), so GRPO groups have reward spread.
+
+`BUILDERS` maps a base's name to its `ensure(cache_dir) -> Path` function as an
+"module:function" string, imported only when called: importing this package imports
+neither torch nor the builders (the CLI imports it on every invocation).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+BUILDERS: dict[str, str] = {"tiny-arith": "headway.bases.tiny_arith:ensure_tiny_arith"}
+
+
+def default_cache_dir() -> Path:
+    """Where built bases are cached: `$HEADWAY_HOME/bases`, else `~/.cache/headway/bases`."""
+    home = os.environ.get("HEADWAY_HOME")
+    if home:
+        return Path(home).expanduser() / "bases"
+    return Path.home() / ".cache" / "headway" / "bases"
+
+
+def builder(name: str) -> Callable[[Path], Path]:
+    """The `ensure(cache_dir) -> Path` function of the base `name` (imported now)."""
+    try:
+        target = BUILDERS[name]
+    except KeyError:
+        raise KeyError(
+            f"no built-in base named {name!r}; choose one of {', '.join(sorted(BUILDERS))}"
+        ) from None
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def ensure_base(name: str, cache_dir: Path | None = None) -> Path:
+    """The directory of the built base `name`, building it into `cache_dir` if missing."""
+    return builder(name)(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+
+
+__all__ = ["BUILDERS", "builder", "default_cache_dir", "ensure_base"]
