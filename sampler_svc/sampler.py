@@ -180,27 +180,29 @@ class Sampler:
         None when it cannot be loaded now without disturbing live rows.
         """
         key = (model, ckpt)
-        if key not in self.served:
-            self.served[key] = serving_refs(self.store, model, ckpt)
-        engine_ref, adapter_ref = self.served[key]
+        refs = self.served.get(key) or serving_refs(self.store, model, ckpt)
+        engine_ref, adapter_ref = refs
         entry = self._engine(engine_ref)
         if entry is None:
             return None
         self.engines.move_to_end(engine_ref)
         if adapter_ref is None:
-            return entry, NO_ADAPTER
-        if adapter_ref in entry.adapters:
+            slot = NO_ADAPTER
+        elif adapter_ref in entry.adapters:
             entry.adapters.move_to_end(adapter_ref)
-            return entry, entry.adapters[adapter_ref]
-        slot = self._free_slot(entry)
-        if slot is None:
-            return None
-        config, tensors = read_lora(self.store, adapter_ref)
-        entry.bank.load(slot, config, tensors)
-        entry.adapters[adapter_ref] = slot
-        log.info(
-            "loaded adapter %s/%s into slot %d", adapter_ref.model, adapter_ref.checkpoint, slot
-        )
+            slot = entry.adapters[adapter_ref]
+        else:
+            free = self._free_slot(entry)
+            if free is None:
+                return None
+            config, tensors = read_lora(self.store, adapter_ref)
+            entry.bank.load(free, config, tensors)
+            entry.adapters[adapter_ref] = slot = free
+            log.info(
+                "loaded adapter %s/%s into slot %d", adapter_ref.model, adapter_ref.checkpoint, slot
+            )
+        # Listed (and so advertised in the registry) only once its weights are in place.
+        self.served[key] = refs
         return entry, slot
 
     def _free_slot(self, entry: EngineEntry) -> int | None:
