@@ -286,7 +286,10 @@ def test_custom_losses_match_the_builtin_and_the_seed_example_runs(gateway_stack
         custom = await clients["custom"].forward_backward_custom(batch, is_loss, group_size=4)
         assert custom.num_datums == 8 and custom.metrics["custom/datums"] == 8
         assert custom.metrics["loss:sum"] == pytest.approx(custom.loss)
-        assert custom.loss == pytest.approx(builtin.metrics["loss:sum"], rel=1e-5, abs=1e-6)
+        # GRPO advantages sum to zero per group and the ratio is ~1, so the loss is a near-total
+        # cancellation of ~100 O(1) fp32 terms: its rounding is ~1e-6 to 1e-5 in absolute
+        # terms (1e-6 failed once in CI). The gradient check below is the exact one.
+        assert custom.loss == pytest.approx(builtin.metrics["loss:sum"], rel=1e-5, abs=2e-5)
         new = {n: await c.optim_step(**ADAM) for n, c in clients.items()}
         assert new["custom"].checkpoint_info.stats.loss_fn == "custom"
         builtin_w = weights_of(stack, new["builtin"].sampler_path)
