@@ -13,7 +13,7 @@ NODE_DIR   := clients/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 HAVE_NODE  := $(shell command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 && echo yes)
 
-.PHONY: install test lint protos bench bench-model bench-trainer bench-sampler bench-gateway clean
+.PHONY: install test lint protos demo bench bench-model bench-trainer bench-sampler bench-gateway clean
 
 install: $(STAMP) $(if $(HAVE_NODE),$(NODE_STAMP))
 
@@ -38,6 +38,11 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# GRPO on the project's own base, end to end on embedded defaults (see examples/demo.py):
+# builds tiny-arith once (cached in $$HEADWAY_HOME/bases), store and logs in .demo/.
+demo: install
+	$(PY) examples/demo.py
+
 protos: install
 	$(PY) protos/generate.py
 
@@ -56,4 +61,4 @@ bench-gateway: install
 	$(PY) bench/bench_gateway.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .demo

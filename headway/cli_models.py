@@ -109,16 +109,43 @@ def _checkpoints(args: argparse.Namespace) -> int:
         else:
             roots.append(c)
 
-    def show(c: common_pb2.Checkpoint, depth: int) -> None:
+    for line in tree_lines(roots, children):
+        print(line)
+    return 0
+
+
+def tree_lines(
+    roots: list[common_pb2.Checkpoint], children: dict[str, list[common_pb2.Checkpoint]]
+) -> list[str]:
+    """The tree as lines, oldest first: a chain of steps stays in one column; a later
+    child of a node (a branch made after `models head --set`) is indented one level under
+    the end of the line it branches from, with `└` and the node it starts from."""
+    lines: list[str] = []
+
+    def line(c: common_pb2.Checkpoint, depth: int, branch_of: str) -> None:
         mark = "▶" if c.is_head else " "
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.created.seconds))
-        print(f"{mark} {'  ' * depth}{c.id}  step {c.step}  {when}  {_stats(c)}".rstrip())
-        for child in children.get(c.id, []):
-            show(child, depth + 1)
+        lead = "  " * (depth - 1) + "└ " if depth else ""
+        origin = f"  (branch from {branch_of})" if branch_of else ""
+        lines.append(f"{mark} {lead}{c.id}  step {c.step}  {when}  {_stats(c)}{origin}".rstrip())
+
+    def chain(c: common_pb2.Checkpoint, depth: int, branch_of: str = "") -> None:
+        # Iterative along the chain (a long run must not hit the recursion limit);
+        # recursive only into branches, which are few.
+        branches: list[tuple[common_pb2.Checkpoint, str]] = []
+        node: common_pb2.Checkpoint | None = c
+        while node is not None:
+            line(node, depth, branch_of)
+            branch_of = ""
+            kids = children.get(node.id, [])
+            branches.extend((kid, node.id) for kid in kids[1:])
+            node = kids[0] if kids else None
+        for kid, parent in branches:
+            chain(kid, depth + 1, parent)
 
     for root in roots:
-        show(root, 0)
-    return 0
+        chain(root, 0)
+    return lines
 
 
 def _head(args: argparse.Namespace) -> int:
@@ -189,6 +216,61 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lineage(checkpoints: list[common_pb2.Checkpoint], last: str) -> list[common_pb2.Checkpoint]:
+    """The checkpoints from the root to `last`, following parent ids."""
+    by_id = {c.id: c for c in checkpoints}
+    line = []
+    node = by_id.get(last)
+    while node is not None:
+        line.append(node)
+        node = by_id.get(node.parent_id)
+    return line[::-1]
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    stub, md = _stub(args)
+    tree = stub.ListCheckpoints(model_pb2.ListCheckpointsRequest(model=args.model), metadata=md)
+    last = args.checkpoint or next((c.id for c in tree.checkpoints if c.is_head), "")
+    if last not in {c.id for c in tree.checkpoints}:
+        raise ValueError(
+            f"{args.model} has no checkpoint {last!r}: see `headway models checkpoints`"
+        )
+    # Nodes that trained (the fork's first node carries no stats of its own).
+    line = [c for c in _lineage(list(tree.checkpoints), last) if c.HasField("stats")]
+    if not line:
+        raise ValueError(f"{args.model} has no trained checkpoint up to {last}: nothing to plot")
+    out = Path(args.output)
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise ValueError(f"{out}: the plot is written as .png, .pdf or .svg; name it so")
+    if not out.parent.is_dir():
+        raise ValueError(f"{out.parent} is not a directory")
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    steps = [c.step for c in line]
+    mean = [c.stats.reward_mean for c in line]
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 5.5))
+    top.plot(steps, mean, marker="o", label="mean reward")
+    top.set_ylabel("reward")
+    top.legend(loc="best")
+    top.set_title(f"{args.model}: the head's lineage, up to {last}")
+    bottom.plot(steps, [c.stats.loss for c in line], marker="o", color="tab:red")
+    bottom.set_ylabel("loss")
+    bottom.set_xlabel("step")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out}: reward and loss of {len(line)} steps ({steps[0]}..{steps[-1]})")
+    return 0
+
+
 def _build_base(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -240,6 +322,12 @@ def add_commands(commands: Any, default_store: str) -> None:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--checkpoint", default="", help="default: the head")
     p.add_argument("--store", default=default_store)
+    p = command("plot", _plot, "plot reward and loss along the head's lineage (matplotlib)")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="the image file (.png, .pdf, .svg)")
+    p.add_argument(
+        "--checkpoint", default="", help="plot the lineage of this node (default: the head)"
+    )
     p = command("build-base", _build_base, "build (once, cached) a base the project ships")
     p.add_argument("name", choices=("tiny-arith",))
     p.add_argument("--cache", default="", help="cache directory (default $HEADWAY_HOME/bases)")
