@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=32, help="problems in the taskset")
     parser.add_argument("--full", action="store_true", help="full fine-tuning, not LoRA")
     args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps must be at least 2: the demo rolls the head back to a middle step")
     work = Path(args.dir).resolve()
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)  # a fresh story every run

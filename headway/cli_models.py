@@ -274,9 +274,22 @@ def _plot(args: argparse.Namespace) -> int:
 def _build_base(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from tqdm import tqdm
+
     from headway.bases import ensure_base
 
-    path = ensure_base(args.name, Path(args.cache) if args.cache else None)
+    # The bar goes to stderr, so stdout is the path alone: BASE=$(headway models build-base ...)
+    bar = tqdm(desc=f"building {args.name}", unit="step", file=sys.stderr)
+
+    def progress(step: int, steps: int, loss: float) -> None:
+        bar.total = steps
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        bar.update(step - bar.n)
+
+    try:
+        path = ensure_base(args.name, Path(args.cache) if args.cache else None, progress)
+    finally:
+        bar.close()
     print(path)
     return 0
 

@@ -150,3 +150,15 @@ def gateway_stack(sampling_stack):
     stack.gateway = node
     yield stack
     node.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_arith(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The default `tiny-arith` build (seed 0; about a minute), once per test session:
+    (its directory, the build's stats). Shared by the build test, the learning test, the
+    example and the demo tests, so the suite pays for one build."""
+    from headway.bases import tiny_arith as ta
+
+    path = tmp_path_factory.mktemp("bases") / ta.NAME
+    stats = ta.build_tiny_arith(path)
+    return path, stats

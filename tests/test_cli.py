@@ -83,3 +83,75 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(cli):
     assert code == 2 and "not valid" in err
     code, _, err = cli("models", "head", "tiny", "--set", "nope")
     assert code == 2 and err.count("\n") == 1
+
+
+def test_a_branch_is_indented_under_its_origin(cli, gateway_stack):
+    cli("models", "fork", "tiny", "--name", "m", "--lora-rank", "4")
+    g = gateway_stack.gateway
+    ids = []
+    for seed in range(3):
+        reply = g.train.Step(
+            training_pb2.StepRequest(model="m", data=batch(seed=seed), loss_fn="ppo", adam=adam())
+        )
+        ids.append(reply.optim_step.checkpoint)
+    cli("models", "head", "m", "--set", ids[0])
+    branch = g.train.Step(
+        training_pb2.StepRequest(model="m", data=batch(seed=9), loss_fn="ppo", adam=adam())
+    ).optim_step.checkpoint
+    code, out, _ = cli("models", "checkpoints", "m")
+    lines = out.strip().splitlines()
+    # The chain in one column, oldest first; the branch last, indented, saying where from.
+    assert code == 0 and len(lines) == 5
+    assert [line.split()[0] for line in lines[1:4]] == ids
+    assert lines[-1].startswith(f"▶ └ {branch}  step 2") and f"(branch from {ids[0]})" in lines[-1]
+
+
+def test_plot_draws_the_heads_lineage(cli, gateway_stack, tmp_path):
+    cli("models", "fork", "tiny", "--name", "m", "--lora-rank", "4")
+    code, _, err = cli("models", "plot", "m", "-o", str(tmp_path / "r.png"))
+    assert code == 2 and "nothing to plot" in err and not (tmp_path / "r.png").exists()
+    g = gateway_stack.gateway
+    ids = [
+        g.train.Step(
+            training_pb2.StepRequest(model="m", data=batch(seed=s), loss_fn="ppo", adam=adam())
+        ).optim_step.checkpoint
+        for s in range(3)
+    ]
+    code, out, _ = cli("models", "plot", "m", "-o", str(tmp_path / "r.png"))
+    assert code == 0 and "3 steps (1..3)" in out
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The lineage of another node; an SVG by its suffix.
+    code, out, _ = cli("models", "plot", "m", "-o", str(tmp_path / "r.svg"), "--checkpoint", ids[1])
+    assert code == 0 and "2 steps (1..2)" in out and b"<svg" in (tmp_path / "r.svg").read_bytes()
+    for argv, message in [
+        (["nope", "-o", str(tmp_path / "x.png")], "nope"),
+        (["m", "-o", str(tmp_path / "x.txt")], ".png, .pdf or .svg"),
+        (["m", "-o", str(tmp_path / "missing" / "x.png")], "not a directory"),
+        (["m", "-o", str(tmp_path / "x.png"), "--checkpoint", "s9"], "no checkpoint 's9'"),
+    ]:
+        code, _, err = cli("models", "plot", *argv)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.glob("*.*")) == ["r.png", "r.svg"]  # nothing else
+
+
+def test_build_base_builds_once_with_a_progress_bar(monkeypatch, capsys, tmp_path):
+    from headway.bases import tiny_arith as ta
+
+    real = ta.build_tiny_arith
+    builds = []
+
+    def quick(out_dir, **kwargs):  # the recipe cut to 20 steps: the CLI is under test here
+        builds.append(out_dir)
+        return real(out_dir, steps=20, progress=kwargs.get("progress"))
+
+    monkeypatch.setattr(ta, "build_tiny_arith", quick)
+    cache = tmp_path / "cache"
+    assert main(["models", "build-base", "tiny-arith", "--cache", str(cache)]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == str(cache / "tiny-arith") and len(builds) == 1
+    assert "20/20" in out.err  # the progress bar went to stderr, the path alone to stdout
+    assert main(["models", "build-base", "tiny-arith", "--cache", str(cache)]) == 0
+    assert capsys.readouterr().out.strip() == str(cache / "tiny-arith") and len(builds) == 1
+    with pytest.raises(SystemExit) as exit_:
+        main(["models", "build-base", "nope"])
+    assert exit_.value.code == 2

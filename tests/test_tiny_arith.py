@@ -229,9 +229,9 @@ def test_registry_and_reward_import_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_full_default_build_is_right_sometimes(tmp_path):
+def test_full_default_build_is_right_sometimes(tiny_arith):
     """The default build: held-out greedy accuracy in [0.2, 0.6], sampling gives spread."""
-    stats = ta.build_tiny_arith(tmp_path / "full")
+    path, stats = tiny_arith
     print(
         f"tiny-arith seed 0: {stats['steps']} steps, {stats['params']} params, "
         f"build {stats['build_seconds']} s, greedy {stats['held_out_greedy_accuracy']:.3f}, "
@@ -240,7 +240,7 @@ def test_full_default_build_is_right_sometimes(tmp_path):
     assert 0.2 <= stats["held_out_greedy_accuracy"] <= 0.6
     assert 0.1 <= stats["held_out_sampled_accuracy"] <= 0.6
     # The saved model scores what the build measured, and its completions are answers.
-    model, tokenizer = load_model(tmp_path / "full")
+    model, tokenizer = load_model(path)
     held = ta.held_out_problems()
     assert ta.accuracy(model, tokenizer, held) == stats["held_out_greedy_accuracy"]
     completions = ta.complete(model, tokenizer, [t for t, _ in held])

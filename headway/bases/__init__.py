@@ -32,8 +32,13 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "headway" / "bases"
 
 
-def builder(name: str) -> Callable[[Path], Path]:
-    """The `ensure(cache_dir) -> Path` function of the base `name` (imported now)."""
+# ensure(cache_dir, progress=None) -> Path; progress(step, steps, loss) during a build.
+Ensure = Callable[..., Path]
+Progress = Callable[[int, int, float], None]
+
+
+def builder(name: str) -> Ensure:
+    """The `ensure(cache_dir, progress=None) -> Path` function of the base `name` (imported now)."""
     try:
         target = BUILDERS[name]
     except KeyError:
@@ -44,9 +49,11 @@ def builder(name: str) -> Callable[[Path], Path]:
     return getattr(importlib.import_module(module), function)
 
 
-def ensure_base(name: str, cache_dir: Path | None = None) -> Path:
-    """The directory of the built base `name`, building it into `cache_dir` if missing."""
-    return builder(name)(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+def ensure_base(name: str, cache_dir: Path | None = None, progress: Progress | None = None) -> Path:
+    """The directory of the built base `name`, building it into `cache_dir` if missing
+    (`progress(step, steps, loss)` is called as the build trains)."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return builder(name)(cache, progress=progress)
 
 
 __all__ = ["BUILDERS", "builder", "default_cache_dir", "ensure_base"]
