@@ -1,8 +1,9 @@
 """The seed's training loop on Headway: GRPO on `tiny-arith` problems, through the gateway.
 
-With a stack running (`headway serve`) and a fork of the base
-(`headway models fork tiny-arith --name arith-rl`):
+With a stack running (`headway serve`) and the base registered and forked:
 
+    headway models add-base "$(headway models build-base tiny-arith)" --name tiny-arith
+    headway models fork tiny-arith --name arith-rl
     python examples/train.py --steps 10
 
 `make demo` does all of it on embedded defaults and shows what training did.
@@ -21,8 +22,8 @@ from headway.bases.tiny_arith import reward, train_problems
 from headway.eval import Job, Task, Taskset
 from headway.types import Run
 
-# Sized on tiny-arith: GRPO with the importance-sampling loss climbs steadily here; much
-# higher and the reward swings (see headway/bases/tiny_arith.py).
+# For a LoRA fork of tiny-arith (measured): 1e-4 barely moves in 12 steps; 2e-3 climbs
+# faster on the taskset while held-out accuracy falls.
 DEFAULT_LEARNING_RATE = 1e-3
 
 
