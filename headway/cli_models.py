@@ -186,7 +186,16 @@ def _delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _needs_server(command: str) -> None:
+    """ValueError (one line, exit 2) when the torch-side modules a command runs are missing."""
+    from headway.cli import missing_extra
+
+    if message := missing_extra("server", command):
+        raise ValueError(message.split(": ", 1)[1])
+
+
 def _export(args: argparse.Namespace) -> int:
+    _needs_server("models export")
     import shutil
     from pathlib import Path
 
@@ -272,6 +281,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _build_base(args: argparse.Namespace) -> int:
+    _needs_server("models build-base")
     from pathlib import Path
 
     from tqdm import tqdm

@@ -632,10 +632,11 @@ class TrainingClient(_ModelClient):
         runs the forward, we backpropagate your scalar loss to the logprobs and send
         `-d loss / d logprob` per token back, and the service applies it through the
         model: the accumulated gradient is your loss's. `metrics` (numbers) are recorded
-        on the next checkpoint. Needs torch.
+        on the next checkpoint. Needs torch (`pip install 'headway[train]'`).
         """
-        from headway.train import compute_weights, datum_tensors
+        from headway.train import compute_weights, datum_tensors, require_torch
 
+        require_torch()  # before ForwardCustom: nothing is left half-done on the trainer
         g = group_size or 0
         items = training_items(batch, group_size=g)
         forward = await self._train(

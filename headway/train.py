@@ -96,6 +96,17 @@ def _metric(name: str, value: Any) -> float:
     return number
 
 
+def require_torch() -> None:
+    """ImportError saying what to install when torch is missing (before any call is made)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise ImportError(
+            "custom losses are computed in your own torch, which is not installed: "
+            "pip install 'headway[train]' (the built-in losses need no torch)"
+        )
+
+
 def compute_weights(
     data: list[DatumTensors], loss_fn: CustomLossFn
 ) -> tuple[list[np.ndarray], float, dict[str, float]]:
