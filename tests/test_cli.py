@@ -22,15 +22,19 @@ def cli(gateway_stack, monkeypatch, capsys):
     return run
 
 
+def train(stack, seeds: range | list[int], model: str = "m") -> list[str]:
+    """One PPO Step per seed through the gateway; the new checkpoint ids."""
+    return [
+        stack.gateway.train.Step(
+            training_pb2.StepRequest(model=model, data=batch(seed=s), loss_fn="ppo", adam=adam())
+        ).optim_step.checkpoint
+        for s in seeds
+    ]
+
+
 def test_fork_list_tree_and_head_set(cli, gateway_stack):
     assert cli("models", "fork", "tiny", "--name", "m", "--lora-rank", "4")[0] == 0
-    g = gateway_stack.gateway
-    ids = []
-    for seed in range(2):
-        reply = g.train.Step(
-            training_pb2.StepRequest(model="m", data=batch(seed=seed), loss_fn="ppo", adam=adam())
-        )
-        ids.append(reply.optim_step.checkpoint)
+    ids = train(gateway_stack, range(2))
     code, out, _ = cli("models", "list")
     assert code == 0 and "m" in out and "lora r4" in out
     code, out, _ = cli("models", "checkpoints", "m")
@@ -87,17 +91,9 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(cli):
 
 def test_a_branch_is_indented_under_its_origin(cli, gateway_stack):
     cli("models", "fork", "tiny", "--name", "m", "--lora-rank", "4")
-    g = gateway_stack.gateway
-    ids = []
-    for seed in range(3):
-        reply = g.train.Step(
-            training_pb2.StepRequest(model="m", data=batch(seed=seed), loss_fn="ppo", adam=adam())
-        )
-        ids.append(reply.optim_step.checkpoint)
+    ids = train(gateway_stack, range(3))
     cli("models", "head", "m", "--set", ids[0])
-    branch = g.train.Step(
-        training_pb2.StepRequest(model="m", data=batch(seed=9), loss_fn="ppo", adam=adam())
-    ).optim_step.checkpoint
+    [branch] = train(gateway_stack, [9])
     code, out, _ = cli("models", "checkpoints", "m")
     lines = out.strip().splitlines()
     # The chain in one column, oldest first; the branch last, indented, saying where from.
@@ -110,13 +106,7 @@ def test_plot_draws_the_heads_lineage(cli, gateway_stack, tmp_path):
     cli("models", "fork", "tiny", "--name", "m", "--lora-rank", "4")
     code, _, err = cli("models", "plot", "m", "-o", str(tmp_path / "r.png"))
     assert code == 2 and "nothing to plot" in err and not (tmp_path / "r.png").exists()
-    g = gateway_stack.gateway
-    ids = [
-        g.train.Step(
-            training_pb2.StepRequest(model="m", data=batch(seed=s), loss_fn="ppo", adam=adam())
-        ).optim_step.checkpoint
-        for s in range(3)
-    ]
+    ids = train(gateway_stack, range(3))
     code, out, _ = cli("models", "plot", "m", "-o", str(tmp_path / "r.png"))
     assert code == 0 and "3 steps (1..3)" in out
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
