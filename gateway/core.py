@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from gateway.config import GatewayConfig
+from gateway.replies import ReplyCache
 from gateway.routing import NoReplica, Router
 from gateway.traces import TraceStore
 from headway.errors import InvalidArgument, NotFound, Unavailable
@@ -37,6 +38,7 @@ class Gateway:
         self.keys = KeyRing(config.store)
         self.router = Router(redis, config.redis_prefix, config.registry_cache_seconds)
         self.traces = TraceStore(redis, config.redis_prefix, config.trace_retention_seconds)
+        self.replies = ReplyCache(redis, config.redis_prefix)
         self.trainer = grpc.aio.insecure_channel(config.trainer, options=CHANNEL_OPTIONS)
         self._raw: dict[str, Any] = {}
 

@@ -6,8 +6,10 @@
 in a trace (its `trace_id` comes back on the choice, and at the top for n = 1);
 `checkpoint` pins a checkpoint; `prompt_token_ids` replaces the rendered prompt (a
 continued multi-turn trajectory, token-exact); `trace_id` appends the turn to an existing
-trace. Errors use OpenAI's JSON shape. Chat templates are rendered here, from the base's
-tokenizer files (no torch in the gateway).
+trace. A request that records a trace and carries an `Idempotency-Key` header is answered
+once: a retry gets the stored reply (see `gateway.replies`). Errors use OpenAI's JSON
+shape. Chat templates are rendered here, from the base's tokenizer files (no torch in the
+gateway).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import grpc
@@ -23,6 +26,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from gateway import replies
 from gateway.core import Gateway
 from headway.errors import HeadwayError, InvalidArgument
 from headway.tensors import to_tensor
@@ -38,6 +42,7 @@ _STATUS = {
     "PERMISSION_DENIED": 403,
     "NOT_FOUND": 404,
     "ALREADY_EXISTS": 409,
+    "ABORTED": 409,
     "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 504,
 }
@@ -182,7 +187,8 @@ def create_app(gateway: Gateway) -> Any:
             prompt = tok.apply_chat_template(
                 [_message(m, i) for i, m in enumerate(messages)], add_generation_prompt=True
             )
-        return await _complete(gateway, tok, body, model, team, prompt, chat=True)
+        run = partial(_complete, gateway, tok, body, model, team, prompt, chat=True)
+        return await _once(gateway, request, team, body, run)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -199,9 +205,45 @@ def create_app(gateway: Gateway) -> Any:
         else:
             raise HTTPError(400, "prompt must be a string or a list of token ids", param="prompt")
         body.setdefault("max_tokens", 16)  # OpenAI's default for completions
-        return await _complete(gateway, tok, body, model, team, prompt, chat=False)
+        run = partial(_complete, gateway, tok, body, model, team, prompt, chat=False)
+        return await _once(gateway, request, team, body, run)
 
     return BodyLimit(app, gateway.config.max_body_bytes)
+
+
+async def _once(
+    gateway: Gateway,
+    request: Request,
+    team: str,
+    body: dict[str, Any],
+    run: Callable[[], Awaitable[Any]],
+) -> Any:
+    """The reply of `run()`, run at most once per Idempotency-Key when the request records
+    a trace.
+
+    Without a key, or without `return_token_ids` (a plain sample changes nothing, so a
+    repeat is harmless), the request just runs.
+    """
+    key = request.headers.get(replies.HEADER)
+    if key is None or not body.get("return_token_ids"):
+        return await run()
+    if body.get("stream"):
+        raise HTTPError(
+            400,
+            "Idempotency-Key is supported on non-streaming requests: drop stream, or the key",
+            param="stream",
+        )
+    key, digest = replies.check_key(key), replies.body_digest(body)
+    stored = await gateway.replies.claim(team, key, digest)
+    if stored is not None:
+        return stored
+    try:
+        out = await run()
+    except BaseException:
+        await gateway.replies.release(team, key)
+        raise
+    await gateway.replies.store(team, key, digest, out)
+    return out
 
 
 def _required_str(body: dict[str, Any], name: str) -> str:

@@ -25,6 +25,7 @@ import asyncio
 import copy
 import inspect
 import os
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -141,6 +142,11 @@ class Agent:
         import openai
 
         kwargs = copy.deepcopy(self.completion_kwargs)
+        if self.records_tokens:
+            # The turn is recorded in a trace: one key per turn, reused by the openai
+            # client's own retries, so a retried request never records the turn twice.
+            headers = kwargs.get("extra_headers") or {}
+            kwargs["extra_headers"] = {"Idempotency-Key": f"hw-{uuid.uuid4().hex}", **headers}
         if trace_id:
             # Append this turn to the episode's trace instead of starting a new one.
             kwargs["extra_body"] = {**(kwargs.get("extra_body") or {}), "trace_id": trace_id}

@@ -29,7 +29,9 @@ def sample_req(model, checkpoint="", **params):
     )
 
 
-def post(url: str, body: bytes | list[bytes]) -> tuple[int, dict]:
+def post(
+    url: str, body: bytes | list[bytes], headers: dict[str, str] | None = None
+) -> tuple[int, dict]:
     """A raw HTTP POST (a list body is sent chunked, without Content-Length)."""
     import http.client
     import json
@@ -46,7 +48,12 @@ def post(url: str, body: bytes | list[bytes]) -> tuple[int, dict]:
             headers={"Transfer-Encoding": "chunked", "Content-Type": "application/json"},
         )
     else:
-        conn.request("POST", u.path, body=body, headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            u.path,
+            body=body,
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )
     response = conn.getresponse()
     status, data = response.status, json.loads(response.read() or b"{}")
     conn.close()
@@ -213,6 +220,71 @@ def test_openai_chat_returns_token_ids_logprobs_and_a_trace(gateway_stack):
         extra_body={"return_token_ids": True},
     )
     assert [ch.token_ids for ch in again.choices] == [ch.token_ids for ch in c.choices]
+
+
+def test_a_retried_recording_request_is_answered_once(gateway_stack):
+    """An Idempotency-Key makes a retried turn return the first reply and record nothing
+    more: without it a client retry (timeout, 5xx) would add a turn the client never saw."""
+    import json
+
+    from gateway.replies import ReplyCache, body_digest
+
+    g = gateway_stack.gateway
+    client = openai.OpenAI(base_url=g.http_url, api_key="local")
+
+    def chat(key: str | None, **extra) -> openai.types.chat.ChatCompletion:
+        return client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "what is 1 plus 2?"}],
+            max_tokens=8,
+            temperature=1.0,  # unseeded: a second sample would differ
+            extra_body={"return_token_ids": True, **extra},
+            extra_headers={"Idempotency-Key": key} if key else None,
+        )
+
+    def turns(trace_id: str) -> int:
+        return len(g.traces.GetTrace(trace_pb2.GetTraceRequest(trace_id=trace_id)).turns)
+
+    first = chat("k-1")
+    again = chat("k-1")
+    assert again.model_dump() == first.model_dump()  # the same reply: tokens, ids, trace
+    assert turns(first.trace_id) == 1
+    # A retried continuation appends once too.
+    follow = chat("k-2", trace_id=first.trace_id)
+    assert chat("k-2", trace_id=first.trace_id).model_dump() == follow.model_dump()
+    assert follow.trace_id == first.trace_id and turns(first.trace_id) == 2
+    # Without a key every request is new.
+    assert chat(None).trace_id != chat(None).trace_id
+
+    url = f"{g.http_url}/chat/completions"
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+        "return_token_ids": True,
+    }
+    raw = json.dumps(body).encode()
+    # The same key with another body; a malformed key; with streaming: 400, nothing run.
+    status, reply = post(url, raw, {"Idempotency-Key": "k-1"})
+    assert status == 400 and "different request body" in reply["error"]["message"]
+    status, reply = post(url, raw, {"Idempotency-Key": "x" * 256})
+    assert status == 400 and "printable ASCII" in reply["error"]["message"]
+    streamed = json.dumps({**body, "stream": True}).encode()
+    status, reply = post(url, streamed, {"Idempotency-Key": "k-3"})
+    assert status == 400 and "non-streaming" in reply["error"]["message"]
+    # A failed request releases its key: the retry runs again (and fails the same way).
+    pinned = json.dumps({**body, "checkpoint": "s999999-nope"}).encode()
+    for _ in range(2):
+        status, reply = post(url, pinned, {"Idempotency-Key": "k-4"})
+        assert status == 404, reply
+    # While another gateway holds the key (claimed, not answered): 409, try again later.
+    cache = ReplyCache(g.gateway.redis, g.config.redis_prefix)
+    assert g.server.run(cache.claim("", "k-5", body_digest(body))) is None
+    status, reply = post(url, raw, {"Idempotency-Key": "k-5"})
+    assert status == 409 and "still in progress" in reply["error"]["message"]
+    g.server.run(cache.release("", "k-5"))
+    status, reply = post(url, raw, {"Idempotency-Key": "k-5"})
+    assert status == 200 and turns(reply["trace_id"]) == 1
 
 
 def test_openai_multi_turn_continues_one_trace(gateway_stack):
