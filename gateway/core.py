@@ -8,6 +8,8 @@ failover, trace resolution for training inputs, and the trainer channel. No torc
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -25,6 +27,8 @@ from headway.store import CheckpointStore, ModelRecord
 from headway.v1 import common_pb2, sampling_pb2
 
 log = logging.getLogger(__name__)
+# How long a trainer call waits for the trainer's channel to (re)connect before trying.
+TRAINER_CONNECT_SECONDS = 3.0
 Metadata = Sequence[tuple[str, str]]
 
 
@@ -78,6 +82,20 @@ class Gateway:
         return self.store.head(model)
 
     # -------------------------------------------------------------- trainer
+    async def trainer_ready(self, deadline: float | None) -> None:
+        """Wait (at most TRAINER_CONNECT_SECONDS, within the call's deadline) for the trainer
+        channel to connect when it is not connected: after a refused connection gRPC waits
+        out a backoff before redialling, and a call made meanwhile fails at once although
+        the trainer may be up. If it does not connect, the call goes ahead and fails with
+        the real error."""
+        if self.trainer.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+            return
+        wait = (
+            TRAINER_CONNECT_SECONDS if deadline is None else min(deadline, TRAINER_CONNECT_SECONDS)
+        )
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.trainer.channel_ready(), wait)
+
     def raw(self, path: str) -> Any:
         """A bytes-in, bytes-out callable for a trainer method (no re-encoding)."""
         if path not in self._raw:

@@ -51,6 +51,7 @@ def _relay(gateway: Gateway, service: str, method: str) -> grpc.RpcMethodHandler
                 message = parse.FromString(request)
                 if await gateway.resolve_traces(message.data, team):
                     request = message.SerializeToString()
+            await gateway.trainer_ready(context.time_remaining())
             return await gateway.raw(path)(
                 request, metadata=[(TEAM_HEADER, team)], timeout=context.time_remaining()
             )

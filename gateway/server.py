@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from gateway.config import GatewayConfig
 from gateway.core import Gateway
 from gateway.grpc_services import GatewaySampling, relay_handlers
+from gateway.health import HealthMonitor
 from gateway.trace_service import TraceServicer
 from headway.grpc_util import SERVER_OPTIONS, add_health_and_reflection, bind, until_signalled
 from headway.v1 import (
@@ -43,10 +44,13 @@ class GatewayProcess:
     port: int
     gateway: Gateway
     http_port: int = 0
+    health: HealthMonitor | None = None
     _http: object | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def close(self, grace: float = 1.0) -> None:
+        if self.health is not None:
+            await self.health.stop()
         if self._http is not None:
             self._http.should_exit = True  # type: ignore[attr-defined]
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -71,9 +75,14 @@ async def create_gateway(
     trace_pb2_grpc.add_TraceServiceServicer_to_server(
         TraceServicer(gateway.traces, team_of, gateway.model_visible), server
     )
-    await add_health_and_reflection(server, SERVICES)
+    servicer = await add_health_and_reflection(server, SERVICES)
     port = bind(server, address, "gateway")
-    process = GatewayProcess(server, port, gateway)
+    health = HealthMonitor(
+        servicer, redis, config.redis_prefix, gateway.trainer, config.health_interval_seconds
+    )
+    await health.check()  # true from the first answer on, not optimistic
+    health.start()
+    process = GatewayProcess(server, port, gateway, health=health)
     if config.http_listen:
         await _start_http(process, config.http_listen)
     if config.auth:

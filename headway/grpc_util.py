@@ -23,6 +23,10 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # training batches and logprob tensors ar
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # A restarted service is dialled again within 2 s (gRPC's default backoff grows to
+    # 120 s, far too long for a trainer or replica that is back after a crash).
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 # Servers refuse a port another process holds (gRPC's default, SO_REUSEPORT, would let two
 # trainers on one port silently split the traffic).
@@ -56,8 +60,12 @@ def maps_errors(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-async def add_health_and_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
-    """Serve the standard health service (every service SERVING) and server reflection."""
+async def add_health_and_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> Any:
+    """Serve the standard health service (every service SERVING) and server reflection.
+
+    Returns the health servicer, for a process whose health depends on others (the
+    gateway's, see `gateway.health`) to update with `await servicer.set(name, status)`.
+    """
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
@@ -68,6 +76,7 @@ async def add_health_and_reflection(server: grpc.aio.Server, services: tuple[str
     reflection.enable_server_reflection(
         (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    return servicer
 
 
 def bind(server: grpc.aio.Server, address: str, what: str) -> int:

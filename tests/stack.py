@@ -90,17 +90,19 @@ def set_torch_threads() -> None:
 class TrainerStack:
     """A trainer server plus stubs; `.trainer` is the domain object behind it."""
 
-    def __init__(self, store: Path, **config: Any) -> None:
+    def __init__(
+        self, store: Path, address: str = "127.0.0.1:0", prefix: str = "", **config: Any
+    ) -> None:
         from headway.v1 import model_pb2_grpc, training_pb2_grpc
         from trainer_svc.config import TrainerConfig
         from trainer_svc.server import create_server
 
         set_torch_threads()
-        self.prefix = redis_prefix()
+        self.prefix = prefix or redis_prefix()
         self.config = TrainerConfig(
             store=store, redis_url=REDIS_URL, redis_prefix=self.prefix, **config
         )
-        self.server = ServerThread(lambda: create_server(self.config))
+        self.server = ServerThread(lambda: create_server(self.config, address))
         self.trainer = self.server.payload
         self.channel = self.server.channel()
         self.models = model_pb2_grpc.ModelServiceStub(self.channel)

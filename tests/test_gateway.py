@@ -116,6 +116,63 @@ def test_every_service_health_and_reflection_on_one_port(gateway_stack):
     } <= names
 
 
+def test_health_follows_the_trainer_and_the_sampler_replicas(tmp_path, tiny_base):
+    """SERVING per service only while what it needs answers: a load balancer can trust it."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.stack import free_port
+
+    trainer = TrainerStack(tmp_path / "store")
+    trainer.add_base(tiny_base, "tiny")
+    store, prefix = trainer.config.store, trainer.prefix
+    names = ("", "headway.v1.TraceService", "headway.v1.ModelService")
+    names += ("headway.v1.TrainingService", "headway.v1.SamplingService")
+
+    def serving(node: GatewayNode) -> tuple[bool, ...]:
+        health = health_pb2_grpc.HealthStub(node.channel)
+        ok = health_pb2.HealthCheckResponse.SERVING
+        return tuple(
+            health.Check(health_pb2.HealthCheckRequest(service=n)).status == ok for n in names
+        )
+
+    def wait_for(node: GatewayNode, want: tuple[bool, ...]) -> None:
+        deadline = time.monotonic() + 15
+        while serving(node) != want and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert serving(node) == want
+
+    # No trainer at its address, no replica registered: Redis-backed services only.
+    lonely = GatewayNode(  # its trainer address: a free port nobody listens on
+        store, prefix, f"127.0.0.1:{free_port()}", http=False, health_interval_seconds=0.2
+    )
+    gateway = GatewayNode(
+        store, prefix, trainer.server.address, http=False, health_interval_seconds=0.2
+    )
+    replica = None
+    try:
+        assert serving(lonely) == (True, True, False, False, False)
+        assert serving(gateway) == (True, True, True, True, False)
+        replica = SamplerReplica(store, prefix, max_seq_len=256)
+        wait_for(gateway, (True, True, True, True, True))
+        wait_for(lonely, (True, True, False, False, True))
+        replica.stop()  # a clean stop leaves the registry at once
+        replica = None
+        wait_for(gateway, (True, True, True, True, False))
+        trainer.stop()
+        trainer = None
+        wait_for(gateway, (True, True, False, False, False))
+        # A trainer that comes up where the lonely gateway dials: its calls go through at
+        # once (no waiting out gRPC's reconnect backoff), and its health follows.
+        trainer = TrainerStack(store, address=lonely.config.trainer, prefix=prefix)
+        models = lonely.models.ListModels(model_pb2.ListModelsRequest(), timeout=10).models
+        assert [m.slug for m in models] == ["tiny"]
+        wait_for(lonely, (True, True, True, True, False))
+    finally:
+        for node in (lonely, gateway, replica, trainer):
+            if node is not None:
+                node.stop()
+
+
 def test_pinned_checkpoint_through_the_gateway(gateway_stack):
     g = gateway_stack.gateway
     g.models.ForkModel(model_pb2.ForkModelRequest(source="tiny", name="m"))
