@@ -81,6 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
         trainer_listen=args.trainer_listen,
         sampler_port_base=args.sampler_port_base,
         start_timeout=args.start_timeout,
+        threads=args.threads,
     )
     return run(config)
 
@@ -154,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=120.0,
         help="seconds every service has to become healthy (default 120)",
+    )
+    serve.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per trainer/sampler process (default: the cores split evenly "
+        "between the trainer and the samplers)",
     )
     serve.set_defaults(func=_serve)
 

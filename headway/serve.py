@@ -60,6 +60,7 @@ class ServeConfig:
     trainer_listen: str = "127.0.0.1:50052"
     sampler_port_base: int = 50053  # replica i listens on base + i, on the trainer's host
     start_timeout: float = 120.0  # seconds for every service to report SERVING
+    threads: int = 0  # torch threads per trainer/sampler process; 0 = cores / (1 + samplers)
     stop_timeout: float = 10.0  # seconds between SIGTERM and SIGKILL
 
 
@@ -78,6 +79,12 @@ class Service:
     @property
     def dial(self) -> str:
         return dial_address(self.listen)
+
+
+def torch_threads(samplers: int) -> int:
+    """Threads per torch process when a trainer and `samplers` samplers share this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // (1 + samplers))
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -277,11 +284,14 @@ class LocalStack:
             raise ConfigError(str(e)) from None
         host = f"[{trainer_host}]" if ":" in trainer_host else trainer_host
         common = ["--store", str(self.store), "--redis-prefix", c.redis_prefix]
+        # The torch processes (trainer + samplers) share this machine's cores instead of
+        # each taking all of them (oversubscribed threads slow every one down).
+        threads = ["--threads", str(c.threads or torch_threads(c.samplers))]
         py = [sys.executable, "-m"]
         services = [
             Service(
                 "trainer",
-                [*py, "trainer_svc", "--listen", c.trainer_listen, *common],
+                [*py, "trainer_svc", "--listen", c.trainer_listen, *threads, *common],
                 c.trainer_listen,
                 self.logs / "trainer.log",
             )
@@ -297,7 +307,7 @@ class LocalStack:
                     f"sampler-{i}",
                     [*py, "sampler_svc", "--listen", listen, "--replica-id", f"sampler-{i}"]
                     # The gateway dials what the replica registers: never a wildcard.
-                    + ["--advertise", dial_address(listen), *common],
+                    + ["--advertise", dial_address(listen), *threads, *common],
                     listen,
                     self.logs / f"sampler-{i}.log",
                 )

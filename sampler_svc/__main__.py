@@ -38,6 +38,13 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=int(env("HEADWAY_MAX_SEQ_LEN", "2048")))
     p.add_argument("--adapter-slots", type=int, default=int(env("HEADWAY_ADAPTER_SLOTS", "8")))
     p.add_argument("--max-lora-rank", type=int, default=int(env("HEADWAY_MAX_LORA_RANK", "64")))
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=int(env("HEADWAY_TORCH_THREADS", "0")),
+        help="torch CPU threads (HEADWAY_TORCH_THREADS; 0 = torch's default, one per core): "
+        "give each process of a machine its share of the cores",
+    )
     p.add_argument("--log-level", default=env("HEADWAY_LOG_LEVEL", "INFO"))
     args = p.parse_args()
     logging.basicConfig(
@@ -55,6 +62,10 @@ def main() -> None:
         adapter_slots=args.adapter_slots,
         max_lora_rank=args.max_lora_rank,
     )
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     asyncio.run(serve(config, args.listen))
 
 

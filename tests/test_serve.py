@@ -175,6 +175,12 @@ def test_serve_end_to_end(tmp_path: Path, ports: dict[str, int]) -> None:
         assert _children(serve.proc.pid) == services  # nothing else, nothing missing
         for name in ("trainer", "sampler-0", "gateway"):
             assert str(store / "logs" / f"{name}.log") in out
+        # The torch processes split the cores instead of each taking all of them.
+        from headway.serve import torch_threads
+
+        for name in ("trainer", "sampler-0"):
+            argv = Path(f"/proc/{pids[name]}/cmdline").read_bytes().split(b"\0")
+            assert argv[argv.index(b"--threads") + 1] == str(torch_threads(1)).encode()
 
         channel = grpc.insecure_channel(grpc_addr, options=CHANNEL_OPTIONS)
         models = model_pb2_grpc.ModelServiceStub(channel)

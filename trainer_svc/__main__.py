@@ -34,6 +34,13 @@ def main() -> None:
     p.add_argument(
         "--max-loaded-models", type=int, default=int(env("HEADWAY_MAX_LOADED_MODELS", "8"))
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=int(env("HEADWAY_TORCH_THREADS", "0")),
+        help="torch CPU threads (HEADWAY_TORCH_THREADS; 0 = torch's default, one per core): "
+        "give each process of a machine its share of the cores",
+    )
     p.add_argument("--log-level", default=env("HEADWAY_LOG_LEVEL", "INFO"))
     args = p.parse_args()
     logging.basicConfig(
@@ -45,6 +52,10 @@ def main() -> None:
         redis_prefix=args.redis_prefix,
         max_loaded_models=args.max_loaded_models,
     )
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     asyncio.run(serve(config, args.listen))
 
 
