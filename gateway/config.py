@@ -23,5 +23,7 @@ class GatewayConfig:
     max_body_bytes: int = 32 * 1024 * 1024  # HTTP bodies over this are refused (413) unread
     trace_retention_seconds: float = 7 * 24 * 3600.0
     registry_cache_seconds: float = 0.25  # how long a replica listing is reused
+    redis_max_connections: int = 256  # Redis connections of this gateway; more requests wait
+    redis_pool_timeout: float = 20.0  # seconds a request waits for a free Redis connection
     # How often health statuses are re-checked against Redis, the trainer and the registry.
     health_interval_seconds: float = 1.0

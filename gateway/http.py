@@ -15,6 +15,7 @@ gateway).
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,6 +33,8 @@ from headway.errors import HeadwayError, InvalidArgument
 from headway.tensors import to_tensor
 from headway.tokenizer import Tokenizer
 from headway.v1 import common_pb2, sampling_pb2
+
+log = logging.getLogger(__name__)
 
 _STATUS = {
     "INVALID_ARGUMENT": 400,
@@ -242,7 +245,12 @@ async def _once(
     except BaseException:
         await gateway.replies.release(team, key)
         raise
-    await gateway.replies.store(team, key, digest, out)
+    try:
+        await gateway.replies.store(team, key, digest, out)
+    except Exception:
+        # The turn is recorded: answer it anyway (a retry would find the key still
+        # claimed, 409, rather than record the turn twice).
+        log.exception("could not store the reply of an Idempotency-Key request")
     return out
 
 

@@ -63,7 +63,15 @@ async def create_gateway(
     config: GatewayConfig, address: str = "127.0.0.1:0"
 ) -> tuple[grpc.aio.Server, int, GatewayProcess]:
     """A bound gRPC server (not started) and, if configured, the HTTP API (started)."""
-    redis = aioredis.from_url(config.redis_url)
+    # A blocking pool: a burst of requests (every recorded turn, idempotency key and trace
+    # read takes a connection) waits for a free connection instead of failing at redis-py's
+    # default limit of 100 with "Too many connections".
+    pool = aioredis.BlockingConnectionPool.from_url(
+        config.redis_url,
+        max_connections=config.redis_max_connections,
+        timeout=config.redis_pool_timeout,
+    )
+    redis = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
     gateway = Gateway(config, redis)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers(relay_handlers(gateway))

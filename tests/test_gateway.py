@@ -344,6 +344,35 @@ def test_a_retried_recording_request_is_answered_once(gateway_stack):
     assert status == 200 and turns(reply["trace_id"]) == 1
 
 
+def test_a_burst_of_recording_requests_all_succeed_first_time(gateway_stack):
+    """A training step's rollouts arrive at once: each takes Redis connections (its trace,
+    its idempotency key). 160 concurrent requests, no client retries: all answered."""
+    import asyncio
+
+    g = gateway_stack.gateway
+
+    async def burst() -> list[openai.types.chat.ChatCompletion]:
+        client = openai.AsyncOpenAI(base_url=g.http_url, api_key="local", max_retries=0)
+        try:
+            return await asyncio.gather(
+                *(
+                    client.chat.completions.create(
+                        model="tiny",
+                        messages=[{"role": "user", "content": f"what is {i} plus 2?"}],
+                        max_tokens=2,
+                        extra_body={"return_token_ids": True},
+                        extra_headers={"Idempotency-Key": f"burst-{i}"},
+                    )
+                    for i in range(160)
+                )
+            )
+        finally:
+            await client.close()
+
+    replies = asyncio.run(burst())
+    assert len({r.trace_id for r in replies}) == 160
+
+
 def test_openai_multi_turn_continues_one_trace(gateway_stack):
     g = gateway_stack.gateway
     client = openai.OpenAI(base_url=g.http_url, api_key="local")
