@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 from pathlib import Path
 
 from gateway.config import GatewayConfig
 from gateway.server import serve
+from headway.service_flags import add_common_flags, setup_process
 
 
 def main() -> None:
@@ -25,10 +25,7 @@ def main() -> None:
         default=env("HEADWAY_HTTP_LISTEN", "127.0.0.1:8000"),
         help="OpenAI-compatible HTTP address; '' = off (HEADWAY_HTTP_LISTEN)",
     )
-    p.add_argument("--store", default=env("HEADWAY_STORE", "./headway-store"))
     p.add_argument("--trainer", default=env("HEADWAY_TRAINER", "127.0.0.1:50052"))
-    p.add_argument("--redis", default=env("HEADWAY_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    p.add_argument("--redis-prefix", default=env("HEADWAY_REDIS_PREFIX", "headway:"))
     p.add_argument(
         "--auth",
         choices=("on", "off"),
@@ -40,11 +37,9 @@ def main() -> None:
         type=float,
         default=float(env("HEADWAY_TRACE_RETENTION_HOURS", "168")),
     )
-    p.add_argument("--log-level", default=env("HEADWAY_LOG_LEVEL", "INFO"))
+    add_common_flags(p)
     args = p.parse_args()
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    setup_process(args)
     config = GatewayConfig(
         store=Path(args.store),
         trainer=args.trainer,

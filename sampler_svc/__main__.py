@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 from pathlib import Path
 
+from headway.service_flags import add_common_flags, setup_process
 from sampler_svc.config import SamplerConfig
 from sampler_svc.server import serve
 
@@ -25,9 +25,6 @@ def main() -> None:
         default=env("HEADWAY_SAMPLER_ADVERTISE", ""),
         help="address gateways dial, if not the listen address",
     )
-    p.add_argument("--store", default=env("HEADWAY_STORE", "./headway-store"))
-    p.add_argument("--redis", default=env("HEADWAY_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    p.add_argument("--redis-prefix", default=env("HEADWAY_REDIS_PREFIX", "headway:"))
     p.add_argument("--replica-id", default=env("HEADWAY_REPLICA_ID", ""))
     p.add_argument(
         "--bases",
@@ -38,18 +35,9 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=int(env("HEADWAY_MAX_SEQ_LEN", "2048")))
     p.add_argument("--adapter-slots", type=int, default=int(env("HEADWAY_ADAPTER_SLOTS", "8")))
     p.add_argument("--max-lora-rank", type=int, default=int(env("HEADWAY_MAX_LORA_RANK", "64")))
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=int(env("HEADWAY_TORCH_THREADS", "0")),
-        help="torch CPU threads (HEADWAY_TORCH_THREADS; 0 = torch's default, one per core): "
-        "give each process of a machine its share of the cores",
-    )
-    p.add_argument("--log-level", default=env("HEADWAY_LOG_LEVEL", "INFO"))
+    add_common_flags(p, torch_threads=True)
     args = p.parse_args()
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    setup_process(args)
     config = SamplerConfig(
         store=Path(args.store),
         redis_url=args.redis,
@@ -62,10 +50,6 @@ def main() -> None:
         adapter_slots=args.adapter_slots,
         max_lora_rank=args.max_lora_rank,
     )
-    if args.threads > 0:
-        import torch
-
-        torch.set_num_threads(args.threads)
     asyncio.run(serve(config, args.listen))
 
 
