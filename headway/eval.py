@@ -31,6 +31,9 @@ from headway.types import Run
 
 __all__ = ["Job", "RewardFn", "Task", "Taskset"]
 
+# Episodes of one Taskset.run in flight at once, by default.
+DEFAULT_MAX_CONCURRENCY = 64
+
 # Scores a finished run (its text is `run.text`); may be async.
 RewardFn = Callable[[Run], "float | Awaitable[float]"]
 
@@ -112,10 +115,13 @@ class Taskset:
         job: Job | None = None,
         *,
         group: int | None = None,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     ) -> list[Run]:
         """Play each task `group` times concurrently, score the runs, and return them.
 
-        `group` defaults to the job's (1 without a job). The runs come back (and are
+        `group` defaults to the job's (1 without a job). At most `max_concurrency` episodes
+        are in flight at once (a sampler queues a bounded number of requests and refuses
+        the rest; 64 keeps a replica's decode batch full). The runs come back (and are
         appended to `job.runs`) task by task, each task's `group` runs consecutive. Each
         run's reward is set, and attached to its trace when it has one. If any rollout or
         reward function fails, the others are cancelled and the error propagates; nothing
@@ -126,12 +132,15 @@ class Taskset:
         size = group or (job.group if job is not None else 1)
         if size < 1:
             raise InvalidArgument(f"group is {size}: each task runs at least once")
+        if max_concurrency < 1:
+            raise InvalidArgument(f"max_concurrency is {max_concurrency}: it must be >= 1")
+        gate = asyncio.Semaphore(max_concurrency)
         traces = job.traces if job is not None and job.traces is not None else None
         own = traces is None
         if traces is None:  # no job: rewards still go onto the traces, through the default URL
             traces = TraceClient()
         jobs = [
-            asyncio.ensure_future(_play(agent, task, traces))
+            asyncio.ensure_future(_play(agent, task, traces, gate))
             for task in self.tasks
             for _ in range(size)
         ]
@@ -151,8 +160,9 @@ class Taskset:
         return runs
 
 
-async def _play(agent: Agent, task: Task, traces: TraceClient) -> Run:
-    run = await agent.run(task.prompt, max_turns=task.max_turns, tool=task.tool)
+async def _play(agent: Agent, task: Task, traces: TraceClient, gate: asyncio.Semaphore) -> Run:
+    async with gate:
+        run = await agent.run(task.prompt, max_turns=task.max_turns, tool=task.tool)
     run.task = task
     reward = task.reward_fn(run)
     if inspect.isawaitable(reward):

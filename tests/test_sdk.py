@@ -570,3 +570,38 @@ def test_errors(gateway_stack):
         await agent.close()
 
     asyncio.run(main())
+
+
+def test_a_taskset_bigger_than_the_samplers_queue_runs_within_its_concurrency(tmp_path, tiny_base):
+    """A sampler queues a bounded number of requests and refuses the rest; Taskset.run
+    keeps at most max_concurrency episodes in flight, so a big taskset still completes."""
+    from headway.errors import InvalidArgument as BadRequest
+    from tests.stack import GatewayNode, SamplerReplica, TrainerStack
+
+    trainer = TrainerStack(tmp_path / "store")
+    trainer.add_base(tiny_base, "tiny")
+    store, prefix = trainer.config.store, trainer.prefix
+    replica = SamplerReplica(store, prefix, max_seq_len=256, max_batch=1, max_queue=1)
+    node = GatewayNode(store, prefix, trainer.server.address)
+    try:
+
+        async def play(concurrency: int) -> list[Run]:
+            agent = create_agent(
+                "tiny",
+                completion_kwargs={"max_tokens": 8, "extra_body": {"ignore_eos": True}},
+                base_url=node.http_url,
+            )
+            tasks = Taskset(Task(f"what is {i} plus 1?", lambda run: 1.0) for i in range(6))
+            try:
+                return await tasks.run(agent, group=4, max_concurrency=concurrency)
+            finally:
+                await agent.close()
+
+        runs = asyncio.run(play(2))  # one decoding, one queued: never refused
+        assert len(runs) == 24 and all(run.text for run in runs)
+        with pytest.raises(BadRequest, match="requests waiting"):
+            asyncio.run(play(24))  # all at once: the queue overflows
+    finally:
+        node.stop()
+        replica.stop()
+        trainer.stop()
