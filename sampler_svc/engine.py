@@ -7,6 +7,11 @@ and the cache row copied into its n rows), every step decodes all live rows toge
 a finished or cancelled row leaves by moving the last live row into its place. Attention
 reads only the window of positions in use. Text, chat templates and protobuf live at the
 service edge; the engine sees ids and reports per-row events.
+
+A decode step (and the prefill of a short prompt whose logprobs are not asked for) runs
+every projection, the vocabulary's included, as `rows_linear` ((W @ xᵀ)ᵀ, the layout
+torch's CPU GEMM reads weights fastest in for few rows); the model's own F.linear path,
+the trainer's, serves prompt logprobs and ComputeLogprobs.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import numpy as np
 import torch
 
 from headway.modeling import KVCache, Transformer, token_logprobs
-from sampler_svc.multilora import NO_ADAPTER, AdapterBank
+from sampler_svc.multilora import NO_ADAPTER, ROWS_LAYOUT_MAX, AdapterBank, rows_linear
 from sampler_svc.sampling import DrawParams, draw
 
 WINDOW = 64  # attention windows grow in steps of this many positions (few distinct shapes)
@@ -75,6 +80,22 @@ class Engine:
         if self.bank is not None:
             self.bank.select(slots)
 
+    def _forward_rows(
+        self, ids: torch.Tensor, positions: torch.Tensor, **kw: object
+    ) -> torch.Tensor:
+        """Final hidden states of a forward of few rows, base projections as rows_linear."""
+        if self.bank is not None:
+            self.bank.rows_layout = True
+        try:
+            return self.model(ids, positions, validate=False, return_hidden=True, **kw)
+        finally:
+            if self.bank is not None:
+                self.bank.rows_layout = False
+
+    def _vocab(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits `[N, V]` of hidden states `[N, hidden]` (few rows)."""
+        return rows_linear(hidden, self.model.lm_head.weight)
+
     @torch.inference_mode()
     def admit(self, job: Job) -> None:
         """Prefill `job`'s prompt once, share it across its n rows, draw their first tokens."""
@@ -82,18 +103,31 @@ class Engine:
         T, first = len(job.prompt), len(self.rows)
         ids = torch.tensor([job.prompt])
         self._select([job.slot])
-        out_index = None if job.prompt_logprobs else torch.tensor([T - 1])
-        logits = self.model(
-            ids,
-            torch.arange(T)[None],
-            caches=self.caches,
-            rows=torch.tensor([first]),
-            output_index=out_index,
-            validate=False,
-        )
-        if job.prompt_logprobs:
+        rows = torch.tensor([first])
+        if job.prompt_logprobs:  # logits of every position, computed as the trainer does
+            logits = self.model(
+                ids, torch.arange(T)[None], caches=self.caches, rows=rows, validate=False
+            )
             lp = token_logprobs(logits[0, :-1], ids[0, 1:])
             job.emit("prompt_logprobs", -1, lp.tolist())
+        elif T <= ROWS_LAYOUT_MAX:
+            hidden = self._forward_rows(
+                ids,
+                torch.arange(T)[None],
+                caches=self.caches,
+                rows=rows,
+                output_index=torch.tensor([T - 1]),
+            )
+            logits = self._vocab(hidden[:, 0])[:, None]
+        else:
+            logits = self.model(
+                ids,
+                torch.arange(T)[None],
+                caches=self.caches,
+                rows=rows,
+                output_index=torch.tensor([T - 1]),
+                validate=False,
+            )
         for c in self.caches:  # the prompt's cache, copied into the job's other rows
             c.k[first + 1 : first + job.n, :, :T] = c.k[first, :, :T]
             c.v[first + 1 : first + job.n, :, :T] = c.v[first, :, :T]
@@ -117,16 +151,15 @@ class Engine:
         slots = [r.job.slot for r in self.rows]
         self.mixed_steps += len(set(slots)) > 1
         self._select(slots)
-        hidden = self.model(
-            torch.tensor([[r.last] for r in self.rows]),
-            torch.tensor(pos)[:, None],
-            caches=caches,
-            validate=False,
-            return_hidden=True,
-        )[:, 0]
-        # The vocabulary projection is the largest matmul of a decode step; as W @ hᵀ it runs
-        # up to 2x faster on CPU than F.linear's h @ Wᵀ for a few rows (same numbers to ~1e-6).
-        logits = (self.model.lm_head.weight @ hidden.T).T
+        ids, positions = torch.tensor([[r.last] for r in self.rows]), torch.tensor(pos)[:, None]
+        # Every projection as (W @ hᵀ)ᵀ: up to 2x faster on CPU than F.linear's h @ Wᵀ for a
+        # few rows (same numbers to ~1e-6); the vocabulary projection is the largest.
+        if B <= ROWS_LAYOUT_MAX:
+            hidden = self._forward_rows(ids, positions, caches=caches)[:, 0]
+            logits = self._vocab(hidden)
+        else:
+            out = self.model(ids, positions, caches=caches, validate=False, return_hidden=True)
+            logits = (self.model.lm_head.weight @ out[:, 0].T).T
         tokens, lps = draw(logits, [r.job.draw[r.index] for r in self.rows])
         for r in self.rows:
             r.pos += 1  # where the token just drawn will be fed
