@@ -1,7 +1,8 @@
 """Choosing the next token of each row, and the logprob reported for it.
 
 The draw is shaped per row by temperature, top-k and top-p and seeded by the row's own
-generator, so a request's tokens do not depend on which other requests share its batch
+generator (one uniform number per row and step, mapped through the row's cumulative
+distribution), so a request's tokens do not depend on which other requests share its batch
 (beyond the last-bit differences of batched kernels). The logprob reported is always the
 policy's own at temperature 1, from `token_logprobs`, the function the trainer uses too.
 """
@@ -43,25 +44,33 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> t
 def draw(logits: torch.Tensor, params: list[DrawParams]) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [B], policy logprobs [B]) for next-token `logits` `[B, V]`."""
     logits = logits.float()
-    B = logits.shape[0]
-    tokens = logits.argmax(-1)
+    B, V = logits.shape
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    tokens = logits.argmax(-1) if len(sampled) < B or not B else None  # greedy rows
     if sampled:
-        rows = torch.tensor(sampled)
-        temps = torch.tensor([params[i].temperature for i in sampled])
-        scaled = logits[rows] / temps[:, None]
-        top_k = torch.tensor([params[i].top_k for i in sampled])
-        top_p = torch.tensor([params[i].top_p for i in sampled])
-        if bool((top_k > 0).any() or (top_p < 1).any()):
-            scaled = _filter(scaled, top_k, top_p)
+        rows = None if len(sampled) == B else torch.tensor(sampled)
+        scaled = logits if rows is None else logits[rows]
+        temps = [params[i].temperature for i in sampled]
+        if any(t != 1.0 for t in temps):  # x / 1 is x: temperature 1 skips the division
+            scaled = scaled / torch.tensor(temps)[:, None]
+        top_k = [params[i].top_k for i in sampled]
+        top_p = [params[i].top_p for i in sampled]
+        if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
+            scaled = _filter(scaled, torch.tensor(top_k), torch.tensor(top_p))
         probs = torch.softmax(scaled, dim=-1)
-        # Exponential race (Gumbel-max): argmax p/E with E ~ Exp(1) is a draw from p;
-        # each row's noise comes from its own generator.
-        noise = torch.stack(
-            [
-                torch.empty(logits.shape[-1]).exponential_(generator=params[i].generator)
-                for i in sampled
-            ]
+        # Inverse CDF: the token whose cumulative-probability interval holds u · total, with
+        # u ~ U[0, 1) from the row's own generator (one number per row and step). In fp64
+        # the cumulative sum stays put across a token of zero probability (outside top-k /
+        # top-p), so such a token is never drawn, and u · total stays below the total.
+        u = torch.cat(
+            [torch.rand(1, generator=params[i].generator, dtype=torch.float64) for i in sampled]
         )
-        tokens[rows] = (probs / noise).argmax(-1)
+        cdf = probs.double().cumsum(-1)
+        total = cdf[:, -1]
+        target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+        picked = torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp_(max=V - 1)
+        if tokens is None:
+            tokens = picked
+        else:
+            tokens[rows] = picked
     return tokens, token_logprobs(logits, tokens) if B else torch.zeros(0)

@@ -13,7 +13,7 @@ from headway.modeling import LoraConfig, ModelConfig, Transformer
 from sampler_svc.engine import Engine, Job
 from sampler_svc.multilora import AdapterBank, rows_linear
 from sampler_svc.requests import row_generator
-from sampler_svc.sampling import DrawParams
+from sampler_svc.sampling import DrawParams, draw
 
 VOCAB = 96
 FAMILIES = {
@@ -134,3 +134,58 @@ def test_a_slot_reloaded_with_a_smaller_adapter_holds_only_it():
         assert torch.equal(bank.A[key], fresh.A[key]) and torch.equal(bank.B[key], fresh.B[key])
     assert bank.scaling_values == fresh.scaling_values == [0.0, 2.0, 1.0]
     assert torch.equal(bank.scaling, fresh.scaling)
+
+
+def frequencies(logits: torch.Tensor, params: DrawParams, draws: int) -> np.ndarray:
+    counts = np.zeros(logits.shape[-1])
+    for _ in range(draws):
+        token, _ = draw(logits[None], [params])
+        counts[int(token[0])] += 1
+    return counts / draws
+
+
+def test_the_draw_follows_the_shaped_distribution():
+    """Temperature, top-k and top-p shape the draw: frequencies match the renormalised
+    distribution, and a token outside top-k / top-p is never drawn."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -3.0])
+    gen = torch.Generator().manual_seed(0)
+    cases = [  # (temperature, top_p, top_k, the distribution drawn from)
+        (1.0, 1.0, 0, torch.softmax(logits, -1)),
+        (0.5, 1.0, 0, torch.softmax(logits / 0.5, -1)),
+        (1.0, 1.0, 3, torch.softmax(logits[:3], -1)),
+        # top-p 0.6: keep tokens while the mass before them is below 0.6 (here 2 tokens).
+        (1.0, 0.6, 0, torch.softmax(logits[:2], -1)),
+    ]
+    for temp, top_p, top_k, expected in cases:
+        freq = frequencies(logits, DrawParams(temp, top_p, top_k, gen), 4000)
+        want = np.zeros(len(logits))
+        want[: len(expected)] = expected.numpy()
+        assert np.all(freq[want == 0] == 0), (temp, top_p, top_k, freq)
+        assert np.abs(freq - want).max() < 0.03, (temp, top_p, top_k, freq, want)
+
+
+def test_the_draw_is_seeded_per_row_and_greedy_is_the_argmax():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 50, generator=gen) * 2
+
+    def rows(seed: int) -> list[DrawParams]:
+        return [
+            DrawParams(1.0, 1.0, 0, row_generator(seed, 0)),
+            DrawParams(0.0, 1.0, 0, row_generator(seed, 1)),  # greedy
+            DrawParams(0.8, 0.9, 10, row_generator(seed, 2)),
+            DrawParams(1.0, 1.0, 0, row_generator(seed, 3)),
+            DrawParams(1.3, 1.0, 5, row_generator(seed, 4)),
+        ]
+
+    a, b, c = rows(4), rows(4), rows(5)
+    draws_a = [draw(logits, a)[0].tolist() for _ in range(20)]
+    draws_b = [draw(logits, b)[0].tolist() for _ in range(20)]
+    draws_c = [draw(logits, c)[0].tolist() for _ in range(20)]
+    assert draws_a == draws_b and draws_a != draws_c
+    assert all(d[1] == int(logits[1].argmax()) for d in draws_a)
+    # A row's tokens do not depend on the rows drawn beside it.
+    alone = rows(4)[3:4]
+    assert [draw(logits[3:4], alone)[0].item() for _ in range(20)] == [d[3] for d in draws_a]
+    # Logprobs are the policy's at temperature 1, whatever shaped the draw.
+    tokens, lps = draw(logits, rows(4))
+    assert torch.allclose(lps, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0])
