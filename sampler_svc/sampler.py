@@ -15,13 +15,16 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
+import torch
 
 from headway.errors import HeadwayError, NotFound, ResourceExhausted
+from headway.modeling import ModelConfig
 from headway.store import CheckpointRef, CheckpointStore
+from headway.store.weights import base_config
 from sampler_svc.config import SamplerConfig
 from sampler_svc.engine import Engine, Job
 from sampler_svc.multilora import NO_ADAPTER, AdapterBank
@@ -33,6 +36,20 @@ from sampler_svc.weights import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _same_shape(entry: EngineEntry, config: ModelConfig) -> bool:
+    """Whether `entry`'s engine computes what a fresh engine of `config` would (every
+    architecture field; ids and unknown keys aside), in the dtype a fresh engine uses."""
+    have = entry.engine.model.config
+    if entry.engine.model.embed_tokens.weight.dtype != torch.get_default_dtype():
+        return False
+    skip = {"extra", "bos_token_id", "eos_token_id"}
+    return all(
+        getattr(have, f.name) == getattr(config, f.name)
+        for f in fields(config)
+        if f.name not in skip
+    )
 
 
 @dataclass
@@ -222,19 +239,36 @@ class Sampler:
         if ref in self.engines:
             return self.engines[ref]
         record = self.store.get_checkpoint(ref.model, ref.checkpoint)
-        if len(self.engines) >= self.config.max_engines:
-            victim = next((e for e in self.engines.values() if not e.busy()), None)
-            if victim is None:
+        full = record.kind == "full"
+        config = base_config(self.store, ref.model) if full else None
+        at_capacity = len(self.engines) >= self.config.max_engines
+        # Full weights go into an idle engine of the same shape when there is one to give up:
+        # an older checkpoint of the same model (the head moved on), or, when every engine
+        # slot is taken, the least recently used idle engine of that shape. A busy engine is
+        # never reused: a sequence in flight keeps the weights it started with.
+        idle = [e for e in self.engines.values() if not e.busy()]
+        if full:
+            same = [e for e in idle if _same_shape(e, config)]
+            reuse = next((e for e in same if e.ref.model == ref.model), None)
+            if reuse is None and at_capacity and same:
+                reuse = same[0]
+            if reuse is not None:
+                self._drop(reuse)
+                start = time.perf_counter()
+                copy_full_weights(self.store, ref, reuse.engine.model)
+                reuse.ref, reuse.adapters = ref, OrderedDict()
+                self.engines[ref] = reuse
+                log.info(
+                    "loaded full weights %s/%s into an idle engine in %.0f ms",
+                    ref.model,
+                    ref.checkpoint,
+                    1000 * (time.perf_counter() - start),
+                )
+                return reuse
+        if at_capacity:
+            if not idle:
                 return None
-            del self.engines[victim.ref]
-            self._forget(lambda e, a, r=victim.ref: e == r)
-            if record.kind == "full" and victim.ref.model == ref.model and victim.engine.model:
-                # A new head of the same full model: reuse the preallocated tensors.
-                copy_full_weights(self.store, ref, victim.engine.model)
-                victim.ref, victim.adapters = ref, OrderedDict()
-                self.engines[ref] = victim
-                log.info("reloaded full weights %s/%s in place", ref.model, ref.checkpoint)
-                return victim
+            self._drop(idle[0])
         start = time.perf_counter()
         model = load_engine_model(self.store, ref)
         bank = AdapterBank(model, self.config.adapter_slots, self.config.max_lora_rank)
@@ -248,6 +282,11 @@ class Sampler:
             1000 * (time.perf_counter() - start),
         )
         return self.engines[ref]
+
+    def _drop(self, entry: EngineEntry) -> None:
+        """Stop serving what `entry` holds (its weights and its adapters)."""
+        del self.engines[entry.ref]
+        self._forget(lambda e, a, r=entry.ref: e == r)
 
     def _forget(self, predicate: Callable[[CheckpointRef, CheckpointRef | None], bool]) -> None:
         for key, (engine_ref, adapter_ref) in list(self.served.items()):

@@ -11,7 +11,9 @@ import grpc
 import numpy as np
 import pytest
 import redis
+import torch
 
+from headway.modeling import token_logprobs
 from headway.replicas import list_replicas
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, model_pb2, sampling_pb2, training_pb2
@@ -168,9 +170,10 @@ def test_pinned_checkpoint_is_served_exactly_and_unknown_is_not_found(sampling_s
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_a_reload_never_changes_weights_under_a_sequence_in_flight(sampling_stack):
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_a_reload_never_changes_weights_under_a_sequence_in_flight(sampling_stack, full):
     stack = sampling_stack
-    first = trained(stack, "m")
+    first = trained(stack, "m", full=full)
     request = sampling_pb2.SampleRequest(
         model="m",
         prompt_tokens=to_tensor(PROMPT),
@@ -191,6 +194,38 @@ def test_a_reload_never_changes_weights_under_a_sequence_in_flight(sampling_stac
             wait_for(lambda c=ckpt: f"m/{c}" in stack.sampler.sampler.loaded_checkpoints())
     expected = greedy_reference(reference_module(stack, "m", first.checkpoint), PROMPT, 200)
     assert tokens == expected
+
+
+def test_a_new_full_head_is_copied_into_the_idle_engine_and_served_exactly(sampling_stack):
+    stack = sampling_stack
+    first = trained(stack, "m", full=True)
+    sample(stack, "m", max_tokens=2)
+    sampler = stack.sampler.sampler
+    engines = dict(sampler.engines)
+    (entry,) = [e for ref, e in engines.items() if ref.model == "m"]
+    second = stack.train.Step(
+        training_pb2.StepRequest(
+            model="m", data=batch(seed=9), loss_fn="cross_entropy", adam=adam(5e-2)
+        )
+    ).optim_step
+    wait_for(lambda: f"m/{second.checkpoint}" in sampler.loaded_checkpoints())
+    # The same engine (no new one was built) now holds the new head, and only it.
+    assert list(sampler.engines.values()).count(entry) == 1
+    assert entry.ref.checkpoint == second.checkpoint
+    assert len(sampler.engines) == len(engines)
+    assert f"m/{first.checkpoint}" not in sampler.loaded_checkpoints()
+    for ckpt in (second.checkpoint, first.checkpoint, second.checkpoint):  # back and forth
+        reply = sample(stack, "m", checkpoint=ckpt, n=2, max_tokens=16, seed=1, ignore_eos=True)
+        assert reply.checkpoint == ckpt
+        assert list(sampler.engines.values()).count(entry) == 1
+        module = reference_module(stack, "m", ckpt)
+        for seq in reply.sequences:
+            ids = torch.tensor([PROMPT + toks(seq)])
+            with torch.inference_mode():
+                ref = token_logprobs(module(ids)[0, :-1], ids[0, 1:])[len(PROMPT) - 1 :]
+            assert np.abs(ref.numpy() - lps(seq)).max() <= 1e-4
+        greedy = sample(stack, "m", checkpoint=ckpt, max_tokens=12, temperature=0, ignore_eos=True)
+        assert toks(greedy.sequences[0]) == greedy_reference(module, PROMPT, 12)
 
 
 def test_rows_of_two_lora_forks_decode_in_one_batch(sampling_stack):
