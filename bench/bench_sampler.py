@@ -2,9 +2,10 @@
 
 Same run, same weights (the ~40M Qwen3-shaped config of `configs/qwen3-40m.json`, fp32,
 saved once and registered as a base), prompt 32 tokens, 64 new tokens, end of sequence
-ignored. A trainer and one sampler replica run in this process on loopback ports (their
-grpc.aio servers on background event loops, as in production), with a temp store and a
-Redis key prefix of their own.
+ignored. One sampler replica runs in this process (its grpc.aio server on a background
+event loop, as in production) and the trainer in a child process (`python -m trainer_svc`,
+as `headway serve` runs it), on loopback ports, with a temp store and a Redis key prefix
+of their own.
 
 - Decode tokens/s through the service: (a) batch 1: one SampleStream, n=1, greedy;
   (b) batch 8: one SampleStream, n=8 at temperature 1 (seeded), i.e. 8 rows decoding
@@ -31,6 +32,9 @@ Redis key prefix of their own.
   The same Sample sent again right after gives the floor (no reload) for comparison, and
   the replica's own steps (event delivery, engine thread, adapter read, slot copy, weight
   copy) are timed by wrapping them in this process.
+
+transformers runs in a child process (see `HFWorker`: one process holding two threads'
+OpenMP teams slowed both sides, ours ~2x), interleaved with our runs, never concurrently.
 
 Medians of repeats after a warmup round, ours and the baseline interleaved (the machine is
 shared and noisy: read the ratios). `--profile` adds a torch.profiler table of engine
@@ -62,7 +66,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_trainer import REDIS_URL, _clean_redis, add_tokenizer  # noqa: E402
-from bench.bench_trainer import ServerThread as TrainerThread  # noqa: E402
 from bench.common import build_bench_model, median_time, print_table  # noqa: E402
 from headway.grpc_util import CHANNEL_OPTIONS  # noqa: E402
 from headway.heads import HeadEvent, channel  # noqa: E402
@@ -70,9 +73,11 @@ from headway.tensors import to_tensor  # noqa: E402
 from headway.v1 import (  # noqa: E402
     common_pb2,
     model_pb2,
+    model_pb2_grpc,
     sampling_pb2,
     sampling_pb2_grpc,
     training_pb2,
+    training_pb2_grpc,
 )
 
 PROMPT, NEW, BATCH = 32, 64, 8
@@ -112,6 +117,42 @@ class SamplerThread:
         self.run(self.replica.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+
+
+class TrainerProcess:
+    """The trainer as `python -m trainer_svc`, a child process, as `headway serve` runs it
+    (in this process its torch threads would slow the replica's: see `HFWorker`)."""
+
+    def __init__(self, store: Path, prefix: str) -> None:
+        import socket
+        import subprocess
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        root = Path(__file__).resolve().parent.parent
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "trainer_svc", "--listen", f"127.0.0.1:{port}"]
+            + ["--store", str(store), "--redis", REDIS_URL, "--redis-prefix", prefix],
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+        )
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=60)
+        except grpc.FutureTimeoutError:
+            self.stop()
+            raise RuntimeError("the trainer process did not come up within 60 s") from None
+        self.models = model_pb2_grpc.ModelServiceStub(self.channel)
+        self.train = training_pb2_grpc.TrainingServiceStub(self.channel)
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except Exception:
+            self.proc.kill()
 
 
 class HeadListener:
@@ -333,6 +374,81 @@ class HFBaseline:
         return now() - start
 
 
+class HFWorker:
+    """`HFBaseline` (and the machine-limit probe) in a child process, called like one.
+
+    Why a process: torch's CPU ops run on OpenMP (libgomp), and every thread that runs a
+    parallel op keeps a team of workers for the life of the process. With more such workers
+    than cores (here: this thread's, the replica's engine thread's), libgomp stops spinning
+    and puts threads to sleep at every parallel region, which made the engine's decode step
+    ~2x slower than in a sampler process of its own (`headway serve` runs each service as a
+    child process) and transformers' ~15% slower. The baseline in a process of its own, and
+    no torch work on this thread, leave the replica's engine thread the only team here.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_hf_serve, args=(str(path), child), daemon=True)
+        self.proc.start()
+        child.close()
+        self.params = self._call("params")
+
+    def _call(self, cmd: str, *args: Any) -> Any:
+        self.conn.send((cmd, args))
+        ok, value = self.conn.recv()
+        if not ok:
+            raise RuntimeError(f"transformers baseline process: {value}")
+        return value
+
+    def generate(self, prompt: torch.Tensor, sample: bool) -> tuple[float, torch.Tensor]:
+        return self._call("generate", prompt, sample)
+
+    def prefill(self, prompt: torch.Tensor) -> float:
+        return self._call("prefill", prompt)
+
+    def machine_limit(self, repeats: int) -> dict[str, float]:
+        return self._call("machine_limit", repeats)
+
+    def close(self) -> None:
+        try:
+            self.conn.send(("stop", ()))
+        finally:
+            self.proc.join(timeout=30)
+
+
+def _hf_serve(path: str, conn: Any) -> None:
+    """The baseline process: answers HFWorker's calls until told to stop."""
+    hf = HFBaseline(Path(path))
+    calls: dict[str, Callable[..., Any]] = {
+        "params": lambda: sum(p.numel() for p in hf.model.parameters()) / 1e6,
+        "generate": hf.generate,
+        "prefill": hf.prefill,
+        "machine_limit": lambda repeats: machine_limit(hf.model, repeats),
+    }
+    while True:
+        cmd, args = conn.recv()
+        if cmd == "stop":
+            return
+        try:
+            conn.send((True, calls[cmd](*args)))
+        except Exception as e:  # reported in the bench process
+            conn.send((False, repr(e)))
+
+
+def off_main(fn: Callable[[], Any]) -> Any:
+    """`fn()` on a short-lived thread: its OpenMP team ends with it (see HFWorker)."""
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(fn()))
+    thread.start()
+    thread.join()
+    if not result:
+        raise RuntimeError(f"{fn} failed (see the traceback above)")
+    return result[0]
+
+
 # --------------------------------------------------------------------------- machine limit
 @torch.inference_mode()
 def machine_limit(model: torch.nn.Module, repeats: int) -> dict[str, float]:
@@ -384,7 +500,7 @@ def cross_entropy_items(vocab: int, seed: int) -> list[common_pb2.TrainingItem]:
 
 
 def reload_once(
-    trainer: TrainerThread,
+    trainer: TrainerProcess,
     replica: SamplerThread,
     listener: HeadListener,
     probe: Probe,
@@ -455,15 +571,15 @@ def main() -> None:
     from sampler_svc.config import SamplerConfig
 
     started, load_before = now(), os.getloadavg()[0]
-    path = build_bench_model()
+    path = off_main(build_bench_model)
     add_tokenizer(path)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     store = Path(tempfile.mkdtemp(prefix="headway-bench-store-"))
     prefix = f"headway-bench-{secrets.token_hex(4)}:"
-    trainer = replica = listener = probe = None
+    trainer = replica = listener = probe = hf = None
     try:
         listener = HeadListener(prefix)
-        trainer = TrainerThread(store, prefix)
+        trainer = TrainerProcess(store, prefix)
         config = SamplerConfig(
             store=store, redis_url=REDIS_URL, redis_prefix=prefix, max_batch=16, max_seq_len=256
         )
@@ -472,8 +588,8 @@ def main() -> None:
         trainer.models.ForkModel(model_pb2.ForkModelRequest(source=BASE, name=FULL, full=True))
         lora = common_pb2.LoraConfig(rank=LORA_RANK, alpha=2 * LORA_RANK)
         trainer.models.ForkModel(model_pb2.ForkModelRequest(source=BASE, name=LORA, lora=lora))
-        hf = HFBaseline(path)
-        params = sum(p.numel() for p in hf.model.parameters()) / 1e6
+        hf = HFWorker(path)
+        params = hf.params
         print(
             f"model: qwen3-40m ({params:.1f}M params, fp32), prompt {PROMPT}, {NEW} new tokens, "
             f"torch threads {torch.get_num_threads()}, {torch.get_num_interop_threads()} interop"
@@ -508,7 +624,7 @@ def main() -> None:
                 for k, v in runs.items():
                     t.setdefault(k, []).append(v)
         m = {k: med(v) for k, v in t.items()}
-        limit = machine_limit(hf.model, args.repeats)
+        limit = hf.machine_limit(args.repeats)
         if args.profile:
             profile_engine(replica.sampler, p1, 1, 0.0)
             profile_engine(replica.sampler, p1, BATCH, 1.0)
@@ -534,6 +650,8 @@ def main() -> None:
                     print(f"(stopping {type(part).__name__}: {e})")
         if listener is not None:
             listener.close()
+        if hf is not None:
+            hf.close()
         _clean_redis(prefix)
         shutil.rmtree(store, ignore_errors=True)
         shutil.rmtree(path, ignore_errors=True)
