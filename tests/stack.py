@@ -29,23 +29,25 @@ def redis_prefix() -> str:
     return f"headway-test-{secrets.token_hex(4)}:"
 
 
+# The dimensions of the tests' tiny models (our own Transformer): small, but GQA and a
+# separate head_dim, so every code path of a real model runs.
+TINY_DIMS = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+)
+
+
 def make_tiny_base(path: Path, seed: int = 0, **overrides: Any) -> Path:
     """A tiny Qwen3-family base (our own weights and a trained tokenizer) saved at `path`."""
     train_tokenizer(path)
     tokenizer = Tokenizer.from_dir(path)
-    fields = dict(
-        model_type="qwen3",
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        qk_norm=True,
-    )
+    fields = dict(model_type="qwen3", **TINY_DIMS, tie_word_embeddings=True, qk_norm=True)
     fields.update(overrides)
     model = Transformer(ModelConfig(**fields))
     model.init_weights(std=0.1, seed=seed)

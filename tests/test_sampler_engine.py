@@ -14,8 +14,8 @@ from sampler_svc.engine import Engine, Job
 from sampler_svc.multilora import AdapterBank, rows_linear
 from sampler_svc.requests import row_generator
 from sampler_svc.sampling import DrawParams, draw
+from tests.stack import TINY_DIMS
 
-VOCAB = 96
 FAMILIES = {
     "qwen3": dict(model_type="qwen3", qk_norm=True, tie_word_embeddings=True),
     "qwen2": dict(model_type="qwen2", qkv_bias=True, tie_word_embeddings=False),
@@ -23,17 +23,7 @@ FAMILIES = {
 
 
 def tiny_model(family: str, seed: int = 0) -> Transformer:
-    config = ModelConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        **FAMILIES[family],
-    )
+    config = ModelConfig(**TINY_DIMS, **FAMILIES[family])
     model = Transformer(config)
     model.init_weights(std=0.1, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
