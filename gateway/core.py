@@ -20,7 +20,7 @@ from gateway.config import GatewayConfig
 from gateway.replies import ReplyCache
 from gateway.routing import NoReplica, Router
 from gateway.traces import TraceStore
-from headway.errors import InvalidArgument, NotFound, Unavailable
+from headway.errors import InvalidArgument, NotFound, Unavailable, pushback_ms
 from headway.grpc_util import CHANNEL_OPTIONS, TEAM_HEADER
 from headway.keys import KeyRing
 from headway.store import CheckpointStore, ModelRecord
@@ -121,19 +121,28 @@ class Gateway:
         except NoReplica as e:
             raise Unavailable(str(e)) from None
 
+    def _try_next(self, address: str, e: grpc.aio.AioRpcError) -> bool:
+        """Whether a replica's error means "try another replica": it failed before
+        answering (UNAVAILABLE: marked, passed over for a while) or it is at capacity
+        right now (RESOURCE_EXHAUSTED with a retry pushback). Anything else is the
+        request's own answer."""
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            log.warning("sampler %s unavailable (%s); trying another", address, e.details())
+            self.router.mark_failed(address)
+            return True
+        return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and pushback_ms(e) is not None
+
     async def _failover(self, model: str, checkpoint: str, call: Any) -> Any:
-        """`await call(stub)` on the best replica; on UNAVAILABLE (it failed before
-        answering) mark it and try the next one."""
+        """`await call(stub)` on the best replica; on a replica that failed or is full,
+        the next one; the last error if every replica did."""
         last: grpc.aio.AioRpcError | None = None
         for address in await self._attempts(model, checkpoint):
             self.router.begin(address)
             try:
                 return await call(self.router.stub(address))
             except grpc.aio.AioRpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                if not self._try_next(address, e):
                     raise
-                log.warning("sampler %s unavailable (%s); trying another", address, e.details())
-                self.router.mark_failed(address)
                 last = e
             finally:
                 self.router.end(address)
@@ -173,9 +182,8 @@ class Gateway:
                     call.cancel()  # a client that left cancels the replica's rows too
                 return
             except grpc.aio.AioRpcError as e:
-                if started or e.code() != grpc.StatusCode.UNAVAILABLE:
+                if started or not self._try_next(address, e):
                     raise
-                self.router.mark_failed(address)
                 last = e
             finally:
                 self.router.end(address)

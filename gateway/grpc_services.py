@@ -16,7 +16,7 @@ import grpc
 
 from gateway.core import Gateway
 from headway.errors import HeadwayError
-from headway.grpc_util import TEAM_HEADER
+from headway.grpc_util import TEAM_HEADER, pushback_of
 from headway.v1 import model_pb2, sampling_pb2, sampling_pb2_grpc, training_pb2
 
 Ctx = grpc.aio.ServicerContext
@@ -31,10 +31,11 @@ _WITH_DATA = {
 
 async def abort_for(context: Ctx, error: BaseException) -> None:
     """Abort with the status an error stands for (domain, upstream, or bad input)."""
+    pushback = pushback_of(error)  # an overloaded replica's "retry shortly" goes through
     if isinstance(error, HeadwayError):
-        await context.abort(getattr(grpc.StatusCode, error.code), error.message)
+        await context.abort(getattr(grpc.StatusCode, error.code), error.message, pushback)
     if isinstance(error, grpc.aio.AioRpcError):
-        await context.abort(error.code(), error.details() or "")
+        await context.abort(error.code(), error.details() or "", pushback)
     if isinstance(error, ValueError):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
     raise error

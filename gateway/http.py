@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from gateway import replies
 from gateway.core import Gateway
-from headway.errors import HeadwayError, InvalidArgument
+from headway.errors import HeadwayError, InvalidArgument, pushback_ms
 from headway.tensors import to_tensor
 from headway.tokenizer import Tokenizer
 from headway.v1 import common_pb2, sampling_pb2
@@ -51,6 +51,7 @@ _STATUS = {
 }
 _TYPES = {
     401: "authentication_error",
+    429: "rate_limit_error",
     403: "permission_error",
     404: "invalid_request_error",
     413: "invalid_request_error",
@@ -138,7 +139,16 @@ def create_app(gateway: Gateway) -> Any:
 
     @app.exception_handler(grpc.aio.AioRpcError)
     async def _upstream_error(request: Request, e: grpc.aio.AioRpcError) -> JSONResponse:
-        return error_response(_STATUS.get(e.code().name, 500), e.details() or e.code().name)
+        message = e.details() or e.code().name
+        ms = pushback_ms(e)
+        if ms is not None:
+            # Every replica is at capacity right now: 429 with when to retry, which the
+            # openai client (and most HTTP clients) honour with a backoff.
+            response = error_response(429, message, "overloaded")
+            response.headers["retry-after-ms"] = str(ms)
+            response.headers["retry-after"] = str(max(1, -(-ms // 1000)))
+            return response
+        return error_response(_STATUS.get(e.code().name, 500), message)
 
     @app.exception_handler(ValueError)
     async def _value_error(request: Request, e: ValueError) -> JSONResponse:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         HeadwayError,
         InvalidArgument,
         NotFound,
+        Overloaded,
         ResourceExhausted,
         Unauthenticated,
     )
@@ -70,6 +71,7 @@ __all__ = [
     "LossInfo",
     "NotFound",
     "OptimStepResult",
+    "Overloaded",
     "PermissionDenied",
     "ResourceExhausted",
     "Run",

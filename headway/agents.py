@@ -34,6 +34,7 @@ from headway.errors import (
     HeadwayError,
     InvalidArgument,
     NotFound,
+    Overloaded,
     ResourceExhausted,
     Unauthenticated,
 )
@@ -65,6 +66,7 @@ def _http_error(e: Exception) -> HeadwayError:
         404: NotFound,
         409: AlreadyExists,
         413: ResourceExhausted,
+        429: Overloaded,
         503: Unavailable,
         504: DeadlineExceeded,
     }.get(status, Internal)
@@ -95,8 +97,10 @@ class Agent:
         base_url: str | None = None,
         api_key: str | None = None,
         system_prompt: str | None = None,
+        max_retries: int | None = None,
     ) -> None:
         self.model = model
+        self.max_retries = max_retries
         self.completion_kwargs = dict(completion_kwargs or {})
         self.base_url = base_url or os.environ.get("HEADWAY_HTTP_URL") or DEFAULT_HTTP_URL
         # The openai client insists on a key; local mode (auth off) ignores it.
@@ -123,7 +127,8 @@ class Agent:
         if self._client is None or self._loop is not loop:
             from openai import AsyncOpenAI
 
-            self._client = AsyncOpenAI(base_url=self.base_url, api_key=self.api_key)
+            retries = {} if self.max_retries is None else {"max_retries": self.max_retries}
+            self._client = AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, **retries)
             self._loop = loop
         return self._client
 
@@ -233,6 +238,7 @@ def create_agent(
     base_url: str | None = None,
     api_key: str | None = None,
     system_prompt: str | None = None,
+    max_retries: int | None = None,
 ) -> Agent:
     """An agent sampling `model` through the gateway's OpenAI-compatible endpoint.
 
@@ -240,6 +246,8 @@ def create_agent(
     temperature, ..., and `extra_body={"return_token_ids": True}` to record training
     rollouts). `base_url` defaults to `HEADWAY_HTTP_URL` (else http://127.0.0.1:8000/v1),
     `api_key` to `HEADWAY_API_KEY`. `system_prompt` is prepended to tasks that have none.
+    `max_retries` is the openai client's (default 2: timeouts, 429 "at capacity" and 5xx
+    are retried with a backoff; each turn's Idempotency-Key makes that safe).
     """
     return Agent(
         model,
@@ -247,4 +255,5 @@ def create_agent(
         base_url=base_url,
         api_key=api_key,
         system_prompt=system_prompt,
+        max_retries=max_retries,
     )

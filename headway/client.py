@@ -45,11 +45,13 @@ from headway.errors import (
     Internal,
     InvalidArgument,
     NotFound,
+    Overloaded,
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
     Unimplemented,
+    pushback_ms,
 )
 from headway.grpc_util import CHANNEL_OPTIONS
 from headway.tensors import floats, to_tensor
@@ -128,6 +130,9 @@ def error_from_rpc(e: grpc.RpcError) -> HeadwayError:
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     details = (e.details() if hasattr(e, "details") else "") or name
+    ms = pushback_ms(e) if name == "RESOURCE_EXHAUSTED" else None
+    if ms is not None:  # at capacity: retryable, unlike a request over a limit
+        return Overloaded(details, retry_after_ms=ms)
     error = _ERRORS.get(name, Internal)(details)
     if error.code != name:  # keep the exact status for the unmapped ones (UNKNOWN, ...)
         error.code = name
@@ -213,9 +218,19 @@ class _Connection:
                 rpc = getattr(self.stub(stub_cls), method)
                 return await rpc(request, metadata=self.metadata, timeout=self.timeout)
             except grpc.aio.AioRpcError as e:
-                if retry and e.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.max_retries:
-                    # Jitter keeps many clients from retrying a restarted server in lockstep.
+                # A server at capacity refused the call before doing anything (it says
+                # when to come back): always safe to send again.
+                pushback = (
+                    pushback_ms(e) if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+                )
+                retryable = pushback is not None or (
+                    retry and e.code() == grpc.StatusCode.UNAVAILABLE
+                )
+                if retryable and attempt < self.max_retries:
                     delay = min(self.retry_backoff * 2**attempt, 10.0)
+                    if pushback is not None:
+                        delay = max(delay, pushback / 1000)
+                    # Jitter keeps many clients from retrying a restarted server in lockstep.
                     await asyncio.sleep(delay * (0.5 + random.random() / 2))
                     attempt += 1
                     continue

@@ -48,6 +48,32 @@ class ResourceExhausted(HeadwayError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class Overloaded(ResourceExhausted):
+    """At capacity right now (a full queue): the same call may succeed shortly, or on
+    another replica. Travels as RESOURCE_EXHAUSTED with gRPC's standard retry pushback
+    (`grpc-retry-pushback-ms` trailing metadata), which tells it from a request that is
+    too big (never retryable); over HTTP it is 429 with `retry-after-ms`."""
+
+    def __init__(self, message: str, retry_after_ms: int = 100) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+def pushback_ms(error: object) -> int | None:
+    """The retry pushback of an RPC error (`grpc-retry-pushback-ms`), None if it has none."""
+    trailing = getattr(error, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == PUSHBACK_KEY:
+            try:
+                return max(0, int(value))
+            except ValueError:
+                return None
+    return None
+
+
 class Unauthenticated(HeadwayError):
     """A missing or unknown API key."""
 

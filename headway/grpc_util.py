@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from headway.errors import HeadwayError
+from headway.errors import PUSHBACK_KEY, HeadwayError, Overloaded, pushback_ms
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,14 @@ def team_of(context: grpc.aio.ServicerContext) -> str:
     return ""
 
 
+def pushback_of(error: BaseException) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that marks an error as retryable after a pause (Overloaded)."""
+    if isinstance(error, Overloaded):
+        return ((PUSHBACK_KEY, str(error.retry_after_ms)),)
+    ms = pushback_ms(error)  # an upstream error relayed as it came
+    return ((PUSHBACK_KEY, str(ms)),) if ms is not None else ()
+
+
 def maps_errors(method: F) -> F:
     """Abort with a `HeadwayError`'s status; ValueError (bad model input) → INVALID_ARGUMENT."""
 
@@ -53,7 +61,9 @@ def maps_errors(method: F) -> F:
         try:
             return await method(self, request, context)
         except HeadwayError as e:
-            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+            await context.abort(
+                getattr(grpc.StatusCode, e.code), e.message, trailing_metadata=pushback_of(e)
+            )
         except ValueError as e:  # ModelError and friends: a bad model directory or input
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from headway.errors import HeadwayError, NotFound, ResourceExhausted
+from headway.errors import HeadwayError, NotFound, Overloaded
 from headway.modeling import ModelConfig
 from headway.store import CheckpointRef, CheckpointStore
 from headway.store.weights import base_config
@@ -99,9 +99,9 @@ class Sampler:
     def submit(self, pending: Pending) -> None:
         """Queue a job; its tokens arrive through `pending.job.emit`."""
         if self.queue_depth >= self.config.max_queue:
-            raise ResourceExhausted(
+            raise Overloaded(
                 f"the sampler has {self.queue_depth} requests waiting (limit "
-                f"{self.config.max_queue}); retry later or add replicas"
+                f"{self.config.max_queue}); retry shortly or add replicas"
             )
         self._inbox.put(("submit", pending))
 
@@ -301,7 +301,7 @@ class Sampler:
         def run() -> list[np.ndarray]:
             located = self.ensure(model, ckpt)
             if located is None:
-                raise ResourceExhausted("no engine or adapter slot is free; retry shortly")
+                raise Overloaded("no engine or adapter slot is free; retry shortly")
             entry, slot = located
             return entry.engine.logprobs(sequences, slot)
 

@@ -173,6 +173,62 @@ def test_health_follows_the_trainer_and_the_sampler_replicas(tmp_path, tiny_base
                 node.stop()
 
 
+def test_a_full_replica_passes_requests_on_and_callers_are_told_to_retry(tmp_path, tiny_base):
+    """A replica at capacity refuses with RESOURCE_EXHAUSTED + gRPC retry pushback: the
+    gateway tries another replica; with none free, gRPC callers get the pushback, HTTP
+    callers 429 with retry-after-ms, and the SDK retries then raises Overloaded."""
+    import asyncio
+
+    from headway import Overloaded, SamplingClient
+    from headway.errors import PUSHBACK_KEY
+
+    trainer = TrainerStack(tmp_path / "store")
+    trainer.add_base(tiny_base, "tiny")
+    store, prefix = trainer.config.store, trainer.prefix
+    # max_queue=0: refuses every request. Its id sorts first, so it is tried first.
+    full = SamplerReplica(store, prefix, max_seq_len=256, max_queue=0, replica_id="a-full")
+    node = GatewayNode(store, prefix, trainer.server.address)
+    ok = None
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            node.sampling.Sample(sample_req("tiny", max_tokens=2), timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "requests waiting" in err.value.details()
+        assert dict(err.value.trailing_metadata())[PUSHBACK_KEY] == "100"
+
+        client = openai.OpenAI(base_url=node.http_url, api_key="local", max_retries=0)
+        with pytest.raises(openai.RateLimitError) as limited:
+            client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+        assert limited.value.response.headers["retry-after-ms"] == "100"
+
+        async def sdk_sample() -> None:
+            sampler = SamplingClient("tiny", url=node.server.address, max_retries=2)
+            try:
+                await sampler.sample("hi", max_tokens=2)
+            finally:
+                await sampler.close()
+
+        with pytest.raises(Overloaded, match="requests waiting"):
+            asyncio.run(sdk_sample())
+
+        ok = SamplerReplica(store, prefix, max_seq_len=256, replica_id="b-ok")
+        deadline = time.monotonic() + 10
+        while True:  # until the gateway's registry listing has the second replica
+            try:
+                reply = node.sampling.Sample(sample_req("tiny", max_tokens=2), timeout=10)
+                break
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert time.monotonic() < deadline, "the free replica was never used"
+                time.sleep(0.1)
+        assert reply.checkpoint == "base" and len(reply.sequences) == 1
+        assert full.sampler.steps == 0  # everything was decoded elsewhere
+    finally:
+        for part in (node, ok, full, trainer):
+            if part is not None:
+                part.stop()
+
+
 def test_pinned_checkpoint_through_the_gateway(gateway_stack):
     g = gateway_stack.gateway
     g.models.ForkModel(model_pb2.ForkModelRequest(source="tiny", name="m"))

@@ -575,13 +575,15 @@ def test_errors(gateway_stack):
 def test_a_taskset_bigger_than_the_samplers_queue_runs_within_its_concurrency(tmp_path, tiny_base):
     """A sampler queues a bounded number of requests and refuses the rest; Taskset.run
     keeps at most max_concurrency episodes in flight, so a big taskset still completes."""
-    from headway.errors import InvalidArgument as BadRequest
+    from headway.errors import Overloaded
     from tests.stack import GatewayNode, SamplerReplica, TrainerStack
 
     trainer = TrainerStack(tmp_path / "store")
     trainer.add_base(tiny_base, "tiny")
     store, prefix = trainer.config.store, trainer.prefix
-    replica = SamplerReplica(store, prefix, max_seq_len=256, max_batch=1, max_queue=1)
+    # One row; two may wait (a request arriving just as another finishes can find the
+    # finished one's successor not yet moved into the row).
+    replica = SamplerReplica(store, prefix, max_seq_len=256, max_batch=1, max_queue=2)
     node = GatewayNode(store, prefix, trainer.server.address)
     try:
 
@@ -590,6 +592,7 @@ def test_a_taskset_bigger_than_the_samplers_queue_runs_within_its_concurrency(tm
                 "tiny",
                 completion_kwargs={"max_tokens": 8, "extra_body": {"ignore_eos": True}},
                 base_url=node.http_url,
+                max_retries=0,  # a refusal shows, instead of being retried after a pause
             )
             tasks = Taskset(Task(f"what is {i} plus 1?", lambda run: 1.0) for i in range(6))
             try:
@@ -597,10 +600,10 @@ def test_a_taskset_bigger_than_the_samplers_queue_runs_within_its_concurrency(tm
             finally:
                 await agent.close()
 
-        runs = asyncio.run(play(2))  # one decoding, one queued: never refused
+        runs = asyncio.run(play(2))  # at most two in flight: never refused
         assert len(runs) == 24 and all(run.text for run in runs)
-        with pytest.raises(BadRequest, match="requests waiting"):
-            asyncio.run(play(24))  # all at once: the queue overflows
+        with pytest.raises(Overloaded, match="requests waiting"):
+            asyncio.run(play(24))  # all at once: the queue overflows (HTTP 429, no retries)
     finally:
         node.stop()
         replica.stop()
