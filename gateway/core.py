@@ -132,12 +132,13 @@ class Gateway:
             return True
         return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and pushback_ms(e) is not None
 
-    async def _failover(self, model: str, checkpoint: str, call: Any) -> Any:
+    async def _failover(self, model: str, checkpoint: str, rows: int, call: Any) -> Any:
         """`await call(stub)` on the best replica; on a replica that failed or is full,
-        the next one; the last error if every replica did."""
+        the next one; the last error if every replica did. `rows`: the sequences the call
+        puts on the replica, counted in its load while the call runs."""
         last: grpc.aio.AioRpcError | None = None
         for address in await self._attempts(model, checkpoint):
-            self.router.begin(address)
+            self.router.begin(address, rows)
             try:
                 return await call(self.router.stub(address))
             except grpc.aio.AioRpcError as e:
@@ -145,7 +146,7 @@ class Gateway:
                     raise
                 last = e
             finally:
-                self.router.end(address)
+                self.router.end(address, rows)
         assert last is not None
         raise last
 
@@ -158,6 +159,7 @@ class Gateway:
         return await self._failover(
             request.model,
             request.checkpoint,
+            max(1, request.params.n),
             lambda stub: stub.Sample(request, metadata=md, timeout=timeout),
         )
 
@@ -167,8 +169,9 @@ class Gateway:
         """Streamed Sample; fails over only before the first chunk (tokens are not redone)."""
         request.checkpoint = self.pin(request.model, request.checkpoint, team)
         last: grpc.aio.AioRpcError | None = None
+        rows = max(1, request.params.n)
         for address in await self._attempts(request.model, request.checkpoint):
-            self.router.begin(address)
+            self.router.begin(address, rows)
             started = False
             try:
                 call = self.router.stub(address).SampleStream(
@@ -186,7 +189,7 @@ class Gateway:
                     raise
                 last = e
             finally:
-                self.router.end(address)
+                self.router.end(address, rows)
         assert last is not None
         raise last
 
@@ -198,5 +201,6 @@ class Gateway:
         return await self._failover(
             request.model,
             request.checkpoint,
+            max(1, len(request.sequences)),
             lambda stub: stub.ComputeLogprobs(request, metadata=md, timeout=timeout),
         )

@@ -2,10 +2,10 @@
 
 Replicas come from the Redis registry (refreshed every few hundred ms). A request pinned
 to a checkpoint goes to the least-loaded live replica that already holds it, else to the
-least-loaded live replica (which loads it on demand). Load is what the replica last
-reported plus the requests this gateway has in flight on it, so a burst spreads before
-the next heartbeat. A replica that answers UNAVAILABLE is skipped for a few seconds and
-the request goes to the next one.
+least-loaded live replica (which loads it on demand). Load is counted in sequences (rows):
+what the replica last reported (decoding and waiting) plus the rows of the requests this
+gateway has in flight on it, so a burst spreads before the next heartbeat. A replica that
+answers UNAVAILABLE is skipped for a few seconds and the request goes to the next one.
 """
 
 from __future__ import annotations
@@ -80,11 +80,12 @@ class Router:
 
         return [r.address for r in sorted(live, key=key)]
 
-    def begin(self, address: str) -> None:
-        self._inflight[address] += 1
+    def begin(self, address: str, rows: int = 1) -> None:
+        """Count `rows` sequences this gateway has sent to `address` and not seen finish."""
+        self._inflight[address] += rows
 
-    def end(self, address: str) -> None:
-        self._inflight[address] -= 1
+    def end(self, address: str, rows: int = 1) -> None:
+        self._inflight[address] -= rows
 
     def mark_failed(self, address: str) -> None:
         self._suspect[address] = time.monotonic() + SUSPECT_SECONDS

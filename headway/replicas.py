@@ -27,11 +27,13 @@ class ReplicaInfo:
     loaded: list[str] = field(default_factory=list)  # "model/checkpoint" servable now
     queue_depth: int = 0  # requests waiting for rows
     live_rows: int = 0  # sequences being decoded
+    queued_rows: int = 0  # sequences of the waiting requests
     updated: float = 0.0  # unix seconds of this report
 
     @property
     def load(self) -> int:
-        return self.queue_depth + self.live_rows
+        """Sequences on the replica, decoding or waiting: the unit routing compares."""
+        return self.queued_rows + self.live_rows
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -83,6 +83,10 @@ class Sampler:
         self.served: dict[tuple[str, str], tuple[CheckpointRef, CheckpointRef | None]] = {}
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._waiting: deque[Pending] = deque()
+        # Rows of submitted jobs not yet decoding (the registry's load, with live rows);
+        # changed by the gRPC thread (submit) and the engine thread (admit), hence the lock.
+        self._queued_rows = 0
+        self._rows_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler-engine", daemon=True)
         self.steps = 0
@@ -103,6 +107,8 @@ class Sampler:
                 f"the sampler has {self.queue_depth} requests waiting (limit "
                 f"{self.config.max_queue}); retry shortly or add replicas"
             )
+        with self._rows_lock:
+            self._queued_rows += pending.job.n
         self._inbox.put(("submit", pending))
 
     def preload(self, model: str, checkpoint: str) -> None:
@@ -121,6 +127,15 @@ class Sampler:
     @property
     def queue_depth(self) -> int:
         return self._inbox.qsize() + len(self._waiting)
+
+    @property
+    def queued_rows(self) -> int:
+        """Rows of the jobs waiting to start."""
+        return self._queued_rows
+
+    def _dequeued(self, p: Pending) -> None:
+        with self._rows_lock:
+            self._queued_rows -= p.job.n
 
     @property
     def live_rows(self) -> int:
@@ -170,13 +185,17 @@ class Sampler:
         while self._waiting:
             p = self._waiting.popleft()
             if p.job.cancelled:
+                self._dequeued(p)
                 continue
             try:
                 placed = self._place(p)
             except Exception as e:
+                self._dequeued(p)
                 p.on_error(e)
                 continue
-            if not placed:
+            if placed:
+                self._dequeued(p)
+            else:
                 still.append(p)
         self._waiting = still
 

@@ -88,6 +88,7 @@ class Watcher:
             self.info.loaded = self.sampler.loaded_checkpoints()
             self.info.queue_depth = self.sampler.queue_depth
             self.info.live_rows = self.sampler.live_rows
+            self.info.queued_rows = self.sampler.queued_rows
             self.info.updated = time.time()
             try:
                 await announce(

@@ -229,6 +229,54 @@ def test_a_full_replica_passes_requests_on_and_callers_are_told_to_retry(tmp_pat
                 part.stop()
 
 
+def test_routing_weighs_replicas_by_rows_reported_and_in_flight():
+    """The replica holding the checkpoint first; then the fewest sequences, counting what
+    each replica reported (decoding + waiting) and the rows this gateway has sent it."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from gateway.routing import Router
+    from headway.replicas import ReplicaInfo, announce
+    from tests.stack import REDIS_URL, clear_prefix
+
+    prefix = redis_prefix()
+
+    async def order(steps) -> list[list[str]]:
+        client = aioredis.from_url(REDIS_URL)
+        router = Router(client, prefix, cache_seconds=0.0)
+        try:
+            for info in (
+                ReplicaInfo("a", "a:1", live_rows=2, queued_rows=3),
+                ReplicaInfo("b", "b:1", live_rows=4),
+                ReplicaInfo("c", "c:1", loaded=["m/ck"], live_rows=30),
+            ):
+                await announce(client, info, ttl=30, prefix=prefix)
+            seen = []
+            for step in steps:
+                step(router)
+                seen.append(await router.candidates("m", "ck"))
+                seen[-1] = [address[0] for address in seen[-1]]
+            return seen
+        finally:
+            await router.close()
+            await client.aclose()
+
+    try:
+        seen = asyncio.run(
+            order(
+                [
+                    lambda r: None,
+                    lambda r: r.begin("b:1", 8),  # a request of n=8 sent to b
+                    lambda r: r.end("b:1", 8),
+                ]
+            )
+        )
+    finally:
+        clear_prefix(prefix)
+    assert seen == [["c", "b", "a"], ["c", "a", "b"], ["c", "b", "a"]]
+
+
 def test_pinned_checkpoint_through_the_gateway(gateway_stack):
     g = gateway_stack.gateway
     g.models.ForkModel(model_pb2.ForkModelRequest(source="tiny", name="m"))

@@ -305,6 +305,44 @@ def test_cancelling_a_stream_frees_its_rows(sampling_stack):
     wait_for(lambda: stack.sampler.sampler.live_rows == 0, what="the cancelled rows to leave")
 
 
+def test_a_waiting_request_counts_its_rows_in_the_reported_load(sampling_stack):
+    """Load is in sequences: a queued request of n=3 weighs 3, like 3 decoding rows."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    stack = sampling_stack
+    replica = stack.sampler.sampler
+    full = sampling_pb2.SampleRequest(
+        model="tiny",
+        prompt_tokens=to_tensor(PROMPT),
+        params=common_pb2.SamplingParams(n=32, max_tokens=240, ignore_eos=True),
+    )
+    stream = stack.sampler.stub.SampleStream(full)  # every row of the engine
+    next(stream)
+    wait_for(lambda: replica.live_rows == 32, what="the engine to fill")
+    done: dict[str, object] = {}
+    waiting = threading.Thread(
+        target=lambda: done.update(reply=sample(stack, "tiny", n=3, max_tokens=2))
+    )
+    waiting.start()
+    wait_for(lambda: replica.queued_rows == 3, what="the second request to queue")
+
+    async def reported() -> int:
+        client = aioredis.from_url(REDIS_URL)
+        try:
+            (info,) = await list_replicas(client, stack.prefix)
+            return info.load
+        finally:
+            await client.aclose()
+
+    wait_for(lambda: asyncio.run(reported()) == 35, what="the heartbeat to report 32 + 3")
+    stream.cancel()
+    waiting.join(timeout=30)
+    assert len(done["reply"].sequences) == 3
+    wait_for(lambda: replica.queued_rows == 0 and replica.live_rows == 0, what="an idle replica")
+
+
 BAD = {
     "token over vocab": (
         dict(prompt=[1, VOCAB]),
