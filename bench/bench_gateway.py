@@ -31,10 +31,7 @@ import logging
 import os
 import secrets
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -58,8 +55,8 @@ from headway.v1 import (  # noqa: E402
     sampling_pb2,
     sampling_pb2_grpc,
 )
+from tests.stack import ServiceProcess  # noqa: E402  (services in processes of their own)
 
-REPO = Path(__file__).resolve().parent.parent
 BASE = "base40m"
 PROMPT, NEW = 16, 16
 CLIENTS = 32
@@ -69,58 +66,6 @@ READY_TIMEOUT = 120.0
 # client, other jobs) hold the cores, which turns a 16-token call into seconds.
 THREADS = os.environ.get("OMP_NUM_THREADS", "1")
 now = time.perf_counter
-
-
-# ------------------------------------------------------------------------------ services
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Service:
-    """`python -m <module>` on a fresh loopback port, output in a log file, SERVING checked."""
-
-    def __init__(self, name: str, module: str, args: list[str], logs: Path, prefix: str) -> None:
-        self.name, self.address = name, f"127.0.0.1:{free_port()}"
-        self.log = logs / f"{name}.log"
-        cmd = [sys.executable, "-m", module, "--listen", self.address, "--redis", REDIS_URL,
-               "--redis-prefix", prefix, "--log-level", "WARNING", *args]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": THREADS}
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env
-            )
-        self.channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-
-    def wait_ready(self, deadline: float) -> None:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        health = health_pb2_grpc.HealthStub(self.channel)
-        while now() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.tail()}")
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.name} not SERVING after {READY_TIMEOUT} s:\n{self.tail()}")
-
-    def close(self) -> None:
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-    def tail(self, chars: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -341,17 +286,19 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp(prefix="headway-bench-logs-"))
     prefix = f"headway-bench-{secrets.token_hex(4)}:"
     common = ["--store", str(store)]
-    services: list[Service] = []
+    services: list[ServiceProcess] = []
+
+    def start(name: str, module: str, args: list[str]) -> ServiceProcess:
+        service = ServiceProcess(name, module, [*args, "--log-level", "WARNING"],
+                                 logs / f"{name}.log", prefix, threads=THREADS)  # fmt: skip
+        services.append(service)
+        return service
+
     try:
-        trainer = Service("trainer", "trainer_svc", common, logs, prefix)
-        services.append(trainer)
-        replica = Service("sampler", "sampler_svc", [*common, "--max-seq-len", "512"], logs,
-                          prefix)  # fmt: skip
-        services.append(replica)
-        gw_args = [*common, "--trainer", trainer.address, "--http", ""]
-        gateway = Service("gateway", "gateway", gw_args, logs, prefix)
-        services.append(gateway)
-        deadline = now() + READY_TIMEOUT
+        trainer = start("trainer", "trainer_svc", common)
+        replica = start("sampler", "sampler_svc", [*common, "--max-seq-len", "512"])
+        gateway = start("gateway", "gateway", [*common, "--trainer", trainer.address, "--http", ""])
+        deadline = time.monotonic() + READY_TIMEOUT
         for service in services:
             service.wait_ready(deadline)
         model_pb2_grpc.ModelServiceStub(gateway.channel).AddBase(
@@ -390,7 +337,7 @@ def main() -> None:
         raise
     finally:
         for service in services:
-            service.close()
+            service.stop()  # SIGTERM: a graceful stop, as a deployment's
         _clean_redis(prefix)
         for directory in (store, logs, path):
             shutil.rmtree(directory, ignore_errors=True)

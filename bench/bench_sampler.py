@@ -79,6 +79,7 @@ from headway.v1 import (  # noqa: E402
     training_pb2,
     training_pb2_grpc,
 )
+from tests.stack import ServiceProcess  # noqa: E402  (services in processes of their own)
 
 PROMPT, NEW, BATCH = 32, 64, 8
 DECODED = NEW - 1  # tokens per row made by decode steps (the first comes from the prefill)
@@ -119,40 +120,20 @@ class SamplerThread:
         self.thread.join(timeout=10)
 
 
-class TrainerProcess:
+class TrainerProcess(ServiceProcess):
     """The trainer as `python -m trainer_svc`, a child process, as `headway serve` runs it
     (in this process its torch threads would slow the replica's: see `HFWorker`)."""
 
     def __init__(self, store: Path, prefix: str) -> None:
-        import socket
-        import subprocess
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        root = Path(__file__).resolve().parent.parent
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trainer_svc", "--listen", f"127.0.0.1:{port}"]
-            + ["--store", str(store), "--redis", REDIS_URL, "--redis-prefix", prefix],
-            cwd=root,
-            stdin=subprocess.DEVNULL,
-        )
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+        log = store.with_name(f"{store.name}-trainer.log")
+        super().__init__("trainer", "trainer_svc", ["--store", str(store)], log, prefix)
         try:
-            grpc.channel_ready_future(self.channel).result(timeout=60)
-        except grpc.FutureTimeoutError:
+            self.wait_ready(time.monotonic() + 60)
+        except BaseException:
             self.stop()
-            raise RuntimeError("the trainer process did not come up within 60 s") from None
+            raise
         self.models = model_pb2_grpc.ModelServiceStub(self.channel)
         self.train = training_pb2_grpc.TrainingServiceStub(self.channel)
-
-    def stop(self) -> None:
-        self.channel.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except Exception:
-            self.proc.kill()
 
 
 class HeadListener:
@@ -654,6 +635,7 @@ def main() -> None:
             hf.close()
         _clean_redis(prefix)
         shutil.rmtree(store, ignore_errors=True)
+        store.with_name(f"{store.name}-trainer.log").unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
 
     # ---- figures

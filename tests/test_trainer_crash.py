@@ -13,10 +13,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -25,16 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file
 
-from headway.grpc_util import CHANNEL_OPTIONS
 from headway.store.atomic import TMP_PREFIX
 from headway.v1 import common_pb2, model_pb2, model_pb2_grpc, training_pb2, training_pb2_grpc
 from tests.helpers_training import adam, items, rl_datum
-from tests.stack import REDIS_URL, make_tiny_base, redis_prefix
+from tests.stack import REDIS_URL, ServiceProcess, make_tiny_base, redis_prefix
 
-REPO = Path(__file__).parents[1]
 KILLS = 22
 SEED = 20240607
 # Seconds between the client's start and SIGKILL. The first ~1 s of a round is the restart's
@@ -92,60 +85,19 @@ class InFlight:
     seed: int
 
 
-class TrainerProcess:
+class TrainerProcess(ServiceProcess):
     """`python -m trainer_svc` on a fresh loopback port, with stubs once it is SERVING."""
 
     def __init__(self, store: Path, prefix: str, log: Path) -> None:
-        self.port = _free_port()
-        self.log = log
-        cmd = [sys.executable, "-m", "trainer_svc", "--listen", f"127.0.0.1:{self.port}",
-               "--store", str(store), "--redis", REDIS_URL, "--redis-prefix", prefix,
-               "--log-level", "WARNING"]  # fmt: skip
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=CHANNEL_OPTIONS)
+        args = ["--store", str(store), "--log-level", "WARNING"]
+        super().__init__("trainer", "trainer_svc", args, log, prefix)
         self.models = model_pb2_grpc.ModelServiceStub(self.channel)
         self.train = training_pb2_grpc.TrainingServiceStub(self.channel)
         try:
-            self._wait_ready()
+            self.wait_ready(time.monotonic() + READY_TIMEOUT)
         except BaseException:
             self.close()
             raise
-
-    def _wait_ready(self) -> None:
-        health = health_pb2_grpc.HealthStub(self.channel)
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"trainer exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"trainer not SERVING after {READY_TIMEOUT} s:\n{self.tail()}")
-
-    def kill(self) -> None:
-        """SIGKILL the process and reap it (the channel stays open: close() it after)."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def close(self) -> None:
-        self.kill()
-        self.channel.close()
-
-    def tail(self, chars: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-chars:]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _step_request(slug: str, request_id: str, seed: int) -> training_pb2.StepRequest:
