@@ -51,22 +51,19 @@ _EXTRA_MODULES = {
 }
 
 
-def missing_extra(extra: str, command: str) -> str:
-    """'' when the modules of `extra` import, else a one-line message saying what to install."""
+def missing_extra(extra: str) -> str:
+    """'' when the modules of `extra` import, else one line saying what to install."""
     import importlib.util
 
     missing = [m for m in _EXTRA_MODULES[extra] if importlib.util.find_spec(m) is None]
     if not missing:
         return ""
-    return (
-        f"headway {command}: needs {', '.join(missing)}, which this install lacks: "
-        f"pip install 'headway[{extra}]'"
-    )
+    return f"needs {', '.join(missing)}, which this install lacks: pip install 'headway[{extra}]'"
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if message := missing_extra("server", "serve"):
-        print(message, file=sys.stderr)
+    if message := missing_extra("server"):
+        print(f"headway serve: {message}", file=sys.stderr)
         return 2
     from headway.serve import ServeConfig, run
 

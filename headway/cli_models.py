@@ -186,16 +186,16 @@ def _delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def _needs_server(command: str) -> None:
+def _needs_server() -> None:
     """ValueError (one line, exit 2) when the torch-side modules a command runs are missing."""
     from headway.cli import missing_extra
 
-    if message := missing_extra("server", command):
-        raise ValueError(message.split(": ", 1)[1])
+    if message := missing_extra("server"):
+        raise ValueError(message)
 
 
 def _export(args: argparse.Namespace) -> int:
-    _needs_server("models export")
+    _needs_server()
     import shutil
     from pathlib import Path
 
@@ -281,7 +281,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _build_base(args: argparse.Namespace) -> int:
-    _needs_server("models build-base")
+    _needs_server()
     from pathlib import Path
 
     from tqdm import tqdm

@@ -873,8 +873,10 @@ class _SyncClient:
         self.close()
 
 
-class SyncTrainingClient(_SyncClient):
-    """The blocking twin of `TrainingClient`: same constructor, same methods, no await."""
+class _SyncModelClient(_SyncClient):
+    """A blocking twin of a model-bound client (`_async`): the same constructor."""
+
+    _async: type[_ModelClient]
 
     def __init__(
         self,
@@ -884,8 +886,14 @@ class SyncTrainingClient(_SyncClient):
         api_key: str | None = None,
         **settings: Any,
     ) -> None:
-        super().__init__(TrainingClient(model, url=url, api_key=api_key, **settings))
+        super().__init__(self._async(model, url=url, api_key=api_key, **settings))
         self.model = model
+
+
+class SyncTrainingClient(_SyncModelClient):
+    """The blocking twin of `TrainingClient`: same constructor, same methods, no await."""
+
+    _async = TrainingClient
 
     @property
     def aio(self) -> TrainingClient:
@@ -983,19 +991,10 @@ class SyncTrainingClient(_SyncClient):
         return self._run(self.aio.set_head(checkpoint))
 
 
-class SyncSamplingClient(_SyncClient):
+class SyncSamplingClient(_SyncModelClient):
     """The blocking twin of `SamplingClient`."""
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        url: str | None = None,
-        api_key: str | None = None,
-        **settings: Any,
-    ) -> None:
-        super().__init__(SamplingClient(model, url=url, api_key=api_key, **settings))
-        self.model = model
+    _async = SamplingClient
 
     @property
     def aio(self) -> SamplingClient:
