@@ -11,7 +11,8 @@ from what the gateway can reach now, checked every `interval` seconds in the bac
 - `headway.v1.SamplingService`: SERVING while Redis answers and at least one sampler
   replica is registered.
 
-A check that fails or takes longer than `timeout` seconds counts as NOT_SERVING until the
+A check that fails or takes longer than `timeout` seconds (3: generous, so that a loaded
+machine's slow answer is not taken for a dead dependency) counts as NOT_SERVING until the
 next one succeeds. Statuses are set only when they change (watchers see each change once).
 """
 
@@ -42,7 +43,7 @@ class HealthMonitor:
         prefix: str,
         trainer: grpc.aio.Channel,
         interval: float = 1.0,
-        timeout: float = 1.0,
+        timeout: float = 3.0,
     ) -> None:
         self.servicer, self.redis, self.prefix, self.trainer = servicer, redis, prefix, trainer
         self.interval, self.timeout = interval, timeout

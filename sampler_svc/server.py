@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from dataclasses import dataclass
@@ -56,6 +57,12 @@ async def create_replica(
     redis = aioredis.from_url(config.redis_url)
     watcher = Watcher(sampler, redis, config, info)
     sampler.start()
+    try:
+        # Registered before this returns (the caller starts the server next): a gateway
+        # that looks right after finds the replica, instead of a heartbeat later.
+        await asyncio.wait_for(watcher.announce(), 2.0)
+    except Exception as e:  # Redis down: the heartbeat keeps trying
+        log.warning("first registry announce failed: %s", e)
     watcher.start()
     return server, port, Replica(server, port, sampler, watcher, redis)
 

@@ -83,17 +83,19 @@ class Watcher:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.wait_for(pubsub.aclose(), 1.0)
 
+    async def announce(self) -> None:
+        """Write this replica's registry entry now (its load and what it has loaded)."""
+        self.info.loaded = self.sampler.loaded_checkpoints()
+        self.info.queue_depth = self.sampler.queue_depth
+        self.info.live_rows = self.sampler.live_rows
+        self.info.queued_rows = self.sampler.queued_rows
+        self.info.updated = time.time()
+        await announce(self.redis, self.info, self.config.heartbeat_ttl, self.config.redis_prefix)
+
     async def _heartbeat(self) -> None:
         while not self._stopping:
-            self.info.loaded = self.sampler.loaded_checkpoints()
-            self.info.queue_depth = self.sampler.queue_depth
-            self.info.live_rows = self.sampler.live_rows
-            self.info.queued_rows = self.sampler.queued_rows
-            self.info.updated = time.time()
             try:
-                await announce(
-                    self.redis, self.info, self.config.heartbeat_ttl, self.config.redis_prefix
-                )
+                await self.announce()
             except asyncio.CancelledError:
                 raise
             except Exception as e:

@@ -102,7 +102,7 @@ def test_every_service_health_and_reflection_on_one_port(gateway_stack):
         "headway.v1.TraceService",
     ):
         status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
-        assert status == health_pb2.HealthCheckResponse.SERVING
+        assert status == health_pb2.HealthCheckResponse.SERVING, service
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     request = reflection_pb2.ServerReflectionRequest(list_services="")
     (reply,) = list(stub.ServerReflectionInfo(iter([request])))
