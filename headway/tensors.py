@@ -199,6 +199,19 @@ def _describe(value: float) -> str:
     return "inf" if value > 0 else "-inf"
 
 
+def declared_size(t: common_pb2.Tensor) -> int:
+    """The number of elements a Tensor claims to hold, read from its bytes, never decoded.
+
+    Limits (context length, batch tokens) are checked with this before any decoding, so an
+    oversized request costs no work proportional to its size. It is a bound, not a check:
+    `from_tensor` still validates the dtype, shape and byte count. The count is the data
+    size divided by the item size (0 for an unknown dtype), so a shape that claims more
+    elements than the bytes hold cannot inflate or hide it.
+    """
+    size = _WIRE[t.dtype].itemsize if t.dtype in _WIRE else 0
+    return len(t.data) // size if size else 0
+
+
 def from_tensor(t: common_pb2.Tensor, what: str) -> np.ndarray:
     """Decode a Tensor into an array of its dtype and shape (BFLOAT16 becomes float32).
 
