@@ -29,26 +29,20 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from gateway import replies
 from gateway.core import Gateway
-from headway.errors import HeadwayError, InvalidArgument, pushback_ms
+from headway.errors import (
+    HeadwayError,
+    InvalidArgument,
+    Overloaded,
+    from_http,
+    from_status,
+    pushback_ms,
+)
 from headway.tensors import to_tensor
 from headway.tokenizer import Tokenizer
 from headway.v1 import common_pb2, sampling_pb2
 
 log = logging.getLogger(__name__)
 
-_STATUS = {
-    "INVALID_ARGUMENT": 400,
-    "FAILED_PRECONDITION": 400,
-    "OUT_OF_RANGE": 400,
-    "RESOURCE_EXHAUSTED": 400,
-    "UNAUTHENTICATED": 401,
-    "PERMISSION_DENIED": 403,
-    "NOT_FOUND": 404,
-    "ALREADY_EXISTS": 409,
-    "ABORTED": 409,
-    "UNAVAILABLE": 503,
-    "DEADLINE_EXCEEDED": 504,
-}
 _TYPES = {
     401: "authentication_error",
     429: "rate_limit_error",
@@ -73,17 +67,39 @@ class HTTPError(Exception):
 
 
 def error_response(
-    status: int, message: str, code: str | None = None, param: str | None = None
+    status: int,
+    message: str,
+    code: str | None = None,
+    param: str | None = None,
+    grpc_status: str | None = None,
 ) -> JSONResponse:
+    """An error in OpenAI's JSON shape, plus `status`: the gRPC status name of the same
+    error, so a client (our agents) maps HTTP and gRPC failures to the same exception."""
     body = {
         "error": {
             "message": message,
             "type": _TYPES.get(status, "invalid_request_error"),
             "param": param,
             "code": code,
+            "status": grpc_status or from_http(status, message).code,
         }
     }
     return JSONResponse(body, status_code=status)
+
+
+def domain_error_response(e: HeadwayError) -> JSONResponse:
+    """The HTTP answer for a domain or upstream error, at the status its class names."""
+    code = "model_not_found" if e.http_status == 404 else None
+    if isinstance(e, Overloaded):
+        code = "overloaded"
+    response = error_response(e.http_status, e.message, code, grpc_status=e.code)
+    if isinstance(e, Overloaded):
+        # At capacity right now: 429 with when to retry, which the openai client (and
+        # most HTTP clients) honour with a backoff.
+        ms = e.retry_after_ms
+        response.headers["retry-after-ms"] = str(ms)
+        response.headers["retry-after"] = str(max(1, -(-ms // 1000)))
+    return response
 
 
 class BodyLimit:
@@ -134,21 +150,12 @@ def create_app(gateway: Gateway) -> Any:
 
     @app.exception_handler(HeadwayError)
     async def _domain_error(request: Request, e: HeadwayError) -> JSONResponse:
-        status = _STATUS.get(e.code, 500)
-        return error_response(status, e.message, "model_not_found" if status == 404 else None)
+        return domain_error_response(e)
 
     @app.exception_handler(grpc.aio.AioRpcError)
     async def _upstream_error(request: Request, e: grpc.aio.AioRpcError) -> JSONResponse:
-        message = e.details() or e.code().name
-        ms = pushback_ms(e)
-        if ms is not None:
-            # Every replica is at capacity right now: 429 with when to retry, which the
-            # openai client (and most HTTP clients) honour with a backoff.
-            response = error_response(429, message, "overloaded")
-            response.headers["retry-after-ms"] = str(ms)
-            response.headers["retry-after"] = str(max(1, -(-ms // 1000)))
-            return response
-        return error_response(_STATUS.get(e.code().name, 500), message)
+        name = e.code().name
+        return domain_error_response(from_status(name, e.details() or name, pushback_ms(e)))
 
     @app.exception_handler(ValueError)
     async def _value_error(request: Request, e: ValueError) -> JSONResponse:

@@ -29,15 +29,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from headway.errors import (
-    AlreadyExists,
-    HeadwayError,
-    InvalidArgument,
-    NotFound,
-    Overloaded,
-    ResourceExhausted,
-    Unauthenticated,
-)
+from headway.errors import HeadwayError, InvalidArgument, Unavailable, from_http
 from headway.types import Run, Turn
 
 __all__ = ["DEFAULT_HTTP_URL", "Agent", "Tool", "create_agent"]
@@ -50,27 +42,23 @@ Tool = Callable[[str], "str | Mapping[str, Any] | None | Awaitable[str | Mapping
 
 
 def _http_error(e: Exception) -> HeadwayError:
-    """An `openai` error as the `HeadwayError` of its HTTP status, with the server's text."""
-    from headway.client import DeadlineExceeded, Internal, PermissionDenied, Unavailable
-
+    """An `openai` error as the `HeadwayError` the gateway meant, with the server's text:
+    the gRPC status name its error body carries (so HTTP and gRPC give the same error),
+    else its HTTP status; no HTTP answer at all is Unavailable."""
     status = getattr(e, "status_code", None)
     body = getattr(e, "body", None)
-    message = body.get("message") if isinstance(body, dict) else None
-    message = message or getattr(e, "message", None) or str(e)
+    body = body if isinstance(body, dict) else {}
+    message = body.get("message") or getattr(e, "message", None) or str(e)
     if status is None:  # no HTTP answer at all: connection refused, timeout
         return Unavailable(f"gateway HTTP API unreachable: {message}")
-    cls: type[HeadwayError] = {
-        400: InvalidArgument,
-        401: Unauthenticated,
-        403: PermissionDenied,
-        404: NotFound,
-        409: AlreadyExists,
-        413: ResourceExhausted,
-        429: Overloaded,
-        503: Unavailable,
-        504: DeadlineExceeded,
-    }.get(status, Internal)
-    return cls(message)
+    response = getattr(e, "response", None)
+    retry_ms = getattr(response, "headers", {}).get("retry-after-ms") if response else None
+    return from_http(
+        status,
+        message,
+        body.get("status") if isinstance(body.get("status"), str) else None,
+        int(retry_ms) if retry_ms and retry_ms.isdigit() else None,
+    )
 
 
 def _extra(obj: Any, name: str) -> Any:

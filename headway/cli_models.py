@@ -17,11 +17,11 @@ from typing import Any
 
 import grpc
 
+from headway.errors import from_status
 from headway.grpc_util import CHANNEL_OPTIONS
 from headway.v1 import common_pb2, model_pb2, model_pb2_grpc
 
 DEFAULT_URL = "127.0.0.1:50051"
-_BAD_INPUT = {"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION"}
 
 
 def _stub(
@@ -49,7 +49,7 @@ def _run(name: str, fn: Callable[[argparse.Namespace], int]) -> Callable[[argpar
                 )
                 return 1
             print(f"headway {name}: {e.details()}", file=sys.stderr)
-            return 2 if code in _BAD_INPUT else 1
+            return 2 if from_status(code, "").user_error else 1
         except (ValueError, OSError) as e:
             print(f"headway {name}: {e}", file=sys.stderr)
             return 2

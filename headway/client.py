@@ -37,20 +37,15 @@ import numpy as np
 
 from headway.errors import (
     Aborted,
-    AlreadyExists,
     Cancelled,
     DeadlineExceeded,
-    FailedPrecondition,
     HeadwayError,
     Internal,
     InvalidArgument,
-    NotFound,
-    Overloaded,
     PermissionDenied,
-    ResourceExhausted,
-    Unauthenticated,
     Unavailable,
     Unimplemented,
+    from_status,
     pushback_ms,
 )
 from headway.grpc_util import CHANNEL_OPTIONS
@@ -104,39 +99,13 @@ DEFAULT_URL = "127.0.0.1:50051"
 BatchItem = Run | str | common_pb2.Trajectory
 
 
-_ERRORS: dict[str, type[HeadwayError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidArgument,
-        NotFound,
-        AlreadyExists,
-        FailedPrecondition,
-        ResourceExhausted,
-        Unauthenticated,
-        Unavailable,
-        DeadlineExceeded,
-        PermissionDenied,
-        Cancelled,
-        Aborted,
-        Unimplemented,
-        Internal,
-    )
-}
-_ERRORS["OUT_OF_RANGE"] = InvalidArgument
-
-
 def error_from_rpc(e: grpc.RpcError) -> HeadwayError:
     """The `HeadwayError` subclass of a failed call's status, with the server's message."""
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     details = (e.details() if hasattr(e, "details") else "") or name
-    ms = pushback_ms(e) if name == "RESOURCE_EXHAUSTED" else None
-    if ms is not None:  # at capacity: retryable, unlike a request over a limit
-        return Overloaded(details, retry_after_ms=ms)
-    error = _ERRORS.get(name, Internal)(details)
-    if error.code != name:  # keep the exact status for the unmapped ones (UNKNOWN, ...)
-        error.code = name
-    return error
+    # At capacity (a pushback) is retryable, unlike a request over a limit.
+    return from_status(name, details, pushback_ms(e) if name == "RESOURCE_EXHAUSTED" else None)
 
 
 # ------------------------------------------------------------------------ connection

@@ -21,6 +21,7 @@ from headway import (
     HeadwayError,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Run,
     SamplingClient,
     SyncTrainingClient,
@@ -567,6 +568,16 @@ def test_errors(gateway_stack):
         agent = create_agent("nope", base_url=stack.gateway.http_url)
         with pytest.raises(NotFound, match="nope"):
             await agent.run("hi")
+        await agent.close()
+
+        # Over a limit is the same error over gRPC and over HTTP (HTTP 400 for both
+        # ResourceExhausted and InvalidArgument; the error body names the status).
+        long_prompt = "what is 1 plus 2? " * 200
+        with pytest.raises(ResourceExhausted, match="context"):
+            await SamplingClient("m", url=url(stack)).sample(long_prompt, max_tokens=2)
+        agent = create_agent("m", base_url=stack.gateway.http_url)
+        with pytest.raises(ResourceExhausted, match="context"):
+            await agent.run(long_prompt)
         await agent.close()
 
     asyncio.run(main())
