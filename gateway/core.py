@@ -20,7 +20,7 @@ from gateway.config import GatewayConfig
 from gateway.replies import ReplyCache
 from gateway.routing import NoReplica, Router
 from gateway.traces import TraceStore
-from headway.errors import InvalidArgument, NotFound, Unavailable, pushback_ms
+from headway.errors import InvalidArgument, Unavailable, pushback_ms
 from headway.grpc_util import CHANNEL_OPTIONS, TEAM_HEADER
 from headway.keys import KeyRing
 from headway.store import CheckpointStore, ModelRecord
@@ -60,18 +60,13 @@ class Gateway:
 
     def model(self, slug: str, team: str) -> ModelRecord:
         """A model the team may see; NotFound otherwise (never "forbidden")."""
-        if not slug:
-            raise InvalidArgument("model is empty: give the model's slug")
-        record = self.store.get_model(slug)
-        if not record.is_base and record.team != team:
-            raise NotFound(f"model {slug!r} not found")
-        return record
+        return self.store.visible_model(slug, team)
 
     async def model_visible(self, slug: str, team: str) -> None:
-        self.model(slug, team)
+        self.store.visible_model(slug, team)
 
     def visible_models(self, team: str) -> list[ModelRecord]:
-        return [m for m in self.store.list_models() if m.is_base or m.team == team]
+        return self.store.visible_models(team)
 
     def pin(self, model: str, checkpoint: str, team: str) -> str:
         """The checkpoint that serves a request: the caller's pin, else the store's head."""

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
-from headway.errors import HeadwayError, InvalidArgument, NotFound
+from headway.errors import HeadwayError, InvalidArgument
 from headway.grpc_util import maps_errors, team_of
 from headway.modeling import Tokenizer
 from headway.store import ModelRecord
@@ -32,11 +32,7 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
 
     def _resolve(self, model: str, checkpoint: str, team: str) -> tuple[ModelRecord, str]:
         """The model (if the team sees it) and the checkpoint that serves the request."""
-        if not model:
-            raise InvalidArgument("model is empty: give the model's slug")
-        record = self.store.get_model(model)
-        if not record.is_base and record.team != team:
-            raise NotFound(f"model {model!r} not found")
+        record = self.store.visible_model(model, team)
         ckpt = checkpoint or self.store.head(model)
         self.store.get_checkpoint(model, ckpt)  # NotFound for an unknown checkpoint
         return record, ckpt

@@ -113,3 +113,23 @@ def test_records_round_trip_through_json(tmp_path):
     meta = json.loads((tmp_path / "models/m/checkpoints/root/meta.json").read_text())
     assert meta["id"] == "root" and meta["kind"] == "full" and meta["step"] == 0
     assert store.get_checkpoint("m", "root") == CheckpointRecord.from_json(meta)
+
+
+def test_visibility_a_team_sees_public_bases_and_its_own_models_only(tmp_path):
+    """The one home of the visibility rule (every service asks the store)."""
+    store = CheckpointStore(tmp_path)
+    base = ModelRecord(slug="b", team="", is_base=True, base="b", created=time.time())
+    store.create_model(base, CheckpointRecord(id="base", model="b", kind="base", step=0, created=0))
+    _model(store, "mine")  # team "t"
+    assert store.visible_model("mine", "t").slug == "mine"
+    assert store.visible_model("b", "other").is_base
+    with pytest.raises(NotFound) as theirs:
+        store.visible_model("mine", "other")
+    with pytest.raises(NotFound) as unknown:
+        store.visible_model("nothing", "other")
+    # Another team's model reads exactly like one that does not exist.
+    assert str(theirs.value).replace("mine", "X") == str(unknown.value).replace("nothing", "X")
+    with pytest.raises(InvalidArgument, match="model is empty"):
+        store.visible_model("", "t")
+    assert [m.slug for m in store.visible_models("t")] == ["b", "mine"]
+    assert [m.slug for m in store.visible_models("other")] == ["b"]

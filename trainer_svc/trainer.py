@@ -108,10 +108,7 @@ class Trainer:
     # ------------------------------------------------------------ visibility
     def model(self, slug: str, team: str) -> ModelRecord:
         """The record of `slug` if `team` may see it; NotFound otherwise (never "forbidden")."""
-        record = self.store.get_model(slug)
-        if not record.is_base and record.team != team:
-            raise NotFound(f"model {slug!r} not found")
-        return record
+        return self.store.visible_model(slug, team)
 
     def trainable(self, slug: str, team: str) -> ModelRecord:
         record = self.model(slug, team)
@@ -126,7 +123,7 @@ class Trainer:
 
     # ----------------------------------------------------------- model admin
     def list_models(self, team: str) -> list[ModelRecord]:
-        return [m for m in self.store.list_models() if m.is_base or m.team == team]
+        return self.store.visible_models(team)
 
     async def add_base(self, path: str, name: str) -> ModelRecord:
         """Register a Hugging Face directory as a public base (validated, referenced)."""

@@ -93,6 +93,23 @@ class CheckpointStore:
             raise NotFound(f"model {slug!r} not found")
         return ModelRecord.from_json(json.loads((self.model_dir(slug) / "model.json").read_text()))
 
+    def visible_model(self, slug: str, team: str) -> ModelRecord:
+        """The record of `slug` if `team` may see it: a public base, or a model of `team`.
+
+        The one home of the visibility rule. Another team's model is NotFound with the
+        same message as a model that does not exist: its existence never leaks.
+        """
+        if not slug:
+            raise InvalidArgument("model is empty: give the model's slug")
+        record = self.get_model(slug)
+        if not record.is_base and record.team != team:
+            raise NotFound(f"model {slug!r} not found")
+        return record
+
+    def visible_models(self, team: str) -> list[ModelRecord]:
+        """Every model `team` may see (see `visible_model`), in `list_models` order."""
+        return [m for m in self.list_models() if m.is_base or m.team == team]
+
     def list_models(self) -> list[ModelRecord]:
         """Every model: bases first, then forks, each sorted by slug."""
         records = [
