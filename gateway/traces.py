@@ -48,7 +48,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from headway.errors import FailedPrecondition, InvalidArgument, NotFound
-from headway.tensors import floats, is_set, require_finite, tokens
+from headway.turns import turn_arrays
 from headway.v1 import common_pb2, trace_pb2
 
 DEFAULT_PREFIX = "headway:"
@@ -116,40 +116,9 @@ def _not_found(trace_id: str) -> NotFound:
 
 
 def validate_turn(turn: common_pb2.Turn, what: str = "turn") -> int:
-    """Check a `Turn` as documented in common.proto; return its number of completion tokens.
-
-    prompt_tokens: a non-empty 1-D INT32/INT64 tensor of ids >= 0; completion_tokens: the
-    same but may be empty or absent; completion_logprobs: a 1-D float tensor with one finite
-    value per completion token (may be absent only when there are none). Raises
-    `InvalidArgument` naming the field, e.g. "turn.completion_logprobs has 3 values but
-    turn.completion_tokens has 4".
-    """
-    if not is_set(turn, "prompt_tokens"):
-        raise InvalidArgument(
-            f"{what}.prompt_tokens is required: the token ids the model read before this turn"
-        )
-    prompt = tokens(turn.prompt_tokens, f"{what}.prompt_tokens")
-    if len(prompt) == 0:
-        raise InvalidArgument(
-            f"{what}.prompt_tokens is empty: a turn's prompt needs at least one token"
-        )
-    n = 0
-    if is_set(turn, "completion_tokens"):
-        n = len(tokens(turn.completion_tokens, f"{what}.completion_tokens"))
-    if is_set(turn, "completion_logprobs"):
-        logprobs = floats(turn.completion_logprobs, f"{what}.completion_logprobs", finite=False)
-        if len(logprobs) != n:
-            raise InvalidArgument(
-                f"{what}.completion_logprobs has {len(logprobs)} values but "
-                f"{what}.completion_tokens has {n}: send one logprob per completion token"
-            )
-        require_finite(logprobs, f"{what}.completion_logprobs")
-    elif n:
-        raise InvalidArgument(
-            f"{what}.completion_logprobs is required: one logprob per completion token "
-            f"({n} here), as returned by sampling"
-        )
-    return n
+    """Check a `Turn` with the trainer's own validator (`headway.turns`), so a recorded turn
+    is one the trainer accepts; return its number of completion tokens."""
+    return len(turn_arrays(turn, what)[1])
 
 
 def _timestamp(ms: int) -> Timestamp:

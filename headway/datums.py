@@ -20,6 +20,7 @@ import numpy as np
 
 from headway.errors import InvalidArgument
 from headway.tensors import floats, is_set, require_finite, to_tensor, tokens
+from headway.turns import turn_arrays
 from headway.v1 import common_pb2
 
 _INT32_MAX = np.iinfo(np.int32).max
@@ -175,42 +176,6 @@ class _Sequence:
         self.logprobs = np.concatenate([self.logprobs, lp])
 
 
-def _turn_arrays(turn: common_pb2.Turn, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validated (prompt, completion, completion_logprobs) of one turn."""
-    if not is_set(turn, "prompt_tokens"):
-        raise InvalidArgument(
-            f"{path}.prompt_tokens is required: the tokens the model read before this turn"
-        )
-    prompt = tokens(turn.prompt_tokens, f"{path}.prompt_tokens")
-    if len(prompt) == 0:
-        raise InvalidArgument(
-            f"{path}.prompt_tokens is empty: a turn's prompt needs at least one token"
-        )
-    # An absent completion is the allowed C = 0 (the turn trains nothing), and then there
-    # are no logprobs to require either.
-    completion = (
-        tokens(turn.completion_tokens, f"{path}.completion_tokens")
-        if is_set(turn, "completion_tokens")
-        else np.zeros(0, dtype=np.int64)
-    )
-    if is_set(turn, "completion_logprobs"):
-        logprobs = floats(turn.completion_logprobs, f"{path}.completion_logprobs", finite=False)
-        if len(logprobs) != len(completion):
-            raise InvalidArgument(
-                f"{path}.completion_logprobs has {len(logprobs)} values but completion_tokens "
-                f"has {len(completion)}: send one logprob per completion token"
-            )
-        require_finite(logprobs, f"{path}.completion_logprobs")
-    elif len(completion):
-        raise InvalidArgument(
-            f"{path}.completion_logprobs is required: one logprob per completion token "
-            f"({len(completion)} here), as returned by sampling"
-        )
-    else:
-        logprobs = np.zeros(0, dtype=np.float32)
-    return prompt, completion, logprobs
-
-
 def trajectory_to_datums(
     traj: common_pb2.Trajectory, *, advantage: float, group_index: int, what: str
 ) -> list[DatumArrays]:
@@ -230,7 +195,7 @@ def trajectory_to_datums(
 
     sequences: list[_Sequence] = []
     for k, turn in enumerate(traj.turns):
-        prompt, completion, logprobs = _turn_arrays(turn, f"{what}.turns[{k}]")
+        prompt, completion, logprobs = turn_arrays(turn, f"{what}.turns[{k}]")
         if sequences and sequences[-1].extends(prompt):
             # Only the new part of the prompt (tool output, next user message) is appended.
             current = sequences[-1]

@@ -296,7 +296,8 @@ def test_completion_logprobs_length_must_match_completion():
     with pytest.raises(InvalidArgument) as err:
         convert(traj(turn([1], [2], [-0.1]), turn([1, 2], [3, 4, 5], [-0.1, -0.2])))
     assert message(err).startswith(
-        "data[4].trajectory.turns[1].completion_logprobs has 2 values but completion_tokens has 3"
+        "data[4].trajectory.turns[1].completion_logprobs has 2 values but "
+        "data[4].trajectory.turns[1].completion_tokens has 3"
     )
 
 
