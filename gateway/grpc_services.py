@@ -9,14 +9,12 @@ TraceService is served here, from Redis.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import grpc
 
 from gateway.core import Gateway
-from headway.errors import HeadwayError
-from headway.grpc_util import TEAM_HEADER, pushback_of
+from headway.grpc_util import MAPPED_ERRORS, TEAM_HEADER, abort_for, maps_errors
 from headway.v1 import model_pb2, sampling_pb2, sampling_pb2_grpc, training_pb2
 
 Ctx = grpc.aio.ServicerContext
@@ -27,18 +25,6 @@ _WITH_DATA = {
     "ForwardCustom": training_pb2.ForwardCustomRequest,
     "Step": training_pb2.StepRequest,
 }
-
-
-async def abort_for(context: Ctx, error: BaseException) -> None:
-    """Abort with the status an error stands for (domain, upstream, or bad input)."""
-    pushback = pushback_of(error)  # an overloaded replica's "retry shortly" goes through
-    if isinstance(error, HeadwayError):
-        await context.abort(getattr(grpc.StatusCode, error.code), error.message, pushback)
-    if isinstance(error, grpc.aio.AioRpcError):
-        await context.abort(error.code(), error.details() or "", pushback)
-    if isinstance(error, ValueError):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-    raise error
 
 
 def _relay(gateway: Gateway, service: str, method: str) -> grpc.RpcMethodHandler:
@@ -56,7 +42,7 @@ def _relay(gateway: Gateway, service: str, method: str) -> grpc.RpcMethodHandler
             return await gateway.raw(path)(
                 request, metadata=[(TEAM_HEADER, team)], timeout=context.time_remaining()
             )
-        except (HeadwayError, grpc.aio.AioRpcError, ValueError) as e:
+        except MAPPED_ERRORS as e:
             await abort_for(context, e)
             raise  # unreachable: abort raises
 
@@ -77,24 +63,13 @@ def relay_handlers(gateway: Gateway) -> list[grpc.GenericRpcHandler]:
     return out
 
 
-def _guard(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    async def wrapper(self: Any, request: Any, context: Ctx) -> Any:
-        try:
-            return await method(self, request, context)
-        except (HeadwayError, grpc.aio.AioRpcError, ValueError) as e:
-            await abort_for(context, e)
-
-    wrapper.__name__ = method.__name__
-    return wrapper
-
-
 class GatewaySampling(sampling_pb2_grpc.SamplingServiceServicer):
     """Sampling through the gateway: pinned to the head, routed, failed over."""
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
-    @_guard
+    @maps_errors
     async def Sample(
         self, request: sampling_pb2.SampleRequest, context: Ctx
     ) -> sampling_pb2.SampleResponse:
@@ -108,10 +83,10 @@ class GatewaySampling(sampling_pb2_grpc.SamplingServiceServicer):
             team = self.gateway.team(context.invocation_metadata())
             async for chunk in self.gateway.sample_stream(request, team, context.time_remaining()):
                 yield chunk
-        except (HeadwayError, grpc.aio.AioRpcError, ValueError) as e:
+        except MAPPED_ERRORS as e:
             await abort_for(context, e)
 
-    @_guard
+    @maps_errors
     async def ComputeLogprobs(
         self, request: sampling_pb2.ComputeLogprobsRequest, context: Ctx
     ) -> sampling_pb2.ComputeLogprobsResponse:

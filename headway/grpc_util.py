@@ -53,19 +53,35 @@ def pushback_of(error: BaseException) -> tuple[tuple[str, str], ...]:
     return ((PUSHBACK_KEY, str(ms)),) if ms is not None else ()
 
 
+async def abort_for(context: grpc.aio.ServicerContext, error: BaseException) -> None:
+    """Abort the call with the status `error` stands for, the one error → status mapping
+    of every server: a `HeadwayError`'s own code and message (with the retry pushback of
+    an Overloaded), an upstream RPC error relayed as it came, a ValueError (a bad model
+    directory or input) as INVALID_ARGUMENT. Anything else is re-raised (a bug: UNKNOWN).
+    """
+    pushback = pushback_of(error)
+    if isinstance(error, HeadwayError):
+        await context.abort(getattr(grpc.StatusCode, error.code), error.message, pushback)
+    if isinstance(error, grpc.aio.AioRpcError):
+        await context.abort(error.code(), error.details() or "", pushback)
+    if isinstance(error, ValueError):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    raise error
+
+
+# What a servicer maps to a status; anything else is a bug and surfaces as UNKNOWN.
+MAPPED_ERRORS = (HeadwayError, grpc.aio.AioRpcError, ValueError)
+
+
 def maps_errors(method: F) -> F:
-    """Abort with a `HeadwayError`'s status; ValueError (bad model input) → INVALID_ARGUMENT."""
+    """Abort with the status of a mapped error (see `abort_for`)."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
-        except HeadwayError as e:
-            await context.abort(
-                getattr(grpc.StatusCode, e.code), e.message, trailing_metadata=pushback_of(e)
-            )
-        except ValueError as e:  # ModelError and friends: a bad model directory or input
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except MAPPED_ERRORS as e:
+            await abort_for(context, e)
 
     return wrapper  # type: ignore[return-value]
 
