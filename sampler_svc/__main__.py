@@ -35,6 +35,18 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=int(env("HEADWAY_MAX_SEQ_LEN", "2048")))
     p.add_argument("--adapter-slots", type=int, default=int(env("HEADWAY_ADAPTER_SLOTS", "8")))
     p.add_argument("--max-lora-rank", type=int, default=int(env("HEADWAY_MAX_LORA_RANK", "64")))
+    limits = {  # flag: (config field, help); defaults and env twins follow SamplerConfig
+        "--max-stop-strings": ("max_stop_strings", "stop strings per request"),
+        "--max-stop-string-chars": ("max_stop_string_chars", "characters per stop string"),
+        "--max-prompt-text-chars": (
+            "max_prompt_text_chars",
+            "characters of a prompt_text, refused before tokenizing",
+        ),
+    }
+    for flag, (name, what) in limits.items():
+        var = f"HEADWAY_{name.upper()}"
+        default = getattr(SamplerConfig, name)
+        p.add_argument(flag, type=int, default=int(env(var, str(default))), help=f"{what} ({var})")
     add_common_flags(p, torch_threads=True)
     args = p.parse_args()
     setup_process(args)
@@ -49,6 +61,7 @@ def main() -> None:
         max_seq_len=args.max_seq_len,
         adapter_slots=args.adapter_slots,
         max_lora_rank=args.max_lora_rank,
+        **{name: getattr(args, name) for name, _ in limits.values()},
     )
     asyncio.run(serve(config, args.listen))
 

@@ -14,7 +14,7 @@ from headway.modeling import Tokenizer
 from headway.store import ModelRecord
 from headway.tensors import to_tensor, tokens
 from headway.v1 import common_pb2, sampling_pb2, sampling_pb2_grpc
-from sampler_svc.requests import Collector, validate
+from sampler_svc.requests import Collector, Update, validate
 from sampler_svc.sampler import Pending, Sampler
 
 Ctx = grpc.aio.ServicerContext
@@ -62,11 +62,14 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         return collector, ckpt
 
     @staticmethod
-    def _raise_if_error(kind: str, payload: object) -> None:
+    async def _next(collector: Collector) -> Update | None:
+        """Fold the job's next engine event into `collector`; what it changed."""
+        kind, row, payload = await collector.queue.get()
         if kind == "error":
             if isinstance(payload, HeadwayError | ValueError):
                 raise payload
             raise RuntimeError(f"sampling failed: {payload}")
+        return collector.apply(kind, row, payload)
 
     @maps_errors
     async def Sample(
@@ -75,9 +78,7 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         collector, ckpt = await self._start(request, context)
         try:
             while not collector.done:
-                kind, row, payload = await collector.queue.get()
-                self._raise_if_error(kind, payload)
-                collector.apply(kind, row, payload)
+                await self._next(collector)
         finally:
             collector.job.cancelled = not collector.done  # a cancelled call frees its rows
         response = sampling_pb2.SampleResponse(
@@ -112,34 +113,17 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         )
         try:
             if collector.spec.prompt_logprobs:
-                kind, row, payload = await collector.queue.get()
-                self._raise_if_error(kind, payload)
-                collector.apply(kind, row, payload)
+                await self._next(collector)
                 first.prompt_logprobs.CopyFrom(to_tensor(collector.prompt_logprobs or [], F32))
             yield first
             while not collector.done:
-                kind, row, payload = await collector.queue.get()
-                self._raise_if_error(kind, payload)
-                was_running = not collector.sequences[row].stop_reason if row >= 0 else False
-                counted = collector.apply(kind, row, payload)
-                seq = collector.sequences[row] if row >= 0 else None
-                if counted is not None:
-                    token, lp = payload
-                    chunk = sampling_pb2.SampleChunk(
-                        index=row,
-                        tokens=to_tensor([token], I32),
-                        logprobs=to_tensor([lp], F32),
-                        text=counted[1],
-                    )
-                    if seq.stop_reason:
-                        chunk.stop_reason = STOP_REASONS[seq.stop_reason]
-                    yield chunk
-                elif was_running and seq is not None and seq.stop_reason:
-                    yield sampling_pb2.SampleChunk(
-                        index=row, stop_reason=STOP_REASONS[seq.stop_reason]
-                    )
+                update = await self._next(collector)
+                if update is not None and (update.token or update.text or update.stop_reason):
+                    yield _chunk(update)
         except HeadwayError as e:
             await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:
             collector.job.cancelled = not collector.done  # the client left: free its rows
 
@@ -173,3 +157,15 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         return sampling_pb2.ComputeLogprobsResponse(
             checkpoint=ckpt, logprobs=[to_tensor(lp, F32) for lp in result]
         )
+
+
+def _chunk(update: Update) -> sampling_pb2.SampleChunk:
+    """The stream chunk of one sequence's update (a token and/or text, maybe its end)."""
+    chunk = sampling_pb2.SampleChunk(index=update.row, text=update.text)
+    if update.token is not None:
+        token, lp = update.token
+        chunk.tokens.CopyFrom(to_tensor([token], I32))
+        chunk.logprobs.CopyFrom(to_tensor([lp], F32))
+    if update.stop_reason:
+        chunk.stop_reason = STOP_REASONS[update.stop_reason]
+    return chunk

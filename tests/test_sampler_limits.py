@@ -1,0 +1,221 @@
+"""One team cannot freeze or exhaust a sampler replica: stop strings and prompts are
+bounded before their work starts, and stop strings cost work in proportion to the new text
+only."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import grpc
+import numpy as np
+import openai
+import pytest
+
+from headway.modeling import Tokenizer
+from headway.tensors import to_tensor
+from headway.v1 import common_pb2, sampling_pb2
+from sampler_svc.requests import Collector, Spec
+from tests.conftest import VOCAB, train_tokenizer
+
+PROMPT = [5, 17, 33, 8, 41, 12]
+I32 = common_pb2.DTYPE_INT32
+
+
+def request(prompt=PROMPT, **params) -> sampling_pb2.SampleRequest:
+    return sampling_pb2.SampleRequest(
+        model="tiny",
+        prompt_tokens=to_tensor(prompt, I32),
+        params=common_pb2.SamplingParams(**params),
+    )
+
+
+def refusal(call) -> tuple[str, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code().name, err.value.details()
+
+
+# ------------------------------------------------------------------------ stop strings
+def test_ten_thousand_stop_strings_are_refused(sampling_stack):
+    code, details = refusal(
+        lambda: sampling_stack.sampler.stub.Sample(
+            request(max_tokens=2, stop=[f"s{i}" for i in range(10_000)])
+        )
+    )
+    assert code == "INVALID_ARGUMENT"
+    assert "stop has 10000 strings; at most 32" in details
+    assert sampling_stack.sampler.sampler.steps == 0
+
+
+def test_a_megabyte_stop_string_is_refused(sampling_stack):
+    code, details = refusal(
+        lambda: sampling_stack.sampler.stub.Sample(request(max_tokens=2, stop=["x" * 2**20]))
+    )
+    assert code == "INVALID_ARGUMENT"
+    assert "stop[0] is 1048576 characters long; a stop string may have at most 256" in details
+
+
+def test_too_many_stop_token_ids_are_refused(sampling_stack):
+    code, details = refusal(
+        lambda: sampling_stack.sampler.stub.Sample(
+            request(max_tokens=2, stop_token_ids=[1] * 100_000)
+        )
+    )
+    assert code == "INVALID_ARGUMENT" and "stop_token_ids has 100000 ids" in details
+
+
+def test_too_many_stop_strings_are_a_400_with_the_reason_on_the_openai_api(gateway_stack):
+    client = openai.OpenAI(base_url=gateway_stack.gateway.http_url, api_key="local")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(
+            model="tiny", prompt="what is", max_tokens=2, stop=[f"s{i}" for i in range(100)]
+        )
+    assert err.value.status_code == 400
+    assert "stop has 100 strings; at most 32 are allowed" in str(err.value)
+
+
+class CountingTokenizer(Tokenizer):
+    """The real tokenizer, counting the tokens it is asked to decode (the work measured)."""
+
+    decoded = 0
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        self.decoded += len(ids)
+        return super().decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def collect(tokenizer: Tokenizer, tokens: list[int], stop: list[str]) -> Collector:
+    """A Collector fed `tokens` as engine events, then the engine's end of the row."""
+    spec = Spec([1], 1, len(tokens), stop, frozenset(), [], False)
+    loop = asyncio.new_event_loop()
+    try:
+        collector = Collector(spec, tokenizer, loop)
+        for t in tokens:
+            collector.apply("token", 0, (t, -1.0))
+        collector.apply("done", 0, "length")
+    finally:
+        loop.close()
+    return collector
+
+
+def test_a_long_completion_with_stop_strings_costs_constant_work_per_token(tmp_path):
+    """Before: every token decoded the whole completion again (quadratic work)."""
+    base = Tokenizer.from_dir(train_tokenizer(tmp_path))
+    text = " ".join(f"what is {a} plus {b}? it is {a + b}." for a in range(20) for b in range(10))
+    tokens = base.encode(text, add_special_tokens=False)
+    assert len(tokens) > 1500
+    tokenizer = CountingTokenizer(base.backend)
+    stops = ["never said", "nor this"]
+    collector = collect(tokenizer, tokens, stops)
+    seq = collector.sequences[0]
+    assert seq.text == text and seq.stop_reason == "length"
+    assert tokenizer.decoded <= 4 * len(tokens), f"{tokenizer.decoded} tokens decoded"
+    # Each piece of new text is searched along with the longest stop's length - 1 before it.
+    overlap = max(map(len, stops)) - 1
+    assert seq.scanner.searched_chars <= len(stops) * (len(text) + overlap * len(tokens))
+
+
+def byte_level_tokenizer(path: Path) -> Tokenizer:
+    """A byte-level BPE (every byte a token, as GPT-2, Llama 3 and Qwen) with merges of
+    multi-byte characters, so random ids split characters and make invalid UTF-8."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HF(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|endoftext|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = ["naïve café — 5 € … 😀🎉 中文字符 Ωμέγα ß ñ", "plain ascii words here"] * 50
+    tok.train_from_iterator(corpus, trainer)
+    return Tokenizer(tok)
+
+
+def metaspace_tokenizer() -> Tokenizer:
+    """A SentencePiece-style BPE ("▁" for spaces, the decode drops a leading one)."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HF(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["</s>"])
+    tok.train_from_iterator(["the cat sat on the mat, café ünïcode"] * 20, trainer)
+    return Tokenizer(tok)
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_incremental_text_is_the_full_decode_of_random_tokens(tmp_path, kind):
+    tokenizer = byte_level_tokenizer(tmp_path) if kind == "byte-level" else metaspace_tokenizer()
+    rng = random.Random(0)
+    vocab = tokenizer.vocab_size
+    for length in [1, 2, 3, 5, 8, 13, 40, 100, 300] * 8:
+        tokens = [rng.randrange(vocab) for _ in range(length)]
+        collector = collect(tokenizer, tokens, [])
+        assert collector.sequences[0].text == tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_a_stop_string_cuts_random_text_where_a_full_search_would(tmp_path):
+    """The cut text is the full decode up to the stop string, whichever tokens it spans;
+    the tokens end with the one that completed it."""
+    tokenizer = byte_level_tokenizer(tmp_path)
+    rng = random.Random(1)
+    vocab = tokenizer.vocab_size
+    for _ in range(150):
+        tokens = [rng.randrange(vocab) for _ in range(rng.randrange(2, 80))]
+        full = tokenizer.decode(tokens, skip_special_tokens=True)
+        at = rng.randrange(len(full) or 1)
+        # Not a U+FFFD: one at the end of the text may still become a character.
+        stop = full[at : at + rng.randrange(1, 12)].replace("\ufffd", "") or "x"
+        seq = collect(tokenizer, tokens, [stop, "never in here"]).sequences[0]
+        if stop in full:
+            assert seq.stop_reason == "stop" and seq.text == full[: full.index(stop)]
+            kept = tokenizer.decode(seq.tokens, skip_special_tokens=True)
+            before = tokenizer.decode(seq.tokens[:-1], skip_special_tokens=True)
+            assert stop in kept and stop not in before
+        else:
+            assert seq.stop_reason == "length" and seq.text == full
+
+
+def test_a_stream_never_shows_the_start_of_a_stop_string(sampling_stack):
+    """Before: the text of the tokens before the one that completed a stop string was
+    already streamed, so the stream's text ran on past the cut."""
+    stub = sampling_stack.sampler.stub
+    params = dict(max_tokens=30, temperature=0, ignore_eos=True)
+    free = stub.Sample(request(**params)).sequences[0]
+    tokenizer = Tokenizer.from_dir(sampling_stack.trainer.store.get_model("tiny").path)
+    ids = np.frombuffer(free.tokens.data, np.int32).tolist()
+    start = len(tokenizer.decode(ids[:4]))
+    needle = free.text[start : start + 12]  # spans several tokens
+    assert len(tokenizer.encode(needle, add_special_tokens=False)) >= 3
+    whole = stub.Sample(request(stop=[needle], **params)).sequences[0]
+    assert whole.text == free.text[: free.text.index(needle)]
+    streamed = "".join(c.text for c in stub.SampleStream(request(stop=[needle], **params)))
+    assert streamed == whole.text
+
+
+# ----------------------------------------------------------------------------- prompts
+def test_a_prompt_over_the_context_is_refused_before_its_ids_are_read(sampling_stack):
+    """The length comes from the tensor's byte count: the out-of-vocabulary id at the end
+    of a million-token prompt is never looked at (before, every id was read first)."""
+    prompt = np.ones(1_000_000, np.int32)
+    prompt[-1] = VOCAB + 7
+    code, details = refusal(
+        lambda: sampling_stack.sampler.stub.Sample(request(prompt=prompt, max_tokens=2))
+    )
+    assert code == "RESOURCE_EXHAUSTED"
+    assert "prompt (1000000 tokens) + max_tokens (2) is over the context of 256" in details
+
+
+def test_a_prompt_text_over_the_limit_is_refused_before_tokenizing(sampling_stack):
+    req = sampling_pb2.SampleRequest(
+        model="tiny", prompt_text="what is 1 plus 2? " * 20_000, params={"max_tokens": 2}
+    )
+    code, details = refusal(lambda: sampling_stack.sampler.stub.Sample(req))
+    assert code == "RESOURCE_EXHAUSTED"
+    assert "prompt_text is 360000 characters long, over this sampler's limit of 262144" in details
