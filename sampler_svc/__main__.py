@@ -42,6 +42,11 @@ def main() -> None:
             "max_prompt_text_chars",
             "characters of a prompt_text, refused before tokenizing",
         ),
+        "--max-logprobs-tokens": ("max_logprobs_tokens", "tokens per ComputeLogprobs call"),
+        "--logprobs-chunk-tokens": (
+            "logprobs_chunk_tokens",
+            "ComputeLogprobs tokens run between two decode steps",
+        ),
     }
     for flag, (name, what) in limits.items():
         var = f"HEADWAY_{name.upper()}"

@@ -31,6 +31,12 @@ class SamplerConfig:
     # A prompt_text longer than this is refused before it is tokenized (RESOURCE_EXHAUSTED):
     # ~32 characters per token of an 8K context, far above what real text needs.
     max_prompt_text_chars: int = 262_144
+    # ComputeLogprobs: the tokens of one call (all sequences together), checked from the
+    # request's byte sizes before anything is decoded (RESOURCE_EXHAUSTED over it) ...
+    max_logprobs_tokens: int = 131_072
+    # ... and run in pieces of at most this many tokens between two decode steps, so a large
+    # call delays each decode step by one piece, never by the whole call.
+    logprobs_chunk_tokens: int = 256
     adapter_slots: int = 8  # LoRA adapters resident per engine (LRU of idle ones)
     max_lora_rank: int = 64  # largest adapter rank the slots hold
     max_engines: int = 4  # weight sets resident (bases, full checkpoints), LRU of idle ones

@@ -14,6 +14,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from headway.errors import InvalidArgument, ResourceExhausted
@@ -159,6 +160,43 @@ def _prompt(
         raise InvalidArgument("the prompt is empty: give prompt_tokens or prompt_text")
     check(len(prompt))
     return prompt
+
+
+def logprob_sequences(
+    request: sampling_pb2.ComputeLogprobsRequest, record: ModelRecord, config: SamplerConfig
+) -> list[list[int]]:
+    """The token sequences of a ComputeLogprobs request, checked against the model and the
+    per-call token limit (from their byte sizes, before any is decoded)."""
+    vocab, context = int(record.arch["vocab_size"]), int(record.arch["max_context"])
+    limit = config.max_logprobs_tokens
+    if not request.sequences:
+        raise InvalidArgument("sequences is empty: give at least one token sequence")
+    over = (
+        f"over this sampler's limit of {limit} tokens per ComputeLogprobs call; "
+        "split the sequences over several calls"
+    )
+    if 2 * len(request.sequences) > limit:  # each needs ≥ 2 tokens: refused without a scan
+        raise ResourceExhausted(f"{len(request.sequences)} sequences of ≥ 2 tokens are {over}")
+    sizes = [declared_size(t) for t in request.sequences]
+    if sum(sizes) > limit:
+        raise ResourceExhausted(f"the sequences hold {sum(sizes)} tokens, {over}")
+    seqs = []
+    for i, (t, size) in enumerate(zip(request.sequences, sizes, strict=True)):
+        if size > context:
+            raise ResourceExhausted(
+                f"sequences[{i}] has {size} tokens, over the context of {context}"
+            )
+        ids = tensor_tokens(t, f"sequences[{i}]")
+        if len(ids) < 2:
+            raise InvalidArgument(f"sequences[{i}] has {len(ids)} tokens; logprobs need ≥ 2")
+        if int(ids.max()) >= vocab:
+            pos = int(np.argmax(ids >= vocab))
+            raise InvalidArgument(
+                f"sequences[{i}][{pos}] is token id {int(ids[pos])}, outside "
+                f"the vocabulary (valid ids are 0..{vocab - 1})"
+            )
+        seqs.append(ids.tolist())
+    return seqs
 
 
 class SequenceState:

@@ -6,15 +6,14 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
-import numpy as np
 
 from headway.errors import HeadwayError, InvalidArgument, NotFound
 from headway.grpc_util import maps_errors, team_of
 from headway.modeling import Tokenizer
 from headway.store import ModelRecord
-from headway.tensors import to_tensor, tokens
+from headway.tensors import to_tensor
 from headway.v1 import common_pb2, sampling_pb2, sampling_pb2_grpc
-from sampler_svc.requests import Collector, Update, validate
+from sampler_svc.requests import Collector, Update, logprob_sequences, validate
 from sampler_svc.sampler import Pending, Sampler
 
 Ctx = grpc.aio.ServicerContext
@@ -132,28 +131,10 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         self, request: sampling_pb2.ComputeLogprobsRequest, context: Ctx
     ) -> sampling_pb2.ComputeLogprobsResponse:
         record, ckpt = self._resolve(request.model, request.checkpoint, team_of(context))
-        vocab, context_len = int(record.arch["vocab_size"]), int(record.arch["max_context"])
-        if not request.sequences:
-            raise InvalidArgument("sequences is empty: give at least one token sequence")
-        seqs = []
-        for i, t in enumerate(request.sequences):
-            ids = tokens(t, f"sequences[{i}]")
-            if len(ids) < 2:
-                raise InvalidArgument(f"sequences[{i}] has {len(ids)} tokens; logprobs need ≥ 2")
-            if int(ids.max()) >= vocab:
-                pos = int(np.argmax(ids >= vocab))
-                raise InvalidArgument(
-                    f"sequences[{i}][{pos}] is token id {int(ids[pos])}, outside "
-                    f"the vocabulary (valid ids are 0..{vocab - 1})"
-                )
-            if len(ids) > context_len:
-                from headway.errors import ResourceExhausted
-
-                raise ResourceExhausted(
-                    f"sequences[{i}] has {len(ids)} tokens, over the context of {context_len}"
-                )
-            seqs.append(ids.tolist())
-        result = await asyncio.to_thread(self.sampler.compute_logprobs, request.model, ckpt, seqs)
+        seqs = logprob_sequences(request, record, self.sampler.config)
+        # Awaited, not run in a thread: the engine thread interleaves it with decode steps,
+        # and a caller that leaves cancels the rest of its work.
+        result = await asyncio.wrap_future(self.sampler.score(request.model, ckpt, seqs))
         return sampling_pb2.ComputeLogprobsResponse(
             checkpoint=ckpt, logprobs=[to_tensor(lp, F32) for lp in result]
         )

@@ -1,26 +1,32 @@
-"""One team cannot freeze or exhaust a sampler replica: stop strings and prompts are
-bounded before their work starts, and stop strings cost work in proportion to the new text
-only."""
+"""One team cannot freeze or exhaust a sampler replica: stop strings, prompts and
+ComputeLogprobs are bounded before their work starts, stop strings cost work in proportion
+to the new text only, and ComputeLogprobs runs in pieces between decode steps."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import threading
+import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import openai
 import pytest
+import torch
 
-from headway.modeling import Tokenizer
+from headway.modeling import Tokenizer, token_logprobs
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, sampling_pb2
 from sampler_svc.requests import Collector, Spec
 from tests.conftest import VOCAB, train_tokenizer
+from tests.helpers_training import reference_module
+from tests.stack import SamplerReplica
 
 PROMPT = [5, 17, 33, 8, 41, 12]
 I32 = common_pb2.DTYPE_INT32
+HANG = 120  # seconds: only ever reached by a call that hangs (the bug), never by work
 
 
 def request(prompt=PROMPT, **params) -> sampling_pb2.SampleRequest:
@@ -35,6 +41,33 @@ def refusal(call) -> tuple[str, str]:
     with pytest.raises(grpc.RpcError) as err:
         call()
     return err.value.code().name, err.value.details()
+
+
+def wait_for(predicate, what: str, timeout: float = 60.0) -> None:
+    """Poll `predicate` until true; the timeout only catches a hang."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+class Gate:
+    """Holds a replica's engine thread between two steps until `open()`: whatever is
+    submitted meanwhile waits in its inbox, so the test decides what the engine finds."""
+
+    def __init__(self, sampler) -> None:
+        self._inside, self._open = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            self._inside.set()
+            self._open.wait(HANG)
+
+        self._thread = threading.Thread(target=sampler.call, args=(hold,), daemon=True)
+        self._thread.start()
+        assert self._inside.wait(HANG), "the engine thread never took the gate"
+
+    def open(self) -> None:
+        self._open.set()
 
 
 # ------------------------------------------------------------------------ stop strings
@@ -219,3 +252,89 @@ def test_a_prompt_text_over_the_limit_is_refused_before_tokenizing(sampling_stac
     code, details = refusal(lambda: sampling_stack.sampler.stub.Sample(req))
     assert code == "RESOURCE_EXHAUSTED"
     assert "prompt_text is 360000 characters long, over this sampler's limit of 262144" in details
+
+
+# -------------------------------------------------------------------- ComputeLogprobs
+def logprobs_request(sequences) -> sampling_pb2.ComputeLogprobsRequest:
+    return sampling_pb2.ComputeLogprobsRequest(
+        model="tiny", sequences=[to_tensor(np.asarray(s, np.int32)) for s in sequences]
+    )
+
+
+def test_a_compute_logprobs_over_the_token_limit_is_refused(sampling_stack):
+    """131,072 tokens per call by default; before, any number of tokens was computed."""
+    seqs = [np.full(250, 3, np.int32)] * 600  # 150,000 tokens, each sequence in context
+    code, details = refusal(
+        lambda: sampling_stack.sampler.stub.ComputeLogprobs(logprobs_request(seqs))
+    )
+    assert code == "RESOURCE_EXHAUSTED"
+    assert "the sequences hold 150000 tokens, over this sampler's limit of 131072" in details
+    assert sampling_stack.sampler.sampler.scoring_pieces == 0
+
+
+def test_more_sequences_than_the_token_limit_allows_are_refused_unread(sampling_stack):
+    code, details = refusal(
+        lambda: sampling_stack.sampler.stub.ComputeLogprobs(logprobs_request([[]] * 70_000))
+    )
+    assert code == "RESOURCE_EXHAUSTED" and "70000 sequences of ≥ 2 tokens" in details
+
+
+def test_compute_logprobs_runs_between_decode_steps(sampling_stack):
+    """A ComputeLogprobs of 4 × 250 tokens and a running Sample: the engine's forwards show
+    a decode step between every two pieces of scoring. Before, the whole call ran in one
+    go on the engine thread while every row waited."""
+    replica = sampling_stack.sampler
+    sampler = replica.sampler
+    replica.stub.Sample(request(max_tokens=2))  # the base's engine is loaded
+    model = next(iter(sampler.engines.values())).engine.model
+    gate = Gate(sampler)
+    sample = replica.stub.Sample.future(request(max_tokens=60, ignore_eos=True), timeout=HANG)
+    wait_for(lambda: sampler.queue_depth == 1, "the Sample to be queued")
+    seqs = [[(7 * i + j) % VOCAB for j in range(250)] for i in range(4)]
+    scored = replica.stub.ComputeLogprobs.future(logprobs_request(seqs), timeout=HANG)
+    wait_for(lambda: sampler.queue_depth == 2, "the ComputeLogprobs to be queued")
+    forwards: list[str] = []
+
+    def record(module, args, kwargs) -> None:
+        T = args[0].shape[1]
+        forwards.append("decode" if T == 1 else "prefill" if "rows" in kwargs else "score")
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        gate.open()
+        reply, result = sample.result(), scored.result()
+    finally:
+        hook.remove()
+    assert len(np.frombuffer(reply.sequences[0].tokens.data, np.int32)) == 60
+    assert len(result.logprobs) == 4
+    scoring = [i for i, kind in enumerate(forwards) if kind == "score"]
+    assert len(scoring) == 4, forwards
+    for a, b in zip(scoring, scoring[1:], strict=False):
+        assert "decode" in forwards[a:b], f"no decode step between two pieces: {forwards}"
+
+
+@pytest.fixture
+def small_pieces(trainer_stack):
+    """A replica that scores in pieces of at most 32 tokens."""
+    replica = SamplerReplica(
+        trainer_stack.config.store, trainer_stack.prefix, max_seq_len=256, logprobs_chunk_tokens=32
+    )
+    trainer_stack.sampler = replica
+    yield trainer_stack
+    replica.stop()
+
+
+def test_logprobs_scored_in_pieces_are_those_of_one_forward(small_pieces):
+    stack = small_pieces
+    rng = random.Random(3)
+    seqs = [[rng.randrange(VOCAB) for _ in range(n)] for n in (2, 10, 31, 33, 200, 256, 5)]
+    reply = stack.sampler.stub.ComputeLogprobs(logprobs_request(seqs))
+    module = reference_module(stack, "tiny")
+    for seq, got in zip(seqs, reply.logprobs, strict=True):
+        ids = torch.tensor([seq])
+        with torch.inference_mode():
+            want = token_logprobs(module(ids)[0, :-1], ids[0, 1:]).numpy()
+        got = np.frombuffer(got.data, np.float32)
+        assert got.shape == want.shape and np.abs(got - want).max() <= 1e-4
+    # 2 + 10 (one piece), 31 (one), 33 (two), 200 (seven), 256 (eight), 5 (one)
+    assert stack.sampler.sampler.scoring_pieces == 20
