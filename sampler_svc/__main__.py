@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 from pathlib import Path
 
 from headway.service_flags import add_common_flags, setup_process
@@ -68,7 +69,7 @@ def main() -> None:
         max_lora_rank=args.max_lora_rank,
         **{name: getattr(args, name) for name, _ in limits.values()},
     )
-    asyncio.run(serve(config, args.listen))
+    sys.exit(asyncio.run(serve(config, args.listen)))
 
 
 if __name__ == "__main__":

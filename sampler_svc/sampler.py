@@ -6,6 +6,11 @@ live row uses), jobs join at step boundaries, and each step decodes every live r
 every engine, followed by one piece of the oldest ComputeLogprobs job (`scoring`). The gRPC
 side submits jobs and receives their tokens through thread-safe callbacks; it never touches
 torch.
+
+If the engine thread dies (a bug, a device error), every request in flight or waiting fails
+with UNAVAILABLE at once, later ones are refused the same way, and the failure listeners
+(the server: health NOT_SERVING, out of the registry) are told, so gateways fail over to
+other replicas instead of waiting on a replica that will never answer.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from headway.errors import HeadwayError, NotFound, Overloaded
+from headway.errors import HeadwayError, NotFound, Overloaded, Unavailable
 from headway.modeling import ModelConfig
 from headway.store import CheckpointRef, CheckpointStore
 from headway.store.weights import base_config
@@ -105,6 +110,9 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, name="sampler-engine", daemon=True)
         self.steps = 0
         self.scoring_pieces = 0
+        # Set (once) when the engine thread died: why, as the error every request gets.
+        self.failure: Unavailable | None = None
+        self._failure_listeners: list[Callable[[Unavailable], None]] = []
 
     # ------------------------------------------------------------ public (any thread)
     def start(self) -> None:
@@ -115,7 +123,17 @@ class Sampler:
         self._inbox.put(("wake", None))
         self._thread.join(timeout=30)
 
+    def on_failure(self, listener: Callable[[Unavailable], None]) -> None:
+        """Call `listener(error)` (on the engine thread) if the engine thread dies."""
+        self._failure_listeners.append(listener)
+
+    def check_alive(self) -> None:
+        """Raise `Unavailable` if the engine thread has died."""
+        if self.failure is not None:
+            raise self.failure
+
     def _check_room(self) -> None:
+        self.check_alive()
         if self.queue_depth >= self.config.max_queue:
             raise Overloaded(
                 f"the sampler has {self.queue_depth} requests waiting (limit "
@@ -124,6 +142,8 @@ class Sampler:
 
     def _put(self, kind: str, payload: Any) -> None:
         self._inbox.put((kind, payload))
+        if self.failure is not None:  # died meanwhile: its own drain may have run already
+            self._drain_inbox()
 
     def submit(self, pending: Pending) -> None:
         """Queue a job; its tokens arrive through `pending.job.emit`."""
@@ -154,6 +174,7 @@ class Sampler:
 
     def call(self, fn: Callable[[], Any], timeout: float = 300) -> Any:
         """Run `fn` on the engine thread between steps and return its result."""
+        self.check_alive()
         done: queue.Queue[tuple[bool, Any]] = queue.Queue()
         self._put("call", (fn, done))
         ok, value = done.get(timeout=timeout)
@@ -185,6 +206,13 @@ class Sampler:
 
     # ------------------------------------------------------------ engine thread
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # the guard: never a silent dead engine behind a live port
+            log.exception("the sampler engine thread failed; this replica stops serving")
+            self._fail(e)
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
             idle = (
                 not self._waiting
@@ -282,6 +310,39 @@ class Sampler:
     def _entry_of(self, job: ScoringJob) -> EngineEntry:
         engine_ref, _ = self.served[(job.model, job.checkpoint)]  # pinned: still served
         return self.engines[engine_ref]
+
+    def _fail(self, cause: BaseException) -> None:
+        """The engine thread died: fail everything in flight and waiting, tell listeners."""
+        error = Unavailable(f"sampler engine failed: {cause!r}; retry on another replica")
+        self.failure = error  # first: whatever is queued from now on is drained by its sender
+        jobs = {id(r.job): r.job for e in self.engines.values() for r in e.engine.rows}
+        for job in jobs.values():
+            _quietly(job.emit, "error", -1, error)
+        while self._waiting:
+            pending = self._waiting.popleft()
+            self._dequeued(pending)
+            _quietly(pending.on_error, error)
+        while self._scoring:
+            _quietly(self._scoring.popleft().finish, error)
+        self._drain_inbox()
+        for listener in self._failure_listeners:
+            _quietly(listener, error)
+
+    def _drain_inbox(self) -> None:
+        """Refuse everything queued for a dead engine thread (any thread may call this)."""
+        assert self.failure is not None
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                self._dequeued(payload)
+                _quietly(payload.on_error, self.failure)
+            elif kind == "score":
+                _quietly(payload.finish, self.failure)
+            elif kind == "call":
+                payload[1].put((False, self.failure))
 
     def ensure(self, model: str, ckpt: str) -> tuple[EngineEntry, int] | None:
         """(engine, adapter slot) serving (model, ckpt), loading what is missing.
@@ -384,6 +445,14 @@ class Sampler:
         for key, (engine_ref, adapter_ref) in list(self.served.items()):
             if predicate(engine_ref, adapter_ref):
                 del self.served[key]
+
+
+def _quietly(fn: Callable[..., Any], *args: Any) -> None:
+    """Call `fn`, logging (not raising) its error: one failed notice must not stop the rest."""
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("notifying a request of the engine failure failed")
 
 
 __all__ = ["NotFound", "Pending", "Sampler"]

@@ -49,6 +49,7 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
     async def _start(
         self, request: sampling_pb2.SampleRequest, context: Ctx
     ) -> tuple[Collector, str]:
+        self.sampler.check_alive()  # a dead engine answers at once, so gateways fail over
         record, ckpt = self._resolve(request.model, request.checkpoint, team_of(context))
         tokenizer = self._tokenizer(record)
         spec = validate(request, record, tokenizer, self.sampler.config)
@@ -130,6 +131,7 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
     async def ComputeLogprobs(
         self, request: sampling_pb2.ComputeLogprobsRequest, context: Ctx
     ) -> sampling_pb2.ComputeLogprobsResponse:
+        self.sampler.check_alive()
         record, ckpt = self._resolve(request.model, request.checkpoint, team_of(context))
         seqs = logprob_sequences(request, record, self.sampler.config)
         # Awaited, not run in a thread: the engine thread interleaves it with decode steps,

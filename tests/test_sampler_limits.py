@@ -1,6 +1,8 @@
 """One team cannot freeze or exhaust a sampler replica: stop strings, prompts and
 ComputeLogprobs are bounded before their work starts, stop strings cost work in proportion
-to the new text only, and ComputeLogprobs runs in pieces between decode steps."""
+to the new text only, ComputeLogprobs runs in pieces between decode steps, and a replica
+whose engine thread dies says so at once (UNAVAILABLE, NOT_SERVING, out of the registry)
+instead of holding requests forever."""
 
 from __future__ import annotations
 
@@ -14,15 +16,17 @@ import grpc
 import numpy as np
 import openai
 import pytest
+import redis
 import torch
 
 from headway.modeling import Tokenizer, token_logprobs
+from headway.replicas import replica_key
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, sampling_pb2
 from sampler_svc.requests import Collector, Spec
 from tests.conftest import VOCAB, train_tokenizer
 from tests.helpers_training import reference_module
-from tests.stack import SamplerReplica
+from tests.stack import REDIS_URL, GatewayNode, SamplerReplica
 
 PROMPT = [5, 17, 33, 8, 41, 12]
 I32 = common_pb2.DTYPE_INT32
@@ -338,3 +342,75 @@ def test_logprobs_scored_in_pieces_are_those_of_one_forward(small_pieces):
         assert got.shape == want.shape and np.abs(got - want).max() <= 1e-4
     # 2 + 10 (one piece), 31 (one), 33 (two), 200 (seven), 256 (eight), 5 (one)
     assert stack.sampler.sampler.scoring_pieces == 20
+
+
+# ------------------------------------------------------------------- engine failure
+def fail_next_step(sampler) -> None:
+    """Fault injection (nothing else makes a decode step raise): the next step of the
+    loaded engine raises, as a device error or a bug would."""
+
+    def broken() -> None:
+        raise RuntimeError("injected decode fault")
+
+    next(iter(sampler.engines.values())).engine.step = broken
+
+
+def test_a_dead_engine_fails_requests_at_once_and_leaves_the_registry(sampling_stack):
+    """Before: the engine thread died silently; requests in flight and new ones waited
+    forever while the heartbeat kept advertising the replica."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    replica = sampling_stack.sampler
+    sampler, stub = replica.sampler, replica.stub
+    stub.Sample(request(max_tokens=2))
+    key = replica_key(replica.replica.watcher.info.id, sampling_stack.prefix)
+    client = redis.Redis.from_url(REDIS_URL)
+    assert client.exists(key)
+    gate = Gate(sampler)
+    fail_next_step(sampler)
+    in_flight = stub.Sample.future(request(max_tokens=50, ignore_eos=True), timeout=HANG)
+    wait_for(lambda: sampler.queue_depth == 1, "the Sample to be queued")
+    gate.open()
+    error = in_flight.exception()
+    assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+    assert "sampler engine failed: RuntimeError('injected decode fault')" in error.details()
+
+    code, details = refusal(lambda: stub.Sample(request(max_tokens=2), timeout=HANG))
+    assert code == "UNAVAILABLE" and "sampler engine failed" in details
+    code, _ = refusal(lambda: stub.ComputeLogprobs(logprobs_request([PROMPT]), timeout=HANG))
+    assert code == "UNAVAILABLE"
+    health = health_pb2_grpc.HealthStub(replica.channel)
+    for service in ("", "headway.v1.SamplingService"):
+        wait_for(
+            lambda s=service: (
+                health.Check(health_pb2.HealthCheckRequest(service=s)).status
+                == health_pb2.HealthCheckResponse.NOT_SERVING
+            ),
+            f"health of {service!r} to be NOT_SERVING",
+        )
+    wait_for(lambda: not client.exists(key), "the registry key to be deleted")
+    assert replica.replica.watcher.info.id.encode() not in client.smembers(
+        f"{sampling_stack.prefix}replicas"
+    )
+    client.close()
+
+
+def test_the_gateway_fails_over_from_a_replica_whose_engine_dies(trainer_stack):
+    """A Sample in flight on a replica whose engine dies is answered by another one."""
+    store, prefix = trainer_stack.config.store, trainer_stack.prefix
+    dying = SamplerReplica(store, prefix, max_seq_len=256, replica_id="a-dying")
+    healthy = SamplerReplica(store, prefix, max_seq_len=256, replica_id="b-healthy")
+    node = GatewayNode(store, prefix, trainer_stack.server.address, http=False)
+    try:
+        for replica in (dying, healthy):  # both hold the base: "a-dying" sorts first
+            replica.stub.Sample(request(max_tokens=2))
+        gate = Gate(dying.sampler)
+        fail_next_step(dying.sampler)
+        reply = node.sampling.Sample.future(request(max_tokens=8), timeout=HANG)
+        wait_for(lambda: dying.sampler.queue_depth == 1, "the Sample to reach a-dying")
+        gate.open()
+        assert len(reply.result().sequences) == 1
+        assert dying.sampler.failure is not None and healthy.sampler.steps > 0
+    finally:
+        for part in (node, dying, healthy):
+            part.stop()
