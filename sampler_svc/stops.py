@@ -50,16 +50,16 @@ class IncrementalDecoder:
         self.tokens.append(token)
         text = self._decode(self._prefix)
         incomplete = text.endswith(REPLACEMENT)
-        if len(text) <= len(self._prefix_text) or incomplete:
-            if len(self.tokens) - self._read <= MAX_HOLD_TOKENS:
-                # Everything before the last character is final already (UTF-8 decoding
-                # never revisits it): return that much now, a stop string may end there.
-                start = len(self._prefix_text) + self._early
-                early = text[start : len(text) - incomplete]
-                self._early += len(early)
-                return early
-            return self._advance(text, forced=True)
-        return self._advance(text, forced=False)
+        held = len(text) <= len(self._prefix_text) or incomplete
+        if held and len(self.tokens) - self._read <= MAX_HOLD_TOKENS:
+            # Everything before the last character is final already (UTF-8 decoding never
+            # revisits it): return that much now, a stop string may end there.
+            start = len(self._prefix_text) + self._early
+            early = text[start : len(text) - incomplete]
+            self._early += len(early)
+            return early
+        # Forced only on an incomplete character: without one it is a character boundary.
+        return self._advance(text, forced=incomplete)
 
     def flush(self) -> str:
         """The text still held back, at the end of the sequence."""

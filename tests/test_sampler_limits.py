@@ -186,6 +186,19 @@ def metaspace_tokenizer() -> Tokenizer:
     return Tokenizer(tok)
 
 
+def test_a_completion_of_invalid_bytes_costs_bounded_work_per_token(tmp_path):
+    """A model that only emits lone UTF-8 continuation bytes (its text always ends in
+    U+FFFD, so a character might still complete): the decoder gives up waiting after a
+    bounded number of tokens instead of re-decoding the whole completion each time."""
+    base = byte_level_tokenizer(tmp_path)
+    lone = next(i for i in range(base.vocab_size) if base.decode([i, i]) == "\ufffd\ufffd")
+    tokenizer = CountingTokenizer(base.backend)
+    tokens = [lone] * 2000
+    seq = collect(tokenizer, tokens, ["never"]).sequences[0]
+    assert seq.text == "\ufffd" * 2000
+    assert tokenizer.decoded <= 40 * len(tokens), f"{tokenizer.decoded} tokens decoded"
+
+
 @pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
 def test_incremental_text_is_the_full_decode_of_random_tokens(tmp_path, kind):
     tokenizer = byte_level_tokenizer(tmp_path) if kind == "byte-level" else metaspace_tokenizer()
