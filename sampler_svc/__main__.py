@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 from pathlib import Path
 
 from headway.service_flags import add_common_flags, setup_process
@@ -35,6 +36,23 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=int(env("HEADWAY_MAX_SEQ_LEN", "2048")))
     p.add_argument("--adapter-slots", type=int, default=int(env("HEADWAY_ADAPTER_SLOTS", "8")))
     p.add_argument("--max-lora-rank", type=int, default=int(env("HEADWAY_MAX_LORA_RANK", "64")))
+    limits = {  # flag: (config field, help); defaults and env twins follow SamplerConfig
+        "--max-stop-strings": ("max_stop_strings", "stop strings per request"),
+        "--max-stop-string-chars": ("max_stop_string_chars", "characters per stop string"),
+        "--max-prompt-text-chars": (
+            "max_prompt_text_chars",
+            "characters of a prompt_text, refused before tokenizing",
+        ),
+        "--max-logprobs-tokens": ("max_logprobs_tokens", "tokens per ComputeLogprobs call"),
+        "--logprobs-chunk-tokens": (
+            "logprobs_chunk_tokens",
+            "ComputeLogprobs tokens run between two decode steps",
+        ),
+    }
+    for flag, (name, what) in limits.items():
+        var = f"HEADWAY_{name.upper()}"
+        default = getattr(SamplerConfig, name)
+        p.add_argument(flag, type=int, default=int(env(var, str(default))), help=f"{what} ({var})")
     add_common_flags(p, torch_threads=True)
     args = p.parse_args()
     setup_process(args)
@@ -49,8 +67,9 @@ def main() -> None:
         max_seq_len=args.max_seq_len,
         adapter_slots=args.adapter_slots,
         max_lora_rank=args.max_lora_rank,
+        **{name: getattr(args, name) for name, _ in limits.values()},
     )
-    asyncio.run(serve(config, args.listen))
+    sys.exit(asyncio.run(serve(config, args.listen)))
 
 
 if __name__ == "__main__":

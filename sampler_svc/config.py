@@ -22,6 +22,21 @@ class SamplerConfig:
     max_seq_len: int = 2048  # prompt + completion per row (also capped by the model's context)
     max_n: int = 32  # completions per request
     max_queue: int = 256  # requests waiting for rows before RESOURCE_EXHAUSTED
+    # Stop strings are searched in every new piece of text of every row, on the event loop:
+    # their count and length bound that work (OpenAI allows 4 of any length; a few dozen
+    # short markers cover real use). Over either is INVALID_ARGUMENT.
+    max_stop_strings: int = 32  # stop strings per request
+    max_stop_string_chars: int = 256  # characters per stop string
+    max_stop_token_ids: int = 1024  # stop_token_ids per request
+    # A prompt_text longer than this is refused before it is tokenized (RESOURCE_EXHAUSTED):
+    # ~32 characters per token of an 8K context, far above what real text needs.
+    max_prompt_text_chars: int = 262_144
+    # ComputeLogprobs: the tokens of one call (all sequences together), checked from the
+    # request's byte sizes before anything is decoded (RESOURCE_EXHAUSTED over it) ...
+    max_logprobs_tokens: int = 131_072
+    # ... and run in pieces of at most this many tokens between two decode steps, so a large
+    # call delays each decode step by one piece, never by the whole call.
+    logprobs_chunk_tokens: int = 256
     adapter_slots: int = 8  # LoRA adapters resident per engine (LRU of idle ones)
     max_lora_rank: int = 64  # largest adapter rank the slots hold
     max_engines: int = 4  # weight sets resident (bases, full checkpoints), LRU of idle ones

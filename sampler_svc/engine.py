@@ -11,7 +11,7 @@ service edge; the engine sees ids and reports per-row events.
 A decode step (and the prefill of a short prompt whose logprobs are not asked for) runs
 every projection, the vocabulary's included, as `rows_linear` ((W @ xᵀ)ᵀ, the layout
 torch's CPU GEMM reads weights fastest in for few rows); the model's own F.linear path,
-the trainer's, serves prompt logprobs and ComputeLogprobs.
+the trainer's, serves prompt logprobs and ComputeLogprobs (`score`, a piece at a time).
 """
 
 from __future__ import annotations
@@ -200,12 +200,25 @@ class Engine:
                 i += 1
 
     @torch.inference_mode()
-    def logprobs(self, sequences: list[list[int]], slot: int) -> list[np.ndarray]:
-        """log p(seq[i+1] | seq[..i]) for each sequence (a full forward, no cache)."""
-        out = []
-        for seq in sequences:
-            ids = torch.tensor([seq])
-            self._select([slot])
-            logits = self.model(ids, validate=False)
-            out.append(token_logprobs(logits[0, :-1], ids[0, 1:]).numpy().astype(np.float32))
-        return out
+    def score(
+        self, ids: list[int], start: int, end: int, caches: list[KVCache] | None, slot: int
+    ) -> np.ndarray:
+        """log p(ids[i+1] | ids[..i]) for positions i in [start, end) (the last has none).
+
+        Without `caches`, the whole sequence in one causal forward (start 0, end len(ids)),
+        as the trainer computes it. With `caches` (one row of ≥ len(ids) positions, from
+        `model.new_caches`) only positions start..end-1 run, attending to the earlier ones
+        cached by the previous pieces: a long sequence is scored in pieces that each cost
+        about the same, so decode steps can run in between.
+        """
+        self._select([slot])
+        piece = torch.tensor([ids[start:end]])
+        if caches is None:
+            assert start == 0 and end == len(ids)
+            logits = self.model(piece, validate=False)
+        else:
+            positions = torch.arange(start, end)[None]
+            logits = self.model(piece, positions, caches=caches, validate=False)
+        targets = torch.tensor(ids[start + 1 : end + 1])
+        lp = token_logprobs(logits[0, : len(targets)], targets)
+        return lp.numpy().astype(np.float32)

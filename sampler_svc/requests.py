@@ -2,7 +2,8 @@
 
 This is the service edge of sampling: it validates the request against the model and the
 replica's limits, turns text into ids, builds each row's seeded draw, and, as tokens come
-back, decodes text and applies stop strings (which the engine, speaking ids only, cannot).
+back, decodes text and applies stop strings (which the engine, speaking ids only, cannot;
+`stops` does both incrementally).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,11 +20,13 @@ import torch
 from headway.errors import InvalidArgument, ResourceExhausted
 from headway.modeling import Tokenizer
 from headway.store import ModelRecord
+from headway.tensors import declared_size
 from headway.tensors import tokens as tensor_tokens
-from headway.v1 import sampling_pb2
+from headway.v1 import common_pb2, sampling_pb2
 from sampler_svc.config import SamplerConfig
 from sampler_svc.engine import Job
 from sampler_svc.sampling import DrawParams
+from sampler_svc.stops import IncrementalDecoder, StopScanner
 
 
 @dataclass
@@ -50,23 +53,12 @@ def validate(
     tokenizer: Tokenizer,
     config: SamplerConfig,
 ) -> Spec:
-    """Check a request against the model and limits; InvalidArgument / ResourceExhausted."""
-    vocab, context = int(record.arch["vocab_size"]), int(record.arch["max_context"])
-    kind = request.WhichOneof("prompt")
-    if kind == "prompt_tokens":
-        prompt = [int(t) for t in tensor_tokens(request.prompt_tokens, "prompt_tokens")]
-    elif kind == "prompt_text":
-        prompt = tokenizer.encode(request.prompt_text)
-    else:
-        prompt = []
-    if not prompt:
-        raise InvalidArgument("the prompt is empty: give prompt_tokens or prompt_text")
-    bad = next((i for i, t in enumerate(prompt) if t >= vocab), None)
-    if bad is not None:
-        raise InvalidArgument(
-            f"prompt_tokens[{bad}] is token id {prompt[bad]}, outside the vocabulary "
-            f"(valid ids are 0..{vocab - 1})"
-        )
+    """Check a request against the model and limits; InvalidArgument / ResourceExhausted.
+
+    Sizes are checked before the work they would cost: the prompt's length from its bytes
+    before its ids are read, prompt_text's length before it is tokenized.
+    """
+    vocab = int(record.arch["vocab_size"])
     p = request.params
     temperature = p.temperature if p.HasField("temperature") else 1.0
     top_p = p.top_p if p.HasField("top_p") else 1.0
@@ -85,11 +77,45 @@ def validate(
         raise ResourceExhausted(f"n = {n} is over this sampler's batch of {config.max_batch}")
     if p.max_tokens < 1:
         raise InvalidArgument(f"max_tokens must be ≥ 1; got {p.max_tokens}")
-    limit = min(context, config.max_seq_len)
-    if len(prompt) + p.max_tokens > limit:
-        raise ResourceExhausted(
-            f"prompt ({len(prompt)} tokens) + max_tokens ({p.max_tokens}) is over the "
-            f"context of {limit} tokens; shorten the prompt or lower max_tokens"
+    stops = _stop_strings(p, config)
+    stop_ids = _stop_ids(p, record, config)
+    limit = min(int(record.arch["max_context"]), config.max_seq_len)
+    prompt = _prompt(request, tokenizer, p.max_tokens, limit, config)
+    bad = next((i for i, t in enumerate(prompt) if t >= vocab), None)
+    if bad is not None:
+        raise InvalidArgument(
+            f"prompt_tokens[{bad}] is token id {prompt[bad]}, outside the vocabulary "
+            f"(valid ids are 0..{vocab - 1})"
+        )
+    seed = p.seed if p.HasField("seed") else secrets.randbits(62)
+    draw = [DrawParams(temperature, top_p, p.top_k, row_generator(seed, i)) for i in range(n)]
+    return Spec(prompt, n, p.max_tokens, stops, stop_ids, draw, request.include_prompt_logprobs)
+
+
+def _stop_strings(p: common_pb2.SamplingParams, config: SamplerConfig) -> list[str]:
+    """The non-empty stop strings, within the count and length limits (InvalidArgument)."""
+    if len(p.stop) > config.max_stop_strings:
+        raise InvalidArgument(
+            f"stop has {len(p.stop)} strings; at most {config.max_stop_strings} are allowed"
+        )
+    for i, stop in enumerate(p.stop):
+        if len(stop) > config.max_stop_string_chars:
+            raise InvalidArgument(
+                f"stop[{i}] is {len(stop)} characters long; a stop string may have at most "
+                f"{config.max_stop_string_chars}"
+            )
+    return [s for s in p.stop if s]
+
+
+def _stop_ids(
+    p: common_pb2.SamplingParams, record: ModelRecord, config: SamplerConfig
+) -> frozenset[int]:
+    """stop_token_ids (within the count limit and the vocabulary), plus eos unless ignored."""
+    vocab = int(record.arch["vocab_size"])
+    if len(p.stop_token_ids) > config.max_stop_token_ids:
+        raise InvalidArgument(
+            f"stop_token_ids has {len(p.stop_token_ids)} ids; at most "
+            f"{config.max_stop_token_ids} are allowed"
         )
     for t in p.stop_token_ids:
         if not 0 <= t < vocab:
@@ -97,27 +123,128 @@ def validate(
     stop_ids = set(p.stop_token_ids)
     if not p.ignore_eos:
         stop_ids |= set(record.arch.get("eos_token_ids", []))
-    seed = p.seed if p.HasField("seed") else secrets.randbits(62)
-    draw = [DrawParams(temperature, top_p, p.top_k, row_generator(seed, i)) for i in range(n)]
-    return Spec(
-        prompt,
-        n,
-        p.max_tokens,
-        [s for s in p.stop if s],
-        frozenset(stop_ids),
-        draw,
-        request.include_prompt_logprobs,
+    return frozenset(stop_ids)
+
+
+def _prompt(
+    request: sampling_pb2.SampleRequest,
+    tokenizer: Tokenizer,
+    max_tokens: int,
+    limit: int,
+    config: SamplerConfig,
+) -> list[int]:
+    """The prompt's ids, its length checked against the context before it is read."""
+
+    def check(length: int) -> None:
+        if length + max_tokens > limit:
+            raise ResourceExhausted(
+                f"prompt ({length} tokens) + max_tokens ({max_tokens}) is over the "
+                f"context of {limit} tokens; shorten the prompt or lower max_tokens"
+            )
+
+    kind = request.WhichOneof("prompt")
+    if kind == "prompt_tokens":
+        check(declared_size(request.prompt_tokens))  # from the byte count: nothing decoded
+        prompt = tensor_tokens(request.prompt_tokens, "prompt_tokens").tolist()
+    elif kind == "prompt_text":
+        chars = len(request.prompt_text)
+        if chars > config.max_prompt_text_chars:
+            raise ResourceExhausted(
+                f"prompt_text is {chars} characters long, over this sampler's limit of "
+                f"{config.max_prompt_text_chars}; shorten it"
+            )
+        prompt = tokenizer.encode(request.prompt_text)
+    else:
+        prompt = []
+    if not prompt:
+        raise InvalidArgument("the prompt is empty: give prompt_tokens or prompt_text")
+    check(len(prompt))
+    return prompt
+
+
+def logprob_sequences(
+    request: sampling_pb2.ComputeLogprobsRequest, record: ModelRecord, config: SamplerConfig
+) -> list[list[int]]:
+    """The token sequences of a ComputeLogprobs request, checked against the model and the
+    per-call token limit (from their byte sizes, before any is decoded)."""
+    vocab, context = int(record.arch["vocab_size"]), int(record.arch["max_context"])
+    limit = config.max_logprobs_tokens
+    if not request.sequences:
+        raise InvalidArgument("sequences is empty: give at least one token sequence")
+    over = (
+        f"over this sampler's limit of {limit} tokens per ComputeLogprobs call; "
+        "split the sequences over several calls"
     )
+    if 2 * len(request.sequences) > limit:  # each needs ≥ 2 tokens: refused without a scan
+        raise ResourceExhausted(f"{len(request.sequences)} sequences of ≥ 2 tokens are {over}")
+    sizes = [declared_size(t) for t in request.sequences]
+    if sum(sizes) > limit:
+        raise ResourceExhausted(f"the sequences hold {sum(sizes)} tokens, {over}")
+    seqs = []
+    for i, (t, size) in enumerate(zip(request.sequences, sizes, strict=True)):
+        if size > context:
+            raise ResourceExhausted(
+                f"sequences[{i}] has {size} tokens, over the context of {context}"
+            )
+        ids = tensor_tokens(t, f"sequences[{i}]")
+        if len(ids) < 2:
+            raise InvalidArgument(f"sequences[{i}] has {len(ids)} tokens; logprobs need ≥ 2")
+        if int(ids.max()) >= vocab:
+            pos = int(np.argmax(ids >= vocab))
+            raise InvalidArgument(
+                f"sequences[{i}][{pos}] is token id {int(ids[pos])}, outside "
+                f"the vocabulary (valid ids are 0..{vocab - 1})"
+            )
+        seqs.append(ids.tolist())
+    return seqs
 
 
-@dataclass
 class SequenceState:
     """One of the n sequences as it grows: tokens, logprobs, text, why it ended."""
 
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    text: str = ""
-    stop_reason: str = ""  # "" while running, then "stop" or "length"
+    def __init__(self, tokenizer: Tokenizer, stops: list[str]) -> None:
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.scanner = StopScanner(stops)
+        self.logprobs: list[float] = []
+        self._text: list[str] = []  # released pieces
+        self.stop_reason = ""  # "" while running, then "stop" or "length"
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.decoder.tokens
+
+    @property
+    def text(self) -> str:
+        """The text released so far (all of it once the sequence has ended)."""
+        return "".join(self._text)
+
+    def add(self, token: int, logprob: float) -> tuple[str, bool]:
+        """Fold in a token: (text released, True if it completed a stop string)."""
+        self.logprobs.append(logprob)
+        text, stopped = self.scanner.feed(self.decoder.push(token))
+        self._text.append(text)
+        if stopped:
+            self.stop_reason = "stop"
+        return text, stopped
+
+    def end(self, reason: str) -> str:
+        """The engine ended the sequence: release the text held back; returns it."""
+        text, stopped = self.scanner.feed(self.decoder.flush())
+        if not stopped:
+            text += self.scanner.finish()
+        self._text.append(text)
+        self.stop_reason = "stop" if stopped else reason
+        return text
+
+
+@dataclass
+class Update:
+    """What one engine event changed in a sequence (what a stream sends)."""
+
+    row: int
+    token: tuple[int, float] | None  # the token it added, with its logprob
+    text: str  # text released by it
+    stop_reason: str  # "" unless it ended the sequence
 
 
 class Collector:
@@ -125,7 +252,7 @@ class Collector:
 
     def __init__(self, spec: Spec, tokenizer: Tokenizer, loop: asyncio.AbstractEventLoop) -> None:
         self.spec, self.tokenizer = spec, tokenizer
-        self.sequences = [SequenceState() for _ in range(spec.n)]
+        self.sequences = [SequenceState(tokenizer, spec.stop) for _ in range(spec.n)]
         self.prompt_logprobs: list[float] | None = None
         self.queue: asyncio.Queue[tuple[str, int, Any]] = asyncio.Queue()
         self.job = Job(
@@ -142,8 +269,8 @@ class Collector:
     def done(self) -> bool:
         return all(s.stop_reason for s in self.sequences)
 
-    def apply(self, kind: str, row: int, payload: Any) -> tuple[int, str] | None:
-        """Fold one event in; returns (row, new text) for a token event that counted."""
+    def apply(self, kind: str, row: int, payload: Any) -> Update | None:
+        """Fold one engine event in; what it changed, or None if nothing."""
         if kind == "prompt_logprobs":
             self.prompt_logprobs = payload
             return None
@@ -151,30 +278,9 @@ class Collector:
         if seq.stop_reason:  # ended at the edge by a stop string: later tokens are dropped
             return None
         if kind == "done":
-            seq.stop_reason = payload
-            return None
+            return Update(row, None, seq.end(payload), seq.stop_reason)
         token, lp = payload
-        seq.tokens.append(token)
-        seq.logprobs.append(lp)
-        full = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
-        cut = self._stop_at(full, len(seq.text))
-        if cut is not None:
-            full = full[:cut]
-            seq.stop_reason = "stop"
+        text, stopped = seq.add(token, lp)
+        if stopped:
             self.job.stopped_rows.add(row)  # the engine frees the row at its next step
-        delta = full[len(seq.text) :] if full.startswith(seq.text) else ""
-        seq.text = full
-        return row, delta
-
-    def _stop_at(self, text: str, seen: int) -> int | None:
-        """Index where the earliest stop string starts, searching only new text."""
-        best = None
-        for stop in self.spec.stop:
-            at = text.find(stop, max(0, seen - len(stop) + 1))
-            if at != -1 and (best is None or at < best):
-                best = at
-        return best
-
-
-def as_array(values: list[int] | list[float], dtype: Any) -> np.ndarray:
-    return np.asarray(values, dtype=dtype)
+        return Update(row, (token, lp), text, seq.stop_reason)

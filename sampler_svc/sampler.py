@@ -3,8 +3,14 @@
 Every change to weights and every forward happens on the engine thread, between decode
 steps: a checkpoint's weights are loaded into a free engine or adapter slot (never one a
 live row uses), jobs join at step boundaries, and each step decodes every live row of
-every engine. The gRPC side submits jobs and receives their tokens through thread-safe
-callbacks; it never touches torch.
+every engine, followed by one piece of the oldest ComputeLogprobs job (`scoring`). The gRPC
+side submits jobs and receives their tokens through thread-safe callbacks; it never touches
+torch.
+
+If the engine thread dies (a bug, a device error), every request in flight or waiting fails
+with UNAVAILABLE at once, later ones are refused the same way, and the failure listeners
+(the server: health NOT_SERVING, out of the registry) are told, so gateways fail over to
+other replicas instead of waiting on a replica that will never answer.
 """
 
 from __future__ import annotations
@@ -13,21 +19,23 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import torch
 
-from headway.errors import HeadwayError, NotFound, Overloaded
+from headway.errors import HeadwayError, NotFound, Overloaded, Unavailable
 from headway.modeling import ModelConfig
 from headway.store import CheckpointRef, CheckpointStore
 from headway.store.weights import base_config
 from sampler_svc.config import SamplerConfig
 from sampler_svc.engine import Engine, Job
 from sampler_svc.multilora import NO_ADAPTER, AdapterBank
+from sampler_svc.scoring import ScoringJob
 from sampler_svc.weights import (
     copy_full_weights,
     load_engine_model,
@@ -60,9 +68,19 @@ class EngineEntry:
     engine: Engine
     bank: AdapterBank
     adapters: OrderedDict[CheckpointRef, int] = field(default_factory=OrderedDict)  # LRU
+    # Adapter slots held by scoring jobs in progress (not rows, but not to be reloaded).
+    pins: Counter[int] = field(default_factory=Counter)
 
     def busy(self) -> bool:
+        """Whether it has rows to decode."""
         return bool(self.engine.rows)
+
+    def in_use(self) -> bool:
+        """Whether its weights serve work in progress (rows or a scoring job)."""
+        return self.busy() or any(self.pins.values())
+
+    def slots_in_use(self) -> set[int]:
+        return self.engine.slots_in_use() | {s for s, n in self.pins.items() if n}
 
 
 @dataclass
@@ -83,6 +101,7 @@ class Sampler:
         self.served: dict[tuple[str, str], tuple[CheckpointRef, CheckpointRef | None]] = {}
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._waiting: deque[Pending] = deque()
+        self._scoring: deque[ScoringJob] = deque()  # oldest first; the head runs
         # Rows of submitted jobs not yet decoding (the registry's load, with live rows);
         # changed by the gRPC thread (submit) and the engine thread (admit), hence the lock.
         self._queued_rows = 0
@@ -90,6 +109,10 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler-engine", daemon=True)
         self.steps = 0
+        self.scoring_pieces = 0
+        # Set (once) when the engine thread died: why, as the error every request gets.
+        self.failure: Unavailable | None = None
+        self._failure_listeners: list[Callable[[Unavailable], None]] = []
 
     # ------------------------------------------------------------ public (any thread)
     def start(self) -> None:
@@ -100,25 +123,60 @@ class Sampler:
         self._inbox.put(("wake", None))
         self._thread.join(timeout=30)
 
-    def submit(self, pending: Pending) -> None:
-        """Queue a job; its tokens arrive through `pending.job.emit`."""
+    def on_failure(self, listener: Callable[[Unavailable], None]) -> None:
+        """Call `listener(error)` (on the engine thread) if the engine thread dies."""
+        self._failure_listeners.append(listener)
+
+    def check_alive(self) -> None:
+        """Raise `Unavailable` if the engine thread has died."""
+        if self.failure is not None:
+            raise self.failure
+
+    def _check_room(self) -> None:
+        self.check_alive()
         if self.queue_depth >= self.config.max_queue:
             raise Overloaded(
                 f"the sampler has {self.queue_depth} requests waiting (limit "
                 f"{self.config.max_queue}); retry shortly or add replicas"
             )
+
+    def _put(self, kind: str, payload: Any) -> None:
+        self._inbox.put((kind, payload))
+        if self.failure is not None:  # died meanwhile: its own drain may have run already
+            self._drain_inbox()
+
+    def submit(self, pending: Pending) -> None:
+        """Queue a job; its tokens arrive through `pending.job.emit`."""
+        self._check_room()
         with self._rows_lock:
             self._queued_rows += pending.job.n
-        self._inbox.put(("submit", pending))
+        self._put("submit", pending)
+
+    def score(self, model: str, ckpt: str, sequences: list[list[int]]) -> Future[list[np.ndarray]]:
+        """Queue a ComputeLogprobs job; its result (one array per sequence) in the future.
+
+        Cancelling the future drops the rest of the job's work.
+        """
+        self._check_room()
+        job = ScoringJob(model, ckpt, sequences)
+        self._put("score", job)
+        return job.future
+
+    def compute_logprobs(
+        self, model: str, ckpt: str, sequences: list[list[int]]
+    ) -> list[np.ndarray]:
+        """Logprobs of given sequences under (model, ckpt), waiting for them (any thread)."""
+        return self.score(model, ckpt, sequences).result()
 
     def preload(self, model: str, checkpoint: str) -> None:
         """Load a checkpoint ahead of requests (a head event); best effort."""
-        self._inbox.put(("preload", (model, checkpoint)))
+        self._put("preload", (model, checkpoint))
 
     def call(self, fn: Callable[[], Any], timeout: float = 300) -> Any:
         """Run `fn` on the engine thread between steps and return its result."""
+        self.check_alive()
         done: queue.Queue[tuple[bool, Any]] = queue.Queue()
-        self._inbox.put(("call", (fn, done)))
+        self._put("call", (fn, done))
         ok, value = done.get(timeout=timeout)
         if not ok:
             raise value
@@ -126,7 +184,8 @@ class Sampler:
 
     @property
     def queue_depth(self) -> int:
-        return self._inbox.qsize() + len(self._waiting)
+        """Requests (Samples, ComputeLogprobs) waiting to start or to finish scoring."""
+        return self._inbox.qsize() + len(self._waiting) + len(self._scoring)
 
     @property
     def queued_rows(self) -> int:
@@ -147,8 +206,19 @@ class Sampler:
 
     # ------------------------------------------------------------ engine thread
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # the guard: never a silent dead engine behind a live port
+            log.exception("the sampler engine thread failed; this replica stops serving")
+            self._fail(e)
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
-            idle = not self._waiting and not any(e.busy() for e in self.engines.values())
+            idle = (
+                not self._waiting
+                and not self._scoring
+                and not any(e.busy() for e in self.engines.values())
+            )
             try:
                 kind, payload = self._inbox.get(timeout=0.05 if idle else 0)
                 self._handle(kind, payload)
@@ -162,10 +232,13 @@ class Sampler:
                 if entry.busy():
                     entry.engine.step()
                     self.steps += 1
+            self._score_piece()
 
     def _handle(self, kind: str, payload: Any) -> None:
         if kind == "submit":
             self._waiting.append(payload)
+        elif kind == "score":
+            self._scoring.append(payload)
         elif kind == "preload":
             model, ckpt = payload
             try:
@@ -210,6 +283,67 @@ class Sampler:
         entry.engine.admit(p.job)
         return True
 
+    def _score_piece(self) -> None:
+        """One piece of the oldest scoring job (placing it on its engine first)."""
+        if not self._scoring:
+            return
+        job = self._scoring[0]
+        if not job.future.cancelled():  # else its caller left: drop the rest of the work
+            try:
+                if job.slot is None:
+                    located = self.ensure(job.model, job.checkpoint)
+                    if located is None:
+                        raise Overloaded("no engine or adapter slot is free; retry shortly")
+                    entry, job.slot = located
+                    entry.pins[job.slot] += 1  # its weights stay until the job is done
+                job.run_piece(self._entry_of(job).engine, self.config.logprobs_chunk_tokens)
+                self.scoring_pieces += 1
+                if not job.done:
+                    return
+                job.finish()
+            except Exception as e:  # this job's error (a bad sequence, memory): not the engine's
+                job.finish(e)
+        self._scoring.popleft()
+        if job.slot is not None:
+            self._entry_of(job).pins[job.slot] -= 1
+
+    def _entry_of(self, job: ScoringJob) -> EngineEntry:
+        engine_ref, _ = self.served[(job.model, job.checkpoint)]  # pinned: still served
+        return self.engines[engine_ref]
+
+    def _fail(self, cause: BaseException) -> None:
+        """The engine thread died: fail everything in flight and waiting, tell listeners."""
+        error = Unavailable(f"sampler engine failed: {cause!r}; retry on another replica")
+        self.failure = error  # first: whatever is queued from now on is drained by its sender
+        jobs = {id(r.job): r.job for e in self.engines.values() for r in e.engine.rows}
+        for job in jobs.values():
+            _quietly(job.emit, "error", -1, error)
+        while self._waiting:
+            pending = self._waiting.popleft()
+            self._dequeued(pending)
+            _quietly(pending.on_error, error)
+        while self._scoring:
+            _quietly(self._scoring.popleft().finish, error)
+        self._drain_inbox()
+        for listener in self._failure_listeners:
+            _quietly(listener, error)
+
+    def _drain_inbox(self) -> None:
+        """Refuse everything queued for a dead engine thread (any thread may call this)."""
+        assert self.failure is not None
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                self._dequeued(payload)
+                _quietly(payload.on_error, self.failure)
+            elif kind == "score":
+                _quietly(payload.finish, self.failure)
+            elif kind == "call":
+                payload[1].put((False, self.failure))
+
     def ensure(self, model: str, ckpt: str) -> tuple[EngineEntry, int] | None:
         """(engine, adapter slot) serving (model, ckpt), loading what is missing.
 
@@ -246,7 +380,7 @@ class Sampler:
         for slot in range(1, entry.bank.slots):
             if slot not in used:
                 return slot
-        in_use = entry.engine.slots_in_use()
+        in_use = entry.slots_in_use()
         for ref, slot in list(entry.adapters.items()):  # least recently used first
             if slot not in in_use:
                 del entry.adapters[ref]
@@ -265,7 +399,7 @@ class Sampler:
         # an older checkpoint of the same model (the head moved on), or, when every engine
         # slot is taken, the least recently used idle engine of that shape. A busy engine is
         # never reused: a sequence in flight keeps the weights it started with.
-        idle = [e for e in self.engines.values() if not e.busy()]
+        idle = [e for e in self.engines.values() if not e.in_use()]
         if full:
             same = [e for e in idle if _same_shape(e, config)]
             reuse = next((e for e in same if e.ref.model == ref.model), None)
@@ -312,19 +446,13 @@ class Sampler:
             if predicate(engine_ref, adapter_ref):
                 del self.served[key]
 
-    def compute_logprobs(
-        self, model: str, ckpt: str, sequences: list[list[int]]
-    ) -> list[np.ndarray]:
-        """Logprobs of given sequences under (model, ckpt), on the engine thread."""
 
-        def run() -> list[np.ndarray]:
-            located = self.ensure(model, ckpt)
-            if located is None:
-                raise Overloaded("no engine or adapter slot is free; retry shortly")
-            entry, slot = located
-            return entry.engine.logprobs(sequences, slot)
-
-        return self.call(run)
+def _quietly(fn: Callable[..., Any], *args: Any) -> None:
+    """Call `fn`, logging (not raising) its error: one failed notice must not stop the rest."""
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("notifying a request of the engine failure failed")
 
 
 __all__ = ["NotFound", "Pending", "Sampler"]

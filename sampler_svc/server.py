@@ -1,15 +1,23 @@
-"""Assembling a sampler replica: engines, gRPC server, Redis watcher and heartbeat."""
+"""Assembling a sampler replica: engines, gRPC server, Redis watcher and heartbeat.
+
+A replica whose engine thread dies stops advertising itself: its health turns NOT_SERVING
+and it leaves the registry (requests already failed with UNAVAILABLE, see `sampler`), and
+`serve` returns 1 so that whatever supervises the process restarts it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2
 
+from headway.errors import Unavailable
 from headway.grpc_util import SERVER_OPTIONS, add_health_and_reflection, bind, until_signalled
 from headway.replicas import ReplicaInfo
 from headway.v1 import sampling_pb2, sampling_pb2_grpc
@@ -31,6 +39,22 @@ class Replica:
     sampler: Sampler
     watcher: Watcher
     redis: aioredis.Redis
+    health: Any  # the standard health servicer (grpc_health's aio HealthServicer)
+    failed: asyncio.Event = field(default_factory=asyncio.Event)  # the engine thread died
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def engine_failed(self, error: Unavailable) -> None:
+        """On the event loop, once the engine thread died: stop advertising this replica."""
+        self.failed.set()
+        task = asyncio.get_running_loop().create_task(self._withdraw())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _withdraw(self) -> None:
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.watcher.stop()  # no more heartbeats, and the registry key deleted
+        log.error("sampler %s is out of the registry and NOT_SERVING", self.watcher.info.id)
 
     async def close(self, grace: float = 1.0) -> None:
         await self.watcher.stop()
@@ -46,7 +70,7 @@ async def create_replica(
     sampler = Sampler(config)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     sampling_pb2_grpc.add_SamplingServiceServicer_to_server(SamplingServicer(sampler), server)
-    await add_health_and_reflection(server, (SERVICE,))
+    health = await add_health_and_reflection(server, (SERVICE,))
     port = bind(server, address, "sampler")
     host = address.rsplit(":", 1)[0]
     info = ReplicaInfo(
@@ -64,15 +88,26 @@ async def create_replica(
     except Exception as e:  # Redis down: the heartbeat keeps trying
         log.warning("first registry announce failed: %s", e)
     watcher.start()
-    return server, port, Replica(server, port, sampler, watcher, redis)
+    replica = Replica(server, port, sampler, watcher, redis, health)
+    loop = asyncio.get_running_loop()
+    sampler.on_failure(lambda error: loop.call_soon_threadsafe(replica.engine_failed, error))
+    return server, port, replica
 
 
-async def serve(config: SamplerConfig, address: str) -> None:
-    """Run a replica until SIGINT/SIGTERM, then stop gracefully."""
+async def serve(config: SamplerConfig, address: str) -> int:
+    """Run a replica until SIGINT/SIGTERM (then 0) or until its engine fails (then 1), and
+    stop gracefully."""
     server, port, replica = await create_replica(config, address)
     await server.start()
     log.info(
         "sampler %s serving on port %d (store %s)", replica.watcher.info.id, port, config.store
     )
-    await until_signalled()
+    waits = {asyncio.create_task(until_signalled()), asyncio.create_task(replica.failed.wait())}
+    _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
     await replica.close(grace=5)
+    if replica.failed.is_set():
+        log.error("exiting: the engine failed (a supervisor restarts the replica)")
+        return 1
+    return 0

@@ -6,15 +6,14 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
-import numpy as np
 
 from headway.errors import HeadwayError, InvalidArgument
 from headway.grpc_util import maps_errors, team_of
 from headway.modeling import Tokenizer
 from headway.store import ModelRecord
-from headway.tensors import to_tensor, tokens
+from headway.tensors import to_tensor
 from headway.v1 import common_pb2, sampling_pb2, sampling_pb2_grpc
-from sampler_svc.requests import Collector, validate
+from sampler_svc.requests import Collector, Update, logprob_sequences, validate
 from sampler_svc.sampler import Pending, Sampler
 
 Ctx = grpc.aio.ServicerContext
@@ -46,6 +45,7 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
     async def _start(
         self, request: sampling_pb2.SampleRequest, context: Ctx
     ) -> tuple[Collector, str]:
+        self.sampler.check_alive()  # a dead engine answers at once, so gateways fail over
         record, ckpt = self._resolve(request.model, request.checkpoint, team_of(context))
         tokenizer = self._tokenizer(record)
         spec = validate(request, record, tokenizer, self.sampler.config)
@@ -58,11 +58,14 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         return collector, ckpt
 
     @staticmethod
-    def _raise_if_error(kind: str, payload: object) -> None:
+    async def _next(collector: Collector) -> Update | None:
+        """Fold the job's next engine event into `collector`; what it changed."""
+        kind, row, payload = await collector.queue.get()
         if kind == "error":
             if isinstance(payload, HeadwayError | ValueError):
                 raise payload
             raise RuntimeError(f"sampling failed: {payload}")
+        return collector.apply(kind, row, payload)
 
     @maps_errors
     async def Sample(
@@ -71,9 +74,7 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         collector, ckpt = await self._start(request, context)
         try:
             while not collector.done:
-                kind, row, payload = await collector.queue.get()
-                self._raise_if_error(kind, payload)
-                collector.apply(kind, row, payload)
+                await self._next(collector)
         finally:
             collector.job.cancelled = not collector.done  # a cancelled call frees its rows
         response = sampling_pb2.SampleResponse(
@@ -108,34 +109,17 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         )
         try:
             if collector.spec.prompt_logprobs:
-                kind, row, payload = await collector.queue.get()
-                self._raise_if_error(kind, payload)
-                collector.apply(kind, row, payload)
+                await self._next(collector)
                 first.prompt_logprobs.CopyFrom(to_tensor(collector.prompt_logprobs or [], F32))
             yield first
             while not collector.done:
-                kind, row, payload = await collector.queue.get()
-                self._raise_if_error(kind, payload)
-                was_running = not collector.sequences[row].stop_reason if row >= 0 else False
-                counted = collector.apply(kind, row, payload)
-                seq = collector.sequences[row] if row >= 0 else None
-                if counted is not None:
-                    token, lp = payload
-                    chunk = sampling_pb2.SampleChunk(
-                        index=row,
-                        tokens=to_tensor([token], I32),
-                        logprobs=to_tensor([lp], F32),
-                        text=counted[1],
-                    )
-                    if seq.stop_reason:
-                        chunk.stop_reason = STOP_REASONS[seq.stop_reason]
-                    yield chunk
-                elif was_running and seq is not None and seq.stop_reason:
-                    yield sampling_pb2.SampleChunk(
-                        index=row, stop_reason=STOP_REASONS[seq.stop_reason]
-                    )
+                update = await self._next(collector)
+                if update is not None and (update.token or update.text or update.stop_reason):
+                    yield _chunk(update)
         except HeadwayError as e:
             await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:
             collector.job.cancelled = not collector.done  # the client left: free its rows
 
@@ -143,29 +127,24 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
     async def ComputeLogprobs(
         self, request: sampling_pb2.ComputeLogprobsRequest, context: Ctx
     ) -> sampling_pb2.ComputeLogprobsResponse:
+        self.sampler.check_alive()
         record, ckpt = self._resolve(request.model, request.checkpoint, team_of(context))
-        vocab, context_len = int(record.arch["vocab_size"]), int(record.arch["max_context"])
-        if not request.sequences:
-            raise InvalidArgument("sequences is empty: give at least one token sequence")
-        seqs = []
-        for i, t in enumerate(request.sequences):
-            ids = tokens(t, f"sequences[{i}]")
-            if len(ids) < 2:
-                raise InvalidArgument(f"sequences[{i}] has {len(ids)} tokens; logprobs need ≥ 2")
-            if int(ids.max()) >= vocab:
-                pos = int(np.argmax(ids >= vocab))
-                raise InvalidArgument(
-                    f"sequences[{i}][{pos}] is token id {int(ids[pos])}, outside "
-                    f"the vocabulary (valid ids are 0..{vocab - 1})"
-                )
-            if len(ids) > context_len:
-                from headway.errors import ResourceExhausted
-
-                raise ResourceExhausted(
-                    f"sequences[{i}] has {len(ids)} tokens, over the context of {context_len}"
-                )
-            seqs.append(ids.tolist())
-        result = await asyncio.to_thread(self.sampler.compute_logprobs, request.model, ckpt, seqs)
+        seqs = logprob_sequences(request, record, self.sampler.config)
+        # Awaited, not run in a thread: the engine thread interleaves it with decode steps,
+        # and a caller that leaves cancels the rest of its work.
+        result = await asyncio.wrap_future(self.sampler.score(request.model, ckpt, seqs))
         return sampling_pb2.ComputeLogprobsResponse(
             checkpoint=ckpt, logprobs=[to_tensor(lp, F32) for lp in result]
         )
+
+
+def _chunk(update: Update) -> sampling_pb2.SampleChunk:
+    """The stream chunk of one sequence's update (a token and/or text, maybe its end)."""
+    chunk = sampling_pb2.SampleChunk(index=update.row, text=update.text)
+    if update.token is not None:
+        token, lp = update.token
+        chunk.tokens.CopyFrom(to_tensor([token], I32))
+        chunk.logprobs.CopyFrom(to_tensor([lp], F32))
+    if update.stop_reason:
+        chunk.stop_reason = STOP_REASONS[update.stop_reason]
+    return chunk
