@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from headway.errors import HeadwayError, InvalidArgument
-from headway.grpc_util import maps_errors, team_of
+from headway.errors import HeadwayError
+from headway.grpc_util import MAPPED_ERRORS, abort_for, maps_errors, team_of
 from headway.modeling import Tokenizer
 from headway.store import ModelRecord
 from headway.tensors import to_tensor
@@ -100,10 +100,8 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
     ) -> AsyncIterator[sampling_pb2.SampleChunk]:
         try:
             collector, ckpt = await self._start(request, context)
-        except HeadwayError as e:
-            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except MAPPED_ERRORS as e:
+            await abort_for(context, e)
         first = sampling_pb2.SampleChunk(
             checkpoint=ckpt, prompt_tokens=to_tensor(collector.spec.prompt, I32)
         )
@@ -116,10 +114,8 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
                 update = await self._next(collector)
                 if update is not None and (update.token or update.text or update.stop_reason):
                     yield _chunk(update)
-        except HeadwayError as e:
-            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except MAPPED_ERRORS as e:
+            await abort_for(context, e)
         finally:
             collector.job.cancelled = not collector.done  # the client left: free its rows
 
