@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from headway.errors import InvalidArgument
-from headway.tensors import floats, is_set, require_finite, to_tensor, tokens
+from headway.tensors import declared_size, floats, is_set, require_finite, to_tensor, tokens
 from headway.turns import turn_arrays
 from headway.v1 import common_pb2
 
@@ -368,6 +368,47 @@ def assemble_batch(
         no_signal_groups=no_signal,
         reward_mean=float(np.mean(item_rewards)),
         rewards=item_rewards,
+    )
+
+
+def declared_lengths(item: common_pb2.TrainingItem) -> list[int]:
+    """The lengths of the datums `item` becomes, read from byte counts, nothing decoded.
+
+    For limits checked before any decoding (context, batch tokens), so an oversized
+    request costs no work proportional to its size. An inline Datum's length is that of
+    its input_tokens; a trajectory's sequences are followed as `trajectory_to_datums`
+    follows them, deciding whether a turn's prompt continues the sequence by comparing
+    raw bytes (a memcmp, no decoding). When the bytes cannot tell (a turn's tensors have
+    another dtype than the previous turn's), the turn is taken to continue the sequence,
+    so a length is never over the true one: a bound that refuses only what decoding
+    would refuse. A trace id or an empty item has no lengths here.
+    """
+    kind = item.WhichOneof("item")
+    if kind == "datum":
+        return [declared_size(item.datum.input_tokens)]
+    if kind != "trajectory":
+        return []
+    lengths: list[int] = []
+    sequence = 0  # tokens of the sequence under construction (previous prompt + completion)
+    previous: common_pb2.Turn | None = None
+    for turn in item.trajectory.turns:
+        size = declared_size(turn.prompt_tokens) + declared_size(turn.completion_tokens)
+        if previous is not None and not _may_continue(previous, turn.prompt_tokens):
+            lengths.append(max(sequence - 1, 0))  # position i predicts token i + 1
+        sequence, previous = size, turn
+    if previous is not None:
+        lengths.append(max(sequence - 1, 0))
+    return lengths
+
+
+def _may_continue(previous: common_pb2.Turn, prompt: common_pb2.Tensor) -> bool:
+    """Whether `prompt` may start with the previous turn's prompt + completion (the
+    sequence so far): False only when the bytes prove it does not."""
+    before, completion = previous.prompt_tokens, previous.completion_tokens
+    if prompt.dtype != before.dtype or (completion.data and prompt.dtype != completion.dtype):
+        return True  # equal ids in other widths: only decoding can tell
+    return prompt.data.startswith(before.data) and prompt.data.startswith(
+        completion.data, len(before.data)
     )
 
 

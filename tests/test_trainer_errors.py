@@ -25,6 +25,14 @@ def _datum(**changes) -> common_pb2.Datum:
     return d
 
 
+def _undecodable(n: int) -> common_pb2.Datum:
+    """A datum of n positions whose weights cannot be decoded (no dtype): a request refused
+    for its size rather than for this datum was refused before anything was decoded."""
+    d = rl_datum(7, n=n)
+    d.weights.dtype = common_pb2.DTYPE_UNSPECIFIED
+    return d
+
+
 def _fb(data, loss_fn="importance_sampling", **kw):
     return training_pb2.ForwardBackwardRequest(model="m", data=data, loss_fn=loss_fn, **kw)
 
@@ -99,6 +107,16 @@ TRAIN_CASES = {
     ),
     "sequence over the context": (
         lambda: _fb(items(rl_datum(1, n=300))),
+        "RESOURCE_EXHAUSTED",
+        "over the model's context of 256",
+    ),
+    "batch over the token limit, refused before decoding": (
+        lambda: _fb(items(*(rl_datum(i, n=200) for i in range(5)), _undecodable(200))),
+        "RESOURCE_EXHAUSTED",
+        "limit of 1000",
+    ),
+    "datum over the context, refused before decoding": (
+        lambda: _fb(items(_undecodable(300))),
         "RESOURCE_EXHAUSTED",
         "over the model's context of 256",
     ),
@@ -243,3 +261,25 @@ def test_optim_step_without_gradient_is_failed_precondition(tmp_path, tiny_base)
         _expect(lambda: stack.train.OptimStep(base_req), "FAILED_PRECONDITION", "read-only")
     finally:
         stack.stop()
+
+
+def test_client_metrics_beyond_the_bounds_are_refused_and_change_nothing(loaded):
+    """BackwardCustom's metrics go into the checkpoint's stats: bounded in count (64) and
+    key length (128) before the backward runs."""
+    before = _snapshot(loaded)
+    fwd = loaded.train.ForwardCustom(
+        training_pb2.ForwardCustomRequest(model="m", data=batch(seed=4))
+    )
+    ones = [to_tensor(np.ones(d.logprobs.shape[0], np.float32)) for d in fwd.data]
+    cases = {
+        "over the trainer's limit of 64": {f"k{i}": 1.0 for i in range(65)},
+        "over the trainer's limit of 128": {"x" * 129: 1.0},
+    }
+    for fragment, metrics in cases.items():
+        req = training_pb2.BackwardCustomRequest(
+            model="m", forward_id=fwd.forward_id, weights=ones, metrics=metrics
+        )
+        _expect(lambda req=req: loaded.train.BackwardCustom(req), "INVALID_ARGUMENT", fragment)
+    assert list(loaded.trainer._states["m"].forwards) == [fwd.forward_id]
+    loaded.trainer._states["m"].forwards.clear()
+    _assert_unchanged(loaded, before)

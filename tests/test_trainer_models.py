@@ -218,3 +218,59 @@ def test_another_teams_model_is_not_found_on_every_rpc(trainer_stack):
         ).models
     ]
     assert red == ["tiny", "secret"]
+
+
+def test_a_name_with_a_trailing_newline_is_refused(trainer_stack):
+    """`$` in the slug pattern also matched before a final newline: "m\\n" made a model
+    directory with a newline in its name."""
+    stack = trainer_stack
+    code, msg = _code(lambda: stack.fork("m\n"))
+    assert code == "INVALID_ARGUMENT" and "is not valid" in msg
+    names = [m.slug for m in stack.models.ListModels(model_pb2.ListModelsRequest()).models]
+    assert names == ["tiny"]
+    assert [p.name for p in stack.trainer.store.models_dir.iterdir()] == ["tiny"]
+
+
+LORA_CASES = {
+    "rank over what samplers serve": ({"rank": 65}, "over the trainer's limit of 64"),
+    # The tiny base's k_proj maps 64 → 32: a rank above 32 adds nothing but parameters.
+    "rank over a projection's width": (
+        {"rank": 48},
+        "min(in_features, out_features) = 32 of k_proj",
+    ),
+    "negative rank": ({"rank": -1}, "must be >= 1"),
+    "NaN alpha": ({"rank": 4, "alpha": float("nan")}, "alpha is nan"),
+    "infinite alpha": ({"rank": 4, "alpha": float("inf")}, "finite number > 0"),
+    "negative alpha": ({"rank": 4, "alpha": -2.0}, "finite number > 0"),
+    "unknown projection": ({"rank": 4, "target_modules": ["q_proj", "qkv"]}, "['qkv']"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LORA_CASES))
+def test_lora_settings_beyond_the_samplers_or_the_model_are_refused(trainer_stack, case):
+    from headway.v1 import common_pb2
+
+    fields, fragment = LORA_CASES[case]
+    stack = trainer_stack
+    request = model_pb2.ForkModelRequest(
+        source="tiny", name="f", lora=common_pb2.LoraConfig(**fields)
+    )
+    code, msg = _code(lambda: stack.models.ForkModel(request))
+    assert code == "INVALID_ARGUMENT" and fragment in msg, msg
+    names = [m.slug for m in stack.models.ListModels(model_pb2.ListModelsRequest()).models]
+    assert names == ["tiny"]
+
+
+def test_lora_defaults_and_repeated_target_modules(trainer_stack):
+    from headway.v1 import common_pb2
+
+    stack = trainer_stack
+    default = stack.models.ForkModel(
+        model_pb2.ForkModelRequest(source="tiny", name="d", lora=common_pb2.LoraConfig())
+    )
+    assert default.lora.rank == 32 and default.lora.alpha == 32
+    repeated = common_pb2.LoraConfig(rank=64 // 4, target_modules=["q_proj"] * 10_000)
+    model = stack.models.ForkModel(
+        model_pb2.ForkModelRequest(source="tiny", name="q", lora=repeated)
+    )
+    assert list(model.lora.target_modules) == ["q_proj"]

@@ -7,8 +7,11 @@ bounded and, the losses being sums, the accumulated gradient is that of the whol
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -195,28 +198,90 @@ def forward_backward(
 
 @dataclass
 class KeptForward:
-    """A custom-loss forward awaiting its backward: the chunks and, if kept, their graphs."""
+    """A custom-loss forward awaiting its backward: the chunks and, if kept, their graphs.
+
+    It also holds what a retried ForwardCustom answers with (`logprobs`, the datums) and
+    the assembled batch the backward reports on; `nbytes` is all of it in memory.
+    """
 
     datums: list[DatumArrays]
     chunks: list[Chunk]
     graphs: list[torch.Tensor] | None  # logprobs with autograd graph, or None: recompute
+    logprobs: list[np.ndarray] = field(default_factory=list)  # per datum, as replied
+    graph_bytes: int = 0  # activations the kept graphs hold (measured, see SavedBytes)
+    batch: Any = None  # the assembled Batch: rewards and group metrics for the backward
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this forward keeps alive: datum arrays, chunk tensors, logprobs, graphs."""
+        return self.input_bytes + self.graph_bytes
+
+    @functools.cached_property
+    def input_bytes(self) -> int:
+        """Bytes of everything but the graphs (computed once: they never change)."""
+        arrays = sum(
+            a.nbytes
+            for d in self.datums
+            for a in (d.input_tokens, d.target_tokens, d.weights, d.sampling_logprobs, d.advantages)
+            if a is not None
+        )
+        tensors = sum(
+            t.nelement() * t.element_size()
+            for c in self.chunks
+            for t in (c.ids, c.targets, c.valid, c.w, c.q, c.a)
+            if t is not None
+        )
+        return arrays + tensors + sum(lp.nbytes for lp in self.logprobs)
+
+    def drop_graphs(self) -> None:
+        """Free the kept graphs: the backward recomputes the forward (same numbers)."""
+        self.graphs, self.graph_bytes = None, 0
+
+
+class SavedBytes:
+    """Counts the bytes autograd saves for backward (the activations a kept graph holds),
+    each storage once, leaving out the module's own parameters and buffers."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        owned = itertools.chain(module.parameters(), module.buffers())
+        self._skip = {t.untyped_storage().data_ptr() for t in owned}
+        self._seen: set[int] = set()
+        self.nbytes = 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self._skip and ptr not in self._seen:
+            self._seen.add(ptr)
+            self.nbytes += storage.nbytes()
+        return t
+
+    def hooks(self) -> Any:
+        """The context in which autograd reports what it saves."""
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
 
 def forward_custom(
     state: ModelState, datums: list[DatumArrays], microbatch_tokens: int, keep_graph_tokens: int
-) -> tuple[list[np.ndarray], KeptForward]:
+) -> KeptForward:
     """Forward the batch; keep the graph when small enough, else plan a recompute."""
     chunks = make_chunks(datums, microbatch_tokens)
     keep = sum(c.ids.numel() for c in chunks) <= keep_graph_tokens
+    saved = SavedBytes(state.module)
     lps, graphs = [], []
     for chunk in chunks:
         # The client may weigh any real position, so all of them carry gradient.
-        with torch.set_grad_enabled(keep):
+        with torch.set_grad_enabled(keep), saved.hooks():
             fwd = chunk_forward(state, chunk, chunk.valid)
         graphs.append(fwd.grad_lp)
         lps.append(fwd.lp)
-    kept = KeptForward(datums, chunks, graphs if keep else None)
-    return _datum_logprobs(chunks, lps, len(datums)), kept
+    return KeptForward(
+        datums,
+        chunks,
+        graphs if keep else None,
+        logprobs=_datum_logprobs(chunks, lps, len(datums)),
+        graph_bytes=saved.nbytes if keep else 0,
+    )
 
 
 def backward_custom(
@@ -240,7 +305,7 @@ def backward_custom(
         lp[chunk.valid] = grad_lp.detach()
         weighted = Chunk(chunk.index, chunk.ids, chunk.targets, chunk.valid, w, chunk.q, chunk.a)
         stats.observe(weighted, lp, None)
-    kept.graphs = None
+    kept.drop_graphs()
     return stats.metrics()
 
 

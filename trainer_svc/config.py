@@ -28,3 +28,32 @@ class TrainerConfig:
     # Idempotency replies remembered per model (OptimStep replies are also on disk).
     request_cache: int = 4096
     dtype: str = "float32"  # training precision of weights and optimizer state
+
+    # ---- Resource bounds: no team can stall or exhaust the trainer (issue 10) ----
+    # Items (datums + trajectories) one training call accepts, and turns over all of its
+    # trajectories: checked on counts before anything is decoded (RESOURCE_EXHAUSTED).
+    max_batch_items: int = 65_536
+    max_batch_turns: int = 65_536
+    # Custom-loss forwards awaiting BackwardCustom: per model (count and bytes) and over
+    # all models (bytes). A forward whose graph does not fit keeps only its inputs (the
+    # backward recomputes); one whose inputs do not fit is refused. Keep
+    # max_pinned_per_team × max_pending_forward_bytes under the total, so that one team
+    # never holds all of it.
+    max_pending_forwards: int = 4
+    max_pending_forward_bytes: int = 512 * 2**20
+    max_total_pending_forward_bytes: int = 4 * 2**30
+    # Idempotency replies kept per model (in bytes; `request_cache` bounds their count)
+    # and over all models, least recently used first (see trainer_svc/replies.py).
+    reply_cache_model_bytes: int = 8 * 2**20
+    reply_cache_bytes: int = 64 * 2**20
+    # Models one team may hold un-applied work on (a gradient, pending forwards), which
+    # pins them in memory; 0 = max(1, max_loaded_models // 2). See trainer_svc/loaded.py.
+    max_pinned_per_team: int = 0
+    # Largest LoRA rank a fork may ask for: the samplers' adapter slots hold ranks up to
+    # their own max_lora_rank (64 by default), so keep the two equal.
+    max_lora_rank: int = 64
+    # Client metrics one BackwardCustom may record, and the length of each key.
+    max_client_metrics: int = 64
+    max_metric_key_chars: int = 128
+    # Length of a request_id (an idempotency key, kept in memory and on disk).
+    max_request_id_chars: int = 256

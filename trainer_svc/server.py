@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
@@ -32,9 +31,7 @@ async def create_server(
     training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(trainer), server)
     await add_health_and_reflection(server, SERVICES)
     port = bind(server, address, "trainer")
-    if redis is not None:
-        await trainer.mirror_heads()
-        trainer.publisher = asyncio.create_task(trainer.retry_publishes())
+    await trainer.heads.start()
     return server, port, trainer
 
 

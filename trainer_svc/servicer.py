@@ -6,10 +6,9 @@ import grpc
 
 from headway.errors import InvalidArgument
 from headway.grpc_util import maps_errors, team_of
-from headway.modeling import LoraConfig
-from headway.tensors import floats
 from headway.v1 import common_pb2, model_pb2, model_pb2_grpc, training_pb2, training_pb2_grpc
 from trainer_svc import convert, losses
+from trainer_svc.adapters import LoraRequest
 from trainer_svc.trainer import Trainer
 
 Ctx = grpc.aio.ServicerContext
@@ -55,9 +54,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         lora = None
         if request.HasField("lora"):
             c = request.lora
-            lora = LoraConfig(
-                c.rank or 32, c.alpha, tuple(c.target_modules) or LoraConfig().target_modules
-            )
+            lora = LoraRequest(c.rank, c.alpha, tuple(c.target_modules))
         if not request.name:
             raise InvalidArgument("name is empty: give the new model a name")
         record = await self.trainer.fork(
@@ -148,13 +145,12 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     ) -> training_pb2.BackwardCustomResponse:
         if not request.forward_id:
             raise InvalidArgument("forward_id is empty: pass ForwardCustomResponse.forward_id")
-        weights = [floats(w, f"weights[{i}]") for i, w in enumerate(request.weights)]
         result = await self.trainer.backward_custom(
             _required(request.model, "model"),
             team_of(context),
             request.forward_id,
-            weights,
-            dict(request.metrics),
+            request.weights,  # checked against the forward, then decoded off the loop
+            request.metrics,  # bounded before anything is copied
             request.request_id,
         )
         return training_pb2.BackwardCustomResponse(

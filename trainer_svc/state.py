@@ -231,3 +231,17 @@ def fresh_adapter_writer(config: Any, lora: LoraConfig, base_model: str, seed: i
         )
 
     return write
+
+
+def full_weights_writer(state: dict[str, torch.Tensor]) -> Any:
+    """A function writing full weights (a merged LoRA model) as a checkpoint's files."""
+    from safetensors.torch import save_file
+
+    from headway.modeling.load import hf_name
+    from headway.store import WEIGHTS_FILE
+
+    def write(directory: Path) -> None:
+        tensors = {hf_name(k): v.contiguous() for k, v in state.items()}
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+
+    return write

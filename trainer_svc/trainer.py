@@ -1,92 +1,61 @@
 """`Trainer`: the domain behind TrainingService and ModelService, with no gRPC in it.
 
-It owns the store, the in-memory training states (LRU, restored from heads), the shared
-frozen weights, and the order of things: requests for one model are serialized by a lock
-(different models proceed independently, their torch work in threads); a training call
-with a request id seen before returns its first result; an OptimStep saves, promotes and
-then publishes, and returns only when the new head is durable.
+It owns the store, the in-memory training states (`LoadedStates`: LRU, restored from
+heads, bounded per team), the shared frozen weights, and the order of things: requests
+for one model are serialized by a lock, and a call re-resolves its model inside that lock
+(a model deleted and re-created meanwhile is another model); different models proceed
+independently, their batch decoding and torch work in threads, never on the event loop.
+A training call with a request id seen before returns its first result (`ReplyCache`);
+an OptimStep saves, promotes and then publishes, and returns only when the new head is
+durable. Every request is bounded before work proportional to its size starts
+(`batches`, `forwards`, `adapters`, the metric and request-id checks below).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import math
 import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from headway.datums import Batch, DatumArrays, assemble_batch, check_vocab
-from headway.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from headway.heads import HeadEvent, mirror_key, publish_head
-from headway.modeling import LoraConfig, ModelConfig, Tokenizer
+from headway.datums import Batch
+from headway.errors import FailedPrecondition, InvalidArgument, NotFound
+from headway.modeling import ModelConfig, Tokenizer
 from headway.modeling.load import empty_model, read_weights
 from headway.store import CheckpointRecord, CheckpointRef, CheckpointStore, ModelRecord, check_slug
 from headway.store.weights import base_config, full_state
 from headway.v1 import common_pb2
-from trainer_svc import compute, losses
+from trainer_svc import adapters, batches, compute, losses
+from trainer_svc.adapters import LoraRequest
 from trainer_svc.config import TrainerConfig
+from trainer_svc.forwards import (
+    ForwardLimits,
+    check_client_metrics,
+    check_weight_sizes,
+    decode_weights,
+)
+from trainer_svc.loaded import LoadedStates
 from trainer_svc.pool import FrozenPool
-from trainer_svc.state import ModelState, checkpoint_writer, fresh_adapter_writer, load_state
+from trainer_svc.publisher import HeadPublisher
+from trainer_svc.replies import ReplyCache
+from trainer_svc.results import AdamArgs, ForwardResult, StepResult, reply_bytes
+from trainer_svc.state import (
+    ModelState,
+    checkpoint_writer,
+    fresh_adapter_writer,
+    full_weights_writer,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass
-class AdamArgs:
-    """AdamParams with defaults applied."""
-
-    learning_rate: float
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
-
-    def check(self) -> None:
-        compute.check_adam(
-            self.learning_rate,
-            self.beta1,
-            self.beta2,
-            self.eps,
-            self.weight_decay,
-            self.grad_clip_norm,
-        )
-
-
-@dataclass
-class ForwardResult:
-    """Result of ForwardBackward (and of ForwardCustom's forward half)."""
-
-    logprobs: list[np.ndarray]
-    metrics: dict[str, float]
-    num_datums: int
-    num_tokens: int
-    datums: list[DatumArrays] = field(default_factory=list)
-    forward_id: str = ""
-
-
-@dataclass
-class StepResult:
-    """Result of OptimStep: the new head."""
-
-    checkpoint: CheckpointRecord
-    sampler_path: str
-    state_path: str
-
-
-@dataclass
-class _Reply:
-    kind: str
-    value: Any
 
 
 class Trainer:
@@ -98,12 +67,28 @@ class Trainer:
         self.redis = redis
         self.dtype = getattr(torch, config.dtype)
         self.pool = FrozenPool(self.store, self.dtype)
-        self._states: OrderedDict[str, ModelState] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._states = LoadedStates(
+            self.store,
+            self.pool,
+            self.dtype,
+            config.max_loaded_models,
+            config.max_pinned_per_team,
+            in_use=lambda slug: self._lock(slug).locked(),
+        )
         self._create_lock = asyncio.Lock()
-        self._replies: dict[str, OrderedDict[str, _Reply]] = {}
-        self._unpublished: dict[str, CheckpointRecord] = {}  # heads Redis has not heard of
-        self.publisher: asyncio.Task[None] | None = None  # the retry_publishes task
+        self._replies = ReplyCache(
+            config.request_cache, config.reply_cache_model_bytes, config.reply_cache_bytes
+        )
+        self._batch_limits = batches.BatchLimits(
+            config.max_batch_items, config.max_batch_turns, config.max_batch_tokens
+        )
+        self._forward_limits = ForwardLimits(
+            config.max_pending_forwards,
+            config.max_pending_forward_bytes,
+            config.max_total_pending_forward_bytes,
+        )
+        self.heads = HeadPublisher(redis, config.redis_prefix, self.store)
 
     # ------------------------------------------------------------ visibility
     def model(self, slug: str, team: str) -> ModelRecord:
@@ -120,6 +105,17 @@ class Trainer:
 
     def _lock(self, slug: str) -> asyncio.Lock:
         return self._locks.setdefault(slug, asyncio.Lock())
+
+    def _still(self, record: ModelRecord, team: str) -> None:
+        """Inside the model's lock: the model a call resolved before queueing is still
+        there, the same model, still visible to the caller. A call must never run on a
+        model deleted and re-created under its name meanwhile (by anyone)."""
+        current = self.model(record.slug, team)  # NotFound if gone or now another team's
+        if (current.created, current.team) != (record.created, record.team):
+            raise NotFound(
+                f"model {record.slug!r} was deleted while this call waited, and a new model "
+                "took its name; send the call again if it is meant for the new model"
+            )
 
     # ----------------------------------------------------------- model admin
     def list_models(self, team: str) -> list[ModelRecord]:
@@ -149,11 +145,31 @@ class Trainer:
         return record
 
     async def fork(
-        self, source: str, name: str, team: str, lora: LoraConfig | None, full: bool
+        self, source: str, name: str, team: str, lora: LoraRequest | None, full: bool
     ) -> ModelRecord:
-        """A new model of `team` starting from `source`'s head (copy-on-write)."""
+        """A new model of `team` starting from `source`'s head (copy-on-write).
+
+        The fork references the source's files, so it holds the source's lock: a
+        concurrent DeleteModel of the source waits, then sees the fork as a dependent, and
+        the head is read where no OptimStep moves it. Bases are never deleted or moved:
+        forks of a base (every team's) do not queue behind each other.
+        """
         check_slug(name)
         src = self.model(source, team)
+        held = contextlib.nullcontext() if src.is_base else self._lock(source)
+        async with held:
+            if not src.is_base:
+                self._still(src, team)
+            return await self._fork(src, name, team, lora, full)
+
+    async def _fork(
+        self, src: ModelRecord, name: str, team: str, ask: LoraRequest | None, full: bool
+    ) -> ModelRecord:
+        source = src.slug
+        lora = None
+        if ask is not None and not full:
+            config = base_config(self.store, source)
+            lora = adapters.lora_config(ask, self.config.max_lora_rank, config)
         src_head = self.store.head_checkpoint(source)
         now = time.time()
         root_id = self.store.new_checkpoint_id(0)
@@ -181,20 +197,24 @@ class Trainer:
                 # A full fork of an adapter model owns the merged weights: there is no file
                 # to reference. Every other full fork references its source's files.
                 merged = await asyncio.to_thread(full_state, self.store, source, src_head.id)
-                writer = _full_weights_writer(merged)
+                writer = full_weights_writer(merged)
             else:
                 root.ref = CheckpointRef(source, src_head.id)
         else:
-            inherit = src.lora is not None and (lora is None or _lora_dict(lora) == src.lora)
+            inherit = src.lora is not None and (
+                lora is None or adapters.lora_dict(lora) == src.lora
+            )
             if inherit:
                 # Continue the source's adapter over the same frozen weights.
                 record.lora, record.frozen = dict(src.lora), src.frozen
                 root.ref = CheckpointRef(source, src_head.id)
             else:
-                lora = lora or LoraConfig()
-                record.lora = _lora_dict(lora)
-                record.frozen = CheckpointRef(source, src_head.id)
                 config = base_config(self.store, source)
+                lora = lora or adapters.lora_config(
+                    LoraRequest(), self.config.max_lora_rank, config
+                )
+                record.lora = adapters.lora_dict(lora)
+                record.frozen = CheckpointRef(source, src_head.id)
                 writer = fresh_adapter_writer(config, lora, src.base, secrets.randbits(62))
         async with self._create_lock:
             await asyncio.to_thread(self.store.create_model, record, root, writer)
@@ -204,25 +224,23 @@ class Trainer:
 
     async def set_head(self, slug: str, ckpt_id: str, team: str) -> CheckpointRecord:
         """Move HEAD (rollback / branch point); the next step continues from there."""
-        self.trainable(slug, team)
+        model = self.trainable(slug, team)
         async with self._lock(slug):
+            self._still(model, team)
             record = self.store.set_head(slug, ckpt_id)
-            self._drop(slug)  # reload weights *and* optimizer state from the new head
+            self._states.drop(slug)  # reload weights *and* optimizer state from the new head
         await self._publish(slug, record)
         return record
 
     async def delete(self, slug: str, team: str) -> None:
         """Delete a fork (refused for bases and for models others fork from)."""
-        self.model(slug, team)
+        model = self.model(slug, team)
         async with self._lock(slug):
+            self._still(model, team)
             self.store.delete_model(slug)
-            self._drop(slug)
-            self._replies.pop(slug, None)
-        if self.redis is not None:
-            try:
-                await self.redis.delete(mirror_key(slug, self.config.redis_prefix))
-            except Exception as e:  # the store is the truth; a stale mirror is harmless
-                log.warning("could not remove head mirror of %s: %s", slug, e)
+            self._states.drop(slug)
+            self._replies.forget(slug)
+        await self.heads.forget(slug)
 
     # -------------------------------------------------------------- training
     async def forward_backward(
@@ -244,7 +262,7 @@ class Trainer:
                 record, items, loss_fn, loss_fn_config, group_size, normalize_std
             )
 
-        return await self._once(slug, request_id, "forward_backward", run)
+        return await self._once(record, team, request_id, "forward_backward", run)
 
     async def _forward_backward(
         self,
@@ -256,13 +274,19 @@ class Trainer:
         normalize_std: bool,
     ) -> ForwardResult:
         loss, cfg = losses.resolve(loss_fn, loss_fn_config)
-        batch = self._batch(record, items, group_size, normalize_std)
-        state = await self._state(record.slug)
-        logprobs, metrics = await asyncio.to_thread(
-            compute.forward_backward, state, batch.datums, loss, cfg, self.config.microbatch_tokens
-        )
-        metrics.update(_batch_metrics(batch))
-        state.acc.add(loss.name, len(batch.datums), _rewards(batch), metrics)
+        with self._states.pinning(record):
+            batch = await self._batch(record, items, group_size, normalize_std)
+            state = await self._states.load(record.slug)
+            logprobs, metrics = await asyncio.to_thread(
+                compute.forward_backward,
+                state,
+                batch.datums,
+                loss,
+                cfg,
+                self.config.microbatch_tokens,
+            )
+            metrics.update(_batch_metrics(batch))
+            state.acc.add(loss.name, len(batch.datums), batch.rewards, metrics)
         return ForwardResult(logprobs, metrics, len(batch.datums), batch.num_tokens)
 
     async def forward_custom(
@@ -274,73 +298,101 @@ class Trainer:
         normalize_std: bool,
         request_id: str,
     ) -> ForwardResult:
-        """Forward half of a custom loss: logprobs and datum tensors, graph kept if it fits."""
+        """Forward half of a custom loss: logprobs and datum tensors, graph kept if it fits
+        (see `ForwardLimits`)."""
         record = self.trainable(slug, team)
 
         async def run() -> ForwardResult:
-            batch = self._batch(record, items, group_size, normalize_std)
-            state = await self._state(slug)
-            logprobs, kept = await asyncio.to_thread(
-                compute.forward_custom,
-                state,
-                batch.datums,
-                self.config.microbatch_tokens,
-                self.config.keep_graph_tokens,
-            )
-            forward_id = f"fwd-{secrets.token_hex(8)}"
-            kept.batch = batch  # type: ignore[attr-defined]
-            state.forwards[forward_id] = kept
+            with self._states.pinning(record):
+                self._forward_room(slug, tokens=0)  # the count first: refused before decoding
+                batch = await self._batch(record, items, group_size, normalize_std)
+                self._forward_room(slug, sum(len(d.input_tokens) for d in batch.datums))
+                state = await self._states.load(slug)
+                kept = await asyncio.to_thread(
+                    compute.forward_custom,
+                    state,
+                    batch.datums,
+                    self.config.microbatch_tokens,
+                    self.config.keep_graph_tokens,
+                )
+                kept.batch = batch
+                self._forward_limits.admit(
+                    slug, kept, state.forwards.values(), self._pending_forward_bytes()
+                )
+                forward_id = f"fwd-{secrets.token_hex(8)}"
+                state.forwards[forward_id] = kept
+            metrics = _batch_metrics(batch)
+            n = len(batch.datums)
             return ForwardResult(
-                logprobs,
-                _batch_metrics(batch),
-                len(batch.datums),
-                batch.num_tokens,
-                batch.datums,
-                forward_id,
+                kept.logprobs, metrics, n, batch.num_tokens, batch.datums, forward_id
             )
 
-        return await self._once(slug, request_id, "forward_custom", run)
+        def keep(result: ForwardResult) -> ForwardResult:
+            return replace(result, logprobs=[], datums=[])  # the forward holds them
+
+        def replay(stored: ForwardResult) -> ForwardResult:
+            state = self._states.get(slug)
+            kept = state.forwards.get(stored.forward_id) if state is not None else None
+            if kept is None:
+                raise FailedPrecondition(
+                    f"request_id {request_id!r}: this ForwardCustom ran once already and its "
+                    f"forward {stored.forward_id!r} was consumed or discarded since "
+                    "(BackwardCustom, optim_step, set_head); run ForwardCustom again with a "
+                    "new request_id"
+                )
+            return replace(stored, logprobs=kept.logprobs, datums=kept.datums)
+
+        return await self._once(record, team, request_id, "forward_custom", run, keep, replay)
+
+    def _forward_room(self, slug: str, tokens: int) -> None:
+        state = self._states.get(slug)
+        pending = state.forwards.values() if state is not None else []
+        self._forward_limits.check_room(slug, pending, self._pending_forward_bytes(), tokens)
+
+    def _pending_forward_bytes(self) -> int:
+        return sum(k.nbytes for s in self._states.values() for k in s.forwards.values())
 
     async def backward_custom(
         self,
         slug: str,
         team: str,
         forward_id: str,
-        weights: list[np.ndarray],
-        client_metrics: dict[str, float],
+        weights: Sequence[common_pb2.Tensor],
+        client_metrics: Mapping[str, float],
         request_id: str,
     ) -> ForwardResult:
         """Backward half: backpropagate −Σ w·logprob through the kept or recomputed forward."""
-        self.trainable(slug, team)
+        record = self.trainable(slug, team)
+        check_client_metrics(
+            client_metrics, self.config.max_client_metrics, self.config.max_metric_key_chars
+        )
 
         async def run() -> ForwardResult:
-            state = await self._state(slug)
-            kept = state.forwards.get(forward_id)
-            if kept is None:
+            state = self._states.get(slug)
+            kept = state.forwards.get(forward_id) if state is not None else None
+            if state is None or kept is None:
                 raise NotFound(
                     f"forward_id {forward_id!r} not found for model {slug!r}: it was consumed, "
                     "or discarded by an optim_step or set_head since; run ForwardCustom again"
                 )
-            _check_weights(weights, kept.datums)
-            for key, value in client_metrics.items():
-                if not math.isfinite(value):
-                    raise InvalidArgument(f"metrics[{key!r}] = {value} is not finite")
-            metrics = await asyncio.to_thread(compute.backward_custom, state, kept, weights)
+            check_weight_sizes(weights, kept.datums)  # before decoding any of them
+            w = await asyncio.to_thread(decode_weights, weights, kept.datums)
+            metrics = await asyncio.to_thread(compute.backward_custom, state, kept, w)
             del state.forwards[forward_id]
             metrics.update(_batch_metrics(kept.batch))
             metrics.update(client_metrics)
-            state.acc.add("custom", len(kept.datums), _rewards(kept.batch), metrics)
-            tokens = int(sum(np.count_nonzero(w) for w in weights))
+            state.acc.add("custom", len(kept.datums), kept.batch.rewards, metrics)
+            tokens = int(sum(np.count_nonzero(x) for x in w))
             return ForwardResult([], metrics, len(kept.datums), tokens)
 
-        return await self._once(slug, request_id, "backward_custom", run)
+        return await self._once(record, team, request_id, "backward_custom", run)
 
     async def optim_step(self, slug: str, team: str, adam: AdamArgs, request_id: str) -> StepResult:
         """AdamW → save → promote HEAD → publish; returns once the head is durable."""
-        self.trainable(slug, team)
+        record = self.trainable(slug, team)
         adam.check()
         return await self._once(
-            slug, request_id, "optim_step", lambda: self._optim_step(slug, adam, request_id)
+            record, team, request_id, "optim_step", lambda: self._optim_step(slug, adam, request_id)
         )
 
     async def step(
@@ -365,11 +417,12 @@ class Trainer:
             )
             return fb, await self._optim_step(slug, adam, request_id)
 
-        return await self._once(slug, request_id, "step", run)
+        return await self._once(record, team, request_id, "step", run)
 
     async def _optim_step(self, slug: str, adam: AdamArgs, request_id: str) -> StepResult:
-        state = await self._state(slug)
-        if not state.acc.has_grad:
+        # A state not in memory holds no gradient (pinned states are never evicted).
+        state = self._states.get(slug)
+        if state is None or not state.acc.has_grad:
             raise FailedPrecondition(
                 "no gradient accumulated since the last optim_step: call forward_backward first"
             )
@@ -389,7 +442,7 @@ class Trainer:
         except BaseException:
             # The optimizer may have stepped in memory: forget the state, so the next use
             # reloads the durable head instead of diverging from it.
-            self._drop(slug)
+            self._states.drop(slug)
             raise
         state.head = record
         state.reset_accumulation()
@@ -416,44 +469,52 @@ class Trainer:
         )
 
     # --------------------------------------------------------------- helpers
-    def _batch(
+    async def _batch(
         self,
         record: ModelRecord,
         items: Sequence[common_pb2.TrainingItem],
         group_size: int,
         normalize_std: bool,
     ) -> Batch:
-        batch = assemble_batch(items, group_size=group_size, normalize_std=normalize_std)
-        check_vocab(batch.datums, int(record.arch["vocab_size"]))
-        context = int(record.arch["max_context"])
-        for j, d in enumerate(batch.datums):
-            if len(d.input_tokens) > context:
-                raise ResourceExhausted(
-                    f"datum {j} ({d.source}) has {len(d.input_tokens)} tokens, over the model's "
-                    f"context of {context}; shorten it"
-                )
-        total = sum(len(d.input_tokens) for d in batch.datums)
-        if total > self.config.max_batch_tokens:
-            raise ResourceExhausted(
-                f"batch of {total} tokens is over the trainer's limit of "
-                f"{self.config.max_batch_tokens}; split it over several calls"
-            )
-        return batch
+        """The call's batch, bounded before decoding, decoded in a worker thread."""
+        return await asyncio.to_thread(
+            batches.assemble,
+            items,
+            limits=self._batch_limits,
+            vocab_size=int(record.arch["vocab_size"]),
+            context=int(record.arch["max_context"]),
+            group_size=group_size,
+            normalize_std=normalize_std,
+        )
 
     async def _once(
-        self, slug: str, request_id: str, kind: str, run: Callable[[], Awaitable[T]]
+        self,
+        record: ModelRecord,
+        team: str,
+        request_id: str,
+        kind: str,
+        run: Callable[[], Awaitable[T]],
+        keep: Callable[[T], Any] | None = None,
+        replay: Callable[[Any], T] | None = None,
     ) -> T:
-        """Run `run` under the model's lock, at most once per request id."""
+        """Run `run` under the model's lock, at most once per request id (see replies.py).
+
+        `keep` turns the result into what the reply cache stores, `replay` a stored value
+        back into the reply (default: the result itself).
+        """
+        limit = self.config.max_request_id_chars
+        if len(request_id) > limit:
+            raise InvalidArgument(
+                f"request_id has {len(request_id)} characters, over the limit of {limit}; "
+                "a UUID is a good request_id"
+            )
+        slug = record.slug
         async with self._lock(slug):
-            replies = self._replies.setdefault(slug, OrderedDict())
-            if request_id and request_id in replies:
-                reply = replies[request_id]
-                if reply.kind != kind:
-                    raise InvalidArgument(
-                        f"request_id {request_id!r} was already used by a {reply.kind} call; "
-                        "use a fresh id for each call"
-                    )
-                return reply.value
+            self._still(record, team)
+            reply = self._replies.get(slug, request_id) if request_id else None
+            if reply is not None:
+                stored = reply.value_for(kind, request_id)
+                return replay(stored) if replay is not None else stored
             if request_id and kind in ("optim_step", "step"):
                 done = self.store.find_request(slug, request_id)  # survives restarts
                 if done is not None:
@@ -473,9 +534,8 @@ class Trainer:
                     return (fb, result)  # type: ignore[return-value]
             value = await run()
             if request_id:
-                replies[request_id] = _Reply(kind, value)
-                while len(replies) > self.config.request_cache:
-                    replies.popitem(last=False)
+                stored = keep(value) if keep is not None else value
+                self._replies.put(slug, request_id, kind, stored, reply_bytes(stored))
             return value
 
     async def _finish_promotion(self, slug: str, record: CheckpointRecord) -> None:
@@ -488,77 +548,20 @@ class Trainer:
         """
         if self.store.head(slug) == record.parent_id:
             self.store.set_head(slug, record.id)
-            self._drop(slug)  # reload from the promoted head
+            self._states.drop(slug)  # reload from the promoted head
             await self._publish(slug, record)
 
     async def close(self) -> None:
         """Stop background publishing and close the Redis client."""
-        if self.publisher is not None:
-            self.publisher.cancel()
-            await asyncio.gather(self.publisher, return_exceptions=True)
-        if self.redis is not None:
-            await self.redis.aclose()
-
-    async def mirror_heads(self) -> None:
-        """Mirror every model's head in Redis (at start: a crash may have left it stale)."""
-        for model in self.store.list_models():
-            await self._publish(model.slug, self.store.head_checkpoint(model.slug))
-
-    async def retry_publishes(self, interval: float = 1.0) -> None:
-        """Forever: re-publish heads whose publish failed (Redis was down)."""
-        while True:
-            await asyncio.sleep(interval)
-            for slug in list(self._unpublished):
-                record = self._unpublished.pop(slug)
-                try:
-                    if self.store.head(slug) == record.id:
-                        await self._publish(slug, record)
-                except NotFound:  # deleted meanwhile
-                    pass
-
-    async def _state(self, slug: str) -> ModelState:
-        """The model's training state, loaded from its head if not in memory."""
-        if slug in self._states:
-            self._states.move_to_end(slug)
-            return self._states[slug]
-        state = await asyncio.to_thread(load_state, self.store, self.pool, slug, self.dtype)
-        self._states[slug] = state
-        self._evict()
-        return state
-
-    def _evict(self) -> None:
-        """Drop least recently used idle states beyond capacity (restored from heads later)."""
-        excess = len(self._states) - self.config.max_loaded_models
-        for slug in list(self._states):
-            if excess <= 0:
-                break
-            state = self._states[slug]
-            if not state.busy and not self._lock(slug).locked():
-                self._drop(slug)
-                excess -= 1
-
-    def _drop(self, slug: str) -> None:
-        state = self._states.pop(slug, None)
-        if state is not None and state.frozen_ref is not None:
-            self.pool.release(state.frozen_ref)
+        await self.heads.close()
 
     @property
     def loaded(self) -> list[str]:
         """Slugs whose training state is in memory, least recently used first."""
-        return list(self._states)
+        return self._states.loaded
 
     async def _publish(self, slug: str, record: CheckpointRecord) -> None:
-        if self.redis is None:
-            return
-        event = HeadEvent(model=slug, checkpoint=record.id, step=record.step)
-        try:
-            await publish_head(self.redis, event, self.config.redis_prefix)
-            self._unpublished.pop(slug, None)
-        except Exception as e:
-            self._unpublished[slug] = record  # retried by retry_publishes
-            # The head is already durable; samplers reconcile from the store and the
-            # mirror on reconnect, and the gateway pins requests to the store's head.
-            log.warning("head of %s moved to %s but Redis publish failed: %s", slug, record.id, e)
+        await self.heads.publish(slug, record)
 
 
 def _validate_base(directory: Path) -> dict[str, Any]:
@@ -581,40 +584,5 @@ def _validate_base(directory: Path) -> dict[str, Any]:
     }
 
 
-def _lora_dict(lora: LoraConfig) -> dict[str, Any]:
-    return {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules)}
-
-
-def _full_weights_writer(state: dict[str, torch.Tensor]) -> Callable[[Path], None]:
-    from safetensors.torch import save_file
-
-    from headway.modeling.load import hf_name
-    from headway.store import WEIGHTS_FILE
-
-    def write(directory: Path) -> None:
-        tensors = {hf_name(k): v.contiguous() for k, v in state.items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-
-    return write
-
-
 def _batch_metrics(batch: Batch) -> dict[str, float]:
     return {"reward/mean": batch.reward_mean, "groups/no_signal": float(batch.no_signal_groups)}
-
-
-def _rewards(batch: Batch) -> list[float]:
-    return batch.rewards
-
-
-def _check_weights(weights: list[np.ndarray], datums: list[DatumArrays]) -> None:
-    if len(weights) != len(datums):
-        raise InvalidArgument(
-            f"weights has {len(weights)} tensors but the forward had {len(datums)} datums; "
-            "send one per datum, in order"
-        )
-    for i, (w, d) in enumerate(zip(weights, datums, strict=True)):
-        if len(w) != len(d.input_tokens):
-            raise InvalidArgument(
-                f"weights[{i}] has {len(w)} values but datum {i} has "
-                f"{len(d.input_tokens)} positions"
-            )

@@ -30,7 +30,8 @@ from headway.errors import AlreadyExists, FailedPrecondition, InvalidArgument, N
 from headway.store import atomic
 from headway.store.records import CheckpointRecord, CheckpointRef, ModelRecord
 
-SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Matched whole (`fullmatch`): `$` would also accept a trailing newline ("tiny\n").
+SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ADAPTER_FILE = "adapter_model.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -40,7 +41,7 @@ _DELETED_PREFIX = ".deleted-"
 
 def check_slug(name: str) -> str:
     """`name` if it is a valid model slug, else InvalidArgument saying the rule."""
-    if not SLUG_RE.match(name or ""):
+    if not SLUG_RE.fullmatch(name or ""):
         raise InvalidArgument(
             f"model name {name!r} is not valid: use 1-64 characters from [A-Za-z0-9._-], "
             "starting with a letter or digit"
@@ -85,7 +86,9 @@ class CheckpointStore:
         return self.models_dir / slug
 
     def has_model(self, slug: str) -> bool:
-        return bool(SLUG_RE.match(slug or "")) and (self.model_dir(slug) / "model.json").is_file()
+        return (
+            bool(SLUG_RE.fullmatch(slug or "")) and (self.model_dir(slug) / "model.json").is_file()
+        )
 
     def get_model(self, slug: str) -> ModelRecord:
         """The record of `slug`, or NotFound."""

@@ -1,0 +1,68 @@
+"""What the trainer's calls return (before the servicers turn it into replies), and the
+size of a reply kept for retries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from headway.datums import DatumArrays
+from headway.store import CheckpointRecord
+from trainer_svc import compute
+
+
+@dataclass
+class AdamArgs:
+    """AdamParams with defaults applied."""
+
+    learning_rate: float
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+    def check(self) -> None:
+        compute.check_adam(
+            self.learning_rate,
+            self.beta1,
+            self.beta2,
+            self.eps,
+            self.weight_decay,
+            self.grad_clip_norm,
+        )
+
+
+@dataclass
+class ForwardResult:
+    """Result of ForwardBackward (and of ForwardCustom's forward half)."""
+
+    logprobs: list[np.ndarray]
+    metrics: dict[str, float]
+    num_datums: int
+    num_tokens: int
+    datums: list[DatumArrays] = field(default_factory=list)
+    forward_id: str = ""
+
+
+@dataclass
+class StepResult:
+    """Result of OptimStep: the new head."""
+
+    checkpoint: CheckpointRecord
+    sampler_path: str
+    state_path: str
+
+
+def reply_bytes(value: Any) -> int:
+    """Payload bytes of a stored reply: its arrays, and a bound for metrics and records."""
+    if isinstance(value, tuple):
+        return sum(reply_bytes(v) for v in value)
+    if isinstance(value, ForwardResult):
+        return sum(lp.nbytes for lp in value.logprobs) + 96 * len(value.metrics)
+    if isinstance(value, StepResult):
+        stats = value.checkpoint.stats or {}
+        return 1024 + 96 * len(stats.get("metrics", {}))
+    return 1024
