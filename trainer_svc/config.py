@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from headway.heads import DEFAULT_PREFIX
@@ -28,3 +28,10 @@ class TrainerConfig:
     # Idempotency replies remembered per model (OptimStep replies are also on disk).
     request_cache: int = 4096
     dtype: str = "float32"  # training precision of weights and optimizer state
+    # Directories under which admins may register bases (AddBase), symlinks resolved.
+    # None configured: only local mode (auth off: the local caller) may register a
+    # directory, anywhere; with auth on, AddBase is refused until roots are set.
+    base_roots: list[Path] = field(default_factory=list)
+    # The secret gateways send (see headway.internal_auth); "" = none: the trainer listens
+    # on loopback only and believes the team any local caller claims.
+    internal_token: str = field(default="", repr=False)
