@@ -13,7 +13,7 @@ import asyncio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from headway.internal_auth import TOKEN_HEADER, UnsafeConfig
+from headway.internal_auth import TOKEN_HEADER, UnsafeConfig, load_token
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, model_pb2, sampling_pb2
 from tests.helpers_auth import code_of
@@ -97,3 +97,21 @@ def test_backends_without_a_token_refuse_a_non_loopback_address(tmp_path):
         with pytest.raises(UnsafeConfig) as err:
             asyncio.run(start())
         assert "--internal-token-file" in str(err.value) and "0.0.0.0:0" in str(err.value)
+
+
+def test_the_internal_token_comes_from_a_file_and_must_be_long(tmp_path, monkeypatch):
+    monkeypatch.delenv("HEADWAY_INTERNAL_TOKEN_FILE", raising=False)
+    monkeypatch.delenv("HEADWAY_INTERNAL_TOKEN", raising=False)
+    assert load_token() == ""  # none configured: loopback only
+    good = tmp_path / "token"
+    good.write_text("s3cret-token-of-some-length\n")
+    assert load_token(str(good)) == "s3cret-token-of-some-length"
+    short = tmp_path / "short"
+    short.write_text("abc\n")
+    with pytest.raises(UnsafeConfig, match="3 characters"):
+        load_token(str(short))
+    with pytest.raises(UnsafeConfig, match="cannot read"):
+        load_token(str(tmp_path / "missing"))
+    monkeypatch.setenv("HEADWAY_INTERNAL_TOKEN", "tiny")
+    with pytest.raises(UnsafeConfig, match="HEADWAY_INTERNAL_TOKEN"):
+        load_token()
