@@ -9,7 +9,8 @@ from pathlib import Path
 
 from gateway.config import GatewayConfig
 from gateway.server import serve
-from headway.service_flags import add_common_flags, setup_process
+from headway.internal_auth import UnsafeConfig, load_token
+from headway.service_flags import add_common_flags, on_off, setup_process
 
 
 def main() -> None:
@@ -28,9 +29,24 @@ def main() -> None:
     p.add_argument("--trainer", default=env("HEADWAY_TRAINER", "127.0.0.1:50052"))
     p.add_argument(
         "--auth",
-        choices=("on", "off"),
+        type=on_off,  # applied to the environment's value too (argparse converts defaults)
         default=env("HEADWAY_AUTH", "off"),
-        help="on: every call needs an API key (headway keys create)",
+        metavar="on|off",
+        help="on: every call needs an API key (headway keys create); off: local mode, "
+        "every caller is the local admin (HEADWAY_AUTH)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=env("HEADWAY_INSECURE", "") == "1",
+        help="allow auth off on a non-loopback address (HEADWAY_INSECURE=1): every machine "
+        "that reaches the gateway is trusted",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        default=env("HEADWAY_ALLOWED_HOSTS", ""),
+        help="comma-separated Host names the HTTP API answers besides localhost and the listen "
+        "host, when auth is off ('*' = any; HEADWAY_ALLOWED_HOSTS)",
     )
     p.add_argument(
         "--trace-retention-hours",
@@ -40,16 +56,22 @@ def main() -> None:
     add_common_flags(p)
     args = p.parse_args()
     setup_process(args)
-    config = GatewayConfig(
-        store=Path(args.store),
-        trainer=args.trainer,
-        redis_url=args.redis,
-        redis_prefix=args.redis_prefix,
-        auth=args.auth == "on",
-        http_listen=args.http,
-        trace_retention_seconds=args.trace_retention_hours * 3600,
-    )
-    asyncio.run(serve(config, args.listen))
+    try:
+        config = GatewayConfig(
+            store=Path(args.store),
+            trainer=args.trainer,
+            redis_url=args.redis,
+            redis_prefix=args.redis_prefix,
+            auth=args.auth,
+            insecure=args.insecure,
+            allowed_hosts=[h.strip() for h in args.allowed_hosts.split(",") if h.strip()],
+            http_listen=args.http,
+            trace_retention_seconds=args.trace_retention_hours * 3600,
+            internal_token=load_token(args.internal_token_file),
+        )
+        asyncio.run(serve(config, args.listen))
+    except UnsafeConfig as e:
+        p.error(str(e))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """`Gateway`: what every front door (gRPC, HTTP) of a gateway shares.
 
-Authentication (key → team), the read-your-writes pin (a Sample with no checkpoint is
-pinned to the head the store holds now: OptimStep replies only once that head is durable,
-so a Sample that starts after it can only see it or a newer one), replica routing with
-failover, trace resolution for training inputs, and the trainer channel. No torch here.
+Authentication (key → team and role, sent to backends with the internal token), the
+read-your-writes pin (a Sample with no checkpoint is pinned to the head the store holds
+now: OptimStep replies only once that head is durable, so a Sample that starts after it
+can only see it or a newer one), replica routing with failover, trace resolution for
+training inputs, and the trainer channel. No torch here.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from gateway.replies import ReplyCache
 from gateway.routing import NoReplica, Router
 from gateway.traces import TraceStore
 from headway.errors import InvalidArgument, Unavailable, pushback_ms
-from headway.grpc_util import CHANNEL_OPTIONS, TEAM_HEADER
+from headway.grpc_util import CHANNEL_OPTIONS
+from headway.internal_auth import LOCAL, Caller, backend_metadata
 from headway.keys import KeyRing
 from headway.store import CheckpointStore, ModelRecord
 from headway.v1 import common_pb2, sampling_pb2
@@ -51,12 +53,21 @@ class Gateway:
         await self.trainer.close()
 
     # ------------------------------------------------------------------ auth
+    def caller(self, metadata: Metadata | None) -> Caller:
+        """The caller (team, admin) from `authorization: Bearer <key>`; in local mode
+        the local team, an admin."""
+        if not self.config.auth:
+            return LOCAL
+        value = next((v for k, v in metadata or () if k == "authorization"), None)
+        return self.keys.caller(value)
+
     def team(self, metadata: Metadata | None) -> str:
         """The caller's team from `authorization: Bearer <key>` ("" in local mode)."""
-        if not self.config.auth:
-            return ""
-        value = next((v for k, v in metadata or () if k == "authorization"), None)
-        return self.keys.team(value)
+        return self.caller(metadata).team
+
+    def backend_md(self, caller: Caller) -> list[tuple[str, str]]:
+        """Metadata for a trainer or sampler call made for `caller` (with the token)."""
+        return backend_metadata(caller, self.config.internal_token)
 
     def model(self, slug: str, team: str) -> ModelRecord:
         """A model the team may see; NotFound otherwise (never "forbidden")."""
@@ -150,7 +161,7 @@ class Gateway:
     ) -> sampling_pb2.SampleResponse:
         """Pin, route and send a Sample; a replica failing before answering is replaced."""
         request.checkpoint = self.pin(request.model, request.checkpoint, team)
-        md = [(TEAM_HEADER, team)]
+        md = self.backend_md(Caller(team))  # samplers need only the team
         return await self._failover(
             request.model,
             request.checkpoint,
@@ -170,7 +181,7 @@ class Gateway:
             started = False
             try:
                 call = self.router.stub(address).SampleStream(
-                    request, metadata=[(TEAM_HEADER, team)], timeout=timeout
+                    request, metadata=self.backend_md(Caller(team)), timeout=timeout
                 )
                 try:
                     async for chunk in call:
@@ -192,7 +203,7 @@ class Gateway:
         self, request: sampling_pb2.ComputeLogprobsRequest, team: str, timeout: float | None
     ) -> sampling_pb2.ComputeLogprobsResponse:
         request.checkpoint = self.pin(request.model, request.checkpoint, team)
-        md = [(TEAM_HEADER, team)]
+        md = self.backend_md(Caller(team))
         return await self._failover(
             request.model,
             request.checkpoint,

@@ -1,8 +1,9 @@
 """The gateway's gRPC face: every service of the contract on one port.
 
 ModelService and TrainingService calls are relayed to the trainer as raw bytes (nothing is
-decoded and re-encoded), with the caller's team attached; training requests that name
-traces are the exception: their trace ids are resolved into trajectories here first.
+decoded and re-encoded), with the caller's team and role and the internal token attached;
+training requests that name traces are the exception: their trace ids are resolved into
+trajectories here first.
 SamplingService calls are pinned, routed to a sampler replica and failed over.
 TraceService is served here, from Redis.
 """
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from gateway.core import Gateway
-from headway.grpc_util import MAPPED_ERRORS, TEAM_HEADER, abort_for, maps_errors
+from headway.grpc_util import MAPPED_ERRORS, abort_for, maps_errors
 from headway.v1 import model_pb2, sampling_pb2, sampling_pb2_grpc, training_pb2
 
 Ctx = grpc.aio.ServicerContext
@@ -33,14 +34,14 @@ def _relay(gateway: Gateway, service: str, method: str) -> grpc.RpcMethodHandler
 
     async def handler(request: bytes, context: Ctx) -> bytes:
         try:
-            team = gateway.team(context.invocation_metadata())
+            caller = gateway.caller(context.invocation_metadata())
             if parse is not None:
                 message = parse.FromString(request)
-                if await gateway.resolve_traces(message.data, team):
+                if await gateway.resolve_traces(message.data, caller.team):
                     request = message.SerializeToString()
             await gateway.trainer_ready(context.time_remaining())
             return await gateway.raw(path)(
-                request, metadata=[(TEAM_HEADER, team)], timeout=context.time_remaining()
+                request, metadata=gateway.backend_md(caller), timeout=context.time_remaining()
             )
         except MAPPED_ERRORS as e:
             await abort_for(context, e)

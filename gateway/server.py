@@ -15,6 +15,7 @@ from gateway.grpc_services import GatewaySampling, relay_handlers
 from gateway.health import HealthMonitor
 from gateway.trace_service import TraceServicer
 from headway.grpc_util import SERVER_OPTIONS, add_health_and_reflection, bind, until_signalled
+from headway.internal_auth import UnsafeConfig, is_loopback
 from headway.v1 import (
     model_pb2,
     sampling_pb2,
@@ -62,7 +63,12 @@ class GatewayProcess:
 async def create_gateway(
     config: GatewayConfig, address: str = "127.0.0.1:0"
 ) -> tuple[grpc.aio.Server, int, GatewayProcess]:
-    """A bound gRPC server (not started) and, if configured, the HTTP API (started)."""
+    """A bound gRPC server (not started) and, if configured, the HTTP API (started).
+
+    UnsafeConfig, before anything starts, for auth off on a non-loopback address without
+    `config.insecure`.
+    """
+    check_exposure(config, address)
     # A blocking pool: a burst of requests (every recorded turn, idempotency key and trace
     # read takes a connection) waits for a free connection instead of failing at redis-py's
     # default limit of 100 with "Too many connections".
@@ -96,18 +102,56 @@ async def create_gateway(
     if config.auth:
         log.info("gateway: auth ON (API keys required)")
     else:
-        log.warning("gateway: auth OFF (local mode): every caller is the local team, no key needed")
+        log.warning(
+            "gateway: auth OFF (local mode): every caller is the local team and an admin, "
+            "no key needed"
+        )
+        if gateway.keys.has_keys():
+            log.warning(
+                "gateway: %s holds API keys but auth is OFF: they are ignored and every caller "
+                "is trusted; start with --auth on to require them",
+                gateway.keys.path,
+            )
     return server, port, process
+
+
+def check_exposure(config: GatewayConfig, address: str) -> None:
+    """UnsafeConfig if auth is off and the gRPC or HTTP address is reachable from other
+    machines, unless `config.insecure` says the network is trusted: in local mode every
+    caller acts as the local admin."""
+    if config.auth or config.insecure:
+        return
+    # The HTTP API binds 127.0.0.1 when its address has no host (see _start_http).
+    http_host = config.http_listen.rpartition(":")[0] or "127.0.0.1"
+    for what, listen, host in (
+        ("gRPC", address, address.rpartition(":")[0]),
+        ("HTTP", config.http_listen, http_host),
+    ):
+        if listen and not is_loopback(host):
+            raise UnsafeConfig(
+                f"auth is off and the gateway's {what} address {listen} is not a loopback "
+                "address: anyone who reaches it would act as the local admin. Turn auth on "
+                "(--auth on, keys from `headway keys create`), listen on 127.0.0.1, or pass "
+                "--insecure if every machine that can reach it is trusted"
+            )
 
 
 async def _start_http(process: GatewayProcess, listen: str) -> None:
     import uvicorn
 
     from gateway.http import create_app
+    from gateway.http_guard import HttpGuard
 
     host, _, port = listen.rpartition(":")
-    config = uvicorn.Config(
+    gateway_config = process.gateway.config
+    app = HttpGuard(
         create_app(process.gateway),
+        check_host=not gateway_config.auth,
+        listen_host=host,
+        allowed_hosts=gateway_config.allowed_hosts,
+    )
+    config = uvicorn.Config(
+        app,
         host=host or "127.0.0.1",
         port=int(port),
         log_level="warning",

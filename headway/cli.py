@@ -1,6 +1,7 @@
 """The `headway` command line.
 
-- `headway keys create --team T`: a new API key for a team (printed once, stored hashed).
+- `headway keys create --team T [--admin]`: a new API key for a team (printed once, stored
+  hashed); `headway keys list`, `headway keys revoke <id>`.
 - `headway serve`: the trainer, sampler replicas and gateway on this machine.
 - `headway models ...`: list, fork, checkpoint trees, heads, export (see `cli_models`).
 
@@ -27,7 +28,7 @@ def _keys_create(args: argparse.Namespace) -> int:
     from headway.keys import create_key
 
     try:
-        key = create_key(args.store, args.team)
+        key = create_key(args.store, args.team, admin=args.admin)
     except HeadwayError as e:
         print(f"headway keys create: {e.message}", file=sys.stderr)
         return 2
@@ -38,10 +39,57 @@ def _keys_create(args: argparse.Namespace) -> int:
         return 1
     # stdout holds only the key, so `KEY=$(headway keys create --team t)` just works.
     print(key)
+    role = "admin key" if args.admin else "API key"
     print(
-        f"API key for team {args.team!r} (shown once: only its hash is kept in {args.store})",
+        f"{role} for team {args.team!r} (shown once: only its hash is kept in {args.store})",
         file=sys.stderr,
     )
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    import time
+
+    from headway.keys import list_keys
+
+    try:
+        entries = list_keys(args.store)
+    except (OSError, ValueError) as e:
+        print(f"headway keys list: cannot read the keys file in {args.store}: {e}", file=sys.stderr)
+        return 1
+    rows = [
+        [
+            e.id,
+            e.team,
+            "yes" if e.admin else "no",
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.created)),
+        ]
+        for e in entries
+    ]
+    header = ["ID", "TEAM", "ADMIN", "CREATED"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from headway.errors import HeadwayError
+    from headway.keys import revoke_key
+
+    try:
+        entry = revoke_key(args.store, args.id)
+    except HeadwayError as e:
+        print(f"headway keys revoke: {e.message}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(
+            f"headway keys revoke: cannot update the keys file in {args.store}: {e}",
+            file=sys.stderr,
+        )
+        return 1
+    role = "admin key" if entry.admin else "key"
+    print(f"revoked {role} {entry.id} of team {entry.team!r}", file=sys.stderr)
     return 0
 
 
@@ -79,6 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
         sampler_port_base=args.sampler_port_base,
         start_timeout=args.start_timeout,
         threads=args.threads,
+        base_roots=args.base_root or [],
     )
     return run(config)
 
@@ -102,8 +151,28 @@ def build_parser() -> argparse.ArgumentParser:
         "the store keeps only its SHA-256.",
     )
     create.add_argument("--team", required=True, help="the team the key acts as")
+    create.add_argument(
+        "--admin",
+        action="store_true",
+        help="an admin key: may also register bases (server directories) with add-base",
+    )
     create.add_argument("--store", default=_default_store(), help=store_help)
     create.set_defaults(func=_keys_create)
+    listing = keys_commands.add_parser(
+        "list",
+        help="list the keys: id, team, role, creation time",
+        description="List the keys of the store by id (never the keys themselves).",
+    )
+    listing.add_argument("--store", default=_default_store(), help=store_help)
+    listing.set_defaults(func=_keys_list)
+    revoke = keys_commands.add_parser(
+        "revoke",
+        help="revoke a key by its id",
+        description="Remove a key: gateways refuse it from their next request on.",
+    )
+    revoke.add_argument("id", help="the key's id (the ID column of `headway keys list`)")
+    revoke.add_argument("--store", default=_default_store(), help=store_help)
+    revoke.set_defaults(func=_keys_revoke)
     keys.set_defaults(func=lambda _args: _usage(keys))
 
     serve = commands.add_parser(
@@ -139,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("on", "off"),
         default="off",
         help="on: every call needs an API key (headway keys create); off: local mode",
+    )
+    serve.add_argument(
+        "--base-root",
+        action="append",
+        help="a directory under which admin keys may register bases; repeatable (default "
+        "$HEADWAY_BASE_ROOTS; none: only local mode, auth off, registers bases, anywhere)",
     )
     serve.add_argument("--trainer-listen", default="127.0.0.1:50052", help="the trainer's address")
     serve.add_argument(

@@ -334,7 +334,12 @@ def add_commands(commands: Any, default_store: str) -> None:
     p = command("head", _head, "the head checkpoint and its stats; --set moves it")
     p.add_argument("model")
     p.add_argument("--set", metavar="CHECKPOINT", default="", help="roll back / branch here")
-    p = command("add-base", _add_base, "register a local Hugging Face directory as a base")
+    p = command(
+        "add-base",
+        _add_base,
+        "register a Hugging Face directory of the servers as a base (admin keys, under the "
+        "trainer's --base-root; any directory in local mode)",
+    )
     p.add_argument("path")
     p.add_argument("--name", default="")
     p = command("delete", _delete, "delete one of your models")

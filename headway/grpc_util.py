@@ -1,4 +1,4 @@
-"""gRPC plumbing every server shares: message limits, error mapping, the caller's team.
+"""gRPC plumbing every server shares: message limits, error mapping, the caller.
 
 Servicer methods stay thin: they call domain code and let `maps_errors` turn a
 `HeadwayError` (or a model-format `ValueError`) into the status it names, with its message.
@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import grpc
 
 from headway.errors import PUSHBACK_KEY, HeadwayError, Overloaded, pushback_ms
+from headway.internal_auth import Caller, caller_of
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +32,19 @@ CHANNEL_OPTIONS = [
 # Servers refuse a port another process holds (gRPC's default, SO_REUSEPORT, would let two
 # trainers on one port silently split the traffic).
 SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
-# Set by the gateway after it authenticated the caller's key; services behind it trust it.
-TEAM_HEADER = "x-headway-team"
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
+def caller(context: grpc.aio.ServicerContext) -> Caller:
+    """Who a backend's request acts for (team, admin), as the gateway said: backends check
+    the gateway's internal token before any servicer runs (`internal_auth.TokenCheck`)."""
+    return caller_of(context.invocation_metadata())
+
+
 def team_of(context: grpc.aio.ServicerContext) -> str:
     """The caller's team ("" in local mode, where auth is off)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == TEAM_HEADER:
-            return value
-    return ""
+    return caller(context).team
 
 
 def pushback_of(error: BaseException) -> tuple[tuple[str, str], ...]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
@@ -62,6 +63,9 @@ class ServeConfig:
     start_timeout: float = 120.0  # seconds for every service to report SERVING
     threads: int = 0  # torch threads per trainer/sampler process; 0 = cores / (1 + samplers)
     stop_timeout: float = 10.0  # seconds between SIGTERM and SIGKILL
+    # Directories under which admin keys may register bases (the trainer's --base-root);
+    # [] = $HEADWAY_BASE_ROOTS if set, else none (only local mode registers bases).
+    base_roots: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -264,6 +268,10 @@ class LocalStack:
         self._stop = False
         self._force = False  # a second stop request: kill without waiting
         self._stopped = False
+        # The secret the gateway sends the trainer and samplers, which then believe its
+        # team metadata only (see headway.internal_auth): fresh for each serve unless the
+        # environment sets one, and handed to the children in their environment.
+        self.internal_token = os.environ.get("HEADWAY_INTERNAL_TOKEN") or secrets.token_urlsafe(32)
 
     # --------------------------------------------------------------- output
     def say(self, line: str) -> None:
@@ -389,12 +397,19 @@ class LocalStack:
                     # In the environment, not argv: `ps` shows argv, and the URL may hold
                     # a password. Every service reads it as its --redis default.
                     "HEADWAY_REDIS_URL": self.redis_url,
+                    # A secret: in the environment for the same reason.
+                    "HEADWAY_INTERNAL_TOKEN": self.internal_token,
+                    **self._base_roots_env(),
                     "PYTHONUNBUFFERED": "1",  # logs appear as they happen
                 },
                 start_new_session=True,
                 # Safe here: no thread exists yet (gRPC channels are made after spawning).
                 preexec_fn=preexec,
             )
+
+    def _base_roots_env(self) -> dict[str, str]:
+        roots = [str(Path(r).expanduser().resolve()) for r in self.config.base_roots]
+        return {"HEADWAY_BASE_ROOTS": ":".join(roots)} if roots else {}
 
     def _check_redis(self, url: str) -> None:
         import redis

@@ -1,9 +1,9 @@
 """The command-line flags every service shares, and the process setup they imply.
 
 `python -m trainer_svc`, `python -m sampler_svc` and `python -m gateway` all take the
-store, the Redis URL and key prefix and a log level, each with its `HEADWAY_*` environment
-twin; the torch services also take `--threads`. One definition, so a flag means the same
-everywhere and `headway serve` can pass the same arguments to each.
+store, the Redis URL and key prefix, the internal token file and a log level, each with its
+`HEADWAY_*` environment twin; the torch services also take `--threads`. One definition, so
+a flag means the same everywhere and `headway serve` can pass the same arguments to each.
 """
 
 from __future__ import annotations
@@ -13,10 +13,25 @@ import logging
 import os
 
 from headway.heads import DEFAULT_PREFIX
+from headway.internal_auth import TOKEN_ENV, TOKEN_FILE_ENV
+
+
+def on_off(value: str) -> bool:
+    """An on/off setting (a flag's value or its environment twin): exactly "on" or "off".
+
+    Nothing else is guessed at: a security switch that read "true" as off would turn
+    protection off with a typo.
+    """
+    if value not in ("on", "off"):
+        raise argparse.ArgumentTypeError(
+            f"must be 'on' or 'off' (as a flag or in its HEADWAY_* variable), not {value!r}"
+        )
+    return value == "on"
 
 
 def add_common_flags(parser: argparse.ArgumentParser, *, torch_threads: bool = False) -> None:
-    """Add --store, --redis, --redis-prefix, --log-level (and --threads for torch services)."""
+    """Add --store, --redis, --redis-prefix, --internal-token-file, --log-level (and
+    --threads for torch services)."""
     env = os.environ.get
     parser.add_argument(
         "--store",
@@ -32,6 +47,13 @@ def add_common_flags(parser: argparse.ArgumentParser, *, torch_threads: bool = F
         "--redis-prefix",
         default=env("HEADWAY_REDIS_PREFIX", DEFAULT_PREFIX),
         help="prefix of every Redis key (HEADWAY_REDIS_PREFIX)",
+    )
+    parser.add_argument(
+        "--internal-token-file",
+        default=env(TOKEN_FILE_ENV, ""),
+        help=f"file holding the secret gateways send backends, which trust team metadata only "
+        f"with it ({TOKEN_FILE_ENV}; else the token itself in ${TOKEN_ENV}; none: backends "
+        "listen on loopback only and trust every local caller)",
     )
     if torch_threads:
         parser.add_argument(

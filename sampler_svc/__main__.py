@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from headway.internal_auth import UnsafeConfig, load_token
 from headway.service_flags import add_common_flags, setup_process
 from sampler_svc.config import SamplerConfig
 from sampler_svc.server import serve
@@ -56,20 +57,25 @@ def main() -> None:
     add_common_flags(p, torch_threads=True)
     args = p.parse_args()
     setup_process(args)
-    config = SamplerConfig(
-        store=Path(args.store),
-        redis_url=args.redis,
-        redis_prefix=args.redis_prefix,
-        replica_id=args.replica_id,
-        advertise=args.advertise,
-        bases=[b for b in args.bases.split(",") if b],
-        max_batch=args.max_batch,
-        max_seq_len=args.max_seq_len,
-        adapter_slots=args.adapter_slots,
-        max_lora_rank=args.max_lora_rank,
-        **{name: getattr(args, name) for name, _ in limits.values()},
-    )
-    sys.exit(asyncio.run(serve(config, args.listen)))
+    try:
+        config = SamplerConfig(
+            store=Path(args.store),
+            redis_url=args.redis,
+            redis_prefix=args.redis_prefix,
+            replica_id=args.replica_id,
+            advertise=args.advertise,
+            bases=[b for b in args.bases.split(",") if b],
+            max_batch=args.max_batch,
+            max_seq_len=args.max_seq_len,
+            adapter_slots=args.adapter_slots,
+            max_lora_rank=args.max_lora_rank,
+            internal_token=load_token(args.internal_token_file),
+            **{name: getattr(args, name) for name, _ in limits.values()},
+        )
+        code = asyncio.run(serve(config, args.listen))
+    except UnsafeConfig as e:
+        p.error(str(e))
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -42,3 +42,6 @@ class SamplerConfig:
     max_engines: int = 4  # weight sets resident (bases, full checkpoints), LRU of idle ones
     heartbeat_seconds: float = 1.0  # registry refresh interval
     heartbeat_ttl: float = 5.0  # a replica missing this long drops out of the registry
+    # The secret gateways send (see headway.internal_auth); "" = none: the replica listens
+    # on loopback only and believes the team any local caller claims.
+    internal_token: str = field(default="", repr=False)

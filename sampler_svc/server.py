@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2
 
 from headway.errors import Unavailable
 from headway.grpc_util import SERVER_OPTIONS, add_health_and_reflection, bind, until_signalled
+from headway.internal_auth import check_listen, interceptors
 from headway.replicas import ReplicaInfo
 from headway.v1 import sampling_pb2, sampling_pb2_grpc
 from sampler_svc.config import SamplerConfig
@@ -66,9 +67,16 @@ class Replica:
 async def create_replica(
     config: SamplerConfig, address: str = "127.0.0.1:0"
 ) -> tuple[grpc.aio.Server, int, Replica]:
-    """A bound (not started) server with its engine thread and Redis tasks running."""
+    """A bound (not started) server with its engine thread and Redis tasks running.
+
+    UnsafeConfig, before anything starts, for a non-loopback address without an internal
+    token; with one, every call but health and reflection must carry it.
+    """
+    check_listen(address, config.internal_token, "sampler")
     sampler = Sampler(config)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS, interceptors=interceptors(config.internal_token)
+    )
     sampling_pb2_grpc.add_SamplingServiceServicer_to_server(SamplingServicer(sampler), server)
     health = await add_health_and_reflection(server, (SERVICE,))
     port = bind(server, address, "sampler")

@@ -152,6 +152,16 @@ def gateway_stack(sampling_stack):
     node.stop()
 
 
+@pytest.fixture
+def secured_stack(tmp_path: Path):
+    """A deployment with auth on and the internal token (see tests/helpers_auth.py)."""
+    from tests.helpers_auth import SecuredStack
+
+    stack = SecuredStack(tmp_path)
+    yield stack
+    stack.stop()
+
+
 @pytest.fixture(scope="session")
 def tiny_arith(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """The default `tiny-arith` build (seed 0; about a minute), once per test session:

@@ -70,6 +70,11 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().partition("=")[::2] for item in raw if item)
+
+
 def _children(pid: int) -> set[int]:
     out = subprocess.run(
         ["ps", "--ppid", str(pid), "-o", "pid="], capture_output=True, text=True
@@ -181,6 +186,27 @@ def test_serve_end_to_end(tmp_path: Path, ports: dict[str, int]) -> None:
         for name in ("trainer", "sampler-0"):
             argv = Path(f"/proc/{pids[name]}/cmdline").read_bytes().split(b"\0")
             assert argv[argv.index(b"--threads") + 1] == str(torch_threads(1)).encode()
+
+        # The trainer and sampler believe only the gateway: serve handed every child one
+        # fresh internal token, in its environment (argv is public through `ps`).
+        token = _environ(pids["gateway"])["HEADWAY_INTERNAL_TOKEN"]
+        for name in ("trainer", "sampler-0", "gateway"):
+            assert _environ(pids[name])["HEADWAY_INTERNAL_TOKEN"] == token
+            assert token.encode() not in Path(f"/proc/{pids[name]}/cmdline").read_bytes()
+        claim = [("x-headway-team", "red")]
+        direct_calls = {  # straight to the trainer's and the sampler's ports
+            ports["p2"]: lambda ch: model_pb2_grpc.ModelServiceStub(ch).ListModels(
+                model_pb2.ListModelsRequest(), metadata=claim, timeout=30
+            ),
+            ports["p3"]: lambda ch: sampling_pb2_grpc.SamplingServiceStub(ch).Sample(
+                sampling_pb2.SampleRequest(model="tiny"), metadata=claim, timeout=30
+            ),
+        }
+        for port, call in direct_calls.items():
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as direct:
+                with pytest.raises(grpc.RpcError) as err:
+                    call(direct)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
         channel = grpc.insecure_channel(grpc_addr, options=CHANNEL_OPTIONS)
         models = model_pb2_grpc.ModelServiceStub(channel)

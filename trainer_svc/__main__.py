@@ -8,6 +8,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from headway.internal_auth import UnsafeConfig, load_token
 from headway.service_flags import add_common_flags, setup_process
 from trainer_svc.config import TrainerConfig
 from trainer_svc.server import serve
@@ -24,18 +25,30 @@ def main() -> None:
     p.add_argument(
         "--max-loaded-models", type=int, default=int(env("HEADWAY_MAX_LOADED_MODELS", "8"))
     )
+    p.add_argument(
+        "--base-root",
+        action="append",
+        help="a directory under which admin keys may register bases; repeatable (default "
+        "HEADWAY_BASE_ROOTS, colon-separated). None: only local mode (auth off) may",
+    )
     add_common_flags(p, torch_threads=True)
     add_limit_flags(p)
     args = p.parse_args()
     setup_process(args)
-    config = TrainerConfig(
-        store=Path(args.store),
-        redis_url=args.redis,
-        redis_prefix=args.redis_prefix,
-        max_loaded_models=args.max_loaded_models,
-        **{name: getattr(args, name) for name in LIMITS},
-    )
-    asyncio.run(serve(config, args.listen))
+    roots = args.base_root or env("HEADWAY_BASE_ROOTS", "").split(":")
+    try:
+        config = TrainerConfig(
+            store=Path(args.store),
+            redis_url=args.redis,
+            redis_prefix=args.redis_prefix,
+            max_loaded_models=args.max_loaded_models,
+            base_roots=[Path(r) for r in roots if r],
+            internal_token=load_token(args.internal_token_file),
+            **{name: getattr(args, name) for name in LIMITS},
+        )
+        asyncio.run(serve(config, args.listen))
+    except UnsafeConfig as e:
+        p.error(str(e))
 
 
 # ---- Resource bounds (documented on TrainerConfig): --max-batch-items or HEADWAY_MAX_BATCH_ITEMS

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from headway.heads import DEFAULT_PREFIX
@@ -57,3 +57,11 @@ class TrainerConfig:
     max_metric_key_chars: int = 128
     # Length of a request_id (an idempotency key, kept in memory and on disk).
     max_request_id_chars: int = 256
+
+    # Directories under which admins may register bases (AddBase), symlinks resolved.
+    # None configured: only local mode (auth off: the local caller) may register a
+    # directory, anywhere; with auth on, AddBase is refused until roots are set.
+    base_roots: list[Path] = field(default_factory=list)
+    # The secret gateways send (see headway.internal_auth); "" = none: the trainer listens
+    # on loopback only and believes the team any local caller claims.
+    internal_token: str = field(default="", repr=False)

@@ -16,7 +16,11 @@ def timestamp(seconds: float) -> Timestamp:
     return ts
 
 
-def model_pb(store: CheckpointStore, record: ModelRecord) -> common_pb2.Model:
+def model_pb(
+    store: CheckpointStore, record: ModelRecord, show_path: bool = False
+) -> common_pb2.Model:
+    """The contract's Model; a base's server path only with `show_path` (admins: others
+    learn nothing of the server's filesystem)."""
     head = store.head_checkpoint(record.slug)
     msg = common_pb2.Model(
         slug=record.slug,
@@ -33,7 +37,7 @@ def model_pb(store: CheckpointStore, record: ModelRecord) -> common_pb2.Model:
         vocab_size=int(record.arch.get("vocab_size", 0)),
         max_context=int(record.arch.get("max_context", 0)),
         eos_token_ids=list(record.arch.get("eos_token_ids", [])),
-        path=record.path,
+        path=record.path if show_path else "",
     )
     if record.lora:
         msg.lora.CopyFrom(common_pb2.LoraConfig(**record.lora))

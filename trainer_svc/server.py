@@ -8,6 +8,7 @@ import grpc
 import redis.asyncio as aioredis
 
 from headway.grpc_util import SERVER_OPTIONS, add_health_and_reflection, bind, until_signalled
+from headway.internal_auth import check_listen, interceptors
 from headway.v1 import model_pb2, model_pb2_grpc, training_pb2, training_pb2_grpc
 from trainer_svc.config import TrainerConfig
 from trainer_svc.servicer import ModelServicer, TrainingServicer
@@ -23,10 +24,17 @@ SERVICES = (
 async def create_server(
     config: TrainerConfig, address: str = "127.0.0.1:0"
 ) -> tuple[grpc.aio.Server, int, Trainer]:
-    """A started-ready (not started) server bound to `address`; (server, port, trainer)."""
+    """A started-ready (not started) server bound to `address`; (server, port, trainer).
+
+    UnsafeConfig, before anything starts, for a non-loopback address without an internal
+    token; with one, every call but health and reflection must carry it.
+    """
+    check_listen(address, config.internal_token, "trainer")
     redis = aioredis.from_url(config.redis_url) if config.redis_url else None
     trainer = Trainer(config, redis)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS, interceptors=interceptors(config.internal_token)
+    )
     model_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(trainer), server)
     training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(trainer), server)
     await add_health_and_reflection(server, SERVICES)

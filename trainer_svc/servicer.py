@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from headway.errors import InvalidArgument
-from headway.grpc_util import maps_errors, team_of
+from headway.grpc_util import caller, maps_errors, team_of
 from headway.v1 import common_pb2, model_pb2, model_pb2_grpc, training_pb2, training_pb2_grpc
 from trainer_svc import convert, losses
 from trainer_svc.adapters import LoraRequest
@@ -31,20 +31,22 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     async def ListModels(
         self, request: model_pb2.ListModelsRequest, context: Ctx
     ) -> model_pb2.ListModelsResponse:
-        models = self.trainer.list_models(team_of(context))
+        who = caller(context)
+        models = self.trainer.list_models(who.team)
         return model_pb2.ListModelsResponse(
-            models=[convert.model_pb(self.store, m) for m in models]
+            models=[convert.model_pb(self.store, m, who.admin) for m in models]
         )
 
     @maps_errors
     async def GetModel(self, request: model_pb2.GetModelRequest, context: Ctx) -> common_pb2.Model:
-        record = self.trainer.model(_required(request.model, "model"), team_of(context))
-        return convert.model_pb(self.store, record)
+        who = caller(context)
+        record = self.trainer.model(_required(request.model, "model"), who.team)
+        return convert.model_pb(self.store, record, who.admin)
 
     @maps_errors
     async def AddBase(self, request: model_pb2.AddBaseRequest, context: Ctx) -> common_pb2.Model:
-        record = await self.trainer.add_base(request.path, request.name)
-        return convert.model_pb(self.store, record)
+        record = await self.trainer.add_base(request.path, request.name, caller(context))
+        return convert.model_pb(self.store, record, show_path=True)  # only admins get here
 
     @maps_errors
     async def ForkModel(
@@ -57,10 +59,11 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             lora = LoraRequest(c.rank, c.alpha, tuple(c.target_modules))
         if not request.name:
             raise InvalidArgument("name is empty: give the new model a name")
+        who = caller(context)
         record = await self.trainer.fork(
-            _required(request.source, "source"), request.name, team_of(context), lora, full
+            _required(request.source, "source"), request.name, who.team, lora, full
         )
-        return convert.model_pb(self.store, record)
+        return convert.model_pb(self.store, record, who.admin)
 
     @maps_errors
     async def ListCheckpoints(

@@ -20,7 +20,6 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -28,13 +27,13 @@ import torch
 
 from headway.datums import Batch
 from headway.errors import FailedPrecondition, InvalidArgument, NotFound
-from headway.modeling import ModelConfig, Tokenizer
-from headway.modeling.load import empty_model, read_weights
+from headway.internal_auth import Caller
 from headway.store import CheckpointRecord, CheckpointRef, CheckpointStore, ModelRecord, check_slug
 from headway.store.weights import base_config, full_state
 from headway.v1 import common_pb2
 from trainer_svc import adapters, batches, compute, losses
 from trainer_svc.adapters import LoraRequest
+from trainer_svc.bases import base_directory, validate_base
 from trainer_svc.config import TrainerConfig
 from trainer_svc.forwards import (
     ForwardLimits,
@@ -121,13 +120,12 @@ class Trainer:
     def list_models(self, team: str) -> list[ModelRecord]:
         return self.store.visible_models(team)
 
-    async def add_base(self, path: str, name: str) -> ModelRecord:
-        """Register a Hugging Face directory as a public base (validated, referenced)."""
-        directory = Path(path).expanduser().resolve() if path else None
-        if directory is None or not directory.is_dir():
-            raise InvalidArgument(f"base path {path!r} is not a directory on the trainer's machine")
+    async def add_base(self, path: str, name: str, caller: Caller) -> ModelRecord:
+        """Register a Hugging Face directory as a public base (validated, referenced): an
+        admin action, limited to the base roots (see `trainer_svc.bases`)."""
+        directory = base_directory(path, caller, self.config.base_roots)
         name = check_slug(name or directory.name)
-        arch = await asyncio.to_thread(_validate_base, directory)
+        arch = await asyncio.to_thread(validate_base, directory)
         record = ModelRecord(
             slug=name,
             team="",
@@ -562,26 +560,6 @@ class Trainer:
 
     async def _publish(self, slug: str, record: CheckpointRecord) -> None:
         await self.heads.publish(slug, record)
-
-
-def _validate_base(directory: Path) -> dict[str, Any]:
-    """Check a base directory loads (config, weight names and shapes, tokenizer)."""
-    config = ModelConfig.from_file(directory)
-    read_weights(directory, empty_model(config), torch.float32, "cpu", load=False)
-    if not (directory / "tokenizer.json").is_file():
-        raise InvalidArgument(
-            f"{directory}: no tokenizer.json; a base needs its tokenizer to sample text"
-        )
-    tokenizer = Tokenizer.from_dir(directory)
-    eos = tokenizer.eos_token_ids
-    if not eos and config.eos_token_id is not None:
-        eos = [config.eos_token_id] if isinstance(config.eos_token_id, int) else config.eos_token_id
-    return {
-        "model_type": config.model_type,
-        "vocab_size": config.vocab_size,
-        "max_context": config.max_context,
-        "eos_token_ids": list(eos),
-    }
 
 
 def _batch_metrics(batch: Batch) -> dict[str, float]:

@@ -39,10 +39,11 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(f"{TMP_PREFIX}{path.name}-{secrets.token_hex(4)}")
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    """Atomically replace `path` with `data`."""
+def write_bytes(path: Path, data: bytes, mode: int = 0o666) -> None:
+    """Atomically replace `path` with `data`; the new file gets `mode` (less the umask),
+    from its creation on: a private file is never readable by others, even briefly."""
     tmp = temp_sibling(path)
-    with open(tmp, "wb") as f:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -50,9 +51,9 @@ def write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def write_json(path: Path, value: Any) -> None:
-    """Atomically replace `path` with `value` as indented JSON."""
-    write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+def write_json(path: Path, value: Any, mode: int = 0o666) -> None:
+    """Atomically replace `path` with `value` as indented JSON (see `write_bytes`)."""
+    write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode(), mode)
 
 
 def fsync_tree(path: Path) -> None:

@@ -102,8 +102,12 @@ class ModelServiceServicer:
     def AddBase(self, request, context):
         """Registers a local Hugging Face directory as a public, read-only base. The directory is
         referenced, not copied: it must stay in place and be readable by every trainer and
-        sampler.
-        Errors: INVALID_ARGUMENT for a directory that does not load as a supported model (the
+        sampler. An admin action, limited to the trainer's base roots (--base-root); a
+        trainer with no base root accepts any directory in local mode (auth off) only.
+        Errors: PERMISSION_DENIED for a key that is not an admin key (checked first: the
+        message says nothing of the path) or a path outside the base roots;
+        FAILED_PRECONDITION when auth is on and the trainer has no base roots;
+        INVALID_ARGUMENT for a directory that does not load as a supported model (the
         message gives the reason: missing config.json, unsupported model_type, bad
         safetensors, no tokenizer ...) or an invalid name; ALREADY_EXISTS when the name is
         taken.
