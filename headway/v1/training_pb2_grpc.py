@@ -82,8 +82,11 @@ class TrainingServiceServicer:
         vocabulary, a tensor the loss needs that is absent, or a group_size that does not
         divide the number of trajectories; NOT_FOUND for an unknown model or trace_id;
         FAILED_PRECONDITION for a base (not trainable) or a trace with no reward;
-        RESOURCE_EXHAUSTED for a datum longer than the model's max_context or a batch over
-        the server's limit.
+        RESOURCE_EXHAUSTED for a datum longer than the model's max_context, or a batch over
+        the server's limits on tokens, items or trajectory turns (checked before anything is
+        decoded), or when the team already holds un-applied work (gradients, forwards) on its
+        limit of models (apply or discard it: OptimStep) or every loaded-model slot is busy
+        (retry shortly: the error carries a retry pushback).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,7 +97,9 @@ class TrainingServiceServicer:
         logprobs with the datum's tensors. The server keeps the forward graph when memory
         allows; the client computes its loss and sends w = -d loss / d logprob to
         BackwardCustom.
-        Errors: as ForwardBackward (without the loss_fn ones).
+        Errors: as ForwardBackward (without the loss_fn ones), and RESOURCE_EXHAUSTED when the
+        model already has the server's limit of forwards awaiting BackwardCustom (count or
+        bytes, per model or over all models): run BackwardCustom or OptimStep first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,8 +110,10 @@ class TrainingServiceServicer:
         the forward of forward_id and adds the gradient to the accumulated gradient.
         Errors: INVALID_ARGUMENT for an empty model or forward_id, a weights count different
         from the number of datums, a weights tensor of the wrong length or dtype, or a
-        non-finite weight or metric; NOT_FOUND for an unknown model, or a forward_id that is
-        unknown, already consumed, expired, or discarded by an OptimStep or SetHead since.
+        non-finite weight or metric, or more metrics (or longer keys) than the server's limit
+        (64 keys of 128 characters by default); NOT_FOUND for an unknown model, or a
+        forward_id that is unknown, already consumed, or discarded by an OptimStep or SetHead
+        since.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
