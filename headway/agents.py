@@ -16,6 +16,11 @@ gateway from the conversation: when the rendering extends the previous prompt +
 completion token for token, the trainer makes one sequence of the episode, otherwise it
 starts a new sequence at that turn (both are correct training data, see `Trajectory`).
 
+A gateway that cannot serve for a while (503: no sampler replica up, e.g. while one
+restarts; or not answering at all while it restarts) is retried with backoff for up to
+`retry_timeout` seconds per turn, under the turn's Idempotency-Key; the `openai` client's
+own retries (429 at capacity, 409, timeouts) happen within each attempt.
+
 No torch, no grpc: `openai` is imported when the first agent is created.
 """
 
@@ -24,7 +29,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import inspect
+import logging
 import os
+import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -32,9 +40,16 @@ from typing import Any
 from headway.errors import HeadwayError, InvalidArgument, Unavailable, from_http
 from headway.types import Run, Turn
 
+log = logging.getLogger(__name__)
+
 __all__ = ["DEFAULT_HTTP_URL", "Agent", "Tool", "create_agent"]
 
 DEFAULT_HTTP_URL = "http://127.0.0.1:8000/v1"
+# How long a turn is retried while the gateway is unavailable (503 or unreachable), and
+# the backoff between attempts: first and largest delay, in seconds.
+DEFAULT_RETRY_TIMEOUT = 60.0
+RETRY_BACKOFF = 0.5
+MAX_RETRY_DELAY = 10.0
 
 # A tool (the environment's side of a multi-turn episode): given the assistant's reply,
 # the next message (its content, or a whole message dict), or None to end the episode.
@@ -86,9 +101,11 @@ class Agent:
         api_key: str | None = None,
         system_prompt: str | None = None,
         max_retries: int | None = None,
+        retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
     ) -> None:
         self.model = model
         self.max_retries = max_retries
+        self.retry_timeout = retry_timeout
         self.completion_kwargs = dict(completion_kwargs or {})
         self.base_url = base_url or os.environ.get("HEADWAY_HTTP_URL") or DEFAULT_HTTP_URL
         # The openai client insists on a key; local mode (auth off) ignores it.
@@ -143,12 +160,23 @@ class Agent:
         if trace_id:
             # Append this turn to the episode's trace instead of starting a new one.
             kwargs["extra_body"] = {**(kwargs.get("extra_body") or {}), "trace_id": trace_id}
-        try:
-            return await self._openai().chat.completions.create(
-                model=self.model, messages=messages, **kwargs
-            )
-        except openai.APIError as e:
-            raise _http_error(e) from e
+        give_up = time.monotonic() + self.retry_timeout
+        attempt = 0
+        while True:
+            try:
+                return await self._openai().chat.completions.create(
+                    model=self.model, messages=messages, **kwargs
+                )
+            except openai.APIError as e:
+                error = _http_error(e)
+                left = give_up - time.monotonic()
+                if not isinstance(error, Unavailable) or left <= 0:
+                    raise error from e
+            # Jitter keeps many episodes from retrying a restarted service in lockstep.
+            delay = min(RETRY_BACKOFF * 2**attempt, MAX_RETRY_DELAY) * (0.5 + random.random() / 2)
+            log.info("gateway unavailable (%s): retrying in %.1f s", error.message, delay)
+            await asyncio.sleep(min(delay, left))
+            attempt += 1
 
     async def run(
         self,
@@ -227,6 +255,7 @@ def create_agent(
     api_key: str | None = None,
     system_prompt: str | None = None,
     max_retries: int | None = None,
+    retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
 ) -> Agent:
     """An agent sampling `model` through the gateway's OpenAI-compatible endpoint.
 
@@ -235,7 +264,9 @@ def create_agent(
     rollouts). `base_url` defaults to `HEADWAY_HTTP_URL` (else http://127.0.0.1:8000/v1),
     `api_key` to `HEADWAY_API_KEY`. `system_prompt` is prepended to tasks that have none.
     `max_retries` is the openai client's (default 2: timeouts, 429 "at capacity" and 5xx
-    are retried with a backoff; each turn's Idempotency-Key makes that safe).
+    are retried with a backoff; each turn's Idempotency-Key makes that safe). A gateway
+    that stays unavailable (503, or unreachable) is retried on top of that, with backoff,
+    for up to `retry_timeout` seconds per turn (a sampler or the gateway restarting).
     """
     return Agent(
         model,
@@ -244,4 +275,5 @@ def create_agent(
         api_key=api_key,
         system_prompt=system_prompt,
         max_retries=max_retries,
+        retry_timeout=retry_timeout,
     )

@@ -128,6 +128,8 @@ def _serve(args: argparse.Namespace) -> int:
         start_timeout=args.start_timeout,
         threads=args.threads,
         base_roots=args.base_root or [],
+        max_crashes=args.max_crashes,
+        crash_window=args.crash_window,
     )
     return run(config)
 
@@ -179,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the trainer, samplers and gateway on this machine",
         description="Run the trainer, N sampler replicas and the gateway as child processes "
-        "sharing one store and one Redis, until Ctrl-C or SIGTERM.",
+        "sharing one store and one Redis, until Ctrl-C or SIGTERM. A service that crashes is "
+        "restarted while the others keep serving.",
     )
     serve.add_argument("--store", default=_default_store(), help=store_help)
     serve.add_argument(
@@ -234,6 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="torch threads per trainer/sampler process (default: the cores split evenly "
         "between the trainer and the samplers)",
+    )
+    serve.add_argument(
+        "--max-crashes",
+        type=int,
+        default=5,
+        help="a service that exits unexpectedly is restarted (after 0.5 s, doubling up to "
+        "10 s); one that crashes this many times within --crash-window seconds, or this many "
+        "times in a row without serving again, stops the stack instead (default 5)",
+    )
+    serve.add_argument(
+        "--crash-window",
+        type=float,
+        default=60.0,
+        help="seconds a crash counts against --max-crashes (default 60)",
     )
     serve.set_defaults(func=_serve)
 

