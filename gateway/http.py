@@ -8,8 +8,13 @@ in a trace (its `trace_id` comes back on the choice, and at the top for n = 1);
 continued multi-turn trajectory, token-exact); `trace_id` appends the turn to an existing
 trace. A request that records a trace and carries an `Idempotency-Key` header is answered
 once: a retry gets the stored reply (see `gateway.replies`). Errors use OpenAI's JSON
-shape. Chat templates are rendered here, from the base's tokenizer files (no torch in the
-gateway).
+shape (`gateway.http_errors`). Chat templates are rendered here, from the base's tokenizer
+files (no torch in the gateway).
+
+Each request holds a slot of its team until its response ends (`gateway.team_slots`); its
+body is size-limited before it is read (`BodyLimit`). Parsing, parameter checks, chat
+rendering, tokenizing and reply encoding (`gateway.http_params`) run on the worker threads
+(`gateway.workers`), never on the event loop that also serves gRPC.
 """
 
 from __future__ import annotations

@@ -85,14 +85,24 @@ class TeamQuota:
     prefix: str
     cap: int
     width_ms: int
+    horizon_ms: int  # the longest lifetime of an item it counts (BUCKETS widths at most)
 
     @classmethod
     def for_retention(cls, prefix: str, cap: int, *ttl_seconds: float) -> TeamQuota:
         """The quota for items that live at most max(`ttl_seconds`)."""
         if cap < 0:
             raise ValueError(f"max_team_redis_bytes is {cap}: use 0 (no limit) or more")
-        longest_ms = max(ttl * 1000 for ttl in ttl_seconds)
-        return cls(prefix, cap, max(1000, math.ceil(longest_ms / BUCKETS)))
+        longest_ms = math.ceil(max(ttl * 1000 for ttl in ttl_seconds))
+        return cls(prefix, cap, max(1000, math.ceil(longest_ms / BUCKETS)), longest_ms)
+
+    def check_covers(self, ttl_seconds: float, what: str) -> None:
+        """ValueError unless items living `ttl_seconds` are within the quota's horizon (a
+        longer-lived item would be counted in a bucket the sum never reaches)."""
+        if ttl_seconds * 1000 > self.horizon_ms:
+            raise ValueError(
+                f"the team quota counts items living at most {self.horizon_ms} ms, but {what} "
+                f"live {ttl_seconds} s: build it with TeamQuota.for_retention(..., every ttl)"
+            )
 
     def base(self, team: str) -> str:
         """The bucket keys' common prefix for `team` (hashed: any team name is safe)."""

@@ -99,6 +99,7 @@ class ReplyCache:
         self.pending_seconds = pending_seconds
         self.max_reply_bytes = max_reply_bytes
         self.quota = quota or TeamQuota.for_retention(prefix, 0, ttl_seconds)
+        self.quota.check_covers(ttl_seconds, "stored replies")
         self._store = redis.register_script(_STORE)
 
     def _key(self, team: str, key: str) -> str:

@@ -182,6 +182,7 @@ class TraceStore:
         self.retention_seconds = retention_seconds
         self.max_turn_bytes, self.max_turns = max_turn_bytes, max_turns
         self.quota = quota or TeamQuota.for_retention(prefix, 0, retention_seconds)
+        self.quota.check_covers(retention_seconds, "traces")
         self._retention_ms = max(1, round(retention_seconds * 1000))
         self._record_turn = redis.register_script(_RECORD_TURN)
         self._set_reward = redis.register_script(_SET_REWARD)

@@ -23,7 +23,7 @@ from headway.tensors import to_tensor
 from headway.v1 import common_pb2, model_pb2, sampling_pb2, trace_pb2, training_pb2
 from tests.helpers_training import batch
 from tests.stack import GatewayNode, PrivateRedis, free_port
-from tests.test_gateway import I32, code_of, post
+from tests.test_gateway import I32, code_of, post, sample_req
 
 WAIT = 60.0  # only catches hangs: every wait below is for a condition
 
@@ -174,6 +174,46 @@ def test_a_team_at_its_call_limit_is_told_to_retry_while_another_team_is_served(
         redis.stop()
 
 
+def test_every_kind_of_call_gives_its_slot_back(gateway_stack):
+    """Unary and streamed, answered, failed or cancelled, gRPC or HTTP: each call frees
+    its team's slot when it ends, so a team is never locked out by its own past calls."""
+    import openai
+
+    stack = gateway_stack
+    node = GatewayNode(stack.config.store, stack.prefix, stack.server.address, max_calls_per_team=1)
+    http = openai.OpenAI(base_url=node.http_url, api_key="local", max_retries=0)
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+
+    def cancelled_stream() -> None:
+        stream = node.sampling.SampleStream(sample_req("tiny", max_tokens=50, ignore_eos=True))
+        next(stream)
+        stream.cancel()
+
+    def http_error() -> None:
+        with pytest.raises(openai.NotFoundError):
+            http.chat.completions.create(**{**chat, "model": "nope"})
+
+    calls = {
+        "unary": lambda: node.sampling.Sample(sample_req("tiny", max_tokens=2)),
+        "unary error": lambda: code_of(
+            lambda: node.models.GetModel(model_pb2.GetModelRequest(model="nope"))
+        ),
+        "stream": lambda: list(node.sampling.SampleStream(sample_req("tiny", max_tokens=3))),
+        "cancelled stream": cancelled_stream,
+        "http": lambda: http.chat.completions.create(**chat),
+        "http stream": lambda: list(http.chat.completions.create(**chat, stream=True)),
+        "http error": http_error,
+    }
+    try:
+        for what, call in calls.items():
+            call()
+            wait_until(lambda: node.gateway.slots.in_flight("") == 0, f"the slot of {what}")
+        assert node.sampling.Sample(sample_req("tiny", max_tokens=2)).checkpoint
+    finally:
+        http.close()
+        node.stop()
+
+
 # ------------------------------------------------------------------ Redis failures
 
 
@@ -318,3 +358,103 @@ def test_prompt_text_that_cannot_fit_the_context_is_refused_before_tokenizing(ga
     status, reply = post(f"{g.http_url}/completions", json.dumps(body).encode())
     assert status == 400 and reply["error"]["status"] == "RESOURCE_EXHAUSTED"
     assert "characters" in reply["error"]["message"]
+
+
+# ------------------------------------------------------------- stored replies, workers
+
+
+def test_a_reply_too_large_to_keep_is_answered_and_its_retry_names_its_trace(gateway_stack):
+    """Never replayed, never run twice: the retry is told the reply was not kept and where
+    its turn was recorded."""
+    stack = gateway_stack
+    node = GatewayNode(
+        stack.config.store, stack.prefix, stack.server.address, max_stored_reply_bytes=100
+    )
+    try:
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "what is 1 plus 2?"}],
+            "max_tokens": 3,
+            "return_token_ids": True,
+        }
+        url, raw = f"{node.http_url}/chat/completions", json.dumps(body).encode()
+        status, first = post(url, raw, {"Idempotency-Key": "big-1"})
+        assert status == 200 and first["trace_id"]
+        status, again = post(url, raw, {"Idempotency-Key": "big-1"})
+        assert status == 400 and again["error"]["status"] == "FAILED_PRECONDITION"
+        assert first["trace_id"] in again["error"]["message"]
+        assert "max_stored_reply_bytes" in again["error"]["message"]
+        trace = node.traces.GetTrace(trace_pb2.GetTraceRequest(trace_id=first["trace_id"]))
+        assert len(trace.turns) == 1
+    finally:
+        node.stop()
+
+
+def test_stored_replies_count_toward_the_team_quota_and_one_over_it_is_not_kept():
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from gateway.quota import OVERHEAD, TeamQuota
+    from gateway.replies import DEFAULT_TTL_SECONDS, ReplyCache
+    from headway.errors import FailedPrecondition
+    from tests.stack import REDIS_URL, clear_prefix, redis_prefix
+
+    prefix = redis_prefix()
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        quota = TeamQuota.for_retention(prefix, 1000, DEFAULT_TTL_SECONDS)
+        cache = ReplyCache(client, prefix, quota=quota)
+        try:
+            small = json.dumps({"choices": [{"trace_id": "tr-a"}]}).encode()
+            assert await cache.claim("red", "k-1", "d1") is None
+            assert await cache.store("red", "k-1", "d1", small, ["tr-a"])
+            assert await cache.claim("red", "k-1", "d1") == small  # the exact bytes
+            used = await quota.used(client, "red")
+            assert used >= len(small) + OVERHEAD
+            big = json.dumps({"choices": [{"text": "x" * 2000}]}).encode()
+            assert await cache.claim("red", "k-2", "d2") is None
+            assert not await cache.store("red", "k-2", "d2", big, ["tr-b"])
+            with pytest.raises(FailedPrecondition) as err:
+                await cache.claim("red", "k-2", "d2")
+            assert "max_team_redis_bytes" in err.value.message and "tr-b" in err.value.message
+            assert used < await quota.used(client, "red") < used + len(big)  # the note only
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        clear_prefix(prefix)
+
+
+def test_a_team_uses_at_most_half_the_worker_threads():
+    """Red's held jobs take its half of a 2-thread pool; blue's job still runs at once, and
+    red's next job waits for red's share, not for a thread."""
+    import asyncio
+
+    from gateway.workers import Workers
+
+    workers = Workers(2)
+    release, started = threading.Event(), []
+
+    def held(i: int) -> int:
+        started.append(i)
+        release.wait(WAIT)
+        return i
+
+    async def scenario() -> None:
+        red = [asyncio.ensure_future(workers.run("red", held, i)) for i in range(2)]
+        while not started:
+            await asyncio.sleep(0.01)
+        assert await asyncio.wait_for(workers.run("blue", str.upper, "blue"), WAIT) == "BLUE"
+        assert started == [0]
+        release.set()
+        assert await asyncio.gather(*red) == [0, 1]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        workers.close()
