@@ -59,16 +59,23 @@ class CallLimits(grpc.aio.ServerInterceptor):
         slots: TeamSlots,
     ) -> None:
         self.limits, self.other, self.team_of, self.slots = limits, other, team_of, slots
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # by method: built once
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        method = details.method  # "/headway.v1.SamplingService/Sample"
+        if method in self._wrapped:
+            return self._wrapped[method]
         handler = await continuation(details)
         if handler is None:
             return None
-        method = details.method  # "/headway.v1.SamplingService/Sample"
+        self._wrapped[method] = self._wrap(handler, method)
+        return self._wrapped[method]
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         service = method.lstrip("/").partition("/")[0]
         limit = self.limits.get(service, self.other)
         per_team = service in self.limits

@@ -29,7 +29,8 @@ Why this shape:
 * Each write is one Lua script, atomic in Redis: the ownership check, the append and the
   expiry happen together, so a trace that expires between a check and a write cannot be
   half re-created (a turns list without its hash, or a hash without a deadline). Reads take
-  the hash and the list in one MULTI/EXEC, so a reply never mixes two states.
+  the hash and the list in one read-only script, so a reply never mixes two states (and,
+  unlike MULTI/EXEC, reads still work when Redis is full under `noeviction`).
 * `created` comes from Redis' TIME, the clock that enforces the expiry, so `expires` in a
   reply is exactly when the trace disappears, whichever gateway replica wrote it.
 
@@ -129,6 +130,13 @@ redis.call('PEXPIREAT', KEYS[2], meta[2])
 return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
 """
 
+# KEYS: trace hash, turns list. Returns {flat HGETALL of the hash, the turns}: both in one
+# atomic step. A script that only reads, rather than MULTI/EXEC, because Redis refuses to
+# queue commands in a MULTI once it is at maxmemory: traces stay readable when it is full.
+_READ = """
+return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
+"""
+
 
 def _not_found(trace_id: str) -> NotFound:
     # One message for unknown, expired and another team's trace: existence never leaks.
@@ -186,6 +194,7 @@ class TraceStore:
         self._retention_ms = max(1, round(retention_seconds * 1000))
         self._record_turn = redis.register_script(_RECORD_TURN)
         self._set_reward = redis.register_script(_SET_REWARD)
+        self._read = redis.register_script(_READ)
 
     # ------------------------------------------------------------------------ keys
 
@@ -309,11 +318,8 @@ class TraceStore:
         """The trace `trace_id` of `team`; NotFound if unknown, expired or another team's."""
         if not _TRACE_ID.fullmatch(trace_id):
             raise _not_found(trace_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(self.key(trace_id))
-            pipe.lrange(self.turns_key(trace_id), 0, -1)
-            meta, turns = await pipe.execute()
-        return self._trace(trace_id, team, meta, turns)
+        meta, turns = await self._read(keys=[self.key(trace_id), self.turns_key(trace_id)])
+        return self._trace(trace_id, team, dict(zip(meta[::2], meta[1::2], strict=True)), turns)
 
     async def trajectory(self, trace_id: str, team: str) -> common_pb2.Trajectory:
         """The trace as a training `Trajectory` (with trace_id set).

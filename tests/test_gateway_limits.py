@@ -251,6 +251,27 @@ def test_redis_down_is_unavailable_on_grpc_and_503_on_http(trainer_stack, tmp_pa
         redis.stop()
 
 
+def test_a_full_redis_refuses_writes_as_unavailable_and_still_serves_reads(trainer_stack, tmp_path):
+    """Under maxmemory-policy noeviction (the recommended policy), a full Redis refuses
+    writes with OOM: a RecordTurn is UNAVAILABLE (retryable), and traces already stored
+    are still read."""
+    stack = trainer_stack
+    redis = PrivateRedis(free_port(), tmp_path / "redis")
+    node = GatewayNode(stack.config.store, stack.prefix, stack.server.address, redis_url=redis.url)
+    try:
+        request = trace_pb2.RecordTurnRequest(model="tiny", turn=a_turn([1, 2]))
+        trace_id = node.traces.RecordTurn(request).trace_id
+        redis.client.config_set("maxmemory-policy", "noeviction")
+        redis.client.config_set("maxmemory", 1)
+        code, details = code_of(lambda: node.traces.RecordTurn(request))
+        assert code == "UNAVAILABLE" and "maxmemory" in details
+        trace = node.traces.GetTrace(trace_pb2.GetTraceRequest(trace_id=trace_id))
+        assert len(trace.turns) == 1
+    finally:
+        node.stop()
+        redis.stop()
+
+
 # -------------------------------------------------------------- off the event loop
 
 
