@@ -11,8 +11,9 @@ worker threads (`gateway.workers`), never on the event loop; each lets go of the
 goes, or threads would not help:
 
 - bodies up to `FAST_PARSE_BYTES` parse with json's C scanner (fast, but it holds the GIL
-  for the whole parse: ~20 ms per MiB here); larger ones with its pure-Python scanner
-  (several times slower, but the loop gets the GIL between values);
+  for the whole parse: ~25 ms per MiB here); larger ones walk objects and arrays in Python
+  and parse each scalar in C (several times slower, but the loop gets the GIL between
+  values);
 - text is tokenized with tokenizers' batch encode, which releases the GIL (its plain
   `encode` does not), and only text short enough to fit the model's context is tokenized;
 - replies are encoded with json's pure-Python encoder for the same reason.
@@ -23,6 +24,7 @@ Gateway code: no torch.
 from __future__ import annotations
 
 import json
+import json.decoder
 import json.scanner
 import math
 from dataclasses import dataclass
@@ -59,12 +61,28 @@ def _finite_float(text: str) -> float:
 
 
 class _InterruptibleDecoder(json.JSONDecoder):
-    """json's pure-Python scanner: slower than the C one, but it runs Python bytecode
-    between values, so the event loop's thread gets the GIL while a large body parses."""
+    """Objects and arrays walked in Python (json's own pure-Python JSONObject/JSONArray),
+    each scalar parsed by the C scanner: several times slower than the C scanner alone,
+    but Python bytecode runs between values, so the event loop's thread gets the GIL
+    while a large body parses."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.scan_once = json.scanner.py_make_scanner(self)
+        scalar = json.scanner.c_make_scanner(self) if json.scanner.c_make_scanner else None
+        scalar = scalar or json.scanner.py_make_scanner(self)
+        strict, hook, pairs_hook, memo = self.strict, self.object_hook, self.object_pairs_hook, {}
+
+        def scan_once(s: str, idx: int) -> tuple[Any, int]:
+            char = s[idx : idx + 1]
+            if char == "{":
+                return json.decoder.JSONObject(
+                    (s, idx + 1), strict, scan_once, hook, pairs_hook, memo
+                )
+            if char == "[":
+                return json.decoder.JSONArray((s, idx + 1), scan_once)
+            return scalar(s, idx)
+
+        self.scan_once = scan_once
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
