@@ -41,8 +41,8 @@ FAST_PARSE_BYTES = 1024 * 1024
 INT32_MAX = 2**31 - 1
 INT64 = (-(2**63), 2**63 - 1)
 DEFAULT_MAX_TOKENS = 1024
-# How many times longer than its tokens a prompt's text may be beyond the longest token:
-# slack for normalizers that shorten text before tokenizing (Unicode composition).
+# Prompt text over context × (longest token's characters) × TEXT_SLACK cannot fit the
+# context; the slack covers normalizers that shorten text before it is tokenized.
 TEXT_SLACK = 2
 
 
