@@ -7,7 +7,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from gateway.config import GatewayConfig
+from gateway.config import MIB, GatewayConfig
 from gateway.server import serve
 from headway.internal_auth import UnsafeConfig, load_token
 from headway.service_flags import add_common_flags, on_off, setup_process
@@ -54,6 +54,7 @@ def main() -> None:
         default=float(env("HEADWAY_TRACE_RETENTION_HOURS", "168")),
     )
     add_common_flags(p)
+    _add_limit_flags(p)
     args = p.parse_args()
     setup_process(args)
     try:
@@ -68,10 +69,50 @@ def main() -> None:
             http_listen=args.http,
             trace_retention_seconds=args.trace_retention_hours * 3600,
             internal_token=load_token(args.internal_token_file),
+            **_limits(args),
         )
         asyncio.run(serve(config, args.listen))
     except UnsafeConfig as e:
         p.error(str(e))
+
+
+# ---- Limits against one team exhausting the gateway or Redis (GatewayConfig documents each):
+# (flag, GatewayConfig field, unit: bytes per flag unit, or 1 for counts).
+_LIMIT_FLAGS = (
+    ("--max-calls-per-team", "max_calls_per_team", 1),
+    ("--max-training-request-mb", "max_training_request_bytes", MIB),
+    ("--max-sampling-request-mb", "max_sampling_request_bytes", MIB),
+    ("--max-trace-request-mb", "max_trace_request_bytes", MIB),
+    ("--max-model-request-mb", "max_model_request_bytes", MIB),
+    ("--max-turn-mb", "max_turn_bytes", MIB),
+    ("--max-trace-turns", "max_trace_turns", 1),
+    ("--max-team-redis-mb", "max_team_redis_bytes", MIB),
+    ("--max-stored-reply-mb", "max_stored_reply_bytes", MIB),
+    ("--http-worker-threads", "http_worker_threads", 1),
+)
+
+
+def _env_name(flag: str) -> str:
+    return "HEADWAY_" + flag.removeprefix("--").replace("-", "_").upper()
+
+
+def _add_limit_flags(p: argparse.ArgumentParser) -> None:
+    for flag, field, unit in _LIMIT_FLAGS:
+        default = getattr(GatewayConfig, field) / unit
+        env = os.environ.get(_env_name(flag))
+        p.add_argument(
+            flag,
+            type=float if unit > 1 else int,
+            default=(float if unit > 1 else int)(env) if env else default,
+            help=f"GatewayConfig.{field}{' in MiB' if unit > 1 else ''} ({_env_name(flag)})",
+        )
+
+
+def _limits(args: argparse.Namespace) -> dict[str, int]:
+    out = {}
+    for flag, field, unit in _LIMIT_FLAGS:
+        out[field] = int(getattr(args, flag.removeprefix("--").replace("-", "_")) * unit)
+    return out
 
 
 if __name__ == "__main__":

@@ -18,9 +18,12 @@ from typing import Any
 import grpc
 
 from gateway.config import GatewayConfig
-from gateway.replies import ReplyCache
+from gateway.quota import TeamQuota
+from gateway.replies import DEFAULT_TTL_SECONDS, ReplyCache
 from gateway.routing import NoReplica, Router
+from gateway.team_slots import TeamSlots
 from gateway.traces import TraceStore
+from gateway.workers import Workers
 from headway.errors import InvalidArgument, Unavailable, pushback_ms
 from headway.grpc_util import CHANNEL_OPTIONS
 from headway.internal_auth import LOCAL, Caller, backend_metadata
@@ -43,14 +46,37 @@ class Gateway:
         self.store = CheckpointStore(config.store, recover=False)  # the trainer writes
         self.keys = KeyRing(config.store)
         self.router = Router(redis, config.redis_prefix, config.registry_cache_seconds)
-        self.traces = TraceStore(redis, config.redis_prefix, config.trace_retention_seconds)
-        self.replies = ReplyCache(redis, config.redis_prefix)
+        self._limits(config, redis)
         self.trainer = grpc.aio.insecure_channel(config.trainer, options=CHANNEL_OPTIONS)
         self._raw: dict[str, Any] = {}
+
+    def _limits(self, config: GatewayConfig, redis: Any) -> None:
+        """Traces and stored replies under their Redis caps (one quota per team for both),
+        the per-team call slots and the worker threads of the HTTP API."""
+        quota = TeamQuota.for_retention(
+            config.redis_prefix,
+            config.max_team_redis_bytes,
+            config.trace_retention_seconds,
+            DEFAULT_TTL_SECONDS,
+        )
+        self.traces = TraceStore(
+            redis,
+            config.redis_prefix,
+            config.trace_retention_seconds,
+            max_turn_bytes=config.max_turn_bytes,
+            max_turns=config.max_trace_turns,
+            quota=quota,
+        )
+        self.replies = ReplyCache(
+            redis, config.redis_prefix, max_reply_bytes=config.max_stored_reply_bytes, quota=quota
+        )
+        self.slots = TeamSlots(config.max_calls_per_team)
+        self.workers = Workers(config.http_worker_threads)
 
     async def close(self) -> None:
         await self.router.close()
         await self.trainer.close()
+        self.workers.close()
 
     # ------------------------------------------------------------------ auth
     def caller(self, metadata: Metadata | None) -> Caller:

@@ -8,8 +8,13 @@ in a trace (its `trace_id` comes back on the choice, and at the top for n = 1);
 continued multi-turn trajectory, token-exact); `trace_id` appends the turn to an existing
 trace. A request that records a trace and carries an `Idempotency-Key` header is answered
 once: a retry gets the stored reply (see `gateway.replies`). Errors use OpenAI's JSON
-shape. Chat templates are rendered here, from the base's tokenizer files (no torch in the
-gateway).
+shape (`gateway.http_errors`). Chat templates are rendered here, from the base's tokenizer
+files (no torch in the gateway).
+
+Each request holds a slot of its team until its response ends (`gateway.team_slots`); its
+body is size-limited before it is read (`BodyLimit`). Parsing, parameter checks, chat
+rendering, tokenizing and reply encoding (`gateway.http_params`) run on the worker threads
+(`gateway.workers`), never on the event loop that also serves gRPC.
 """
 
 from __future__ import annotations
@@ -25,81 +30,25 @@ from typing import Any
 import grpc
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from redis.exceptions import RedisError
 
 from gateway import replies
 from gateway.core import Gateway
-from headway.errors import (
-    HeadwayError,
-    InvalidArgument,
-    Overloaded,
-    from_http,
-    from_status,
-    pushback_ms,
-)
+from gateway.http_errors import HTTPError, domain_error_response, error_response
+from gateway.http_params import Completion, completion, parse_body, render_json, required_str
+from gateway.redis_errors import REDIS_ERRORS, unavailable
+from gateway.team_slots import TeamSlotsMiddleware
+from headway.errors import HeadwayError, from_status, pushback_ms
 from headway.tensors import to_tensor
 from headway.tokenizer import Tokenizer
 from headway.v1 import common_pb2, sampling_pb2
 
+__all__ = ["HTTPError", "create_app", "domain_error_response", "error_response"]
+
 log = logging.getLogger(__name__)
 
-_TYPES = {
-    401: "authentication_error",
-    429: "rate_limit_error",
-    403: "permission_error",
-    404: "invalid_request_error",
-    413: "invalid_request_error",
-    503: "server_error",
-    504: "server_error",
-}
 FINISH = {sampling_pb2.STOP_REASON_STOP: "stop", sampling_pb2.STOP_REASON_LENGTH: "length"}
-DEFAULT_MAX_TOKENS = 1024
-
-
-class HTTPError(Exception):
-    """An error with an HTTP status and an OpenAI error code."""
-
-    def __init__(
-        self, status: int, message: str, code: str | None = None, param: str | None = None
-    ):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-
-
-def error_response(
-    status: int,
-    message: str,
-    code: str | None = None,
-    param: str | None = None,
-    grpc_status: str | None = None,
-) -> JSONResponse:
-    """An error in OpenAI's JSON shape, plus `status`: the gRPC status name of the same
-    error, so a client (our agents) maps HTTP and gRPC failures to the same exception."""
-    body = {
-        "error": {
-            "message": message,
-            "type": _TYPES.get(status, "invalid_request_error"),
-            "param": param,
-            "code": code,
-            "status": grpc_status or from_http(status, message).code,
-        }
-    }
-    return JSONResponse(body, status_code=status)
-
-
-def domain_error_response(e: HeadwayError) -> JSONResponse:
-    """The HTTP answer for a domain or upstream error, at the status its class names."""
-    code = "model_not_found" if e.http_status == 404 else None
-    if isinstance(e, Overloaded):
-        code = "overloaded"
-    response = error_response(e.http_status, e.message, code, grpc_status=e.code)
-    if isinstance(e, Overloaded):
-        # At capacity right now: 429 with when to retry, which the openai client (and
-        # most HTTP clients) honour with a backoff.
-        ms = e.retry_after_ms
-        response.headers["retry-after-ms"] = str(ms)
-        response.headers["retry-after"] = str(max(1, -(-ms // 1000)))
-    return response
 
 
 class BodyLimit:
@@ -134,14 +83,15 @@ class BodyLimit:
 
 
 def create_app(gateway: Gateway) -> Any:
-    """The FastAPI app (wrapped in the body limit) for one gateway."""
+    """The FastAPI app (wrapped in the team slots and the body limit) for one gateway."""
     app = FastAPI(title="Headway gateway", docs_url=None, redoc_url=None, openapi_url=None)
     tokenizers: dict[str, Tokenizer] = {}
 
-    def tokenizer_for(model: str) -> Tokenizer:
+    async def tokenizer_for(model: str, team: str) -> Tokenizer:
         base = gateway.store.get_model(model).base
         if base not in tokenizers:
-            tokenizers[base] = Tokenizer.from_dir(gateway.store.get_model(base).path)
+            path = gateway.store.get_model(base).path
+            tokenizers[base] = await gateway.workers.run(team, Tokenizer.from_dir, path)
         return tokenizers[base]
 
     @app.exception_handler(HTTPError)
@@ -157,25 +107,20 @@ def create_app(gateway: Gateway) -> Any:
         name = e.code().name
         return domain_error_response(from_status(name, e.details() or name, pushback_ms(e)))
 
+    @app.exception_handler(RedisError)
+    async def _redis_error(request: Request, e: RedisError) -> JSONResponse:
+        return domain_error_response(unavailable(e))
+
     @app.exception_handler(ValueError)
     async def _value_error(request: Request, e: ValueError) -> JSONResponse:
         return error_response(400, str(e))
 
-    def team_of(request: Request) -> str:
-        return gateway.team([("authorization", request.headers.get("authorization", ""))])
-
-    async def body_of(request: Request) -> dict[str, Any]:
-        try:
-            body = json.loads(await request.body())
-        except json.JSONDecodeError as e:
-            raise HTTPError(400, f"request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise HTTPError(400, "request body must be a JSON object")
-        return body
+    def team_of(headers: Any) -> str:
+        return gateway.team([("authorization", headers.get("authorization", ""))])
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
-        team = team_of(request)
+        team = team_of(request.headers)
         return {
             "object": "list",
             "data": [
@@ -191,44 +136,40 @@ def create_app(gateway: Gateway) -> Any:
             ],
         }
 
+    async def complete(request: Request, *, chat: bool) -> Response:
+        team = team_of(request.headers)
+        # Parsing, rendering and tokenizing run on worker threads, off the loop.
+        body = await gateway.workers.run(team, parse_body, await request.body())
+        model = required_str(body, "model")
+        context = int(gateway.model(model, team).arch["max_context"])
+        tok = await tokenizer_for(model, team)
+        prepare = partial(completion, chat=chat)
+        req = await gateway.workers.run(team, prepare, tok, body, model, context)
+
+        async def run() -> Any:
+            return await _complete(gateway, tok, req, team, chat=chat)
+
+        return await _once(gateway, request, team, body, req, run)
+
     @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Any:
-        team = team_of(request)
-        body = await body_of(request)
-        model = _required_str(body, "model")
-        gateway.model(model, team)
-        tok = tokenizer_for(model)
-        if body.get("prompt_token_ids") is not None:
-            prompt = _token_list(body["prompt_token_ids"], "prompt_token_ids")
-        else:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise HTTPError(400, "messages must be a non-empty list", param="messages")
-            prompt = tok.apply_chat_template(
-                [_message(m, i) for i, m in enumerate(messages)], add_generation_prompt=True
-            )
-        run = partial(_complete, gateway, tok, body, model, team, prompt, chat=True)
-        return await _once(gateway, request, team, body, run)
+    async def chat(request: Request) -> Response:
+        return await complete(request, chat=True)
 
     @app.post("/v1/completions")
-    async def completions(request: Request) -> Any:
-        team = team_of(request)
-        body = await body_of(request)
-        model = _required_str(body, "model")
-        gateway.model(model, team)
-        tok = tokenizer_for(model)
-        raw = body.get("prompt_token_ids", body.get("prompt"))
-        if isinstance(raw, str):
-            prompt = tok.encode(raw)
-        elif isinstance(raw, list) and raw and all(isinstance(t, int) for t in raw):
-            prompt = _token_list(raw, "prompt")
-        else:
-            raise HTTPError(400, "prompt must be a string or a list of token ids", param="prompt")
-        body.setdefault("max_tokens", 16)  # OpenAI's default for completions
-        run = partial(_complete, gateway, tok, body, model, team, prompt, chat=False)
-        return await _once(gateway, request, team, body, run)
+    async def completions(request: Request) -> Response:
+        return await complete(request, chat=False)
 
-    return BodyLimit(app, gateway.config.max_body_bytes)
+    limited = BodyLimit(app, gateway.config.max_body_bytes)
+    return TeamSlotsMiddleware(limited, gateway.slots, team_of, domain_error_response)
+
+
+async def _json(gateway: Gateway, team: str, out: Any) -> Response:
+    """The response for what a completion returned: a stream as it is, a reply's JSON
+    encoded on a worker thread."""
+    if isinstance(out, Response):
+        return out
+    data = await gateway.workers.run(team, render_json, out)
+    return Response(data, media_type="application/json")
 
 
 async def _once(
@@ -236,8 +177,9 @@ async def _once(
     request: Request,
     team: str,
     body: dict[str, Any],
+    req: Completion,
     run: Callable[[], Awaitable[Any]],
-) -> Any:
+) -> Response:
     """The reply of `run()`, run at most once per Idempotency-Key when the request records
     a trace.
 
@@ -245,73 +187,55 @@ async def _once(
     repeat is harmless), the request just runs.
     """
     key = request.headers.get(replies.HEADER)
-    if key is None or not body.get("return_token_ids"):
-        return await run()
-    if body.get("stream"):
+    if key is None or not req.return_token_ids:
+        return await _json(gateway, team, await run())
+    if req.stream:
         raise HTTPError(
             400,
             "Idempotency-Key is supported on non-streaming requests: drop stream, or the key",
             param="stream",
         )
-    key, digest = replies.check_key(key), replies.body_digest(body)
+    key = replies.check_key(key)
+    digest = await gateway.workers.run(team, replies.body_digest, body)
     stored = await gateway.replies.claim(team, key, digest)
     if stored is not None:
-        return stored
+        return Response(stored, media_type="application/json")
     try:
         out = await run()
+        data = await gateway.workers.run(team, render_json, out)
     except BaseException:
         await gateway.replies.release(team, key)
         raise
     try:
-        await gateway.replies.store(team, key, digest, out)
+        traces = [c["trace_id"] for c in out["choices"]]
+        await gateway.replies.store(team, key, digest, data, traces)
     except Exception:
         # The turn is recorded: answer it anyway (a retry would find the key still
         # claimed, 409, rather than record the turn twice).
         log.exception("could not store the reply of an Idempotency-Key request")
+    return Response(data, media_type="application/json")
+
+
+def _choices(
+    tok: Tokenizer, reply: sampling_pb2.SampleResponse, req: Completion, chat: bool
+) -> list[tuple[dict[str, Any], list[int], list[float]]]:
+    """Each sequence's choice (without its trace), token ids and logprobs (worker thread:
+    every token is decoded for the logprobs)."""
+    out = []
+    for i, seq in enumerate(reply.sequences):
+        ids = np.frombuffer(seq.tokens.data, np.int32).tolist()
+        lps = np.frombuffer(seq.logprobs.data, np.float32).tolist()
+        choice: dict[str, Any] = {"index": i, "finish_reason": FINISH.get(seq.stop_reason, "stop")}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": seq.text}
+        else:
+            choice["text"] = seq.text
+        choice["logprobs"] = _token_logprobs(tok, ids, lps) if req.logprobs else None
+        if req.return_token_ids:
+            choice["token_ids"] = ids
+            choice["prompt_token_ids"] = req.prompt
+        out.append((choice, ids, lps))
     return out
-
-
-def _required_str(body: dict[str, Any], name: str) -> str:
-    value = body.get(name)
-    if not isinstance(value, str) or not value:
-        raise HTTPError(400, f"{name} is required (a string)", param=name)
-    return value
-
-
-def _token_list(value: Any, name: str) -> list[int]:
-    if not isinstance(value, list) or not value or not all(isinstance(t, int) for t in value):
-        raise HTTPError(400, f"{name} must be a non-empty list of token ids", param=name)
-    return value
-
-
-def _message(m: Any, i: int) -> dict[str, Any]:
-    if not isinstance(m, dict) or "role" not in m:
-        raise HTTPError(400, f"messages[{i}] must be an object with a role", param="messages")
-    content = m.get("content")
-    if isinstance(content, list):  # content parts: keep the text ones
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return {**m, "content": content if content is not None else ""}
-
-
-def _params(body: dict[str, Any], prompt_len: int, context: int) -> common_pb2.SamplingParams:
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = max(1, min(DEFAULT_MAX_TOKENS, context - prompt_len))
-    stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    params = common_pb2.SamplingParams(
-        max_tokens=int(max_tokens), n=int(body.get("n") or 1), stop=stops
-    )
-    for name in ("temperature", "top_p"):
-        if body.get(name) is not None:
-            setattr(params, name, float(body[name]))
-    if body.get("top_k") is not None:
-        params.top_k = int(body["top_k"])
-    if body.get("seed") is not None:
-        params.seed = int(body["seed"])
-    if body.get("ignore_eos"):
-        params.ignore_eos = True
-    return params
 
 
 def _token_logprobs(tok: Tokenizer, ids: list[int], lps: list[float]) -> dict[str, Any]:
@@ -325,90 +249,59 @@ def _token_logprobs(tok: Tokenizer, ids: list[int], lps: list[float]) -> dict[st
 
 
 async def _record(
-    gateway: Gateway,
-    body: dict[str, Any],
-    model: str,
-    team: str,
-    prompt: list[int],
-    ids: list[int],
-    lps: list[float],
-    checkpoint: str,
-    n: int,
+    gateway: Gateway, req: Completion, team: str, ids: list[int], lps: list[float], checkpoint: str
 ) -> str:
+    """Record a sampled turn in the request's trace (a new one unless it names one)."""
     turn = common_pb2.Turn(
-        prompt_tokens=to_tensor(prompt, common_pb2.DTYPE_INT32),
+        prompt_tokens=req.prompt_tokens,
         completion_tokens=to_tensor(ids, common_pb2.DTYPE_INT32),
         completion_logprobs=to_tensor(lps, common_pb2.DTYPE_FLOAT32),
         checkpoint=checkpoint,
     )
-    continued = body.get("trace_id") or ""
-    if continued and n != 1:
-        raise InvalidArgument("trace_id continues one trajectory: use it with n = 1")
-    trace_id, _ = await gateway.traces.record_turn(continued, model, team, turn)
+    trace_id, _ = await gateway.traces.record_turn(req.trace_id, req.model, team, turn)
     return trace_id
 
 
 async def _complete(
-    gateway: Gateway,
-    tok: Tokenizer,
-    body: dict[str, Any],
-    model: str,
-    team: str,
-    prompt: list[int],
-    *,
-    chat: bool,
+    gateway: Gateway, tok: Tokenizer, req: Completion, team: str, *, chat: bool
 ) -> Any:
-    record = gateway.store.get_model(model)
-    params = _params(body, len(prompt), int(record.arch["max_context"]))
+    """Sample a checked completion request; its reply (a dict) or a streaming response."""
     request = sampling_pb2.SampleRequest(
-        model=model,
-        prompt_tokens=to_tensor(prompt, common_pb2.DTYPE_INT32),
-        params=params,
-        checkpoint=str(body.get("checkpoint") or ""),
+        model=req.model,
+        prompt_tokens=req.prompt_tokens,
+        params=req.params,
+        checkpoint=req.checkpoint,
     )
-    want_ids = bool(body.get("return_token_ids"))
-    want_lps = bool(body.get("logprobs")) or want_ids
     created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-    if body.get("stream"):
+    if req.stream:
         return StreamingResponse(
-            _stream(gateway, tok, body, request, team, prompt, chat, want_ids, created, rid),
+            _stream(gateway, req, request, team, chat, created, rid),
             media_type="text/event-stream",
         )
     reply = await gateway.sample(request, team, timeout=None)
     choices, completion_tokens, traces = [], 0, []
-    for i, seq in enumerate(reply.sequences):
-        ids = np.frombuffer(seq.tokens.data, np.int32).tolist()
-        lps = np.frombuffer(seq.logprobs.data, np.float32).tolist()
+    for choice, ids, lps in await gateway.workers.run(team, _choices, tok, reply, req, chat):
         completion_tokens += len(ids)
-        choice: dict[str, Any] = {"index": i, "finish_reason": FINISH.get(seq.stop_reason, "stop")}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": seq.text}
-        else:
-            choice["text"] = seq.text
-        choice["logprobs"] = _token_logprobs(tok, ids, lps) if want_lps else None
-        if want_ids:
-            choice["token_ids"] = ids
-            choice["prompt_token_ids"] = prompt
-            choice["trace_id"] = await _record(
-                gateway, body, model, team, prompt, ids, lps, reply.checkpoint, len(reply.sequences)
-            )
+        if req.return_token_ids:
+            choice["trace_id"] = await _record(gateway, req, team, ids, lps, reply.checkpoint)
             traces.append(choice["trace_id"])
         choices.append(choice)
+    prompt_len = len(req.prompt)
     out: dict[str, Any] = {
         "id": rid,
         "object": "chat.completion" if chat else "text_completion",
         "created": created,
-        "model": model,
+        "model": req.model,
         "choices": choices,
         "checkpoint": reply.checkpoint,
         "usage": {
-            "prompt_tokens": len(prompt),
+            "prompt_tokens": prompt_len,
             "completion_tokens": completion_tokens,
-            "total_tokens": len(prompt) + completion_tokens,
+            "total_tokens": prompt_len + completion_tokens,
         },
     }
-    if want_ids:
-        out["prompt_token_ids"] = prompt
+    if req.return_token_ids:
+        out["prompt_token_ids"] = req.prompt
         if len(traces) == 1:
             out["trace_id"] = traces[0]
     return out
@@ -416,19 +309,17 @@ async def _complete(
 
 async def _stream(
     gateway: Gateway,
-    tok: Tokenizer,
-    body: dict[str, Any],
-    request: Any,
+    req: Completion,
+    request: sampling_pb2.SampleRequest,
     team: str,
-    prompt: list[int],
     chat: bool,
-    want_ids: bool,
     created: int,
     rid: str,
 ) -> AsyncIterator[bytes]:
     kind = "chat.completion.chunk" if chat else "text_completion"
     per: dict[int, tuple[list[int], list[float]]] = {}
     checkpoint = request.checkpoint
+    want_ids = req.return_token_ids
 
     def event(choice: dict[str, Any], **extra: Any) -> bytes:
         data = {
@@ -467,18 +358,12 @@ async def _stream(
                 choice["finish_reason"] = FINISH.get(chunk.stop_reason, "stop")
                 if want_ids:
                     choice["trace_id"] = await _record(
-                        gateway,
-                        body,
-                        request.model,
-                        team,
-                        prompt,
-                        seen[0],
-                        seen[1],
-                        checkpoint,
-                        request.params.n or 1,
+                        gateway, req, team, seen[0], seen[1], checkpoint
                     )
-            yield event(choice, **({"prompt_token_ids": prompt} if want_ids and first else {}))
-    except (HeadwayError, grpc.aio.AioRpcError) as e:
+            yield event(choice, **({"prompt_token_ids": req.prompt} if want_ids and first else {}))
+    except (HeadwayError, grpc.aio.AioRpcError, *REDIS_ERRORS) as e:
+        if isinstance(e, REDIS_ERRORS):
+            e = unavailable(e)
         message = e.message if isinstance(e, HeadwayError) else (e.details() or "")
         error = {"error": {"message": message, "type": "server_error"}}
         yield f"data: {json.dumps(error)}\n\n".encode()

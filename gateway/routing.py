@@ -11,16 +11,19 @@ answers UNAVAILABLE is skipped for a few seconds and the request goes to the nex
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import defaultdict
 from typing import Any
 
 import grpc
 
+from gateway.redis_errors import REDIS_ERRORS
 from headway.grpc_util import CHANNEL_OPTIONS
 from headway.replicas import ReplicaInfo, list_replicas
 from headway.v1 import sampling_pb2_grpc
 
+log = logging.getLogger(__name__)
 SUSPECT_SECONDS = 3.0  # how long a replica that failed is passed over
 
 
@@ -48,8 +51,14 @@ class Router:
         if not self._fetched or not self._replicas:
             await self._refresh()
         elif now - self._fetched > self.cache_seconds and self._refreshing is None:
-            self._refreshing = asyncio.ensure_future(self._refresh())
+            self._refreshing = asyncio.ensure_future(self._refresh_in_background())
         return self._replicas
+
+    async def _refresh_in_background(self) -> None:
+        try:
+            await self._refresh()
+        except REDIS_ERRORS as e:  # keep routing on the last listing; callers are not waiting
+            log.warning("could not refresh the replica registry: %s", e)
 
     async def _refresh(self) -> None:
         try:

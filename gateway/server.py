@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from gateway.config import GatewayConfig
 from gateway.core import Gateway
+from gateway.grpc_limits import CallLimits, SizeLimit
 from gateway.grpc_services import GatewaySampling, relay_handlers
 from gateway.health import HealthMonitor
 from gateway.trace_service import TraceServicer
@@ -79,7 +80,9 @@ async def create_gateway(
     )
     redis = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
     gateway = Gateway(config, redis)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(
+        options=_server_options(config), interceptors=[call_limits(config, gateway)]
+    )
     server.add_generic_rpc_handlers(relay_handlers(gateway))
     sampling_pb2_grpc.add_SamplingServiceServicer_to_server(GatewaySampling(gateway), server)
 
@@ -134,6 +137,32 @@ def check_exposure(config: GatewayConfig, address: str) -> None:
                 "(--auth on, keys from `headway keys create`), listen on 127.0.0.1, or pass "
                 "--insecure if every machine that can reach it is trusted"
             )
+
+
+# The config field that limits the requests of each service of the contract.
+REQUEST_LIMITS = {
+    "headway.v1.ModelService": "max_model_request_bytes",
+    "headway.v1.SamplingService": "max_sampling_request_bytes",
+    "headway.v1.TrainingService": "max_training_request_bytes",
+    "headway.v1.TraceService": "max_trace_request_bytes",
+}
+
+
+def call_limits(config: GatewayConfig, gateway: Gateway) -> CallLimits:
+    """The interceptor that checks each call's size and its team's slots, and maps Redis
+    errors; health and reflection are held to the ModelService limit."""
+    assert set(REQUEST_LIMITS) == set(SERVICES)
+    limits = {name: SizeLimit(getattr(config, f), f) for name, f in REQUEST_LIMITS.items()}
+    other = limits["headway.v1.ModelService"]
+    return CallLimits(limits, other, gateway.team, gateway.slots)
+
+
+def _server_options(config: GatewayConfig) -> list[tuple[str, int]]:
+    """The shared server options, receiving up to the largest per-service limit (each call
+    is then checked against its own by `call_limits`)."""
+    largest = max(getattr(config, field) for field in REQUEST_LIMITS.values())
+    options = [o for o in SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length"]
+    return [*options, ("grpc.max_receive_message_length", largest)]
 
 
 async def _start_http(process: GatewayProcess, listen: str) -> None:

@@ -29,9 +29,15 @@ Why this shape:
 * Each write is one Lua script, atomic in Redis: the ownership check, the append and the
   expiry happen together, so a trace that expires between a check and a write cannot be
   half re-created (a turns list without its hash, or a hash without a deadline). Reads take
-  the hash and the list in one MULTI/EXEC, so a reply never mixes two states.
+  the hash and the list in one read-only script, so a reply never mixes two states (and,
+  unlike MULTI/EXEC, reads still work when Redis is full under `noeviction`).
 * `created` comes from Redis' TIME, the clock that enforces the expiry, so `expires` in a
   reply is exactly when the trace disappears, whichever gateway replica wrote it.
+
+Caps, so that one team cannot fill Redis (each RESOURCE_EXHAUSTED, changing nothing): a
+turn's serialized size (`max_turn_bytes`, checked before Redis), the turns of one trace
+(`max_turns`) and the team's bytes across its live traces and stored replies (a
+`gateway.quota.TeamQuota`, counted and checked in the same script as the append).
 
 Gateway code: imports no torch (numpy through `headway.tensors` only).
 """
@@ -47,12 +53,15 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from headway.errors import FailedPrecondition, InvalidArgument, NotFound
+from gateway.quota import LUA, OVERHEAD, TeamQuota
+from headway.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from headway.turns import turn_arrays
 from headway.v1 import common_pb2, trace_pb2
 
 DEFAULT_PREFIX = "headway:"
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
+DEFAULT_MAX_TURN_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_TURNS = 1024
 
 # `tr-` + 96 random bits in hex. Ids that do not have this shape are NOT_FOUND without a
 # Redis round trip, which also keeps client input from forming other keys ("x:turns").
@@ -61,31 +70,45 @@ _NEW_ID_ATTEMPTS = 5
 
 # KEYS: trace hash, turns list, [request key]
 # ARGV: mode ("new" | "append"), team, model ("" = the trace's, when appending), turn bytes,
-#       retention in ms, trace id
+#       retention in ms, trace id, max turns per trace, bytes the turn counts for the team,
+#       then the team quota's four arguments (gateway.quota)
 # Returns {"ok", "<id> <index>"}, {"dup", "<id> <index>"} (the stored reply of the same
-# request_id), {"missing"} (unknown, expired or another team's), {"model", <trace's model>}
-# or {"taken"} (a new id that already exists: pick another).
-_RECORD_TURN = """
+# request_id), {"missing"} (unknown, expired or another team's), {"model", <trace's model>},
+# {"taken"} (a new id that already exists: pick another), {"full", <turns>} (the trace has
+# max turns) or {"quota", <team's bytes>} (the turn would pass the team's cap). Every
+# check comes before the first write: a refused turn changes nothing.
+_RECORD_TURN = (
+    LUA
+    + """
 local req = KEYS[3]
 if req then
   local prev = redis.call('GET', req)
   if prev then return {'dup', prev} end
 end
+local now = quota_now()
+local q = quota_of(ARGV, 9)
 local deadline
 if ARGV[1] == 'new' then
   if redis.call('EXISTS', KEYS[1]) == 1 then return {'taken'} end
-  local t = redis.call('TIME')
-  local created = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  deadline = string.format('%.0f', created + tonumber(ARGV[5]))
-  redis.call('HSET', KEYS[1], 'model', ARGV[3], 'team', ARGV[2],
-             'created', string.format('%.0f', created), 'expires', deadline,
-             'reward', '0', 'has_reward', '0')
+  deadline = string.format('%.0f', now + tonumber(ARGV[5]))
 else
   local meta = redis.call('HMGET', KEYS[1], 'team', 'model', 'expires')
   if not meta[1] or meta[1] ~= ARGV[2] then return {'missing'} end
   if ARGV[3] ~= '' and ARGV[3] ~= meta[2] then return {'model', meta[2]} end
+  local turns = redis.call('LLEN', KEYS[2])
+  if turns >= tonumber(ARGV[7]) then return {'full', string.format('%d', turns)} end
   deadline = meta[3]
 end
+local size = tonumber(ARGV[8])
+if not quota_fits(q, now, size) then
+  return {'quota', string.format('%.0f', quota_used(q, now))}
+end
+if ARGV[1] == 'new' then
+  redis.call('HSET', KEYS[1], 'model', ARGV[3], 'team', ARGV[2],
+             'created', string.format('%.0f', now), 'expires', deadline,
+             'reward', '0', 'has_reward', '0')
+end
+quota_add(q, deadline, size)
 local index = redis.call('RPUSH', KEYS[2], ARGV[4]) - 1
 redis.call('PEXPIREAT', KEYS[1], deadline)
 redis.call('PEXPIREAT', KEYS[2], deadline)
@@ -93,6 +116,7 @@ local reply = ARGV[6] .. ' ' .. string.format('%d', index)
 if req then redis.call('SET', req, reply, 'NX', 'PXAT', deadline) end
 return {'ok', reply}
 """
+)
 
 # KEYS: trace hash, turns list. ARGV: team, reward (a finite float's repr).
 # Returns {} when the trace is unknown, expired or another team's, else
@@ -103,6 +127,13 @@ if not meta[1] or meta[1] ~= ARGV[1] then return {} end
 redis.call('HSET', KEYS[1], 'reward', ARGV[2], 'has_reward', '1')
 redis.call('PEXPIREAT', KEYS[1], meta[2])
 redis.call('PEXPIREAT', KEYS[2], meta[2])
+return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
+"""
+
+# KEYS: trace hash, turns list. Returns {flat HGETALL of the hash, the turns}: both in one
+# atomic step. A script that only reads, rather than MULTI/EXEC, because Redis refuses to
+# queue commands in a MULTI once it is at maxmemory: traces stay readable when it is full.
+_READ = """
 return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
 """
 
@@ -132,7 +163,9 @@ class TraceStore:
 
     `redis` is a `redis.asyncio.Redis` client that returns bytes (decode_responses off:
     turns are binary). `prefix` namespaces every key; `retention_seconds` (> 0) is how long
-    a trace lives after its first turn, however often it is written to.
+    a trace lives after its first turn, however often it is written to. Caps: a turn of
+    more than `max_turn_bytes` (serialized), a trace of more than `max_turns` turns, and a
+    team over its `quota` are RESOURCE_EXHAUSTED; the default quota counts with no cap.
     """
 
     def __init__(
@@ -140,18 +173,28 @@ class TraceStore:
         redis: Any,
         prefix: str = DEFAULT_PREFIX,
         retention_seconds: float = DEFAULT_RETENTION_SECONDS,
+        *,
+        max_turn_bytes: int = DEFAULT_MAX_TURN_BYTES,
+        max_turns: int = DEFAULT_MAX_TURNS,
+        quota: TeamQuota | None = None,
     ) -> None:
         if not math.isfinite(retention_seconds) or retention_seconds <= 0:
             raise ValueError(f"retention_seconds is {retention_seconds}: it must be > 0")
+        if max_turn_bytes < 1 or max_turns < 1:
+            raise ValueError("max_turn_bytes and max_turns must be >= 1")
         kwargs = getattr(getattr(redis, "connection_pool", None), "connection_kwargs", {})
         if kwargs.get("decode_responses"):
             raise ValueError("TraceStore needs a Redis client with decode_responses=False")
         self.redis = redis
         self.prefix = prefix
         self.retention_seconds = retention_seconds
+        self.max_turn_bytes, self.max_turns = max_turn_bytes, max_turns
+        self.quota = quota or TeamQuota.for_retention(prefix, 0, retention_seconds)
+        self.quota.check_covers(retention_seconds, "traces")
         self._retention_ms = max(1, round(retention_seconds * 1000))
         self._record_turn = redis.register_script(_RECORD_TURN)
         self._set_reward = redis.register_script(_SET_REWARD)
+        self._read = redis.register_script(_READ)
 
     # ------------------------------------------------------------------------ keys
 
@@ -188,7 +231,8 @@ class TraceStore:
         trace must exist and belong to `team` (else NotFound), and `model`, when given,
         must be the trace's (else InvalidArgument). The turn is validated first
         (`validate_turn`) and stored bytes-exact. With a `request_id`, a retry of the same
-        (team, trace_id, request_id) returns the first reply and appends nothing.
+        (team, trace_id, request_id) returns the first reply and appends nothing. Over a
+        cap (the turn's size, the trace's turns, the team's bytes): ResourceExhausted.
         """
         validate_turn(turn)
         if trace_id:
@@ -200,6 +244,13 @@ class TraceStore:
         stored.CopyFrom(turn)
         stored.DiscardUnknownFields()
         data = stored.SerializeToString()
+        if len(data) > self.max_turn_bytes:
+            raise ResourceExhausted(
+                f"the turn is {len(data)} bytes serialized, over the limit of "
+                f"{self.max_turn_bytes} bytes per recorded turn (max_turn_bytes): record "
+                "shorter turns"
+            )
+        size = len(data) + OVERHEAD
         req = [self.request_key(team, trace_id, request_id)] if request_id else []
 
         for _ in range(_NEW_ID_ATTEMPTS):
@@ -213,6 +264,9 @@ class TraceStore:
                     data,
                     self._retention_ms,
                     tid,
+                    self.max_turns,
+                    size,
+                    *self.quota.lua_args(team),
                 ],
             )
             status = reply[0].decode()
@@ -228,6 +282,13 @@ class TraceStore:
                     f"'{theirs}': a trace holds the turns of one model; leave model empty or "
                     "start a new trace"
                 )
+            if status == "full":
+                raise ResourceExhausted(
+                    f"trace '{trace_id}' has {int(reply[1])} turns, the limit per trace "
+                    "(max_trace_turns): start a new trace for the rest of the episode"
+                )
+            if status == "quota":
+                raise ResourceExhausted(self.quota.exceeded(int(reply[1]), size, "this turn"))
             # "taken": 96 random bits collided with a live trace; draw again.
         raise RuntimeError("could not draw an unused trace id")
 
@@ -257,11 +318,8 @@ class TraceStore:
         """The trace `trace_id` of `team`; NotFound if unknown, expired or another team's."""
         if not _TRACE_ID.fullmatch(trace_id):
             raise _not_found(trace_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(self.key(trace_id))
-            pipe.lrange(self.turns_key(trace_id), 0, -1)
-            meta, turns = await pipe.execute()
-        return self._trace(trace_id, team, meta, turns)
+        meta, turns = await self._read(keys=[self.key(trace_id), self.turns_key(trace_id)])
+        return self._trace(trace_id, team, dict(zip(meta[::2], meta[1::2], strict=True)), turns)
 
     async def trajectory(self, trace_id: str, team: str) -> common_pb2.Trajectory:
         """The trace as a training `Trajectory` (with trace_id set).

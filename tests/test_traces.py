@@ -42,12 +42,12 @@ async def _model_visible(model: str, team: str) -> None:
 class TraceServer:
     """A TraceService server over Redis with its own prefix, plus a stub and a sync client."""
 
-    def __init__(self, retention_seconds: float = 3600) -> None:
+    def __init__(self, retention_seconds: float = 3600, **limits: Any) -> None:
         self.prefix = redis_prefix()
 
         async def start() -> tuple[grpc.aio.Server, int, TraceStore]:
             client = aioredis.Redis(host="127.0.0.1", port=6379)
-            store = TraceStore(client, self.prefix, retention_seconds)
+            store = TraceStore(client, self.prefix, retention_seconds, **limits)
             server = grpc.aio.server(options=CHANNEL_OPTIONS)
             trace_pb2_grpc.add_TraceServiceServicer_to_server(
                 TraceServicer(store, _team, _model_visible), server
@@ -215,6 +215,10 @@ def test_retention_expires_trace_and_keys_share_the_deadline() -> None:
         assert err.code() == grpc.StatusCode.NOT_FOUND
         err = status(lambda: short.record(TURN_2, trace_id=trace_id))
         assert err.code() == grpc.StatusCode.NOT_FOUND
+        # Nothing is left, the team's byte count included (it lapses within a bucket width).
+        deadline = time.monotonic() + 30
+        while short.keys() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert short.keys() == []
     finally:
         short.stop()
@@ -338,3 +342,84 @@ def test_empty_trace_id_is_invalid_argument(svc: TraceServer) -> None:
         err = status(call)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "trace_id is empty" in err.details()
+
+
+# ----------------------------------------------------------------------------- caps
+
+
+def used_bytes(server: TraceServer, team: str = "red") -> int:
+    return server.server.run(server.store.quota.used(server.store.redis, team))
+
+
+def test_a_turn_over_max_turn_bytes_is_resource_exhausted_and_records_nothing() -> None:
+    small = TraceServer(max_turn_bytes=200)
+    try:
+        big = turn(list(range(1, 60)), [4, 5], [-0.25, -1.5])
+        assert len(big.SerializeToString()) > 200
+        err = status(lambda: small.record(big))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_turn_bytes" in err.details() and "200" in err.details()
+        assert small.keys() == []
+        assert small.record(TURN_1).turn_index == 0  # a turn within the limit is recorded
+    finally:
+        small.stop()
+
+
+def test_a_trace_at_max_turns_refuses_the_next_turn_and_keeps_its_turns() -> None:
+    short = TraceServer(max_turns=3)
+    try:
+        trace_id = short.record(TURN_1).trace_id
+        for _ in range(2):
+            short.record(TURN_2, trace_id=trace_id)
+        err = status(lambda: short.record(TURN_2, trace_id=trace_id))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_trace_turns" in err.details() and "new trace" in err.details()
+        assert len(short.get(trace_id).turns) == 3
+        assert short.record(TURN_2).turn_index == 0  # a new trace starts afresh
+    finally:
+        short.stop()
+
+
+def test_a_team_over_its_redis_bytes_is_refused_while_other_teams_record() -> None:
+    from gateway.quota import OVERHEAD, TeamQuota
+
+    size = len(TURN_1.SerializeToString()) + OVERHEAD
+    capped = TraceServer()
+    try:
+        capped.store.quota = TeamQuota.for_retention(capped.prefix, 2 * size, 3600)
+        trace_id = capped.record(TURN_1).trace_id
+        capped.record(TURN_1, trace_id=trace_id)
+        assert used_bytes(capped) == 2 * size
+        before = capped.keys()
+        for call in (
+            lambda: capped.record(TURN_1, trace_id=trace_id),  # appending
+            lambda: capped.record(TURN_1),  # starting a new trace
+        ):
+            err = status(call)
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_team_redis_bytes" in err.details()
+        assert capped.keys() == before and len(capped.get(trace_id).turns) == 2
+        # Another team has its own count.
+        assert capped.record(TURN_1, team="blue").turn_index == 0
+        assert used_bytes(capped, "blue") == size
+    finally:
+        capped.stop()
+
+
+def test_a_teams_bytes_stop_counting_once_its_traces_expire() -> None:
+    """The count is kept in buckets by expiry time: after the trace and its bucket expire,
+    the team can record again (waits on the condition, whatever the machine's speed)."""
+    from gateway.quota import OVERHEAD, TeamQuota
+
+    size = len(TURN_1.SerializeToString()) + OVERHEAD
+    short = TraceServer(retention_seconds=1)
+    try:
+        short.store.quota = TeamQuota.for_retention(short.prefix, size, 1)
+        short.record(TURN_1)
+        deadline = time.monotonic() + 30
+        while used_bytes(short) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert used_bytes(short) == 0
+        assert short.record(TURN_1).turn_index == 0
+    finally:
+        short.stop()

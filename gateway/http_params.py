@@ -1,0 +1,356 @@
+"""The HTTP API's requests: parsing the body, checking each parameter, building the prompt.
+
+Every parameter is checked for its type and range here, so a wrong one is a 400 naming it
+(`param`), never a 500 from deep inside: `max_tokens: Infinity`, `n: 1.5`, `trace_id: 5`,
+`stop: 7`, `seed: "x"`, a message without a string role. JSON's non-finite extensions
+(`NaN`, `Infinity`, and numbers too large for a float) are refused anywhere in the body.
+Integers may be written as whole floats (`2.0`), as pydantic-based servers accept them.
+
+The functions here are CPU work proportional to the request and run on the gateway's
+worker threads (`gateway.workers`), never on the event loop; each lets go of the GIL as it
+goes, or threads would not help:
+
+- bodies up to `FAST_PARSE_BYTES` parse with json's C scanner (fast, but it holds the GIL
+  for the whole parse: ~25 ms per MiB here); larger ones walk objects and arrays in Python
+  and parse each scalar in C (several times slower, but the loop gets the GIL between
+  values);
+- text is tokenized with tokenizers' batch encode, which releases the GIL (its plain
+  `encode` does not), and only text short enough to fit the model's context is tokenized;
+- replies are encoded with json's pure-Python encoder for the same reason.
+
+Gateway code: no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import json.decoder
+import json.scanner
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from gateway.http_errors import HTTPError
+from headway.errors import ResourceExhausted
+from headway.tensors import to_tensor
+from headway.tokenizer import Tokenizer
+from headway.v1 import common_pb2
+
+FAST_PARSE_BYTES = 1024 * 1024
+INT32_MAX = 2**31 - 1
+INT64 = (-(2**63), 2**63 - 1)
+DEFAULT_MAX_TOKENS = 1024
+# Prompt text over context × (longest token's characters) × TEXT_SLACK cannot fit the
+# context; the slack covers normalizers that shorten text before it is tokenized.
+TEXT_SLACK = 2
+
+
+# ------------------------------------------------------------------------------ body
+
+
+def _no_constant(name: str) -> Any:
+    raise HTTPError(400, f"the body contains {name}: JSON numbers must be finite")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise HTTPError(400, f"the body contains {text}, too large for a number: use a finite one")
+    return value
+
+
+class _InterruptibleDecoder(json.JSONDecoder):
+    """Objects and arrays walked in Python (json's own pure-Python JSONObject/JSONArray),
+    each scalar parsed by the C scanner: several times slower than the C scanner alone,
+    but Python bytecode runs between values, so the event loop's thread gets the GIL
+    while a large body parses."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        scalar = json.scanner.c_make_scanner(self) if json.scanner.c_make_scanner else None
+        scalar = scalar or json.scanner.py_make_scanner(self)
+        strict, hook, pairs_hook, memo = self.strict, self.object_hook, self.object_pairs_hook, {}
+
+        def scan_once(s: str, idx: int) -> tuple[Any, int]:
+            char = s[idx : idx + 1]
+            if char == "{":
+                return json.decoder.JSONObject(
+                    (s, idx + 1), strict, scan_once, hook, pairs_hook, memo
+                )
+            if char == "[":
+                return json.decoder.JSONArray((s, idx + 1), scan_once)
+            return scalar(s, idx)
+
+        self.scan_once = scan_once
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object; 400 if it is not one (or holds NaN/Infinity)."""
+    cls = json.JSONDecoder if len(raw) <= FAST_PARSE_BYTES else _InterruptibleDecoder
+    try:
+        body = json.loads(raw, cls=cls, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise HTTPError(400, "request body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, too many digits
+        raise HTTPError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "request body must be a JSON object")
+    return body
+
+
+def render_json(value: Any) -> bytes:
+    """`value` as JSON bytes, with json's pure-Python encoder (it yields the GIL)."""
+    encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return "".join(encoder.iterencode(value)).encode()
+
+
+# ------------------------------------------------------------------------ parameters
+
+
+def _shown(value: Any) -> str:
+    """A short rendering of a client's value for a message (bounded work, whatever it is)."""
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    text = json.dumps(value[:40] if isinstance(value, str) else value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def required_str(body: dict[str, Any], name: str) -> str:
+    """A non-empty string parameter."""
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise HTTPError(400, f"{name} is required (a string)", param=name)
+    return value
+
+
+def optional_str(body: dict[str, Any], name: str) -> str:
+    """A string parameter; "" when absent or null."""
+    value = body.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise HTTPError(400, f"{name} must be a string; got {_shown(value)}", param=name)
+    return value
+
+
+def flag(body: dict[str, Any], name: str) -> bool:
+    """A boolean parameter; False when absent or null."""
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise HTTPError(400, f"{name} must be true or false; got {_shown(value)}", param=name)
+    return value
+
+
+def wants_logprobs(body: dict[str, Any]) -> bool:
+    """`logprobs`: a boolean (chat), or a count of top logprobs (legacy completions)."""
+    value = body.get("logprobs")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return bool(integer(body, "logprobs", low=0))
+    return flag(body, "logprobs")
+
+
+def integer(
+    body: dict[str, Any], name: str, *, low: int, high: int = INT32_MAX, default: int | None = None
+) -> int | None:
+    """An integer parameter in [low, high] (a whole float is taken); `default` if absent."""
+    value = body.get(name)
+    if value is None:
+        return default
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole:
+        raise HTTPError(400, f"{name} must be an integer; got {_shown(value)}", param=name)
+    if not low <= value <= high:
+        raise HTTPError(
+            400, f"{name} must be between {low} and {high}; got {_shown(value)}", param=name
+        )
+    return int(value)
+
+
+def number(body: dict[str, Any], name: str) -> float | None:
+    """A number parameter (finite: the parser refused the others); None if absent."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise HTTPError(400, f"{name} must be a number; got {_shown(value)}", param=name)
+    return float(value)
+
+
+def stops(body: dict[str, Any]) -> list[str]:
+    """`stop`: a string, a list of strings, or null."""
+    value = body.get("stop")
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise HTTPError(
+            400, f"stop must be a string or a list of strings; got {_shown(value)}", param="stop"
+        )
+    return value
+
+
+def token_list(value: Any, name: str) -> list[int]:
+    """A non-empty list of token ids (integers in [0, 2^31))."""
+    ok = isinstance(value, list) and value
+    if ok:
+        ok = all(type(t) is int and 0 <= t <= INT32_MAX for t in value)
+    if not ok:
+        raise HTTPError(
+            400, f"{name} must be a non-empty list of token ids (integers >= 0)", param=name
+        )
+    return value
+
+
+def messages(value: Any) -> list[dict[str, Any]]:
+    """Chat messages, each an object with a string role and text content (a string, null,
+    or a list of parts whose text parts are kept), ready for the chat template."""
+    if not isinstance(value, list) or not value:
+        raise HTTPError(400, "messages must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise HTTPError(
+                400, f"messages[{i}] must be an object with a string role", param="messages"
+            )
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            if not all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content):
+                raise HTTPError(
+                    400,
+                    f"messages[{i}].content parts must be objects with a string text",
+                    param="messages",
+                )
+            content = "".join(p.get("text", "") for p in content)
+        elif content is not None and not isinstance(content, str):
+            raise HTTPError(
+                400,
+                f"messages[{i}].content must be a string, a list of parts or null",
+                param="messages",
+            )
+        out.append({**m, "content": content if content is not None else ""})
+    return out
+
+
+def sampling_params(
+    body: dict[str, Any], prompt_len: int, context: int, default_max_tokens: int | None = None
+) -> common_pb2.SamplingParams:
+    """The SamplingParams of a completion request (ranges the sampler checks are its own).
+    Without max_tokens: `default_max_tokens`, else what the context leaves (at most 1024)."""
+    max_tokens = integer(body, "max_completion_tokens", low=1)
+    if max_tokens is None:
+        max_tokens = integer(body, "max_tokens", low=1, default=default_max_tokens)
+    if max_tokens is None:
+        max_tokens = max(1, min(DEFAULT_MAX_TOKENS, context - prompt_len))
+    params = common_pb2.SamplingParams(
+        max_tokens=max_tokens, n=integer(body, "n", low=1, default=1), stop=stops(body)
+    )
+    for name in ("temperature", "top_p"):
+        value = number(body, name)
+        if value is not None:
+            setattr(params, name, value)
+    # vLLM's -1 means "off", which is our 0.
+    params.top_k = max(0, integer(body, "top_k", low=-1, default=0) or 0)
+    seed = integer(body, "seed", low=INT64[0], high=INT64[1])
+    if seed is not None:
+        params.seed = seed
+    params.ignore_eos = flag(body, "ignore_eos")
+    return params
+
+
+# -------------------------------------------------------------------------- requests
+
+
+@dataclass
+class Completion:
+    """A checked chat or text completion request."""
+
+    model: str
+    prompt: list[int]
+    prompt_tokens: common_pb2.Tensor  # the prompt, packed for the sampler
+    params: common_pb2.SamplingParams
+    checkpoint: str  # a pinned checkpoint, "" = the head
+    trace_id: str  # the trace a recorded turn continues, "" = a new one
+    stream: bool
+    return_token_ids: bool  # return ids and logprobs, and record the turn in a trace
+    logprobs: bool
+
+
+def completion(
+    tok: Tokenizer, body: dict[str, Any], model: str, context: int, *, chat: bool
+) -> Completion:
+    """Check every parameter of a completion request and build its prompt (worker thread:
+    rendering and tokenizing take time)."""
+    prompt = chat_prompt(tok, body, context) if chat else completion_prompt(tok, body, context)
+    params = sampling_params(body, len(prompt), context, default_max_tokens=None if chat else 16)
+    record = flag(body, "return_token_ids")
+    trace_id = optional_str(body, "trace_id")
+    if record and trace_id and params.n != 1:
+        raise HTTPError(400, "trace_id continues one trajectory: use it with n = 1", param="n")
+    return Completion(
+        model=model,
+        prompt=prompt,
+        prompt_tokens=to_tensor(prompt, common_pb2.DTYPE_INT32),
+        params=params,
+        checkpoint=optional_str(body, "checkpoint"),
+        trace_id=trace_id,
+        stream=flag(body, "stream"),
+        return_token_ids=record,
+        logprobs=wants_logprobs(body) or record,
+    )
+
+
+# -------------------------------------------------------------------------- prompts
+
+
+@lru_cache(maxsize=64)
+def _longest_token(tok: Tokenizer) -> int:
+    """Characters of the longest token string: no token covers more of a prompt's text."""
+    return max((len(t) for t in tok.backend.get_vocab(with_added_tokens=True)), default=1)
+
+
+def _check_fits(tok: Tokenizer, chars: int, context: int) -> None:
+    """Refuse text that cannot fit `context` tokens before spending time tokenizing it."""
+    if chars > context * _longest_token(tok) * TEXT_SLACK:
+        raise ResourceExhausted(
+            f"the prompt is {chars} characters: more than the model's context of {context} "
+            "tokens can hold, whatever they are; shorten it"
+        )
+
+
+def encode(tok: Tokenizer, text: str, context: int, *, special: bool) -> list[int]:
+    """Token ids of `text`, refused unread if it cannot fit `context` tokens. Batch encode
+    releases the GIL; the tokenizer's plain encode holds it throughout."""
+    _check_fits(tok, len(text), context)
+    return tok.backend.encode_batch([text], add_special_tokens=special)[0].ids
+
+
+def chat_prompt(tok: Tokenizer, body: dict[str, Any], context: int) -> list[int]:
+    """The prompt of a chat request: `prompt_token_ids` when given, else the chat template
+    applied to `messages` and tokenized."""
+    if body.get("prompt_token_ids") is not None:
+        return token_list(body["prompt_token_ids"], "prompt_token_ids")
+    chat = messages(body.get("messages"))
+    _check_fits(tok, sum(len(m["content"]) for m in chat), context)
+    try:
+        text = tok.render_chat(chat, add_generation_prompt=True)
+    except TypeError as e:  # a template that meets a value of an unexpected type
+        raise HTTPError(
+            400, f"the chat template cannot render these messages: {e}", param="messages"
+        ) from None
+    return encode(tok, text, context, special=False)
+
+
+def completion_prompt(tok: Tokenizer, body: dict[str, Any], context: int) -> list[int]:
+    """The prompt of a text completion: `prompt_token_ids`, or `prompt` (text or ids)."""
+    raw = body.get("prompt_token_ids", body.get("prompt"))
+    if isinstance(raw, str):
+        return encode(tok, raw, context, special=True)
+    if isinstance(raw, list) and raw and all(type(t) is int for t in raw):
+        return token_list(raw, "prompt")
+    raise HTTPError(400, "prompt must be a string or a list of token ids", param="prompt")
