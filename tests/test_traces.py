@@ -25,7 +25,7 @@ from headway.errors import FailedPrecondition, NotFound
 from headway.grpc_util import CHANNEL_OPTIONS, team_of
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, trace_pb2, trace_pb2_grpc
-from tests.stack import ServerThread, redis_prefix, team_md
+from tests.stack import REDIS_URL, ServerThread, redis_prefix, team_md, wait_until
 
 MODELS = {"alpha", "beta"}
 
@@ -46,7 +46,7 @@ class TraceServer:
         self.prefix = redis_prefix()
 
         async def start() -> tuple[grpc.aio.Server, int, TraceStore]:
-            client = aioredis.Redis(host="127.0.0.1", port=6379)
+            client = aioredis.from_url(REDIS_URL)
             store = TraceStore(client, self.prefix, retention_seconds)
             server = grpc.aio.server(options=CHANNEL_OPTIONS)
             trace_pb2_grpc.add_TraceServiceServicer_to_server(
@@ -59,7 +59,7 @@ class TraceServer:
         self.store: TraceStore = self.server.payload
         self.channel = self.server.channel()
         self.stub = trace_pb2_grpc.TraceServiceStub(self.channel)
-        self.redis = redis.Redis(host="127.0.0.1", port=6379)
+        self.redis = redis.Redis.from_url(REDIS_URL)
 
     def keys(self) -> list[bytes]:
         return sorted(self.redis.scan_iter(match=self.prefix + "*"))
