@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from headway.v1 import common_pb2, model_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +32,7 @@ def test_the_readme_shows_examples_train_py_verbatim():
     assert TRAIN_PY.read_text() in blocks, "README.md must show examples/train.py as it is"
 
 
+@pytest.mark.slow
 def test_examples_train_py_trains_against_a_stack(gateway_stack, tiny_arith):
     stack = gateway_stack
     stack.add_base(tiny_arith[0], "tiny-arith")
@@ -57,6 +60,7 @@ def test_examples_train_py_trains_against_a_stack(gateway_stack, tiny_arith):
     assert head.stats.num_datums == 16 and 0.0 <= head.stats.reward_mean <= 1.0
 
 
+@pytest.mark.slow
 def test_make_demo_runs_end_to_end(tmp_path, tiny_arith):
     home = tmp_path / "home"
     shutil.copytree(tiny_arith[0], home / "bases" / "tiny-arith")  # a cache hit: no rebuild

@@ -149,6 +149,7 @@ def ports() -> dict[str, int]:
     return chosen
 
 
+@pytest.mark.slow
 def test_serve_end_to_end(tmp_path: Path, ports: dict[str, int]) -> None:
     store = tmp_path / "store"
     base = make_tiny_base(tmp_path / "tiny-base")
@@ -236,6 +237,7 @@ def test_serve_end_to_end(tmp_path: Path, ports: dict[str, int]) -> None:
         serve.kill()
 
 
+@pytest.mark.slow
 def test_serve_stops_everything_when_a_service_dies(tmp_path: Path, ports: dict[str, int]) -> None:
     serve = Serve(
         tmp_path,
