@@ -103,6 +103,7 @@ def test_a_branch_is_indented_under_its_origin(cli, gateway_stack):
     assert lines[-1].startswith(f"▶ └ {branch}  step 2") and f"(branch from {ids[0]})" in lines[-1]
 
 
+@pytest.mark.slow
 def test_plot_draws_the_heads_lineage(cli, gateway_stack, tmp_path):
     cli("models", "fork", "tiny", "--name", "m", "--lora-rank", "4")
     code, _, err = cli("models", "plot", "m", "-o", str(tmp_path / "r.png"))

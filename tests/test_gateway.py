@@ -73,6 +73,7 @@ def code_of(call) -> tuple[str, str]:
     return err.value.code().name, err.value.details()
 
 
+@pytest.mark.slow
 def test_read_your_writes_without_head_events(tmp_path, tiny_base):
     # The trainer publishes under another prefix: no head event ever reaches the replica.
     trainer = TrainerStack(tmp_path / "store")
