@@ -124,6 +124,7 @@ def test_every_service_health_and_reflection_on_one_port(gateway_stack):
     } <= names
 
 
+@pytest.mark.slow
 def test_health_follows_the_trainer_and_the_sampler_replicas(tmp_path, tiny_base):
     """SERVING per service only while what it needs answers: a load balancer can trust it."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -178,6 +179,7 @@ def test_health_follows_the_trainer_and_the_sampler_replicas(tmp_path, tiny_base
                 node.stop()
 
 
+@pytest.mark.slow
 def test_a_full_replica_passes_requests_on_and_callers_are_told_to_retry(tmp_path, tiny_base):
     """A replica at capacity refuses with RESOURCE_EXHAUSTED + gRPC retry pushback: the
     gateway tries another replica; with none free, gRPC callers get the pushback, HTTP
@@ -640,6 +642,7 @@ def test_keys_and_teams(gateway_stack):
         node.stop()
 
 
+@pytest.mark.slow
 def test_deadline_propagates_and_frees_the_rows(gateway_stack):
     """A Sample whose deadline passes while its rows decode ends DEADLINE_EXCEEDED, the
     deadline reaches the sampler (its job is cancelled) and the rows leave the engine. The

@@ -161,6 +161,7 @@ def test_pinned_checkpoint_is_served_exactly_and_unknown_is_not_found(sampling_s
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+@pytest.mark.slow
 def test_a_reload_never_changes_weights_under_a_sequence_in_flight(sampling_stack, full):
     """The engine is held after 5 tokens (EngineGate, a stall injected into the real
     sampler) until the head event is queued, so the reload lands mid-sequence on any
@@ -316,6 +317,7 @@ def test_cancelling_a_stream_frees_its_rows(sampling_stack):
         wait_until(lambda: stack.sampler.sampler.live_rows == 0, what="the cancelled rows to leave")
 
 
+@pytest.mark.slow
 def test_a_waiting_request_counts_its_rows_in_the_reported_load(sampling_stack):
     """Load is in sequences: a queued request of n=3 weighs 3, like 3 decoding rows. The
     engine is held at its first decode step (EngineGate, a stall injected into the real
@@ -425,6 +427,7 @@ def test_another_teams_model_is_not_found(sampling_stack):
     assert stack.sampler.stub.Sample(req, metadata=team_md("red")).checkpoint
 
 
+@pytest.mark.slow
 def test_replica_heartbeats_into_the_registry(sampling_stack):
     stack = sampling_stack
     sample(stack, "tiny", max_tokens=2)
@@ -449,6 +452,7 @@ def test_replica_heartbeats_into_the_registry(sampling_stack):
     assert 0 < ttl <= 5000
 
 
+@pytest.mark.slow
 def test_a_head_missed_while_redis_was_down_is_reconciled_on_reconnect(trainer_stack, tmp_path):
     from tests.stack import PrivateRedis, SamplerReplica, free_port
 

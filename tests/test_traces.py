@@ -199,6 +199,7 @@ def test_malformed_trace_id_is_not_found(svc: TraceServer) -> None:
         assert status(lambda tid=tid: svc.get(tid)).code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.slow
 def test_retention_expires_the_trace_and_every_key() -> None:
     """A trace of a 1 s retention is gone once Redis has expired it, every key at once (the
     keys share one deadline: see the next test). Checked only after the expiry: before it,
