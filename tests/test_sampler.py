@@ -169,6 +169,8 @@ def test_a_reload_never_changes_weights_under_a_sequence_in_flight(sampling_stac
     stack = sampling_stack
     sampler = stack.sampler.sampler
     first = trained(stack, "m", full=full)
+    # Its head event handled: the only event the replica can have queued below is the next.
+    wait_until(lambda: f"m/{first.checkpoint}" in sampler.loaded_checkpoints(), what="a load")
     request = sampling_pb2.SampleRequest(
         model="m",
         prompt_tokens=to_tensor(PROMPT),
