@@ -1,4 +1,5 @@
-# Headway: `make install` sets up .venv (CPU torch from this machine's disk first), `make test` runs the suite.
+# Headway: `make install` sets up .venv (CPU torch from this machine's disk first), `make test` runs the suite
+# (`make test-fast`: all but the slow tests).
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +14,7 @@ NODE_DIR   := clients/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 HAVE_NODE  := $(shell command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 && echo yes)
 
-.PHONY: install test lint protos demo bench bench-model bench-trainer bench-sampler bench-gateway clean
+.PHONY: install test test-fast lint protos demo bench bench-model bench-trainer bench-sampler bench-gateway clean
 
 install: $(STAMP) $(if $(HAVE_NODE),$(NODE_STAMP))
 
@@ -33,6 +34,10 @@ $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 
 test: install
 	$(PY) -m pytest -q
+
+# The developer's inner loop: every test not marked slow (under a minute on 2 cores).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check .

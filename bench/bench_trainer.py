@@ -52,8 +52,8 @@ from headway.v1 import (  # noqa: E402
     training_pb2,
     training_pb2_grpc,
 )
+from tests.stack import REDIS_URL  # noqa: E402  ($HEADWAY_TEST_REDIS_URL, :6379 or embedded)
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 BATCH, SEQ, PROMPT = 8, 128, 16  # datums, tokens per datum, masked leading positions
 LR, BETAS, EPS = 1e-5, (0.9, 0.95), 1e-8  # AdamParams defaults, weight decay 0 both sides
 LOSS = "importance_sampling"

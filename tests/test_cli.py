@@ -51,6 +51,7 @@ def test_fork_list_tree_and_head_set(cli, gateway_stack):
     assert code == 0 and out.startswith(f"▶ {ids[0]}") and "loss:sum" in out
 
 
+@pytest.mark.slow
 def test_export_peft_loads_in_peft_and_hf_in_transformers(cli, gateway_stack, tmp_path, tiny_base):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -102,6 +103,7 @@ def test_a_branch_is_indented_under_its_origin(cli, gateway_stack):
     assert lines[-1].startswith(f"▶ └ {branch}  step 2") and f"(branch from {ids[0]})" in lines[-1]
 
 
+@pytest.mark.slow
 def test_plot_draws_the_heads_lineage(cli, gateway_stack, tmp_path):
     cli("models", "fork", "tiny", "--name", "m", "--lora-rank", "4")
     code, _, err = cli("models", "plot", "m", "-o", str(tmp_path / "r.png"))
@@ -124,6 +126,7 @@ def test_plot_draws_the_heads_lineage(cli, gateway_stack, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.*")) == ["r.png", "r.svg"]  # nothing else
 
 
+@pytest.mark.slow
 def test_build_base_builds_once_with_a_progress_bar(monkeypatch, capsys, tmp_path):
     from headway.bases import tiny_arith as ta
 

@@ -23,6 +23,8 @@ from headway.tokenizer import Tokenizer
 from headway.types import Run, Turn
 from headway.v1 import common_pb2, model_pb2
 
+pytestmark = pytest.mark.slow  # the tiny-arith build and ten GRPO steps
+
 SEEDS = [int(s) for s in os.environ.get("HEADWAY_LEARNING_SEEDS", "0").split(",")]
 STEPS, TASKS, GROUP, LEARNING_RATE = 10, 32, 8, 1e-3
 

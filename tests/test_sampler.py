@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -19,7 +18,7 @@ from headway.tensors import to_tensor
 from headway.v1 import common_pb2, model_pb2, sampling_pb2, training_pb2
 from tests.conftest import VOCAB
 from tests.helpers_training import adam, batch, greedy_reference, reference_module
-from tests.stack import REDIS_URL, team_md
+from tests.stack import REDIS_URL, EngineGate, team_md, wait_until
 
 PROMPT = [5, 17, 33, 8, 41, 12]
 
@@ -53,15 +52,6 @@ def trained(stack, name, *, full=False, steps=1):
             )
         )
     return reply.optim_step if reply else None
-
-
-def wait_for(predicate, timeout=10.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
@@ -142,7 +132,7 @@ def test_a_published_head_is_loaded_before_any_request(sampling_stack):
             model="m", data=batch(seed=1), loss_fn="cross_entropy", adam=adam(1e-2)
         )
     ).optim_step
-    wait_for(
+    wait_until(
         lambda: f"m/{reply.checkpoint}" in stack.sampler.sampler.loaded_checkpoints(),
         what="the head event to load the new adapter",
     )
@@ -171,27 +161,40 @@ def test_pinned_checkpoint_is_served_exactly_and_unknown_is_not_found(sampling_s
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+@pytest.mark.slow
 def test_a_reload_never_changes_weights_under_a_sequence_in_flight(sampling_stack, full):
+    """The engine is held after 5 tokens (EngineGate, a stall injected into the real
+    sampler) until the head event is queued, so the reload lands mid-sequence on any
+    machine."""
     stack = sampling_stack
+    sampler = stack.sampler.sampler
     first = trained(stack, "m", full=full)
+    # Its head event handled: the only event the replica can have queued below is the next.
+    wait_until(lambda: f"m/{first.checkpoint}" in sampler.loaded_checkpoints(), what="a load")
     request = sampling_pb2.SampleRequest(
         model="m",
         prompt_tokens=to_tensor(PROMPT),
         checkpoint=first.checkpoint,
         params=common_pb2.SamplingParams(max_tokens=200, temperature=0, ignore_eos=True),
     )
-    stream = stack.sampler.stub.SampleStream(request)
     tokens = []
-    for chunk in stream:
-        tokens += np.frombuffer(chunk.tokens.data, np.int32).tolist()
-        if len(tokens) == 5:  # mid-sequence: train, publish, let the replica reload
-            nxt = stack.train.Step(
-                training_pb2.StepRequest(
-                    model="m", data=batch(seed=3), loss_fn="cross_entropy", adam=adam(5e-2)
+    with EngineGate(steps=4) as gate:  # the first token comes with the prefill, 4 steps more
+        for chunk in stack.sampler.stub.SampleStream(request):
+            tokens += np.frombuffer(chunk.tokens.data, np.int32).tolist()
+            if len(tokens) == 5:  # mid-sequence: train, publish, let the replica reload
+                nxt = stack.train.Step(
+                    training_pb2.StepRequest(
+                        model="m", data=batch(seed=3), loss_fn="cross_entropy", adam=adam(5e-2)
+                    )
                 )
-            )
-            ckpt = nxt.optim_step.checkpoint
-            wait_for(lambda c=ckpt: f"m/{c}" in stack.sampler.sampler.loaded_checkpoints())
+                wait_until(lambda: sampler.queue_depth, what="the head event at the replica")
+                gate.release()
+                ckpt = nxt.optim_step.checkpoint
+                wait_until(
+                    lambda c=ckpt: f"m/{c}" in sampler.loaded_checkpoints(),
+                    what="the new head to load",
+                )
+    assert len(tokens) == 200
     expected = greedy_reference(reference_module(stack, "m", first.checkpoint), PROMPT, 200)
     assert tokens == expected
 
@@ -208,7 +211,10 @@ def test_a_new_full_head_is_copied_into_the_idle_engine_and_served_exactly(sampl
             model="m", data=batch(seed=9), loss_fn="cross_entropy", adam=adam(5e-2)
         )
     ).optim_step
-    wait_for(lambda: f"m/{second.checkpoint}" in sampler.loaded_checkpoints())
+    wait_until(
+        lambda: f"m/{second.checkpoint}" in sampler.loaded_checkpoints(),
+        what="the new head to load",
+    )
     # The same engine (no new one was built) now holds the new head, and only it.
     assert list(sampler.engines.values()).count(entry) == 1
     assert entry.ref.checkpoint == second.checkpoint
@@ -291,22 +297,33 @@ def test_stream_yields_the_same_tokens_as_sample(sampling_stack):
 
 
 def test_cancelling_a_stream_frees_its_rows(sampling_stack):
+    """The engine is held at its first decode step (EngineGate, a stall injected into the
+    real sampler): the rows are still live when the stream is cancelled, on any machine."""
     stack = sampling_stack
     request = sampling_pb2.SampleRequest(
         model="tiny",
         prompt_tokens=to_tensor(PROMPT),
         params=common_pb2.SamplingParams(n=4, max_tokens=240, ignore_eos=True),
     )
-    stream = stack.sampler.stub.SampleStream(request)
-    next(stream)
-    next(stream)
-    assert stack.sampler.sampler.live_rows == 4
-    stream.cancel()
-    wait_for(lambda: stack.sampler.sampler.live_rows == 0, what="the cancelled rows to leave")
+    with EngineGate() as gate:
+        stream = stack.sampler.stub.SampleStream(request)
+        next(stream)  # the first tokens, drawn with the prefill
+        engine = gate.wait_held()
+        assert stack.sampler.sampler.live_rows == 4
+        stream.cancel()
+        wait_until(
+            lambda: all(row.job.cancelled for row in engine.rows),
+            what="the cancellation to reach the job",
+        )
+        gate.release()
+        wait_until(lambda: stack.sampler.sampler.live_rows == 0, what="the cancelled rows to leave")
 
 
+@pytest.mark.slow
 def test_a_waiting_request_counts_its_rows_in_the_reported_load(sampling_stack):
-    """Load is in sequences: a queued request of n=3 weighs 3, like 3 decoding rows."""
+    """Load is in sequences: a queued request of n=3 weighs 3, like 3 decoding rows. The
+    engine is held at its first decode step (EngineGate, a stall injected into the real
+    sampler), so the full engine stays full until the heartbeat has reported it."""
     import asyncio
 
     import redis.asyncio as aioredis
@@ -318,29 +335,39 @@ def test_a_waiting_request_counts_its_rows_in_the_reported_load(sampling_stack):
         prompt_tokens=to_tensor(PROMPT),
         params=common_pb2.SamplingParams(n=32, max_tokens=240, ignore_eos=True),
     )
-    stream = stack.sampler.stub.SampleStream(full)  # every row of the engine
-    next(stream)
-    wait_for(lambda: replica.live_rows == 32, what="the engine to fill")
-    done: dict[str, object] = {}
-    waiting = threading.Thread(
-        target=lambda: done.update(reply=sample(stack, "tiny", n=3, max_tokens=2))
-    )
-    waiting.start()
-    wait_for(lambda: replica.queued_rows == 3, what="the second request to queue")
+    with EngineGate() as gate:
+        stream = stack.sampler.stub.SampleStream(full)  # every row of the engine
+        next(stream)
+        engine = gate.wait_held()
+        assert replica.live_rows == 32
+        done: dict[str, object] = {}
+        waiting = threading.Thread(
+            target=lambda: done.update(reply=sample(stack, "tiny", n=3, max_tokens=2))
+        )
+        waiting.start()
+        wait_until(lambda: replica.queued_rows == 3, what="the second request to queue")
 
-    async def reported() -> int:
-        client = aioredis.from_url(REDIS_URL)
-        try:
-            (info,) = await list_replicas(client, stack.prefix)
-            return info.load
-        finally:
-            await client.aclose()
+        async def reported() -> int:
+            client = aioredis.from_url(REDIS_URL)
+            try:
+                (info,) = await list_replicas(client, stack.prefix)
+                return info.load
+            finally:
+                await client.aclose()
 
-    wait_for(lambda: asyncio.run(reported()) == 35, what="the heartbeat to report 32 + 3")
-    stream.cancel()
-    waiting.join(timeout=30)
+        wait_until(
+            lambda: asyncio.run(reported()) == 35,
+            what="the heartbeat to report 32 + 3",
+            interval=0.1,
+        )
+        stream.cancel()
+        wait_until(
+            lambda: all(row.job.cancelled for row in engine.rows),
+            what="the cancellation to reach the job",
+        )
+    waiting.join(timeout=120)
     assert len(done["reply"].sequences) == 3
-    wait_for(lambda: replica.queued_rows == 0 and replica.live_rows == 0, what="an idle replica")
+    wait_until(lambda: replica.queued_rows == 0 and replica.live_rows == 0, what="an idle replica")
 
 
 BAD = {
@@ -402,6 +429,7 @@ def test_another_teams_model_is_not_found(sampling_stack):
     assert stack.sampler.stub.Sample(req, metadata=team_md("red")).checkpoint
 
 
+@pytest.mark.slow
 def test_replica_heartbeats_into_the_registry(sampling_stack):
     stack = sampling_stack
     sample(stack, "tiny", max_tokens=2)
@@ -416,19 +444,17 @@ def test_replica_heartbeats_into_the_registry(sampling_stack):
         finally:
             await client.aclose()
 
-    deadline = time.time() + 5
-    replicas = []
-    while time.time() < deadline:
+    def listed_loaded():
         replicas = asyncio.run(read())
-        if replicas and "tiny/base" in replicas[0].loaded:
-            break
-        time.sleep(0.2)
-    (info,) = replicas
+        return replicas if replicas and "tiny/base" in replicas[0].loaded else None
+
+    (info,) = wait_until(listed_loaded, what="a heartbeat listing tiny/base", interval=0.1)
     assert info.address == stack.sampler.server.address and "tiny/base" in info.loaded
     ttl = redis.Redis.from_url(REDIS_URL).pttl(f"{stack.prefix}replica:{info.id}")
     assert 0 < ttl <= 5000
 
 
+@pytest.mark.slow
 def test_a_head_missed_while_redis_was_down_is_reconciled_on_reconnect(trainer_stack, tmp_path):
     from tests.stack import PrivateRedis, SamplerReplica, free_port
 
@@ -441,7 +467,7 @@ def test_a_head_missed_while_redis_was_down_is_reconciled_on_reconnect(trainer_s
     try:
         stack.sampler = replica
         assert sample(stack, "m", max_tokens=2).checkpoint.startswith("s000000")
-        wait_for(lambda: replica.replica.watcher.reconciles == 1)
+        wait_until(lambda: replica.replica.watcher.reconciles == 1, what="the first reconcile")
         redis_a.stop()
         # A step while the replica's Redis is down: its event never reaches the replica
         # (the trainer publishes elsewhere), only the head mirror will tell.
@@ -459,9 +485,8 @@ def test_a_head_missed_while_redis_was_down_is_reconciled_on_reconnect(trainer_s
         )
         staging.stop(save=True)
         redis_b = PrivateRedis(port, tmp_path / "redis-b")
-        wait_for(
+        wait_until(
             lambda: f"m/{reply.checkpoint}" in replica.sampler.loaded_checkpoints(),
-            timeout=15,
             what="reconciliation from the head mirror",
         )
         assert replica.replica.watcher.reconciles >= 2

@@ -134,6 +134,7 @@ def frequencies(logits: torch.Tensor, params: DrawParams, draws: int) -> np.ndar
     return counts / draws
 
 
+@pytest.mark.slow
 def test_the_draw_follows_the_shaped_distribution():
     """Temperature, top-k and top-p shape the draw: frequencies match the renormalised
     distribution, and a token outside top-k / top-p is never drawn."""

@@ -455,6 +455,7 @@ def test_a_retried_call_applies_once(gateway_stack):
     asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_the_seed_training_loop(gateway_stack):
     stack = gateway_stack
     fork(stack, "arith-rl")
@@ -583,6 +584,7 @@ def test_errors(gateway_stack):
     asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_a_taskset_bigger_than_the_samplers_queue_runs_within_its_concurrency(tmp_path, tiny_base):
     """A sampler queues a bounded number of requests and refuses the rest; Taskset.run
     keeps at most max_concurrency episodes in flight, so a big taskset still completes."""

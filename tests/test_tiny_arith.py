@@ -34,6 +34,7 @@ def short_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return path, stats
 
 
+@pytest.mark.slow
 def test_directory_is_a_qwen3_base_with_chat_template_and_eos(short_build):
     path, stats = short_build
     for name in (
@@ -57,6 +58,7 @@ def test_directory_is_a_qwen3_base_with_chat_template_and_eos(short_build):
     assert json.loads((path / ta.BUILD_INFO).read_text())["steps"] == stats["steps"]
 
 
+@pytest.mark.slow
 def test_chat_template_renders_the_training_format(short_build):
     path, _ = short_build
     tokenizer = Tokenizer.from_dir(path)
@@ -79,6 +81,7 @@ def test_chat_template_renders_the_training_format(short_build):
     assert targets == full_ids[len(ids) :]
 
 
+@pytest.mark.slow
 def test_loads_in_transformers_with_the_same_logits_and_chat(short_build):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -107,6 +110,7 @@ def test_loads_in_transformers_with_the_same_logits_and_chat(short_build):
         assert hf_tok.decode(out, skip_special_tokens=True) == completion
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_weights(short_build, tmp_path):
     path, stats = short_build
     again = ta.build_tiny_arith(tmp_path / "again", seed=0, steps=SHORT_STEPS)
@@ -119,6 +123,7 @@ def test_same_seed_gives_identical_weights(short_build, tmp_path):
         assert (tmp_path / "again" / name).read_bytes() == (path / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_other_seed_other_weights_and_process_settings_restored(tmp_path):
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -173,6 +178,7 @@ def test_problem_sets_are_fixed_and_disjoint():
         ta.held_out_problems(ta.HELD_OUT_SIZE + 1)
 
 
+@pytest.mark.slow
 def test_ensure_builds_once_atomically(tmp_path, monkeypatch):
     real = ta.build_tiny_arith
     builds: list[Path] = []
@@ -229,6 +235,7 @@ def test_registry_and_reward_import_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow
 def test_full_default_build_is_right_sometimes(tiny_arith):
     """The default build: held-out greedy accuracy in [0.2, 0.6], sampling gives spread."""
     path, stats = tiny_arith

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from headway.datums import assemble_batch
 from headway.heads import channel, mirror_key
 from headway.v1 import model_pb2, training_pb2
 from tests.helpers_training import adam, batch, checkpoint_tensors, reference_module
-from tests.stack import REDIS_URL, TrainerStack
+from tests.stack import REDIS_URL, TrainerStack, wait_until
 
 LOSS_CONFIGS = {
     "cross_entropy": {},
@@ -299,17 +298,15 @@ def test_optim_step_publishes_the_head_and_mirrors_it(trainer_stack):
     client = redis.Redis.from_url(REDIS_URL)
     sub = client.pubsub()
     sub.subscribe(channel(stack.prefix))
-    assert sub.get_message(timeout=5)["type"] == "subscribe"
+    subscribed = wait_until(lambda: sub.get_message(timeout=1), what="the subscription")
+    assert subscribed["type"] == "subscribe"
     stack.train.ForwardBackward(
         training_pb2.ForwardBackwardRequest(
             model="m", data=batch(seed=11), loss_fn="importance_sampling"
         )
     )
     reply = stack.train.OptimStep(training_pb2.OptimStepRequest(model="m", adam=adam()))
-    deadline, message = time.time() + 5, None
-    while time.time() < deadline and message is None:
-        message = sub.get_message(timeout=1)
-    assert message is not None, "no head event on Redis"
+    message = wait_until(lambda: sub.get_message(timeout=1), what="the head event on Redis")
     event = json.loads(message["data"])
     assert event == {"model": "m", "checkpoint": reply.checkpoint, "step": 1}
     assert json.loads(client.get(mirror_key("m", stack.prefix))) == event
