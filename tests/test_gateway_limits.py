@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,17 +21,10 @@ from headway.keys import create_key
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, model_pb2, sampling_pb2, trace_pb2, training_pb2
 from tests.helpers_training import batch
-from tests.stack import GatewayNode, PrivateRedis, free_port
+from tests.stack import GatewayNode, PrivateRedis, free_port, wait_until
 from tests.test_gateway import I32, code_of, post, sample_req
 
 WAIT = 60.0  # only catches hangs: every wait below is for a condition
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def get(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], dict]:
@@ -145,7 +137,7 @@ def test_a_team_at_its_call_limit_is_told_to_retry_while_another_team_is_served(
         request = trace_pb2.RecordTurnRequest(model="tiny", turn=a_turn([1, 2, 3]))
         held = [node.traces.RecordTurn.future(request, metadata=md(red)) for _ in range(2)]
         blocked = lambda: redis.client.info("clients")["blocked_clients"]  # noqa: E731
-        wait_until(lambda: blocked() == 2, "red's calls waiting on Redis")
+        wait_until(lambda: blocked() == 2, what="red's calls waiting on Redis")
 
         with pytest.raises(grpc.RpcError) as err:
             node.models.ListModels(model_pb2.ListModelsRequest(), metadata=md(red), timeout=WAIT)
@@ -207,7 +199,7 @@ def test_every_kind_of_call_gives_its_slot_back(gateway_stack):
     try:
         for what, call in calls.items():
             call()
-            wait_until(lambda: node.gateway.slots.in_flight("") == 0, f"the slot of {what}")
+            wait_until(lambda: node.gateway.slots.in_flight("") == 0, what=f"the slot of {what}")
         assert node.sampling.Sample(sample_req("tiny", max_tokens=2)).checkpoint
     finally:
         http.close()

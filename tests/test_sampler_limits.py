@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -26,7 +25,7 @@ from headway.v1 import common_pb2, sampling_pb2
 from sampler_svc.requests import Collector, Spec
 from tests.conftest import VOCAB, train_tokenizer
 from tests.helpers_training import reference_module
-from tests.stack import REDIS_URL, GatewayNode, SamplerReplica
+from tests.stack import REDIS_URL, GatewayNode, SamplerReplica, wait_until
 
 PROMPT = [5, 17, 33, 8, 41, 12]
 I32 = common_pb2.DTYPE_INT32
@@ -45,14 +44,6 @@ def refusal(call) -> tuple[str, str]:
     with pytest.raises(grpc.RpcError) as err:
         call()
     return err.value.code().name, err.value.details()
-
-
-def wait_for(predicate, what: str, timeout: float = 60.0) -> None:
-    """Poll `predicate` until true; the timeout only catches a hang."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 class Gate:
@@ -306,10 +297,10 @@ def test_compute_logprobs_runs_between_decode_steps(sampling_stack):
     model = next(iter(sampler.engines.values())).engine.model
     gate = Gate(sampler)
     sample = replica.stub.Sample.future(request(max_tokens=60, ignore_eos=True), timeout=HANG)
-    wait_for(lambda: sampler.queue_depth == 1, "the Sample to be queued")
+    wait_until(lambda: sampler.queue_depth == 1, what="the Sample to be queued")
     seqs = [[(7 * i + j) % VOCAB for j in range(250)] for i in range(4)]
     scored = replica.stub.ComputeLogprobs.future(logprobs_request(seqs), timeout=HANG)
-    wait_for(lambda: sampler.queue_depth == 2, "the ComputeLogprobs to be queued")
+    wait_until(lambda: sampler.queue_depth == 2, what="the ComputeLogprobs to be queued")
     forwards: list[str] = []
 
     def record(module, args, kwargs) -> None:
@@ -382,7 +373,7 @@ def test_a_dead_engine_fails_requests_at_once_and_leaves_the_registry(sampling_s
     gate = Gate(sampler)
     fail_next_step(sampler)
     in_flight = stub.Sample.future(request(max_tokens=50, ignore_eos=True), timeout=HANG)
-    wait_for(lambda: sampler.queue_depth == 1, "the Sample to be queued")
+    wait_until(lambda: sampler.queue_depth == 1, what="the Sample to be queued")
     gate.open()
     error = in_flight.exception()
     assert error.code() == grpc.StatusCode.UNAVAILABLE, error
@@ -394,14 +385,14 @@ def test_a_dead_engine_fails_requests_at_once_and_leaves_the_registry(sampling_s
     assert code == "UNAVAILABLE"
     health = health_pb2_grpc.HealthStub(replica.channel)
     for service in ("", "headway.v1.SamplingService"):
-        wait_for(
+        wait_until(
             lambda s=service: (
                 health.Check(health_pb2.HealthCheckRequest(service=s)).status
                 == health_pb2.HealthCheckResponse.NOT_SERVING
             ),
-            f"health of {service!r} to be NOT_SERVING",
+            what=f"health of {service!r} to be NOT_SERVING",
         )
-    wait_for(lambda: not client.exists(key), "the registry key to be deleted")
+    wait_until(lambda: not client.exists(key), what="the registry key to be deleted")
     assert replica.replica.watcher.info.id.encode() not in client.smembers(
         f"{sampling_stack.prefix}replicas"
     )
@@ -420,7 +411,7 @@ def test_the_gateway_fails_over_from_a_replica_whose_engine_dies(trainer_stack):
         gate = Gate(dying.sampler)
         fail_next_step(dying.sampler)
         reply = node.sampling.Sample.future(request(max_tokens=8), timeout=HANG)
-        wait_for(lambda: dying.sampler.queue_depth == 1, "the Sample to reach a-dying")
+        wait_until(lambda: dying.sampler.queue_depth == 1, what="the Sample to reach a-dying")
         gate.open()
         assert len(reply.result().sequences) == 1
         assert dying.sampler.failure is not None and healthy.sampler.steps > 0

@@ -14,7 +14,6 @@ import io
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -30,7 +29,7 @@ from headway.serve import LocalStack, ServeConfig
 from headway.supervision import CrashHistory, RestartPolicy
 from headway.types import Run
 from headway.v1 import common_pb2, model_pb2, model_pb2_grpc
-from tests.stack import free_port, make_tiny_base
+from tests.stack import free_port, make_tiny_base, wait_until
 
 T = TypeVar("T")
 HANG_SECONDS = 600  # only catches hangs: three torch processes start on 2 shared cores
@@ -132,13 +131,6 @@ def add_tiny_fork(stack: LocalStack, base: Path) -> str:
     return fork.head_checkpoint
 
 
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + HANG_SECONDS
-    while not condition():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.05)
-
-
 def gateway_health(stack: LocalStack, service: str) -> int:
     with grpc.insecure_channel(stack.config.listen) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -162,12 +154,12 @@ def test_sampling_goes_on_while_the_trainer_is_down(tmp_path: Path) -> None:
         def body() -> None:
             assert trainer.pid is not None
             os.kill(trainer.pid, signal.SIGKILL)
-            wait_until(lambda: trainer.restart_at is not None, "the stack saw the crash")
+            wait_until(lambda: trainer.restart_at is not None, what="the stack saw the crash")
             not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
             for service in ("headway.v1.ModelService", "headway.v1.TrainingService"):
                 wait_until(
                     lambda s=service: gateway_health(stack, s) == not_serving,
-                    f"the gateway reports {service} NOT_SERVING",
+                    what=f"the gateway reports {service} NOT_SERVING",
                 )
             serving = health_pb2.HealthCheckResponse.SERVING
             assert gateway_health(stack, "headway.v1.SamplingService") == serving

@@ -9,7 +9,6 @@ the test (standing for a long call) to make those interleavings deterministic.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +17,7 @@ import pytest
 
 from headway.v1 import model_pb2, training_pb2
 from tests.helpers_training import batch
-from tests.stack import TrainerStack, team_md
+from tests.stack import TrainerStack, team_md, wait_until
 
 
 class Held:
@@ -37,15 +36,6 @@ class Held:
         if self.held:
             self.held = False
             self.stack.server.loop.call_soon_threadsafe(self.lock.release)
-
-
-def _until(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
-    """Wait for `condition` (the timeout only catches hangs)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def _refused(call: Callable[[], object]) -> grpc.RpcError:
@@ -82,7 +72,7 @@ def test_a_queued_call_never_runs_on_the_model_that_took_its_name(trainer_stack,
     try:
         with ThreadPoolExecutor(1) as pool:
             queued = pool.submit(CALLS[call], stack, red)
-            _until(lambda: held.waiting() == 1, "red's call to queue on m's lock")
+            wait_until(lambda: held.waiting() == 1, what="red's call to queue on m's lock")
             stack.trainer.store.delete_model("m")
             stack.fork("m", team="blue")
             held.release()
@@ -110,14 +100,14 @@ def test_a_fork_holds_its_source_so_a_concurrent_delete_cannot_orphan_it(trainer
     try:
         with ThreadPoolExecutor(2) as pool:
             fork = pool.submit(stack.fork, "child", source="parent", team="red")
-            _until(lambda: held.waiting() == 1, "the fork to wait for the creation lock")
+            wait_until(lambda: held.waiting() == 1, what="the fork to wait for the creation lock")
             delete = pool.submit(
                 stack.models.DeleteModel, model_pb2.DeleteModelRequest(model="parent"), metadata=red
             )
             parent = stack.trainer._lock("parent")
-            _until(
+            wait_until(
                 lambda: delete.done() or len(parent._waiters or ()) == 1,
-                "the delete to finish or queue on parent's lock",
+                what="the delete to finish or queue on parent's lock",
             )
             held.release()
             fork.result(timeout=120)
