@@ -1,7 +1,10 @@
-"""gRPC plumbing every server shares: message limits, error mapping, the caller.
+"""gRPC plumbing every server shares: message limits, error mapping, request parsing,
+the caller.
 
 Servicer methods stay thin: they call domain code and let `maps_errors` turn a
 `HeadwayError` (or a model-format `ValueError`) into the status it names, with its message.
+Requests are parsed inside the call (`ParsedRequests`, `parse_request`), so bytes that are
+not the method's message are INVALID_ARGUMENT like any other bad input.
 """
 
 from __future__ import annotations
@@ -10,12 +13,12 @@ import asyncio
 import functools
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
-from headway.errors import PUSHBACK_KEY, HeadwayError, Overloaded, pushback_ms
+from headway.errors import PUSHBACK_KEY, HeadwayError, InvalidArgument, Overloaded, pushback_ms
 from headway.internal_auth import Caller, caller_of
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,71 @@ def maps_errors(method: F) -> F:
             await abort_for(context, e)
 
     return wrapper  # type: ignore[return-value]
+
+
+def parse_request(parse: Callable[[bytes], Any], raw: bytes, method: str) -> Any:
+    """`parse(raw)`, or InvalidArgument naming `method` when the bytes are not its request
+    message (protobuf's DecodeError, or any deserializer's own error)."""
+    try:
+        return parse(raw)
+    except Exception as e:
+        raise InvalidArgument(
+            f"{method}: the request is not a valid message: {e}; send the method's request "
+            "message (protos/headway/v1), serialized"
+        ) from None
+
+
+class ParsedRequests(grpc.aio.ServerInterceptor):
+    """Parse each unary request inside its call, so that bytes which are not the method's
+    message answer INVALID_ARGUMENT. grpc would parse them before any handler runs and end
+    the call UNKNOWN ("Unexpected DecodeError"), a status that blames the server.
+    Request-streaming methods (reflection) keep grpc's own parsing."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # by method: built once
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = details.method
+        if method not in self._wrapped:
+            handler = await continuation(details)
+            if handler is None or handler.request_streaming or not handler.request_deserializer:
+                return handler
+            self._wrapped[method] = _parsed(handler, method)
+        return self._wrapped[method]
+
+
+def _parsed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """`handler` receiving raw bytes and parsing them itself (see `ParsedRequests`)."""
+    parse = handler.request_deserializer
+
+    async def request(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return parse_request(parse, raw, method)
+        except InvalidArgument as e:
+            await abort_for(context, e)
+
+    if handler.response_streaming:
+        inner = handler.unary_stream
+
+        async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            out = inner(await request(raw, context), context)
+            if hasattr(out, "__aiter__"):
+                async for item in out:
+                    yield item
+            else:  # a handler that writes with context.write
+                await out
+
+        return handler._replace(request_deserializer=None, unary_stream=stream)
+    unary = handler.unary_unary
+
+    async def call(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        return await unary(await request(raw, context), context)
+
+    return handler._replace(request_deserializer=None, unary_unary=call)
 
 
 async def add_health_and_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> Any:
