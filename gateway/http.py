@@ -32,6 +32,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as RoutingError
 
 from gateway import replies
 from gateway.core import Gateway
@@ -49,6 +50,7 @@ __all__ = ["HTTPError", "create_app", "domain_error_response", "error_response"]
 log = logging.getLogger(__name__)
 
 FINISH = {sampling_pb2.STOP_REASON_STOP: "stop", sampling_pb2.STOP_REASON_LENGTH: "length"}
+ROUTES = "POST /v1/chat/completions, POST /v1/completions and GET /v1/models"
 
 
 class BodyLimit:
@@ -97,6 +99,20 @@ def create_app(gateway: Gateway) -> Any:
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, e: HTTPError) -> JSONResponse:
         return error_response(e.status, e.message, e.code, e.param)
+
+    @app.exception_handler(RoutingError)
+    async def _routing_error(request: Request, e: RoutingError) -> JSONResponse:
+        """An unknown route or method, in OpenAI's error shape, saying what is served (the
+        gRPC analogue is an unknown method: UNIMPLEMENTED)."""
+        method, path = request.method, request.url.path
+        if e.status_code == 404:
+            message = f"no route {method} {path}: this API serves {ROUTES}"
+        elif e.status_code == 405:
+            allowed = (e.headers or {}).get("Allow", "")
+            message = f"{method} is not allowed on {path}: use {allowed}"
+        else:
+            return error_response(e.status_code, str(e.detail))
+        return error_response(e.status_code, message, grpc_status="UNIMPLEMENTED")
 
     @app.exception_handler(HeadwayError)
     async def _domain_error(request: Request, e: HeadwayError) -> JSONResponse:
