@@ -37,6 +37,11 @@ CHANNEL_OPTIONS = [
 SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+# A status message travels in gRPC's trailing metadata, percent-encoded, which a client
+# refuses past 8-16 KiB ("Stream removed", RESOURCE_EXHAUSTED) instead of the real status;
+# messages that echo a client's value (a name of megabytes) are cut to these many
+# characters of their start and end, the parts that name the field and what to do.
+MESSAGE_HEAD_CHARS, MESSAGE_TAIL_CHARS = 300, 150
 
 
 def caller(context: grpc.aio.ServicerContext) -> Caller:
@@ -58,19 +63,30 @@ def pushback_of(error: BaseException) -> tuple[tuple[str, str], ...]:
     return ((PUSHBACK_KEY, str(ms)),) if ms is not None else ()
 
 
+def bounded(message: str) -> str:
+    """`message`, its middle cut when it is too long to travel as a status message."""
+    if len(message) <= MESSAGE_HEAD_CHARS + MESSAGE_TAIL_CHARS:
+        return message
+    cut = len(message) - MESSAGE_HEAD_CHARS - MESSAGE_TAIL_CHARS
+    head, tail = message[:MESSAGE_HEAD_CHARS], message[-MESSAGE_TAIL_CHARS:]
+    return f"{head} [... {cut} characters cut ...] {tail}"
+
+
 async def abort_for(context: grpc.aio.ServicerContext, error: BaseException) -> None:
     """Abort the call with the status `error` stands for, the one error → status mapping
     of every server: a `HeadwayError`'s own code and message (with the retry pushback of
     an Overloaded), an upstream RPC error relayed as it came, a ValueError (a bad model
-    directory or input) as INVALID_ARGUMENT. Anything else is re-raised (a bug: UNKNOWN).
+    directory or input) as INVALID_ARGUMENT, each message `bounded`. Anything else is
+    re-raised (a bug: UNKNOWN).
     """
     pushback = pushback_of(error)
     if isinstance(error, HeadwayError):
-        await context.abort(getattr(grpc.StatusCode, error.code), error.message, pushback)
+        code = getattr(grpc.StatusCode, error.code)
+        await context.abort(code, bounded(error.message), pushback)
     if isinstance(error, grpc.aio.AioRpcError):
-        await context.abort(error.code(), error.details() or "", pushback)
+        await context.abort(error.code(), bounded(error.details() or ""), pushback)
     if isinstance(error, ValueError):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(str(error)))
     raise error
 
 
