@@ -290,8 +290,9 @@ async def _complete(
     )
     created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
     if req.stream:
+        chunks = await _started(gateway.sample_stream(request, team, timeout=None))
         return StreamingResponse(
-            _stream(gateway, req, request, team, chat, created, rid),
+            _stream(gateway, req, request, team, chat, created, rid, chunks),
             media_type="text/event-stream",
         )
     reply = await gateway.sample(request, team, timeout=None)
@@ -323,6 +324,29 @@ async def _complete(
     return out
 
 
+async def _started(
+    chunks: AsyncIterator[sampling_pb2.SampleChunk],
+) -> AsyncIterator[sampling_pb2.SampleChunk]:
+    """`chunks` with its first chunk already received. The gateway pins and the replica
+    checks the request before the first chunk, so a bad request fails here and answers
+    with its own status (400, 404, ...), not inside a stream whose 200 is already sent."""
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        first = None
+
+    async def resumed() -> AsyncIterator[sampling_pb2.SampleChunk]:
+        try:
+            if first is not None:
+                yield first
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    return resumed()
+
+
 async def _stream(
     gateway: Gateway,
     req: Completion,
@@ -331,6 +355,7 @@ async def _stream(
     chat: bool,
     created: int,
     rid: str,
+    chunks: AsyncIterator[sampling_pb2.SampleChunk],
 ) -> AsyncIterator[bytes]:
     kind = "chat.completion.chunk" if chat else "text_completion"
     per: dict[int, tuple[list[int], list[float]]] = {}
@@ -349,7 +374,7 @@ async def _stream(
         return f"data: {json.dumps(data)}\n\n".encode()
 
     try:
-        async for chunk in gateway.sample_stream(request, team, timeout=None):
+        async for chunk in chunks:
             if chunk.checkpoint:
                 checkpoint = chunk.checkpoint
             if not chunk.tokens.shape and not chunk.stop_reason:
