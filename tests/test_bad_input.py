@@ -166,6 +166,9 @@ MODEL_CASES = [
         r"unknown API key: .*headway keys create", who="stranger"),
     rpc("no model", "ModelService.GetModel", lambda w: model_pb2.GetModelRequest(),
         Code.INVALID_ARGUMENT, r"model is empty: give the model's slug"),
+    rpc("a model name of 100,000 characters", "ModelService.GetModel",
+        lambda w: model_pb2.GetModelRequest(model="x" * 100_000), Code.NOT_FOUND,
+        r"^model 'x+ \[\.\.\. \d+ characters cut \.\.\.\] x+' not found$"),
     rpc("another team's model", "ModelService.GetModel",
         lambda w: model_pb2.GetModelRequest(model=FORK), Code.NOT_FOUND,
         rf"model '{FORK}' not found", who="blue"),
@@ -334,6 +337,10 @@ SAMPLING_CASES = [
     rpc("an unknown checkpoint", "SamplingService.Sample",
         lambda w: sample(prompt=tokens(PROMPT), checkpoint="nope"), Code.NOT_FOUND,
         rf"checkpoint 'nope' of model '{FORK}' not found"),
+    rpc("a checkpoint id longer than any file name", "SamplingService.Sample",
+        lambda w: sample(prompt=tokens(PROMPT), checkpoint="c" * 100_000), Code.NOT_FOUND,
+        rf"^checkpoint 'c+ \[\.\.\. \d+ characters cut \.\.\.\] c+' of model '{FORK}' not "
+        r"found$"),
     rpc("sampling another team's model", "SamplingService.Sample",
         lambda w: sample(prompt=tokens(PROMPT)), Code.NOT_FOUND, rf"model '{FORK}' not found",
         who="blue"),
@@ -358,6 +365,15 @@ SAMPLING_CASES = [
         lambda w: logprobs(common_pb2.Tensor(dtype=I32, shape=[-2])), Code.INVALID_ARGUMENT,
         r"sequences\[0\]: shape \[-2\] has negative dimension -2 at index 0: every "
         r"dimension must be >= 0"),
+    rpc("an empty tensor no array can hold", "SamplingService.ComputeLogprobs",
+        lambda w: logprobs(common_pb2.Tensor(dtype=I32, shape=[0, 2**62])),
+        Code.INVALID_ARGUMENT, r"sequences\[0\]: shape \[0, 4611686018427387904\] holds no "
+        r"elements, but its other dimensions multiply past .*give an empty array shape \[0\]"),
+    rpc("a hundred thousand dimensions", "SamplingService.Sample",
+        lambda w: sample(prompt=common_pb2.Tensor(dtype=I32, shape=[1] * 100_000)),
+        Code.INVALID_ARGUMENT, r"^prompt_tokens: shape \[1, 1, 1, 1, 1, 1, 1, 1, \.\.\. "
+        r"\(100000 dimensions\)\] has more than 32 dimensions: token and float arrays are "
+        r"1-D \(shape \[N\]\)$"),
 ]  # fmt: skip
 
 TRACE_CASES = [
@@ -435,6 +451,15 @@ HTTP_CASES = [
     http("a body that is a list", CHAT_ROUTE, lambda w: [body()], 400,
          r"request body must be a JSON object"),
     http("an unknown checkpoint", CHAT_ROUTE, lambda w: body(checkpoint="nope"), 404,
+         rf"checkpoint 'nope' of model '{FORK}' not found"),
+    http("a checkpoint id longer than any file name", CHAT_ROUTE,
+         lambda w: body(checkpoint="c" * 100_000), 404,
+         rf"^checkpoint 'c{{100000}}' of model '{FORK}' not found$"),
+    http("a streamed request with a negative temperature", CHAT_ROUTE,
+         lambda w: body(stream=True, temperature=-1), 400,
+         r"temperature must be ≥ 0 \(0 = greedy\)"),
+    http("a streamed request for an unknown checkpoint", TEXT_ROUTE,
+         lambda w: {"model": FORK, "prompt": "hi", "stream": True, "checkpoint": "nope"}, 404,
          rf"checkpoint 'nope' of model '{FORK}' not found"),
     http("continuing another team's trace", CHAT_ROUTE,
          lambda w: body(return_token_ids=True, trace_id=w.blue_trace), 404,
