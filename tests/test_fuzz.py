@@ -31,11 +31,13 @@ from tests.conftest import VOCAB
 from trainer_svc.batches import BatchLimits, assemble, check_size
 
 WAIT = 120.0  # only catches hangs
-PURE = settings(max_examples=300, deadline=None, derandomize=True)
+# derandomize: the same examples on every run; no database: none replayed from earlier runs.
+PURE = settings(max_examples=300, deadline=None, derandomize=True, database=None)
 LIVE = settings(
     max_examples=250,
     deadline=None,
     derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 WIRE = [d for d in common_pb2.DType.values() if d != common_pb2.DTYPE_UNSPECIFIED]
