@@ -28,8 +28,8 @@ import grpc
 
 from gateway.redis_errors import REDIS_ERRORS, unavailable
 from gateway.team_slots import TeamSlots
-from headway.errors import InvalidArgument, ResourceExhausted
-from headway.grpc_util import MAPPED_ERRORS, abort_for
+from headway.errors import ResourceExhausted
+from headway.grpc_util import MAPPED_ERRORS, abort_for, parse_request
 
 Ctx = grpc.aio.ServicerContext
 Metadata = Sequence[tuple[str, str]]
@@ -103,7 +103,7 @@ class CallLimits(grpc.aio.ServerInterceptor):
             try:
                 _check_size(raw, limit, method)
                 with self._slot(context, team):
-                    return await inner(_parse(parse, raw, method), context)
+                    return await inner(parse_request(parse, raw, method), context)
             except REDIS_ERRORS as e:
                 await abort_for(context, unavailable(e))
             except MAPPED_ERRORS as e:
@@ -118,7 +118,7 @@ class CallLimits(grpc.aio.ServerInterceptor):
             try:
                 _check_size(raw, limit, method)
                 with self._slot(context, team):
-                    out = inner(_parse(parse, raw, method), context)
+                    out = inner(parse_request(parse, raw, method), context)
                     if hasattr(out, "__aiter__"):
                         async for item in out:
                             yield item
@@ -142,13 +142,6 @@ def _too_big(size: int, limit: SizeLimit, method: str) -> ResourceExhausted:
 def _check_size(raw: bytes, limit: SizeLimit, method: str) -> None:
     if len(raw) > limit.bytes:
         raise _too_big(len(raw), limit, method)
-
-
-def _parse(parse: Callable[[bytes], Any], raw: bytes, method: str) -> Any:
-    try:
-        return parse(raw)
-    except Exception as e:  # protobuf's DecodeError, or any deserializer's own
-        raise InvalidArgument(f"{method}: the request is not a valid message: {e}") from None
 
 
 def _capped(parse: Callable[[bytes], Any], limit: SizeLimit, method: str) -> Callable:

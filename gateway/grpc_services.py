@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from gateway.core import Gateway
-from headway.grpc_util import MAPPED_ERRORS, abort_for, maps_errors
+from headway.grpc_util import MAPPED_ERRORS, abort_for, maps_errors, parse_request
 from headway.v1 import model_pb2, sampling_pb2, sampling_pb2_grpc, training_pb2
 
 Ctx = grpc.aio.ServicerContext
@@ -36,7 +36,7 @@ def _relay(gateway: Gateway, service: str, method: str) -> grpc.RpcMethodHandler
         try:
             caller = gateway.caller(context.invocation_metadata())
             if parse is not None:
-                message = parse.FromString(request)
+                message = parse_request(parse.FromString, request, path)
                 if await gateway.resolve_traces(message.data, caller.team):
                     request = message.SerializeToString()
             await gateway.trainer_ready(context.time_remaining())

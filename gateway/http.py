@@ -32,6 +32,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as RoutingError
 
 from gateway import replies
 from gateway.core import Gateway
@@ -49,6 +50,7 @@ __all__ = ["HTTPError", "create_app", "domain_error_response", "error_response"]
 log = logging.getLogger(__name__)
 
 FINISH = {sampling_pb2.STOP_REASON_STOP: "stop", sampling_pb2.STOP_REASON_LENGTH: "length"}
+ROUTES = "POST /v1/chat/completions, POST /v1/completions and GET /v1/models"
 
 
 class BodyLimit:
@@ -97,6 +99,20 @@ def create_app(gateway: Gateway) -> Any:
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, e: HTTPError) -> JSONResponse:
         return error_response(e.status, e.message, e.code, e.param)
+
+    @app.exception_handler(RoutingError)
+    async def _routing_error(request: Request, e: RoutingError) -> JSONResponse:
+        """An unknown route or method, in OpenAI's error shape, saying what is served (the
+        gRPC analogue is an unknown method: UNIMPLEMENTED)."""
+        method, path = request.method, request.url.path
+        if e.status_code == 404:
+            message = f"no route {method} {path}: this API serves {ROUTES}"
+        elif e.status_code == 405:
+            allowed = (e.headers or {}).get("Allow", "")
+            message = f"{method} is not allowed on {path}: use {allowed}"
+        else:
+            return error_response(e.status_code, str(e.detail))
+        return error_response(e.status_code, message, grpc_status="UNIMPLEMENTED")
 
     @app.exception_handler(HeadwayError)
     async def _domain_error(request: Request, e: HeadwayError) -> JSONResponse:
@@ -274,8 +290,9 @@ async def _complete(
     )
     created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
     if req.stream:
+        chunks = await _started(gateway.sample_stream(request, team, timeout=None))
         return StreamingResponse(
-            _stream(gateway, req, request, team, chat, created, rid),
+            _stream(gateway, req, request, team, chat, created, rid, chunks),
             media_type="text/event-stream",
         )
     reply = await gateway.sample(request, team, timeout=None)
@@ -307,6 +324,29 @@ async def _complete(
     return out
 
 
+async def _started(
+    chunks: AsyncIterator[sampling_pb2.SampleChunk],
+) -> AsyncIterator[sampling_pb2.SampleChunk]:
+    """`chunks` with its first chunk already received. The gateway pins and the replica
+    checks the request before the first chunk, so a bad request fails here and answers
+    with its own status (400, 404, ...), not inside a stream whose 200 is already sent."""
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        first = None
+
+    async def resumed() -> AsyncIterator[sampling_pb2.SampleChunk]:
+        try:
+            if first is not None:
+                yield first
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    return resumed()
+
+
 async def _stream(
     gateway: Gateway,
     req: Completion,
@@ -315,6 +355,7 @@ async def _stream(
     chat: bool,
     created: int,
     rid: str,
+    chunks: AsyncIterator[sampling_pb2.SampleChunk],
 ) -> AsyncIterator[bytes]:
     kind = "chat.completion.chunk" if chat else "text_completion"
     per: dict[int, tuple[list[int], list[float]]] = {}
@@ -333,7 +374,7 @@ async def _stream(
         return f"data: {json.dumps(data)}\n\n".encode()
 
     try:
-        async for chunk in gateway.sample_stream(request, team, timeout=None):
+        async for chunk in chunks:
             if chunk.checkpoint:
                 checkpoint = chunk.checkpoint
             if not chunk.tokens.shape and not chunk.stop_reason:

@@ -1,7 +1,10 @@
-"""gRPC plumbing every server shares: message limits, error mapping, the caller.
+"""gRPC plumbing every server shares: message limits, error mapping, request parsing,
+the caller.
 
 Servicer methods stay thin: they call domain code and let `maps_errors` turn a
 `HeadwayError` (or a model-format `ValueError`) into the status it names, with its message.
+Requests are parsed inside the call (`ParsedRequests`, `parse_request`), so bytes that are
+not the method's message are INVALID_ARGUMENT like any other bad input.
 """
 
 from __future__ import annotations
@@ -10,12 +13,12 @@ import asyncio
 import functools
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
-from headway.errors import PUSHBACK_KEY, HeadwayError, Overloaded, pushback_ms
+from headway.errors import PUSHBACK_KEY, HeadwayError, InvalidArgument, Overloaded, pushback_ms
 from headway.internal_auth import Caller, caller_of
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,11 @@ CHANNEL_OPTIONS = [
 SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+# A status message travels in gRPC's trailing metadata, percent-encoded, which a client
+# refuses past 8-16 KiB ("Stream removed", RESOURCE_EXHAUSTED) instead of the real status;
+# messages that echo a client's value (a name of megabytes) are cut to these many
+# characters of their start and end, the parts that name the field and what to do.
+MESSAGE_HEAD_CHARS, MESSAGE_TAIL_CHARS = 300, 150
 
 
 def caller(context: grpc.aio.ServicerContext) -> Caller:
@@ -55,19 +63,30 @@ def pushback_of(error: BaseException) -> tuple[tuple[str, str], ...]:
     return ((PUSHBACK_KEY, str(ms)),) if ms is not None else ()
 
 
+def bounded(message: str) -> str:
+    """`message`, its middle cut when it is too long to travel as a status message."""
+    if len(message) <= MESSAGE_HEAD_CHARS + MESSAGE_TAIL_CHARS:
+        return message
+    cut = len(message) - MESSAGE_HEAD_CHARS - MESSAGE_TAIL_CHARS
+    head, tail = message[:MESSAGE_HEAD_CHARS], message[-MESSAGE_TAIL_CHARS:]
+    return f"{head} [... {cut} characters cut ...] {tail}"
+
+
 async def abort_for(context: grpc.aio.ServicerContext, error: BaseException) -> None:
     """Abort the call with the status `error` stands for, the one error → status mapping
     of every server: a `HeadwayError`'s own code and message (with the retry pushback of
     an Overloaded), an upstream RPC error relayed as it came, a ValueError (a bad model
-    directory or input) as INVALID_ARGUMENT. Anything else is re-raised (a bug: UNKNOWN).
+    directory or input) as INVALID_ARGUMENT, each message `bounded`. Anything else is
+    re-raised (a bug: UNKNOWN).
     """
     pushback = pushback_of(error)
     if isinstance(error, HeadwayError):
-        await context.abort(getattr(grpc.StatusCode, error.code), error.message, pushback)
+        code = getattr(grpc.StatusCode, error.code)
+        await context.abort(code, bounded(error.message), pushback)
     if isinstance(error, grpc.aio.AioRpcError):
-        await context.abort(error.code(), error.details() or "", pushback)
+        await context.abort(error.code(), bounded(error.details() or ""), pushback)
     if isinstance(error, ValueError):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(str(error)))
     raise error
 
 
@@ -86,6 +105,71 @@ def maps_errors(method: F) -> F:
             await abort_for(context, e)
 
     return wrapper  # type: ignore[return-value]
+
+
+def parse_request(parse: Callable[[bytes], Any], raw: bytes, method: str) -> Any:
+    """`parse(raw)`, or InvalidArgument naming `method` when the bytes are not its request
+    message (protobuf's DecodeError, or any deserializer's own error)."""
+    try:
+        return parse(raw)
+    except Exception as e:
+        raise InvalidArgument(
+            f"{method}: the request is not a valid message: {e}; send the method's request "
+            "message (protos/headway/v1), serialized"
+        ) from None
+
+
+class ParsedRequests(grpc.aio.ServerInterceptor):
+    """Parse each unary request inside its call, so that bytes which are not the method's
+    message answer INVALID_ARGUMENT. grpc would parse them before any handler runs and end
+    the call UNKNOWN ("Unexpected DecodeError"), a status that blames the server.
+    Request-streaming methods (reflection) keep grpc's own parsing."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # by method: built once
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = details.method
+        if method not in self._wrapped:
+            handler = await continuation(details)
+            if handler is None or handler.request_streaming or not handler.request_deserializer:
+                return handler
+            self._wrapped[method] = _parsed(handler, method)
+        return self._wrapped[method]
+
+
+def _parsed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """`handler` receiving raw bytes and parsing them itself (see `ParsedRequests`)."""
+    parse = handler.request_deserializer
+
+    async def request(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return parse_request(parse, raw, method)
+        except InvalidArgument as e:
+            await abort_for(context, e)
+
+    if handler.response_streaming:
+        inner = handler.unary_stream
+
+        async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            out = inner(await request(raw, context), context)
+            if hasattr(out, "__aiter__"):
+                async for item in out:
+                    yield item
+            else:  # a handler that writes with context.write
+                await out
+
+        return handler._replace(request_deserializer=None, unary_stream=stream)
+    unary = handler.unary_unary
+
+    async def call(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        return await unary(await request(raw, context), context)
+
+    return handler._replace(request_deserializer=None, unary_unary=call)
 
 
 async def add_health_and_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> Any:

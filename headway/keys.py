@@ -159,7 +159,10 @@ class KeyRing:
         self._reload()
         caller = self._callers.get(digest(key.strip()))
         if caller is None:
-            raise Unauthenticated("unknown API key")
+            raise Unauthenticated(
+                "unknown API key: it may have been revoked or mistyped; use a key this "
+                "deployment issued (an operator creates one with `headway keys create --team T`)"
+            )
         return caller
 
     def team(self, authorization: str | None) -> str:

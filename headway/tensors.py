@@ -51,6 +51,10 @@ _BY_NUMPY: dict[tuple[str, int], int] = {
 
 _INT32 = np.iinfo(np.int32)
 _INT64 = np.iinfo(np.int64)
+# Dimensions a tensor may have (numpy's own limit is 64; every array of the API is 1-D).
+MAX_DIMS = 32
+# Bytes numpy can address: an empty array's other dimensions must not multiply past it.
+_MAX_BYTES = 2**63 - 1
 
 TOKEN_DTYPES = (common_pb2.DTYPE_INT32, common_pb2.DTYPE_INT64)
 FLOAT_DTYPES = (
@@ -190,6 +194,9 @@ def is_set(msg: Message, field: str) -> bool:
 
 
 def _shape_str(shape: Sequence[int]) -> str:
+    """The shape for a message, bounded: a client may send millions of dimensions."""
+    if len(shape) > 8:
+        return "[" + ", ".join(str(d) for d in shape[:8]) + f", ... ({len(shape)} dimensions)]"
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
@@ -217,8 +224,9 @@ def from_tensor(t: common_pb2.Tensor, what: str) -> np.ndarray:
 
     The result is a read-only view of the message's bytes (or a fresh array for BFLOAT16),
     so callers cannot modify the request by writing to it; copy it to get a writable one.
-    Raises `InvalidArgument`, prefixed with `what`, for an unspecified or unknown dtype, a
-    negative dimension, or a byte count that does not match the shape.
+    Raises `InvalidArgument`, prefixed with `what`, for an unspecified or unknown dtype,
+    more than MAX_DIMS dimensions, a negative dimension, a byte count that does not match
+    the shape, or an empty shape whose other dimensions no array could hold.
     """
     if t.dtype == common_pb2.DTYPE_UNSPECIFIED:
         raise InvalidArgument(
@@ -231,6 +239,11 @@ def from_tensor(t: common_pb2.Tensor, what: str) -> np.ndarray:
             + ", ".join(DType.Name(d) for d in _WIRE)
         )
     shape = list(t.shape)
+    if len(shape) > MAX_DIMS:
+        raise InvalidArgument(
+            f"{what}: shape {_shape_str(shape)} has more than {MAX_DIMS} dimensions: token "
+            "and float arrays are 1-D (shape [N])"
+        )
     for axis, size in enumerate(shape):
         if size < 0:
             raise InvalidArgument(
@@ -246,6 +259,11 @@ def from_tensor(t: common_pb2.Tensor, what: str) -> np.ndarray:
             f"{what}: data has {len(t.data)} bytes but shape {_shape_str(shape)} of "
             f"{dtype_name(t.dtype)} needs {expected} ({count} elements x {wire.itemsize} "
             "bytes): pack product(shape) elements, little-endian, with no padding"
+        )
+    if count == 0 and math.prod(d for d in shape if d) * wire.itemsize > _MAX_BYTES:
+        raise InvalidArgument(
+            f"{what}: shape {_shape_str(shape)} holds no elements, but its other dimensions "
+            "multiply past what an array can address: give an empty array shape [0]"
         )
     flat = np.frombuffer(t.data, dtype=wire)
     if t.dtype == common_pb2.DTYPE_BOOL:

@@ -18,7 +18,13 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2
 
 from headway.errors import Unavailable
-from headway.grpc_util import SERVER_OPTIONS, add_health_and_reflection, bind, until_signalled
+from headway.grpc_util import (
+    SERVER_OPTIONS,
+    ParsedRequests,
+    add_health_and_reflection,
+    bind,
+    until_signalled,
+)
 from headway.internal_auth import check_listen, interceptors
 from headway.replicas import ReplicaInfo
 from headway.v1 import sampling_pb2, sampling_pb2_grpc
@@ -75,7 +81,8 @@ async def create_replica(
     check_listen(address, config.internal_token, "sampler")
     sampler = Sampler(config)
     server = grpc.aio.server(
-        options=SERVER_OPTIONS, interceptors=interceptors(config.internal_token)
+        options=SERVER_OPTIONS,
+        interceptors=[*interceptors(config.internal_token), ParsedRequests()],
     )
     sampling_pb2_grpc.add_SamplingServiceServicer_to_server(SamplingServicer(sampler), server)
     health = await add_health_and_reflection(server, (SERVICE,))

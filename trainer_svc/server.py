@@ -7,7 +7,13 @@ import logging
 import grpc
 import redis.asyncio as aioredis
 
-from headway.grpc_util import SERVER_OPTIONS, add_health_and_reflection, bind, until_signalled
+from headway.grpc_util import (
+    SERVER_OPTIONS,
+    ParsedRequests,
+    add_health_and_reflection,
+    bind,
+    until_signalled,
+)
 from headway.internal_auth import check_listen, interceptors
 from headway.v1 import model_pb2, model_pb2_grpc, training_pb2, training_pb2_grpc
 from trainer_svc.config import TrainerConfig
@@ -33,7 +39,8 @@ async def create_server(
     redis = aioredis.from_url(config.redis_url) if config.redis_url else None
     trainer = Trainer(config, redis)
     server = grpc.aio.server(
-        options=SERVER_OPTIONS, interceptors=interceptors(config.internal_token)
+        options=SERVER_OPTIONS,
+        interceptors=[*interceptors(config.internal_token), ParsedRequests()],
     )
     model_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(trainer), server)
     training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(trainer), server)

@@ -32,6 +32,10 @@ from headway.store.records import CheckpointRecord, CheckpointRef, ModelRecord
 
 # Matched whole (`fullmatch`): `$` would also accept a trailing newline ("tiny\n").
 SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# What a checkpoint id the store made can look like ("base", "s000012-1a2b3c4d"): anything
+# else is NotFound before the filesystem is asked (a client's id may be megabytes long,
+# hold "/", ".." or NUL, which the filesystem answers with errors, not "not found").
+CHECKPOINT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ADAPTER_FILE = "adapter_model.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -199,7 +203,7 @@ class CheckpointStore:
         """A complete checkpoint of `slug`, or NotFound."""
         self.get_model(slug)
         meta = self.checkpoint_dir(slug, ckpt_id) / META_FILE
-        if ckpt_id.startswith(".") or "/" in ckpt_id or not meta.is_file():
+        if not CHECKPOINT_ID_RE.fullmatch(ckpt_id) or not meta.is_file():
             raise NotFound(f"checkpoint {ckpt_id!r} of model {slug!r} not found")
         return CheckpointRecord.from_json(json.loads(meta.read_text()))
 
