@@ -93,7 +93,12 @@ class TrainerStack:
     """A trainer server plus stubs; `.trainer` is the domain object behind it."""
 
     def __init__(
-        self, store: Path, address: str = "127.0.0.1:0", prefix: str = "", **config: Any
+        self,
+        store: Path,
+        address: str = "127.0.0.1:0",
+        prefix: str = "",
+        redis_url: str = REDIS_URL,
+        **config: Any,
     ) -> None:
         from headway.v1 import model_pb2_grpc, training_pb2_grpc
         from trainer_svc.config import TrainerConfig
@@ -102,7 +107,7 @@ class TrainerStack:
         set_torch_threads()
         self.prefix = prefix or redis_prefix()
         self.config = TrainerConfig(
-            store=store, redis_url=REDIS_URL, redis_prefix=self.prefix, **config
+            store=store, redis_url=redis_url, redis_prefix=self.prefix, **config
         )
         self.server = ServerThread(lambda: create_server(self.config, address))
         self.trainer = self.server.payload
@@ -131,7 +136,7 @@ class TrainerStack:
         self.channel.close()
         self.server.run(self.trainer.close())
         self.server.stop()
-        clear_prefix(self.prefix)
+        clear_prefix(self.prefix, self.config.redis_url)
 
 
 def clear_prefix(prefix: str, redis_url: str = REDIS_URL) -> None:
