@@ -42,6 +42,10 @@ class SamplerConfig:
     max_engines: int = 4  # weight sets resident (bases, full checkpoints), LRU of idle ones
     heartbeat_seconds: float = 1.0  # registry refresh interval
     heartbeat_ttl: float = 5.0  # a replica missing this long drops out of the registry
+    # Longest pause between attempts to reach Redis again after losing it (the first is
+    # 50 ms, doubling up to this): how long the replica may stay behind once Redis is
+    # back, since each reconnection reconciles every head (see sampler_svc.watch).
+    redis_retry_max_seconds: float = 0.25
     # The secret gateways send (see headway.internal_auth); "" = none: the replica listens
     # on loopback only and believes the team any local caller claims.
     internal_token: str = field(default="", repr=False)

@@ -1,8 +1,14 @@
 """Keeping a replica current: head events, reconciliation, and the registry heartbeat.
 
 Head events make reloads early; they are not needed for correctness (requests are pinned
-to a checkpoint, loaded on demand). On start and after every reconnect the watcher reads
-the head mirror keys, so an event missed while disconnected costs only time.
+to a checkpoint, loaded on demand). On start and after every reconnect the watcher
+reconciles: it preloads the store's head of every model the head mirror names or this
+replica serves, so an event missed while disconnected costs only time. The heads come from
+the store, the truth, not from the mirror: a head that moved while Redis was unreachable
+was never published, and until the trainer's retry lands the mirror names the one before
+(a Redis restarted without its data has no mirror at all). Reconnection is retried within
+`redis_retry_max_seconds`, so a replica is current again that long after Redis returns,
+whoever publishes what.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import time
 from typing import Any
 
+from headway.errors import NotFound
 from headway.heads import HeadEvent, channel, read_heads
 from headway.replicas import ReplicaInfo, announce, withdraw
 from sampler_svc.config import SamplerConfig
@@ -55,17 +62,51 @@ class Watcher:
         if self._relevant(event.model):
             self.sampler.preload(event.model, event.checkpoint)
 
+    async def _reconcile(self) -> None:
+        """Preload the store's head of every model the mirror names or this replica serves."""
+        mirrored = await read_heads(self.redis, self.config.redis_prefix)
+        served = {key.split("/", 1)[0] for key in self.sampler.loaded_checkpoints()}
+        heads = await asyncio.to_thread(self._store_heads, mirrored, set(mirrored) | served)
+        for model, checkpoint in heads.items():
+            self.sampler.preload(model, checkpoint)
+
+    def _store_heads(self, mirrored: dict[str, HeadEvent], models: set[str]) -> dict[str, str]:
+        """model → its head in the store, for the relevant ones of `models` (a model the
+        store no longer has is skipped; one it cannot read now keeps the mirror's head)."""
+        heads = {}
+        for model in sorted(models):
+            if not self._relevant(model):
+                continue
+            try:
+                heads[model] = self.sampler.store.head(model)
+            except NotFound:  # deleted since: nothing to serve
+                pass
+            except Exception as e:
+                log.warning("reconcile: cannot read the head of %s from the store: %s", model, e)
+                if model in mirrored:
+                    heads[model] = mirrored[model].checkpoint
+        return heads
+
     async def _events(self) -> None:
-        backoff = 0.05
+        first, longest = 0.05, self.config.redis_retry_max_seconds
+        backoff = first
+        lost: float | None = None  # time.monotonic() when Redis became unreachable
         while not self._stopping:
             pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(channel(self.config.redis_prefix))
-                # Subscribed first, then read the mirror: nothing can fall in between.
-                for event in (await read_heads(self.redis, self.config.redis_prefix)).values():
-                    self._apply(event)
+                # Subscribed first, then reconcile: nothing can fall in between.
+                await self._reconcile()
+                if lost is not None:
+                    # The registry entry may have expired, or Redis lost it: back in it
+                    # now, not at the next heartbeat.
+                    await self.announce()
+                    log.warning(
+                        "head events: Redis is back after %.1fs; heads reconciled from the store",
+                        time.monotonic() - lost,
+                    )
                 self.reconciles += 1
-                backoff = 0.05
+                lost, backoff = None, first
                 while not self._stopping:
                     # get_message with a timeout, not listen(): redis-py can swallow a
                     # cancel inside a blocking read, so the loop polls the stop flag.
@@ -75,9 +116,13 @@ class Watcher:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # connection lost: reconnect, then reconcile
-                log.warning("head events: %s; reconnecting in %.2fs", e, backoff)
+                if lost is None:
+                    lost = time.monotonic()
+                    log.warning("head events: %s; reconnecting (every %gs at most)", e, longest)
+                else:  # one line per outage, not per attempt
+                    log.debug("head events: %s; reconnecting in %.2fs", e, backoff)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+                backoff = min(backoff * 2, longest)
             finally:
                 # Bounded: a cancelled listen may still hold the connection.
                 with contextlib.suppress(Exception, asyncio.CancelledError):

@@ -80,3 +80,23 @@ def greedy_reference(module: torch.nn.Module, prompt: list[int], steps: int) -> 
     for _ in range(steps):
         seq.append(int(module(torch.tensor([seq]))[0, -1].argmax()))
     return seq[len(prompt) :]
+
+
+def scored_group(sample: Any, step: int) -> list[common_pb2.Trajectory]:
+    """A `SampleResult`'s completions as one GRPO group of trajectories, with rewards that
+    differ (alternating 0/1, shifted by `step`) so that the group has a signal."""
+    prompt = to_tensor(sample.prompt_tokens, common_pb2.DTYPE_INT32)
+    return [
+        common_pb2.Trajectory(
+            turns=[
+                common_pb2.Turn(
+                    prompt_tokens=prompt,
+                    completion_tokens=to_tensor(seq.tokens, common_pb2.DTYPE_INT32),
+                    completion_logprobs=to_tensor(seq.logprobs, common_pb2.DTYPE_FLOAT32),
+                    checkpoint=sample.checkpoint,
+                )
+            ],
+            reward=float((i + step) % 2),
+        )
+        for i, seq in enumerate(sample.sequences)
+    ]

@@ -38,7 +38,6 @@ class WaitTimeout(AssertionError):
 
 def wait_until(
     predicate: Callable[[], Any],
-    *,
     what: str,
     timeout: float = HANG_SECONDS,
     interval: float = 0.01,
@@ -191,7 +190,12 @@ class TrainerStack:
     """A trainer server plus stubs; `.trainer` is the domain object behind it."""
 
     def __init__(
-        self, store: Path, address: str = "127.0.0.1:0", prefix: str = "", **config: Any
+        self,
+        store: Path,
+        address: str = "127.0.0.1:0",
+        prefix: str = "",
+        redis_url: str = "",  # "" = the shared test Redis
+        **config: Any,
     ) -> None:
         from headway.v1 import model_pb2_grpc, training_pb2_grpc
         from trainer_svc.config import TrainerConfig
@@ -200,7 +204,10 @@ class TrainerStack:
         set_torch_threads()
         self.prefix = prefix or redis_prefix()
         self.config = TrainerConfig(
-            store=store, redis_url=shared_redis_url(), redis_prefix=self.prefix, **config
+            store=store,
+            redis_url=redis_url or shared_redis_url(),
+            redis_prefix=self.prefix,
+            **config,
         )
         self.server = ServerThread(lambda: create_server(self.config, address))
         self.trainer = self.server.payload
@@ -229,7 +236,7 @@ class TrainerStack:
         self.channel.close()
         self.server.run(self.trainer.close())
         self.server.stop()
-        clear_prefix(self.prefix)
+        clear_prefix(self.prefix, self.config.redis_url)
 
 
 def clear_prefix(prefix: str, redis_url: str = "") -> None:

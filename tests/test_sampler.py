@@ -13,7 +13,7 @@ import redis
 import torch
 
 from headway.modeling import token_logprobs
-from headway.replicas import list_replicas
+from headway.replicas import list_replicas, replica_key
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, model_pb2, sampling_pb2, training_pb2
 from tests.conftest import VOCAB
@@ -492,5 +492,47 @@ def test_a_head_missed_while_redis_was_down_is_reconciled_on_reconnect(trainer_s
         assert replica.replica.watcher.reconciles >= 2
     finally:
         replica.stop()
+        if redis_b is not None:
+            redis_b.stop()
+
+
+def test_a_replica_back_on_an_emptied_redis_reloads_its_heads_and_reregisters_at_once(
+    trainer_stack, tmp_path
+):
+    """Redis came back without its data (no RDB: no head mirror, no registry), and nothing
+    is ever published on it: on reconnect the replica still preloads the store's head of
+    every model it serves (the heads come from the store, not from a mirror that may be
+    stale or gone), and puts itself back in the registry without waiting for a heartbeat
+    (here an hour away)."""
+    from tests.stack import PrivateRedis, SamplerReplica, free_port
+
+    stack = trainer_stack
+    stack.fork("m", rank=4)
+    port = free_port()
+    redis_a = PrivateRedis(port, tmp_path / "redis-a")
+    # The trainer publishes on the suite's Redis: no event or mirror reaches this one.
+    replica = SamplerReplica(
+        stack.config.store, stack.prefix, redis_url=redis_a.url, heartbeat_seconds=3600
+    )
+    redis_b = None
+    try:
+        stack.sampler = replica
+        assert sample(stack, "m", max_tokens=2).checkpoint.startswith("s000000")  # it serves m
+        watcher = replica.replica.watcher
+        wait_until(lambda: watcher.reconciles == 1, what="the first reconciliation")
+        redis_a.stop()  # without saving: it comes back empty
+        reply = stack.train.Step(
+            training_pb2.StepRequest(
+                model="m", data=batch(seed=1), loss_fn="cross_entropy", adam=adam(1e-2)
+            )
+        ).optim_step
+        redis_b = PrivateRedis(port, tmp_path / "redis-b")
+        wait_until(lambda: watcher.reconciles == 2, what="the reconnection")
+        replica.sampler.call(lambda: None)  # the preloads its reconciliation queued have run
+        assert f"m/{reply.checkpoint}" in replica.sampler.loaded_checkpoints()
+        assert redis_b.client.exists(replica_key(watcher.info.id, stack.prefix))
+    finally:
+        replica.stop()
+        redis_a.stop()
         if redis_b is not None:
             redis_b.stop()

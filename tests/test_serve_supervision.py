@@ -13,10 +13,7 @@ import asyncio
 import io
 import os
 import signal
-import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,14 +22,13 @@ from headway import SamplingClient, StepResult, TrainingClient, Unavailable
 from headway.agents import create_agent
 from headway.eval import Job, Task, Taskset
 from headway.grpc_util import CHANNEL_OPTIONS
-from headway.serve import LocalStack, ServeConfig
+from headway.serve import LocalStack
 from headway.supervision import CrashHistory, RestartPolicy
 from headway.types import Run
 from headway.v1 import common_pb2, model_pb2, model_pb2_grpc
-from tests.stack import free_port, make_tiny_base, wait_until
+from tests.helpers_serve import HANG_SECONDS, stack_config, supervised
+from tests.stack import make_tiny_base, wait_until
 
-T = TypeVar("T")
-HANG_SECONDS = 600  # only catches hangs: three torch processes start on 2 shared cores
 STEPS = 6
 
 
@@ -72,49 +68,6 @@ def test_crashes_in_a_row_before_serving_again_all_count_however_slow() -> None:
 
 
 # ------------------------------------------------------------------- a live stack
-
-
-def stack_config(tmp_path: Path, **overrides: object) -> ServeConfig:
-    """A stack on free ports, an embedded Redis, a fresh store, one torch thread each."""
-    ports: set[int] = set()
-    while len(ports) < 4:
-        ports.add(free_port())
-    grpc_port, http_port, trainer_port, sampler_port = sorted(ports)
-    fields: dict = dict(
-        store=tmp_path / "store",
-        listen=f"127.0.0.1:{grpc_port}",
-        http=f"127.0.0.1:{http_port}",
-        trainer_listen=f"127.0.0.1:{trainer_port}",
-        sampler_port_base=sampler_port,
-        threads=1,
-        start_timeout=HANG_SECONDS,
-    )
-    fields.update(overrides)
-    return ServeConfig(**fields)  # type: ignore[arg-type]
-
-
-def supervised(stack: LocalStack, body: Callable[[], T]) -> T:
-    """Run `body` in a thread while this thread supervises the stack (as `headway serve`
-    does: children die with the thread that spawned them); stop when `body` is done."""
-    outcome: list = []
-
-    def run() -> None:
-        try:
-            outcome.append(("ok", body()))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
-            outcome.append(("error", e))
-        finally:
-            stack.request_stop()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    stack.watch()  # a ServeError here (the stack gave up) fails the test
-    thread.join(HANG_SECONDS)
-    assert outcome, "the test body did not finish"
-    kind, value = outcome[0]
-    if kind == "error":
-        raise value
-    return value
 
 
 def add_tiny_fork(stack: LocalStack, base: Path) -> str:
