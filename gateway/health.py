@@ -5,11 +5,15 @@ replica in the Redis registry, training and model calls need the trainer, traces
 routing need Redis. The standard health service reports each of the contract's services
 from what the gateway can reach now, checked every `interval` seconds in the background:
 
-- `""` (the whole server) and `headway.v1.TraceService`: SERVING while Redis answers;
+- `headway.v1.TraceService`: SERVING while Redis answers;
 - `headway.v1.ModelService`, `headway.v1.TrainingService`: SERVING while the trainer
   answers its own health check;
-- `headway.v1.SamplingService`: SERVING while Redis answers and at least one sampler
-  replica is registered.
+- `headway.v1.SamplingService`: SERVING while at least one sampler replica is registered,
+  or, while Redis is down, while the gateway still knows replicas from its last reading of
+  the registry (it routes on that list meanwhile);
+- `""` (the whole server): SERVING while any of them is. A Redis outage hits every gateway
+  alike, so it must not take them all out of a load balancer while sampling and training
+  still work through them; the per-service statuses say what does not.
 
 A check that fails or takes longer than `timeout` seconds (3: generous, so that a loaded
 machine's slow answer is not taken for a dead dependency) counts as NOT_SERVING until the
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -44,8 +49,10 @@ class HealthMonitor:
         trainer: grpc.aio.Channel,
         interval: float = 1.0,
         timeout: float = 3.0,
+        known_replicas: Callable[[], int] = lambda: 0,
     ) -> None:
         self.servicer, self.redis, self.prefix, self.trainer = servicer, redis, prefix, trainer
+        self.known_replicas = known_replicas  # replicas in the router's last registry reading
         self.interval, self.timeout = interval, timeout
         self.statuses: dict[str, bool] = {}
         self._task: asyncio.Task[None] | None = None
@@ -81,13 +88,14 @@ class HealthMonitor:
         redis_ok, trainer_ok, replicas_ok = await asyncio.gather(
             self._redis_ok(), self._trainer_ok(), self._replicas_ok()
         )
+        sampling_ok = replicas_ok or (not redis_ok and self.known_replicas() > 0)
         now = {
-            "": redis_ok,
             TRACE: redis_ok,
             MODEL: trainer_ok,
             TRAINING: trainer_ok,
-            SAMPLING: redis_ok and replicas_ok,
+            SAMPLING: sampling_ok,
         }
+        now[""] = any(now.values())
         for service, serving in now.items():
             if self.statuses.get(service) != serving:
                 status = health_pb2.HealthCheckResponse

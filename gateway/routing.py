@@ -50,6 +50,14 @@ class Router:
         now = time.monotonic()
         if not self._fetched or not self._replicas:
             await self._refresh()
+        elif self._fetched < 0 and self._refreshing is None:
+            # Told a replica failed: re-read now, but if Redis is down, route on what the
+            # last reading listed (the failed replica is passed over as suspect).
+            try:
+                await self._refresh()
+            except REDIS_ERRORS as e:
+                self._fetched = now
+                log.warning("could not refresh the replica registry: %s", e)
         elif now - self._fetched > self.cache_seconds and self._refreshing is None:
             self._refreshing = asyncio.ensure_future(self._refresh_in_background())
         return self._replicas
@@ -66,6 +74,10 @@ class Router:
             self._fetched = time.monotonic()
         finally:
             self._refreshing = None
+
+    def known(self) -> int:
+        """How many replicas the last reading of the registry listed."""
+        return len(self._replicas)
 
     def stub(self, address: str) -> sampling_pb2_grpc.SamplingServiceStub:
         if address not in self._stubs:
@@ -98,7 +110,7 @@ class Router:
 
     def mark_failed(self, address: str) -> None:
         self._suspect[address] = time.monotonic() + SUSPECT_SECONDS
-        self._fetched = 0.0  # re-read the registry soon: it may have dropped the replica
+        self._fetched = -1.0  # re-read the registry now: it may have dropped the replica
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -95,7 +95,12 @@ async def create_gateway(
     servicer = await add_health_and_reflection(server, SERVICES)
     port = bind(server, address, "gateway")
     health = HealthMonitor(
-        servicer, redis, config.redis_prefix, gateway.trainer, config.health_interval_seconds
+        servicer,
+        redis,
+        config.redis_prefix,
+        gateway.trainer,
+        config.health_interval_seconds,
+        known_replicas=gateway.router.known,
     )
     await health.check()  # true from the first answer on, not optimistic
     health.start()

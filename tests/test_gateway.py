@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
@@ -177,6 +178,55 @@ def test_health_follows_the_trainer_and_the_sampler_replicas(tmp_path, tiny_base
         for node in (lonely, gateway, replica, trainer):
             if node is not None:
                 node.stop()
+
+
+@pytest.mark.slow
+def test_a_redis_outage_keeps_the_gateway_serving_what_does_not_need_redis(tmp_path, tiny_base):
+    """Redis down: traces are NOT_SERVING, but the gateway as a whole stays SERVING (an
+    outage hits every gateway alike; a load balancer must not take them all out) and
+    samples keep flowing on the replicas it last read from the registry, failing over
+    from one that stops meanwhile instead of answering UNAVAILABLE for want of Redis."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.stack import PrivateRedis, free_port
+
+    redis_server = PrivateRedis(free_port(), tmp_path / "redis")
+    url = redis_server.url
+    trainer = TrainerStack(tmp_path / "store", redis_url=url)
+    trainer.add_base(tiny_base, "tiny")
+    store, prefix = trainer.config.store, trainer.prefix
+    a = SamplerReplica(store, prefix, redis_url=url, max_seq_len=256, replica_id="a")
+    b = SamplerReplica(store, prefix, redis_url=url, max_seq_len=256, replica_id="b")
+    node = GatewayNode(
+        store, prefix, trainer.server.address, redis_url=url, health_interval_seconds=0.2
+    )
+    health = health_pb2_grpc.HealthStub(node.channel)
+
+    def serving(name: str) -> bool:
+        status = health.Check(health_pb2.HealthCheckRequest(service=name)).status
+        return status == health_pb2.HealthCheckResponse.SERVING
+
+    def lists_both() -> bool:
+        node.sampling.Sample(sample_req("tiny", max_tokens=2), timeout=60)  # reads the registry
+        return node.gateway.router.known() == 2
+
+    try:
+        wait_until(lists_both, what="the gateway to list both replicas", interval=0.05)
+        redis_server.stop()
+        wait_until(lambda: not serving("headway.v1.TraceService"), what="traces NOT_SERVING")
+        assert serving("") and serving("headway.v1.SamplingService")
+        assert serving("headway.v1.TrainingService")
+        a.stop()  # its registry entry cannot be removed: Redis is down
+        for seed in range(4):  # each tries "a" or "b" first; none may fail
+            reply = node.sampling.Sample(sample_req("tiny", max_tokens=2, seed=seed), timeout=60)
+            assert reply.checkpoint == "base"
+    finally:
+        node.stop()
+        b.stop()
+        with contextlib.suppress(Exception):  # its key cleanup needs the Redis that is gone
+            trainer.stop()
+        if redis_server.proc.poll() is None:
+            redis_server.stop()
 
 
 @pytest.mark.slow
