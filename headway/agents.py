@@ -102,10 +102,12 @@ class Agent:
         system_prompt: str | None = None,
         max_retries: int | None = None,
         retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        retry_backoff: float = RETRY_BACKOFF,
     ) -> None:
         self.model = model
         self.max_retries = max_retries
         self.retry_timeout = retry_timeout
+        self.retry_backoff = retry_backoff
         self.completion_kwargs = dict(completion_kwargs or {})
         self.base_url = base_url or os.environ.get("HEADWAY_HTTP_URL") or DEFAULT_HTTP_URL
         # The openai client insists on a key; local mode (auth off) ignores it.
@@ -173,7 +175,8 @@ class Agent:
                 if not isinstance(error, Unavailable) or left <= 0:
                     raise error from e
             # Jitter keeps many episodes from retrying a restarted service in lockstep.
-            delay = min(RETRY_BACKOFF * 2**attempt, MAX_RETRY_DELAY) * (0.5 + random.random() / 2)
+            delay = min(self.retry_backoff * 2**attempt, MAX_RETRY_DELAY)
+            delay *= 0.5 + random.random() / 2
             log.info("gateway unavailable (%s): retrying in %.1f s", error.message, delay)
             await asyncio.sleep(min(delay, left))
             attempt += 1
@@ -256,6 +259,7 @@ def create_agent(
     system_prompt: str | None = None,
     max_retries: int | None = None,
     retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+    retry_backoff: float = RETRY_BACKOFF,
 ) -> Agent:
     """An agent sampling `model` through the gateway's OpenAI-compatible endpoint.
 
@@ -266,7 +270,8 @@ def create_agent(
     `max_retries` is the openai client's (default 2: timeouts, 429 "at capacity" and 5xx
     are retried with a backoff; each turn's Idempotency-Key makes that safe). A gateway
     that stays unavailable (503, or unreachable) is retried on top of that, with backoff,
-    for up to `retry_timeout` seconds per turn (a sampler or the gateway restarting).
+    for up to `retry_timeout` seconds per turn (a sampler or the gateway restarting),
+    the first retry after about `retry_backoff` seconds, doubling up to 10 s.
     """
     return Agent(
         model,
@@ -276,4 +281,5 @@ def create_agent(
         system_prompt=system_prompt,
         max_retries=max_retries,
         retry_timeout=retry_timeout,
+        retry_backoff=retry_backoff,
     )

@@ -107,6 +107,7 @@ def test_an_agent_waits_for_a_sampler_to_come_back(tmp_path: Path, tiny_base: Pa
         base_url=node.http_url,
         max_retries=0,  # the openai client's own retries off: each attempt is one request
         retry_timeout=HANG_SECONDS,
+        retry_backoff=0.01,  # many attempts soon: the test counts them
     )
 
     async def main() -> None:
