@@ -337,8 +337,9 @@ def _delete_redis_keys(prefix: str) -> None:
 def test_sigkill_during_optim_steps_leaves_a_loadable_consistent_head(tmp_path: Path) -> None:
     """Invariant: a trainer killed at any instant (8 SIGKILLs aimed at the checkpoint
     writes and renames of LoRA and full saves) restarts onto a head that loads and is the
-    last acknowledged checkpoint or the one in flight; the tree stays consistent, no partial or temp checkpoint is visible, every
-    acknowledged checkpoint survives, and request ids stay idempotent across restarts."""
+    last acknowledged checkpoint or the one in flight; the tree stays consistent, no
+    partial or temp checkpoint is visible, every acknowledged checkpoint survives, and
+    request ids stay idempotent across restarts."""
     base = make_tiny_base(tmp_path / "base")
     store = tmp_path / "store"
     prefix = redis_prefix()
