@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from headway.internal_auth import TEAM_HEADER, TOKEN_HEADER
 from headway.v1 import common_pb2, model_pb2, trace_pb2, training_pb2
 from tests.helpers_auth import SecuredStack, bearer
 from tests.helpers_training import adam, batch
-from tests.stack import REDIS_URL
+from tests.stack import REDIS_URL, http_call
 
 WAIT = 120.0  # a deadline that only catches hangs: every call waits for its reply
 FORK, BLUE_FORK = "red-m", "blue-m"
@@ -117,21 +115,13 @@ def call_http(
     else encoded as JSON; (status, the reply's JSON, or {"raw": text} if it is not JSON)."""
     method, path = route.split(" ", 1)
     data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
-    sent = {"Content-Type": "application/json"}
+    sent = {}
     if who != "nobody":
         key = world.stack.keys.get(who, "hw_" + "0" * 40)
         sent["Authorization"] = f"Bearer {key}"
     sent.update(headers or {})
-    request = urllib.request.Request(world.http_url + path, data, sent, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=WAIT) as response:
-            status, raw = response.status, response.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, {"raw": raw.decode(errors="replace")}
+    status, _, reply = http_call(world.http_url + path, data, sent, method)
+    return status, reply
 
 
 def chat(world: World, who: str, **extra: Any) -> dict:

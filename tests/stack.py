@@ -329,6 +329,42 @@ class EngineGate:
         Engine.step = self._real_step  # type: ignore[method-assign]
 
 
+def http_call(
+    url: str,
+    body: bytes | list[bytes] | None = None,
+    headers: dict[str, str] | None = None,
+    method: str | None = None,
+) -> tuple[int, dict[str, str], dict]:
+    """A raw HTTP request (POST with a body, else GET; a list body is sent chunked, without
+    Content-Length), JSON content type unless `headers` say otherwise: (status, reply
+    headers, the reply's JSON, or {"raw": text} when it is not JSON, e.g. a bare 500)."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    sent = {"Content-Type": "application/json", **(headers or {})}
+    if isinstance(body, list):
+        sent["Transfer-Encoding"] = "chunked"
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=HANG_SECONDS)
+    try:
+        conn.request(
+            method or ("GET" if body is None else "POST"),
+            parts.path + (f"?{parts.query}" if parts.query else ""),
+            body=iter(body) if isinstance(body, list) else body,
+            headers=sent,
+            encode_chunked=isinstance(body, list),
+        )
+        response = conn.getresponse()
+        status, reply_headers, raw = response.status, dict(response.headers), response.read()
+    finally:
+        conn.close()
+    try:
+        return status, reply_headers, json.loads(raw or b"{}")
+    except ValueError:
+        return status, reply_headers, {"raw": raw.decode(errors="replace")}
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now."""
     import socket

@@ -20,6 +20,7 @@ from tests.stack import (
     GatewayNode,
     SamplerReplica,
     TrainerStack,
+    http_call,
     redis_prefix,
     wait_until,
 )
@@ -40,32 +41,9 @@ def sample_req(model, checkpoint="", **params):
 def post(
     url: str, body: bytes | list[bytes], headers: dict[str, str] | None = None
 ) -> tuple[int, dict]:
-    """A raw HTTP POST (a list body is sent chunked, without Content-Length)."""
-    import http.client
-    import json
-    from urllib.parse import urlparse
-
-    u = urlparse(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
-    if isinstance(body, list):
-        conn.request(
-            "POST",
-            u.path,
-            body=iter(body),
-            encode_chunked=True,
-            headers={"Transfer-Encoding": "chunked", "Content-Type": "application/json"},
-        )
-    else:
-        conn.request(
-            "POST",
-            u.path,
-            body=body,
-            headers={"Content-Type": "application/json", **(headers or {})},
-        )
-    response = conn.getresponse()
-    status, data = response.status, json.loads(response.read() or b"{}")
-    conn.close()
-    return status, data
+    """A raw HTTP POST (a list body is sent chunked): (status, reply JSON)."""
+    status, _, reply = http_call(url, body, headers)
+    return status, reply
 
 
 def code_of(call) -> tuple[str, str]:

@@ -21,39 +21,10 @@ from headway.keys import create_key
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, model_pb2, sampling_pb2, trace_pb2, training_pb2
 from tests.helpers_training import batch
-from tests.stack import GatewayNode, PrivateRedis, free_port, wait_until
+from tests.stack import GatewayNode, PrivateRedis, free_port, http_call, wait_until
 from tests.test_gateway import I32, code_of, post, sample_req
 
 WAIT = 60.0  # only catches hangs: every wait below is for a condition
-
-
-def get(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], dict]:
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(url, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=WAIT) as response:
-            return response.status, dict(response.headers), json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), json.loads(e.read())
-
-
-def post_any(url: str, body: bytes) -> tuple[int, dict]:
-    """`post`, keeping a reply that is not JSON (a bare 500) as {"raw": text}."""
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=WAIT) as response:
-            status, data = response.status, response.read()
-    except urllib.error.HTTPError as e:
-        status, data = e.code, e.read()
-    try:
-        return status, json.loads(data)
-    except ValueError:
-        return status, {"raw": data.decode(errors="replace")}
 
 
 def a_turn(prompt: list[int]) -> common_pb2.Turn:
@@ -144,7 +115,9 @@ def test_a_team_at_its_call_limit_is_told_to_retry_while_another_team_is_served(
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_calls_per_team" in err.value.details()
         assert dict(err.value.trailing_metadata())["grpc-retry-pushback-ms"]
-        status, headers, body = get(f"{node.http_url}/models", {"Authorization": f"Bearer {red}"})
+        status, headers, body = http_call(
+            f"{node.http_url}/models", None, {"Authorization": f"Bearer {red}"}
+        )
         assert status == 429 and body["error"]["code"] == "overloaded"
         assert "retry-after" in {k.lower() for k in headers}
 
@@ -152,7 +125,9 @@ def test_a_team_at_its_call_limit_is_told_to_retry_while_another_team_is_served(
             model_pb2.ListModelsRequest(), metadata=md(blue), timeout=WAIT
         )
         assert [m.slug for m in listed.models] == ["tiny"]
-        status, _, body = get(f"{node.http_url}/models", {"Authorization": f"Bearer {blue}"})
+        status, _, body = http_call(
+            f"{node.http_url}/models", None, {"Authorization": f"Bearer {blue}"}
+        )
         assert status == 200 and [m["id"] for m in body["data"]] == ["tiny"]
 
         redis.client.execute_command("CLIENT", "UNPAUSE")
@@ -358,7 +333,7 @@ def test_bad_http_parameters_are_400_naming_them_never_500(gateway_stack):
             raw = json.dumps(base).encode()[:-1] + b", " + body[1:]
         else:
             raw = json.dumps({**base, **body}).encode()
-        status, reply = post_any(f"{g.http_url}/chat/completions", raw)
+        status, _, reply = http_call(f"{g.http_url}/chat/completions", raw)
         error = reply.get("error", {})
         if status != 400 or error.get("param") != param or not error.get("message"):
             wrong.append((what, status, error))
