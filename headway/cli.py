@@ -128,6 +128,8 @@ def _serve(args: argparse.Namespace) -> int:
         start_timeout=args.start_timeout,
         threads=args.threads,
         base_roots=args.base_root or [],
+        insecure=args.insecure,
+        allowed_hosts=args.allowed_hosts,
         max_crashes=args.max_crashes,
         crash_window=args.crash_window,
     )
@@ -211,6 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("on", "off"),
         default="off",
         help="on: every call needs an API key (headway keys create); off: local mode",
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="with --auth off, let the gateway listen on a non-loopback address (every "
+        "machine that reaches it is trusted as the local admin)",
+    )
+    serve.add_argument(
+        "--allowed-hosts",
+        default="",
+        help="comma-separated HTTP Host names the gateway answers besides localhost and its "
+        "listen host, with --auth off ('*' = any)",
     )
     serve.add_argument(
         "--base-root",

@@ -185,6 +185,8 @@ class LocalStack:
             dial_address(c.trainer_listen),
             "--auth",
             "on" if c.auth else "off",
+            *(["--insecure"] if c.insecure else []),
+            *(["--allowed-hosts", c.allowed_hosts] if c.allowed_hosts else []),
         ]
         services.append(
             Service(

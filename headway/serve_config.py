@@ -37,6 +37,9 @@ class ServeConfig:
     listen: str = "127.0.0.1:50051"  # the gateway's gRPC address: the one clients use
     http: str = "127.0.0.1:8000"  # the gateway's OpenAI-compatible HTTP API; "" = off
     auth: bool = False
+    # Auth off on a non-loopback gateway address: refused unless the network is trusted.
+    insecure: bool = False
+    allowed_hosts: str = ""  # extra HTTP Host names the gateway answers with auth off
     trainer_listen: str = "127.0.0.1:50052"
     sampler_port_base: int = 50053  # replica i listens on base + i, on the trainer's host
     start_timeout: float = 120.0  # seconds for every service to report SERVING

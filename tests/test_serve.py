@@ -487,3 +487,27 @@ def test_cli_does_not_import_torch() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_serve_passes_its_exposure_flags_to_the_gateway(tmp_path: Path) -> None:
+    """`--insecure` and `--allowed-hosts` reach the gateway (which enforces them: see
+    tests/test_gateway_exposure.py); without them its argv names neither."""
+    from headway.serve import LocalStack, ServeConfig
+
+    def gateway_argv(**flags: object) -> list[str]:
+        ports = {p: free_port() for p in ("listen", "http", "trainer", "sampler")}
+        config = ServeConfig(
+            store=tmp_path / "store",
+            listen=f"127.0.0.1:{ports['listen']}",
+            http=f"127.0.0.1:{ports['http']}",
+            trainer_listen=f"127.0.0.1:{ports['trainer']}",
+            sampler_port_base=ports["sampler"],
+            **flags,  # type: ignore[arg-type]
+        )
+        return next(s.argv for s in LocalStack(config).plan() if s.name == "gateway")
+
+    plain = gateway_argv()
+    assert "--insecure" not in plain and "--allowed-hosts" not in plain
+    exposed = gateway_argv(insecure=True, allowed_hosts="lab.example,box")
+    assert "--insecure" in exposed
+    assert exposed[exposed.index("--allowed-hosts") + 1] == "lab.example,box"
