@@ -36,8 +36,10 @@ test: install
 	$(PY) -m pytest -q
 
 # The developer's inner loop: every test not marked slow (under a minute on 2 cores).
+# Two workers (pytest-xdist): these tests wait on gRPC and Redis round trips as much as
+# they compute, so two share two cores well. `make test` stays one process.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n 2
 
 lint: install
 	$(VENV)/bin/ruff check .

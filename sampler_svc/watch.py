@@ -37,16 +37,22 @@ class Watcher:
         self.sampler, self.redis, self.config, self.info = sampler, redis, config, info
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._stopped = asyncio.Event()  # wakes the heartbeat's wait at once
         self.reconciles = 0  # how many times the mirror was read (start + reconnects)
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._events()), asyncio.create_task(self._heartbeat())]
 
     async def stop(self) -> None:
-        self._stopping = True  # redis-py's reads can swallow a cancel: the loops check this
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.wait(self._tasks, timeout=2.0)
+        # Not cancelled but told: redis-py can swallow a cancel inside a command (the loop
+        # then waits out a whole beat), and a pubsub cancelled mid-read waits on its
+        # connection to close. Told, both end within one 0.05 s read.
+        self._stopping = True
+        self._stopped.set()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)
+            for task in self._tasks:
+                task.cancel()
         with contextlib.suppress(Exception):  # Redis gone: the TTL removes us anyway
             await withdraw(self.redis, self.info.id, self.config.redis_prefix)
 
@@ -110,7 +116,7 @@ class Watcher:
                 while not self._stopping:
                     # get_message with a timeout, not listen(): redis-py can swallow a
                     # cancel inside a blocking read, so the loop polls the stop flag.
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
                     if message is not None and message.get("type") == "message":
                         self._apply(HeadEvent.from_json(message["data"]))
             except asyncio.CancelledError:
@@ -145,4 +151,5 @@ class Watcher:
                 raise
             except Exception as e:
                 log.warning("registry heartbeat failed: %s", e)
-            await asyncio.sleep(self.config.heartbeat_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), self.config.heartbeat_seconds)

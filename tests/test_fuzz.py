@@ -205,6 +205,7 @@ def _valid(datums: list) -> None:
         assert math.isfinite(d.reward) and math.isfinite(d.advantage)
 
 
+@pytest.mark.slow  # seconds: hundreds of batches assembled
 @PURE
 @given(batches, group_sizes, st.booleans())
 def test_assembling_any_batch_gives_valid_datums_or_a_precise_error(items, group, norm) -> None:
@@ -219,6 +220,7 @@ def test_assembling_any_batch_gives_valid_datums_or_a_precise_error(items, group
     assert declared <= sum(len(d.input_tokens) for d in batch.datums)
 
 
+@pytest.mark.slow  # seconds: hundreds of batches assembled
 @PURE
 @given(batches, group_sizes, st.booleans())
 def test_the_trainers_checks_refuse_precisely_and_only_what_decoding_would(

@@ -35,6 +35,7 @@ def _gateway_process(
     )
 
 
+@pytest.mark.slow  # a gateway process per value
 @pytest.mark.parametrize("value", ["true", "ON", "yes", "1", ""])
 def test_a_mistyped_auth_setting_stops_the_gateway(tmp_path, value):
     result = _gateway_process(

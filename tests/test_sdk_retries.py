@@ -38,6 +38,7 @@ class Attempts(grpc.aio.UnaryUnaryClientInterceptor):
         return await continuation(details, request)
 
 
+@pytest.mark.slow
 def test_a_training_call_waits_for_a_trainer_that_is_down(tmp_path: Path, tiny_base: Path):
     """The trainer is down for more attempts than the old retry count allowed, then comes
     back on the same address: the call succeeds, retried until then."""

@@ -16,6 +16,7 @@ import signal
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from headway import SamplingClient, StepResult, TrainingClient, Unavailable
@@ -92,6 +93,7 @@ def gateway_health(stack: LocalStack, service: str) -> int:
     return reply.status
 
 
+@pytest.mark.slow
 def test_sampling_goes_on_while_the_trainer_is_down(tmp_path: Path) -> None:
     """The trainer crashed and waits out its backoff (made long here, so that the outage
     lasts as long as the test needs): the gateway says the trainer's services are
@@ -139,6 +141,7 @@ def test_sampling_goes_on_while_the_trainer_is_down(tmp_path: Path) -> None:
         stack.stop()
 
 
+@pytest.mark.slow
 def test_a_training_loop_survives_the_trainer_and_a_sampler_being_killed(tmp_path: Path) -> None:
     """The seed's loop (agents over HTTP with token ids, TrainingClient.step) for 6 steps;
     the trainer is SIGKILLed after step 2, the sampler after step 4. The stack restarts
