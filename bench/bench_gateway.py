@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_trainer import REDIS_URL, _clean_redis, add_tokenizer  # noqa: E402
 from bench.common import build_bench_model, print_table  # noqa: E402
-from headway.grpc_util import CHANNEL_OPTIONS  # noqa: E402
+from headway.channels import CHANNEL_OPTIONS  # noqa: E402
 from headway.tensors import to_tensor  # noqa: E402
 from headway.v1 import (  # noqa: E402
     common_pb2,
@@ -160,7 +160,7 @@ def pct(values: list[float], q: float) -> float:
 # ------------------------------------------------------------------------------- profile
 async def background_listing(router: Any) -> None:
     """What-if: the router's replica listing kept fresh by this task, off the request path."""
-    from headway.replicas import list_replicas
+    from headway.server.replicas import list_replicas
 
     async def listing() -> list[Any]:
         return router._replicas
@@ -183,7 +183,7 @@ def profile_gateway(
     """
     from gateway.config import GatewayConfig
     from gateway.server import create_gateway
-    from headway.replicas import list_replicas
+    from headway.server.replicas import list_replicas
 
     logging.getLogger("gateway").setLevel(logging.ERROR)  # its "auth OFF" notice
     loop = asyncio.new_event_loop()

@@ -67,8 +67,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_trainer import REDIS_URL, _clean_redis, add_tokenizer  # noqa: E402
 from bench.common import build_bench_model, median_time, print_table  # noqa: E402
-from headway.grpc_util import CHANNEL_OPTIONS  # noqa: E402
-from headway.heads import HeadEvent, channel  # noqa: E402
+from headway.channels import CHANNEL_OPTIONS  # noqa: E402
+from headway.server.heads import HeadEvent, channel  # noqa: E402
 from headway.tensors import to_tensor  # noqa: E402
 from headway.v1 import (  # noqa: E402
     common_pb2,

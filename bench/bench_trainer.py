@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import build_bench_model, print_table  # noqa: E402
-from headway.grpc_util import CHANNEL_OPTIONS  # noqa: E402
+from headway.channels import CHANNEL_OPTIONS  # noqa: E402
 from headway.tensors import floats, to_tensor  # noqa: E402
 from headway.v1 import (  # noqa: E402
     common_pb2,

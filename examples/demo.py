@@ -33,8 +33,8 @@ import train  # noqa: E402  (examples/train.py, beside this file)
 from headway import SampleResult, SamplingClient, StepResult  # noqa: E402
 from headway.bases.tiny_arith import ensure_tiny_arith, held_out_problems, reward  # noqa: E402
 from headway.cli import main as headway_cli  # noqa: E402
-from headway.serve import LocalStack, ServeConfig  # noqa: E402
-from headway.tokenizer import Tokenizer  # noqa: E402
+from headway.cli.serve import LocalStack, ServeConfig  # noqa: E402
+from headway.modeling.tokenizer import Tokenizer  # noqa: E402
 from headway.types import Run  # noqa: E402
 
 MODEL = "arith-rl"

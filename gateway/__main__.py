@@ -9,8 +9,8 @@ from pathlib import Path
 
 from gateway.config import MIB, GatewayConfig
 from gateway.server import serve
-from headway.internal_auth import UnsafeConfig, load_token
-from headway.service_flags import add_common_flags, on_off, setup_process
+from headway.server.auth import UnsafeConfig, load_token
+from headway.server.flags import add_common_flags, on_off, setup_process
 
 
 def main() -> None:

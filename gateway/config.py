@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from headway.heads import DEFAULT_PREFIX
+from headway.server.heads import DEFAULT_PREFIX
 
 MIB = 1024 * 1024
 
@@ -28,7 +28,7 @@ class GatewayConfig:
     # = any host. Auth on: not checked (a web page has no key).
     allowed_hosts: list[str] = field(default_factory=list)
     # The secret sent to the trainer and samplers, which believe the team metadata only
-    # with it (see headway.internal_auth); "" = none (backends on loopback, no token).
+    # with it (see headway.server.auth); "" = none (backends on loopback, no token).
     internal_token: str = field(default="", repr=False)
     http_listen: str = ""  # host:port of the OpenAI-compatible HTTP API; "" = off
     max_body_bytes: int = 32 * 1024 * 1024  # HTTP bodies over this are refused (413) unread

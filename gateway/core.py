@@ -24,10 +24,10 @@ from gateway.routing import NoReplica, Router
 from gateway.team_slots import TeamSlots
 from gateway.traces import TraceStore
 from gateway.workers import Workers
+from headway.channels import CHANNEL_OPTIONS
 from headway.errors import InvalidArgument, Unavailable, pushback_ms
-from headway.grpc_util import CHANNEL_OPTIONS
-from headway.internal_auth import LOCAL, Caller, backend_metadata
-from headway.keys import KeyRing
+from headway.server.auth import LOCAL, Caller, backend_metadata
+from headway.server.keys import KeyRing
 from headway.store import CheckpointStore, ModelRecord
 from headway.v1 import common_pb2, sampling_pb2
 

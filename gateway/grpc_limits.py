@@ -29,7 +29,7 @@ import grpc
 from gateway.redis_errors import REDIS_ERRORS, unavailable
 from gateway.team_slots import TeamSlots
 from headway.errors import ResourceExhausted
-from headway.grpc_util import MAPPED_ERRORS, abort_for, parse_request
+from headway.server.grpc import MAPPED_ERRORS, abort_for, parse_request
 
 Ctx = grpc.aio.ServicerContext
 Metadata = Sequence[tuple[str, str]]

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from gateway.core import Gateway
-from headway.grpc_util import MAPPED_ERRORS, abort_for, maps_errors, parse_request
+from headway.server.grpc import MAPPED_ERRORS, abort_for, maps_errors, parse_request
 from headway.v1 import model_pb2, sampling_pb2, sampling_pb2_grpc, training_pb2
 
 Ctx = grpc.aio.ServicerContext

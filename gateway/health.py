@@ -30,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from headway.replicas import list_replicas
+from headway.server.replicas import list_replicas
 
 log = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ from gateway.http_params import Completion, completion, parse_body, render_json,
 from gateway.redis_errors import REDIS_ERRORS, unavailable
 from gateway.team_slots import TeamSlotsMiddleware
 from headway.errors import HeadwayError, from_status, pushback_ms
+from headway.modeling.tokenizer import Tokenizer
 from headway.tensors import to_tensor
-from headway.tokenizer import Tokenizer
 from headway.v1 import common_pb2, sampling_pb2
 
 __all__ = ["HTTPError", "create_app", "domain_error_response", "error_response"]

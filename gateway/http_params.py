@@ -33,8 +33,8 @@ from typing import Any
 
 from gateway.http_errors import HTTPError
 from headway.errors import ResourceExhausted
+from headway.modeling.tokenizer import Tokenizer
 from headway.tensors import to_tensor
-from headway.tokenizer import Tokenizer
 from headway.v1 import common_pb2
 
 FAST_PARSE_BYTES = 1024 * 1024

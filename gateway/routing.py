@@ -19,8 +19,8 @@ from typing import Any
 import grpc
 
 from gateway.redis_errors import REDIS_ERRORS
-from headway.grpc_util import CHANNEL_OPTIONS
-from headway.replicas import ReplicaInfo, list_replicas
+from headway.channels import CHANNEL_OPTIONS
+from headway.server.replicas import ReplicaInfo, list_replicas
 from headway.v1 import sampling_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from gateway.grpc_limits import CallLimits, SizeLimit
 from gateway.grpc_services import GatewaySampling, relay_handlers
 from gateway.health import HealthMonitor
 from gateway.trace_service import TraceServicer
-from headway.grpc_util import SERVER_OPTIONS, add_health_and_reflection, bind, until_signalled
-from headway.internal_auth import UnsafeConfig, is_loopback
+from headway.server.auth import UnsafeConfig, is_loopback
+from headway.server.grpc import SERVER_OPTIONS, add_health_and_reflection, bind, until_signalled
 from headway.v1 import (
     model_pb2,
     sampling_pb2,

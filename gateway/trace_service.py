@@ -13,7 +13,7 @@ import grpc
 
 from gateway.traces import TraceStore
 from headway.errors import InvalidArgument
-from headway.grpc_util import maps_errors
+from headway.server.grpc import maps_errors
 from headway.v1 import trace_pb2, trace_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext

@@ -55,7 +55,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from gateway.quota import LUA, OVERHEAD, TeamQuota
 from headway.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from headway.turns import turn_arrays
+from headway.server.turns import turn_arrays
 from headway.v1 import common_pb2, trace_pb2
 
 DEFAULT_PREFIX = "headway:"
@@ -147,7 +147,7 @@ def _not_found(trace_id: str) -> NotFound:
 
 
 def validate_turn(turn: common_pb2.Turn, what: str = "turn") -> int:
-    """Check a `Turn` with the trainer's own validator (`headway.turns`), so a recorded turn
+    """Check a `Turn` with the trainer's own validator (`headway.server.turns`), so a recorded turn
     is one the trainer accepts; return its number of completion tokens."""
     return len(turn_arrays(turn, what)[1])
 

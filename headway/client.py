@@ -17,7 +17,7 @@ stubs:
   (`group_size`, `normalize_std`), the SDK checks the batch shape before sending anything.
 
 Layering: this module imports the contract (`headway.v1`), `headway.tensors`,
-`headway.errors` and `headway.grpc_util.CHANNEL_OPTIONS`;
+`headway.errors` and `headway.server.grpc.CHANNEL_OPTIONS`;
 never torch (only `forward_backward_custom` imports it, through `headway.train`) and never
 service code.
 """
@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from headway.channels import CHANNEL_OPTIONS
 from headway.errors import (
     Aborted,
     Cancelled,
@@ -50,7 +51,6 @@ from headway.errors import (
     from_status,
     pushback_ms,
 )
-from headway.grpc_util import CHANNEL_OPTIONS
 from headway.tensors import floats, to_tensor
 from headway.types import (
     Checkpoint,

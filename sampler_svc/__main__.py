@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from headway.internal_auth import UnsafeConfig, load_token
-from headway.service_flags import add_common_flags, setup_process
+from headway.server.auth import UnsafeConfig, load_token
+from headway.server.flags import add_common_flags, setup_process
 from sampler_svc.config import SamplerConfig
 from sampler_svc.server import serve
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from headway.heads import DEFAULT_PREFIX
+from headway.server.heads import DEFAULT_PREFIX
 
 
 @dataclass
@@ -46,6 +46,6 @@ class SamplerConfig:
     # 50 ms, doubling up to this): how long the replica may stay behind once Redis is
     # back, since each reconnection reconciles every head (see sampler_svc.watch).
     redis_retry_max_seconds: float = 0.25
-    # The secret gateways send (see headway.internal_auth); "" = none: the replica listens
+    # The secret gateways send (see headway.server.auth); "" = none: the replica listens
     # on loopback only and believes the team any local caller claims.
     internal_token: str = field(default="", repr=False)

@@ -18,15 +18,15 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2
 
 from headway.errors import Unavailable
-from headway.grpc_util import (
+from headway.server.auth import check_listen, interceptors
+from headway.server.grpc import (
     SERVER_OPTIONS,
     ParsedRequests,
     add_health_and_reflection,
     bind,
     until_signalled,
 )
-from headway.internal_auth import check_listen, interceptors
-from headway.replicas import ReplicaInfo
+from headway.server.replicas import ReplicaInfo
 from headway.v1 import sampling_pb2, sampling_pb2_grpc
 from sampler_svc.config import SamplerConfig
 from sampler_svc.sampler import Sampler

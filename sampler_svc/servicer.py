@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from headway.errors import HeadwayError
-from headway.grpc_util import MAPPED_ERRORS, abort_for, maps_errors, team_of
 from headway.modeling import Tokenizer
+from headway.server.grpc import MAPPED_ERRORS, abort_for, maps_errors, team_of
 from headway.store import ModelRecord
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, sampling_pb2, sampling_pb2_grpc

@@ -20,8 +20,8 @@ import time
 from typing import Any
 
 from headway.errors import NotFound
-from headway.heads import HeadEvent, channel, read_heads
-from headway.replicas import ReplicaInfo, announce, withdraw
+from headway.server.heads import HeadEvent, channel, read_heads
+from headway.server.replicas import ReplicaInfo, announce, withdraw
 from sampler_svc.config import SamplerConfig
 from sampler_svc.sampler import Sampler
 

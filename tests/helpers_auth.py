@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from headway.keys import create_key
+from headway.server.keys import create_key
 from headway.v1 import model_pb2
 from tests.stack import GatewayNode, SamplerReplica, TrainerStack, make_tiny_base
 

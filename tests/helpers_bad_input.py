@@ -22,7 +22,7 @@ import grpc
 import redis
 import torch
 
-from headway.internal_auth import TEAM_HEADER, TOKEN_HEADER
+from headway.server.auth import TEAM_HEADER, TOKEN_HEADER
 from headway.v1 import common_pb2, model_pb2, trace_pb2, training_pb2
 from tests.helpers_auth import SecuredStack, bearer
 from tests.helpers_training import adam, batch

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from headway.serve import LocalStack, ServeConfig
+from headway.cli.serve import LocalStack, ServeConfig
 from tests.stack import free_port
 
 T = TypeVar("T")

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 import torch
 
-from headway.grpc_util import CHANNEL_OPTIONS
+from headway.channels import CHANNEL_OPTIONS
 from headway.modeling import ModelConfig, Tokenizer, Transformer, save_model
 from tests.conftest import VOCAB, train_tokenizer
 

@@ -13,7 +13,7 @@ import asyncio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from headway.internal_auth import TOKEN_HEADER, UnsafeConfig, load_token
+from headway.server.auth import TOKEN_HEADER, UnsafeConfig, load_token
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, model_pb2, sampling_pb2
 from tests.helpers_auth import code_of

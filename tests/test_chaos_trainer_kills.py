@@ -36,8 +36,8 @@ import redis
 from safetensors.torch import load_file
 
 from headway import SamplingClient, StepResult, TrainingClient
-from headway.replicas import ReplicaInfo, replica_key
-from headway.serve import LocalStack
+from headway.cli.serve import LocalStack
+from headway.server.replicas import ReplicaInfo, replica_key
 from headway.store.atomic import TMP_PREFIX
 from headway.v1 import common_pb2, model_pb2, model_pb2_grpc
 from tests.helpers_serve import HANG_SECONDS, stack_config, supervised

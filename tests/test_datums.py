@@ -1,4 +1,4 @@
-"""headway.datums: inline Datum validation, Trajectory -> Datum conversion, GRPO group
+"""trainer_svc.datums: inline Datum validation, Trajectory -> Datum conversion, GRPO group
 advantages and batch assembly, against hand-worked expected arrays."""
 
 from __future__ import annotations
@@ -8,7 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from headway.datums import (
+from headway.errors import InvalidArgument, NotFound
+from headway.tensors import to_tensor
+from headway.v1 import common_pb2
+from trainer_svc.datums import (
     Batch,
     DatumArrays,
     assemble_batch,
@@ -17,9 +20,6 @@ from headway.datums import (
     group_advantages,
     trajectory_to_datums,
 )
-from headway.errors import InvalidArgument, NotFound
-from headway.tensors import to_tensor
-from headway.v1 import common_pb2
 
 F32 = common_pb2.DTYPE_FLOAT32
 NORM = 0.5 / (0.5 + 1e-6)  # |r - mean| / (population std + eps) for rewards {0, 1}

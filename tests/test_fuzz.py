@@ -23,12 +23,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from headway.datums import assemble_batch, declared_lengths
 from headway.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from headway.tensors import declared_size, floats, from_tensor, to_tensor, tokens
 from headway.v1 import common_pb2, model_pb2, sampling_pb2, trace_pb2, training_pb2
 from tests.conftest import VOCAB
 from trainer_svc.batches import BatchLimits, assemble, check_size
+from trainer_svc.datums import assemble_batch, declared_lengths
 
 WAIT = 120.0  # only catches hangs
 # derandomize: the same examples on every run; no database: none replayed from earlier runs.

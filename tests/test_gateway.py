@@ -11,7 +11,7 @@ import numpy as np
 import openai
 import pytest
 
-from headway.keys import create_key
+from headway.server.keys import create_key
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, model_pb2, sampling_pb2, trace_pb2, training_pb2
 from tests.helpers_training import adam, batch
@@ -272,7 +272,7 @@ def test_routing_weighs_replicas_by_rows_reported_and_in_flight():
     import redis.asyncio as aioredis
 
     from gateway.routing import Router
-    from headway.replicas import ReplicaInfo, announce
+    from headway.server.replicas import ReplicaInfo, announce
     from tests.stack import REDIS_URL, clear_prefix
 
     prefix = redis_prefix()
@@ -400,7 +400,7 @@ def test_openai_chat_returns_token_ids_logprobs_and_a_trace(gateway_stack):
         assert trace.turns[0].checkpoint == c.checkpoint == "base"
     # The chat template is the base's: the prompt is what the tokenizer renders.
     tok = g.gateway.store.get_model("tiny")
-    from headway.tokenizer import Tokenizer
+    from headway.modeling.tokenizer import Tokenizer
 
     expected = Tokenizer.from_dir(tok.path).apply_chat_template(
         [{"role": "user", "content": "what is 1 plus 2?"}]

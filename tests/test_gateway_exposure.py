@@ -15,8 +15,8 @@ import pytest
 
 from gateway.config import GatewayConfig
 from gateway.server import create_gateway
-from headway.internal_auth import UnsafeConfig
-from headway.keys import create_key
+from headway.server.auth import UnsafeConfig
+from headway.server.keys import create_key
 from tests.stack import REDIS_URL, GatewayNode, free_port, redis_prefix
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
-from headway.keys import create_key
+from headway.server.keys import create_key
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, model_pb2, sampling_pb2, trace_pb2, training_pb2
 from tests.helpers_training import batch
@@ -251,7 +251,7 @@ def test_http_work_in_progress_does_not_stop_grpc_from_answering(gateway_stack, 
     on an event the test controls, the gateway still answers gRPC calls: that work is not
     on the event loop that serves them. The hold wraps the real function, in process (the
     only way to keep one in progress deterministically)."""
-    import headway.tokenizer
+    import headway.modeling.tokenizer
 
     started, release = threading.Event(), threading.Event()
 
@@ -269,7 +269,7 @@ def test_http_work_in_progress_does_not_stop_grpc_from_answering(gateway_stack, 
     if stage == "parse":
         monkeypatch.setattr(json, "loads", hold(json.loads, 0))
     else:
-        cls = headway.tokenizer.Tokenizer
+        cls = headway.modeling.tokenizer.Tokenizer
         monkeypatch.setattr(cls, "render_chat", hold(cls.render_chat, 1))
     g = gateway_stack.gateway
     body = {"model": "tiny", "messages": [{"role": "user", "content": MARKER}], "max_tokens": 2}

@@ -29,7 +29,7 @@ import redis
 import redis.asyncio as aioredis
 
 from gateway.routing import SUSPECT_SECONDS
-from headway.replicas import ReplicaInfo, list_replicas, replica_key
+from headway.server.replicas import ReplicaInfo, list_replicas, replica_key
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, model_pb2, model_pb2_grpc, sampling_pb2, sampling_pb2_grpc
 from tests.stack import (

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import redis
 
-from headway.keys import create_key
+from headway.server.keys import create_key
 from tests.stack import REDIS_URL, GatewayNode
 
 CHAT = json.dumps(

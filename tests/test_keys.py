@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from headway.errors import InvalidArgument, NotFound, Unauthenticated
-from headway.internal_auth import Caller
-from headway.keys import KEYS_FILE, KeyRing, create_key, digest, list_keys, revoke_key
+from headway.server.auth import Caller
+from headway.server.keys import KEYS_FILE, KeyRing, create_key, digest, list_keys, revoke_key
 from tests.stack import GatewayNode, free_port, redis_prefix
 
 REPO = Path(__file__).resolve().parents[1]

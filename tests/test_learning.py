@@ -19,7 +19,7 @@ import pytest
 
 from headway import SamplingClient, TrainingClient
 from headway.bases.tiny_arith import chat_messages, reward, train_problems
-from headway.tokenizer import Tokenizer
+from headway.modeling.tokenizer import Tokenizer
 from headway.types import Run, Turn
 from headway.v1 import common_pb2, model_pb2
 

@@ -26,8 +26,8 @@ import pytest
 import redis
 
 from headway import SamplingClient, TraceClient, TrainingClient
-from headway.heads import mirror_key
-from headway.replicas import ReplicaInfo, replica_key
+from headway.server.heads import mirror_key
+from headway.server.replicas import ReplicaInfo, replica_key
 from headway.v1 import common_pb2, model_pb2
 from tests.helpers_training import scored_group
 from tests.stack import (

@@ -13,7 +13,7 @@ import redis
 import torch
 
 from headway.modeling import token_logprobs
-from headway.replicas import list_replicas, replica_key
+from headway.server.replicas import list_replicas, replica_key
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, model_pb2, sampling_pb2, training_pb2
 from tests.conftest import VOCAB

@@ -19,7 +19,7 @@ import redis
 import torch
 
 from headway.modeling import Tokenizer, token_logprobs
-from headway.replicas import replica_key
+from headway.server.replicas import replica_key
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, sampling_pb2
 from sampler_svc.requests import Collector, Spec

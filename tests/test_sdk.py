@@ -32,12 +32,12 @@ from headway import (
 )
 from headway.agents import create_agent
 from headway.client import merge_metrics, split_substeps, training_items
-from headway.datums import group_advantages
 from headway.eval import Job, Task, Taskset
 from headway.train import DatumTensors
 from headway.v1 import common_pb2, model_pb2
 from tests.helpers_training import checkpoint_tensors
 from tests.stack import free_port
+from trainer_svc.datums import group_advantages
 
 PROMPT = [5, 17, 33, 8, 41, 12]
 # AdamW's first step moves each weight by about lr * sign(gradient) with the default eps,

@@ -25,7 +25,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from headway.grpc_util import CHANNEL_OPTIONS
+from headway.channels import CHANNEL_OPTIONS
 from headway.v1 import (
     common_pb2,
     model_pb2,
@@ -190,7 +190,7 @@ def test_serve_end_to_end(tmp_path: Path, ports: dict[str, int]) -> None:
         for name in ("trainer", "sampler-0", "gateway"):
             assert str(store / "logs" / f"{name}.log") in out
         # The torch processes split the cores instead of each taking all of them.
-        from headway.serve import torch_threads
+        from headway.cli.serve import torch_threads
 
         for name in ("trainer", "sampler-0"):
             argv = Path(f"/proc/{pids[name]}/cmdline").read_bytes().split(b"\0")
@@ -394,8 +394,8 @@ def test_serve_restarts_its_embedded_redis(tmp_path: Path, ports: dict[str, int]
     """On the same socket, so the services' Redis URL stays valid: they reconnect."""
     import redis
 
-    from headway.heads import DEFAULT_PREFIX
-    from headway.replicas import replica_key
+    from headway.server.heads import DEFAULT_PREFIX
+    from headway.server.replicas import replica_key
 
     serve = _serve_on(tmp_path, ports)
     try:
@@ -482,7 +482,7 @@ def test_keys_create_bad_team(tmp_path: Path) -> None:
 
 def test_cli_does_not_import_torch() -> None:
     """`headway` must start fast: torch is for the service processes only."""
-    code = "import sys, headway.cli, headway.serve; print('torch' in sys.modules)"
+    code = "import sys, headway.cli, headway.cli.serve; print('torch' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )
@@ -492,7 +492,7 @@ def test_cli_does_not_import_torch() -> None:
 def test_serve_passes_its_exposure_flags_to_the_gateway(tmp_path: Path) -> None:
     """`--insecure` and `--allowed-hosts` reach the gateway (which enforces them: see
     tests/test_gateway_exposure.py); without them its argv names neither."""
-    from headway.serve import LocalStack, ServeConfig
+    from headway.cli.serve import LocalStack, ServeConfig
 
     def gateway_argv(**flags: object) -> list[str]:
         ports = {p: free_port() for p in ("listen", "http", "trainer", "sampler")}

@@ -21,10 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from headway import SamplingClient, StepResult, TrainingClient, Unavailable
 from headway.agents import create_agent
+from headway.channels import CHANNEL_OPTIONS
+from headway.cli.serve import LocalStack
+from headway.cli.supervision import CrashHistory, RestartPolicy
 from headway.eval import Job, Task, Taskset
-from headway.grpc_util import CHANNEL_OPTIONS
-from headway.serve import LocalStack
-from headway.supervision import CrashHistory, RestartPolicy
 from headway.types import Run
 from headway.v1 import common_pb2, model_pb2, model_pb2_grpc
 from tests.helpers_serve import HANG_SECONDS, stack_config, supervised

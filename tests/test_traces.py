@@ -21,8 +21,9 @@ import redis.asyncio as aioredis
 
 from gateway.trace_service import TraceServicer
 from gateway.traces import TraceStore
+from headway.channels import CHANNEL_OPTIONS
 from headway.errors import FailedPrecondition, NotFound
-from headway.grpc_util import CHANNEL_OPTIONS, team_of
+from headway.server.grpc import team_of
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, trace_pb2, trace_pb2_grpc
 from tests.stack import REDIS_URL, ServerThread, redis_prefix, team_md, wait_until

@@ -14,12 +14,12 @@ import grpc
 import numpy as np
 import pytest
 
-from headway import datums
 from headway.errors import PUSHBACK_KEY
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, model_pb2, training_pb2
 from tests.helpers_training import adam, batch, items, rl_datum
 from tests.stack import TrainerStack, team_md
+from trainer_svc import datums
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ import redis
 import torch
 from safetensors.torch import load_file
 
-from headway.datums import assemble_batch
-from headway.heads import channel, mirror_key
+from headway.server.heads import channel, mirror_key
 from headway.v1 import model_pb2, training_pb2
 from tests.helpers_training import adam, batch, checkpoint_tensors, reference_module
 from tests.stack import REDIS_URL, TrainerStack, wait_until
+from trainer_svc.datums import assemble_batch
 
 LOSS_CONFIGS = {
     "cross_entropy": {},

@@ -8,8 +8,8 @@ import dataclasses
 import os
 from pathlib import Path
 
-from headway.internal_auth import UnsafeConfig, load_token
-from headway.service_flags import add_common_flags, setup_process
+from headway.server.auth import UnsafeConfig, load_token
+from headway.server.flags import add_common_flags, setup_process
 from trainer_svc.config import TrainerConfig
 from trainer_svc.server import serve
 

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from headway.errors import FailedPrecondition, InvalidArgument, PermissionDenied
-from headway.internal_auth import LOCAL, Caller
 from headway.modeling import ModelConfig, Tokenizer
 from headway.modeling.load import empty_model, read_weights
+from headway.server.auth import LOCAL, Caller
 
 NOT_ADMIN = "registering a base is an admin action: use an admin key (headway keys create --admin)"
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from headway.datums import Batch, assemble_batch, check_vocab, declared_lengths
 from headway.errors import ResourceExhausted
 from headway.v1 import common_pb2
+from trainer_svc.datums import Batch, assemble_batch, check_vocab, declared_lengths
 
 SPLIT_HINT = "split it over several calls (the SDK's num_substeps does)"
 

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from headway.datums import DatumArrays
 from headway.errors import FailedPrecondition, InvalidArgument
 from headway.modeling import entropy, token_logprobs
+from trainer_svc.datums import DatumArrays
 from trainer_svc.losses import Loss, TokenInputs
 from trainer_svc.state import ModelState
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from headway.heads import DEFAULT_PREFIX
+from headway.server.heads import DEFAULT_PREFIX
 
 
 @dataclass
@@ -62,6 +62,6 @@ class TrainerConfig:
     # None configured: only local mode (auth off: the local caller) may register a
     # directory, anywhere; with auth on, AddBase is refused until roots are set.
     base_roots: list[Path] = field(default_factory=list)
-    # The secret gateways send (see headway.internal_auth); "" = none: the trainer listens
+    # The secret gateways send (see headway.server.auth); "" = none: the trainer listens
     # on loopback only and believes the team any local caller claims.
     internal_token: str = field(default="", repr=False)

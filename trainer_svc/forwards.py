@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from headway.datums import DatumArrays
 from headway.errors import InvalidArgument, ResourceExhausted
 from headway.tensors import declared_size, floats
 from headway.v1 import common_pb2
 from trainer_svc.compute import KeptForward
+from trainer_svc.datums import DatumArrays
 
 # Bytes a forward's inputs take per token before it runs (datum arrays ~28, padded chunk
 # tensors ~29, logprobs 4): the estimate its admission is checked with.

@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from headway.errors import NotFound
-from headway.heads import HeadEvent, mirror_key, publish_head
+from headway.server.heads import HeadEvent, mirror_key, publish_head
 from headway.store import CheckpointRecord, CheckpointStore
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from headway.datums import DatumArrays
 from headway.store import CheckpointRecord
 from trainer_svc import compute
+from trainer_svc.datums import DatumArrays
 
 
 @dataclass

@@ -7,14 +7,14 @@ import logging
 import grpc
 import redis.asyncio as aioredis
 
-from headway.grpc_util import (
+from headway.server.auth import check_listen, interceptors
+from headway.server.grpc import (
     SERVER_OPTIONS,
     ParsedRequests,
     add_health_and_reflection,
     bind,
     until_signalled,
 )
-from headway.internal_auth import check_listen, interceptors
 from headway.v1 import model_pb2, model_pb2_grpc, training_pb2, training_pb2_grpc
 from trainer_svc.config import TrainerConfig
 from trainer_svc.servicer import ModelServicer, TrainingServicer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from headway.errors import InvalidArgument
-from headway.grpc_util import caller, maps_errors, team_of
+from headway.server.grpc import caller, maps_errors, team_of
 from headway.v1 import common_pb2, model_pb2, model_pb2_grpc, training_pb2, training_pb2_grpc
 from trainer_svc import convert, losses
 from trainer_svc.adapters import LoraRequest

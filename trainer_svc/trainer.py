@@ -25,9 +25,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from headway.datums import Batch
 from headway.errors import FailedPrecondition, InvalidArgument, NotFound
-from headway.internal_auth import Caller
+from headway.server.auth import Caller
 from headway.store import CheckpointRecord, CheckpointRef, CheckpointStore, ModelRecord, check_slug
 from headway.store.weights import base_config, full_state
 from headway.v1 import common_pb2
@@ -35,6 +34,7 @@ from trainer_svc import adapters, batches, compute, losses
 from trainer_svc.adapters import LoraRequest
 from trainer_svc.bases import base_directory, validate_base
 from trainer_svc.config import TrainerConfig
+from trainer_svc.datums import Batch
 from trainer_svc.forwards import (
     ForwardLimits,
     check_client_metrics,

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     import torch
 
     from headway.modeling import ModelConfig, Transformer
-    from headway.tokenizer import Tokenizer
+    from headway.modeling.tokenizer import Tokenizer
 
 NAME = "tiny-arith"
 # Bump when anything that changes the built files changes: a cached build of another
@@ -73,7 +73,7 @@ SPECIAL_TOKENS = [PAD, UNK, SYSTEM, USER, ASSISTANT, END]
 ALPHABET = "0123456789+="
 
 # One line per turn, no whitespace of its own: `<|role|>content<|end|>`, then `<|assistant|>`
-# as the generation prompt. Rendered the same by headway.tokenizer and transformers.
+# as the generation prompt. Rendered the same by headway.modeling.tokenizer and transformers.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
@@ -193,7 +193,7 @@ def build_tokenizer(max_length: int = Recipe.max_position_embeddings) -> Tokeniz
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, trainers
 
-    from headway.tokenizer import Tokenizer
+    from headway.modeling.tokenizer import Tokenizer
 
     backend = HFTokenizer(models.BPE(unk_token=UNK))
     backend.decoder = decoders.Fuse()  # characters concatenate back, no spaces between

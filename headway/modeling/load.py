@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from headway.modeling.config import ModelConfig
 from headway.modeling.errors import ModelError
 from headway.modeling.model import Transformer
-from headway.tokenizer import Tokenizer
+from headway.modeling.tokenizer import Tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -17,8 +17,8 @@ from typing import Any
 
 import grpc
 
+from headway.channels import CHANNEL_OPTIONS
 from headway.errors import from_status
-from headway.grpc_util import CHANNEL_OPTIONS
 from headway.v1 import common_pb2, model_pb2, model_pb2_grpc
 
 DEFAULT_URL = "127.0.0.1:50051"
@@ -215,8 +215,8 @@ def _export(args: argparse.Namespace) -> int:
         shutil.copytree(adapter_dir(store, args.model, ckpt), out, dirs_exist_ok=True)
     else:  # merged full weights plus the base's tokenizer: a plain HF directory
         from headway.modeling import ModelConfig, build_model, save_model
+        from headway.modeling.tokenizer import Tokenizer
         from headway.store.weights import full_state
-        from headway.tokenizer import Tokenizer
 
         base = store.get_model(record.base)
         model = build_model(ModelConfig.from_file(base.path), full_state(store, args.model, ckpt))

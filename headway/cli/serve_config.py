@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from headway.heads import DEFAULT_PREFIX
-from headway.supervision import RestartPolicy
+from headway.cli.supervision import RestartPolicy
+from headway.server.heads import DEFAULT_PREFIX
 
 
 class ServeError(Exception):
@@ -48,7 +48,7 @@ class ServeConfig:
     # Directories under which admin keys may register bases (the trainer's --base-root);
     # [] = $HEADWAY_BASE_ROOTS if set, else none (only local mode registers bases).
     base_roots: list[str] = field(default_factory=list)
-    # Restarts (see headway.supervision). A service that exits unexpectedly is restarted
+    # Restarts (see headway.cli.supervision). A service that exits unexpectedly is restarted
     # after restart_backoff seconds, doubled for each crash on its record, at most
     # restart_backoff_max; max_crashes crashes on its record (crashes stay there for
     # crash_window seconds, and crashes in a row before it serves again all count) stop

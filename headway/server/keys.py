@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from headway.errors import InvalidArgument, NotFound, Unauthenticated
-from headway.internal_auth import Caller
+from headway.server.auth import Caller
 from headway.store.atomic import write_json
 
 KEYS_FILE = "keys.json"

@@ -12,8 +12,8 @@ import argparse
 import logging
 import os
 
-from headway.heads import DEFAULT_PREFIX
-from headway.internal_auth import TOKEN_ENV, TOKEN_FILE_ENV
+from headway.server.auth import TOKEN_ENV, TOKEN_FILE_ENV
+from headway.server.heads import DEFAULT_PREFIX
 
 
 def on_off(value: str) -> bool:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from headway.supervision import log_tail
+from headway.cli.supervision import log_tail
 
 
 class RedisStartError(Exception):

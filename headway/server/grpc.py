@@ -1,5 +1,5 @@
-"""gRPC plumbing every server shares: message limits, error mapping, request parsing,
-the caller.
+"""gRPC plumbing every server shares: server options, error mapping, request parsing, the
+caller (the channel settings clients share too are in `headway.channels`).
 
 Servicer methods stay thin: they call domain code and let `maps_errors` turn a
 `HeadwayError` (or a model-format `ValueError`) into the status it names, with its message.
@@ -18,20 +18,12 @@ from typing import Any, TypeVar
 
 import grpc
 
+from headway.channels import CHANNEL_OPTIONS
 from headway.errors import PUSHBACK_KEY, HeadwayError, InvalidArgument, Overloaded, pushback_ms
-from headway.internal_auth import Caller, caller_of
+from headway.server.auth import Caller, caller_of
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # training batches and logprob tensors are large
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # A restarted service is dialled again within 2 s (gRPC's default backoff grows to
-    # 120 s, far too long for a trainer or replica that is back after a crash).
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
 # Servers refuse a port another process holds (gRPC's default, SO_REUSEPORT, would let two
 # trainers on one port silently split the traffic).
 SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]

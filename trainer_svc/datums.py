@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from headway.errors import InvalidArgument
+from headway.server.turns import turn_arrays
 from headway.tensors import declared_size, floats, is_set, require_finite, to_tensor, tokens
-from headway.turns import turn_arrays
 from headway.v1 import common_pb2
 
 _INT32_MAX = np.iinfo(np.int32).max

