@@ -3,7 +3,8 @@
 - `headway keys create --team T [--admin]`: a new API key for a team (printed once, stored
   hashed); `headway keys list`, `headway keys revoke <id>`.
 - `headway serve`: the trainer, sampler replicas and gateway on this machine.
-- `headway models ...`: list, fork, checkpoint trees, heads, export (see `headway.cli.models`).
+- `headway models ...`: list, fork, checkpoint trees, heads (`headway.cli.models`, no torch);
+  export and build-base, which run torch here (`headway.cli.local`).
 
 Thin by design: the work lives in `headway.server.keys` and `headway.cli.serve`, imported
 only by the command that needs them, so `headway --version` stays instant and nothing here imports
@@ -268,9 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
 
-    from headway.cli.models import add_commands
+    from headway.cli import local, models
 
-    add_commands(commands, _default_store())
+    local.add_commands(models.add_commands(commands), _default_store())
     return parser
 
 

@@ -1,9 +1,9 @@
 """`headway models ...`: the model catalogue and checkpoint trees, from a terminal.
 
 Talks to the gateway (`HEADWAY_URL`, default 127.0.0.1:50051; key from `HEADWAY_API_KEY`)
-through the contract's stubs. `export` reads the checkpoint store directly (it writes
-files on this machine), so it takes `--store`. Errors are one line on stderr and a
-non-zero exit: 2 for bad input, 1 for everything else.
+through the contract's stubs, and imports no torch (an import-linter contract checks):
+`export` and `build-base`, which run torch on this machine, live in `headway.cli.local`.
+Errors are one line on stderr and a non-zero exit: 2 for bad input, 1 for everything else.
 """
 
 from __future__ import annotations
@@ -186,45 +186,6 @@ def _delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def _needs_server() -> None:
-    """ValueError (one line, exit 2) when the torch-side modules a command runs are missing."""
-    from headway.cli import missing_extra
-
-    if message := missing_extra("server"):
-        raise ValueError(message)
-
-
-def _export(args: argparse.Namespace) -> int:
-    _needs_server()
-    import shutil
-    from pathlib import Path
-
-    from headway.store import CheckpointStore
-
-    store = CheckpointStore(args.store, recover=False)
-    record = store.get_model(args.model)
-    ckpt = args.checkpoint or store.head(args.model)
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not empty; choose a new directory")
-    if args.format == "peft":
-        if not record.lora:
-            raise ValueError(f"{args.model} is not a LoRA model: export it with --format hf")
-        from headway.store.weights import adapter_dir
-
-        shutil.copytree(adapter_dir(store, args.model, ckpt), out, dirs_exist_ok=True)
-    else:  # merged full weights plus the base's tokenizer: a plain HF directory
-        from headway.modeling import ModelConfig, build_model, save_model
-        from headway.modeling.tokenizer import Tokenizer
-        from headway.store.weights import full_state
-
-        base = store.get_model(record.base)
-        model = build_model(ModelConfig.from_file(base.path), full_state(store, args.model, ckpt))
-        save_model(model, Tokenizer.from_dir(base.path), out)
-    print(f"exported {args.model}@{ckpt} ({args.format}) to {out}")
-    return 0
-
-
 def _lineage(checkpoints: list[common_pb2.Checkpoint], last: str) -> list[common_pb2.Checkpoint]:
     """The checkpoints from the root to `last`, following parent ids."""
     by_id = {c.id: c for c in checkpoints}
@@ -280,32 +241,13 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_base(args: argparse.Namespace) -> int:
-    _needs_server()
-    from pathlib import Path
-
-    from tqdm import tqdm
-
-    from headway.bases import ensure_base
-
-    # The bar goes to stderr, so stdout is the path alone: BASE=$(headway models build-base ...)
-    bar = tqdm(desc=f"building {args.name}", unit="step", file=sys.stderr)
-
-    def progress(step: int, steps: int, loss: float) -> None:
-        bar.total = steps
-        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-        bar.update(step - bar.n)
-
-    try:
-        path = ensure_base(args.name, Path(args.cache) if args.cache else None, progress)
-    finally:
-        bar.close()
-    print(path)
-    return 0
+# Registers one `headway models NAME` command: (name, function, help) -> its parser.
+CommandFactory = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
-def add_commands(commands: Any, default_store: str) -> None:
-    """Register `headway models ...` under the top-level subcommands."""
+def add_commands(commands: Any) -> CommandFactory:
+    """Register `headway models ...` under the top-level subcommands; return the factory
+    that adds one more (`headway.cli.local` adds the commands that run torch here)."""
     models = commands.add_parser(
         "models",
         help="models and checkpoint trees",
@@ -344,18 +286,10 @@ def add_commands(commands: Any, default_store: str) -> None:
     p.add_argument("--name", default="")
     p = command("delete", _delete, "delete one of your models")
     p.add_argument("model")
-    p = command("export", _export, "write a checkpoint as a PEFT adapter or a merged HF model")
-    p.add_argument("model")
-    p.add_argument("--format", choices=("peft", "hf"), required=True)
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--checkpoint", default="", help="default: the head")
-    p.add_argument("--store", default=default_store)
     p = command("plot", _plot, "plot reward and loss along the head's lineage (matplotlib)")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="the image file (.png, .pdf, .svg)")
     p.add_argument(
         "--checkpoint", default="", help="plot the lineage of this node (default: the head)"
     )
-    p = command("build-base", _build_base, "build (once, cached) a base the project ships")
-    p.add_argument("name", choices=("tiny-arith",))
-    p.add_argument("--cache", default="", help="cache directory (default $HEADWAY_HOME/bases)")
+    return command
