@@ -41,9 +41,11 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" -n 2
 
+# ruff, then the layers of design.md as import-linter contracts ([tool.importlinter]).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 # GRPO on the project's own base, end to end on embedded defaults (see examples/demo.py):
 # builds tiny-arith once (cached in $$HEADWAY_HOME/bases), store and logs in .demo/.

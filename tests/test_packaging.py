@@ -81,3 +81,18 @@ print("export:", main(["models", "export", "m", "--format", "hf", "-o", "/tmp/x"
     assert len(lines) == 2, err
     assert lines[0].startswith("headway serve: needs torch") and "headway[server]" in lines[0]
     assert lines[1].startswith("headway models export: needs torch")
+
+
+def test_the_model_core_loads_torch_only_for_the_names_that_need_it():
+    # headway.modeling resolves its public names lazily (PEP 562): the literal __all__
+    # that linters read must name exactly what it exports, and the torch-free names
+    # (the tokenizer, the config) must come without torch.
+    code = (
+        "import sys, headway.modeling as m\n"
+        "assert m.__all__ == sorted(m._EXPORTS), (m.__all__, sorted(m._EXPORTS))\n"
+        "from headway.modeling import ModelConfig, ModelError, Tokenizer\n"
+        "assert 'torch' not in sys.modules\n"
+        "from headway.modeling import Transformer\n"
+        "assert 'torch' in sys.modules and Transformer.__module__ == 'headway.modeling.model'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
