@@ -31,12 +31,12 @@ import copy
 import inspect
 import logging
 import os
-import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+from headway.client.settings import DEFAULT_RETRY_TIMEOUT, api_key_from_env, retry_delay
 from headway.errors import HeadwayError, InvalidArgument, Unavailable, from_http
 from headway.types import Run, Turn
 
@@ -45,11 +45,10 @@ log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_HTTP_URL", "Agent", "Tool", "create_agent"]
 
 DEFAULT_HTTP_URL = "http://127.0.0.1:8000/v1"
-# How long a turn is retried while the gateway is unavailable (503 or unreachable), and
-# the backoff between attempts: first and largest delay, in seconds.
-DEFAULT_RETRY_TIMEOUT = 60.0
+# The first delay between attempts while the gateway is unavailable (503 or unreachable),
+# in seconds; how long a turn is retried, and the backoff's growth, are the gRPC
+# clients' (`headway.client.settings`).
 RETRY_BACKOFF = 0.5
-MAX_RETRY_DELAY = 10.0
 
 # A tool (the environment's side of a multi-turn episode): given the assistant's reply,
 # the next message (its content, or a whole message dict), or None to end the episode.
@@ -111,7 +110,7 @@ class Agent:
         self.completion_kwargs = dict(completion_kwargs or {})
         self.base_url = base_url or os.environ.get("HEADWAY_HTTP_URL") or DEFAULT_HTTP_URL
         # The openai client insists on a key; local mode (auth off) ignores it.
-        self.api_key = api_key or os.environ.get("HEADWAY_API_KEY") or "local"
+        self.api_key = api_key or api_key_from_env() or "local"
         self.system_prompt = system_prompt
         n = self.completion_kwargs.get("n")
         if n not in (None, 1):
@@ -174,9 +173,7 @@ class Agent:
                 left = give_up - time.monotonic()
                 if not isinstance(error, Unavailable) or left <= 0:
                     raise error from e
-            # Jitter keeps many episodes from retrying a restarted service in lockstep.
-            delay = min(self.retry_backoff * 2**attempt, MAX_RETRY_DELAY)
-            delay *= 0.5 + random.random() / 2
+            delay = retry_delay(attempt, self.retry_backoff)  # jittered, capped at 10 s
             log.info("gateway unavailable (%s): retrying in %.1f s", error.message, delay)
             await asyncio.sleep(min(delay, left))
             attempt += 1

@@ -2,7 +2,7 @@
 status and whether it is the caller's fault; every status → error table is derived.
 
 The surfaces that apply the rule (SDK over gRPC, agents over HTTP, the CLI) are checked
-where they live (tests/test_sdk.py, tests/test_cli.py); this file checks the rule itself.
+where they live (tests/test_sdk_errors.py, tests/test_cli.py); this file checks the rule itself.
 """
 
 from __future__ import annotations

@@ -18,21 +18,22 @@ from typing import Any
 import grpc
 
 from headway.channels import CHANNEL_OPTIONS
+from headway.client.settings import ClientSettings
 from headway.errors import from_status
 from headway.v1 import common_pb2, model_pb2, model_pb2_grpc
-
-DEFAULT_URL = "127.0.0.1:50051"
 
 
 def _stub(
     args: argparse.Namespace,
 ) -> tuple[model_pb2_grpc.ModelServiceStub, list[tuple[str, str]]]:
-    url = args.url or os.environ.get("HEADWAY_URL", DEFAULT_URL)
-    key = os.environ.get("HEADWAY_API_KEY", "")
-    channel = grpc.insecure_channel(url, options=CHANNEL_OPTIONS)
-    return model_pb2_grpc.ModelServiceStub(channel), (
-        [("authorization", f"Bearer {key}")] if key else []
-    )
+    # The SDK's settings: the same address and key defaults, the same URL schemes.
+    settings = ClientSettings.resolve(args.url)
+    target, secure = settings.target
+    if secure:
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(), CHANNEL_OPTIONS)
+    else:
+        channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return model_pb2_grpc.ModelServiceStub(channel), settings.metadata
 
 
 def _run(name: str, fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

@@ -1,0 +1,241 @@
+"""One builder per RPC the SDK makes: which service, which method, and the request.
+
+Each function returns a `Call` that `Connection.call` sends as is (retries included), so
+a request message is built in exactly one place. Every write carries a fresh request id
+(`request_id()`), the idempotency key its retries share: the trainer answers a repeated
+id with its first reply instead of applying the call again.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from headway.tensors import to_tensor
+from headway.v1 import (
+    common_pb2,
+    model_pb2,
+    model_pb2_grpc,
+    sampling_pb2,
+    sampling_pb2_grpc,
+    trace_pb2,
+    trace_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
+
+_TRAINING = training_pb2_grpc.TrainingServiceStub
+_MODELS = model_pb2_grpc.ModelServiceStub
+_SAMPLING = sampling_pb2_grpc.SamplingServiceStub
+_TRACES = trace_pb2_grpc.TraceServiceStub
+
+
+@dataclass(frozen=True)
+class Call:
+    """One RPC ready to send: the stub class, its method's name and the request."""
+
+    stub: type
+    method: str
+    request: Any
+
+
+def request_id() -> str:
+    """A fresh idempotency key for one logical call (shared by its retries)."""
+    return f"sdk-{uuid.uuid4().hex}"
+
+
+def adam(
+    learning_rate: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_clip_norm: float,
+) -> common_pb2.AdamParams:
+    """The AdamW hyperparameters of an OptimStep or Step."""
+    return common_pb2.AdamParams(
+        learning_rate=learning_rate,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        grad_clip_norm=grad_clip_norm,
+    )
+
+
+# ------------------------------------------------------------------ TrainingService
+
+
+def forward_backward(
+    model: str,
+    items: Sequence[common_pb2.TrainingItem],
+    loss_fn: str,
+    loss_fn_config: Mapping[str, float] | None,
+    group_size: int,
+    normalize_std: bool,
+) -> Call:
+    """ForwardBackward: accumulate a built-in loss's gradient over `items`."""
+    return Call(
+        _TRAINING,
+        "ForwardBackward",
+        training_pb2.ForwardBackwardRequest(
+            model=model,
+            data=items,
+            loss_fn=loss_fn,
+            loss_fn_config=dict(loss_fn_config or {}),
+            group_size=group_size,
+            normalize_std=normalize_std,
+            request_id=request_id(),
+        ),
+    )
+
+
+def optim_step(model: str, adam_params: common_pb2.AdamParams) -> Call:
+    """OptimStep: apply the accumulated gradient, checkpoint, promote to head."""
+    return Call(
+        _TRAINING,
+        "OptimStep",
+        training_pb2.OptimStepRequest(model=model, adam=adam_params, request_id=request_id()),
+    )
+
+
+def step(
+    model: str,
+    items: Sequence[common_pb2.TrainingItem],
+    loss_fn: str,
+    loss_fn_config: Mapping[str, float] | None,
+    group_size: int,
+    normalize_std: bool,
+    adam_params: common_pb2.AdamParams,
+) -> Call:
+    """Step: ForwardBackward over `items` then OptimStep, in one call."""
+    return Call(
+        _TRAINING,
+        "Step",
+        training_pb2.StepRequest(
+            model=model,
+            data=items,
+            loss_fn=loss_fn,
+            loss_fn_config=dict(loss_fn_config or {}),
+            group_size=group_size,
+            normalize_std=normalize_std,
+            adam=adam_params,
+            request_id=request_id(),
+        ),
+    )
+
+
+def forward_custom(
+    model: str, items: Sequence[common_pb2.TrainingItem], group_size: int, normalize_std: bool
+) -> Call:
+    """ForwardCustom: the first half of a custom loss (the policy's logprobs)."""
+    return Call(
+        _TRAINING,
+        "ForwardCustom",
+        training_pb2.ForwardCustomRequest(
+            model=model,
+            data=items,
+            group_size=group_size,
+            normalize_std=normalize_std,
+            request_id=request_id(),
+        ),
+    )
+
+
+def backward_custom(
+    model: str, forward_id: str, weights: Sequence[Any], metrics: Mapping[str, float]
+) -> Call:
+    """BackwardCustom: backpropagate sum(weights * logprobs) of a ForwardCustom."""
+    return Call(
+        _TRAINING,
+        "BackwardCustom",
+        training_pb2.BackwardCustomRequest(
+            model=model,
+            forward_id=forward_id,
+            weights=[to_tensor(w, common_pb2.DTYPE_FLOAT32) for w in weights],
+            metrics=metrics,
+            request_id=request_id(),
+        ),
+    )
+
+
+def available_losses(model: str) -> Call:
+    """AvailableLosses: the built-in losses `model` accepts."""
+    return Call(_TRAINING, "AvailableLosses", training_pb2.AvailableLossesRequest(model=model))
+
+
+# --------------------------------------------------------------------- ModelService
+
+
+def list_checkpoints(model: str) -> Call:
+    """ListCheckpoints: the model's checkpoint tree."""
+    return Call(_MODELS, "ListCheckpoints", model_pb2.ListCheckpointsRequest(model=model))
+
+
+def get_head(model: str) -> Call:
+    """GetHead: the model's head checkpoint."""
+    return Call(_MODELS, "GetHead", model_pb2.GetHeadRequest(model=model))
+
+
+def set_head(model: str, checkpoint: str) -> Call:
+    """SetHead: move the model's head to `checkpoint`."""
+    return Call(_MODELS, "SetHead", model_pb2.SetHeadRequest(model=model, checkpoint=checkpoint))
+
+
+# ------------------------------------------------------------------ SamplingService
+
+
+def sample(
+    model: str,
+    prompt: str | Sequence[int],
+    *,
+    n: int,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    stop: str | Sequence[str] | None,
+    seed: int | None,
+    checkpoint: str | None,
+    stop_token_ids: Sequence[int] | None,
+    ignore_eos: bool,
+) -> Call:
+    """Sample: `n` completions of `prompt` (text, or token ids sent as an int32 tensor)."""
+    params = common_pb2.SamplingParams(
+        max_tokens=max_tokens,
+        n=n,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        stop=[stop] if isinstance(stop, str) else list(stop or []),
+        stop_token_ids=list(stop_token_ids or []),
+        ignore_eos=ignore_eos,
+    )
+    if seed is not None:
+        params.seed = seed
+    request = sampling_pb2.SampleRequest(model=model, params=params, checkpoint=checkpoint or "")
+    if isinstance(prompt, str):
+        request.prompt_text = prompt
+    else:
+        ids = np.asarray(list(prompt), dtype=np.int64)
+        request.prompt_tokens.CopyFrom(to_tensor(ids, common_pb2.DTYPE_INT32))
+    return Call(_SAMPLING, "Sample", request)
+
+
+# --------------------------------------------------------------------- TraceService
+
+
+def set_reward(trace_id: str, reward: float) -> Call:
+    """SetReward: attach `reward` to a trace."""
+    return Call(
+        _TRACES, "SetReward", trace_pb2.SetRewardRequest(trace_id=trace_id, reward=float(reward))
+    )
+
+
+def get_trace(trace_id: str) -> Call:
+    """GetTrace: a stored trace."""
+    return Call(_TRACES, "GetTrace", trace_pb2.GetTraceRequest(trace_id=trace_id))

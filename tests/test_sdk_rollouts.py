@@ -1,0 +1,166 @@
+"""Rollouts with the SDK against the real stack: agents, traces, jobs and tasksets, and
+training on what they record (inline runs and trace ids, mixed)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from headway import InvalidArgument, Run, TraceClient, TrainingClient
+from headway.agents import create_agent
+from headway.eval import Job, Task, Taskset
+from tests.helpers_sdk import fork, url
+
+
+def test_trace_ids_mix_with_inline_runs(gateway_stack):
+    stack = gateway_stack
+    fork(stack, "m")
+
+    async def main() -> None:
+        agent = create_agent(
+            "m",
+            completion_kwargs={"max_tokens": 6, "extra_body": {"return_token_ids": True}},
+            base_url=stack.gateway.http_url,
+        )
+        runs = await asyncio.gather(*(agent.run("what is 3 plus 4?") for _ in range(4)))
+        traces = TraceClient(url=url(stack))
+        for run, reward in zip(runs, [1.0, 0.0, 0.0, 1.0], strict=True):
+            run.reward = reward
+            await traces.set_reward(run.trace_id, reward)
+            stored = await traces.get_trace(run.trace_id)
+            assert stored.reward == reward and stored.turns == run.turns
+        trainer = TrainingClient("m", url=url(stack))
+        inline = await trainer.forward_backward(runs, group_size=4)
+        mixed_batch = [runs[0].trace_id, runs[1], runs[2].trace_id, runs[3]]
+        mixed = await trainer.forward_backward(mixed_batch, group_size=4)
+        assert mixed.num_datums == inline.num_datums == 4
+        assert mixed.num_tokens == inline.num_tokens
+        for key in ("loss:sum", "reward/mean", "ratio/mean"):
+            assert mixed.metrics[key] == pytest.approx(inline.metrics[key], abs=1e-6), key
+        # A trace's reward lives on the server: the client cannot scale it.
+        with pytest.raises(InvalidArgument, match="cannot be scaled"):
+            await trainer.forward_backward(mixed_batch, group_size=4, reward_scale=2.0)
+        await agent.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_the_seed_training_loop(gateway_stack):
+    stack = gateway_stack
+    fork(stack, "arith-rl")
+
+    def reward(run: Run) -> float:
+        # Anything with spread: the parity of the completion's token ids.
+        return float(sum(run.turns[-1].completion_tokens) % 2)
+
+    async def main() -> None:
+        agent = create_agent(
+            "arith-rl",
+            completion_kwargs={"max_tokens": 6, "extra_body": {"return_token_ids": True}},
+            base_url=stack.gateway.http_url,
+        )
+        trainer = TrainingClient("arith-rl", url=url(stack))
+        tasks = [Task("what is 3 plus 4?", reward), Task("what is 10 plus 2?", reward)]
+        taskset, runtime = Taskset(tasks), None
+        session = await Job.start("arith-rl", group=4, url=url(stack))
+        traces = TraceClient(url=url(stack))
+        served = [(await trainer.head()).id]
+        for _step in range(2):
+            start = len(session.runs)
+            await taskset.run(agent, runtime=runtime, job=session)
+            batch = session.runs[start:]
+            assert len(batch) == 8
+            assert [r.task for r in batch] == [tasks[0]] * 4 + [tasks[1]] * 4
+            assert {t.checkpoint for r in batch for t in r.turns} == {served[-1]}
+            for run in batch:
+                assert run.reward == reward(run)
+                assert (await traces.get_trace(run.trace_id)).reward == run.reward
+            result = await trainer.step(batch, learning_rate=1e-4, group_size=4)
+            print(f"optim {result.step} → {result.sampler_path}")
+            assert result.step == _step + 1
+            served.append(result.checkpoint)
+        assert [c.id for c in await trainer.checkpoints()] == served
+        await agent.close()
+
+    asyncio.run(main())
+
+
+def test_a_multi_turn_run_is_one_trace(gateway_stack):
+    stack = gateway_stack
+    fork(stack, "m")
+
+    async def main() -> None:
+        agent = create_agent(
+            "m",
+            completion_kwargs={"max_tokens": 4, "extra_body": {"return_token_ids": True}},
+            base_url=stack.gateway.http_url,
+            system_prompt="you add numbers",
+        )
+
+        async def tool(reply: str) -> str:
+            return "and 2 plus 2?"
+
+        run = await agent.run("what is 1 plus 2?", max_turns=2, tool=tool)
+        assert [m["role"] for m in run.messages] == [
+            "system",
+            "user",
+            "assistant",
+            "user",
+            "assistant",
+        ]
+        assert len(run.turns) == 2 and run.text == run.messages[-1]["content"]
+        first, second = run.turns
+        assert len(second.prompt_tokens) > len(first.prompt_tokens) + len(first.completion_tokens)
+        stored = await TraceClient(url=url(stack)).get_trace(run.trace_id)
+        assert stored.turns == run.turns
+        run.reward = 1.0
+        await TraceClient(url=url(stack)).set_reward(run.trace_id, 1.0)
+        trainer = TrainingClient("m", url=url(stack))
+        by_id = await trainer.forward_backward([run.trace_id])
+        inline = await trainer.forward_backward([run])
+        expected = len(first.completion_tokens) + len(second.completion_tokens)
+        assert by_id.num_tokens == inline.num_tokens == expected
+        await agent.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_a_taskset_bigger_than_the_samplers_queue_runs_within_its_concurrency(tmp_path, tiny_base):
+    """A sampler queues a bounded number of requests and refuses the rest; Taskset.run
+    keeps at most max_concurrency episodes in flight, so a big taskset still completes."""
+    from headway.errors import Overloaded
+    from tests.stack import GatewayNode, SamplerReplica, TrainerStack
+
+    trainer = TrainerStack(tmp_path / "store")
+    trainer.add_base(tiny_base, "tiny")
+    store, prefix = trainer.config.store, trainer.prefix
+    # One row; two may wait (a request arriving just as another finishes can find the
+    # finished one's successor not yet moved into the row).
+    replica = SamplerReplica(store, prefix, max_seq_len=256, max_batch=1, max_queue=2)
+    node = GatewayNode(store, prefix, trainer.server.address)
+    try:
+
+        async def play(concurrency: int) -> list[Run]:
+            agent = create_agent(
+                "tiny",
+                completion_kwargs={"max_tokens": 8, "extra_body": {"ignore_eos": True}},
+                base_url=node.http_url,
+                max_retries=0,  # a refusal shows, instead of being retried after a pause
+            )
+            tasks = Taskset(Task(f"what is {i} plus 1?", lambda run: 1.0) for i in range(6))
+            try:
+                return await tasks.run(agent, group=4, max_concurrency=concurrency)
+            finally:
+                await agent.close()
+
+        runs = asyncio.run(play(2))  # at most two in flight: never refused
+        assert len(runs) == 24 and all(run.text for run in runs)
+        with pytest.raises(Overloaded, match="requests waiting"):
+            asyncio.run(play(24))  # all at once: the queue overflows (HTTP 429, no retries)
+    finally:
+        node.stop()
+        replica.stop()
+        trainer.stop()
