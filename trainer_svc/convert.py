@@ -7,7 +7,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from headway.store import CheckpointRecord, CheckpointStore, ModelRecord
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, training_pb2
-from trainer_svc.trainer import AdamArgs, ForwardResult, StepResult
+from trainer_svc.trainer import AdamArgs, ForwardResult, OptimResult
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -97,7 +97,7 @@ def forward_backward_pb(result: ForwardResult) -> training_pb2.ForwardBackwardRe
     )
 
 
-def optim_step_pb(store: CheckpointStore, result: StepResult) -> training_pb2.OptimStepResponse:
+def optim_step_pb(store: CheckpointStore, result: OptimResult) -> training_pb2.OptimStepResponse:
     return training_pb2.OptimStepResponse(
         step=result.checkpoint.step,
         checkpoint=result.checkpoint.id,

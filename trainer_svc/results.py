@@ -48,8 +48,10 @@ class ForwardResult:
 
 
 @dataclass
-class StepResult:
-    """Result of OptimStep: the new head."""
+class OptimResult:
+    """Result of OptimStep (and of Step's second half): the new head. The SDK's
+    `headway.StepResult` is another thing: a whole Step's reply.
+    """
 
     checkpoint: CheckpointRecord
     sampler_path: str
@@ -62,7 +64,7 @@ def reply_bytes(value: Any) -> int:
         return sum(reply_bytes(v) for v in value)
     if isinstance(value, ForwardResult):
         return sum(lp.nbytes for lp in value.logprobs) + 96 * len(value.metrics)
-    if isinstance(value, StepResult):
+    if isinstance(value, OptimResult):
         stats = value.checkpoint.stats or {}
         return 1024 + 96 * len(stats.get("metrics", {}))
     return 1024

@@ -45,7 +45,7 @@ from trainer_svc.loaded import LoadedStates
 from trainer_svc.pool import FrozenPool
 from trainer_svc.publisher import HeadPublisher
 from trainer_svc.replies import ReplyCache
-from trainer_svc.results import AdamArgs, ForwardResult, StepResult, reply_bytes
+from trainer_svc.results import AdamArgs, ForwardResult, OptimResult, reply_bytes
 from trainer_svc.state import (
     ModelState,
     checkpoint_writer,
@@ -385,7 +385,9 @@ class Trainer:
 
         return await self._once(record, team, request_id, "backward_custom", run)
 
-    async def optim_step(self, slug: str, team: str, adam: AdamArgs, request_id: str) -> StepResult:
+    async def optim_step(
+        self, slug: str, team: str, adam: AdamArgs, request_id: str
+    ) -> OptimResult:
         """AdamW → save → promote HEAD → publish; returns once the head is durable."""
         record = self.trainable(slug, team)
         adam.check()
@@ -404,12 +406,12 @@ class Trainer:
         normalize_std: bool,
         adam: AdamArgs,
         request_id: str,
-    ) -> tuple[ForwardResult, StepResult]:
+    ) -> tuple[ForwardResult, OptimResult]:
         """ForwardBackward then OptimStep, atomically for the model."""
         record = self.trainable(slug, team)
         adam.check()  # everything is validated before anything is applied
 
-        async def run() -> tuple[ForwardResult, StepResult]:
+        async def run() -> tuple[ForwardResult, OptimResult]:
             fb = await self._forward_backward(
                 record, items, loss_fn, loss_fn_config, group_size, normalize_std
             )
@@ -417,7 +419,7 @@ class Trainer:
 
         return await self._once(record, team, request_id, "step", run)
 
-    async def _optim_step(self, slug: str, adam: AdamArgs, request_id: str) -> StepResult:
+    async def _optim_step(self, slug: str, adam: AdamArgs, request_id: str) -> OptimResult:
         # A state not in memory holds no gradient (pinned states are never evicted).
         state = self._states.get(slug)
         if state is None or not state.acc.has_grad:
@@ -445,7 +447,7 @@ class Trainer:
         state.head = record
         state.reset_accumulation()
         await self._publish(slug, record)
-        return self._step_result(slug, record)
+        return self._optim_result(slug, record)
 
     def _apply_and_save(self, state: ModelState, adam: AdamArgs, record: CheckpointRecord) -> None:
         norm = compute.optim_step(
@@ -461,8 +463,8 @@ class Trainer:
         self.store.write_checkpoint(record, checkpoint_writer(state))
         self.store.set_head(record.model, record.id)
 
-    def _step_result(self, slug: str, record: CheckpointRecord) -> StepResult:
-        return StepResult(
+    def _optim_result(self, slug: str, record: CheckpointRecord) -> OptimResult:
+        return OptimResult(
             record, self.store.sampler_path(slug, record.id), self.store.state_path(slug, record.id)
         )
 
@@ -517,7 +519,7 @@ class Trainer:
                 done = self.store.find_request(slug, request_id)  # survives restarts
                 if done is not None:
                     await self._finish_promotion(slug, done)
-                    result = self._step_result(slug, done)
+                    result = self._optim_result(slug, done)
                     if kind == "optim_step":
                         return result  # type: ignore[return-value]
                     # The forward half's logprobs died with the process; its metrics
