@@ -9,30 +9,7 @@ from typing import Any
 import numpy as np
 
 from headway.store import CheckpointRecord
-from trainer_svc import compute
 from trainer_svc.datums import DatumArrays
-
-
-@dataclass
-class AdamArgs:
-    """AdamParams with defaults applied."""
-
-    learning_rate: float
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
-
-    def check(self) -> None:
-        compute.check_adam(
-            self.learning_rate,
-            self.beta1,
-            self.beta2,
-            self.eps,
-            self.weight_decay,
-            self.grad_clip_norm,
-        )
 
 
 @dataclass
