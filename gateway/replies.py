@@ -34,6 +34,7 @@ import hashlib
 import json
 from typing import Any
 
+from gateway.config import GatewayConfig
 from gateway.quota import LUA, OVERHEAD, TeamQuota
 from headway.errors import Aborted, FailedPrecondition, InvalidArgument
 
@@ -89,7 +90,7 @@ class ReplyCache:
         ttl_seconds: int = DEFAULT_TTL_SECONDS,
         pending_seconds: int = DEFAULT_PENDING_SECONDS,
         *,
-        max_reply_bytes: int,
+        max_reply_bytes: int = GatewayConfig.max_stored_reply_bytes,
         quota: TeamQuota | None = None,
     ) -> None:
         self.redis = redis

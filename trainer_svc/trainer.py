@@ -8,8 +8,9 @@ independently, their batch decoding and torch work in threads, never on the even
 A training call with a request id seen before returns its first result (`ReplyCache`);
 an OptimStep saves, promotes and then publishes (`HeadPublisher`), and returns only when
 the new head is durable. Each training call arrives as one object (`trainer_svc.calls`),
-built by the servicer from its request. Every request is bounded before work proportional to its size starts
-(`batches`, `forwards`, `adapters`, the metric and request-id checks below).
+built by the servicer from its request. Every request is bounded before work proportional
+to its size starts (`batches`, `forwards`, `adapters`, the metric and request-id checks
+below).
 """
 
 from __future__ import annotations
