@@ -29,9 +29,8 @@ import torch
 
 from headway.errors import FailedPrecondition, InvalidArgument, NotFound
 from headway.server.auth import Caller
-from headway.store import CheckpointRecord, CheckpointRef, CheckpointStore, ModelRecord, check_slug
-from headway.store.weights import base_config, full_state
-from trainer_svc import adapters, batches, compute, losses
+from headway.store import CheckpointRecord, CheckpointStore, ModelRecord, check_slug
+from trainer_svc import batches, compute, losses
 from trainer_svc.adapters import LoraRequest
 from trainer_svc.bases import base_directory, validate_base
 from trainer_svc.calls import (
@@ -47,6 +46,7 @@ from trainer_svc.calls import (
 )
 from trainer_svc.config import TrainerConfig
 from trainer_svc.datums import Batch
+from trainer_svc.forks import plan_fork
 from trainer_svc.forwards import (
     ForwardLimits,
     check_client_metrics,
@@ -61,8 +61,6 @@ from trainer_svc.results import ForwardResult, OptimResult, reply_bytes
 from trainer_svc.state import (
     ModelState,
     checkpoint_writer,
-    fresh_adapter_writer,
-    full_weights_writer,
 )
 
 log = logging.getLogger(__name__)
@@ -175,62 +173,14 @@ class Trainer:
     async def _fork(
         self, src: ModelRecord, name: str, team: str, ask: LoraRequest | None, full: bool
     ) -> ModelRecord:
-        source = src.slug
-        lora = None
-        if ask is not None and not full:
-            config = base_config(self.store, source)
-            lora = adapters.lora_config(ask, self.config.max_lora_rank, config)
-        src_head = self.store.head_checkpoint(source)
-        now = time.time()
-        root_id = self.store.new_checkpoint_id(0)
-        root = CheckpointRecord(
-            id=root_id,
-            model=name,
-            kind="full" if full else "lora",
-            step=0,
-            created=now,
-            parent_id=src_head.id,
-            parent_model=source,
+        plan = await asyncio.to_thread(
+            plan_fork, self.store, src, name, team, ask, full, self.config.max_lora_rank
         )
-        record = ModelRecord(
-            slug=name,
-            team=team,
-            is_base=False,
-            base=src.base,
-            created=now,
-            source=source,
-            arch=dict(src.arch),
-        )
-        writer = None
-        if full:
-            if src.lora:
-                # A full fork of an adapter model owns the merged weights: there is no file
-                # to reference. Every other full fork references its source's files.
-                merged = await asyncio.to_thread(full_state, self.store, source, src_head.id)
-                writer = full_weights_writer(merged)
-            else:
-                root.ref = CheckpointRef(source, src_head.id)
-        else:
-            inherit = src.lora is not None and (
-                lora is None or adapters.lora_dict(lora) == src.lora
-            )
-            if inherit:
-                # Continue the source's adapter over the same frozen weights.
-                record.lora, record.frozen = dict(src.lora), src.frozen
-                root.ref = CheckpointRef(source, src_head.id)
-            else:
-                config = base_config(self.store, source)
-                lora = lora or adapters.lora_config(
-                    LoraRequest(), self.config.max_lora_rank, config
-                )
-                record.lora = adapters.lora_dict(lora)
-                record.frozen = CheckpointRef(source, src_head.id)
-                writer = fresh_adapter_writer(config, lora, src.base, secrets.randbits(62))
         async with self._create_lock:
-            await asyncio.to_thread(self.store.create_model, record, root, writer)
-        log.info("forked %s from %s@%s (%s)", name, source, src_head.id, root.kind)
-        await self.heads.publish(name, root)
-        return record
+            await asyncio.to_thread(self.store.create_model, plan.record, plan.root, plan.writer)
+        log.info("forked %s from %s@%s (%s)", name, src.slug, plan.root.parent_id, plan.root.kind)
+        await self.heads.publish(name, plan.root)
+        return plan.record
 
     async def set_head(self, slug: str, ckpt_id: str, team: str) -> CheckpointRecord:
         """Move HEAD (rollback / branch point); the next step continues from there."""
