@@ -293,7 +293,7 @@ def concurrent(stub: Any, prompts: list[list[int]], seed: int) -> float:
 def drive(sampler: Any, prompt: list[int], n: int, temperature: float, seed: int) -> float:
     """On the engine thread: admit one job on the base's engine and step it to the end;
     the decode phase's time (after the prefill)."""
-    from sampler_svc.engine import Job
+    from sampler_svc.engine import GenerationJob
     from sampler_svc.requests import row_generator
     from sampler_svc.sampling import DrawParams
 
@@ -301,7 +301,7 @@ def drive(sampler: Any, prompt: list[int], n: int, temperature: float, seed: int
     assert located is not None
     entry, slot = located
     draws = [DrawParams(temperature, 1.0, 0, row_generator(seed, i)) for i in range(n)]
-    job = Job(prompt, n, NEW, frozenset(), draws, slot=slot)
+    job = GenerationJob(prompt, n, NEW, frozenset(), draws, slot=slot)
     entry.engine.admit(job)
     start = now()
     while job.live_rows:

@@ -5,114 +5,111 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-from pathlib import Path
 
 from gateway.config import MIB, GatewayConfig
 from gateway.server import serve
-from headway.server.auth import UnsafeConfig, load_token
-from headway.server.flags import add_common_flags, on_off, setup_process
+from headway.server.auth import UnsafeConfig
+from headway.server.defaults import GATEWAY_ADDRESS, GATEWAY_HTTP_ADDRESS
+from headway.server.flags import (
+    Flag,
+    add_common_flags,
+    add_config_flags,
+    add_env_flag,
+    build_config,
+    setup_logging,
+)
 
-
-def main() -> None:
-    env = os.environ.get
-    p = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
-    p.add_argument(
-        "--listen",
-        default=env("HEADWAY_GATEWAY_LISTEN", "127.0.0.1:50051"),
-        help="gRPC address (HEADWAY_GATEWAY_LISTEN)",
-    )
-    p.add_argument(
-        "--http",
-        default=env("HEADWAY_HTTP_LISTEN", "127.0.0.1:8000"),
-        help="OpenAI-compatible HTTP address; '' = off (HEADWAY_HTTP_LISTEN)",
-    )
-    p.add_argument("--trainer", default=env("HEADWAY_TRAINER", "127.0.0.1:50052"))
-    p.add_argument(
-        "--auth",
-        type=on_off,  # applied to the environment's value too (argparse converts defaults)
-        default=env("HEADWAY_AUTH", "off"),
-        metavar="on|off",
-        help="on: every call needs an API key (headway keys create); off: local mode, "
-        "every caller is the local admin (HEADWAY_AUTH)",
-    )
-    p.add_argument(
-        "--insecure",
-        action="store_true",
-        default=env("HEADWAY_INSECURE", "") == "1",
-        help="allow auth off on a non-loopback address (HEADWAY_INSECURE=1): every machine "
-        "that reaches the gateway is trusted",
-    )
-    p.add_argument(
-        "--allowed-hosts",
-        default=env("HEADWAY_ALLOWED_HOSTS", ""),
-        help="comma-separated Host names the HTTP API answers besides localhost and the listen "
-        "host, when auth is off ('*' = any; HEADWAY_ALLOWED_HOSTS)",
-    )
-    p.add_argument(
-        "--trace-retention-hours",
-        type=float,
-        default=float(env("HEADWAY_TRACE_RETENTION_HOURS", "168")),
-    )
-    add_common_flags(p)
-    _add_limit_flags(p)
-    args = p.parse_args()
-    setup_process(args)
-    try:
-        config = GatewayConfig(
-            store=Path(args.store),
-            trainer=args.trainer,
-            redis_url=args.redis,
-            redis_prefix=args.redis_prefix,
-            auth=args.auth,
-            insecure=args.insecure,
-            allowed_hosts=[h.strip() for h in args.allowed_hosts.split(",") if h.strip()],
-            http_listen=args.http,
-            trace_retention_seconds=args.trace_retention_hours * 3600,
-            internal_token=load_token(args.internal_token_file),
-            **_limits(args),
-        )
-        asyncio.run(serve(config, args.listen))
-    except UnsafeConfig as e:
-        p.error(str(e))
-
-
-# ---- Limits against one team exhausting the gateway or Redis (GatewayConfig documents each):
-# (flag, GatewayConfig field, unit: bytes per flag unit, or 1 for counts).
-_LIMIT_FLAGS = (
-    ("--max-calls-per-team", "max_calls_per_team", 1),
-    ("--max-training-request-mb", "max_training_request_bytes", MIB),
-    ("--max-sampling-request-mb", "max_sampling_request_bytes", MIB),
-    ("--max-trace-request-mb", "max_trace_request_bytes", MIB),
-    ("--max-model-request-mb", "max_model_request_bytes", MIB),
-    ("--max-turn-mb", "max_turn_bytes", MIB),
-    ("--max-trace-turns", "max_trace_turns", 1),
-    ("--max-team-redis-mb", "max_team_redis_bytes", MIB),
-    ("--max-stored-reply-mb", "max_stored_reply_bytes", MIB),
-    ("--http-worker-threads", "http_worker_threads", 1),
+# Each sets the GatewayConfig field it names (documented there), defaulting to its value
+# (in the flag's unit); `--max-turn-mb` or $HEADWAY_MAX_TURN_MB sets max_turn_bytes.
+FLAGS = (
+    Flag(
+        "http_listen",
+        "OpenAI-compatible HTTP address; '' = off",
+        name="--http",
+        env="HEADWAY_HTTP_LISTEN",
+        # On for a gateway process; GatewayConfig's own default (off) suits embedding.
+        default=GATEWAY_HTTP_ADDRESS,
+    ),
+    Flag("trainer", "address of the trainer"),
+    Flag(
+        "auth",
+        "on: every call needs an API key (headway keys create); off: local mode, every "
+        "caller is the local admin",
+    ),
+    Flag(
+        "allowed_hosts",
+        "comma-separated Host names the HTTP API answers besides localhost and the listen "
+        "host, when auth is off ('*' = any)",
+    ),
+    Flag(
+        "trace_retention_seconds",
+        "hours a trace is kept",
+        name="--trace-retention-hours",
+        unit=3600,
+    ),
+    # Limits against one team exhausting the gateway or Redis.
+    Flag("max_calls_per_team", "calls one team may have in flight (0 = no limit)"),
+    Flag(
+        "max_training_request_bytes",
+        "MiB of a TrainingService request",
+        name="--max-training-request-mb",
+        unit=MIB,
+    ),
+    Flag(
+        "max_sampling_request_bytes",
+        "MiB of a SamplingService request",
+        name="--max-sampling-request-mb",
+        unit=MIB,
+    ),
+    Flag(
+        "max_trace_request_bytes",
+        "MiB of a TraceService request",
+        name="--max-trace-request-mb",
+        unit=MIB,
+    ),
+    Flag(
+        "max_model_request_bytes",
+        "MiB of a ModelService request",
+        name="--max-model-request-mb",
+        unit=MIB,
+    ),
+    Flag("max_turn_bytes", "MiB of one recorded turn", name="--max-turn-mb", unit=MIB),
+    Flag("max_trace_turns", "turns of one trace"),
+    Flag(
+        "max_team_redis_bytes",
+        "MiB a team holds in Redis (0 = no limit)",
+        name="--max-team-redis-mb",
+        unit=MIB,
+    ),
+    Flag(
+        "max_stored_reply_bytes",
+        "MiB of an HTTP reply kept for Idempotency-Key replays",
+        name="--max-stored-reply-mb",
+        unit=MIB,
+    ),
+    Flag("http_worker_threads", "threads that parse, render and encode HTTP bodies"),
 )
 
 
-def _env_name(flag: str) -> str:
-    return "HEADWAY_" + flag.removeprefix("--").replace("-", "_").upper()
-
-
-def _add_limit_flags(p: argparse.ArgumentParser) -> None:
-    for flag, field, unit in _LIMIT_FLAGS:
-        default = getattr(GatewayConfig, field) / unit
-        env = os.environ.get(_env_name(flag))
-        p.add_argument(
-            flag,
-            type=float if unit > 1 else int,
-            default=(float if unit > 1 else int)(env) if env else default,
-            help=f"GatewayConfig.{field}{' in MiB' if unit > 1 else ''} ({_env_name(flag)})",
-        )
-
-
-def _limits(args: argparse.Namespace) -> dict[str, int]:
-    out = {}
-    for flag, field, unit in _LIMIT_FLAGS:
-        out[field] = int(getattr(args, flag.removeprefix("--").replace("-", "_")) * unit)
-    return out
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    add_env_flag(p, "--listen", "HEADWAY_GATEWAY_LISTEN", GATEWAY_ADDRESS, help="gRPC address")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=os.environ.get("HEADWAY_INSECURE", "") == "1",
+        help="allow auth off on a non-loopback address (HEADWAY_INSECURE=1): every machine "
+        "that reaches the gateway is trusted",
+    )
+    add_common_flags(p, GatewayConfig)
+    add_config_flags(p, GatewayConfig, FLAGS)
+    args = p.parse_args()
+    setup_logging(args)
+    try:
+        config = build_config(GatewayConfig, args, FLAGS, insecure=args.insecure)
+        asyncio.run(serve(config, args.listen))
+    except UnsafeConfig as e:
+        p.error(str(e))
 
 
 if __name__ == "__main__":

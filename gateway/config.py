@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from headway.server.defaults import REDIS_URL, TRAINER_ADDRESS
 from headway.server.heads import DEFAULT_PREFIX
 
 MIB = 1024 * 1024
@@ -15,8 +16,8 @@ class GatewayConfig:
     """Settings of one gateway process (flags and HEADWAY_* env of `python -m gateway`)."""
 
     store: Path  # the checkpoint store (read here: heads, models, keys)
-    trainer: str = "127.0.0.1:50052"  # address of the trainer
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    trainer: str = TRAINER_ADDRESS  # address of the trainer
+    redis_url: str = REDIS_URL
     redis_prefix: str = DEFAULT_PREFIX
     # True: every call needs `authorization: Bearer <key>` (keys from `headway keys create`).
     # False (local mode): every caller is the local team "" and an admin, so the gateway

@@ -47,7 +47,7 @@ class HealthMonitor:
         redis: Any,
         prefix: str,
         trainer: grpc.aio.Channel,
-        interval: float = 1.0,
+        interval: float,
         timeout: float = 3.0,
         known_replicas: Callable[[], int] = lambda: 0,
     ) -> None:

@@ -34,6 +34,7 @@ import hashlib
 import json
 from typing import Any
 
+from gateway.config import GatewayConfig
 from gateway.quota import LUA, OVERHEAD, TeamQuota
 from headway.errors import Aborted, FailedPrecondition, InvalidArgument
 
@@ -41,7 +42,6 @@ HEADER = "idempotency-key"
 MAX_KEY_LENGTH = 255
 DEFAULT_TTL_SECONDS = 24 * 3600
 DEFAULT_PENDING_SECONDS = 300
-DEFAULT_MAX_REPLY_BYTES = 8 * 1024 * 1024
 
 # KEYS: the reply key. ARGV: the value to keep ("" = too large: keep the note), the note,
 # ttl in ms, per-item overhead, then the team quota's four arguments (gateway.quota).
@@ -90,7 +90,7 @@ class ReplyCache:
         ttl_seconds: int = DEFAULT_TTL_SECONDS,
         pending_seconds: int = DEFAULT_PENDING_SECONDS,
         *,
-        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+        max_reply_bytes: int = GatewayConfig.max_stored_reply_bytes,
         quota: TeamQuota | None = None,
     ) -> None:
         self.redis = redis

@@ -34,7 +34,7 @@ class NoReplica(Exception):
 class Router:
     """Replica choice and per-address channels for one gateway."""
 
-    def __init__(self, redis: Any, prefix: str, cache_seconds: float = 0.25) -> None:
+    def __init__(self, redis: Any, prefix: str, cache_seconds: float) -> None:
         self.redis, self.prefix, self.cache_seconds = redis, prefix, cache_seconds
         self._replicas: list[ReplicaInfo] = []
         self._fetched = 0.0

@@ -53,15 +53,12 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from gateway.config import GatewayConfig
 from gateway.quota import LUA, OVERHEAD, TeamQuota
 from headway.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from headway.server.heads import DEFAULT_PREFIX
 from headway.server.turns import turn_arrays
 from headway.v1 import common_pb2, trace_pb2
-
-DEFAULT_PREFIX = "headway:"
-DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
-DEFAULT_MAX_TURN_BYTES = 8 * 1024 * 1024
-DEFAULT_MAX_TURNS = 1024
 
 # `tr-` + 96 random bits in hex. Ids that do not have this shape are NOT_FOUND without a
 # Redis round trip, which also keeps client input from forming other keys ("x:turns").
@@ -172,10 +169,10 @@ class TraceStore:
         self,
         redis: Any,
         prefix: str = DEFAULT_PREFIX,
-        retention_seconds: float = DEFAULT_RETENTION_SECONDS,
+        retention_seconds: float = GatewayConfig.trace_retention_seconds,
         *,
-        max_turn_bytes: int = DEFAULT_MAX_TURN_BYTES,
-        max_turns: int = DEFAULT_MAX_TURNS,
+        max_turn_bytes: int = GatewayConfig.max_turn_bytes,
+        max_turns: int = GatewayConfig.max_trace_turns,
         quota: TeamQuota | None = None,
     ) -> None:
         if not math.isfinite(retention_seconds) or retention_seconds <= 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from headway.server.defaults import MAX_LORA_RANK, REDIS_URL
 from headway.server.heads import DEFAULT_PREFIX
 
 
@@ -13,7 +14,7 @@ class SamplerConfig:
     """Settings of one sampler process (flags and HEADWAY_* env of `python -m sampler_svc`)."""
 
     store: Path  # the checkpoint store shared with the trainer (read only here)
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = REDIS_URL
     redis_prefix: str = DEFAULT_PREFIX
     replica_id: str = ""  # "" → a random id
     advertise: str = ""  # address the gateway should dial; "" → the listen address
@@ -38,8 +39,11 @@ class SamplerConfig:
     # call delays each decode step by one piece, never by the whole call.
     logprobs_chunk_tokens: int = 256
     adapter_slots: int = 8  # LoRA adapters resident per engine (LRU of idle ones)
-    max_lora_rank: int = 64  # largest adapter rank the slots hold
+    max_lora_rank: int = MAX_LORA_RANK  # largest adapter rank the slots hold
     max_engines: int = 4  # weight sets resident (bases, full checkpoints), LRU of idle ones
+    # torch CPU threads of the process, set when it starts serving (`serve`); 0 = torch's
+    # default, one per core. Processes sharing a machine should split its cores.
+    threads: int = 0
     heartbeat_seconds: float = 1.0  # registry refresh interval
     heartbeat_ttl: float = 5.0  # a replica missing this long drops out of the registry
     # Longest pause between attempts to reach Redis again after losing it (the first is

@@ -30,8 +30,12 @@ WINDOW = 64  # attention windows grow in steps of this many positions (few disti
 
 
 @dataclass
-class Job:
-    """A sampling request as the engine sees it."""
+class GenerationJob:
+    """A sampling request as the engine sees it: one prompt continued n times (rows).
+
+    Work for the engine thread, like `scoring.ScoringJob`; not the SDK's rollout session
+    (`headway.eval.Job`).
+    """
 
     prompt: list[int]
     n: int
@@ -50,7 +54,7 @@ class Job:
 
 @dataclass
 class Row:
-    job: Job
+    job: GenerationJob
     index: int  # which of the job's n sequences
     pos: int  # position at which `last` is fed to the model at the next step
     last: int  # the last token drawn
@@ -97,7 +101,7 @@ class Engine:
         return rows_linear(hidden, self.model.lm_head.weight)
 
     @torch.inference_mode()
-    def admit(self, job: Job) -> None:
+    def admit(self, job: GenerationJob) -> None:
         """Prefill `job`'s prompt once, share it across its n rows, draw their first tokens."""
         assert job.n <= self.free_rows
         T, first = len(job.prompt), len(self.rows)

@@ -1,4 +1,5 @@
-"""From a `SampleRequest` to an engine `Job`, and from engine events back to sequences.
+"""From a `SampleRequest` to the engine's `GenerationJob`, and from engine events back to
+sequences.
 
 This is the service edge of sampling: it validates the request against the model and the
 replica's limits, turns text into ids, builds each row's seeded draw, and, as tokens come
@@ -24,7 +25,7 @@ from headway.tensors import declared_size
 from headway.tensors import tokens as tensor_tokens
 from headway.v1 import common_pb2, sampling_pb2
 from sampler_svc.config import SamplerConfig
-from sampler_svc.engine import Job
+from sampler_svc.engine import GenerationJob
 from sampler_svc.sampling import DrawParams
 from sampler_svc.stops import IncrementalDecoder, StopScanner
 
@@ -255,7 +256,7 @@ class Collector:
         self.sequences = [SequenceState(tokenizer, spec.stop) for _ in range(spec.n)]
         self.prompt_logprobs: list[float] | None = None
         self.queue: asyncio.Queue[tuple[str, int, Any]] = asyncio.Queue()
-        self.job = Job(
+        self.job = GenerationJob(
             prompt=spec.prompt,
             n=spec.n,
             max_tokens=spec.max_tokens,

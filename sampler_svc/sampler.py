@@ -33,7 +33,7 @@ from headway.modeling import ModelConfig
 from headway.store import CheckpointRef, CheckpointStore
 from headway.store.weights import base_config
 from sampler_svc.config import SamplerConfig
-from sampler_svc.engine import Engine, Job
+from sampler_svc.engine import Engine, GenerationJob
 from sampler_svc.multilora import NO_ADAPTER, AdapterBank
 from sampler_svc.scoring import ScoringJob
 from sampler_svc.weights import (
@@ -87,7 +87,7 @@ class EngineEntry:
 class Pending:
     model: str
     checkpoint: str
-    job: Job
+    job: GenerationJob
     on_error: Callable[[HeadwayError | Exception], None]
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
+import torch
 from grpc_health.v1 import health_pb2
 
 from headway.errors import Unavailable
@@ -112,6 +113,8 @@ async def create_replica(
 async def serve(config: SamplerConfig, address: str) -> int:
     """Run a replica until SIGINT/SIGTERM (then 0) or until its engine fails (then 1), and
     stop gracefully."""
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
     server, port, replica = await create_replica(config, address)
     await server.start()
     log.info(

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import sampler_svc.engine as engine_mod
 from headway.modeling import LoraConfig, ModelConfig, Transformer
-from sampler_svc.engine import Engine, Job
+from sampler_svc.engine import Engine, GenerationJob
 from sampler_svc.multilora import AdapterBank, rows_linear
 from sampler_svc.requests import row_generator
 from sampler_svc.sampling import DrawParams, draw
@@ -61,7 +61,7 @@ def run(
         if kind == "token":
             out[row].append(payload)
 
-    job = Job(prompt, n, max_tokens, frozenset(), draws, slot=slot, emit=emit)
+    job = GenerationJob(prompt, n, max_tokens, frozenset(), draws, slot=slot, emit=emit)
     engine.admit(job)
     while job.live_rows:
         engine.step()

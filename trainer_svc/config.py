@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from headway.server.defaults import MAX_LORA_RANK, REDIS_URL
 from headway.server.heads import DEFAULT_PREFIX
 
 
@@ -13,7 +14,7 @@ class TrainerConfig:
     """Settings of one trainer process (flags and HEADWAY_* env of `python -m trainer_svc`)."""
 
     store: Path  # root of the checkpoint store (shared with samplers and gateways)
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = REDIS_URL
     redis_prefix: str = DEFAULT_PREFIX  # namespace of every Redis key and channel
     # Training states kept in memory; the least recently used idle one is evicted and
     # restored from its head on next use (weights and optimizer state).
@@ -28,6 +29,9 @@ class TrainerConfig:
     # Idempotency replies remembered per model (OptimStep replies are also on disk).
     request_cache: int = 4096
     dtype: str = "float32"  # training precision of weights and optimizer state
+    # torch CPU threads of the process, set when it starts serving (`serve`); 0 = torch's
+    # default, one per core. Processes sharing a machine should split its cores.
+    threads: int = 0
 
     # ---- Resource bounds: no team can stall or exhaust the trainer (issue 10) ----
     # Items (datums + trajectories) one training call accepts, and turns over all of its
@@ -50,8 +54,8 @@ class TrainerConfig:
     # pins them in memory; 0 = max(1, max_loaded_models // 2). See trainer_svc/loaded.py.
     max_pinned_per_team: int = 0
     # Largest LoRA rank a fork may ask for: the samplers' adapter slots hold ranks up to
-    # their own max_lora_rank (64 by default), so keep the two equal.
-    max_lora_rank: int = 64
+    # their own max_lora_rank (the same default), so keep the two equal.
+    max_lora_rank: int = MAX_LORA_RANK
     # Client metrics one BackwardCustom may record, and the length of each key.
     max_client_metrics: int = 64
     max_metric_key_chars: int = 128

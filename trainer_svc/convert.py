@@ -1,4 +1,4 @@
-"""Store records and trainer results as contract messages (and AdamParams back)."""
+"""Store records and trainer results as contract messages."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from headway.store import CheckpointRecord, CheckpointStore, ModelRecord
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, training_pb2
-from trainer_svc.trainer import AdamArgs, ForwardResult, StepResult
+from trainer_svc.results import ForwardResult, OptimResult
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -76,18 +76,6 @@ def checkpoint_pb(
     return msg
 
 
-def adam_args(params: common_pb2.AdamParams) -> AdamArgs:
-    """AdamParams with the documented defaults for unset optional fields."""
-    return AdamArgs(
-        learning_rate=params.learning_rate,
-        beta1=params.beta1 if params.HasField("beta1") else 0.9,
-        beta2=params.beta2 if params.HasField("beta2") else 0.95,
-        eps=params.eps if params.HasField("eps") else 1e-8,
-        weight_decay=params.weight_decay,
-        grad_clip_norm=params.grad_clip_norm,
-    )
-
-
 def forward_backward_pb(result: ForwardResult) -> training_pb2.ForwardBackwardResponse:
     return training_pb2.ForwardBackwardResponse(
         logprobs=[to_tensor(lp, common_pb2.DTYPE_FLOAT32) for lp in result.logprobs],
@@ -97,7 +85,7 @@ def forward_backward_pb(result: ForwardResult) -> training_pb2.ForwardBackwardRe
     )
 
 
-def optim_step_pb(store: CheckpointStore, result: StepResult) -> training_pb2.OptimStepResponse:
+def optim_step_pb(store: CheckpointStore, result: OptimResult) -> training_pb2.OptimStepResponse:
     return training_pb2.OptimStepResponse(
         step=result.checkpoint.step,
         checkpoint=result.checkpoint.id,

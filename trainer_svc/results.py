@@ -9,30 +9,7 @@ from typing import Any
 import numpy as np
 
 from headway.store import CheckpointRecord
-from trainer_svc import compute
 from trainer_svc.datums import DatumArrays
-
-
-@dataclass
-class AdamArgs:
-    """AdamParams with defaults applied."""
-
-    learning_rate: float
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
-
-    def check(self) -> None:
-        compute.check_adam(
-            self.learning_rate,
-            self.beta1,
-            self.beta2,
-            self.eps,
-            self.weight_decay,
-            self.grad_clip_norm,
-        )
 
 
 @dataclass
@@ -48,8 +25,10 @@ class ForwardResult:
 
 
 @dataclass
-class StepResult:
-    """Result of OptimStep: the new head."""
+class OptimResult:
+    """Result of OptimStep (and of Step's second half): the new head. The SDK's
+    `headway.StepResult` is another thing: a whole Step's reply.
+    """
 
     checkpoint: CheckpointRecord
     sampler_path: str
@@ -62,7 +41,7 @@ def reply_bytes(value: Any) -> int:
         return sum(reply_bytes(v) for v in value)
     if isinstance(value, ForwardResult):
         return sum(lp.nbytes for lp in value.logprobs) + 96 * len(value.metrics)
-    if isinstance(value, StepResult):
+    if isinstance(value, OptimResult):
         stats = value.checkpoint.stats or {}
         return 1024 + 96 * len(stats.get("metrics", {}))
     return 1024

@@ -6,6 +6,7 @@ import logging
 
 import grpc
 import redis.asyncio as aioredis
+import torch
 
 from headway.server.auth import check_listen, interceptors
 from headway.server.grpc import (
@@ -52,6 +53,8 @@ async def create_server(
 
 async def serve(config: TrainerConfig, address: str) -> None:
     """Run the trainer until SIGINT/SIGTERM, then stop gracefully."""
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
     server, port, trainer = await create_server(config, address)
     await server.start()
     log.info(

@@ -7,17 +7,12 @@ import grpc
 from headway.errors import InvalidArgument
 from headway.server.grpc import caller, maps_errors, team_of
 from headway.v1 import common_pb2, model_pb2, model_pb2_grpc, training_pb2, training_pb2_grpc
-from trainer_svc import convert, losses
+from trainer_svc import calls, convert, losses
 from trainer_svc.adapters import LoraRequest
+from trainer_svc.calls import required_model
 from trainer_svc.trainer import Trainer
 
 Ctx = grpc.aio.ServicerContext
-
-
-def _required(value: str, name: str) -> str:
-    if not value:
-        raise InvalidArgument(f"{name} is empty: give the model's slug")
-    return value
 
 
 class ModelServicer(model_pb2_grpc.ModelServiceServicer):
@@ -40,7 +35,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     @maps_errors
     async def GetModel(self, request: model_pb2.GetModelRequest, context: Ctx) -> common_pb2.Model:
         who = caller(context)
-        record = self.trainer.model(_required(request.model, "model"), who.team)
+        record = self.trainer.model(required_model(request.model, "model"), who.team)
         return convert.model_pb(self.store, record, who.admin)
 
     @maps_errors
@@ -61,7 +56,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             raise InvalidArgument("name is empty: give the new model a name")
         who = caller(context)
         record = await self.trainer.fork(
-            _required(request.source, "source"), request.name, who.team, lora, full
+            required_model(request.source, "source"), request.name, who.team, lora, full
         )
         return convert.model_pb(self.store, record, who.admin)
 
@@ -69,7 +64,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     async def ListCheckpoints(
         self, request: model_pb2.ListCheckpointsRequest, context: Ctx
     ) -> model_pb2.ListCheckpointsResponse:
-        slug = _required(request.model, "model")
+        slug = required_model(request.model, "model")
         self.trainer.model(slug, team_of(context))
         head = self.store.head(slug)
         records = self.store.list_checkpoints(slug)
@@ -81,7 +76,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     async def GetHead(
         self, request: model_pb2.GetHeadRequest, context: Ctx
     ) -> common_pb2.Checkpoint:
-        slug = _required(request.model, "model")
+        slug = required_model(request.model, "model")
         self.trainer.model(slug, team_of(context))
         return convert.checkpoint_pb(self.store, self.store.head_checkpoint(slug))
 
@@ -92,7 +87,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         if not request.checkpoint:
             raise InvalidArgument("checkpoint is empty: give the id of a checkpoint of the model")
         record = await self.trainer.set_head(
-            _required(request.model, "model"), request.checkpoint, team_of(context)
+            required_model(request.model, "model"), request.checkpoint, team_of(context)
         )
         return convert.checkpoint_pb(self.store, record)
 
@@ -100,7 +95,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     async def DeleteModel(
         self, request: model_pb2.DeleteModelRequest, context: Ctx
     ) -> model_pb2.DeleteModelResponse:
-        await self.trainer.delete(_required(request.model, "model"), team_of(context))
+        await self.trainer.delete(required_model(request.model, "model"), team_of(context))
         return model_pb2.DeleteModelResponse()
 
 
@@ -115,14 +110,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         self, request: training_pb2.ForwardBackwardRequest, context: Ctx
     ) -> training_pb2.ForwardBackwardResponse:
         result = await self.trainer.forward_backward(
-            _required(request.model, "model"),
-            team_of(context),
-            request.data,
-            request.loss_fn,
-            dict(request.loss_fn_config),
-            request.group_size,
-            request.normalize_std,
-            request.request_id,
+            calls.forward_backward(request, team_of(context))
         )
         return convert.forward_backward_pb(result)
 
@@ -130,14 +118,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     async def ForwardCustom(
         self, request: training_pb2.ForwardCustomRequest, context: Ctx
     ) -> training_pb2.ForwardCustomResponse:
-        result = await self.trainer.forward_custom(
-            _required(request.model, "model"),
-            team_of(context),
-            request.data,
-            request.group_size,
-            request.normalize_std,
-            request.request_id,
-        )
+        result = await self.trainer.forward_custom(calls.forward_custom(request, team_of(context)))
         return training_pb2.ForwardCustomResponse(
             forward_id=result.forward_id, data=convert.datum_tensors_pb(result)
         )
@@ -146,15 +127,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     async def BackwardCustom(
         self, request: training_pb2.BackwardCustomRequest, context: Ctx
     ) -> training_pb2.BackwardCustomResponse:
-        if not request.forward_id:
-            raise InvalidArgument("forward_id is empty: pass ForwardCustomResponse.forward_id")
         result = await self.trainer.backward_custom(
-            _required(request.model, "model"),
-            team_of(context),
-            request.forward_id,
-            request.weights,  # checked against the forward, then decoded off the loop
-            request.metrics,  # bounded before anything is copied
-            request.request_id,
+            calls.backward_custom(request, team_of(context))
         )
         return training_pb2.BackwardCustomResponse(
             metrics=result.metrics, num_datums=result.num_datums, num_tokens=result.num_tokens
@@ -164,29 +138,14 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     async def OptimStep(
         self, request: training_pb2.OptimStepRequest, context: Ctx
     ) -> training_pb2.OptimStepResponse:
-        result = await self.trainer.optim_step(
-            _required(request.model, "model"),
-            team_of(context),
-            convert.adam_args(request.adam),
-            request.request_id,
-        )
+        result = await self.trainer.optim_step(calls.optim_step(request, team_of(context)))
         return convert.optim_step_pb(self.trainer.store, result)
 
     @maps_errors
     async def Step(
         self, request: training_pb2.StepRequest, context: Ctx
     ) -> training_pb2.StepResponse:
-        fb, step = await self.trainer.step(
-            _required(request.model, "model"),
-            team_of(context),
-            request.data,
-            request.loss_fn,
-            dict(request.loss_fn_config),
-            request.group_size,
-            request.normalize_std,
-            convert.adam_args(request.adam),
-            request.request_id,
-        )
+        fb, step = await self.trainer.step(calls.step(request, team_of(context)))
         return training_pb2.StepResponse(
             forward_backward=convert.forward_backward_pb(fb),
             optim_step=convert.optim_step_pb(self.trainer.store, step),

@@ -6,9 +6,11 @@ for one model are serialized by a lock, and a call re-resolves its model inside 
 (a model deleted and re-created meanwhile is another model); different models proceed
 independently, their batch decoding and torch work in threads, never on the event loop.
 A training call with a request id seen before returns its first result (`ReplyCache`);
-an OptimStep saves, promotes and then publishes, and returns only when the new head is
-durable. Every request is bounded before work proportional to its size starts
-(`batches`, `forwards`, `adapters`, the metric and request-id checks below).
+an OptimStep saves, promotes and then publishes (`HeadPublisher`), and returns only when
+the new head is durable. Each training call arrives as one object (`trainer_svc.calls`),
+built by the servicer from its request. Every request is bounded before work proportional
+to its size starts (`batches`, `forwards`, `adapters`, the metric and request-id checks
+below).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -27,14 +29,24 @@ import torch
 
 from headway.errors import FailedPrecondition, InvalidArgument, NotFound
 from headway.server.auth import Caller
-from headway.store import CheckpointRecord, CheckpointRef, CheckpointStore, ModelRecord, check_slug
-from headway.store.weights import base_config, full_state
-from headway.v1 import common_pb2
-from trainer_svc import adapters, batches, compute, losses
+from headway.store import CheckpointRecord, CheckpointStore, ModelRecord, check_slug
+from trainer_svc import batches, compute, losses
 from trainer_svc.adapters import LoraRequest
 from trainer_svc.bases import base_directory, validate_base
+from trainer_svc.calls import (
+    AdamArgs,
+    BackwardCustomCall,
+    BatchArgs,
+    Call,
+    ForwardBackwardCall,
+    ForwardCustomCall,
+    LossArgs,
+    OptimStepCall,
+    StepCall,
+)
 from trainer_svc.config import TrainerConfig
 from trainer_svc.datums import Batch
+from trainer_svc.forks import plan_fork
 from trainer_svc.forwards import (
     ForwardLimits,
     check_client_metrics,
@@ -45,12 +57,10 @@ from trainer_svc.loaded import LoadedStates
 from trainer_svc.pool import FrozenPool
 from trainer_svc.publisher import HeadPublisher
 from trainer_svc.replies import ReplyCache
-from trainer_svc.results import AdamArgs, ForwardResult, StepResult, reply_bytes
+from trainer_svc.results import ForwardResult, OptimResult, reply_bytes
 from trainer_svc.state import (
     ModelState,
     checkpoint_writer,
-    fresh_adapter_writer,
-    full_weights_writer,
 )
 
 log = logging.getLogger(__name__)
@@ -139,7 +149,7 @@ class Trainer:
         async with self._create_lock:
             self.store.create_model(record, root)
         log.info("registered base %s from %s", name, directory)
-        await self._publish(name, root)
+        await self.heads.publish(name, root)
         return record
 
     async def fork(
@@ -163,62 +173,14 @@ class Trainer:
     async def _fork(
         self, src: ModelRecord, name: str, team: str, ask: LoraRequest | None, full: bool
     ) -> ModelRecord:
-        source = src.slug
-        lora = None
-        if ask is not None and not full:
-            config = base_config(self.store, source)
-            lora = adapters.lora_config(ask, self.config.max_lora_rank, config)
-        src_head = self.store.head_checkpoint(source)
-        now = time.time()
-        root_id = self.store.new_checkpoint_id(0)
-        root = CheckpointRecord(
-            id=root_id,
-            model=name,
-            kind="full" if full else "lora",
-            step=0,
-            created=now,
-            parent_id=src_head.id,
-            parent_model=source,
+        plan = await asyncio.to_thread(
+            plan_fork, self.store, src, name, team, ask, full, self.config.max_lora_rank
         )
-        record = ModelRecord(
-            slug=name,
-            team=team,
-            is_base=False,
-            base=src.base,
-            created=now,
-            source=source,
-            arch=dict(src.arch),
-        )
-        writer = None
-        if full:
-            if src.lora:
-                # A full fork of an adapter model owns the merged weights: there is no file
-                # to reference. Every other full fork references its source's files.
-                merged = await asyncio.to_thread(full_state, self.store, source, src_head.id)
-                writer = full_weights_writer(merged)
-            else:
-                root.ref = CheckpointRef(source, src_head.id)
-        else:
-            inherit = src.lora is not None and (
-                lora is None or adapters.lora_dict(lora) == src.lora
-            )
-            if inherit:
-                # Continue the source's adapter over the same frozen weights.
-                record.lora, record.frozen = dict(src.lora), src.frozen
-                root.ref = CheckpointRef(source, src_head.id)
-            else:
-                config = base_config(self.store, source)
-                lora = lora or adapters.lora_config(
-                    LoraRequest(), self.config.max_lora_rank, config
-                )
-                record.lora = adapters.lora_dict(lora)
-                record.frozen = CheckpointRef(source, src_head.id)
-                writer = fresh_adapter_writer(config, lora, src.base, secrets.randbits(62))
         async with self._create_lock:
-            await asyncio.to_thread(self.store.create_model, record, root, writer)
-        log.info("forked %s from %s@%s (%s)", name, source, src_head.id, root.kind)
-        await self._publish(name, root)
-        return record
+            await asyncio.to_thread(self.store.create_model, plan.record, plan.root, plan.writer)
+        log.info("forked %s from %s@%s (%s)", name, src.slug, plan.root.parent_id, plan.root.kind)
+        await self.heads.publish(name, plan.root)
+        return plan.record
 
     async def set_head(self, slug: str, ckpt_id: str, team: str) -> CheckpointRecord:
         """Move HEAD (rollback / branch point); the next step continues from there."""
@@ -227,7 +189,7 @@ class Trainer:
             self._still(model, team)
             record = self.store.set_head(slug, ckpt_id)
             self._states.drop(slug)  # reload weights *and* optimizer state from the new head
-        await self._publish(slug, record)
+        await self.heads.publish(slug, record)
         return record
 
     async def delete(self, slug: str, team: str) -> None:
@@ -241,39 +203,21 @@ class Trainer:
         await self.heads.forget(slug)
 
     # -------------------------------------------------------------- training
-    async def forward_backward(
-        self,
-        slug: str,
-        team: str,
-        items: Sequence[common_pb2.TrainingItem],
-        loss_fn: str,
-        loss_fn_config: dict[str, float],
-        group_size: int,
-        normalize_std: bool,
-        request_id: str,
-    ) -> ForwardResult:
+    async def forward_backward(self, call: ForwardBackwardCall) -> ForwardResult:
         """Accumulate the gradient of a built-in loss over a batch."""
-        record = self.trainable(slug, team)
+        record = self.trainable(call.model, call.team)
 
         async def run() -> ForwardResult:
-            return await self._forward_backward(
-                record, items, loss_fn, loss_fn_config, group_size, normalize_std
-            )
+            return await self._forward_backward(record, call.batch, call.loss)
 
-        return await self._once(record, team, request_id, "forward_backward", run)
+        return await self._once(record, call, "forward_backward", run)
 
     async def _forward_backward(
-        self,
-        record: ModelRecord,
-        items: Sequence[common_pb2.TrainingItem],
-        loss_fn: str,
-        loss_fn_config: dict[str, float],
-        group_size: int,
-        normalize_std: bool,
+        self, record: ModelRecord, args: BatchArgs, loss_args: LossArgs
     ) -> ForwardResult:
-        loss, cfg = losses.resolve(loss_fn, loss_fn_config)
+        loss, cfg = losses.resolve(loss_args.name, loss_args.config)
         with self._states.pinning(record):
-            batch = await self._batch(record, items, group_size, normalize_std)
+            batch = await self._batch(record, args)
             state = await self._states.load(record.slug)
             logprobs, metrics = await asyncio.to_thread(
                 compute.forward_backward,
@@ -287,23 +231,16 @@ class Trainer:
             state.acc.add(loss.name, len(batch.datums), batch.rewards, metrics)
         return ForwardResult(logprobs, metrics, len(batch.datums), batch.num_tokens)
 
-    async def forward_custom(
-        self,
-        slug: str,
-        team: str,
-        items: Sequence[common_pb2.TrainingItem],
-        group_size: int,
-        normalize_std: bool,
-        request_id: str,
-    ) -> ForwardResult:
+    async def forward_custom(self, call: ForwardCustomCall) -> ForwardResult:
         """Forward half of a custom loss: logprobs and datum tensors, graph kept if it fits
         (see `ForwardLimits`)."""
-        record = self.trainable(slug, team)
+        slug = call.model
+        record = self.trainable(slug, call.team)
 
         async def run() -> ForwardResult:
             with self._states.pinning(record):
                 self._forward_room(slug, tokens=0)  # the count first: refused before decoding
-                batch = await self._batch(record, items, group_size, normalize_std)
+                batch = await self._batch(record, call.batch)
                 self._forward_room(slug, sum(len(d.input_tokens) for d in batch.datums))
                 state = await self._states.load(slug)
                 kept = await asyncio.to_thread(
@@ -333,14 +270,14 @@ class Trainer:
             kept = state.forwards.get(stored.forward_id) if state is not None else None
             if kept is None:
                 raise FailedPrecondition(
-                    f"request_id {request_id!r}: this ForwardCustom ran once already and its "
-                    f"forward {stored.forward_id!r} was consumed or discarded since "
+                    f"request_id {call.request_id!r}: this ForwardCustom ran once already and "
+                    f"its forward {stored.forward_id!r} was consumed or discarded since "
                     "(BackwardCustom, optim_step, set_head); run ForwardCustom again with a "
                     "new request_id"
                 )
             return replace(stored, logprobs=kept.logprobs, datums=kept.datums)
 
-        return await self._once(record, team, request_id, "forward_custom", run, keep, replay)
+        return await self._once(record, call, "forward_custom", run, keep, replay)
 
     def _forward_room(self, slug: str, tokens: int) -> None:
         state = self._states.get(slug)
@@ -350,19 +287,12 @@ class Trainer:
     def _pending_forward_bytes(self) -> int:
         return sum(k.nbytes for s in self._states.values() for k in s.forwards.values())
 
-    async def backward_custom(
-        self,
-        slug: str,
-        team: str,
-        forward_id: str,
-        weights: Sequence[common_pb2.Tensor],
-        client_metrics: Mapping[str, float],
-        request_id: str,
-    ) -> ForwardResult:
+    async def backward_custom(self, call: BackwardCustomCall) -> ForwardResult:
         """Backward half: backpropagate −Σ w·logprob through the kept or recomputed forward."""
-        record = self.trainable(slug, team)
+        slug, forward_id = call.model, call.forward_id
+        record = self.trainable(slug, call.team)
         check_client_metrics(
-            client_metrics, self.config.max_client_metrics, self.config.max_metric_key_chars
+            call.client_metrics, self.config.max_client_metrics, self.config.max_metric_key_chars
         )
 
         async def run() -> ForwardResult:
@@ -373,51 +303,40 @@ class Trainer:
                     f"forward_id {forward_id!r} not found for model {slug!r}: it was consumed, "
                     "or discarded by an optim_step or set_head since; run ForwardCustom again"
                 )
-            check_weight_sizes(weights, kept.datums)  # before decoding any of them
-            w = await asyncio.to_thread(decode_weights, weights, kept.datums)
+            check_weight_sizes(call.weights, kept.datums)  # before decoding any of them
+            w = await asyncio.to_thread(decode_weights, call.weights, kept.datums)
             metrics = await asyncio.to_thread(compute.backward_custom, state, kept, w)
             del state.forwards[forward_id]
             metrics.update(_batch_metrics(kept.batch))
-            metrics.update(client_metrics)
+            metrics.update(call.client_metrics)
             state.acc.add("custom", len(kept.datums), kept.batch.rewards, metrics)
             tokens = int(sum(np.count_nonzero(x) for x in w))
             return ForwardResult([], metrics, len(kept.datums), tokens)
 
-        return await self._once(record, team, request_id, "backward_custom", run)
+        return await self._once(record, call, "backward_custom", run)
 
-    async def optim_step(self, slug: str, team: str, adam: AdamArgs, request_id: str) -> StepResult:
+    async def optim_step(self, call: OptimStepCall) -> OptimResult:
         """AdamW → save → promote HEAD → publish; returns once the head is durable."""
-        record = self.trainable(slug, team)
-        adam.check()
-        return await self._once(
-            record, team, request_id, "optim_step", lambda: self._optim_step(slug, adam, request_id)
-        )
+        record = self.trainable(call.model, call.team)
+        call.adam.check()
 
-    async def step(
-        self,
-        slug: str,
-        team: str,
-        items: Sequence[common_pb2.TrainingItem],
-        loss_fn: str,
-        loss_fn_config: dict[str, float],
-        group_size: int,
-        normalize_std: bool,
-        adam: AdamArgs,
-        request_id: str,
-    ) -> tuple[ForwardResult, StepResult]:
+        async def run() -> OptimResult:
+            return await self._optim_step(call.model, call.adam, call.request_id)
+
+        return await self._once(record, call, "optim_step", run)
+
+    async def step(self, call: StepCall) -> tuple[ForwardResult, OptimResult]:
         """ForwardBackward then OptimStep, atomically for the model."""
-        record = self.trainable(slug, team)
-        adam.check()  # everything is validated before anything is applied
+        record = self.trainable(call.model, call.team)
+        call.adam.check()  # everything is validated before anything is applied
 
-        async def run() -> tuple[ForwardResult, StepResult]:
-            fb = await self._forward_backward(
-                record, items, loss_fn, loss_fn_config, group_size, normalize_std
-            )
-            return fb, await self._optim_step(slug, adam, request_id)
+        async def run() -> tuple[ForwardResult, OptimResult]:
+            fb = await self._forward_backward(record, call.batch, call.loss)
+            return fb, await self._optim_step(call.model, call.adam, call.request_id)
 
-        return await self._once(record, team, request_id, "step", run)
+        return await self._once(record, call, "step", run)
 
-    async def _optim_step(self, slug: str, adam: AdamArgs, request_id: str) -> StepResult:
+    async def _optim_step(self, slug: str, adam: AdamArgs, request_id: str) -> OptimResult:
         # A state not in memory holds no gradient (pinned states are never evicted).
         state = self._states.get(slug)
         if state is None or not state.acc.has_grad:
@@ -444,8 +363,8 @@ class Trainer:
             raise
         state.head = record
         state.reset_accumulation()
-        await self._publish(slug, record)
-        return self._step_result(slug, record)
+        await self.heads.publish(slug, record)
+        return self._optim_result(slug, record)
 
     def _apply_and_save(self, state: ModelState, adam: AdamArgs, record: CheckpointRecord) -> None:
         norm = compute.optim_step(
@@ -461,46 +380,40 @@ class Trainer:
         self.store.write_checkpoint(record, checkpoint_writer(state))
         self.store.set_head(record.model, record.id)
 
-    def _step_result(self, slug: str, record: CheckpointRecord) -> StepResult:
-        return StepResult(
+    def _optim_result(self, slug: str, record: CheckpointRecord) -> OptimResult:
+        return OptimResult(
             record, self.store.sampler_path(slug, record.id), self.store.state_path(slug, record.id)
         )
 
     # --------------------------------------------------------------- helpers
-    async def _batch(
-        self,
-        record: ModelRecord,
-        items: Sequence[common_pb2.TrainingItem],
-        group_size: int,
-        normalize_std: bool,
-    ) -> Batch:
+    async def _batch(self, record: ModelRecord, args: BatchArgs) -> Batch:
         """The call's batch, bounded before decoding, decoded in a worker thread."""
         return await asyncio.to_thread(
             batches.assemble,
-            items,
+            args.items,
             limits=self._batch_limits,
             vocab_size=int(record.arch["vocab_size"]),
             context=int(record.arch["max_context"]),
-            group_size=group_size,
-            normalize_std=normalize_std,
+            group_size=args.group_size,
+            normalize_std=args.normalize_std,
         )
 
     async def _once(
         self,
         record: ModelRecord,
-        team: str,
-        request_id: str,
+        call: Call,
         kind: str,
         run: Callable[[], Awaitable[T]],
         keep: Callable[[T], Any] | None = None,
         replay: Callable[[Any], T] | None = None,
     ) -> T:
-        """Run `run` under the model's lock, at most once per request id (see replies.py).
+        """Run `run` under the model's lock, at most once per `call.request_id` (see
+        replies.py).
 
         `keep` turns the result into what the reply cache stores, `replay` a stored value
         back into the reply (default: the result itself).
         """
-        limit = self.config.max_request_id_chars
+        request_id, limit = call.request_id, self.config.max_request_id_chars
         if len(request_id) > limit:
             raise InvalidArgument(
                 f"request_id has {len(request_id)} characters, over the limit of {limit}; "
@@ -508,7 +421,7 @@ class Trainer:
             )
         slug = record.slug
         async with self._lock(slug):
-            self._still(record, team)
+            self._still(record, call.team)
             reply = self._replies.get(slug, request_id) if request_id else None
             if reply is not None:
                 stored = reply.value_for(kind, request_id)
@@ -517,7 +430,7 @@ class Trainer:
                 done = self.store.find_request(slug, request_id)  # survives restarts
                 if done is not None:
                     await self._finish_promotion(slug, done)
-                    result = self._step_result(slug, done)
+                    result = self._optim_result(slug, done)
                     if kind == "optim_step":
                         return result  # type: ignore[return-value]
                     # The forward half's logprobs died with the process; its metrics
@@ -547,7 +460,7 @@ class Trainer:
         if self.store.head(slug) == record.parent_id:
             self.store.set_head(slug, record.id)
             self._states.drop(slug)  # reload from the promoted head
-            await self._publish(slug, record)
+            await self.heads.publish(slug, record)
 
     async def close(self) -> None:
         """Stop background publishing and close the Redis client."""
@@ -557,9 +470,6 @@ class Trainer:
     def loaded(self) -> list[str]:
         """Slugs whose training state is in memory, least recently used first."""
         return self._states.loaded
-
-    async def _publish(self, slug: str, record: CheckpointRecord) -> None:
-        await self.heads.publish(slug, record)
 
 
 def _batch_metrics(batch: Batch) -> dict[str, float]:

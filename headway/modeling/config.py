@@ -122,8 +122,10 @@ class ModelConfig:
             num_attention_heads=int(raw["num_attention_heads"]),
             num_key_value_heads=int(raw.get("num_key_value_heads") or 0),
             head_dim=int(raw.get("head_dim") or 0),
-            max_position_embeddings=int(raw.get("max_position_embeddings") or 2048),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(
+                raw.get("max_position_embeddings") or cls.max_position_embeddings
+            ),
+            rms_norm_eps=float(raw.get("rms_norm_eps", cls.rms_norm_eps)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),

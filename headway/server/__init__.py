@@ -1,6 +1,7 @@
 """What only the services share (never imported by the SDK a client installs).
 
-- `flags.py`     the command-line flags of every service, and the process setup they imply
+- `defaults.py`  addresses, the store path, the Redis URL: every default written once
+- `flags.py`     the command-line flags of every service, built from its config dataclass
 - `grpc.py`      server options, the one error → status mapping, request parsing, health
 - `auth.py`      who a backend call acts for, and the internal token gateways send
 - `keys.py`      API keys: created, listed, revoked, looked up by gateways

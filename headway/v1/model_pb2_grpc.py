@@ -107,10 +107,10 @@ class ModelServiceServicer:
         Errors: PERMISSION_DENIED for a key that is not an admin key (checked first: the
         message says nothing of the path) or a path outside the base roots;
         FAILED_PRECONDITION when auth is on and the trainer has no base roots;
-        INVALID_ARGUMENT for a directory that does not load as a supported model (the
-        message gives the reason: missing config.json, unsupported model_type, bad
-        safetensors, no tokenizer ...) or an invalid name; ALREADY_EXISTS when the name is
-        taken.
+        INVALID_ARGUMENT for an empty or relative path, a path that is not a directory, a
+        directory that does not load as a supported model (the message gives the reason:
+        missing config.json, unsupported model_type, bad safetensors, no tokenizer ...) or an
+        invalid name; ALREADY_EXISTS when the name is taken.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,8 +121,9 @@ class ModelServiceServicer:
         (copy-on-write: nothing is copied until it is trained), so the fork samples exactly
         like the source until its first OptimStep. Its step-0 checkpoint has the source's
         head as parent.
-        Errors: INVALID_ARGUMENT for an invalid name or LoRA config; NOT_FOUND for an unknown
-        source; ALREADY_EXISTS when the name is taken.
+        Errors: INVALID_ARGUMENT for an empty source, an empty or invalid name, or an invalid
+        LoRA config (a rank over the server's limit, an unknown target module ...); NOT_FOUND
+        for an unknown source; ALREADY_EXISTS when the name is taken.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

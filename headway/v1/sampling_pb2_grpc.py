@@ -61,10 +61,13 @@ class SamplingServiceServicer:
     def Sample(self, request, context):
         """Samples params.n completions of one prompt and returns them all at once.
         Errors: INVALID_ARGUMENT for an empty model, no prompt, an empty prompt, a token
-        outside the vocabulary, a bad dtype or shape, or out-of-range params; NOT_FOUND for an
-        unknown model or a checkpoint that is not one of the model's; RESOURCE_EXHAUSTED when
-        the prompt fills the model's context (len(prompt) >= max_context) or n exceeds the
-        server's limit.
+        outside the vocabulary, a bad dtype or shape, or out-of-range params (stop strings
+        and stop_token_ids over the server's count and length limits included); NOT_FOUND
+        for an unknown model or a checkpoint that is not one of the model's;
+        RESOURCE_EXHAUSTED when the prompt plus params.max_tokens does not fit the model's
+        context (nor the sampler's sequence length), a prompt_text is longer than the
+        server's limit (checked before tokenizing), or n exceeds the server's limit, and
+        with a retry pushback when the sampler's queue is full.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,10 +83,10 @@ class SamplingServiceServicer:
 
     def ComputeLogprobs(self, request, context):
         """Scores given sequences: the logprob of each token given the ones before it.
-        Errors: INVALID_ARGUMENT for an empty model, no sequences, an empty sequence, a
-        non-integer or non-1-D tensor, or a token outside the vocabulary; NOT_FOUND for an
-        unknown model or checkpoint; RESOURCE_EXHAUSTED for a sequence longer than the model's
-        max_context or a batch over the server's limit.
+        Errors: INVALID_ARGUMENT for an empty model, no sequences, a sequence of fewer than 2
+        tokens, a non-integer or non-1-D tensor, or a token outside the vocabulary; NOT_FOUND
+        for an unknown model or checkpoint; RESOURCE_EXHAUSTED for a sequence longer than the
+        model's max_context or a batch over the server's limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -61,7 +61,9 @@ class TraceServiceServicer:
         Errors: INVALID_ARGUMENT for a missing or malformed turn (empty prompt, ragged
         completion logprobs, wrong dtypes), an empty model when starting a trace, or a model
         different from the trace's; NOT_FOUND for an unknown model or an unknown or expired
-        trace.
+        trace; RESOURCE_EXHAUSTED for a turn over the server's size limit per turn, a trace
+        that already holds the server's limit of turns (start a new trace), or a team over
+        its share of the server's trace storage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -77,10 +77,11 @@ class TrainingServiceServicer:
         """Runs the model forward and backward over a batch with a built-in loss and adds the
         gradient to the model's accumulated gradient (applied by the next OptimStep). The
         request is validated whole before anything is accumulated.
-        Errors: INVALID_ARGUMENT for an empty model or data, an unknown loss_fn, an unknown or
-        non-finite loss_fn_config key, ragged or wrongly typed tensors, a token outside the
-        vocabulary, a tensor the loss needs that is absent, or a group_size that does not
-        divide the number of trajectories; NOT_FOUND for an unknown model or trace_id;
+        Errors: INVALID_ARGUMENT for an empty model or data, an unknown loss_fn, an unknown,
+        non-finite or out-of-range loss_fn_config value, ragged, wrongly typed or non-finite
+        tensors, a negative weight, a token outside the vocabulary, a tensor the loss needs
+        that is absent, or a group_size that is negative or does not divide the number of
+        trajectories; NOT_FOUND for an unknown model or trace_id;
         FAILED_PRECONDITION for a base (not trainable) or a trace with no reward;
         RESOURCE_EXHAUSTED for a datum longer than the model's max_context, or a batch over
         the server's limits on tokens, items or trajectory turns (checked before anything is
@@ -113,7 +114,7 @@ class TrainingServiceServicer:
         non-finite weight or metric, or more metrics (or longer keys) than the server's limit
         (64 keys of 128 characters by default); NOT_FOUND for an unknown model, or a
         forward_id that is unknown, already consumed, or discarded by an OptimStep or SetHead
-        since.
+        since; FAILED_PRECONDITION for a base.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,89 @@
+"""What a new fork is made of: its record, its step-0 checkpoint and the files it owns.
+
+Copy-on-write: a fork references its source's files wherever it can. A full fork of a
+full model or a base, and a LoRA fork continuing its source's adapter (same config),
+reference the source's head; a full fork of an adapter model owns the merged weights
+(there is no file to reference), and a LoRA fork with a new adapter owns a fresh one over
+the source's head as frozen weights. Nothing here writes: the trainer creates the model
+from the plan (`CheckpointStore.create_model`).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from headway.store import CheckpointRecord, CheckpointRef, CheckpointStore, ModelRecord
+from headway.store.weights import base_config, full_state
+from trainer_svc import adapters
+from trainer_svc.adapters import LoraRequest
+from trainer_svc.state import fresh_adapter_writer, full_weights_writer
+
+
+@dataclass
+class ForkPlan:
+    """A fork ready to be created: `writer` writes the files it owns (None: it owns none)."""
+
+    record: ModelRecord
+    root: CheckpointRecord
+    writer: Any = None
+
+
+def plan_fork(
+    store: CheckpointStore,
+    src: ModelRecord,
+    name: str,
+    team: str,
+    ask: LoraRequest | None,
+    full: bool,
+    max_lora_rank: int,
+) -> ForkPlan:
+    """The fork `name` of `team` from `src`'s head: full, or LoRA (`ask`'s config, else
+    the source's adapter, else the default one). Blocking (it may merge weights): run it
+    in a worker thread. InvalidArgument for a LoRA config the server refuses."""
+    source = src.slug
+    lora = None
+    if ask is not None and not full:
+        lora = adapters.lora_config(ask, max_lora_rank, base_config(store, source))
+    src_head = store.head_checkpoint(source)
+    now = time.time()
+    root = CheckpointRecord(
+        id=store.new_checkpoint_id(0),
+        model=name,
+        kind="full" if full else "lora",
+        step=0,
+        created=now,
+        parent_id=src_head.id,
+        parent_model=source,
+    )
+    record = ModelRecord(
+        slug=name,
+        team=team,
+        is_base=False,
+        base=src.base,
+        created=now,
+        source=source,
+        arch=dict(src.arch),
+    )
+    plan = ForkPlan(record, root)
+    if full:
+        if src.lora:
+            # A full fork of an adapter model owns the merged weights: there is no file
+            # to reference. Every other full fork references its source's files.
+            plan.writer = full_weights_writer(full_state(store, source, src_head.id))
+        else:
+            root.ref = CheckpointRef(source, src_head.id)
+        return plan
+    if src.lora is not None and (lora is None or adapters.lora_dict(lora) == src.lora):
+        # Continue the source's adapter over the same frozen weights.
+        record.lora, record.frozen = dict(src.lora), src.frozen
+        root.ref = CheckpointRef(source, src_head.id)
+        return plan
+    config = base_config(store, source)
+    lora = lora or adapters.lora_config(LoraRequest(), max_lora_rank, config)
+    record.lora = adapters.lora_dict(lora)
+    record.frozen = CheckpointRef(source, src_head.id)
+    plan.writer = fresh_adapter_writer(config, lora, src.base, secrets.randbits(62))
+    return plan
