@@ -36,6 +36,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+from headway.channels import GATEWAY_HTTP_ADDRESS
 from headway.client.settings import DEFAULT_RETRY_TIMEOUT, api_key_from_env, retry_delay
 from headway.errors import HeadwayError, InvalidArgument, Unavailable, from_http
 from headway.types import Run, Turn
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_HTTP_URL", "Agent", "Tool", "create_agent"]
 
-DEFAULT_HTTP_URL = "http://127.0.0.1:8000/v1"
+DEFAULT_HTTP_URL = f"http://{GATEWAY_HTTP_ADDRESS}/v1"
 # The first delay between attempts while the gateway is unavailable (503 or unreachable),
 # in seconds; how long a turn is retried, and the backoff's growth, are the gRPC
 # clients' (`headway.client.settings`).

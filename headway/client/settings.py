@@ -16,7 +16,9 @@ import random
 from dataclasses import dataclass, fields
 from typing import Any
 
-DEFAULT_URL = "127.0.0.1:50051"
+from headway.channels import GATEWAY_ADDRESS
+
+DEFAULT_URL = GATEWAY_ADDRESS  # the gateway `headway serve` starts
 # How long a call failing with UNAVAILABLE is retried by default: long enough for a
 # service restarted by its supervisor (`headway serve`) to come back.
 DEFAULT_RETRY_TIMEOUT = 60.0
