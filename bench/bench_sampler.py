@@ -48,7 +48,6 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import shutil
 import statistics
 import sys
@@ -65,11 +64,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_trainer import REDIS_URL, _clean_redis, add_tokenizer  # noqa: E402
-from bench.common import build_bench_model, median_time, print_table  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_tokenizer,
+    build_bench_model,
+    clean_redis,
+    median_time,
+    print_table,
+)
 from headway.channels import CHANNEL_OPTIONS  # noqa: E402
 from headway.server.heads import HeadEvent, channel  # noqa: E402
 from headway.tensors import to_tensor  # noqa: E402
+from headway.testing import ServiceProcess, redis_prefix, shared_redis_url  # noqa: E402
 from headway.v1 import (  # noqa: E402
     common_pb2,
     model_pb2,
@@ -79,7 +84,6 @@ from headway.v1 import (  # noqa: E402
     training_pb2,
     training_pb2_grpc,
 )
-from tests.stack import ServiceProcess  # noqa: E402  (services in processes of their own)
 
 PROMPT, NEW, BATCH = 32, 64, 8
 DECODED = NEW - 1  # tokens per row made by decode steps (the first comes from the prefill)
@@ -142,7 +146,7 @@ class HeadListener:
     def __init__(self, prefix: str) -> None:
         import redis
 
-        self.client = redis.Redis.from_url(REDIS_URL)
+        self.client = redis.Redis.from_url(shared_redis_url())
         self.pubsub = self.client.pubsub()
         self.pubsub.subscribe(channel(prefix))
         while (m := self.pubsub.get_message(timeout=5)) is None or m["type"] != "subscribe":
@@ -556,13 +560,17 @@ def main() -> None:
     add_tokenizer(path)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     store = Path(tempfile.mkdtemp(prefix="headway-bench-store-"))
-    prefix = f"headway-bench-{secrets.token_hex(4)}:"
+    prefix = redis_prefix("bench")
     trainer = replica = listener = probe = hf = None
     try:
         listener = HeadListener(prefix)
         trainer = TrainerProcess(store, prefix)
         config = SamplerConfig(
-            store=store, redis_url=REDIS_URL, redis_prefix=prefix, max_batch=16, max_seq_len=256
+            store=store,
+            redis_url=shared_redis_url(),
+            redis_prefix=prefix,
+            max_batch=16,
+            max_seq_len=256,
         )
         replica = SamplerThread(config)
         trainer.models.AddBase(model_pb2.AddBaseRequest(path=str(path), name=BASE))
@@ -633,7 +641,7 @@ def main() -> None:
             listener.close()
         if hf is not None:
             hf.close()
-        _clean_redis(prefix)
+        clean_redis(prefix)
         shutil.rmtree(store, ignore_errors=True)
         store.with_name(f"{store.name}-trainer.log").unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
