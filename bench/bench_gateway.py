@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import logging
 import os
-import secrets
 import shutil
 import statistics
 import sys
@@ -44,10 +43,10 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_trainer import REDIS_URL, _clean_redis, add_tokenizer  # noqa: E402
-from bench.common import build_bench_model, print_table  # noqa: E402
+from bench.common import add_tokenizer, build_bench_model, clean_redis, print_table  # noqa: E402
 from headway.channels import CHANNEL_OPTIONS  # noqa: E402
 from headway.tensors import to_tensor  # noqa: E402
+from headway.testing import ServiceProcess, redis_prefix, shared_redis_url  # noqa: E402
 from headway.v1 import (  # noqa: E402
     common_pb2,
     model_pb2,
@@ -55,7 +54,6 @@ from headway.v1 import (  # noqa: E402
     sampling_pb2,
     sampling_pb2_grpc,
 )
-from tests.stack import ServiceProcess  # noqa: E402  (services in processes of their own)
 
 BASE = "base40m"
 PROMPT, NEW = 16, 16
@@ -194,7 +192,7 @@ def profile_gateway(
         return asyncio.run_coroutine_threadsafe(coro, loop).result(120)
 
     async def boot() -> tuple[Any, int, Any]:
-        config = GatewayConfig(store=store, trainer=trainer, redis_url=REDIS_URL,
+        config = GatewayConfig(store=store, trainer=trainer, redis_url=shared_redis_url(),
                                redis_prefix=prefix)  # fmt: skip
         server, port, process = await create_gateway(config)
         await server.start()
@@ -284,7 +282,7 @@ def main() -> None:
     add_tokenizer(path)
     store = Path(tempfile.mkdtemp(prefix="headway-bench-store-"))
     logs = Path(tempfile.mkdtemp(prefix="headway-bench-logs-"))
-    prefix = f"headway-bench-{secrets.token_hex(4)}:"
+    prefix = redis_prefix("bench")
     common = ["--store", str(store)]
     services: list[ServiceProcess] = []
 
@@ -338,7 +336,7 @@ def main() -> None:
     finally:
         for service in services:
             service.stop()  # SIGTERM: a graceful stop, as a deployment's
-        _clean_redis(prefix)
+        clean_redis(prefix)
         for directory in (store, logs, path):
             shutil.rmtree(directory, ignore_errors=True)
 

@@ -45,492 +45,52 @@ steps. Last line:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import secrets
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import grpc
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_trainer import REDIS_URL, _clean_redis, add_tokenizer  # noqa: E402
-from bench.common import build_bench_model, median_time, print_table  # noqa: E402
-from headway.channels import CHANNEL_OPTIONS  # noqa: E402
-from headway.server.heads import HeadEvent, channel  # noqa: E402
-from headway.tensors import to_tensor  # noqa: E402
-from headway.v1 import (  # noqa: E402
-    common_pb2,
-    model_pb2,
-    model_pb2_grpc,
-    sampling_pb2,
-    sampling_pb2_grpc,
-    training_pb2,
-    training_pb2_grpc,
+from bench.common import (  # noqa: E402
+    add_tokenizer,
+    build_bench_model,
+    clean_redis,
+    print_table,
 )
-from tests.stack import ServiceProcess  # noqa: E402  (services in processes of their own)
-
-PROMPT, NEW, BATCH = 32, 64, 8
-DECODED = NEW - 1  # tokens per row made by decode steps (the first comes from the prefill)
-BASE, FULL, LORA = "base40m", "full", "lora"
-LORA_RANK = 32
-I32 = common_pb2.DTYPE_INT32
-now = time.perf_counter
-
-
-# ------------------------------------------------------------------------------ servers
-class SamplerThread:
-    """A sampler replica's grpc.aio server on a private event loop in a daemon thread."""
-
-    def __init__(self, config: Any) -> None:
-        from sampler_svc.server import create_replica
-
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-        async def boot() -> tuple[Any, int, Any]:
-            server, port, replica = await create_replica(config)
-            await server.start()
-            return server, port, replica
-
-        _, port, self.replica = self.run(boot())
-        self.sampler = self.replica.sampler
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
-        self.stub = sampling_pb2_grpc.SamplingServiceStub(self.channel)
-
-    def run(self, coro: Any, timeout: float = 120) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        self.channel.close()
-        self.run(self.replica.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-
-
-class TrainerProcess(ServiceProcess):
-    """The trainer as `python -m trainer_svc`, a child process, as `headway serve` runs it
-    (in this process its torch threads would slow the replica's: see `HFWorker`)."""
-
-    def __init__(self, store: Path, prefix: str) -> None:
-        log = store.with_name(f"{store.name}-trainer.log")
-        super().__init__("trainer", "trainer_svc", ["--store", str(store)], log, prefix)
-        try:
-            self.wait_ready(time.monotonic() + 60)
-        except BaseException:
-            self.stop()
-            raise
-        self.models = model_pb2_grpc.ModelServiceStub(self.channel)
-        self.train = training_pb2_grpc.TrainingServiceStub(self.channel)
-
-
-class HeadListener:
-    """Subscribes to the head channel and timestamps each event's arrival here."""
-
-    def __init__(self, prefix: str) -> None:
-        import redis
-
-        self.client = redis.Redis.from_url(REDIS_URL)
-        self.pubsub = self.client.pubsub()
-        self.pubsub.subscribe(channel(prefix))
-        while (m := self.pubsub.get_message(timeout=5)) is None or m["type"] != "subscribe":
-            pass
-        self.arrivals: dict[str, float] = {}
-        self.cond = threading.Condition()
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            message = self.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
-            if message is not None and message["type"] == "message":
-                t = now()
-                event = HeadEvent.from_json(message["data"])
-                with self.cond:
-                    self.arrivals.setdefault(event.checkpoint, t)
-                    self.cond.notify_all()
-
-    def wait(self, checkpoint: str, timeout: float = 10) -> float:
-        with self.cond:
-            if not self.cond.wait_for(lambda: checkpoint in self.arrivals, timeout):
-                raise TimeoutError(f"no head event for {checkpoint} within {timeout} s")
-            return self.arrivals[checkpoint]
-
-    def close(self) -> None:
-        self._stop.set()
-        self.thread.join(timeout=2)
-        self.pubsub.close()
-        self.client.close()
-
-
-class Probe:
-    """Times chosen functions of the replica in this process (wrapped, restored at the end)."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[str, float, float, Any]] = []  # (name, start, end, key)
-        self._undo: list[tuple[Any, str, Any]] = []
-
-    def wrap(self, owner: Any, attr: str, name: str, key: Callable[..., Any] | None = None) -> None:
-        fn = getattr(owner, attr)
-
-        def timed_call(*args: Any, **kwargs: Any) -> Any:
-            start = now()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.spans.append((name, start, now(), key(*args) if key else None))
-
-        self._undo.append((owner, attr, owner.__dict__.get(attr)))
-        setattr(owner, attr, timed_call)
-
-    def restore(self) -> None:
-        for owner, attr, old in reversed(self._undo):
-            if old is None:
-                delattr(owner, attr)
-            else:
-                setattr(owner, attr, old)
-        self._undo.clear()
-
-    def first(self, name: str, key: Any = None, after: float = 0.0) -> tuple[float, float] | None:
-        for n, start, end, k in self.spans:
-            if n == name and start >= after and (key is None or k == key):
-                return start, end
-        return None
-
-    def within(self, name: str, start: float, end: float) -> float:
-        """Total time of `name` spans inside [start, end]."""
-        return sum(e - s for n, s, e, _ in self.spans if n == name and s >= start and e <= end)
-
-
-def instrument(sampler: Any) -> Probe:
-    import sampler_svc.sampler as sampler_mod
-    from sampler_svc.multilora import AdapterBank
-
-    probe = Probe()
-    probe.wrap(sampler, "preload", "event", key=lambda m, c: (m, c))
-    probe.wrap(sampler, "ensure", "ensure", key=lambda m, c: (m, c))
-    probe.wrap(sampler_mod, "serving_refs", "serving_refs")
-    probe.wrap(sampler_mod, "read_lora", "read_lora")
-    probe.wrap(sampler_mod, "copy_full_weights", "copy_full_weights")
-    probe.wrap(sampler_mod, "load_engine_model", "load_engine_model")
-    probe.wrap(AdapterBank, "load", "slot_copy")
-    return probe
-
-
-# ------------------------------------------------------------------------------- sampling
-def request(
-    model: str, prompt: list[int], n: int, temperature: float, seed: int, max_tokens: int = NEW
-) -> sampling_pb2.SampleRequest:
-    params = common_pb2.SamplingParams(
-        max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=True, n=n
-    )
-    return sampling_pb2.SampleRequest(
-        model=model, prompt_tokens=to_tensor(prompt, I32), params=params
-    )
-
-
-def stream(stub: Any, req: sampling_pb2.SampleRequest) -> dict[str, Any]:
-    """Run a SampleStream: decode-phase time, end-to-end time and the tokens of each row."""
-    n = req.params.n or 1
-    rows: list[list[int]] = [[] for _ in range(n)]
-    start = now()
-    decode_start = last = 0.0
-    firsts = 0
-    for chunk in stub.SampleStream(req):
-        if not chunk.tokens.data:
-            continue
-        t = now()
-        tokens = np.frombuffer(chunk.tokens.data, np.int32).tolist()
-        if not rows[chunk.index]:
-            firsts += 1
-            if firsts == n:  # every row has its prefill token: decoding starts
-                decode_start = t
-        rows[chunk.index].extend(tokens)
-        last = t
-    assert all(len(r) == NEW for r in rows), [len(r) for r in rows]
-    return {"decode": last - decode_start, "e2e": now() - start, "rows": rows}
-
-
-def concurrent(stub: Any, prompts: list[list[int]], seed: int) -> float:
-    """Wall time of len(prompts) single-sequence Sample calls sent at once from threads."""
-    barrier = threading.Barrier(len(prompts) + 1)
-    errors: list[BaseException] = []
-
-    def client(i: int) -> None:
-        req = request(BASE, prompts[i], 1, 1.0, seed + i)
-        barrier.wait()
-        try:
-            reply = stub.Sample(req)
-            assert len(reply.sequences[0].tokens.data) == 4 * NEW
-        except BaseException as e:  # reported by the main thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = now()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return now() - start
-
-
-def drive(sampler: Any, prompt: list[int], n: int, temperature: float, seed: int) -> float:
-    """On the engine thread: admit one job on the base's engine and step it to the end;
-    the decode phase's time (after the prefill)."""
-    from sampler_svc.engine import GenerationJob
-    from sampler_svc.requests import row_generator
-    from sampler_svc.sampling import DrawParams
-
-    located = sampler.ensure(BASE, sampler.store.head(BASE))
-    assert located is not None
-    entry, slot = located
-    draws = [DrawParams(temperature, 1.0, 0, row_generator(seed, i)) for i in range(n)]
-    job = GenerationJob(prompt, n, NEW, frozenset(), draws, slot=slot)
-    entry.engine.admit(job)
-    start = now()
-    while job.live_rows:
-        entry.engine.step()
-    return now() - start
-
-
-def engine_decode(sampler: Any, prompt: list[int], n: int, temperature: float, seed: int) -> float:
-    """Decode-phase time of the replica's engine driven directly on its thread (no RPC)."""
-    return sampler.call(lambda: drive(sampler, prompt, n, temperature, seed))
-
-
-def profile_engine(sampler: Any, prompt: list[int], n: int, temperature: float) -> None:
-    """torch.profiler over one request's decode steps on the engine thread."""
-    from torch.profiler import ProfilerActivity, profile
-
-    def run() -> str:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            drive(sampler, prompt, n, temperature, 0)
-        return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
-
-    print(f"\ntorch.profiler: engine decode, batch {n}, prefill + {DECODED} steps (self CPU)")
-    print(sampler.call(run))
-
-
-# ------------------------------------------------------------------------------ baseline
-class HFBaseline:
-    """transformers generate on the same weights: decode time = generate − prefill."""
-
-    def __init__(self, path: Path) -> None:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32
-        ).eval()
-        common = dict(max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0)
-        self.greedy = dict(common, do_sample=False)
-        self.sampled = dict(common, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
-
-    @torch.inference_mode()
-    def generate(self, prompt: torch.Tensor, sample: bool) -> tuple[float, torch.Tensor]:
-        start = now()
-        out = self.model.generate(prompt, **(self.sampled if sample else self.greedy))
-        return now() - start, out[:, prompt.shape[1] :]
-
-    @torch.inference_mode()
-    def prefill(self, prompt: torch.Tensor) -> float:
-        start = now()
-        self.model(prompt, use_cache=True)
-        return now() - start
-
-
-class HFWorker:
-    """`HFBaseline` (and the machine-limit probe) in a child process, called like one.
-
-    Why a process: torch's CPU ops run on OpenMP (libgomp), and every thread that runs a
-    parallel op keeps a team of workers for the life of the process. With more such workers
-    than cores (here: this thread's, the replica's engine thread's), libgomp stops spinning
-    and puts threads to sleep at every parallel region, which made the engine's decode step
-    ~2x slower than in a sampler process of its own (`headway serve` runs each service as a
-    child process) and transformers' ~15% slower. The baseline in a process of its own, and
-    no torch work on this thread, leave the replica's engine thread the only team here.
-    """
-
-    def __init__(self, path: Path) -> None:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_hf_serve, args=(str(path), child), daemon=True)
-        self.proc.start()
-        child.close()
-        self.params = self._call("params")
-
-    def _call(self, cmd: str, *args: Any) -> Any:
-        self.conn.send((cmd, args))
-        ok, value = self.conn.recv()
-        if not ok:
-            raise RuntimeError(f"transformers baseline process: {value}")
-        return value
-
-    def generate(self, prompt: torch.Tensor, sample: bool) -> tuple[float, torch.Tensor]:
-        return self._call("generate", prompt, sample)
-
-    def prefill(self, prompt: torch.Tensor) -> float:
-        return self._call("prefill", prompt)
-
-    def machine_limit(self, repeats: int) -> dict[str, float]:
-        return self._call("machine_limit", repeats)
-
-    def close(self) -> None:
-        try:
-            self.conn.send(("stop", ()))
-        finally:
-            self.proc.join(timeout=30)
-
-
-def _hf_serve(path: str, conn: Any) -> None:
-    """The baseline process: answers HFWorker's calls until told to stop."""
-    hf = HFBaseline(Path(path))
-    calls: dict[str, Callable[..., Any]] = {
-        "params": lambda: sum(p.numel() for p in hf.model.parameters()) / 1e6,
-        "generate": hf.generate,
-        "prefill": hf.prefill,
-        "machine_limit": lambda repeats: machine_limit(hf.model, repeats),
-    }
-    while True:
-        cmd, args = conn.recv()
-        if cmd == "stop":
-            return
-        try:
-            conn.send((True, calls[cmd](*args)))
-        except Exception as e:  # reported in the bench process
-            conn.send((False, repr(e)))
-
-
-def off_main(fn: Callable[[], Any]) -> Any:
-    """`fn()` on a short-lived thread: its OpenMP team ends with it (see HFWorker)."""
-    result: list[Any] = []
-    thread = threading.Thread(target=lambda: result.append(fn()))
-    thread.start()
-    thread.join()
-    if not result:
-        raise RuntimeError(f"{fn} failed (see the traceback above)")
-    return result[0]
-
-
-# --------------------------------------------------------------------------- machine limit
-@torch.inference_mode()
-def machine_limit(model: torch.nn.Module, repeats: int) -> dict[str, float]:
-    """Weight bytes a decode step reads, the memory bandwidth, and the step's matmuls alone.
-
-    The matmuls are timed as `F.linear(x, W)` (what our engine and transformers call) and
-    as `(W @ xᵀ)ᵀ` with x padded to at least 2 rows, the layout torch's CPU GEMM streams
-    the weights fastest in: the second is what a decode step's matmuls can cost here.
-    """
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    step_bytes = sum(w.numel() * w.element_size() for w in weights)  # lm_head = embedding
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    reps = max(repeats, 5)
-    src = torch.randn(model_bytes // 4)
-    dst = torch.empty_like(src)
-    out = {
-        "step_bytes": step_bytes,
-        "model_bytes": model_bytes,
-        "copy_s": median_time(lambda: dst.copy_(src), reps),
-        "read_s": median_time(lambda: src.sum(), reps),
-    }
-    for batch in (1, BATCH):
-        xs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
-        x2 = {k: torch.randn(max(batch, 2), k) for k in xs}
-
-        def linear(xs: dict[int, torch.Tensor] = xs) -> None:
-            for w in weights:
-                torch.nn.functional.linear(xs[w.shape[1]], w)
-
-        def weights_left(xs: dict[int, torch.Tensor] = x2) -> None:
-            for w in weights:
-                torch.mm(w, xs[w.shape[1]].T)  # (W @ xT)T: the transpose is a view
-
-        out[f"linear_b{batch}_s"] = median_time(linear, reps)
-        out[f"best_b{batch}_s"] = median_time(weights_left, reps)
-    return out
-
-
-# -------------------------------------------------------------------------------- reloads
-def cross_entropy_items(vocab: int, seed: int) -> list[common_pb2.TrainingItem]:
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, vocab, 17)
-    datum = common_pb2.Datum(
-        input_tokens=to_tensor(tokens[:-1]),
-        target_tokens=to_tensor(tokens[1:]),
-        weights=to_tensor(np.ones(16, np.float32)),
-    )
-    return [common_pb2.TrainingItem(datum=datum)]
-
-
-def reload_once(
-    trainer: TrainerProcess,
-    replica: SamplerThread,
-    listener: HeadListener,
-    probe: Probe,
-    model: str,
-    items: list[common_pb2.TrainingItem],
-    prompt: list[int],
-) -> dict[str, float]:
-    """One training step of `model` and the replica catching up; times in seconds."""
-    trainer.train.ForwardBackward(
-        training_pb2.ForwardBackwardRequest(model=model, data=items, loss_fn="cross_entropy")
-    )
-    adam = common_pb2.AdamParams(learning_rate=1e-5)
-    sent = now()
-    reply = trainer.train.OptimStep(training_pb2.OptimStepRequest(model=model, adam=adam))
-    replied = now()
-    ckpt, key = reply.checkpoint, f"{model}/{reply.checkpoint}"
-    while key not in replica.sampler.loaded_checkpoints():
-        if now() - sent > 30:
-            raise TimeoutError(f"the replica never listed {key}")
-        time.sleep(0.0005)  # a tight poll would steal a core from the load it waits for
-    listed = now()
-    first = replica.stub.Sample(request(model, prompt, 1, 0.0, 0, max_tokens=1))
-    served = now()
-    if first.checkpoint != ckpt:
-        raise AssertionError(f"served by {first.checkpoint}, not the new head {ckpt}")
-    again = replica.stub.Sample(request(model, prompt, 1, 0.0, 0, max_tokens=1))
-    floor = now() - served
-    assert again.checkpoint == ckpt
-    published = listener.wait(ckpt)
-    out = {
-        "optim_step": replied - sent,
-        "reply_lag": replied - published,  # publish message here → OptimStep reply here
-        "listed": listed - published,
-        "served": served - published,
-        "served_from_reply": served - replied,
-        "floor": floor,
-    }
-    event = probe.first("event", (model, ckpt))
-    ensure = probe.first("ensure", (model, ckpt))
-    if event is not None and ensure is not None:
-        s, e = ensure
-        out["event"] = event[0] - published  # publish message → replica's watcher
-        out["wake"] = s - event[0]  # watcher → engine thread starts loading
-        out["ensure"] = e - s
-        out["ensure_end"] = e - published
-        for name in ("serving_refs", "read_lora", "slot_copy", "copy_full_weights"):
-            out[name] = probe.within(name, s, e)
-        out["fresh_engine"] = probe.within("load_engine_model", s, e)
-    return out
+from bench.sampler_baseline import HFWorker, off_main  # noqa: E402
+from bench.sampler_decode import (  # noqa: E402
+    BASE,
+    BATCH,
+    DECODED,
+    NEW,
+    PROMPT,
+    SamplerThread,
+    concurrent,
+    engine_decode,
+    now,
+    profile_engine,
+    request,
+    stream,
+)
+from bench.sampler_reload import (  # noqa: E402
+    FULL,
+    LORA,
+    LORA_RANK,
+    HeadListener,
+    TrainerProcess,
+    cross_entropy_items,
+    instrument,
+    reload_once,
+)
+from headway.testing import redis_prefix, shared_redis_url  # noqa: E402
+from headway.v1 import common_pb2, model_pb2  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -556,13 +116,17 @@ def main() -> None:
     add_tokenizer(path)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     store = Path(tempfile.mkdtemp(prefix="headway-bench-store-"))
-    prefix = f"headway-bench-{secrets.token_hex(4)}:"
+    prefix = redis_prefix("bench")
     trainer = replica = listener = probe = hf = None
     try:
         listener = HeadListener(prefix)
         trainer = TrainerProcess(store, prefix)
         config = SamplerConfig(
-            store=store, redis_url=REDIS_URL, redis_prefix=prefix, max_batch=16, max_seq_len=256
+            store=store,
+            redis_url=shared_redis_url(),
+            redis_prefix=prefix,
+            max_batch=16,
+            max_seq_len=256,
         )
         replica = SamplerThread(config)
         trainer.models.AddBase(model_pb2.AddBaseRequest(path=str(path), name=BASE))
@@ -633,7 +197,7 @@ def main() -> None:
             listener.close()
         if hf is not None:
             hf.close()
-        _clean_redis(prefix)
+        clean_redis(prefix)
         shutil.rmtree(store, ignore_errors=True)
         store.with_name(f"{store.name}-trainer.log").unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import secrets
 import shutil
 import statistics
 import sys
@@ -42,9 +41,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import build_bench_model, print_table  # noqa: E402
+from bench.common import add_tokenizer, build_bench_model, clean_redis, print_table  # noqa: E402
 from headway.channels import CHANNEL_OPTIONS  # noqa: E402
 from headway.tensors import floats, to_tensor  # noqa: E402
+from headway.testing import redis_prefix, shared_redis_url  # noqa: E402
 from headway.v1 import (  # noqa: E402
     common_pb2,
     model_pb2,
@@ -52,7 +52,6 @@ from headway.v1 import (  # noqa: E402
     training_pb2,
     training_pb2_grpc,
 )
-from tests.stack import REDIS_URL  # noqa: E402  ($HEADWAY_TEST_REDIS_URL, :6379 or embedded)
 
 BATCH, SEQ, PROMPT = 8, 128, 16  # datums, tokens per datum, masked leading positions
 LR, BETAS, EPS = 1e-5, (0.9, 0.95), 1e-8  # AdamParams defaults, weight decay 0 both sides
@@ -61,23 +60,6 @@ LORA_RANK = 32
 
 
 # ------------------------------------------------------------------------------ setup
-def add_tokenizer(path: Path) -> None:
-    """A minimal word-level tokenizer: the trainer only needs one to register the base."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<|endoftext|>": 0, "<|im_end|>": 1, "<unk>": 2}
-    vocab.update({f"w{i}": i for i in range(3, 256)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(path / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-    }
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-
-
 class ServerThread:
     """The trainer's grpc.aio server on a private event loop in a daemon thread."""
 
@@ -85,7 +67,7 @@ class ServerThread:
         from trainer_svc.config import TrainerConfig
         from trainer_svc.server import create_server
 
-        config = TrainerConfig(store=store, redis_url=REDIS_URL, redis_prefix=prefix)
+        config = TrainerConfig(store=store, redis_url=shared_redis_url(), redis_prefix=prefix)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -216,7 +198,7 @@ def main() -> None:
     path = build_bench_model()
     add_tokenizer(path)
     store = Path(tempfile.mkdtemp(prefix="headway-bench-store-"))
-    prefix = f"headway-bench-{secrets.token_hex(4)}:"
+    prefix = redis_prefix("bench")
     srv = ServerThread(store, prefix)
     try:
         srv.models.AddBase(model_pb2.AddBaseRequest(path=str(path), name="base40m"))
@@ -310,7 +292,7 @@ def main() -> None:
         t_builtin, t_custom = med(t["builtin"]), med(t["custom"])
     finally:
         srv.stop()
-        _clean_redis(prefix)
+        clean_redis(prefix)
         shutil.rmtree(store, ignore_errors=True)
         shutil.rmtree(path, ignore_errors=True)
 
@@ -346,20 +328,6 @@ def main() -> None:
         f"trainer_vs_hf={trainer_vs_hf:.2f} custom_vs_builtin={custom_vs_builtin:.2f} "
         f"lora_save_ms={lora_save_ms:.1f}"
     )
-
-
-def _clean_redis(prefix: str) -> None:
-    """Remove the head mirrors this run wrote."""
-    try:
-        import redis
-
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(match=f"{prefix}*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
-    except Exception as e:  # best effort: the keys are namespaced and harmless
-        print(f"(could not clean Redis keys {prefix}*: {e})")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Shared pieces of the benchmarks: the bench model on disk, timing, the results table.
+"""Shared pieces of the benchmarks: the bench model on disk (and a tokenizer for it), timing,
+the results table, and cleaning up a run's Redis keys (services, Redis and prefixes come from
+`headway.testing`, as the tests' do).
 
 Speed is reported as medians of repeats and as ratios against a baseline measured in the
 same run, never as absolute targets: machines here are noisy and differ between sessions.
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from headway.testing import clear_prefix
+
 CONFIGS = Path(__file__).parent / "configs"
 
 
@@ -28,6 +32,23 @@ def build_bench_model(name: str = "qwen3-40m", seed: int = 0) -> Path:
     path = Path(tempfile.mkdtemp(prefix=f"headway-bench-{name}-"))
     model.save_pretrained(path)
     return path
+
+
+def add_tokenizer(path: Path) -> None:
+    """A minimal word-level tokenizer: the trainer only needs one to register the base."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, "<|im_end|>": 1, "<unk>": 2}
+    vocab.update({f"w{i}": i for i in range(3, 256)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
@@ -62,3 +83,11 @@ def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:,.2f}" if value >= 10 else f"{value:.3f}"
     return str(value)
+
+
+def clean_redis(prefix: str) -> None:
+    """Remove the keys this run wrote under `prefix` (head mirrors, registry entries)."""
+    try:
+        clear_prefix(prefix)
+    except Exception as e:  # best effort: the keys are namespaced and harmless
+        print(f"(could not clean Redis keys {prefix}*: {e})")

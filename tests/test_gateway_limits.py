@@ -20,9 +20,9 @@ import pytest
 from headway.server.keys import create_key
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, model_pb2, sampling_pb2, trace_pb2, training_pb2
+from tests.helpers_gateway import I32, code_of, post, sample_req
 from tests.helpers_training import batch
 from tests.stack import GatewayNode, PrivateRedis, free_port, http_call, wait_until
-from tests.test_gateway import I32, code_of, post, sample_req
 
 WAIT = 60.0  # only catches hangs: every wait below is for a condition
 

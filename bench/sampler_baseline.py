@@ -1,0 +1,155 @@
+"""The sampler bench's baseline: transformers `generate` on the same weights, and the
+machine's limit (weight bytes a decode step reads, memory bandwidth, the step's matmuls),
+both run in a child process of their own (see `HFWorker`)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import median_time
+from bench.sampler_decode import BATCH, NEW, now
+
+
+class HFBaseline:
+    """transformers generate on the same weights: decode time = generate − prefill."""
+
+    def __init__(self, path: Path) -> None:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32
+        ).eval()
+        common = dict(max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0)
+        self.greedy = dict(common, do_sample=False)
+        self.sampled = dict(common, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+
+    @torch.inference_mode()
+    def generate(self, prompt: torch.Tensor, sample: bool) -> tuple[float, torch.Tensor]:
+        start = now()
+        out = self.model.generate(prompt, **(self.sampled if sample else self.greedy))
+        return now() - start, out[:, prompt.shape[1] :]
+
+    @torch.inference_mode()
+    def prefill(self, prompt: torch.Tensor) -> float:
+        start = now()
+        self.model(prompt, use_cache=True)
+        return now() - start
+
+
+class HFWorker:
+    """`HFBaseline` (and the machine-limit probe) in a child process, called like one.
+
+    Why a process: torch's CPU ops run on OpenMP (libgomp), and every thread that runs a
+    parallel op keeps a team of workers for the life of the process. With more such workers
+    than cores (here: this thread's, the replica's engine thread's), libgomp stops spinning
+    and puts threads to sleep at every parallel region, which made the engine's decode step
+    ~2x slower than in a sampler process of its own (`headway serve` runs each service as a
+    child process) and transformers' ~15% slower. The baseline in a process of its own, and
+    no torch work on this thread, leave the replica's engine thread the only team here.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_hf_serve, args=(str(path), child), daemon=True)
+        self.proc.start()
+        child.close()
+        self.params = self._call("params")
+
+    def _call(self, cmd: str, *args: Any) -> Any:
+        self.conn.send((cmd, args))
+        ok, value = self.conn.recv()
+        if not ok:
+            raise RuntimeError(f"transformers baseline process: {value}")
+        return value
+
+    def generate(self, prompt: torch.Tensor, sample: bool) -> tuple[float, torch.Tensor]:
+        return self._call("generate", prompt, sample)
+
+    def prefill(self, prompt: torch.Tensor) -> float:
+        return self._call("prefill", prompt)
+
+    def machine_limit(self, repeats: int) -> dict[str, float]:
+        return self._call("machine_limit", repeats)
+
+    def close(self) -> None:
+        try:
+            self.conn.send(("stop", ()))
+        finally:
+            self.proc.join(timeout=30)
+
+
+def _hf_serve(path: str, conn: Any) -> None:
+    """The baseline process: answers HFWorker's calls until told to stop."""
+    hf = HFBaseline(Path(path))
+    calls: dict[str, Callable[..., Any]] = {
+        "params": lambda: sum(p.numel() for p in hf.model.parameters()) / 1e6,
+        "generate": hf.generate,
+        "prefill": hf.prefill,
+        "machine_limit": lambda repeats: machine_limit(hf.model, repeats),
+    }
+    while True:
+        cmd, args = conn.recv()
+        if cmd == "stop":
+            return
+        try:
+            conn.send((True, calls[cmd](*args)))
+        except Exception as e:  # reported in the bench process
+            conn.send((False, repr(e)))
+
+
+def off_main(fn: Callable[[], Any]) -> Any:
+    """`fn()` on a short-lived thread: its OpenMP team ends with it (see HFWorker)."""
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(fn()))
+    thread.start()
+    thread.join()
+    if not result:
+        raise RuntimeError(f"{fn} failed (see the traceback above)")
+    return result[0]
+
+
+# --------------------------------------------------------------------------- machine limit
+@torch.inference_mode()
+def machine_limit(model: torch.nn.Module, repeats: int) -> dict[str, float]:
+    """Weight bytes a decode step reads, the memory bandwidth, and the step's matmuls alone.
+
+    The matmuls are timed as `F.linear(x, W)` (what our engine and transformers call) and
+    as `(W @ xᵀ)ᵀ` with x padded to at least 2 rows, the layout torch's CPU GEMM streams
+    the weights fastest in: the second is what a decode step's matmuls can cost here.
+    """
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    step_bytes = sum(w.numel() * w.element_size() for w in weights)  # lm_head = embedding
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    reps = max(repeats, 5)
+    src = torch.randn(model_bytes // 4)
+    dst = torch.empty_like(src)
+    out = {
+        "step_bytes": step_bytes,
+        "model_bytes": model_bytes,
+        "copy_s": median_time(lambda: dst.copy_(src), reps),
+        "read_s": median_time(lambda: src.sum(), reps),
+    }
+    for batch in (1, BATCH):
+        xs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
+        x2 = {k: torch.randn(max(batch, 2), k) for k in xs}
+
+        def linear(xs: dict[int, torch.Tensor] = xs) -> None:
+            for w in weights:
+                torch.nn.functional.linear(xs[w.shape[1]], w)
+
+        def weights_left(xs: dict[int, torch.Tensor] = x2) -> None:
+            for w in weights:
+                torch.mm(w, xs[w.shape[1]].T)  # (W @ xT)T: the transpose is a view
+
+        out[f"linear_b{batch}_s"] = median_time(linear, reps)
+        out[f"best_b{batch}_s"] = median_time(weights_left, reps)
+    return out
