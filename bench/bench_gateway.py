@@ -43,7 +43,13 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import add_tokenizer, build_bench_model, clean_redis, print_table  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_tokenizer,
+    build_bench_model,
+    clean_redis,
+    print_table,
+    run_at_once,
+)
 from headway.channels import CHANNEL_OPTIONS  # noqa: E402
 from headway.tensors import to_tensor  # noqa: E402
 from headway.testing import ServiceProcess, redis_prefix, shared_redis_url  # noqa: E402
@@ -127,28 +133,12 @@ def sequential(
 
 def concurrent(fn: Callable[[], Any], clients: int, per_client: int) -> float:
     """Calls per second of `clients` threads making `per_client` calls each, all at once."""
-    barrier = threading.Barrier(clients + 1)
-    errors: list[BaseException] = []
 
-    def run() -> None:
-        barrier.wait()
-        try:
-            for _ in range(per_client):
-                fn()
-        except BaseException as e:  # reported below
-            errors.append(e)
+    def client() -> None:
+        for _ in range(per_client):
+            fn()
 
-    threads = [threading.Thread(target=run, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = now()
-    for t in threads:
-        t.join()
-    wall = now() - start
-    if errors:
-        raise errors[0]
-    return clients * per_client / wall
+    return clients * per_client / run_at_once([client] * clients)
 
 
 def pct(values: list[float], q: float) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,32 @@ def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> 
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def run_at_once(calls: list[Callable[[], object]]) -> float:
+    """Run each call on its own thread, all released together; the wall time until the last
+    ends (the first error, if any, is raised here)."""
+    barrier = threading.Barrier(len(calls) + 1)
+    errors: list[BaseException] = []
+
+    def run(call: Callable[[], object]) -> None:
+        barrier.wait()
+        try:
+            call()
+        except BaseException as e:  # reported by the calling thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(c,), daemon=True) for c in calls]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return wall
 
 
 def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from bench.common import run_at_once
 from headway.channels import CHANNEL_OPTIONS
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, sampling_pb2, sampling_pb2_grpc
@@ -92,28 +93,13 @@ def stream(stub: Any, req: sampling_pb2.SampleRequest) -> dict[str, Any]:
 
 def concurrent(stub: Any, prompts: list[list[int]], seed: int) -> float:
     """Wall time of len(prompts) single-sequence Sample calls sent at once from threads."""
-    barrier = threading.Barrier(len(prompts) + 1)
-    errors: list[BaseException] = []
 
-    def client(i: int) -> None:
-        req = request(BASE, prompts[i], 1, 1.0, seed + i)
-        barrier.wait()
-        try:
-            reply = stub.Sample(req)
-            assert len(reply.sequences[0].tokens.data) == 4 * NEW
-        except BaseException as e:  # reported by the main thread
-            errors.append(e)
+    def call(req: sampling_pb2.SampleRequest) -> None:
+        reply = stub.Sample(req)
+        assert len(reply.sequences[0].tokens.data) == 4 * NEW
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = now()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return now() - start
+    requests = [request(BASE, p, 1, 1.0, seed + i) for i, p in enumerate(prompts)]
+    return run_at_once([lambda r=r: call(r) for r in requests])
 
 
 def drive(sampler: Any, prompt: list[int], n: int, temperature: float, seed: int) -> float:

@@ -70,6 +70,25 @@ def adam(
 # ------------------------------------------------------------------ TrainingService
 
 
+def _loss_batch(
+    model: str,
+    items: Sequence[common_pb2.TrainingItem],
+    loss_fn: str,
+    loss_fn_config: Mapping[str, float] | None,
+    group_size: int,
+    normalize_std: bool,
+) -> dict[str, Any]:
+    """The fields ForwardBackwardRequest and StepRequest share: a batch and its built-in loss."""
+    return {
+        "model": model,
+        "data": items,
+        "loss_fn": loss_fn,
+        "loss_fn_config": dict(loss_fn_config or {}),
+        "group_size": group_size,
+        "normalize_std": normalize_std,
+    }
+
+
 def forward_backward(
     model: str,
     items: Sequence[common_pb2.TrainingItem],
@@ -79,18 +98,11 @@ def forward_backward(
     normalize_std: bool,
 ) -> Call:
     """ForwardBackward: accumulate a built-in loss's gradient over `items`."""
+    batch = _loss_batch(model, items, loss_fn, loss_fn_config, group_size, normalize_std)
     return Call(
         _TRAINING,
         "ForwardBackward",
-        training_pb2.ForwardBackwardRequest(
-            model=model,
-            data=items,
-            loss_fn=loss_fn,
-            loss_fn_config=dict(loss_fn_config or {}),
-            group_size=group_size,
-            normalize_std=normalize_std,
-            request_id=request_id(),
-        ),
+        training_pb2.ForwardBackwardRequest(**batch, request_id=request_id()),
     )
 
 
@@ -113,19 +125,11 @@ def step(
     adam_params: common_pb2.AdamParams,
 ) -> Call:
     """Step: ForwardBackward over `items` then OptimStep, in one call."""
+    batch = _loss_batch(model, items, loss_fn, loss_fn_config, group_size, normalize_std)
     return Call(
         _TRAINING,
         "Step",
-        training_pb2.StepRequest(
-            model=model,
-            data=items,
-            loss_fn=loss_fn,
-            loss_fn_config=dict(loss_fn_config or {}),
-            group_size=group_size,
-            normalize_std=normalize_std,
-            adam=adam_params,
-            request_id=request_id(),
-        ),
+        training_pb2.StepRequest(**batch, adam=adam_params, request_id=request_id()),
     )
 
 
