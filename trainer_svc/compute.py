@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from headway.errors import FailedPrecondition, InvalidArgument
-from headway.modeling import entropy, token_logprobs
 from trainer_svc.datums import DatumArrays
+from trainer_svc.head import head_logprobs
 from trainer_svc.losses import Loss, TokenInputs
 from trainer_svc.state import ModelState
 
@@ -77,31 +77,31 @@ def _pack(datums: list[DatumArrays], index: list[int]) -> Chunk:
 @dataclass
 class ChunkForward:
     """Logprobs of a chunk: `lp` `[b, n]` for every real position (detached), and the
-    positions that carry gradient with their logprobs (`grad_lp`, in graph) and logits."""
+    positions that carry gradient with their logprobs (`grad_lp`, in graph) and entropies."""
 
     lp: torch.Tensor
     grad_lp: torch.Tensor  # [k] logprobs at the grad positions, with autograd graph
-    grad_logits: torch.Tensor  # [k, V] detached, for entropy
+    entropy: torch.Tensor | None  # [k] entropy at the grad positions (None without a graph)
 
 
 def chunk_forward(state: ModelState, chunk: Chunk, grad_mask: torch.Tensor) -> ChunkForward:
     """Forward a chunk; only `grad_mask` positions enter the autograd graph.
 
     The vocabulary projection and its log-softmax are the largest tensors of a step; at
+    the positions that carry gradient they are one fused operation (`head_logprobs`), at
     positions that carry no loss (prompts, padding) they are computed without a graph, or
     not at all, so their backward costs nothing.
     """
     hidden = state.module(chunk.ids, validate=False, return_hidden=True)
-    head = state.module.lm_head
-    logits = head(hidden[grad_mask])
-    grad_lp = token_logprobs(logits, chunk.targets[grad_mask])
+    weight = state.module.lm_head.weight
+    grad_lp, ent = head_logprobs(hidden[grad_mask], weight, chunk.targets[grad_mask])
     lp = torch.zeros(chunk.ids.shape)
     lp[grad_mask] = grad_lp.detach()
     rest = chunk.valid & ~grad_mask
     if bool(rest.any()):
         with torch.no_grad():
-            lp[rest] = token_logprobs(head(hidden[rest]), chunk.targets[rest])
-    return ChunkForward(lp, grad_lp, logits.detach())
+            lp[rest] = head_logprobs(hidden[rest], weight, chunk.targets[rest])[0]
+    return ChunkForward(lp, grad_lp, ent)
 
 
 class Stats:
@@ -114,7 +114,7 @@ class Stats:
     def add(self, key: str, value: torch.Tensor | float) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + float(value)
 
-    def observe(self, chunk: Chunk, lp: torch.Tensor, logits: torch.Tensor | None) -> None:
+    def observe(self, chunk: Chunk, lp: torch.Tensor, entropy: torch.Tensor | None) -> None:
         """Ratio, sampler↔trainer KL and entropy over the trained tokens of a chunk."""
         trained = (chunk.w != 0) & chunk.valid
         self.tokens += float(trained.sum())
@@ -124,8 +124,8 @@ class Stats:
             self.add("ratio", log_ratio.exp().sum())
             self.add("kl", (-log_ratio).sum())  # k1 estimate of KL(sampler ‖ trainer)
             self.add("kl3", (log_ratio.exp() - 1 - log_ratio).sum())  # k3, always ≥ 0
-        if logits is not None:  # the logits of exactly the trained positions
-            self.add("entropy", entropy(logits).sum())
+        if entropy is not None:  # the entropies of exactly the trained positions
+            self.add("entropy", entropy.sum())
 
     def metrics(self) -> dict[str, float]:
         n = max(self.tokens, 1.0)
@@ -187,7 +187,7 @@ def forward_backward(
         if value.requires_grad:
             value.backward()
         loss_sum += float(value.detach())
-        stats.observe(chunk, fwd.lp, fwd.grad_logits)
+        stats.observe(chunk, fwd.lp, fwd.entropy)
         if "clip/fraction" in extra:
             stats.add("clip", extra["clip/fraction"] * float(trained.sum()))
         lps.append(fwd.lp)
