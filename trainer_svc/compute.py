@@ -20,6 +20,7 @@ from headway.errors import FailedPrecondition, InvalidArgument
 from trainer_svc.datums import DatumArrays
 from trainer_svc.head import head_logprobs
 from trainer_svc.losses import Loss, TokenInputs
+from trainer_svc.precision import FP32, Precision
 from trainer_svc.state import ModelState
 
 
@@ -84,23 +85,26 @@ class ChunkForward:
     entropy: torch.Tensor | None  # [k] entropy at the grad positions (None without a graph)
 
 
-def chunk_forward(state: ModelState, chunk: Chunk, grad_mask: torch.Tensor) -> ChunkForward:
-    """Forward a chunk; only `grad_mask` positions enter the autograd graph.
+def chunk_forward(
+    state: ModelState, chunk: Chunk, grad_mask: torch.Tensor, precision: Precision = FP32
+) -> ChunkForward:
+    """Forward a chunk at `precision`; only `grad_mask` positions enter the autograd graph.
 
     The vocabulary projection and its log-softmax are the largest tensors of a step; at
     the positions that carry gradient they are one fused operation (`head_logprobs`), at
     positions that carry no loss (prompts, padding) they are computed without a graph, or
     not at all, so their backward costs nothing.
     """
-    hidden = state.module(chunk.ids, validate=False, return_hidden=True)
     weight = state.module.lm_head.weight
-    grad_lp, ent = head_logprobs(hidden[grad_mask], weight, chunk.targets[grad_mask])
-    lp = torch.zeros(chunk.ids.shape)
-    lp[grad_mask] = grad_lp.detach()
-    rest = chunk.valid & ~grad_mask
-    if bool(rest.any()):
-        with torch.no_grad():
-            lp[rest] = head_logprobs(hidden[rest], weight, chunk.targets[rest])[0]
+    with precision.autocast(weight.device.type):
+        hidden = state.module(chunk.ids, validate=False, return_hidden=True)
+        grad_lp, ent = head_logprobs(hidden[grad_mask], weight, chunk.targets[grad_mask])
+        lp = torch.zeros(chunk.ids.shape)
+        lp[grad_mask] = grad_lp.detach()
+        rest = chunk.valid & ~grad_mask
+        if bool(rest.any()):
+            with torch.no_grad():
+                lp[rest] = head_logprobs(hidden[rest], weight, chunk.targets[rest])[0]
     return ChunkForward(lp, grad_lp, ent)
 
 
@@ -158,6 +162,7 @@ def forward_backward(
     loss: Loss,
     cfg: dict[str, float],
     microbatch_tokens: int,
+    precision: Precision = FP32,
 ) -> tuple[list[np.ndarray], dict[str, float]]:
     """Accumulate the gradient of `loss` over the batch; (per-datum logprobs, metrics)."""
     chunks = make_chunks(datums, microbatch_tokens)
@@ -176,7 +181,7 @@ def forward_backward(
     stats, loss_sum, lps = Stats(), 0.0, []
     for chunk in chunks:
         trained = chunk.valid & (chunk.w != 0)
-        fwd = chunk_forward(state, chunk, trained)
+        fwd = chunk_forward(state, chunk, trained, precision)
         inputs = TokenInputs(
             lp=fwd.grad_lp,
             w=chunk.w[trained],
@@ -207,6 +212,7 @@ class KeptForward:
     datums: list[DatumArrays]
     chunks: list[Chunk]
     graphs: list[torch.Tensor] | None  # logprobs with autograd graph, or None: recompute
+    precision: Precision  # of the forward, which a recompute repeats
     logprobs: list[np.ndarray] = field(default_factory=list)  # per datum, as replied
     graph_bytes: int = 0  # activations the kept graphs hold (measured, see SavedBytes)
     batch: Any = None  # the assembled Batch: rewards and group metrics for the backward
@@ -262,7 +268,11 @@ class SavedBytes:
 
 
 def forward_custom(
-    state: ModelState, datums: list[DatumArrays], microbatch_tokens: int, keep_graph_tokens: int
+    state: ModelState,
+    datums: list[DatumArrays],
+    microbatch_tokens: int,
+    keep_graph_tokens: int,
+    precision: Precision = FP32,
 ) -> KeptForward:
     """Forward the batch; keep the graph when small enough, else plan a recompute."""
     chunks = make_chunks(datums, microbatch_tokens)
@@ -272,13 +282,14 @@ def forward_custom(
     for chunk in chunks:
         # The client may weigh any real position, so all of them carry gradient.
         with torch.set_grad_enabled(keep), saved.hooks():
-            fwd = chunk_forward(state, chunk, chunk.valid)
+            fwd = chunk_forward(state, chunk, chunk.valid, precision)
         graphs.append(fwd.grad_lp)
         lps.append(fwd.lp)
     return KeptForward(
         datums,
         chunks,
         graphs if keep else None,
+        precision,
         logprobs=_datum_logprobs(chunks, lps, len(datums)),
         graph_bytes=saved.nbytes if keep else 0,
     )
@@ -293,7 +304,7 @@ def backward_custom(
         if kept.graphs is not None:
             grad_lp = kept.graphs[k]
         else:  # same inputs, same numbers
-            grad_lp = chunk_forward(state, chunk, chunk.valid).grad_lp
+            grad_lp = chunk_forward(state, chunk, chunk.valid, kept.precision).grad_lp
         w = torch.zeros_like(chunk.w)
         for row, i in enumerate(chunk.index):
             w[row, : len(weights[i])] = torch.from_numpy(weights[i])

@@ -51,6 +51,36 @@ def _block_rows(vocab: int) -> int:
     return max(1, BLOCK_BYTES // (4 * vocab))
 
 
+def _forward(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logprobs, entropies, softmax `[k, V]` fp32) of `hidden @ weight.T`."""
+    logits = hidden @ weight.t()  # [k, V], the compute dtype
+    probs = logits if logits.dtype == torch.float32 else logits.float()
+    del logits
+    k, vocab = probs.shape
+    picked = probs.gather(1, targets[:, None])[:, 0]
+    lse = torch.empty(k, device=probs.device)
+    ent = torch.empty(k, device=probs.device)
+    rows = _block_rows(vocab)
+    for r in range(0, k, rows):
+        z = probs[r : r + rows]
+        # logsumexp's own arithmetic (max, exp(z − max), sum, log + max), so the
+        # logprobs equal token_logprobs' bit for bit.
+        m = z.amax(-1, keepdim=True)
+        m.masked_fill_(m.abs() == math.inf, 0)
+        d = z - m
+        torch.exp(d, out=z)
+        s = z.sum(-1, keepdim=True)
+        # H = −Σ p·log p with p = e/s and log p = d − log s: log s − Σ e·d / s.
+        dot = torch.linalg.vecdot(z, d)
+        log_s = s.log()
+        lse[r : r + rows] = (log_s + m)[:, 0]
+        ent[r : r + rows] = log_s[:, 0] - dot / s[:, 0]
+        z.div_(s)
+    return picked - lse, ent, probs
+
+
 class HeadLogprobs(torch.autograd.Function):
     """(logprob of each target, entropy of each row) of `hidden @ weight.T`, fp32.
 
@@ -63,36 +93,16 @@ class HeadLogprobs(torch.autograd.Function):
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.dtypes = (hidden.dtype, weight.dtype)  # of the inputs as given, for the grads
-        if torch.is_autocast_enabled("cpu"):  # the matmuls in the autocast dtype
-            compute = torch.get_autocast_dtype("cpu")
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device):  # the matmuls in the autocast dtype
+            compute = torch.get_autocast_dtype(device)
             hidden, weight = hidden.to(compute), weight.to(compute)
-        logits = hidden @ weight.t()  # [k, V], the compute dtype
-        probs = logits if logits.dtype == torch.float32 else logits.float()
-        del logits
-        k, vocab = probs.shape
-        picked = probs.gather(1, targets[:, None])[:, 0]
-        lse = torch.empty(k)
-        ent = torch.empty(k)
-        rows = _block_rows(vocab)
-        for r in range(0, k, rows):
-            z = probs[r : r + rows]
-            # logsumexp's own arithmetic (max, exp(z − max), sum, log + max), so the
-            # logprobs equal token_logprobs' bit for bit.
-            m = z.amax(-1, keepdim=True)
-            m.masked_fill_(m.abs() == math.inf, 0)
-            d = z - m
-            torch.exp(d, out=z)
-            s = z.sum(-1, keepdim=True)
-            # H = −Σ p·log p with p = e/s and log p = d − log s: log s − Σ e·d / s.
-            dot = torch.linalg.vecdot(z, d)
-            log_s = s.log()
-            lse[r : r + rows] = (log_s + m)[:, 0]
-            ent[r : r + rows] = log_s[:, 0] - dot / s[:, 0]
-            z.div_(s)
+        with torch.autocast(device, enabled=False):  # the softmax in fp32, whatever the mode
+            lp, ent, probs = _forward(hidden, weight, targets)
         ctx.save_for_backward(hidden, weight, targets, probs)
         ctx.mark_non_differentiable(ent)
         ctx.used = False
-        return picked - lse, ent
+        return lp, ent
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -105,7 +115,7 @@ class HeadLogprobs(torch.autograd.Function):
         # d lp_i / d z_ij = [j = t_i] − p_ij: the softmax buffer becomes the gradient.
         grad = probs.mul_(-grad_lp[:, None])
         k, vocab = grad.shape
-        flat = torch.arange(k) * vocab + targets
+        flat = torch.arange(k, device=grad.device) * vocab + targets
         grad.view(-1).index_add_(0, flat, grad_lp)
         grad = grad.to(hidden.dtype)  # the compute dtype (no copy in fp32)
         hidden_dtype, weight_dtype = ctx.dtypes

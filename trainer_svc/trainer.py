@@ -30,7 +30,7 @@ import torch
 from headway.errors import FailedPrecondition, InvalidArgument, NotFound
 from headway.server.auth import Caller
 from headway.store import CheckpointRecord, CheckpointStore, ModelRecord, check_slug
-from trainer_svc import batches, compute, losses
+from trainer_svc import batches, compute, losses, precision
 from trainer_svc.adapters import LoraRequest
 from trainer_svc.bases import base_directory, validate_base
 from trainer_svc.calls import (
@@ -74,7 +74,9 @@ class Trainer:
         self.config = config
         self.store = CheckpointStore(config.store)
         self.redis = redis
-        self.dtype = getattr(torch, config.dtype)
+        # Weights and optimizer state are fp32; `precision` is the compute (--dtype).
+        self.dtype = torch.float32
+        self.precision = precision.choose(config.dtype)
         self.pool = FrozenPool(self.store, self.dtype)
         self._locks: dict[str, asyncio.Lock] = {}
         self._states = LoadedStates(
@@ -226,6 +228,7 @@ class Trainer:
                 loss,
                 cfg,
                 self.config.microbatch_tokens,
+                self.precision,
             )
             metrics.update(_batch_metrics(batch))
             state.acc.add(loss.name, len(batch.datums), batch.rewards, metrics)
@@ -249,6 +252,7 @@ class Trainer:
                     batch.datums,
                     self.config.microbatch_tokens,
                     self.config.keep_graph_tokens,
+                    self.precision,
                 )
                 kept.batch = batch
                 self._forward_limits.admit(
