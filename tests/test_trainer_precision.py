@@ -11,6 +11,7 @@ from headway.tensors import to_tensor
 from headway.v1 import training_pb2
 from tests.helpers_training import adam, batch, checkpoint_tensors
 from tests.stack import TrainerStack
+from trainer_svc.compute import ComputeMode
 from trainer_svc.precision import BF16, FP32, canonical, decide
 
 
@@ -40,7 +41,7 @@ def _grads(stack: TrainerStack, slug: str) -> dict[str, torch.Tensor]:
 def bf16_stack(tmp_path, tiny_base):
     # Forced to bf16 compute whatever this CPU measures, so the bf16 path is what is tested.
     stack = TrainerStack(tmp_path / "store", dtype="bf16")
-    stack.trainer.precision = BF16
+    stack.trainer.mode = ComputeMode(BF16, stack.trainer.mode.kernels)
     stack.add_base(tiny_base, "tiny")
     yield stack
     stack.stop()
@@ -52,7 +53,7 @@ def test_bf16_training_stays_near_fp32_and_keeps_fp32_state(bf16_stack, full):
     stack.fork("m", full=full)
     replies, grads = {}, {}
     for precision in (FP32, BF16):  # the same weights, the same batch
-        stack.trainer.precision = precision
+        stack.trainer.mode = ComputeMode(precision, stack.trainer.mode.kernels)
         replies[precision.name] = stack.train.ForwardBackward(
             training_pb2.ForwardBackwardRequest(model="m", data=data, loss_fn="importance_sampling")
         )

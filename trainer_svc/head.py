@@ -25,37 +25,56 @@ from typing import Any
 import torch
 
 from headway.modeling import token_logprobs
+from trainer_svc.kernels import Kernels
 
 
-def _l2_bytes() -> int:
-    """This CPU's L2 cache per core (Linux sysfs), 1 MiB where it cannot be read."""
+def _cache_bytes(level: int, default: int) -> int:
+    """This CPU's cache of `level` (Linux sysfs), `default` where it cannot be read."""
     try:
         for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-            if (index / "level").read_text().strip() == "2":
+            if (index / "level").read_text().strip() == str(level):
                 size = (index / "size").read_text().strip().upper()
                 scale = {"K": 2**10, "M": 2**20}.get(size[-1], 1)
                 return int(size.rstrip("KM")) * scale
     except (OSError, ValueError):
         pass
-    return 2**20
+    return default
 
 
-# Bytes of logits per row block: half the L2, so a block and its temporary stay in cache
-# across the max, exp, sum and dot that sweep it. Not a sensitive choice: on an AMD EPYC
-# (1 MiB L2) blocks of 128 KiB to 8 MiB and the whole tensor at once all measured within
-# 10% of each other, against ~50% for the unfused ops this replaces.
-BLOCK_BYTES = _l2_bytes() // 2
+# Bytes of logits per row block: a quarter of the last-level cache, so a block and its
+# temporary stay in cache across the max, exp, sum and dot that sweep it, in blocks few
+# enough that each op stays large. Measured on an AMD EPYC (32 MiB L3, 2 threads, loaded
+# machine): 128-512 KiB blocks 2.6-3.4 s per head fwd+bwd (each small op a parallel
+# region that waits for a descheduled thread), 4-16 MiB 1.4-1.7 s, the whole tensor at
+# once 1.6 s; one thread, anything from 128 KiB to all within 10%.
+BLOCK_BYTES = _cache_bytes(3, 32 * 2**20) // 4
 
 
 def _block_rows(vocab: int) -> int:
     return max(1, BLOCK_BYTES // (4 * vocab))
 
 
+def _matmul(
+    kernels: Kernels | None, role: str, a: torch.Tensor, bt: torch.Tensor, shape: Any
+) -> torch.Tensor:
+    """a @ btᵀ: by the measured kernels in fp32 on CPU, else torch's own (bf16, GPUs)."""
+    device = a.device.type
+    if (
+        kernels is not None
+        and a.dtype == torch.float32
+        and device == "cpu"
+        and not torch.is_autocast_enabled(device)
+    ):
+        return kernels.mm(role, a, bt, shape)
+    return a @ bt.t()
+
+
 def _forward(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, kernels: Kernels | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logprobs, entropies, softmax `[k, V]` fp32) of `hidden @ weight.T`."""
-    logits = hidden @ weight.t()  # [k, V], the compute dtype
+    shape = (hidden.shape[0], hidden.shape[1], weight.shape[0])
+    logits = _matmul(kernels, "forward", hidden, weight, shape)  # [k, V], the compute dtype
     probs = logits if logits.dtype == torch.float32 else logits.float()
     del logits
     k, vocab = probs.shape
@@ -90,7 +109,11 @@ class HeadLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        kernels: Kernels | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.dtypes = (hidden.dtype, weight.dtype)  # of the inputs as given, for the grads
         device = hidden.device.type
@@ -98,8 +121,9 @@ class HeadLogprobs(torch.autograd.Function):
             compute = torch.get_autocast_dtype(device)
             hidden, weight = hidden.to(compute), weight.to(compute)
         with torch.autocast(device, enabled=False):  # the softmax in fp32, whatever the mode
-            lp, ent, probs = _forward(hidden, weight, targets)
+            lp, ent, probs = _forward(hidden, weight, targets, kernels)
         ctx.save_for_backward(hidden, weight, targets, probs)
+        ctx.kernels = kernels
         ctx.mark_non_differentiable(ent)
         ctx.used = False
         return lp, ent
@@ -107,7 +131,7 @@ class HeadLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad_lp: torch.Tensor, grad_ent: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         if ctx.used:
             raise RuntimeError("HeadLogprobs's graph supports one backward pass")
         ctx.used = True
@@ -120,18 +144,28 @@ class HeadLogprobs(torch.autograd.Function):
         grad = grad.to(hidden.dtype)  # the compute dtype (no copy in fp32)
         hidden_dtype, weight_dtype = ctx.dtypes
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = (grad @ weight).to(hidden_dtype) if need_hidden else None
-        grad_weight = (grad.t() @ hidden).to(weight_dtype) if need_weight else None
-        return grad_hidden, grad_weight, None
+        shape = (k, hidden.shape[1], vocab)
+        grad_hidden = grad_weight = None
+        if need_hidden:
+            grad_hidden = _matmul(ctx.kernels, "grad_input", grad, weight.t(), shape)
+            grad_hidden = grad_hidden.to(hidden_dtype)
+        if need_weight:
+            grad_weight = _matmul(ctx.kernels, "grad_weight", grad.t(), hidden.t(), shape)
+            grad_weight = grad_weight.to(weight_dtype)
+        return grad_hidden, grad_weight, None, None
 
 
 def head_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    kernels: Kernels | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logprobs `[k]` of `targets` under `hidden` `[k, H]` @ `weight.T`, and the entropy
     `[k]` of each row — or None for the entropy when no graph is built (the logprobs alone
     are then computed, without the softmax)."""
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        lp, ent = HeadLogprobs.apply(hidden, weight, targets)
+        lp, ent = HeadLogprobs.apply(hidden, weight, targets, kernels)
         return lp, ent
-    return token_logprobs(hidden @ weight.t(), targets), None
+    shape = (hidden.shape[0], hidden.shape[1], weight.shape[0])
+    return token_logprobs(_matmul(kernels, "forward", hidden, weight, shape), targets), None

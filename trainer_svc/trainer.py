@@ -53,6 +53,7 @@ from trainer_svc.forwards import (
     check_weight_sizes,
     decode_weights,
 )
+from trainer_svc.kernels import Kernels
 from trainer_svc.loaded import LoadedStates
 from trainer_svc.pool import FrozenPool
 from trainer_svc.publisher import HeadPublisher
@@ -74,9 +75,10 @@ class Trainer:
         self.config = config
         self.store = CheckpointStore(config.store)
         self.redis = redis
-        # Weights and optimizer state are fp32; `precision` is the compute (--dtype).
+        # Weights and optimizer state are fp32; `mode` is how they are computed with
+        # (--dtype, and the matmul kernels measured on this machine).
         self.dtype = torch.float32
-        self.precision = precision.choose(config.dtype)
+        self.mode = compute.ComputeMode(precision.choose(config.dtype), Kernels())
         self.pool = FrozenPool(self.store, self.dtype)
         self._locks: dict[str, asyncio.Lock] = {}
         self._states = LoadedStates(
@@ -228,7 +230,7 @@ class Trainer:
                 loss,
                 cfg,
                 self.config.microbatch_tokens,
-                self.precision,
+                self.mode,
             )
             metrics.update(_batch_metrics(batch))
             state.acc.add(loss.name, len(batch.datums), batch.rewards, metrics)
@@ -252,7 +254,7 @@ class Trainer:
                     batch.datums,
                     self.config.microbatch_tokens,
                     self.config.keep_graph_tokens,
-                    self.precision,
+                    self.mode,
                 )
                 kept.batch = batch
                 self._forward_limits.admit(
