@@ -60,3 +60,20 @@ def test_a_second_backward_through_the_fused_head_is_refused():
     (lp * g).sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass"):
         (lp * g).sum().backward()
+
+
+@pytest.mark.parametrize(
+    "zero_rows",
+    [[0, 1, 2, 10, 11, 20], list(range(0, 37, 2)), list(range(37)), [36]],
+    ids=["prompt-runs", "every-other", "all", "last"],
+)
+def test_rows_without_gradient_are_skipped_with_the_same_gradients(zero_rows):
+    h, w, targets, g = _inputs(seed=3)
+    g[zero_rows] = 0  # prompt positions of a custom loss, datums of a no-signal group
+    ref_lp, _, ref_gh, ref_gw = _reference(h, w, targets, g)
+    hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    lp, _ = head_logprobs(hh, ww, targets)
+    (lp * g).sum().backward()
+    assert torch.equal(lp.detach(), ref_lp)
+    torch.testing.assert_close(hh.grad, ref_gh, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ww.grad, ref_gw, atol=1e-6, rtol=1e-5)
