@@ -8,11 +8,14 @@ bf16 once per forward and the residual stream, the norms, the log-softmax and th
 stay fp32. Measured on the bench batch (qwen3-40m, 8×128, AMD EPYC with AVX-512 BF16, one
 thread): 3.1 s → 1.25-1.5 s per ForwardBackward, logprobs within 3.5e-3 (mean) of fp32.
 A pure bf16 copy of the model (bf16 residual stream, weights synced after every step) was
-only ~8% faster than autocast and 1.3× further from fp32, so autocast it is.
+only ~8% faster than autocast and 1.3× further from fp32, so autocast it is. (The fp32
+figure above is with MKL's matmuls; with oneDNN's, which `kernels` picks on that CPU,
+fp32 takes ~1.8 s and bf16 is ~1.4-1.7× faster.)
 
 bf16 pays only where the hardware multiplies bf16 faster than fp32 (AMX, AVX-512 BF16, any
 recent GPU); elsewhere it is emulated and slower. So `choose` measures both on this
-machine when the trainer starts, logs the figures, and computes in bf16 only when it wins.
+machine when the trainer starts (fp32 by its fastest kernel), logs the figures, and
+computes in bf16 only when it wins.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from trainer_svc.kernels import KERNELS
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +77,21 @@ FP32 = Precision()
 BF16 = Precision(torch.bfloat16, "bf16 (forced)")
 
 
-def matmul_seconds(dtype: torch.dtype, device: str = "cpu", repeats: int = 5) -> list[float]:
-    """Wall times of the probe matmul in `dtype` (after one warm-up run)."""
+def matmul_seconds(
+    dtype: torch.dtype, device: str = "cpu", kernel: str = "torch", repeats: int = 3
+) -> list[float]:
+    """Wall times of the probe matmul in `dtype` by `kernel` (after one warm-up run)."""
     m, k, n = _PROBE
     a = torch.randn(m, k, device=device).to(dtype)
-    b = torch.randn(k, n, device=device).to(dtype)
-    a @ b
+    bt = torch.randn(n, k, device=device).to(dtype)
+    mm = KERNELS[kernel]
+    mm(a, bt)
     times = []
     for _ in range(repeats):
         if device != "cpu":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        a @ b
+        mm(a, bt)
         if device != "cpu":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -99,12 +107,17 @@ def choose(name: str, device: str = "cpu") -> Precision:
     """The precision for `--dtype name` on `device`: bf16 only where measured faster."""
     if canonical(name) == "fp32":
         return FP32
-    # Interleaved rounds, medians: the machine may be shared.
-    fp32, bf16 = [], []
+    # Interleaved rounds, medians: the machine may be shared. fp32 by its fastest kernel
+    # here (see trainer_svc/kernels.py), bf16 by torch's (oneDNN on x86 CPUs).
+    fp32_kernels = list(KERNELS) if device == "cpu" else ["torch"]
+    fp32: dict[str, list[float]] = {name: [] for name in fp32_kernels}
+    bf16: list[float] = []
     for _ in range(3):
-        fp32 += matmul_seconds(torch.float32, device)
+        for name in fp32_kernels:
+            fp32[name] += matmul_seconds(torch.float32, device, name)
         bf16 += matmul_seconds(torch.bfloat16, device)
-    t32, t16 = statistics.median(fp32), statistics.median(bf16)
+    t32 = min(statistics.median(times) for times in fp32.values())
+    t16 = statistics.median(bf16)
     flop = 2 * _PROBE[0] * _PROBE[1] * _PROBE[2]
     figures = (
         f"{'×'.join(map(str, _PROBE))} matmul on {device}, {torch.get_num_threads()} threads: "
