@@ -53,6 +53,18 @@ if _ONEDNN is not None:
     KERNELS["onednn"] = _onednn
 
 
+# Tokens a measurement runs on at most: enough rows for a matmul's steady speed.
+PROBE_TOKENS = 512
+
+
+def _probe(role: str, a: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`a`, `bt` cut to PROBE_TOKENS tokens: rows of `a`, except for the weight gradient
+    (`gᵀ @ x`), whose tokens are the inner dimension of both."""
+    if role == "grad_weight":
+        return a[:, :PROBE_TOKENS], bt[:, :PROBE_TOKENS]
+    return a[:PROBE_TOKENS], bt
+
+
 def _bucket(m: int) -> int:
     """Rows are bucketed by powers of two: a choice holds for a range of chunk sizes."""
     return 1 << max(0, math.ceil(math.log2(max(m, 1))))
@@ -87,14 +99,15 @@ class Kernels:
         return self.mm("forward", x, weight, (x.shape[0], x.shape[1], weight.shape[0]))
 
     def _measure(self, key: tuple[str, int, int, int], a: torch.Tensor, bt: torch.Tensor) -> Any:
-        """Run every candidate on these very inputs (two rounds, interleaved: the machine
-        may be shared), keep the fastest, and return its result."""
+        """Time every candidate on these inputs — cut to at most PROBE_TOKENS tokens, so a
+        long chunk does not pay its full matmul several times — in two interleaved rounds
+        (the machine may be shared), keep the fastest, and return its full result."""
+        pa, pbt = _probe(key[0], a, bt)
         best: dict[str, float] = {}
-        out: dict[str, torch.Tensor] = {}
         for _ in range(2):
             for name in self.candidates:
                 start = time.perf_counter()
-                out[name] = KERNELS[name](a, bt)
+                KERNELS[name](pa, pbt)
                 best[name] = min(best.get(name, math.inf), time.perf_counter() - start)
         name = min(best, key=best.__getitem__)
         with self._lock:
@@ -102,15 +115,16 @@ class Kernels:
             self.times[key] = best
         role, m, k, n = key
         log.info(
-            "matmul %s of a linear %d→%d on ≤%d tokens: %s (%s)",
+            "matmul %s of a linear %d→%d on ≤%d tokens: %s (%s, on %d tokens)",
             role,
             k,
             n,
             m,
             name,
             ", ".join(f"{c} {t * 1e3:.2f} ms" for c, t in best.items()),
+            min(m, PROBE_TOKENS),
         )
-        return out[self.chosen[key]]
+        return KERNELS[self.chosen[key]](a, bt)
 
     def active(self) -> Any:
         """The context a training forward runs in (see the module's docstring)."""
