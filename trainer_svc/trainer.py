@@ -6,11 +6,13 @@ for one model are serialized by a lock, and a call re-resolves its model inside 
 (a model deleted and re-created meanwhile is another model); different models proceed
 independently, their batch decoding and torch work in threads, never on the event loop.
 A training call with a request id seen before returns its first result (`ReplyCache`);
-an OptimStep saves, promotes and then publishes (`HeadPublisher`), and returns only when
-the new head is durable. Each training call arrives as one object (`trainer_svc.calls`),
-built by the servicer from its request. Every request is bounded before work proportional
-to its size starts (`batches`, `forwards`, `adapters`, the metric and request-id checks
-below).
+an OptimStep saves, promotes and then publishes (`HeadPublisher`), and returns once the
+new head survives a crash of this process (files written and renamed, HEAD moved); the
+fsyncs that make it survive a power loss follow in the background unless
+`TrainerConfig.sync_saves` (see headway/store/durable.py). Each training call arrives as
+one object (`trainer_svc.calls`), built by the servicer from its request. Every request
+is bounded before work proportional to its size starts (`batches`, `forwards`,
+`adapters`, the metric and request-id checks below).
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ class Trainer:
 
     def __init__(self, config: TrainerConfig, redis: Any | None = None) -> None:
         self.config = config
-        self.store = CheckpointStore(config.store)
+        self.store = CheckpointStore(
+            config.store, sync=config.sync_saves, max_pending=config.max_pending_syncs
+        )
         self.redis = redis
         self.dtype = getattr(torch, config.dtype)
         self.pool = FrozenPool(self.store, self.dtype)
@@ -316,7 +320,8 @@ class Trainer:
         return await self._once(record, call, "backward_custom", run)
 
     async def optim_step(self, call: OptimStepCall) -> OptimResult:
-        """AdamW → save → promote HEAD → publish; returns once the head is durable."""
+        """AdamW → save → promote HEAD → publish; returns once the head survives a crash
+        of this process (and a power loss, with `sync_saves`)."""
         record = self.trainable(call.model, call.team)
         call.adam.check()
 
@@ -378,7 +383,7 @@ class Trainer:
         )
         record.stats["metrics"]["grad/norm"] = norm
         self.store.write_checkpoint(record, checkpoint_writer(state))
-        self.store.set_head(record.model, record.id)
+        self.store.set_head(record.model, record.id, wait=False)  # fsynced after the files
 
     def _optim_result(self, slug: str, record: CheckpointRecord) -> OptimResult:
         return OptimResult(
@@ -463,7 +468,8 @@ class Trainer:
             await self.heads.publish(slug, record)
 
     async def close(self) -> None:
-        """Stop background publishing and close the Redis client."""
+        """Finish the background fsyncs, stop background publishing, close Redis."""
+        await asyncio.to_thread(self.store.flush)
         await self.heads.close()
 
     @property
