@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from headway.store import CheckpointRecord, CheckpointStore, ModelRecord, atomic
 from headway.store.durable import Syncer
-from headway.store.tensorfile import write_safetensors
+from headway.store.tensorfile import read_safetensors, write_safetensors
 
 
 def _model(store: CheckpointStore, slug: str = "m") -> None:
@@ -150,3 +150,21 @@ def test_write_safetensors_reads_back_as_safetensors_wrote_it(tmp_path, dtype):
     raw = (tmp_path / "t.safetensors").read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     assert header["a"]["shape"] == [3, 5]
+
+
+def test_read_safetensors_equals_load_file_whatever_the_alignment(tmp_path):
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(1)
+    tensors = {
+        "a_bf16_odd": torch.randn(3, generator=gen).to(torch.bfloat16),  # 6 bytes
+        "b_f32": torch.randn(2, 5, generator=gen),  # starts at byte 6 in safetensors' layout
+        "c_empty": torch.zeros(0, 4),
+        "d_i64": torch.arange(5),
+    }
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    ours = read_safetensors(tmp_path / "x.safetensors")
+    theirs = load_file(str(tmp_path / "x.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k

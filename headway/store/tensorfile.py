@@ -1,4 +1,5 @@
-"""Writing safetensors files straight from tensor memory: no serialized copy, no concatenation.
+"""Safetensors files straight from and into tensor memory: no serialized copy, no
+concatenation, no thread team per tensor.
 
 `safetensors.torch.save_file` builds the whole file in memory before writing it, and the
 optimizer state used to be concatenated (`torch.cat`) first: two extra copies of every
@@ -8,6 +9,8 @@ computed from shapes, and each tensor's bytes go from its own storage to the ker
 every parameter, one after the other), written back to back as one safetensors tensor.
 The file is the format `safetensors.safe_open` / `load_file` read (header: 8-byte length,
 JSON padded with spaces to 8 bytes; data offsets relative to the end of the header).
+`read_safetensors` reads a small file (an adapter) in one read into one buffer and returns
+tensors viewing it: 10 MB in ~1 ms where `load_file` copies each tensor with torch.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ _DTYPES = {
     torch.bool: "BOOL",
 }
 _CHUNK = 1 << 30  # Linux writes at most ~2 GiB per call
+_BY_NAME = {name: dtype for dtype, name in _DTYPES.items()}
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
@@ -91,3 +95,33 @@ def write_safetensors(
 def _write_all(fd: int, view: memoryview) -> None:
     while view.nbytes:
         view = view[os.write(fd, view) :]
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, as views of one buffer read in one call."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        buf = bytearray(size)
+        view, got = memoryview(buf), 0
+        while got < size:
+            n = f.readinto(view[got:])
+            if not n:
+                raise ValueError(f"{path}: file ended at byte {got} of {size}")
+            got += n
+    header_len = struct.unpack("<Q", buf[:8])[0]
+    header = json.loads(bytes(buf[8 : 8 + header_len]))
+    data = torch.frombuffer(buf, dtype=torch.uint8) if size > 8 + header_len else None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = _BY_NAME[info["dtype"]]
+        if end == start or data is None:
+            out[name] = torch.empty(info["shape"], dtype=dtype)
+            continue
+        raw = data[8 + header_len + start : 8 + header_len + end]
+        if (8 + header_len + start) % raw.new_empty(0, dtype=dtype).element_size():
+            raw = raw.clone()  # not aligned for its dtype (a writer that packs tightly)
+        out[name] = raw.view(dtype).reshape(info["shape"])
+    return out
