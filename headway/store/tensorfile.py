@@ -101,23 +101,22 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, as views of one buffer read in one call."""
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        buf = bytearray(size)
-        view, got = memoryview(buf), 0
+        data = torch.empty(size, dtype=torch.uint8)  # not zero-filled: read over at once
+        view, got = memoryview(data.numpy()).cast("B"), 0
         while got < size:
             n = f.readinto(view[got:])
             if not n:
                 raise ValueError(f"{path}: file ended at byte {got} of {size}")
             got += n
-    header_len = struct.unpack("<Q", buf[:8])[0]
-    header = json.loads(bytes(buf[8 : 8 + header_len]))
-    data = torch.frombuffer(buf, dtype=torch.uint8) if size > 8 + header_len else None
+    header_len = struct.unpack("<Q", view[:8])[0]
+    header = json.loads(bytes(view[8 : 8 + header_len]))
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         start, end = info["data_offsets"]
         dtype = _BY_NAME[info["dtype"]]
-        if end == start or data is None:
+        if end == start:
             out[name] = torch.empty(info["shape"], dtype=dtype)
             continue
         raw = data[8 + header_len + start : 8 + header_len + end]
