@@ -25,6 +25,7 @@ from pathlib import Path
 from headway.store import atomic
 
 log = logging.getLogger(__name__)
+_IDLE_SECONDS = 5.0
 
 
 class Syncer:
@@ -74,7 +75,10 @@ class Syncer:
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: bool(self._jobs))
+                # Idle for a while: the thread ends (the next submit starts another).
+                if not self._cond.wait_for(lambda: bool(self._jobs), _IDLE_SECONDS):
+                    self._thread = None
+                    return
                 key, paths = self._jobs.popleft()
                 self._running = key
             try:
