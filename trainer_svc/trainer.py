@@ -191,7 +191,8 @@ class Trainer:
         model = self.trainable(slug, team)
         async with self._lock(slug):
             self._still(model, team)
-            record = self.store.set_head(slug, ckpt_id)
+            # In a thread: it may wait for the checkpoint's background fsync.
+            record = await asyncio.to_thread(self.store.set_head, slug, ckpt_id)
             self._states.drop(slug)  # reload weights *and* optimizer state from the new head
         await self.heads.publish(slug, record)
         return record
@@ -463,7 +464,7 @@ class Trainer:
         move HEAD back.
         """
         if self.store.head(slug) == record.parent_id:
-            self.store.set_head(slug, record.id)
+            await asyncio.to_thread(self.store.set_head, slug, record.id)
             self._states.drop(slug)  # reload from the promoted head
             await self.heads.publish(slug, record)
 

@@ -43,9 +43,9 @@ class Syncer:
         """fsync `paths` (files and directories, in this order) after the jobs before it.
         Waits while `max_pending` jobs are queued; raises a previous job's failure."""
         with self._cond:
-            self._raise_error()
+            self.raise_error()
             self._cond.wait_for(lambda: len(self._jobs) < self.max_pending)
-            self._raise_error()
+            self.raise_error()
             self._jobs.append((key, paths))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="store-fsync", daemon=True)
@@ -66,9 +66,10 @@ class Syncer:
                 self._cond.wait_for(
                     lambda: self._running != key and all(k != key for k, _ in self._jobs)
                 )
-            self._raise_error()
+            self.raise_error()
 
-    def _raise_error(self) -> None:
+    def raise_error(self) -> None:
+        """Raise the failure of an earlier fsync, if one failed."""
         if self._error is not None:
             raise OSError(f"a background fsync of the checkpoint store failed: {self._error}")
 

@@ -84,7 +84,7 @@ class CheckpointStore:
         self.models_dir = self.root / "models"
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.sync = sync
-        self.syncer = Syncer(max_pending)
+        self.syncer = Syncer(2 * max_pending)  # a checkpoint's job, then its HEAD's
         if recover:
             self.remove_leftovers()
             self.check_checkpoints()
@@ -303,6 +303,7 @@ class CheckpointStore:
         Does not move HEAD (see `set_head`).
         """
         self.get_model(record.model)
+        self.syncer.raise_error()  # a disk that failed an fsync takes no more checkpoints
         final = self.checkpoint_dir(record.model, record.id)
         tmp = final.with_name(f"{atomic.TMP_PREFIX}{record.id}-{secrets.token_hex(4)}")
         tmp.mkdir(parents=True)
