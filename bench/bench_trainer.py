@@ -204,12 +204,17 @@ def page_cache_write_seconds(directory: Path, nbytes: int, repeats: int = 3) -> 
     into a new file of `directory`, without fsync: the least an OptimStep must spend
     before it replies, since its checkpoint must survive a kill -9 of the trainer."""
     data = torch.ones(nbytes // 4)
-    times = []
+    times, files = [], []
     for i in range(repeats):
-        file = directory / f"write-floor-{i}"
+        # Kept until the end, as checkpoints are: each write takes fresh page-cache pages
+        # (rewriting one file reuses freed pages, several times faster on a VM whose
+        # host backs guest memory on first touch).
+        files.append(directory / f"write-floor-{i}")
         start = time.perf_counter()
-        write_safetensors(file, {"x": data})
+        write_safetensors(files[-1], {"x": data})
         times.append(time.perf_counter() - start)
+        time.sleep(0.5)
+    for file in files:
         file.unlink()
     return med(times)
 

@@ -373,6 +373,7 @@ class Trainer:
         return self._optim_result(slug, record)
 
     def _apply_and_save(self, state: ModelState, adam: AdamArgs, record: CheckpointRecord) -> None:
+        started = time.perf_counter()
         norm = compute.optim_step(
             state,
             adam.learning_rate,
@@ -383,8 +384,18 @@ class Trainer:
             adam.grad_clip_norm,
         )
         record.stats["metrics"]["grad/norm"] = norm
+        stepped = time.perf_counter()
         self.store.write_checkpoint(record, checkpoint_writer(state))
+        written = time.perf_counter()
         self.store.set_head(record.model, record.id, wait=False)  # fsynced after the files
+        log.debug(
+            "optim_step %s/%s: AdamW %.1f ms, checkpoint written %.1f ms, HEAD %.1f ms",
+            record.model,
+            record.id,
+            1e3 * (stepped - started),
+            1e3 * (written - stepped),
+            1e3 * (time.perf_counter() - written),
+        )
 
     def _optim_result(self, slug: str, record: CheckpointRecord) -> OptimResult:
         return OptimResult(
