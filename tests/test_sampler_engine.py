@@ -1,5 +1,6 @@
 """The sampler's engine on its own (no services): the few-rows matmul layout of decode
-steps against the model's own path, adapter slots reloaded in place, and the draw."""
+steps against the model's own path in every kernel layout and in bf16, fused weights kept
+current by reloads, adapter slots reloaded in place, and the draw (top-k/top-p as a full sort)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from headway.modeling import LoraConfig, ModelConfig, Transformer
+from sampler_svc import sampling
 from sampler_svc.engine import Engine, GenerationJob
 from sampler_svc.kernels import LAYOUTS, KernelChoice, pick, rows_linear
 from sampler_svc.multilora import AdapterBank
 from sampler_svc.requests import row_generator
-from sampler_svc import sampling
 from sampler_svc.sampling import DrawParams, draw
 from tests.stack import TINY_DIMS
 
