@@ -20,9 +20,20 @@ of their own.
   same 63 tokens per row. (c) is compared end to end with generate at batch 8 and with 8
   users served one after another by generate at batch 1.
 - Machine limit: a decode step must read every weight once (at batch 1 it is a chain of
-  matrix-vector products), so weight bytes / memory bandwidth bounds its time. Measured:
-  a read and a copy of the model's bytes, and the step's matmuls alone at batch 1 and 8,
-  as F.linear and in the layout torch's CPU GEMM runs fastest here.
+  matrix-vector products), so weight bytes / memory bandwidth bounds its time; and it must
+  do its matmuls. Measured: a read and a copy of the model's bytes, and the step's matmuls
+  alone at batch 1 and 8 in every layout the engine chooses among (`sampler_svc.kernels`),
+  per weight shape, unfused and with q/k/v and gate/up fused. The bound of each batch is
+  transformers' step time over the larger of (weight bytes / read bandwidth) and (the
+  step's matmuls at the fastest layout per shape): the highest fp32 ratio this machine
+  allows. The engine's own choice per shape and bucket is printed with the alternatives'
+  times it measured.
+- bf16: a second replica, `python -m sampler_svc --dtype bf16` in a child process, with an
+  empty kernel cache: its start-up (spawn → first Sample served, layouts measured) is
+  `startup_s`; its decode at batch 8 against transformers generate in bf16; and its
+  sampled logprobs against the fp32 forward of the same checkpoint (the fp32 replica's
+  ComputeLogprobs, which equals the trainer's to 1e-4): mean / max |Δ logprob| and the k3
+  estimate of KL(sampler ‖ trainer). Skipped (`n/a`) on a CPU without bf16 units.
 - Reload latency, full fork and LoRA fork (rank 32), ≥20 reloads each after warmup
   reloads: ForwardBackward + OptimStep on the trainer; the bench subscribes to the head
   channel and timestamps the publish message; it then waits until the replica lists the
@@ -38,8 +49,9 @@ OpenMP teams slowed both sides, ours ~2x), interleaved with our runs, never conc
 
 Medians of repeats after a warmup round, ours and the baseline interleaved (the machine is
 shared and noisy: read the ratios). `--profile` adds a torch.profiler table of engine
-steps. Last line:
-`sampler_b8_vs_hf=<r> sampler_b1_vs_hf=<r> reload_full_p50_ms=<ms> reload_lora_p50_ms=<ms>`.
+steps. Last line: `sampler_b1_vs_hf= sampler_b8_vs_hf= sampler_b8_bf16_vs_hf=
+sampler_b1_bound= sampler_b8_bound= reload_lora_p50_ms= reload_full_over_floor_ms= startup_s=`
+(reload_full_over_floor_ms: full fork publish → listed, minus a copy of the model's bytes).
 """
 
 from __future__ import annotations
@@ -330,6 +342,9 @@ def main() -> None:
             times = kernels.times.get(((o, i), b), {})
             alts = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in sorted(times.items()))
             rows.append([f"b{b} {o}x{i}", kernels.choice[(o, i), b], alts or "(forced)"])
+        times = kernels.times.get((("attention", 0), b), {})
+        alts = ", ".join(f"{k} {v * 1e3:.3f}" for k, v in sorted(times.items()))
+        rows.append([f"b{b} attention (per layer)", kernels.attention[b], alts or "(forced)"])
     print_table(
         "decode kernel layouts the engine chose (ms per pass over that shape's weights)",
         ["bucket / weight shape", "chosen", "measured"],

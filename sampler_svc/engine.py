@@ -78,7 +78,8 @@ class Engine:
         *,
         layout: str | None = None,
     ) -> None:
-        """`layout`: one of `kernels.LAYOUTS` for every few-row matmul (None: measured)."""
+        """`layout`: one of `kernels.LAYOUTS` for every few-row matmul, SDPA for attention
+        (None: both measured)."""
         if bank is None:  # no adapter slots: still the bank's fused, measured projections
             bank = AdapterBank(model, slots=0, max_rank=1)
         self.model, self.bank = model, bank
@@ -86,7 +87,14 @@ class Engine:
         self.caches: list[KVCache] = model.new_caches(max_batch, max_seq_len)
         self.rows: list[Row] = []
         self.mixed_steps = 0  # steps that decoded rows of different adapters together
-        self.kernels = KernelChoice(fuse_projections(model, bank), max(max_batch, 32), force=layout)
+        c = model.config
+        self.kernels = KernelChoice(
+            fuse_projections(model, bank),
+            max(max_batch, 32),
+            force=layout,
+            heads=(c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+            length=min(2 * WINDOW, max_seq_len),
+        )
         self._windows: dict[tuple[int, int], list[KVCache]] = {}
         # Per set of rows (None = stale): their slots, draw plan, whether slots differ.
         self._plan: tuple[list[int], DrawPlan, bool] | None = None
@@ -128,6 +136,8 @@ class Engine:
         views = self._windows.get(key)
         if views is None:
             views = self._windows[key] = [c.window(batch, length) for c in self.caches]
+            for view in views:
+                view.decode_attention = self.kernels.attend(batch)
         return views
 
     @torch.inference_mode()

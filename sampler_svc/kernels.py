@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from headway.modeling.model import grouped_attention
+
 log = logging.getLogger(__name__)
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -144,11 +146,43 @@ def time_layouts(
     return {name: min(ts) for name, ts in times.items()}
 
 
+ATTENTIONS: dict[str, Callable[..., torch.Tensor] | None] = {
+    "sdpa": None,  # torch's scaled_dot_product_attention (the model's default)
+    "grouped": grouped_attention,  # plain matmuls, query heads grouped per kv head
+}
+
+
+def time_attention(
+    heads: tuple[int, int, int], rows: int, dtype: torch.dtype, length: int, rounds: int = 5
+) -> dict[str, float]:
+    """Seconds of one decode attention (one query per row over `length` cached positions)
+    per way of computing it, interleaved, fastest round each (as `time_layouts`)."""
+    H, kv, D = heads
+    q = torch.randn(rows, H, 1, D, dtype=dtype)
+    k, v = torch.randn(2, rows, kv, length, D, dtype=dtype)
+    mask = (torch.arange(length) < length - 3)[None, None, None].expand(rows, 1, 1, length)
+    fns = {
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+        "grouped": lambda: grouped_attention(q, k, v, mask),
+    }
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                for _ in range(4):
+                    fn()
+                if r:
+                    times[name].append((time.perf_counter() - start) / 4)
+    return {name: min(ts) for name, ts in times.items()}
+
+
 def pick(times: dict[str, float], margin: float = 0.05) -> str:
-    """The fastest layout; F.linear (the model's own) unless another beats it by `margin`."""
+    """The fastest; the model's own (F.linear, SDPA) unless another beats it by `margin`."""
     best = min(times, key=times.get)
-    if "linear" in times and times[best] > (1 - margin) * times["linear"]:
-        return "linear"
+    for default in ("linear", "sdpa"):
+        if default in times and times[best] > (1 - margin) * times[default]:
+            return default
     return best
 
 
@@ -156,12 +190,21 @@ class KernelChoice:
     """The measured layout for each (weight shape, batch bucket) of one engine's forwards."""
 
     def __init__(
-        self, weights: dict[Shape, list[torch.Tensor]], max_rows: int, force: str | None = None
+        self,
+        weights: dict[Shape, list[torch.Tensor]],
+        max_rows: int,
+        force: str | None = None,
+        heads: tuple[int, int, int] | None = None,
+        length: int = 128,
     ) -> None:
-        """`weights`: the engine's decode weights grouped by shape. `force` (or
-        $HEADWAY_KERNELS) = a layout name: that layout everywhere, nothing measured."""
+        """`weights`: the engine's decode weights grouped by shape; `heads` (query heads,
+        kv heads, head dim): also time decode attention over `length` positions. `force`
+        (or $HEADWAY_KERNELS) = a layout name: that layout everywhere, SDPA, nothing
+        measured."""
         self.buckets = buckets(max_rows)
+        self.heads, self.length = heads, length
         self.choice: dict[tuple[Shape, int], str] = {}
+        self.attention: dict[int, str] = {b: "sdpa" for b in self.buckets}
         self.times: dict[tuple[Shape, int], dict[str, float]] = {}  # seconds per layout
         self.cached = 0
         forced = force or os.environ.get("HEADWAY_KERNELS", "")
@@ -194,6 +237,18 @@ class KernelChoice:
                 times = entry["times"]
                 self.times[shape, b] = times
                 self.choice[shape, b] = pick(times)
+        if self.heads is not None:
+            H, kv, D = self.heads
+            for b in self.buckets:
+                key = f"{machine}|attention {H}/{kv}x{D} over {self.length}|rows {b}"
+                entry = cached.get(key)
+                if entry is None or set(entry.get("times", {})) != set(ATTENTIONS):
+                    entry = {"times": time_attention(self.heads, b, dtype, self.length)}
+                    fresh[key] = entry
+                else:
+                    self.cached += 1
+                self.times[("attention", 0), b] = entry["times"]
+                self.attention[b] = pick(entry["times"])
         if fresh:
             _write_cache(path, fresh)
         log.info(
@@ -211,14 +266,18 @@ class KernelChoice:
         b = bucket_of(rows)
         return self._tables.get(b)
 
+    def attend(self, rows: int) -> Callable[..., torch.Tensor] | None:
+        """The decode attention for `rows` rows (None: SDPA)."""
+        return ATTENTIONS[self.attention.get(bucket_of(rows), "sdpa")]
+
     def describe(self) -> str:
-        """The choice per bucket, shapes grouped: "b1: 768x512 linear, ...; b2: ..."."""
+        """The choice per bucket: "b1: 768x512 linear, ..., attention sdpa; b2: ..."."""
         parts = []
         for b in self.buckets:
             picks = ", ".join(
                 f"{o}x{i} {self.choice[(o, i), b]}" for (o, i), bb in self.choice if bb == b
             )
-            parts.append(f"b{b}: {picks}")
+            parts.append(f"b{b}: {picks}, attention {self.attention[b]}")
         return "; ".join(parts)
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from headway.modeling import LoraConfig, ModelConfig, Transformer
+from headway.modeling.model import grouped_attention
 from sampler_svc import sampling
 from sampler_svc.engine import Engine, GenerationJob
 from sampler_svc.kernels import LAYOUTS, KernelChoice, pick, rows_linear
@@ -148,10 +149,13 @@ def test_measured_kernel_choice_covers_every_shape_and_bucket(tmp_path, monkeypa
     assert (2 * d["intermediate_size"], d["hidden_size"]) in shapes  # fused gate/up
     assert c.buckets == [1, 2, 4, 8, 16, 32]
     assert set(c.choice) == {(s, b) for s in shapes for b in c.buckets}
-    assert all(c.choice[k] == pick(t) for k, t in c.times.items())
+    assert all(c.choice[k] == pick(c.times[k]) for k in c.choice)
+    # Decode attention too: SDPA or grouped matmuls, per bucket.
+    assert all(c.attention[b] == pick(c.times[("attention", 0), b]) for b in c.buckets)
     assert c.cached == 0 and (tmp_path / "kernels.json").exists()
     second = Engine(tiny_model("qwen3"), None, max_batch=4, max_seq_len=64)
-    assert second.kernels.cached == len(c.choice) and second.kernels.choice == c.choice
+    assert second.kernels.cached == len(c.choice) + len(c.buckets)
+    assert second.kernels.choice == c.choice and second.kernels.attention == c.attention
 
 
 def test_fused_weights_are_the_parameters_storage():
@@ -308,3 +312,34 @@ def test_a_bf16_engine_reports_fp32_logprobs_close_to_the_fp32_model(layout):
     # Teacher-forced on the fp32 tokens: the bf16 engine's logprob of each.
     scored = engine.score(prompt + want[0][0], 0, len(prompt) + 8, None, 0)
     assert np.abs(scored[len(prompt) - 1 :] - want[0][1]).max() < 0.1
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_grouped_decode_attention_decodes_as_sdpa(family):
+    """Decode attention as plain grouped matmuls (the other choice the engine measures)
+    gives SDPA's tokens and, within 1e-5, its logprobs, adapters and mixed slots included."""
+    prompt = [5, 17, 33, 8, 41, 12]
+    results = {}
+    for attention in ("sdpa", "grouped"):
+        engine = make_engine(family)
+        engine.kernels.attention = dict.fromkeys(engine.kernels.buckets, attention)
+        for n, slot, temp in [(1, 1, 0.0), (3, 0, 1.0)]:
+            draws = [DrawParams(temp, 1.0, 0, row_generator(3, i)) for i in range(n)]
+            results[attention, n] = run(engine, prompt, n, slot, draws)
+        results[attention, "mixed"] = mixed_run(engine, prompt)
+    for key in (1, 3, "mixed"):
+        for (tg, lg), (ts, ls) in zip(results["grouped", key], results["sdpa", key], strict=True):
+            assert tg == ts
+            assert np.abs(lg - ls).max() <= 1e-5
+
+
+@pytest.mark.parametrize("dims", [(4, 2, 1, 16, 9), (1, 8, 2, 8, 33), (3, 4, 4, 16, 5)])
+def test_grouped_attention_is_sdpa(dims):
+    B, H, kv, D, L = dims
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, 1, D, generator=gen)
+    k, v = torch.randn(2, B, kv, L, D, generator=gen)
+    pos = torch.randint(0, L, (B, 1), generator=gen)
+    mask = (torch.arange(L) <= pos[..., None])[:, None]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert (grouped_attention(q, k, v, mask) - want).abs().max() <= 1e-5
