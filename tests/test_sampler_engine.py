@@ -343,3 +343,23 @@ def test_grouped_attention_is_sdpa(dims):
     mask = (torch.arange(L) <= pos[..., None])[:, None]
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     assert (grouped_attention(q, k, v, mask) - want).abs().max() <= 1e-5
+
+
+def test_the_two_level_inverse_cdf_picks_what_a_flat_cumulative_sum_picks():
+    """Blocks then one block's cumulative sum: the token a flat fp64 cumulative sum over the
+    vocabulary picks for the same u, and never a token of zero probability."""
+    gen = torch.Generator().manual_seed(4)
+    V = 1000  # not a multiple of the block
+    logits = torch.randn(6, V, generator=gen) * torch.tensor([0.1, 1, 3, 8, 1, 2])[:, None]
+    logits[4, 300:] = float("-inf")  # a top-k-like cut: zeros past the first blocks
+    logits[5, ::2] = float("-inf")
+    probs = torch.softmax(logits, -1)
+    for _ in range(200):
+        u = torch.rand(6, generator=gen, dtype=torch.float64)
+        cdf = probs.double().cumsum(-1)
+        total = cdf[:, -1]
+        target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+        flat = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]
+        got = sampling._inverse_cdf(probs, u)
+        assert torch.equal(got, flat)
+        assert bool((probs[torch.arange(6), got] > 0).all())
