@@ -51,7 +51,8 @@ Medians of repeats after a warmup round, ours and the baseline interleaved (the 
 shared and noisy: read the ratios). `--profile` adds a torch.profiler table of engine
 steps. Last line: `sampler_b1_vs_hf= sampler_b8_vs_hf= sampler_b8_bf16_vs_hf=
 sampler_b1_bound= sampler_b8_bound= reload_lora_p50_ms= reload_full_over_floor_ms= startup_s=`
-(reload_full_over_floor_ms: full fork publish → listed, minus a copy of the model's bytes).
+(reloads: publish → servable, LoRA p50; full p50 minus the weight-copy floor of the same run,
+see `sampler_reload.py`).
 """
 
 from __future__ import annotations
@@ -100,9 +101,9 @@ from bench.sampler_reload import (  # noqa: E402
     LORA_RANK,
     HeadListener,
     TrainerProcess,
-    cross_entropy_items,
     instrument,
-    reload_once,
+    reload_report,
+    run_reloads,
 )
 from headway.testing import redis_prefix, shared_redis_url  # noqa: E402
 from headway.v1 import common_pb2, model_pb2  # noqa: E402
@@ -239,13 +240,9 @@ def main() -> None:
         # ---- reloads: LoRA fork, then full fork.
         probe = instrument(replica.sampler)
         one = p1[:1]  # the least work a first token can cost: one forward of one position
-        reloads: dict[str, list[dict[str, float]]] = {LORA: [], FULL: []}
-        for model in (LORA, FULL):
-            for i in range(args.warmup_reloads + args.reloads):
-                items = cross_entropy_items(vocab, seed=i)
-                r = reload_once(trainer, replica, listener, probe, model, items, one)
-                if i >= args.warmup_reloads:
-                    reloads[model].append(r)
+        reloads, floors = run_reloads(
+            trainer, replica, listener, probe, vocab, one, args.reloads, args.warmup_reloads
+        )
     finally:
         if probe is not None:
             probe.restore()
@@ -374,48 +371,20 @@ def main() -> None:
         )
     print(f"sampler start-up (spawn → first Sample served, kernels measured): {startup_s:.1f} s")
 
-    summary: dict[str, dict[str, float]] = {}
-    rows = []
-    for model, label in ((FULL, "full"), (LORA, f"LoRA r{LORA_RANK}")):
-        rs = reloads[model]
-        s = summary[model] = {}
-        for k in rs[0]:
-            vals = [r[k] * 1e3 for r in rs if k in r]
-            s[k], s[k + "_p90"] = med(vals), percentile(vals, 90)
-        rows.append([f"{label}: publish → first token served", s["served"], s["served_p90"]])
-        rows.append([f"{label}: publish → in loaded_checkpoints()", s["listed"], s["listed_p90"]])
-        rows.append([f"{label}: OptimStep reply → first token", s["served_from_reply"],
-                     s["served_from_reply_p90"]])  # fmt: skip
-        rows.append([f"{label}: same Sample again, no reload (floor)", s["floor"], s["floor_p90"]])
-        if "ensure" in s:
-            rows.append([f"{label}:   publish → watcher has the event", s["event"],
-                         s["event_p90"]])  # fmt: skip
-            rows.append([f"{label}:   watcher → engine thread starts", s["wake"], s["wake_p90"]])
-            rows.append([f"{label}:   load (ensure) total", s["ensure"], s["ensure_p90"]])
-            parts = ("serving_refs", "read_lora", "slot_copy", "copy_full_weights", "fresh_engine")
-            for part in parts:
-                if s.get(part, 0) > 0.05:
-                    rows.append([f"{label}:     {part}", s[part], s[part + "_p90"]])
-            rows.append([f"{label}:   publish → loaded", s["ensure_end"], s["ensure_end_p90"]])
-        rows.append([f"{label}: OptimStep call (train + save)", s["optim_step"],
-                     s["optim_step_p90"]])  # fmt: skip
+    rows, _, reload_line = reload_report(reloads, floors)
     print_table(
         f"reload latency, ms over {args.reloads} reloads per fork (after "
         f"{args.warmup_reloads} warmup); publish = head message arrival in this process",
         ["metric", "p50", "p90"],
         rows,
     )
-    full_over_floor = summary[FULL]["listed"] - limit["copy_s"] * 1e3
-    lora_p50 = summary[LORA]["served"]
     print(
         f"\nbounds on this machine (fp32): b1 {bound[1]:.2f}×, b8 {bound[BATCH]:.2f}× "
         f"(transformers' step {hf_step[1] * 1e3:.1f} / {hf_step[BATCH] * 1e3:.1f} ms over the "
         f"larger of reading the weights, {step_bytes / read_bw * 1e3:.1f} ms, and the step's "
         f"matmuls at the fastest layout, {limit['fastest_b1_s'] * 1e3:.1f} / "
         f"{limit['fastest_b8_s'] * 1e3:.1f} ms); ours reach {b1_vs_hf / bound[1]:.0%} / "
-        f"{b8_vs_hf / bound[BATCH]:.0%} of them.\n"
-        f"  full reload over its floor = publish → listed ({summary[FULL]['listed']:.1f} ms p50) "
-        f"− a copy of the model's bytes ({limit['copy_s'] * 1e3:.1f} ms)"
+        f"{b8_vs_hf / bound[BATCH]:.0%} of them."
     )
     print(
         "ratio: headway tok/s / transformers tok/s (>1 = headway faster). "
@@ -429,8 +398,7 @@ def main() -> None:
     print(
         f"sampler_b1_vs_hf={b1_vs_hf:.2f} sampler_b8_vs_hf={b8_vs_hf:.2f} "
         f"sampler_b8_bf16_vs_hf={b8_bf16_vs_hf} sampler_b1_bound={bound[1]:.2f} "
-        f"sampler_b8_bound={bound[BATCH]:.2f} reload_lora_p50_ms={lora_p50:.1f} "
-        f"reload_full_over_floor_ms={full_over_floor:.1f} startup_s={startup_s:.1f}"
+        f"sampler_b8_bound={bound[BATCH]:.2f} {reload_line} startup_s={startup_s:.1f}"
     )
 
 
