@@ -7,7 +7,8 @@ each masked, random sampling logprobs and advantages, fixed seed), learning rate
 - Step: our gRPC `Step` (built-in importance_sampling) on a FULL fork, against a plain
   transformers loop doing full fine-tuning too (forward, log_softmax + gather, the same
   summed loss −Σ w·exp(lp − q)·A, backward, torch.optim.AdamW step). Our Step also writes a
-  durable checkpoint (weights + optimizer state, fsynced) and the loop saves nothing, so
+  checkpoint (weights + optimizer state, written and renamed before the reply, fsynced in
+  the background: see headway/store/durable.py) and the loop saves nothing, so
   the forward/backward and the OptimStep of the full fork are also timed apart.
 - Custom loss: ForwardCustom, the same loss's gradient computed client-side from the
   returned DatumTensors (w = ratio·A·mask), BackwardCustom, OptimStep; against
@@ -50,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import add_tokenizer, build_bench_model, clean_redis, print_table  # noqa: E402
 from headway.channels import CHANNEL_OPTIONS  # noqa: E402
+from headway.store.tensorfile import write_safetensors  # noqa: E402
 from headway.tensors import floats, to_tensor  # noqa: E402
 from headway.testing import redis_prefix, shared_redis_url  # noqa: E402
 from headway.v1 import (  # noqa: E402
@@ -198,12 +200,42 @@ def med(values: list[float]) -> float:
 
 def save_figures(opt_full: list[float], loop_opt: list[float], opt_lora: list[float]) -> str:
     """The last line's save figures: `lora_save_ms`, the median OptimStep of the LoRA fork
-    (AdamW on the adapter, checkpoint written, HEAD moved), and `full_optim_vs_adamw`, the
-    median OptimStep of the full fork over the median AdamW step of the plain loop (AdamW
-    alone)."""
+    (AdamW on the adapter, checkpoint written, HEAD moved; fsync in the background unless
+    the trainer runs with sync_saves), and `full_optim_vs_adamw`, the median OptimStep of
+    the full fork over the median AdamW step of the plain loop (AdamW alone)."""
     lora_save_ms = med(opt_lora) * 1e3
     full_optim_vs_adamw = med(opt_full) / med(loop_opt)
     return f"lora_save_ms={lora_save_ms:.1f} full_optim_vs_adamw={full_optim_vs_adamw:.2f}"
+
+
+def page_cache_write_seconds(directory: Path, nbytes: int, repeats: int = 3) -> float:
+    """Median seconds to write `nbytes` (a full checkpoint: weights and both AdamW moments)
+    into a new file of `directory`, without fsync: the least an OptimStep must spend
+    before it replies, since its checkpoint must survive a kill -9 of the trainer."""
+    data = torch.ones(nbytes // 4)
+    times, files = [], []
+    for i in range(repeats):
+        # Kept until the end, as checkpoints are: each write takes fresh page-cache pages
+        # (rewriting one file reuses freed pages, several times faster on a VM whose
+        # host backs guest memory on first touch).
+        files.append(directory / f"write-floor-{i}")
+        start = time.perf_counter()
+        write_safetensors(files[-1], {"x": data})
+        times.append(time.perf_counter() - start)
+        time.sleep(0.5)
+    for file in files:
+        file.unlink()
+    return med(times)
+
+
+def save_rows(write_s: float, loop_opt: list[float]) -> list[list[object]]:
+    """Table rows: the page-cache write floor of a full checkpoint, and the lowest
+    full_optim_vs_adamw it leaves on this machine (AdamW + that write, over AdamW)."""
+    adamw = med(loop_opt)
+    return [
+        ["  page-cache write of a full checkpoint, ms", write_s * 1e3, "", ""],
+        ["  → lowest full_optim_vs_adamw here", (adamw + write_s) / adamw, "", ""],
+    ]
 
 
 # ------------------------------------------------------------------------- the runs
@@ -375,6 +407,8 @@ def main() -> None:
         split = measure_full_fork(b, loop, args.save_repeats)  # 2. its halves
         t_builtin, t_custom, opt_lora = measure_custom(b, args.save_repeats)  # 3. LoRA
         bf16_note, bf16_rows = measure_bf16(path, b, loop, args.bf16_repeats)  # 4. bf16
+        full_bytes = 12 * sum(p.numel() for p in loop.model.parameters())  # fp32 w, m, v
+        write_s = page_cache_write_seconds(store, full_bytes)
     finally:
         srv.stop()
         clean_redis(prefix)
@@ -399,6 +433,7 @@ def main() -> None:
         ["logprobs max |diff| vs loop, step 0", f"{lp_diff:.1e}", "", ""],
         *bf16_rows,
     ]  # fmt: skip
+    rows += save_rows(write_s, split["loop_opt"])
     print_table(
         "trainer speed (medians; baseline: plain transformers loop, which saves nothing)",
         ["metric", "headway", "baseline", "ratio"],

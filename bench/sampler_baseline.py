@@ -18,12 +18,13 @@ from bench.sampler_decode import BATCH, NEW, now
 class HFBaseline:
     """transformers generate on the same weights: decode time = generate − prefill."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, dtype: str = "fp32") -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32
+            path, dtype=torch_dtype
         ).eval()
         common = dict(max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0)
         self.greedy = dict(common, do_sample=False)
@@ -54,12 +55,12 @@ class HFWorker:
     no torch work on this thread, leave the replica's engine thread the only team here.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, dtype: str = "fp32") -> None:
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_hf_serve, args=(str(path), child), daemon=True)
+        self.proc = ctx.Process(target=_hf_serve, args=(str(path), dtype, child), daemon=True)
         self.proc.start()
         child.close()
         self.params = self._call("params")
@@ -87,9 +88,9 @@ class HFWorker:
             self.proc.join(timeout=30)
 
 
-def _hf_serve(path: str, conn: Any) -> None:
+def _hf_serve(path: str, dtype: str, conn: Any) -> None:
     """The baseline process: answers HFWorker's calls until told to stop."""
-    hf = HFBaseline(Path(path))
+    hf = HFBaseline(Path(path), dtype)
     calls: dict[str, Callable[..., Any]] = {
         "params": lambda: sum(p.numel() for p in hf.model.parameters()) / 1e6,
         "generate": hf.generate,
@@ -119,37 +120,48 @@ def off_main(fn: Callable[[], Any]) -> Any:
 
 # --------------------------------------------------------------------------- machine limit
 @torch.inference_mode()
-def machine_limit(model: torch.nn.Module, repeats: int) -> dict[str, float]:
+def machine_limit(model: torch.nn.Module, repeats: int) -> dict[str, Any]:
     """Weight bytes a decode step reads, the memory bandwidth, and the step's matmuls alone.
 
-    The matmuls are timed as `F.linear(x, W)` (what our engine and transformers call) and
-    as `(W @ xᵀ)ᵀ` with x padded to at least 2 rows, the layout torch's CPU GEMM streams
-    the weights fastest in: the second is what a decode step's matmuls can cost here.
+    The matmuls are timed in every layout of `sampler_svc.kernels` (what our engine chooses
+    among; F.linear is what transformers calls), per weight shape, interleaved, for the
+    model's own projections and for q/k/v and gate/up fused (what our engine multiplies):
+    the fastest per shape, summed, is what a decode step's matmuls can cost here.
     """
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    from sampler_svc.kernels import LAYOUTS, time_layouts
+
+    linears = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    weights = list(linears.values())
     step_bytes = sum(w.numel() * w.element_size() for w in weights)  # lm_head = embedding
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     reps = max(repeats, 5)
     src = torch.randn(model_bytes // 4)
     dst = torch.empty_like(src)
-    out = {
+    out: dict[str, Any] = {
         "step_bytes": step_bytes,
         "model_bytes": model_bytes,
         "copy_s": median_time(lambda: dst.copy_(src), reps),
         "read_s": median_time(lambda: src.sum(), reps),
     }
+    fused: list[torch.Tensor] = []
+    for name, w in linears.items():
+        if name.endswith("q_proj"):
+            base = name[: -len("q_proj")]
+            fused.append(torch.cat([linears[base + p] for p in ("q_proj", "k_proj", "v_proj")]))
+        elif name.endswith("gate_proj"):
+            base = name[: -len("gate_proj")]
+            fused.append(torch.cat([linears[base + p] for p in ("gate_proj", "up_proj")]))
+        elif not name.endswith(("k_proj", "v_proj", "up_proj")):
+            fused.append(w)
+    for label, ws in (("", weights), ("fused_", fused)):
+        groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        for w in ws:
+            groups.setdefault(tuple(w.shape), []).append(w)
+        for batch in (1, BATCH):
+            per_shape = {sh: time_layouts(g, batch, rounds=reps) for sh, g in groups.items()}
+            for layout in LAYOUTS:
+                out[f"{label}{layout}_b{batch}_s"] = sum(t[layout] for t in per_shape.values())
+            out[f"{label}best_b{batch}_s"] = sum(min(t.values()) for t in per_shape.values())
     for batch in (1, BATCH):
-        xs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
-        x2 = {k: torch.randn(max(batch, 2), k) for k in xs}
-
-        def linear(xs: dict[int, torch.Tensor] = xs) -> None:
-            for w in weights:
-                torch.nn.functional.linear(xs[w.shape[1]], w)
-
-        def weights_left(xs: dict[int, torch.Tensor] = x2) -> None:
-            for w in weights:
-                torch.mm(w, xs[w.shape[1]].T)  # (W @ xT)T: the transpose is a view
-
-        out[f"linear_b{batch}_s"] = median_time(linear, reps)
-        out[f"best_b{batch}_s"] = median_time(weights_left, reps)
+        out[f"fastest_b{batch}_s"] = min(out[f"best_b{batch}_s"], out[f"fused_best_b{batch}_s"])
     return out

@@ -137,3 +137,64 @@ def profile_engine(sampler: Any, prompt: list[int], n: int, temperature: float) 
 
     print(f"\ntorch.profiler: engine decode, batch {n}, prefill + {DECODED} steps (self CPU)")
     print(sampler.call(run))
+
+
+class SamplerProcess:
+    """A replica as `python -m sampler_svc` (e.g. `--dtype bf16`), a child process of its
+    own: its start-up is timed from the spawn to its first Sample answered (the base
+    loaded, the kernel layouts measured into an empty cache: a first start on a machine)."""
+
+    def __init__(self, store: Any, prefix: str, log: Any, args: list[str]) -> None:
+        import os
+        import tempfile
+        from pathlib import Path
+
+        from headway.testing import ServiceProcess
+
+        self.cache = Path(tempfile.mkdtemp(prefix="headway-bench-kernels-")) / "kernels.json"
+        before = os.environ.get("HEADWAY_KERNEL_CACHE")
+        os.environ["HEADWAY_KERNEL_CACHE"] = str(self.cache)
+        start = now()
+        try:
+            self.service = ServiceProcess(
+                "sampler", "sampler_svc", ["--store", str(store), *args], log, prefix,
+                threads=str(os.cpu_count() or 1),
+            )  # fmt: skip
+        finally:
+            if before is None:
+                os.environ.pop("HEADWAY_KERNEL_CACHE", None)
+            else:
+                os.environ["HEADWAY_KERNEL_CACHE"] = before
+        self.stub = sampling_pb2_grpc.SamplingServiceStub(self.service.channel)
+        deadline = start + 180
+        while True:
+            try:
+                self.stub.Sample(request(BASE, [1, 2, 3], 1, 0.0, 0, max_tokens=2), timeout=5)
+                break
+            except grpc.RpcError:
+                if now() > deadline or self.service.proc.poll() is not None:
+                    tail = self.service.tail()
+                    raise AssertionError(f"sampler never served:\n{tail}") from None
+                time.sleep(0.05)
+        self.startup_s = now() - start
+
+    def stop(self) -> None:
+        import shutil
+
+        self.service.stop()
+        shutil.rmtree(self.cache.parent, ignore_errors=True)
+
+
+def sampled_logprobs(stub: Any, req: sampling_pb2.SampleRequest) -> list[tuple[list[int], Any]]:
+    """A Sample's (tokens, logprobs) per sequence."""
+    reply = stub.Sample(req)
+    return [(np.frombuffer(s.tokens.data, np.int32).tolist(),
+             np.frombuffer(s.logprobs.data, np.float32)) for s in reply.sequences]  # fmt: skip
+
+
+def scored_logprobs(stub: Any, model: str, sequences: list[list[int]]) -> list[Any]:
+    """ComputeLogprobs of whole sequences (prompt + completion)."""
+    req = sampling_pb2.ComputeLogprobsRequest(
+        model=model, sequences=[to_tensor(s, I32) for s in sequences]
+    )
+    return [np.frombuffer(t.data, np.float32) for t in stub.ComputeLogprobs(req).logprobs]

@@ -37,6 +37,7 @@ FLAGS = (
     Flag("max_seq_len", "prompt + completion tokens per row"),
     Flag("adapter_slots", "LoRA adapters resident per engine"),
     Flag("max_lora_rank", "largest adapter rank the slots hold"),
+    Flag("dtype", "engine weights and compute: fp32 or bf16 (logprobs in fp32 either way)"),
     Flag("max_stop_strings", "stop strings per request"),
     Flag("max_stop_string_chars", "characters per stop string"),
     Flag("max_prompt_text_chars", "characters of a prompt_text, refused before tokenizing"),

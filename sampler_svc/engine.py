@@ -9,9 +9,13 @@ reads only the window of positions in use. Text, chat templates and protobuf liv
 service edge; the engine sees ids and reports per-row events.
 
 A decode step (and the prefill of a short prompt whose logprobs are not asked for) runs
-every projection, the vocabulary's included, as `rows_linear` ((W @ xᵀ)ᵀ, the layout
-torch's CPU GEMM reads weights fastest in for few rows); the model's own F.linear path,
-the trainer's, serves prompt logprobs and ComputeLogprobs (`score`, a piece at a time).
+every projection, the vocabulary's included, in the layout measured fastest on this
+machine for its shape and row count (`sampler_svc.kernels`, chosen when the engine is
+built, cached on disk), with q/k/v and gate/up fused into one matmul each
+(`multilora.fuse_projections`); the model's own F.linear path, the trainer's, serves prompt
+logprobs and ComputeLogprobs (`score`, a piece at a time). What a step does besides the
+matmuls is kept per step, not per row: the rows' positions, last tokens, adapter slots and
+draw settings are tensors or lists rebuilt only when the set of rows changes.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import numpy as np
 import torch
 
 from headway.modeling import KVCache, Transformer, token_logprobs
-from sampler_svc.multilora import NO_ADAPTER, ROWS_LAYOUT_MAX, AdapterBank, rows_linear
-from sampler_svc.sampling import DrawParams, draw
+from sampler_svc.kernels import KernelChoice
+from sampler_svc.multilora import NO_ADAPTER, AdapterBank, fuse_projections
+from sampler_svc.sampling import DrawParams, DrawPlan, draw_planned
 
 WINDOW = 64  # attention windows grow in steps of this many positions (few distinct shapes)
 
@@ -65,13 +70,34 @@ class Engine:
     """Decode loop state for one weight set."""
 
     def __init__(
-        self, model: Transformer, bank: AdapterBank | None, max_batch: int, max_seq_len: int
+        self,
+        model: Transformer,
+        bank: AdapterBank | None,
+        max_batch: int,
+        max_seq_len: int,
+        *,
+        layout: str | None = None,
     ) -> None:
+        """`layout`: one of `kernels.LAYOUTS` for every few-row matmul, SDPA for attention
+        (None: both measured)."""
+        if bank is None:  # no adapter slots: still the bank's fused, measured projections
+            bank = AdapterBank(model, slots=0, max_rank=1)
         self.model, self.bank = model, bank
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.caches: list[KVCache] = model.new_caches(max_batch, max_seq_len)
         self.rows: list[Row] = []
         self.mixed_steps = 0  # steps that decoded rows of different adapters together
+        c = model.config
+        self.kernels = KernelChoice(
+            fuse_projections(model, bank),
+            max(max_batch, 32),
+            force=layout,
+            heads=(c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+            length=min(2 * WINDOW, max_seq_len),
+        )
+        self._windows: dict[tuple[int, int], list[KVCache]] = {}
+        # Per set of rows (None = stale): their slots, draw plan, whether slots differ.
+        self._plan: tuple[list[int], DrawPlan, bool] | None = None
 
     @property
     def free_rows(self) -> int:
@@ -81,24 +107,38 @@ class Engine:
         return {r.job.slot for r in self.rows}
 
     def _select(self, slots: list[int]) -> None:
-        if self.bank is not None:
-            self.bank.select(slots)
+        self.bank.select(slots)
 
-    def _forward_rows(
+    def _forward_few(
         self, ids: torch.Tensor, positions: torch.Tensor, **kw: object
-    ) -> torch.Tensor:
-        """Final hidden states of a forward of few rows, base projections as rows_linear."""
-        if self.bank is not None:
-            self.bank.rows_layout = True
+    ) -> torch.Tensor | None:
+        """Final hidden states of a forward of few rows in the measured layouts (fused
+        q/k/v, gate/up); None when it has more rows than the largest measured bucket."""
+        table = self.kernels.table(ids.numel())
+        if table is None:
+            return None
+        self.bank.kernels = table
         try:
             return self.model(ids, positions, validate=False, return_hidden=True, **kw)
         finally:
-            if self.bank is not None:
-                self.bank.rows_layout = False
+            self.bank.kernels = None
 
     def _vocab(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits `[N, V]` of hidden states `[N, hidden]` (few rows)."""
-        return rows_linear(hidden, self.model.lm_head.weight)
+        weight = self.model.lm_head.weight
+        table = self.kernels.table(hidden.shape[0])
+        fn = table.get(tuple(weight.shape)) if table is not None else None
+        return fn(hidden, weight, None) if fn is not None else hidden @ weight.T
+
+    def _window(self, batch: int, length: int) -> list[KVCache]:
+        """Views of the caches' first rows and positions (made once per shape)."""
+        key = (batch, length)
+        views = self._windows.get(key)
+        if views is None:
+            views = self._windows[key] = [c.window(batch, length) for c in self.caches]
+            for view in views:
+                view.decode_attention = self.kernels.attend(batch)
+        return views
 
     @torch.inference_mode()
     def admit(self, job: GenerationJob) -> None:
@@ -108,39 +148,42 @@ class Engine:
         ids = torch.tensor([job.prompt])
         self._select([job.slot])
         rows = torch.tensor([first])
+        positions = torch.arange(T)[None]
+        hidden = None
         if job.prompt_logprobs:  # logits of every position, computed as the trainer does
-            logits = self.model(
-                ids, torch.arange(T)[None], caches=self.caches, rows=rows, validate=False
-            )
+            logits = self.model(ids, positions, caches=self.caches, rows=rows, validate=False)
             lp = token_logprobs(logits[0, :-1], ids[0, 1:])
             job.emit("prompt_logprobs", -1, lp.tolist())
-        elif T <= ROWS_LAYOUT_MAX:
-            hidden = self._forward_rows(
-                ids,
-                torch.arange(T)[None],
-                caches=self.caches,
-                rows=rows,
-                output_index=torch.tensor([T - 1]),
-            )
-            logits = self._vocab(hidden[:, 0])[:, None]
         else:
-            logits = self.model(
-                ids,
-                torch.arange(T)[None],
-                caches=self.caches,
-                rows=rows,
-                output_index=torch.tensor([T - 1]),
-                validate=False,
+            last_index = torch.tensor([T - 1])
+            hidden = self._forward_few(
+                ids, positions, caches=self.caches, rows=rows, output_index=last_index
             )
+            if hidden is not None:
+                logits = self._vocab(hidden[:, 0])[:, None]
+            else:
+                logits = self.model(
+                    ids, positions, caches=self.caches, rows=rows, output_index=last_index,
+                    validate=False,
+                )  # fmt: skip
         for c in self.caches:  # the prompt's cache, copied into the job's other rows
             c.k[first + 1 : first + job.n, :, :T] = c.k[first, :, :T]
             c.v[first + 1 : first + job.n, :, :T] = c.v[first, :, :T]
         last = logits[:, -1].expand(job.n, -1)
-        tokens, lps = draw(last, job.draw)
+        tokens, lps = draw_planned(last, DrawPlan(job.draw))
         job.live_rows = job.n
         new_rows = [Row(job, i, T, 0) for i in range(job.n)]
         self.rows.extend(new_rows)
+        self._plan = None
         self._record(new_rows, tokens.tolist(), lps.tolist())
+
+    def _rows_plan(self) -> tuple[list[int], DrawPlan, bool]:
+        """The live rows' adapter slots and draw settings (rebuilt when the rows change)."""
+        if self._plan is None:
+            slots = [r.job.slot for r in self.rows]
+            plan = DrawPlan([r.job.draw[r.index] for r in self.rows])
+            self._plan = slots, plan, len(set(slots)) > 1
+        return self._plan
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -151,20 +194,19 @@ class Engine:
         B = len(self.rows)
         pos = [r.pos for r in self.rows]
         window = min(self.max_seq_len, -(-(max(pos) + 1) // WINDOW) * WINDOW)
-        caches = [c.window(B, window) for c in self.caches]
-        slots = [r.job.slot for r in self.rows]
-        self.mixed_steps += len(set(slots)) > 1
+        caches = self._window(B, window)
+        slots, plan, mixed = self._rows_plan()
+        self.mixed_steps += mixed
         self._select(slots)
-        ids, positions = torch.tensor([[r.last] for r in self.rows]), torch.tensor(pos)[:, None]
-        # Every projection as (W @ hᵀ)ᵀ: up to 2x faster on CPU than F.linear's h @ Wᵀ for a
-        # few rows (same numbers to ~1e-6); the vocabulary projection is the largest.
-        if B <= ROWS_LAYOUT_MAX:
-            hidden = self._forward_rows(ids, positions, caches=caches)[:, 0]
-            logits = self._vocab(hidden)
+        ids = torch.tensor([r.last for r in self.rows])[:, None]
+        positions = torch.tensor(pos)[:, None]
+        hidden = self._forward_few(ids, positions, caches=caches)
+        if hidden is not None:
+            logits = self._vocab(hidden[:, 0])
         else:
             out = self.model(ids, positions, caches=caches, validate=False, return_hidden=True)
-            logits = (self.model.lm_head.weight @ out[:, 0].T).T
-        tokens, lps = draw(logits, [r.job.draw[r.index] for r in self.rows])
+            logits = out[:, 0] @ self.model.lm_head.weight.T
+        tokens, lps = draw_planned(logits, plan)
         for r in self.rows:
             r.pos += 1  # where the token just drawn will be fed
         self._record(list(self.rows), tokens.tolist(), lps.tolist())
@@ -200,6 +242,7 @@ class Engine:
                         c.v[i, :, : moved.pos] = c.v[last, :, : moved.pos]
                     self.rows[i] = moved
                 self.rows.pop()
+                self._plan = None
             else:
                 i += 1
 

@@ -7,41 +7,27 @@ slot of every row; slot 0 is "no adapter". Rows of different forks of one base t
 decode in the same batch. A slot is only rewritten when no row uses it, so a reload never
 changes the weights under a sequence in flight.
 
-A forward of a few rows (a decode step, a short prefill) runs its base projections as
-`rows_linear`, (W @ xᵀ)ᵀ: for one to a few dozen rows torch's CPU GEMM streams the weights
-about twice as fast in that layout as F.linear's x @ Wᵀ (same numbers to ~1e-6). The engine
-turns it on per forward (`AdapterBank.rows_layout`); ComputeLogprobs keeps F.linear.
+A forward of a few rows (a decode step, a short prefill) runs its base projections in the
+layout measured fastest for its shape and row count (`sampler_svc.kernels`): the engine sets
+the table per forward (`AdapterBank.kernels`); ComputeLogprobs keeps F.linear. For those
+forwards `fuse_projections` also runs q/k/v and gate/up as one matmul each, over one fused
+weight whose slices ARE the q/k/v (gate/up) parameters' storage: a reload that copies into
+the parameters updates the fused weight with them.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from headway.modeling import DEFAULT_TARGETS, LoraConfig, ModelError
+from sampler_svc.kernels import Kernel, Shape, rows_linear
+
+__all__ = ["NO_ADAPTER", "AdapterBank", "MultiLoRALinear", "fuse_projections", "rows_linear"]
 
 NO_ADAPTER = 0
-ROWS_LAYOUT_MAX = 32  # up to this many rows (x ≥ 2 rows) (W @ xᵀ)ᵀ beats F.linear on CPU
-
-
-def rows_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """F.linear(x, weight, bias) computed as (W @ xᵀ)ᵀ, for a few rows of `x` `[..., in]`.
-
-    One row is duplicated: a single column sends torch's mm down a slower matrix-vector
-    path, while two columns run the GEMM that reads W at the machine's bandwidth.
-    """
-    lead = x.shape[:-1]
-    rows = x.reshape(-1, x.shape[-1])
-    n = rows.shape[0]
-    if n == 1:
-        rows = torch.cat((rows, rows))
-    out = torch.mm(weight, rows.T).T[:n].contiguous()
-    if bias is not None:
-        out += bias
-    return out.view(*lead, out.shape[-1])
 
 
 class AdapterBank:
@@ -61,15 +47,16 @@ class AdapterBank:
         # row: the plain two-matmul path), or a [B] tensor of slots with their scalings.
         self.active: int | torch.Tensor | None = None
         self.active_scaling: torch.Tensor | None = None
-        # Set by the engine around a forward of few rows: base projections as rows_linear.
-        self.rows_layout = False
+        # Set by the engine around a forward of few rows: the layout of each weight shape.
+        self.kernels: dict[Shape, Kernel] | None = None
         for name, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
                 if child_name in DEFAULT_TARGETS and isinstance(child, nn.Linear):
                     key = f"{name}.{child_name}" if name else child_name
                     out_f, in_f = child.weight.shape
-                    self.A[key] = torch.zeros(self.slots, max_rank, in_f)
-                    self.B[key] = torch.zeros(self.slots, out_f, max_rank)
+                    like = dict(dtype=child.weight.dtype, device=child.weight.device)
+                    self.A[key] = torch.zeros(self.slots, max_rank, in_f, **like)
+                    self.B[key] = torch.zeros(self.slots, out_f, max_rank, **like)
                     setattr(module, child_name, MultiLoRALinear(child, self, key))
 
     def load(self, slot: int, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -87,8 +74,8 @@ class AdapterBank:
                 a, b = tensors.get(f"{key}.lora_A"), tensors.get(f"{key}.lora_B")
                 A, B = self.A[key][slot], self.B[key][slot]
                 if a is not None and b is not None:
-                    A[:r].copy_(a)
-                    B[:, :r].copy_(b)
+                    _copy(A[:r], a)
+                    _copy(B[:, :r], b)
                     start = r
                 else:
                     start = 0
@@ -124,17 +111,103 @@ class MultiLoRALinear(nn.Module):
         self.bank, self.key = bank, key
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = self.bank.kernels
+        fn = kernels.get(tuple(self.weight.shape)) if kernels is not None else None
+        out = (fn or F.linear)(x, self.weight, self.bias)
+        delta = self.delta(x)
+        return out if delta is None else out + delta
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The adapters' update of each row for input `x` `[B, T, in]` (None: no adapter)."""
         bank = self.bank
-        if bank.rows_layout:
-            out = rows_linear(x, self.weight, self.bias)
-        else:
-            out = F.linear(x, self.weight, self.bias)
         sel = bank.active
         if sel is None:
-            return out
+            return None
         if isinstance(sel, int):  # one adapter for the whole batch: as the trainer computes it
             a, b = bank.views[sel][self.key]
-            return out + F.linear(F.linear(x, a), b) * bank.scaling_values[sel]
+            return F.linear(F.linear(x, a), b) * bank.scaling_values[sel]
         A, B = bank.A[self.key], bank.B[self.key]
         xa = torch.bmm(x, A[sel].transpose(1, 2))  # [B, T, R]
-        return out + torch.bmm(xa, B[sel].transpose(1, 2)) * bank.active_scaling
+        return torch.bmm(xa, B[sel].transpose(1, 2)) * bank.active_scaling
+
+
+class FusedProjection:
+    """Several projections of one input (q/k/v, or gate/up) as one matmul in few-row forwards.
+
+    `weight` `[sum(out), in]` holds the parts' weights back to back, and each part's weight
+    parameter is re-pointed (`.data`) at its slice: one storage, so copying new weights
+    into the parameters (a reload) is copying them into the fused weight. Outside few-row
+    forwards (no kernel table) each part runs on its own, exactly as before fusion.
+    """
+
+    def __init__(self, bank: AdapterBank, parts: list[MultiLoRALinear]) -> None:
+        self.bank, self.parts = bank, parts
+        self.sizes = [p.weight.shape[0] for p in parts]
+        w0 = parts[0].weight
+        self.weight = torch.empty(sum(self.sizes), w0.shape[1], dtype=w0.dtype, device=w0.device)
+        self.bias = None
+        if parts[0].bias is not None:
+            self.bias = torch.empty(sum(self.sizes), dtype=w0.dtype, device=w0.device)
+        start = 0
+        with torch.no_grad():
+            for p, n in zip(parts, self.sizes, strict=True):
+                self.weight[start : start + n].copy_(p.weight)
+                p.weight.data = self.weight[start : start + n]
+                if self.bias is not None:
+                    self.bias[start : start + n].copy_(p.bias)
+                    p.bias.data = self.bias[start : start + n]
+                start += n
+        self.shape: Shape = tuple(self.weight.shape)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        kernels = self.bank.kernels
+        fn = kernels.get(self.shape) if kernels is not None else None
+        if fn is None:
+            return tuple(p(x) for p in self.parts)
+        outs = fn(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        if self.bank.active is None:
+            return outs
+        return tuple(o + p.delta(x) for o, p in zip(outs, self.parts, strict=True))
+
+
+def fuse_projections(model: nn.Module, bank: AdapterBank) -> dict[Shape, list[torch.Tensor]]:
+    """Fuse each layer's q/k/v and gate/up (wrapped by `bank`) for few-row forwards.
+
+    Sets the model's `Attention.fused_qkv` and `MLP.fused_gate_up` hooks; returns every
+    weight a few-row forward multiplies, grouped by shape (what `KernelChoice` times).
+    """
+    groups: dict[Shape, list[torch.Tensor]] = {}
+
+    def add(w: torch.Tensor) -> None:
+        groups.setdefault(tuple(w.shape), []).append(w)
+
+    for module in model.modules():
+        names = None
+        if hasattr(module, "fused_qkv"):
+            names, hook, rest = ("q_proj", "k_proj", "v_proj"), "fused_qkv", "o_proj"
+        elif hasattr(module, "fused_gate_up"):
+            names, hook, rest = ("gate_proj", "up_proj"), "fused_gate_up", "down_proj"
+        if names is None:
+            continue
+        parts = [getattr(module, n) for n in names]
+        if not all(isinstance(p, MultiLoRALinear) for p in parts):
+            continue
+        fused = FusedProjection(bank, parts)
+        setattr(module, hook, fused)
+        add(fused.weight)
+        add(getattr(module, rest).weight)
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is not None:
+        add(lm_head.weight)
+    return groups
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[...] = src; on CPU in one thread (numpy): torch's copy of a slot-sized tensor
+    starts an OpenMP team, which costs milliseconds per copy on a busy machine (an adapter
+    reload is ~50 of them: 37 vs 7 ms measured on a loaded 2-core EPYC)."""
+    cpu = dst.device.type == src.device.type == "cpu"
+    if cpu and dst.dtype == src.dtype != torch.bfloat16 and not dst.requires_grad:
+        np.copyto(dst.numpy(), src.detach().numpy())
+    else:
+        dst.copy_(src)

@@ -34,6 +34,7 @@ from headway.store import CheckpointRef, CheckpointStore
 from headway.store.weights import base_config
 from sampler_svc.config import SamplerConfig
 from sampler_svc.engine import Engine, GenerationJob
+from sampler_svc.kernels import engine_dtype
 from sampler_svc.multilora import NO_ADAPTER, AdapterBank
 from sampler_svc.scoring import ScoringJob
 from sampler_svc.weights import (
@@ -46,11 +47,11 @@ from sampler_svc.weights import (
 log = logging.getLogger(__name__)
 
 
-def _same_shape(entry: EngineEntry, config: ModelConfig) -> bool:
+def _same_shape(entry: EngineEntry, config: ModelConfig, dtype: torch.dtype) -> bool:
     """Whether `entry`'s engine computes what a fresh engine of `config` would (every
     architecture field; ids and unknown keys aside), in the dtype a fresh engine uses."""
     have = entry.engine.model.config
-    if entry.engine.model.embed_tokens.weight.dtype != torch.get_default_dtype():
+    if entry.engine.model.embed_tokens.weight.dtype != dtype:
         return False
     skip = {"extra", "bos_token_id", "eos_token_id"}
     return all(
@@ -96,6 +97,7 @@ class Sampler:
 
     def __init__(self, config: SamplerConfig) -> None:
         self.config = config
+        self.dtype = engine_dtype(config.dtype)  # of every engine's weights
         self.store = CheckpointStore(config.store, recover=False)  # the trainer writes
         self.engines: OrderedDict[CheckpointRef, EngineEntry] = OrderedDict()
         self.served: dict[tuple[str, str], tuple[CheckpointRef, CheckpointRef | None]] = {}
@@ -401,7 +403,7 @@ class Sampler:
         # never reused: a sequence in flight keeps the weights it started with.
         idle = [e for e in self.engines.values() if not e.in_use()]
         if full:
-            same = [e for e in idle if _same_shape(e, config)]
+            same = [e for e in idle if _same_shape(e, config, self.dtype)]
             reuse = next((e for e in same if e.ref.model == ref.model), None)
             if reuse is None and at_capacity and same:
                 reuse = same[0]
@@ -423,7 +425,7 @@ class Sampler:
                 return None
             self._drop(idle[0])
         start = time.perf_counter()
-        model = load_engine_model(self.store, ref)
+        model = load_engine_model(self.store, ref).to(self.dtype)
         bank = AdapterBank(model, self.config.adapter_slots, self.config.max_lora_rank)
         max_len = min(self.config.max_seq_len, model.config.max_context)
         engine = Engine(model, bank, self.config.max_batch, max_len)

@@ -8,10 +8,19 @@ saved to disk in Hugging Face format for our loader to read.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# The sampler's measured kernel choices (sampler_svc/kernels.py) go to a cache of this run
+# (services started by tests inherit it): choices timed on a loaded test machine must not
+# land in the user's ~/.cache, and every run measures afresh.
+os.environ["HEADWAY_KERNEL_CACHE"] = str(
+    Path(tempfile.mkdtemp(prefix="headway-kernels-")) / "kernels.json"
+)
 
 VOCAB = 96
 

@@ -1,5 +1,6 @@
 """The sampler's engine on its own (no services): the few-rows matmul layout of decode
-steps against the model's own path, adapter slots reloaded in place, and the draw."""
+steps against the model's own path in every kernel layout and in bf16, fused weights kept
+current by reloads, adapter slots reloaded in place, and the draw (top-k/top-p as a full sort)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sampler_svc.engine as engine_mod
 from headway.modeling import LoraConfig, ModelConfig, Transformer
+from headway.modeling.model import grouped_attention
+from sampler_svc import sampling
 from sampler_svc.engine import Engine, GenerationJob
-from sampler_svc.multilora import AdapterBank, rows_linear
+from sampler_svc.kernels import LAYOUTS, KernelChoice, pick, rows_linear
+from sampler_svc.multilora import AdapterBank
 from sampler_svc.requests import row_generator
 from sampler_svc.sampling import DrawParams, draw
 from tests.stack import TINY_DIMS
@@ -44,11 +47,11 @@ def adapter(bank: AdapterBank, rank: int, seed: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def make_engine(family: str) -> Engine:
+def make_engine(family: str, layout: str | None = "linear") -> Engine:
     model = tiny_model(family)
     bank = AdapterBank(model, slots=2, max_rank=8)
     bank.load(1, LoraConfig(rank=4, alpha=8), adapter(bank, 4, seed=7))
-    return Engine(model, bank, max_batch=8, max_seq_len=128)
+    return Engine(model, bank, max_batch=8, max_seq_len=128, layout=layout)
 
 
 def run(
@@ -81,9 +84,10 @@ def test_rows_linear_is_f_linear(shape, bias):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_decode_in_the_rows_layout_matches_the_model_path(family, monkeypatch):
-    """Decode steps as (W @ xᵀ)ᵀ (one live row duplicated to two) give the tokens and, within
-    1e-5, the logprobs of the model's own F.linear path, with and without an adapter."""
+def test_every_kernel_layout_decodes_as_the_model_path(family, monkeypatch):
+    """Decode steps and short prefills in each few-row layout (fused q/k/v and gate/up, one
+    live row duplicated to two for `rows`) give the tokens and, within 1e-5, the logprobs of
+    the model's own unfused F.linear path, with and without an adapter, mixed slots too."""
     prompt = [5, 17, 33, 8, 41, 12]
     jobs = [  # (n, slot, temperature)
         (1, 0, 0.0),
@@ -92,17 +96,93 @@ def test_decode_in_the_rows_layout_matches_the_model_path(family, monkeypatch):
         (3, 1, 1.0),
     ]
     results = {}
-    for layout_max in (engine_mod.ROWS_LAYOUT_MAX, 0):  # 0: every forward by the model path
-        monkeypatch.setattr(engine_mod, "ROWS_LAYOUT_MAX", layout_max)
-        engine = make_engine(family)
-        for n, slot, temp in jobs:
-            draws = [DrawParams(temp, 1.0, 0, row_generator(3, i)) for i in range(n)]
-            results[layout_max, n, slot] = run(engine, prompt, n, slot, draws)
-    for n, slot, _ in jobs:
-        fast, model_path = results[engine_mod.ROWS_LAYOUT_MAX, n, slot], results[0, n, slot]
-        for (tf, lf), (tm, lm) in zip(fast, model_path, strict=True):
-            assert tf == tm
-            assert np.abs(lf - lm).max() <= 1e-5
+    for layout in (*LAYOUTS, None):  # None: every forward by the model path
+        with monkeypatch.context() as m:
+            if layout is None:
+                m.setattr(KernelChoice, "table", lambda self, rows: None)
+            engine = make_engine(family, layout=layout or "linear")
+            for n, slot, temp in jobs:
+                draws = [DrawParams(temp, 1.0, 0, row_generator(3, i)) for i in range(n)]
+                results[layout, n, slot] = run(engine, prompt, n, slot, draws)
+            mixed = mixed_run(engine, prompt)
+            results[layout, "mixed"] = mixed
+    for layout in LAYOUTS:
+        for key in [(n, slot) for n, slot, _ in jobs] + [("mixed",)]:
+            fast, model_path = results[(layout, *key)], results[(None, *key)]
+            for (tf, lf), (tm, lm) in zip(fast, model_path, strict=True):
+                assert tf == tm, (layout, key)
+                assert np.abs(lf - lm).max() <= 1e-5, (layout, key)
+
+
+def mixed_run(engine: Engine, prompt: list[int]):
+    """Two jobs of different slots decoding in the same steps: per row (tokens, logprobs)."""
+    out: dict[tuple[int, int], list[tuple[int, float]]] = {}
+    jobs = []
+    for j, slot in enumerate((1, 0)):
+        draws = [DrawParams(1.0, 1.0, 0, row_generator(9 + j, i)) for i in range(2)]
+
+        def emit(kind, row, payload, j=j):
+            if kind == "token":
+                out.setdefault((j, row), []).append(payload)
+
+        job = GenerationJob(prompt[j:], 2, 12, frozenset(), draws, slot=slot, emit=emit)
+        engine.admit(job)
+        jobs.append(job)
+    while any(job.live_rows for job in jobs):
+        engine.step()
+    assert engine.mixed_steps > 0
+    return [([t for t, _ in v], np.array([lp for _, lp in v])) for _, v in sorted(out.items())]
+
+
+def test_measured_kernel_choice_covers_every_shape_and_bucket(tmp_path, monkeypatch):
+    """The engine measures each fused decode shape at each batch bucket, caches the result
+    on disk, and a second engine of the same shapes reads the cache instead of timing."""
+    monkeypatch.setenv("HEADWAY_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    monkeypatch.delenv("HEADWAY_KERNELS", raising=False)
+    first = Engine(tiny_model("qwen3"), None, max_batch=4, max_seq_len=64)
+    c = first.kernels
+    shapes = {shape for shape, _ in c.choice}
+    d = TINY_DIMS
+    q = d["num_attention_heads"] * d["head_dim"]
+    kv = d["num_key_value_heads"] * d["head_dim"]
+    assert (q + 2 * kv, d["hidden_size"]) in shapes  # fused q/k/v
+    assert (2 * d["intermediate_size"], d["hidden_size"]) in shapes  # fused gate/up
+    assert c.buckets == [1, 2, 4, 8, 16, 32]
+    assert set(c.choice) == {(s, b) for s in shapes for b in c.buckets}
+    assert all(c.choice[k] == pick(c.times[k]) for k in c.choice)
+    # Decode attention too: SDPA or grouped matmuls, per bucket.
+    assert all(c.attention[b] == pick(c.times[("attention", 0), b]) for b in c.buckets)
+    assert c.cached == 0 and (tmp_path / "kernels.json").exists()
+    second = Engine(tiny_model("qwen3"), None, max_batch=4, max_seq_len=64)
+    assert second.kernels.cached == len(c.choice) + len(c.buckets)
+    assert second.kernels.choice == c.choice and second.kernels.attention == c.attention
+
+
+def test_fused_weights_are_the_parameters_storage():
+    """Copying new weights into the q/k/v and gate/up parameters (what a full reload does)
+    changes the fused weights the decode steps read: the engine serves the new weights."""
+    engine = make_engine("qwen2")
+    other = tiny_model("qwen2", seed=5)
+    attn, mlp = engine.model.layers[0].self_attn, engine.model.layers[0].mlp
+    with torch.no_grad():
+        for name, p in engine.model.state_dict().items():
+            p.copy_(other.state_dict()[name])
+    fused = attn.fused_qkv
+    assert torch.equal(
+        fused.weight, torch.cat([other.layers[0].self_attn.q_proj.weight,
+                                 other.layers[0].self_attn.k_proj.weight,
+                                 other.layers[0].self_attn.v_proj.weight])
+    )  # fmt: skip
+    q_bias = other.layers[0].self_attn.q_proj.bias
+    assert torch.equal(fused.bias[: attn.q_proj.weight.shape[0]], q_bias)
+    assert mlp.fused_gate_up.weight.data_ptr() == mlp.gate_proj.weight.data_ptr()
+    prompt = [3, 9, 27]
+    draws = [DrawParams(0.0, 1.0, 0, None)]
+    got = run(engine, prompt, 1, 0, draws)
+    fresh = Engine(other, None, max_batch=8, max_seq_len=128, layout="linear")
+    want = run(fresh, prompt, 1, 0, draws)
+    assert got[0][0] == want[0][0]
+    assert np.abs(got[0][1] - want[0][1]).max() <= 1e-5
 
 
 def test_a_slot_reloaded_with_a_smaller_adapter_holds_only_it():
@@ -180,3 +260,106 @@ def test_the_draw_is_seeded_per_row_and_greedy_is_the_argmax():
     # Logprobs are the policy's at temperature 1, whatever shaped the draw.
     tokens, lps = draw(logits, rows(4))
     assert torch.allclose(lps, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0])
+
+
+@pytest.mark.parametrize("vocab", [50, 2000])
+def test_top_k_top_p_from_candidates_keep_what_a_full_sort_keeps(vocab):
+    """The candidate-set filter (topk, then the full sort only for rows whose nucleus runs
+    past the candidates) masks exactly the tokens the full sort of the vocabulary masks, and
+    seeded draws through it give the same tokens and logprobs."""
+    gen = torch.Generator().manual_seed(2)
+    # Peaked rows (nucleus among the candidates) and flat ones (the fallback).
+    scales = torch.tensor([8.0, 4.0, 0.05, 1.0, 2.0, 0.01, 6.0, 3.0, 0.5, 1.0])
+    logits = torch.randn(len(scales), vocab, generator=gen) * scales[:, None]
+    top_k = torch.tensor([0, 5, 0, 100, 0, 0, 3, 70, 0, 1])
+    top_p = torch.tensor([0.9, 1.0, 0.95, 0.8, 0.5, 1.0, 0.7, 0.99, 0.999, 0.3])
+    for scale in (1.0, 0.3):  # also every row at a temperature
+        x = logits / scale
+        want = sampling._filter_sorted(x, top_k, top_p)
+        got = sampling._filter(x, top_k, top_p)
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        assert torch.equal(got[~torch.isinf(got)], want[~torch.isinf(want)])
+
+    def params(seed: int) -> list[DrawParams]:
+        return [
+            DrawParams(0.7 + 0.1 * i, float(top_p[i]), int(top_k[i]), row_generator(seed, i))
+            for i in range(len(scales))
+        ]
+
+    exact, fast = params(3), params(3)
+    for _ in range(10):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(sampling, "_filter", sampling._filter_sorted)
+            t_exact, lp_exact = draw(logits, exact)
+        t_fast, lp_fast = draw(logits, fast)
+        assert torch.equal(t_exact, t_fast) and torch.equal(lp_exact, lp_fast)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_a_bf16_engine_reports_fp32_logprobs_close_to_the_fp32_model(layout):
+    """`--dtype bf16`: weights, activations and cache in bf16 (every layout), logprobs
+    computed in fp32 from the bf16 logits, within bf16 rounding of the fp32 engine's."""
+    prompt = [5, 17, 33, 8, 41, 12]
+    draws = [DrawParams(0.0, 1.0, 0, None)]
+    model32 = tiny_model("qwen3")
+    want = run(Engine(model32, None, 4, 64, layout="linear"), prompt, 1, 0, draws, 8)
+    model16 = tiny_model("qwen3").to(torch.bfloat16)
+    engine = Engine(model16, None, 4, 64, layout=layout)
+    assert engine.caches[0].k.dtype == torch.bfloat16
+    assert engine.model.layers[0].self_attn.fused_qkv.weight.dtype == torch.bfloat16
+    got = run(engine, prompt, 1, 0, draws, 8)
+    assert got[0][1].dtype == np.float64 or got[0][1].dtype == np.float32
+    # Teacher-forced on the fp32 tokens: the bf16 engine's logprob of each.
+    scored = engine.score(prompt + want[0][0], 0, len(prompt) + 8, None, 0)
+    assert np.abs(scored[len(prompt) - 1 :] - want[0][1]).max() < 0.1
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_grouped_decode_attention_decodes_as_sdpa(family):
+    """Decode attention as plain grouped matmuls (the other choice the engine measures)
+    gives SDPA's tokens and, within 1e-5, its logprobs, adapters and mixed slots included."""
+    prompt = [5, 17, 33, 8, 41, 12]
+    results = {}
+    for attention in ("sdpa", "grouped"):
+        engine = make_engine(family)
+        engine.kernels.attention = dict.fromkeys(engine.kernels.buckets, attention)
+        for n, slot, temp in [(1, 1, 0.0), (3, 0, 1.0)]:
+            draws = [DrawParams(temp, 1.0, 0, row_generator(3, i)) for i in range(n)]
+            results[attention, n] = run(engine, prompt, n, slot, draws)
+        results[attention, "mixed"] = mixed_run(engine, prompt)
+    for key in (1, 3, "mixed"):
+        for (tg, lg), (ts, ls) in zip(results["grouped", key], results["sdpa", key], strict=True):
+            assert tg == ts
+            assert np.abs(lg - ls).max() <= 1e-5
+
+
+@pytest.mark.parametrize("dims", [(4, 2, 1, 16, 9), (1, 8, 2, 8, 33), (3, 4, 4, 16, 5)])
+def test_grouped_attention_is_sdpa(dims):
+    B, H, kv, D, L = dims
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, 1, D, generator=gen)
+    k, v = torch.randn(2, B, kv, L, D, generator=gen)
+    pos = torch.randint(0, L, (B, 1), generator=gen)
+    mask = (torch.arange(L) <= pos[..., None])[:, None]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert (grouped_attention(q, k, v, mask) - want).abs().max() <= 1e-5
+
+
+def test_the_two_level_inverse_cdf_picks_what_a_flat_cumulative_sum_picks():
+    """Blocks then one block's cumulative sum: the token a flat fp64 cumulative sum over the
+    vocabulary picks for the same u, and never a token of zero probability."""
+    gen = torch.Generator().manual_seed(4)
+    V = 1000  # not a multiple of the block
+    logits = torch.randn(6, V, generator=gen) * torch.tensor([0.1, 1, 3, 8, 1, 2])[:, None]
+    logits[4, 300:] = float("-inf")  # a top-k-like cut: zeros past the first blocks
+    logits[5, ::2] = float("-inf")
+    probs = torch.softmax(logits, -1)
+    for _ in range(200):
+        u = torch.rand(6, generator=gen, dtype=torch.float64)
+        cdf = probs.double().cumsum(-1)
+        total = cdf[:, -1]
+        target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+        flat = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]
+        got = sampling._inverse_cdf(probs, u)
+        assert torch.equal(got, flat)
+        assert bool((probs[torch.arange(6), got] > 0).all())

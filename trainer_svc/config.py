@@ -32,6 +32,16 @@ class TrainerConfig:
     # "bf16": matmuls in bf16 where this machine multiplies bf16 faster (measured at start,
     # else fp32), over fp32 weights, gradients, AdamW state and checkpoints.
     dtype: str = "fp32"
+    # Checkpoint durability. False (default): an OptimStep replies once its checkpoint's
+    # files (weights and optimizer state) are written and renamed and HEAD moved, which
+    # survives a crash of the trainer process (the bytes are in the kernel's page cache);
+    # the fsyncs that make them survive a power loss run in the background, in order.
+    # True: everything is fsynced before the reply (a power loss loses no acknowledged
+    # step; each step waits for the disk).
+    sync_saves: bool = False
+    # Asynchronous saves: checkpoints written but not yet fsynced before a save waits for
+    # the disk (bounds the dirty memory and what a power loss can take back).
+    max_pending_syncs: int = 2
     # torch CPU threads of the process, set when it starts serving (`serve`); 0 = torch's
     # default, one per core. Processes sharing a machine should split its cores.
     threads: int = 0

@@ -26,16 +26,17 @@ from headway.modeling import (
     build_model,
     hf_state_dict,
     lora_state_dict,
-    save_adapter,
 )
 from headway.modeling.lora import peft_config
 from headway.store import (
+    ADAPTER_FILE,
     OPTIMIZER_FILE,
     WEIGHTS_FILE,
     CheckpointRecord,
     CheckpointStore,
     ModelRecord,
 )
+from headway.store.tensorfile import write_safetensors
 from headway.store.weights import adapter_dir, base_config, full_state, read_adapter
 from trainer_svc.pool import FrozenPool
 
@@ -172,38 +173,45 @@ def _load_optimizer(
         optimizer.state[p] = {"step": steps[k], "exp_avg": m.view_as(p), "exp_avg_sq": v.view_as(p)}
 
 
-def optimizer_tensors(state: ModelState) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """AdamW state packed as three tensors (step counts, first and second moments, in
-    parameter order) and the metadata naming that order.
+def optimizer_tensors(
+    state: ModelState,
+) -> tuple[dict[str, torch.Tensor | list[torch.Tensor]], dict[str, str]]:
+    """AdamW state as three safetensors tensors (step counts, first and second moments, in
+    parameter order), the moments given as their per-parameter parts (written back to
+    back, never concatenated in memory), and the metadata naming that order.
 
     Three flat tensors instead of three per parameter: writing hundreds of small tensors
     costs more than the bytes themselves for a LoRA adapter.
     """
     names = [n for n, p in state.params.items() if state.optimizer.state.get(p)]
     per = [state.optimizer.state[state.params[n]] for n in names]
-    tensors = {
+    tensors: dict[str, torch.Tensor | list[torch.Tensor]] = {
         "step": torch.stack([s["step"].detach().float().reshape(()) for s in per]),
-        "exp_avg": torch.cat([s["exp_avg"].detach().reshape(-1) for s in per]),
-        "exp_avg_sq": torch.cat([s["exp_avg_sq"].detach().reshape(-1) for s in per]),
+        "exp_avg": [s["exp_avg"].detach() for s in per],
+        "exp_avg_sq": [s["exp_avg_sq"].detach() for s in per],
     }
     return tensors, {"format": "pt", "params": json.dumps(names)}
 
 
 def checkpoint_writer(state: ModelState) -> Any:
-    """A function writing the state's checkpoint files into a directory."""
+    """A function writing the state's checkpoint files into a directory: the weights (or
+    adapter) first, the optimizer state after, straight from the tensors' memory
+    (`headway.store.tensorfile`)."""
     base_path = state.record.base
 
     def write(directory: Path) -> None:
         if state.record.lora:
-            save_adapter(state.module, directory, base_model=base_path)
+            write_safetensors(
+                directory / ADAPTER_FILE, lora_state_dict(state.module), {"format": "pt"}
+            )
+            config = peft_config(LoraConfig(**state.record.lora), base_path)
+            (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
         else:
-            save_file(
-                hf_state_dict(state.module),
-                str(directory / WEIGHTS_FILE),
-                metadata={"format": "pt"},
+            write_safetensors(
+                directory / WEIGHTS_FILE, hf_state_dict(state.module), {"format": "pt"}
             )
         tensors, metadata = optimizer_tensors(state)
-        save_file(tensors, str(directory / OPTIMIZER_FILE), metadata=metadata)
+        write_safetensors(directory / OPTIMIZER_FILE, tensors, metadata)
 
     return write
 

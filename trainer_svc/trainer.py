@@ -6,11 +6,13 @@ for one model are serialized by a lock, and a call re-resolves its model inside 
 (a model deleted and re-created meanwhile is another model); different models proceed
 independently, their batch decoding and torch work in threads, never on the event loop.
 A training call with a request id seen before returns its first result (`ReplyCache`);
-an OptimStep saves, promotes and then publishes (`HeadPublisher`), and returns only when
-the new head is durable. Each training call arrives as one object (`trainer_svc.calls`),
-built by the servicer from its request. Every request is bounded before work proportional
-to its size starts (`batches`, `forwards`, `adapters`, the metric and request-id checks
-below).
+an OptimStep saves, promotes and then publishes (`HeadPublisher`), and returns once the
+new head survives a crash of this process (files written and renamed, HEAD moved); the
+fsyncs that make it survive a power loss follow in the background unless
+`TrainerConfig.sync_saves` (see headway/store/durable.py). Each training call arrives as
+one object (`trainer_svc.calls`), built by the servicer from its request. Every request
+is bounded before work proportional to its size starts (`batches`, `forwards`,
+`adapters`, the metric and request-id checks below).
 """
 
 from __future__ import annotations
@@ -73,7 +75,9 @@ class Trainer:
 
     def __init__(self, config: TrainerConfig, redis: Any | None = None) -> None:
         self.config = config
-        self.store = CheckpointStore(config.store)
+        self.store = CheckpointStore(
+            config.store, sync=config.sync_saves, max_pending=config.max_pending_syncs
+        )
         self.redis = redis
         # Weights and optimizer state are fp32; `mode` is how they are computed with
         # (--dtype, and the matmul kernels measured on this machine).
@@ -191,7 +195,8 @@ class Trainer:
         model = self.trainable(slug, team)
         async with self._lock(slug):
             self._still(model, team)
-            record = self.store.set_head(slug, ckpt_id)
+            # In a thread: it may wait for the checkpoint's background fsync.
+            record = await asyncio.to_thread(self.store.set_head, slug, ckpt_id)
             self._states.drop(slug)  # reload weights *and* optimizer state from the new head
         await self.heads.publish(slug, record)
         return record
@@ -322,7 +327,8 @@ class Trainer:
         return await self._once(record, call, "backward_custom", run)
 
     async def optim_step(self, call: OptimStepCall) -> OptimResult:
-        """AdamW → save → promote HEAD → publish; returns once the head is durable."""
+        """AdamW → save → promote HEAD → publish; returns once the head survives a crash
+        of this process (and a power loss, with `sync_saves`)."""
         record = self.trainable(call.model, call.team)
         call.adam.check()
 
@@ -373,6 +379,7 @@ class Trainer:
         return self._optim_result(slug, record)
 
     def _apply_and_save(self, state: ModelState, adam: AdamArgs, record: CheckpointRecord) -> None:
+        started = time.perf_counter()
         norm = compute.optim_step(
             state,
             adam.learning_rate,
@@ -383,8 +390,18 @@ class Trainer:
             adam.grad_clip_norm,
         )
         record.stats["metrics"]["grad/norm"] = norm
+        stepped = time.perf_counter()
         self.store.write_checkpoint(record, checkpoint_writer(state))
-        self.store.set_head(record.model, record.id)
+        written = time.perf_counter()
+        self.store.set_head(record.model, record.id, wait=False)  # fsynced after the files
+        log.debug(
+            "optim_step %s/%s: AdamW %.1f ms, checkpoint written %.1f ms, HEAD %.1f ms",
+            record.model,
+            record.id,
+            1e3 * (stepped - started),
+            1e3 * (written - stepped),
+            1e3 * (time.perf_counter() - written),
+        )
 
     def _optim_result(self, slug: str, record: CheckpointRecord) -> OptimResult:
         return OptimResult(
@@ -464,12 +481,13 @@ class Trainer:
         move HEAD back.
         """
         if self.store.head(slug) == record.parent_id:
-            self.store.set_head(slug, record.id)
+            await asyncio.to_thread(self.store.set_head, slug, record.id)
             self._states.drop(slug)  # reload from the promoted head
             await self.heads.publish(slug, record)
 
     async def close(self) -> None:
-        """Stop background publishing and close the Redis client."""
+        """Finish the background fsyncs, stop background publishing, close Redis."""
+        await asyncio.to_thread(self.store.flush)
         await self.heads.close()
 
     @property

@@ -9,11 +9,17 @@ attention masks them out and the next write at that position overwrites them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
 class KVCache(torch.nn.Module):
     """Keys and values of one layer for `batch` rows of up to `max_len` positions."""
+
+    # How one-token (decode) forwards attend over this cache: None = torch's SDPA, else a
+    # function like `model.grouped_attention` (set by a serving engine on its windows).
+    decode_attention: Callable[..., torch.Tensor] | None = None
 
     def __init__(
         self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype

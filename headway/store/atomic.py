@@ -1,8 +1,11 @@
-"""Crash-safe writes: temp name → fsync → rename → fsync the directory.
+"""Crash-safe writes: temp name → (fsync) → rename → (fsync the directory).
 
 A reader (or a process restarted after SIGKILL) sees either the old content or the new,
-never a torn file. Directories are published the same way: built under a temp name,
-every file in them fsynced, then renamed into place in one step.
+never a torn file: that needs only the rename, since a killed process's writes are already
+in the kernel's page cache. The fsyncs add survival of a power loss; with `sync=False`
+they are left to the caller (the store does them in the background, see `durable.py`).
+Directories are published the same way: built under a temp name, then renamed into place
+in one step.
 """
 
 from __future__ import annotations
@@ -39,21 +42,24 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(f"{TMP_PREFIX}{path.name}-{secrets.token_hex(4)}")
 
 
-def write_bytes(path: Path, data: bytes, mode: int = 0o666) -> None:
+def write_bytes(path: Path, data: bytes, mode: int = 0o666, sync: bool = True) -> None:
     """Atomically replace `path` with `data`; the new file gets `mode` (less the umask),
-    from its creation on: a private file is never readable by others, even briefly."""
+    from its creation on: a private file is never readable by others, even briefly.
+    `sync=False` skips the fsyncs (atomic for readers and process crashes, not power loss)."""
     tmp = temp_sibling(path)
     with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if sync:
+        fsync_dir(path.parent)
 
 
-def write_json(path: Path, value: Any, mode: int = 0o666) -> None:
+def write_json(path: Path, value: Any, mode: int = 0o666, sync: bool = True) -> None:
     """Atomically replace `path` with `value` as indented JSON (see `write_bytes`)."""
-    write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode(), mode)
+    write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode(), mode, sync)
 
 
 def fsync_tree(path: Path) -> None:
@@ -64,13 +70,16 @@ def fsync_tree(path: Path) -> None:
         fsync_dir(Path(root))
 
 
-def publish_dir(tmp: Path, final: Path) -> None:
-    """Rename the fully written directory `tmp` to `final` and make the rename durable.
+def publish_dir(tmp: Path, final: Path, sync: bool = True) -> None:
+    """Rename the fully written directory `tmp` to `final` and (`sync`) make it durable:
+    its files before the rename, the rename after.
 
     Raises FileExistsError if `final` exists (rename over a non-empty directory fails).
     """
-    fsync_tree(tmp)
+    if sync:
+        fsync_tree(tmp)
     if final.exists():
         raise FileExistsError(final)
     os.rename(tmp, final)
-    fsync_dir(final.parent)
+    if sync:
+        fsync_dir(final.parent)

@@ -60,13 +60,16 @@ class CheckpointRecord:
     model: str
     kind: Kind
     step: int
-    created: float  # unix seconds, when it became durable
+    created: float  # unix seconds, when it was published (renamed into place)
     parent_id: str = ""  # "" for a base's root
     parent_model: str = ""  # set when the parent belongs to another model (a fork's root)
     ref: CheckpointRef | None = None  # the files are those of another checkpoint
     has_optimizer: bool = False  # optimizer.safetensors present (roots have none)
     stats: dict[str, Any] | None = None  # CheckpointStats of the step that made it
     request_id: str = ""  # idempotency key of the OptimStep that made it
+    # Size in bytes of each file of the checkpoint (meta.json aside), as written: what
+    # tells a checkpoint a power loss tore from a complete one (CheckpointStore).
+    files: dict[str, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

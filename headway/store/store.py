@@ -8,16 +8,27 @@
     <root>/models/<slug>/checkpoints/<id>/weights.safetensors      a full checkpoint (HF names)
     <root>/models/<slug>/checkpoints/<id>/optimizer.safetensors    AdamW state
 
-Invariants: a checkpoint directory appears only complete (built under a temp name, fsynced,
-renamed); HEAD names only a complete checkpoint and moves atomically; a model directory
-appears only with its model.json, root checkpoint and HEAD. Leftovers of interrupted writes
-carry the temp prefix and are removed when a store opens. Many processes may read; one
-trainer writes a given model.
+Invariants: a checkpoint directory appears only complete (built under a temp name, then
+renamed; meta.json, written last, records the size of every file); HEAD names only a
+complete checkpoint and moves atomically; a model directory appears only with its
+model.json, root checkpoint and HEAD. Leftovers of interrupted writes carry the temp prefix
+and are removed when a store opens. Many processes may read; one trainer writes a given
+model.
+
+Durability (`sync`): a synchronous store fsyncs every file and directory before a write
+returns, so what it wrote survives a power loss. An asynchronous one (`sync=False`)
+returns once the files are written and renamed — that already survives a crash of the
+process, whose writes are in the kernel's page cache — and fsyncs them in the background
+in write order (`durable.Syncer`). A power loss may then lose the last checkpoints and
+head moves; opening the store for writing (`recover`) removes a checkpoint whose files a
+power loss tore (sizes not those meta.json records) and moves a HEAD that named it back
+to its nearest complete ancestor.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -28,6 +39,7 @@ from pathlib import Path
 
 from headway.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from headway.store import atomic
+from headway.store.durable import Syncer
 from headway.store.records import CheckpointRecord, CheckpointRef, ModelRecord
 
 # Matched whole (`fullmatch`): `$` would also accept a trailing newline ("tiny\n").
@@ -41,6 +53,7 @@ WEIGHTS_FILE = "weights.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 META_FILE = "meta.json"
 _DELETED_PREFIX = ".deleted-"
+log = logging.getLogger(__name__)
 
 
 def check_slug(name: str) -> str:
@@ -56,17 +69,29 @@ def check_slug(name: str) -> str:
 class CheckpointStore:
     """Models, their checkpoint trees and heads, on disk under `root`."""
 
-    def __init__(self, root: str | Path, recover: bool = True) -> None:
+    def __init__(
+        self, root: str | Path, recover: bool = True, sync: bool = True, max_pending: int = 2
+    ) -> None:
         """Open (creating) the store at `root`.
 
-        `recover` removes leftovers of interrupted writes: only the writer (the trainer)
-        may, since a reader cannot tell a leftover from a write in progress.
+        `recover` removes leftovers of interrupted writes and checkpoints a power loss tore:
+        only the writer (the trainer) may, since a reader cannot tell a leftover from a
+        write in progress. `sync=False` moves the fsyncs of checkpoints and heads to a
+        background thread (at most `max_pending` writes ahead of the disk; see the module
+        docstring).
         """
         self.root = Path(root).resolve()
         self.models_dir = self.root / "models"
         self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.sync = sync
+        self.syncer = Syncer(2 * max_pending)  # a checkpoint's job, then its HEAD's
         if recover:
             self.remove_leftovers()
+            self.check_checkpoints()
+
+    def flush(self) -> None:
+        """Block until everything written so far is fsynced (a no-op for a sync store)."""
+        self.syncer.wait()
 
     # ----------------------------------------------------------------- recovery
     def remove_leftovers(self) -> list[Path]:
@@ -84,6 +109,58 @@ class CheckpointStore:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
                 removed.append(path)
         return removed
+
+    def check_checkpoints(self) -> list[Path]:
+        """Remove checkpoints whose files are not those their meta.json records (what a
+        power loss can leave of a checkpoint written without fsync), then point a HEAD
+        naming a missing checkpoint at its nearest complete ancestor. Returns the removed
+        directories."""
+        removed = []
+        for model_dir in self.models_dir.iterdir():
+            ckpts = model_dir / "checkpoints"
+            if model_dir.name.startswith(".") or not ckpts.is_dir():
+                continue
+            parents: dict[str, str] = {}
+            for d in ckpts.iterdir():
+                if d.name.startswith("."):
+                    continue
+                problem, parent = _torn(d)
+                if problem:
+                    log.warning("removing torn checkpoint %s: %s", d, problem)
+                    parents[d.name] = parent
+                    doomed = ckpts / f"{_DELETED_PREFIX}{d.name}-{secrets.token_hex(4)}"
+                    os.rename(d, doomed)
+                    shutil.rmtree(doomed, ignore_errors=True)
+                    removed.append(d)
+            if removed:
+                atomic.fsync_dir(ckpts)
+            self._repair_head(model_dir, parents)
+        return removed
+
+    def _repair_head(self, model_dir: Path, parents: dict[str, str]) -> None:
+        head_file = model_dir / "HEAD"
+        try:
+            head = head_file.read_text().strip()
+        except OSError:
+            head = ""
+        ckpts = model_dir / "checkpoints"
+        if head and (ckpts / head / META_FILE).is_file():
+            return
+        # Walk up what is known of the lost head's lineage, else take the latest checkpoint.
+        cur = parents.get(head, "")
+        while cur and not (ckpts / cur / META_FILE).is_file():
+            cur = parents.get(cur, "")
+        if not cur:
+            metas = [
+                json.loads((d / META_FILE).read_text())
+                for d in ckpts.iterdir()
+                if not d.name.startswith(".") and (d / META_FILE).is_file()
+            ]
+            if not metas:
+                return
+            cur = max(metas, key=lambda m: (m["step"], m["created"]))["id"]
+        log.warning("HEAD of %s named a lost checkpoint %r: moved to %s", model_dir.name, head, cur)
+        atomic.write_bytes(head_file, (cur + "\n").encode())
 
     # ------------------------------------------------------------------- models
     def model_dir(self, slug: str) -> Path:
@@ -226,18 +303,23 @@ class CheckpointStore:
         Does not move HEAD (see `set_head`).
         """
         self.get_model(record.model)
+        self.syncer.raise_error()  # a disk that failed an fsync takes no more checkpoints
         final = self.checkpoint_dir(record.model, record.id)
         tmp = final.with_name(f"{atomic.TMP_PREFIX}{record.id}-{secrets.token_hex(4)}")
         tmp.mkdir(parents=True)
         try:
             if write_files is not None:
                 write_files(tmp)
+            record.files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
             record.created = time.time()
             (tmp / META_FILE).write_text(json.dumps(record.to_json(), indent=2))
-            atomic.publish_dir(tmp, final)
+            atomic.publish_dir(tmp, final, sync=self.sync)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if not self.sync:
+            files = [final / name for name in (*record.files, META_FILE)]
+            self.syncer.submit(str(final), [*files, final, final.parent])
         return record
 
     # --------------------------------------------------------------------- head
@@ -250,10 +332,21 @@ class CheckpointStore:
         """The model's head checkpoint record."""
         return self.get_checkpoint(slug, self.head(slug))
 
-    def set_head(self, slug: str, ckpt_id: str) -> CheckpointRecord:
-        """Atomically point HEAD at a complete checkpoint of the model (durable on return)."""
+    def set_head(self, slug: str, ckpt_id: str, wait: bool = True) -> CheckpointRecord:
+        """Atomically point HEAD at a complete checkpoint of the model.
+
+        Synchronous store: durable on return. Asynchronous: safe from a process crash on
+        return, fsynced in the background after the checkpoint; with `wait` (a rollback
+        or branch point, not an OptimStep's own promotion), the checkpoint's background
+        fsync is waited for first.
+        """
         record = self.get_checkpoint(slug, ckpt_id)
-        atomic.write_bytes(self.model_dir(slug) / "HEAD", (ckpt_id + "\n").encode())
+        if wait and not self.sync:
+            self.syncer.wait(str(self.checkpoint_dir(slug, ckpt_id)))
+        head = self.model_dir(slug) / "HEAD"
+        atomic.write_bytes(head, (ckpt_id + "\n").encode(), sync=self.sync)
+        if not self.sync:
+            self.syncer.submit(f"{slug}/HEAD", [head, head.parent])
         return record
 
     # -------------------------------------------------------------------- files
@@ -296,6 +389,23 @@ class CheckpointStore:
             if record.request_id == request_id:
                 return record
         return None
+
+
+def _torn(ckpt_dir: Path) -> tuple[str, str]:
+    """(what is wrong with the checkpoint directory, "" if complete; its parent id)."""
+    try:
+        meta = json.loads((ckpt_dir / META_FILE).read_text())
+    except (FileNotFoundError, ValueError) as e:  # not a permission problem: never torn
+        return f"meta.json missing or not JSON ({e})", ""
+    parent = str(meta.get("parent_id", ""))
+    for name, size in (meta.get("files") or {}).items():
+        try:
+            actual = (ckpt_dir / name).stat().st_size
+        except FileNotFoundError:
+            return f"{name} missing", parent
+        if actual != size:
+            return f"{name} has {actual} bytes, meta.json records {size}", parent
+    return "", parent
 
 
 __all__ = ["CheckpointRef", "CheckpointStore", "check_slug"]

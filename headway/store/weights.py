@@ -22,6 +22,7 @@ from headway.modeling.load import empty_model, read_weights
 from headway.modeling.lora import LoraConfig, read_adapter_config
 from headway.store.records import CheckpointRecord
 from headway.store.store import ADAPTER_FILE, WEIGHTS_FILE, CheckpointStore
+from headway.store.tensorfile import read_safetensors
 
 
 def base_config(store: CheckpointStore, slug: str) -> ModelConfig:
@@ -41,7 +42,7 @@ def adapter_dir(store: CheckpointStore, slug: str, ckpt_id: str) -> Path:
 def read_adapter(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """(config, {our module name: (A, B)} flattened as name.lora_A / name.lora_B) of a dir."""
     config = read_adapter_config(path)
-    raw = load_file(str(path / ADAPTER_FILE))
+    raw = read_safetensors(path / ADAPTER_FILE)
     prefix = "base_model.model.model."
     return config, {k.removeprefix(prefix).removesuffix(".weight"): v for k, v in raw.items()}
 

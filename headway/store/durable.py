@@ -1,0 +1,97 @@
+"""`Syncer`: the fsyncs a store in asynchronous mode does after the fact, in order.
+
+A file written and renamed is already safe from a process crash (SIGKILL): its bytes are
+in the kernel's page cache and outlive the process. Only a power loss (or a kernel crash)
+loses what was not fsynced. So the store writes and renames on the caller's path, and
+hands the fsyncs of what it wrote to one background thread, which runs them in the order
+they were written (a checkpoint's files, its directory, the directory that names it, then
+the HEAD that points at it). What a power loss may still tear — a checkpoint whose rename
+reached the disk before its data — the store finds on opening and removes (see
+`CheckpointStore.check_checkpoints`).
+
+Backpressure: at most `max_pending` jobs wait; a writer that would exceed that waits for
+the disk, so a disk slower than the training loop slows the loop instead of piling up
+dirty memory. An fsync that fails (EIO, disk full) is raised to the next writer: the
+store then refuses to pretend it is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from pathlib import Path
+
+from headway.store import atomic
+
+log = logging.getLogger(__name__)
+_IDLE_SECONDS = 5.0
+
+
+class Syncer:
+    """A FIFO of fsync jobs run by one daemon thread."""
+
+    def __init__(self, max_pending: int = 2) -> None:
+        self.max_pending = max(1, max_pending)
+        self._jobs: deque[tuple[str, list[Path]]] = deque()
+        self._running: str | None = None
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, key: str, paths: list[Path]) -> None:
+        """fsync `paths` (files and directories, in this order) after the jobs before it.
+        Waits while `max_pending` jobs are queued; raises a previous job's failure."""
+        with self._cond:
+            self.raise_error()
+            self._cond.wait_for(lambda: len(self._jobs) < self.max_pending)
+            self.raise_error()
+            self._jobs.append((key, paths))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="store-fsync", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def pending(self, key: str) -> bool:
+        """Whether a job named `key` is queued or running."""
+        with self._cond:
+            return self._running == key or any(k == key for k, _ in self._jobs)
+
+    def wait(self, key: str | None = None) -> None:
+        """Block until the job named `key` (every job, for None) is done; raises a failure."""
+        with self._cond:
+            if key is None:
+                self._cond.wait_for(lambda: not self._jobs and self._running is None)
+            else:
+                self._cond.wait_for(
+                    lambda: self._running != key and all(k != key for k, _ in self._jobs)
+                )
+            self.raise_error()
+
+    def raise_error(self) -> None:
+        """Raise the failure of an earlier fsync, if one failed."""
+        if self._error is not None:
+            raise OSError(f"a background fsync of the checkpoint store failed: {self._error}")
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                # Idle for a while: the thread ends (the next submit starts another).
+                if not self._cond.wait_for(lambda: bool(self._jobs), _IDLE_SECONDS):
+                    self._thread = None
+                    return
+                key, paths = self._jobs.popleft()
+                self._running = key
+            try:
+                for path in paths:
+                    if path.is_dir():
+                        atomic.fsync_dir(path)
+                    elif path.exists():  # a HEAD replaced since is fsynced by its own job
+                        atomic.fsync_file(path)
+            except OSError as e:
+                log.error("fsync of %s failed: %s", key, e)
+                with self._cond:
+                    self._error = e
+            with self._cond:
+                self._running = None
+                self._cond.notify_all()

@@ -1,0 +1,311 @@
+"""Matmul layouts of few-row forwards (decode steps, short prefills), chosen by measurement.
+
+A decode step is a chain of `[rows, in] × [out, in]ᵀ` products with few rows. Which way
+of asking torch for it is fastest depends on the CPU, the BLAS torch was built with, the
+shape and the number of rows: on one Xeon `(W @ xᵀ)ᵀ` streamed the weights twice as fast as
+`F.linear`, on an EPYC F.linear was twice as fast at one row. No constant can be right on
+every machine, so an engine times the candidates (`LAYOUTS`) on its own weights, for each
+weight shape and each batch bucket (1, 2, 4, ... rows), and keeps the fastest.
+
+The measurement runs once per (CPU model, torch version, threads, dtype, shape, bucket) and
+is cached on disk (`$HEADWAY_KERNEL_CACHE`, default `~/.cache/headway/kernels.json`), so a
+restart on the same machine costs nothing; the choice is logged. Every layout computes
+the same product (to float rounding): the tests check each gives the same logits.
+
+Candidates: `linear` (F.linear, x @ Wᵀ), `rows` ((W @ xᵀ)ᵀ, one row duplicated to two so
+torch's mm runs its GEMM rather than its matrix-vector path). A pre-transposed contiguous
+copy of W (x @ Wᵀᵀ) was left out: it doubles the weights' memory and a reload that copies
+into the parameters would have to refresh it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from headway.modeling.model import grouped_attention
+
+log = logging.getLogger(__name__)
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+Shape = tuple[int, int]  # (out, in) of a weight
+
+
+def rows_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """F.linear(x, weight, bias) computed as (W @ xᵀ)ᵀ, for a few rows of `x` `[..., in]`.
+
+    One row is duplicated: a single column sends torch's mm down a matrix-vector path,
+    while two columns run the GEMM (faster on some CPUs, slower on others: measured).
+    """
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    if n == 1:
+        rows = torch.cat((rows, rows))
+    out = torch.mm(weight, rows.T).T[:n].contiguous()
+    if bias is not None:
+        out += bias
+    return out.view(*lead, out.shape[-1])
+
+
+LAYOUTS: dict[str, Kernel] = {"linear": F.linear, "rows": rows_linear}
+MAX_BUCKET = 64  # forwards of more rows (long prefills) use F.linear, the model's own path
+
+
+def buckets(max_rows: int) -> list[int]:
+    """Row counts timed: powers of two up to the first ≥ `max_rows` (at most MAX_BUCKET)."""
+    out = [1]
+    while out[-1] < min(max_rows, MAX_BUCKET):
+        out.append(out[-1] * 2)
+    return out
+
+
+def bucket_of(rows: int) -> int:
+    """The timed bucket a forward of `rows` rows runs as (the next power of two)."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+def machine_key(dtype: torch.dtype) -> str:
+    """What a measured choice depends on besides the shape: CPU, torch, threads, dtype."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}|torch {torch.__version__}|threads {torch.get_num_threads()}|{dtype}"
+
+
+def cache_path() -> Path:
+    env = os.environ.get("HEADWAY_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "headway/kernels.json"
+
+
+_cache_lock = threading.Lock()
+
+
+def _read_cache(path: Path) -> dict[str, dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: Path, entries: dict[str, dict]) -> None:
+    """Merge `entries` into the cache file (temp file + rename: never a torn file)."""
+    try:
+        with _cache_lock:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data = _read_cache(path)
+            data.update(entries)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            tmp.replace(path)
+    except OSError as e:  # a read-only home: measure again next start
+        log.warning("kernel choices not cached (%s): %s", path, e)
+
+
+def time_layouts(
+    weights: list[torch.Tensor], rows: int, rounds: int = 5, inner: int = 1
+) -> dict[str, float]:
+    """Seconds of one pass over `weights` (all of one shape) per layout, at `rows`.
+
+    The layouts run interleaved (A, B, A, B, ...) so that load from other processes hits
+    them alike, the first round is warmup, and each keeps its fastest round: on a shared
+    machine the slow rounds measure the neighbours, the fastest one the layout.
+    """
+    w0 = weights[0]
+    x = torch.randn(rows, w0.shape[1], dtype=w0.dtype, device=w0.device)
+    times: dict[str, list[float]] = {name: [] for name in LAYOUTS}
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            for name, fn in LAYOUTS.items():
+                start = time.perf_counter()
+                for _ in range(inner):
+                    for w in weights:
+                        fn(x, w, None)
+                if w0.device.type == "cuda":
+                    torch.cuda.synchronize()
+                if r:
+                    times[name].append((time.perf_counter() - start) / inner)
+    return {name: min(ts) for name, ts in times.items()}
+
+
+ATTENTIONS: dict[str, Callable[..., torch.Tensor] | None] = {
+    "sdpa": None,  # torch's scaled_dot_product_attention (the model's default)
+    "grouped": grouped_attention,  # plain matmuls, query heads grouped per kv head
+}
+
+
+def time_attention(
+    heads: tuple[int, int, int], rows: int, dtype: torch.dtype, length: int, rounds: int = 5
+) -> dict[str, float]:
+    """Seconds of one decode attention (one query per row over `length` cached positions)
+    per way of computing it, interleaved, fastest round each (as `time_layouts`)."""
+    H, kv, D = heads
+    q = torch.randn(rows, H, 1, D, dtype=dtype)
+    k, v = torch.randn(2, rows, kv, length, D, dtype=dtype)
+    mask = (torch.arange(length) < length - 3)[None, None, None].expand(rows, 1, 1, length)
+    fns = {
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+        "grouped": lambda: grouped_attention(q, k, v, mask),
+    }
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                for _ in range(4):
+                    fn()
+                if r:
+                    times[name].append((time.perf_counter() - start) / 4)
+    return {name: min(ts) for name, ts in times.items()}
+
+
+def pick(times: dict[str, float], margin: float = 0.05) -> str:
+    """The fastest; the model's own (F.linear, SDPA) unless another beats it by `margin`."""
+    best = min(times, key=times.get)
+    for default in ("linear", "sdpa"):
+        if default in times and times[best] > (1 - margin) * times[default]:
+            return default
+    return best
+
+
+class KernelChoice:
+    """The measured layout for each (weight shape, batch bucket) of one engine's forwards."""
+
+    def __init__(
+        self,
+        weights: dict[Shape, list[torch.Tensor]],
+        max_rows: int,
+        force: str | None = None,
+        heads: tuple[int, int, int] | None = None,
+        length: int = 128,
+    ) -> None:
+        """`weights`: the engine's decode weights grouped by shape; `heads` (query heads,
+        kv heads, head dim): also time decode attention over `length` positions. `force`
+        (or $HEADWAY_KERNELS) = a layout name: that layout everywhere, SDPA, nothing
+        measured."""
+        self.buckets = buckets(max_rows)
+        self.heads, self.length = heads, length
+        self.choice: dict[tuple[Shape, int], str] = {}
+        self.attention: dict[int, str] = {b: "sdpa" for b in self.buckets}
+        self.times: dict[tuple[Shape, int], dict[str, float]] = {}  # seconds per layout
+        self.cached = 0
+        forced = force or os.environ.get("HEADWAY_KERNELS", "")
+        if forced:
+            if forced not in LAYOUTS:
+                raise ValueError(f"kernel layout {forced!r}: choose among {', '.join(LAYOUTS)}")
+            for shape in weights:
+                for b in self.buckets:
+                    self.choice[shape, b] = forced
+        else:
+            self._measure(weights)
+        self._tables: dict[int, dict[Shape, Kernel]] = {
+            b: {s: LAYOUTS[self.choice[s, b]] for s in weights} for b in self.buckets
+        }
+
+    def _measure(self, weights: dict[Shape, list[torch.Tensor]]) -> None:
+        dtype = next(iter(weights.values()))[0].dtype
+        machine, path = machine_key(dtype), cache_path()
+        cached, fresh = _read_cache(path), {}
+        started = time.perf_counter()
+        for shape, ws in weights.items():
+            for b in self.buckets:
+                key = f"{machine}|{shape[0]}x{shape[1]}x{len(ws)}|rows {b}"
+                entry = cached.get(key)
+                if entry is None or set(entry.get("times", {})) != set(LAYOUTS):
+                    entry = {"times": time_layouts(ws, b)}
+                    fresh[key] = entry
+                else:
+                    self.cached += 1
+                times = entry["times"]
+                self.times[shape, b] = times
+                self.choice[shape, b] = pick(times)
+        if self.heads is not None:
+            H, kv, D = self.heads
+            for b in self.buckets:
+                key = f"{machine}|attention {H}/{kv}x{D} over {self.length}|rows {b}"
+                entry = cached.get(key)
+                if entry is None or set(entry.get("times", {})) != set(ATTENTIONS):
+                    entry = {"times": time_attention(self.heads, b, dtype, self.length)}
+                    fresh[key] = entry
+                else:
+                    self.cached += 1
+                self.times[("attention", 0), b] = entry["times"]
+                self.attention[b] = pick(entry["times"])
+        if fresh:
+            _write_cache(path, fresh)
+        log.info(
+            "decode kernels (%s; %d measured in %.1f s, %d from %s): %s",
+            machine,
+            len(fresh),
+            time.perf_counter() - started,
+            self.cached,
+            path,
+            self.describe(),
+        )
+
+    def table(self, rows: int) -> dict[Shape, Kernel] | None:
+        """Shape → layout for a forward of `rows` rows; None beyond the largest bucket."""
+        b = bucket_of(rows)
+        return self._tables.get(b)
+
+    def attend(self, rows: int) -> Callable[..., torch.Tensor] | None:
+        """The decode attention for `rows` rows (None: SDPA)."""
+        return ATTENTIONS[self.attention.get(bucket_of(rows), "sdpa")]
+
+    def describe(self) -> str:
+        """The choice per bucket: "b1: 768x512 linear, ..., attention sdpa; b2: ..."."""
+        parts = []
+        for b in self.buckets:
+            picks = ", ".join(
+                f"{o}x{i} {self.choice[(o, i), b]}" for (o, i), bb in self.choice if bb == b
+            )
+            parts.append(f"b{b}: {picks}, attention {self.attention[b]}")
+        return "; ".join(parts)
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16}  # fmt: skip
+
+
+def bf16_units(device: str = "cpu") -> bool:
+    """Whether bf16 matmuls run on bf16 hardware here (AVX-512 BF16 or AMX; any CUDA GPU)."""
+    if device.startswith("cuda"):
+        return True
+    cpu = torch.cpu
+    return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+
+
+def engine_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    """The dtype of engine weights for the `--dtype` setting (`name`), checked against the
+    hardware: bf16 without bf16 units would be slower than fp32, so it falls back (logged)."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: choose fp32 or bf16")
+    dtype = DTYPES[name]
+    if dtype == torch.bfloat16:
+        if not bf16_units(device):
+            log.warning(
+                "--dtype bf16: this CPU (%s) has no bf16 units (AVX-512 BF16 / AMX); "
+                "serving in fp32",
+                machine_key(dtype).split("|")[0],
+            )
+            return torch.float32
+        log.info("serving in bf16 (bf16 units: %s)", torch.backends.cpu.get_cpu_capability())
+    return dtype

@@ -1,0 +1,170 @@
+"""Asynchronous durability of the store: writes visible at once, fsyncs in the background,
+what a power loss may tear removed on the next open; safetensors written from memory."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from headway.store import CheckpointRecord, CheckpointStore, ModelRecord, atomic
+from headway.store.durable import Syncer
+from headway.store.tensorfile import read_safetensors, write_safetensors
+
+
+def _model(store: CheckpointStore, slug: str = "m") -> None:
+    record = ModelRecord(slug=slug, team="t", is_base=False, base="b", created=time.time())
+    root = CheckpointRecord(id="root", model=slug, kind="full", step=0, created=time.time())
+    store.create_model(record, root, lambda d: (d / "weights.safetensors").write_bytes(b"w"))
+
+
+def _step(store: CheckpointStore, ckpt: str, parent: str, step: int, data: bytes = b"x" * 100):
+    record = CheckpointRecord(
+        id=ckpt, model="m", kind="full", step=step, created=0, parent_id=parent
+    )
+    store.write_checkpoint(record, lambda d: (d / "weights.safetensors").write_bytes(data))
+    store.set_head("m", ckpt, wait=False)
+
+
+def test_an_async_store_shows_writes_at_once_and_flush_makes_them_durable(tmp_path):
+    store = CheckpointStore(tmp_path, sync=False)
+    _model(store)
+    _step(store, "c1", "root", 1)
+    # Visible to another process's reader right away (rename done), HEAD moved.
+    reader = CheckpointStore(tmp_path, recover=False)
+    assert reader.head("m") == "c1"
+    assert reader.get_checkpoint("m", "c1").files == {"weights.safetensors": 100}
+    store.flush()
+    assert not store.syncer.pending(str(store.checkpoint_dir("m", "c1")))
+
+
+def test_reopening_removes_a_checkpoint_a_power_loss_tore_and_moves_head_back(tmp_path):
+    store = CheckpointStore(tmp_path, sync=False)
+    _model(store)
+    _step(store, "c1", "root", 1)
+    _step(store, "c2", "c1", 2)
+    store.flush()
+    # What a power loss can leave of a checkpoint renamed before its data reached the disk:
+    # the directory and meta.json, the weights file empty.
+    (tmp_path / "models/m/checkpoints/c2/weights.safetensors").write_bytes(b"")
+    reopened = CheckpointStore(tmp_path)
+    assert [c.id for c in reopened.list_checkpoints("m")] == ["root", "c1"]
+    assert reopened.head("m") == "c1"
+    assert not [p for p in (tmp_path / "models/m/checkpoints").iterdir() if p.name[0] == "."]
+
+
+def test_a_head_naming_a_lost_checkpoint_falls_back_to_the_latest_complete_one(tmp_path):
+    store = CheckpointStore(tmp_path, sync=False)
+    _model(store)
+    _step(store, "c1", "root", 1)
+    store.flush()
+    (tmp_path / "models/m/HEAD").write_text("c7\n")  # its directory never reached the disk
+    assert CheckpointStore(tmp_path).head("m") == "c1"
+
+
+def test_complete_checkpoints_survive_reopening(tmp_path):
+    store = CheckpointStore(tmp_path)
+    _model(store)
+    _step(store, "c1", "root", 1)
+    assert CheckpointStore(tmp_path).check_checkpoints() == []
+    assert CheckpointStore(tmp_path).head("m") == "c1"
+
+
+def test_set_head_to_a_checkpoint_waits_for_its_background_fsync(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path, sync=False)
+    _model(store)
+    release = threading.Event()
+    real = atomic.fsync_file
+
+    def slow_disk(path):  # the fsync thread holds c1's fsync until released
+        release.wait(10)
+        real(path)
+
+    monkeypatch.setattr(atomic, "fsync_file", slow_disk)
+    _step(store, "c1", "root", 1)
+    store.set_head("m", "root")  # nothing pending for root: at once
+    moved = threading.Event()
+    t = threading.Thread(target=lambda: (store.set_head("m", "c1"), moved.set()))
+    t.start()
+    assert not moved.wait(0.3), "set_head to c1 returned before c1 was fsynced"
+    assert store.head("m") == "root"
+    release.set()
+    assert moved.wait(10)
+    t.join()
+    assert store.head("m") == "c1"
+
+
+def test_syncer_runs_jobs_in_order_and_bounds_the_queue(tmp_path):
+    files = []
+    for i in range(5):
+        f = tmp_path / f"f{i}"
+        f.write_bytes(b"x")
+        files.append(f)
+    syncer = Syncer(max_pending=1)
+    for i, f in enumerate(files):
+        syncer.submit(f"k{i}", [f, tmp_path])
+        assert len(syncer._jobs) <= 1  # noqa: SLF001
+    syncer.wait()
+    assert not any(syncer.pending(f"k{i}") for i in range(5))
+
+
+def test_a_failed_fsync_is_raised_to_the_next_writer(tmp_path, monkeypatch):
+    syncer = Syncer()
+    syncer.submit("gone", [tmp_path / "missing" / "f"])  # removed since: nothing to fsync
+    syncer.wait()
+
+    def broken_disk(path):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(atomic, "fsync_file", broken_disk)
+    (tmp_path / "f").write_bytes(b"x")
+    syncer.submit("f", [tmp_path / "f"])
+    with pytest.raises(OSError, match="background fsync"):
+        syncer.wait()
+    with pytest.raises(OSError, match="background fsync"):
+        syncer.submit("next", [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+def test_write_safetensors_reads_back_as_safetensors_wrote_it(tmp_path, dtype):
+    gen = torch.Generator().manual_seed(0)
+    a = (torch.randn(3, 5, generator=gen) * 10).to(dtype)
+    parts = [(torch.randn(4, generator=gen) * 10).to(dtype), torch.zeros(0, dtype=dtype),
+             (torch.randn(2, 3, generator=gen) * 10).to(dtype)]  # fmt: skip
+    scalar = torch.tensor(7, dtype=dtype)
+    size = write_safetensors(
+        tmp_path / "t.safetensors", {"a": a, "moments": parts, "s": scalar}, {"k": "v"}
+    )
+    assert size == (tmp_path / "t.safetensors").stat().st_size
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert torch.equal(back["a"], a)
+    assert torch.equal(back["moments"], torch.cat([p.reshape(-1) for p in parts]))
+    assert torch.equal(back["s"], scalar)
+    with safe_open(str(tmp_path / "t.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"k": "v"}
+    raw = (tmp_path / "t.safetensors").read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert header["a"]["shape"] == [3, 5]
+
+
+def test_read_safetensors_equals_load_file_whatever_the_alignment(tmp_path):
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(1)
+    tensors = {
+        "a_bf16_odd": torch.randn(3, generator=gen).to(torch.bfloat16),  # 6 bytes
+        "b_f32": torch.randn(2, 5, generator=gen),  # starts at byte 6 in safetensors' layout
+        "c_empty": torch.zeros(0, 4),
+        "d_i64": torch.arange(5),
+    }
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    ours = read_safetensors(tmp_path / "x.safetensors")
+    theirs = load_file(str(tmp_path / "x.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
