@@ -15,10 +15,16 @@ each masked, random sampling logprobs and advantages, fixed seed), learning rate
   ForwardBackward (built-in) + OptimStep, on a LoRA fork (rank 32), same batch.
 - Durable save: OptimStep alone (after a ForwardBackward) for the LoRA fork (the
   OptimSteps of both runs above) and the full fork.
+- bf16: a second trainer started with `--dtype bf16` (its own store, the same base), its
+  ForwardBackward on a full fork against ours in fp32 (interleaved) and the loop's, and how
+  far its loss and logprobs are from fp32's on the same batch at the same weights (the
+  first ForwardBackward of each). Where the CPU does not multiply bf16 faster the trainer
+  computes in fp32 and the rows say so.
 
 Medians of repeats after a warmup round, the compared runs interleaved (the machine is
 shared and noisy: read the ratios, not the absolute figures). Last line:
-`trainer_vs_hf=<r> custom_vs_builtin=<r> lora_save_ms=<ms> full_optim_vs_adamw=<r>`.
+`trainer_vs_hf=<r> fb_vs_hf=<r> custom_vs_builtin=<r> lora_save_ms=<ms>
+full_optim_vs_adamw=<r>`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -65,11 +72,13 @@ LORA_RANK = 32
 class ServerThread:
     """The trainer's grpc.aio server on a private event loop in a daemon thread."""
 
-    def __init__(self, store: Path, prefix: str) -> None:
+    def __init__(self, store: Path, prefix: str, **config_fields: Any) -> None:
         from trainer_svc.config import TrainerConfig
         from trainer_svc.server import create_server
 
-        config = TrainerConfig(store=store, redis_url=shared_redis_url(), redis_prefix=prefix)
+        config = TrainerConfig(
+            store=store, redis_url=shared_redis_url(), redis_prefix=prefix, **config_fields
+        )
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -229,11 +238,147 @@ def save_rows(write_s: float, loop_opt: list[float]) -> list[list[object]]:
     ]
 
 
+# ------------------------------------------------------------------------- the runs
+class Bench:
+    """The trainer in this process, its forks, the batch and the plain loop."""
+
+    def __init__(self, srv: ServerThread, items: list[common_pb2.TrainingItem]) -> None:
+        self.srv, self.items = srv, items
+        self.adam = common_pb2.AdamParams(learning_rate=LR)
+
+    def step(self, model: str) -> Any:
+        req = training_pb2.StepRequest(model=model, data=self.items, loss_fn=LOSS, adam=self.adam)
+        return self.srv.train.Step(req)
+
+    def fb(self, model: str) -> Callable[[], Any]:
+        req = training_pb2.ForwardBackwardRequest(model=model, data=self.items, loss_fn=LOSS)
+        return lambda: self.srv.train.ForwardBackward(req)
+
+    def optim(self, model: str) -> Callable[[], Any]:
+        req = training_pb2.OptimStepRequest(model=model, adam=self.adam)
+        return lambda: self.srv.train.OptimStep(req)
+
+    def custom_fb(self, model: str) -> Callable[[], None]:
+        train = self.srv.train
+
+        def run() -> None:
+            fwd = train.ForwardCustom(
+                training_pb2.ForwardCustomRequest(model=model, data=self.items)
+            )
+            weights = []
+            for i, d in enumerate(fwd.data):
+                lp = floats(d.logprobs, f"data[{i}].logprobs")
+                q = floats(d.sampling_logprobs, f"data[{i}].sampling_logprobs")
+                a = floats(d.advantages, f"data[{i}].advantages")
+                mask = floats(d.mask, f"data[{i}].mask")
+                # d/dlp of −mask·exp(lp − q)·A is −w with w = mask·ratio·A: the gradient
+                # of the −Σ w·lp that BackwardCustom backpropagates.
+                weights.append(to_tensor((mask * np.exp(lp - q) * a).astype(np.float32)))
+            train.BackwardCustom(
+                training_pb2.BackwardCustomRequest(
+                    model=model, forward_id=fwd.forward_id, weights=weights
+                )
+            )
+
+        return run
+
+
+def logprobs_of(reply: Any) -> np.ndarray:
+    return np.stack([floats(x, "lp") for x in reply.logprobs])
+
+
+def measure_step(b: Bench, loop: PlainLoop, repeats: int) -> tuple[float, float, float]:
+    """Full fine-tuning, our Step vs the plain loop's, interleaved: (our median s, the
+    loop's, max |Δ logprob| of the first step, same weights and batch)."""
+    first: dict[str, Any] = {}
+
+    def step_full() -> None:
+        first.setdefault("step", b.step("full"))
+
+    t = interleaved({"step": step_full, "loop": loop.step}, repeats)
+    assert loop.first_lp is not None
+    lp_diff = float(
+        np.abs(logprobs_of(first["step"].forward_backward) - loop.first_lp.numpy()).max()
+    )
+    return med(t["step"]), med(t["loop"]), lp_diff
+
+
+def measure_full_fork(b: Bench, loop: PlainLoop, repeats: int) -> dict[str, list[float]]:
+    """The full fork's step split in its halves, against the loop's: each round times our
+    ForwardBackward, our OptimStep (AdamW + checkpoint), the loop's forward/backward and
+    its AdamW step (warmup round dropped)."""
+    fns = {"fb": b.fb("full"), "opt": b.optim("full"), "loop_fb": loop.fwd_bwd,
+           "loop_opt": loop.opt_step}  # fmt: skip
+    return interleaved(fns, repeats)
+
+
+def measure_custom(b: Bench, repeats: int) -> tuple[float, float, list[float]]:
+    """LoRA fork: a custom loss (ForwardCustom + BackwardCustom) + OptimStep against the
+    built-in ForwardBackward + OptimStep, interleaved: (built-in median s, custom median s,
+    the OptimSteps' times, which are the LoRA save latency)."""
+    opt_lora: list[float] = []
+
+    def with_optim(forward_backward: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            forward_backward()
+            opt_lora.append(timed(b.optim("lora")))
+
+        return run
+
+    t = interleaved(
+        {"builtin": with_optim(b.fb("lora")), "custom": with_optim(b.custom_fb("lora"))}, repeats
+    )
+    return med(t["builtin"]), med(t["custom"]), opt_lora[2:]  # the warmup round's two dropped
+
+
+def measure_bf16(
+    path: Path, b32: Bench, loop: PlainLoop, repeats: int
+) -> tuple[str, list[list[object]]]:
+    """A `--dtype bf16` trainer beside ours in fp32: (its precision note, table rows)."""
+    store = Path(tempfile.mkdtemp(prefix="headway-bench-store-bf16-"))
+    prefix = redis_prefix("bench16")
+    srv = ServerThread(store, prefix, dtype="bf16")
+    try:
+        srv.models.AddBase(model_pb2.AddBaseRequest(path=str(path), name="base40m"))
+        srv.models.ForkModel(model_pb2.ForkModelRequest(source="base40m", name="full", full=True))
+        srv.models.ForkModel(model_pb2.ForkModelRequest(source="base40m", name="fp32", full=True))
+        b16 = Bench(srv, b32.items)
+        note = srv.trainer.mode.precision.note
+        # The same weights (the base's), the same batch: the first ForwardBackward of each.
+        r16 = b16.fb("full")()
+        from trainer_svc.compute import ComputeMode  # the same trainer, once in fp32
+
+        bf16_mode = srv.trainer.mode
+        srv.trainer.mode = ComputeMode(kernels=bf16_mode.kernels)
+        r32 = b16.fb("fp32")()
+        srv.trainer.mode = bf16_mode
+        lp16, lp32 = logprobs_of(r16), logprobs_of(r32)
+        diff = np.abs(lp16 - lp32)
+        loss16, loss32 = r16.metrics["loss:sum"], r32.metrics["loss:sum"]
+        t = interleaved(
+            {"bf16": b16.fb("full"), "fp32": b32.fb("full"), "loop": loop.fwd_bwd}, repeats
+        )
+    finally:
+        srv.stop()
+        clean_redis(prefix)
+        shutil.rmtree(store, ignore_errors=True)
+    t16, t32, t_loop = med(t["bf16"]) * 1e3, med(t["fp32"]) * 1e3, med(t["loop"]) * 1e3
+    rows: list[list[object]] = [
+        ["bf16 ForwardBackward ms (full) / ours fp32", t16, t32, t32 / t16],
+        ["bf16 ForwardBackward ms (full) / loop fp32", t16, t_loop, t_loop / t16],
+        ["bf16 vs fp32 |Δ logprob| mean / max", f"{diff.mean():.1e}", f"{diff.max():.1e}", ""],
+        ["bf16 vs fp32 loss (same weights, batch)", loss16, loss32,
+         f"{abs(loss16 - loss32) / max(abs(loss32), 1e-9):.1e} rel"],
+    ]  # fmt: skip
+    return note, rows
+
+
 # ------------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5, help="timed Steps and loop steps")
     parser.add_argument("--save-repeats", type=int, default=5, help="timed OptimSteps per fork")
+    parser.add_argument("--bf16-repeats", type=int, default=3, help="timed bf16 rounds")
     args = parser.parse_args()
     started = time.perf_counter()
 
@@ -250,7 +395,7 @@ def main() -> None:
 
         config = json.loads((path / "config.json").read_text())
         batch = make_batch(config["vocab_size"])
-        items = training_items(batch)
+        b = Bench(srv, training_items(batch))
         loop = PlainLoop(path, batch)
         params = sum(p.numel() for p in loop.model.parameters()) / 1e6
         print(
@@ -258,80 +403,10 @@ def main() -> None:
             f"torch threads {torch.get_num_threads()}"
         )
 
-        adam = common_pb2.AdamParams(learning_rate=LR)
-        first: dict[str, Any] = {}
-
-        def step_full() -> None:
-            r = srv.train.Step(
-                training_pb2.StepRequest(model="full", data=items, loss_fn=LOSS, adam=adam)
-            )
-            first.setdefault("step", r)
-
-        def fb(model: str) -> Callable[[], object]:
-            req = training_pb2.ForwardBackwardRequest(model=model, data=items, loss_fn=LOSS)
-            return lambda: srv.train.ForwardBackward(req)
-
-        def optim(model: str) -> Callable[[], object]:
-            req = training_pb2.OptimStepRequest(model=model, adam=adam)
-            return lambda: srv.train.OptimStep(req)
-
-        def custom_fb(model: str) -> Callable[[], object]:
-            def run() -> None:
-                req = training_pb2.ForwardCustomRequest(model=model, data=items)
-                fwd = srv.train.ForwardCustom(req)
-                weights = []
-                for i, d in enumerate(fwd.data):
-                    lp = floats(d.logprobs, f"data[{i}].logprobs")
-                    q = floats(d.sampling_logprobs, f"data[{i}].sampling_logprobs")
-                    a = floats(d.advantages, f"data[{i}].advantages")
-                    mask = floats(d.mask, f"data[{i}].mask")
-                    # d/dlp of −mask·exp(lp − q)·A is −w with w = mask·ratio·A: the gradient
-                    # of the −Σ w·lp that BackwardCustom backpropagates.
-                    weights.append(to_tensor((mask * np.exp(lp - q) * a).astype(np.float32)))
-                srv.train.BackwardCustom(
-                    training_pb2.BackwardCustomRequest(
-                        model=model, forward_id=fwd.forward_id, weights=weights
-                    )
-                )
-
-            return run
-
-        # 1. Full fine-tuning: our Step vs the plain loop (interleaved).
-        t = interleaved({"step": step_full, "loop": loop.step}, args.repeats)
-        t_step, t_loop = med(t["step"]), med(t["loop"])
-
-        # Same weights, same batch, same loss: the first step's logprobs must agree.
-        ours_lp = np.stack([floats(x, "lp") for x in first["step"].forward_backward.logprobs])
-        assert loop.first_lp is not None
-        lp_diff = float(np.abs(ours_lp - loop.first_lp.numpy()).max())
-
-        # 2. Full fork split: ForwardBackward, then OptimStep (durable save) alone; the loop's
-        #    forward/backward and its AdamW step alone.
-        fb_full, opt_full, loop_fb, loop_opt = [], [], [], []
-        for i in range(1 + args.save_repeats):
-            fns = (fb("full"), optim("full"), loop.fwd_bwd, loop.opt_step)
-            for acc, fn in zip((fb_full, opt_full, loop_fb, loop_opt), fns, strict=True):
-                t_fn = timed(fn)
-                if i:
-                    acc.append(t_fn)
-
-        # 3. LoRA fork: custom loss vs built-in (each + OptimStep), interleaved; the
-        #    OptimSteps of both give the LoRA save latency.
-        opt_lora: list[float] = []
-
-        def with_optim(forward_backward: Callable[[], object]) -> Callable[[], None]:
-            def run() -> None:
-                forward_backward()
-                opt_lora.append(timed(optim("lora")))
-
-            return run
-
-        t = interleaved(
-            {"builtin": with_optim(fb("lora")), "custom": with_optim(custom_fb("lora"))},
-            args.save_repeats,
-        )
-        opt_lora = opt_lora[2:]  # the warmup round's two
-        t_builtin, t_custom = med(t["builtin"]), med(t["custom"])
+        t_step, t_loop, lp_diff = measure_step(b, loop, args.repeats)  # 1. Step vs loop
+        split = measure_full_fork(b, loop, args.save_repeats)  # 2. its halves
+        t_builtin, t_custom, opt_lora = measure_custom(b, args.save_repeats)  # 3. LoRA
+        bf16_note, bf16_rows = measure_bf16(path, b, loop, args.bf16_repeats)  # 4. bf16
         full_bytes = 12 * sum(p.numel() for p in loop.model.parameters())  # fp32 w, m, v
         write_s = page_cache_write_seconds(store, full_bytes)
     finally:
@@ -344,20 +419,21 @@ def main() -> None:
     ours_tps, loop_tps = tokens / t_step, tokens / t_loop
     trainer_vs_hf = ours_tps / loop_tps
     custom_vs_builtin = t_custom / t_builtin
-    lora_save_ms = med(opt_lora) * 1e3
-    fb_ms, opt_ms = med(fb_full) * 1e3, med(opt_full) * 1e3
-    loop_fb_ms, loop_opt_ms = med(loop_fb) * 1e3, med(loop_opt) * 1e3
+    fb_ms, opt_ms = med(split["fb"]) * 1e3, med(split["opt"]) * 1e3
+    loop_fb_ms, loop_opt_ms = med(split["loop_fb"]) * 1e3, med(split["loop_opt"]) * 1e3
+    fb_vs_hf = loop_fb_ms / fb_ms
     rows = [
-        ["Step tok/s (full fork, incl. durable save)", ours_tps, loop_tps, trainer_vs_hf],
-        ["  ForwardBackward ms (full) / loop fwd+bwd", fb_ms, loop_fb_ms, loop_fb_ms / fb_ms],
+        ["Step tok/s (full fork, incl. checkpoint)", ours_tps, loop_tps, trainer_vs_hf],
+        ["  ForwardBackward ms (full) / loop fwd+bwd", fb_ms, loop_fb_ms, fb_vs_hf],
         ["  OptimStep ms (full: AdamW+save) / AdamW", opt_ms, loop_opt_ms, loop_opt_ms / opt_ms],
         ["custom-loss step ms (LoRA) / built-in", t_custom * 1e3, t_builtin * 1e3,
          custom_vs_builtin],
-        ["OptimStep durable-save ms, LoRA r32", lora_save_ms, "", ""],
-        ["OptimStep durable-save ms, full", opt_ms, "", ""],
+        ["OptimStep save ms, LoRA r32", med(opt_lora) * 1e3, "", ""],
+        ["OptimStep save ms, full", opt_ms, "", ""],
         ["logprobs max |diff| vs loop, step 0", f"{lp_diff:.1e}", "", ""],
+        *bf16_rows,
     ]  # fmt: skip
-    rows += save_rows(write_s, loop_opt)
+    rows += save_rows(write_s, split["loop_opt"])
     print_table(
         "trainer speed (medians; baseline: plain transformers loop, which saves nothing)",
         ["metric", "headway", "baseline", "ratio"],
@@ -366,13 +442,15 @@ def main() -> None:
     print(
         "ratio: baseline time / ours (>1 = headway faster), except the custom-loss row: "
         "custom time / built-in time.\n"
-        "goals: trainer_vs_hf >= 1.0, custom_vs_builtin <= 1.1, lora_save_ms <= 30, "
-        "full_optim_vs_adamw <= 1.5; "
-        f"bench took {time.perf_counter() - started:.0f} s"
+        f"--dtype bf16 chose: {bf16_note}\n"
+        "goals: trainer_vs_hf >= 1.0, fb_vs_hf >= 1.0, custom_vs_builtin <= 1.1, "
+        "lora_save_ms <= 30, full_optim_vs_adamw <= 1.5; "
+        f"bench took {time.perf_counter() - started:.0f} s (load {os.getloadavg()[0]:.1f})"
     )
     print(
-        f"trainer_vs_hf={trainer_vs_hf:.2f} custom_vs_builtin={custom_vs_builtin:.2f} "
-        + save_figures(opt_full, loop_opt, opt_lora)
+        f"trainer_vs_hf={trainer_vs_hf:.2f} fb_vs_hf={fb_vs_hf:.2f} "
+        f"custom_vs_builtin={custom_vs_builtin:.2f} "
+        + save_figures(split["opt"], split["loop_opt"], opt_lora)
     )
 
 

@@ -18,11 +18,13 @@ from headway.server.flags import (
     setup_logging,
 )
 from trainer_svc.config import TrainerConfig
+from trainer_svc.precision import canonical
 from trainer_svc.server import serve
 
 # Each sets the TrainerConfig field of its name (documented there), defaulting to its value;
 # `--max-batch-items` or $HEADWAY_MAX_BATCH_ITEMS sets max_batch_items.
 FLAGS = (
+    Flag("dtype", "training compute: fp32 (exact) or bf16 (over fp32 master weights)"),
     Flag("max_loaded_models", "training states kept in memory (LRU of idle ones)"),
     Flag("max_batch_tokens", "tokens one training call may carry"),
     Flag("max_batch_items", "datums + trajectories one training call may carry"),
@@ -57,6 +59,10 @@ def main() -> None:
     roots = args.base_root or os.environ.get("HEADWAY_BASE_ROOTS", "").split(":")
     try:
         config = build_config(TrainerConfig, args, FLAGS, base_roots=[Path(r) for r in roots if r])
+        canonical(config.dtype)
+    except ValueError as e:  # UnsafeConfig is one
+        p.error(str(e))
+    try:
         asyncio.run(serve(config, args.listen))
     except UnsafeConfig as e:
         p.error(str(e))

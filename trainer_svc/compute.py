@@ -7,9 +7,11 @@ bounded and, the losses being sums, the accumulated gradient is that of the whol
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,9 +19,11 @@ import numpy as np
 import torch
 
 from headway.errors import FailedPrecondition, InvalidArgument
-from headway.modeling import entropy, token_logprobs
 from trainer_svc.datums import DatumArrays
+from trainer_svc.head import head_logprobs
+from trainer_svc.kernels import Kernels
 from trainer_svc.losses import Loss, TokenInputs
+from trainer_svc.precision import FP32, Precision
 from trainer_svc.state import ModelState
 
 
@@ -74,34 +78,59 @@ def _pack(datums: list[DatumArrays], index: list[int]) -> Chunk:
     )
 
 
+@dataclass(frozen=True)
+class ComputeMode:
+    """How the trainer computes: its precision (--dtype) and the matmul kernels measured
+    on this machine (None: torch's own)."""
+
+    precision: Precision = FP32
+    kernels: Kernels | None = None
+
+    @contextlib.contextmanager
+    def active(self, device_type: str) -> Iterator[None]:
+        """The context a forward runs in."""
+        with self.precision.autocast(device_type):
+            if self.kernels is None or device_type != "cpu":
+                yield
+            else:
+                with self.kernels.active():
+                    yield
+
+
+DEFAULT = ComputeMode()
+
+
 @dataclass
 class ChunkForward:
     """Logprobs of a chunk: `lp` `[b, n]` for every real position (detached), and the
-    positions that carry gradient with their logprobs (`grad_lp`, in graph) and logits."""
+    positions that carry gradient with their logprobs (`grad_lp`, in graph) and entropies."""
 
     lp: torch.Tensor
     grad_lp: torch.Tensor  # [k] logprobs at the grad positions, with autograd graph
-    grad_logits: torch.Tensor  # [k, V] detached, for entropy
+    entropy: torch.Tensor | None  # [k] entropy at the grad positions (None without a graph)
 
 
-def chunk_forward(state: ModelState, chunk: Chunk, grad_mask: torch.Tensor) -> ChunkForward:
-    """Forward a chunk; only `grad_mask` positions enter the autograd graph.
+def chunk_forward(
+    state: ModelState, chunk: Chunk, grad_mask: torch.Tensor, mode: ComputeMode = DEFAULT
+) -> ChunkForward:
+    """Forward a chunk in `mode`; only `grad_mask` positions enter the autograd graph.
 
     The vocabulary projection and its log-softmax are the largest tensors of a step; at
+    the positions that carry gradient they are one fused operation (`head_logprobs`), at
     positions that carry no loss (prompts, padding) they are computed without a graph, or
     not at all, so their backward costs nothing.
     """
-    hidden = state.module(chunk.ids, validate=False, return_hidden=True)
-    head = state.module.lm_head
-    logits = head(hidden[grad_mask])
-    grad_lp = token_logprobs(logits, chunk.targets[grad_mask])
-    lp = torch.zeros(chunk.ids.shape)
-    lp[grad_mask] = grad_lp.detach()
-    rest = chunk.valid & ~grad_mask
-    if bool(rest.any()):
-        with torch.no_grad():
-            lp[rest] = token_logprobs(head(hidden[rest]), chunk.targets[rest])
-    return ChunkForward(lp, grad_lp, logits.detach())
+    weight, kernels = state.module.lm_head.weight, mode.kernels
+    with mode.active(weight.device.type):
+        hidden = state.module(chunk.ids, validate=False, return_hidden=True)
+        grad_lp, ent = head_logprobs(hidden[grad_mask], weight, chunk.targets[grad_mask], kernels)
+        lp = torch.zeros(chunk.ids.shape)
+        lp[grad_mask] = grad_lp.detach()
+        rest = chunk.valid & ~grad_mask
+        if bool(rest.any()):
+            with torch.no_grad():
+                lp[rest] = head_logprobs(hidden[rest], weight, chunk.targets[rest], kernels)[0]
+    return ChunkForward(lp, grad_lp, ent)
 
 
 class Stats:
@@ -114,7 +143,7 @@ class Stats:
     def add(self, key: str, value: torch.Tensor | float) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + float(value)
 
-    def observe(self, chunk: Chunk, lp: torch.Tensor, logits: torch.Tensor | None) -> None:
+    def observe(self, chunk: Chunk, lp: torch.Tensor, entropy: torch.Tensor | None) -> None:
         """Ratio, sampler↔trainer KL and entropy over the trained tokens of a chunk."""
         trained = (chunk.w != 0) & chunk.valid
         self.tokens += float(trained.sum())
@@ -124,8 +153,8 @@ class Stats:
             self.add("ratio", log_ratio.exp().sum())
             self.add("kl", (-log_ratio).sum())  # k1 estimate of KL(sampler ‖ trainer)
             self.add("kl3", (log_ratio.exp() - 1 - log_ratio).sum())  # k3, always ≥ 0
-        if logits is not None:  # the logits of exactly the trained positions
-            self.add("entropy", entropy(logits).sum())
+        if entropy is not None:  # the entropies of exactly the trained positions
+            self.add("entropy", entropy.sum())
 
     def metrics(self) -> dict[str, float]:
         n = max(self.tokens, 1.0)
@@ -158,6 +187,7 @@ def forward_backward(
     loss: Loss,
     cfg: dict[str, float],
     microbatch_tokens: int,
+    mode: ComputeMode = DEFAULT,
 ) -> tuple[list[np.ndarray], dict[str, float]]:
     """Accumulate the gradient of `loss` over the batch; (per-datum logprobs, metrics)."""
     chunks = make_chunks(datums, microbatch_tokens)
@@ -176,7 +206,7 @@ def forward_backward(
     stats, loss_sum, lps = Stats(), 0.0, []
     for chunk in chunks:
         trained = chunk.valid & (chunk.w != 0)
-        fwd = chunk_forward(state, chunk, trained)
+        fwd = chunk_forward(state, chunk, trained, mode)
         inputs = TokenInputs(
             lp=fwd.grad_lp,
             w=chunk.w[trained],
@@ -187,7 +217,7 @@ def forward_backward(
         if value.requires_grad:
             value.backward()
         loss_sum += float(value.detach())
-        stats.observe(chunk, fwd.lp, fwd.grad_logits)
+        stats.observe(chunk, fwd.lp, fwd.entropy)
         if "clip/fraction" in extra:
             stats.add("clip", extra["clip/fraction"] * float(trained.sum()))
         lps.append(fwd.lp)
@@ -207,6 +237,7 @@ class KeptForward:
     datums: list[DatumArrays]
     chunks: list[Chunk]
     graphs: list[torch.Tensor] | None  # logprobs with autograd graph, or None: recompute
+    mode: ComputeMode  # of the forward, which a recompute repeats
     logprobs: list[np.ndarray] = field(default_factory=list)  # per datum, as replied
     graph_bytes: int = 0  # activations the kept graphs hold (measured, see SavedBytes)
     batch: Any = None  # the assembled Batch: rewards and group metrics for the backward
@@ -262,7 +293,11 @@ class SavedBytes:
 
 
 def forward_custom(
-    state: ModelState, datums: list[DatumArrays], microbatch_tokens: int, keep_graph_tokens: int
+    state: ModelState,
+    datums: list[DatumArrays],
+    microbatch_tokens: int,
+    keep_graph_tokens: int,
+    mode: ComputeMode = DEFAULT,
 ) -> KeptForward:
     """Forward the batch; keep the graph when small enough, else plan a recompute."""
     chunks = make_chunks(datums, microbatch_tokens)
@@ -272,13 +307,14 @@ def forward_custom(
     for chunk in chunks:
         # The client may weigh any real position, so all of them carry gradient.
         with torch.set_grad_enabled(keep), saved.hooks():
-            fwd = chunk_forward(state, chunk, chunk.valid)
+            fwd = chunk_forward(state, chunk, chunk.valid, mode)
         graphs.append(fwd.grad_lp)
         lps.append(fwd.lp)
     return KeptForward(
         datums,
         chunks,
         graphs if keep else None,
+        mode,
         logprobs=_datum_logprobs(chunks, lps, len(datums)),
         graph_bytes=saved.nbytes if keep else 0,
     )
@@ -293,7 +329,7 @@ def backward_custom(
         if kept.graphs is not None:
             grad_lp = kept.graphs[k]
         else:  # same inputs, same numbers
-            grad_lp = chunk_forward(state, chunk, chunk.valid).grad_lp
+            grad_lp = chunk_forward(state, chunk, chunk.valid, kept.mode).grad_lp
         w = torch.zeros_like(chunk.w)
         for row, i in enumerate(chunk.index):
             w[row, : len(weights[i])] = torch.from_numpy(weights[i])

@@ -28,7 +28,10 @@ class TrainerConfig:
     keep_graph_tokens: int = 16_384
     # Idempotency replies remembered per model (OptimStep replies are also on disk).
     request_cache: int = 4096
-    dtype: str = "float32"  # training precision of weights and optimizer state
+    # Compute precision of training (see trainer_svc/precision.py): "fp32", exact, or
+    # "bf16": matmuls in bf16 where this machine multiplies bf16 faster (measured at start,
+    # else fp32), over fp32 weights, gradients, AdamW state and checkpoints.
+    dtype: str = "fp32"
     # Checkpoint durability. False (default): an OptimStep replies once its checkpoint's
     # files (weights and optimizer state) are written and renamed and HEAD moved, which
     # survives a crash of the trainer process (the bytes are in the kernel's page cache);

@@ -32,7 +32,7 @@ import torch
 from headway.errors import FailedPrecondition, InvalidArgument, NotFound
 from headway.server.auth import Caller
 from headway.store import CheckpointRecord, CheckpointStore, ModelRecord, check_slug
-from trainer_svc import batches, compute, losses
+from trainer_svc import batches, compute, losses, precision
 from trainer_svc.adapters import LoraRequest
 from trainer_svc.bases import base_directory, validate_base
 from trainer_svc.calls import (
@@ -55,6 +55,7 @@ from trainer_svc.forwards import (
     check_weight_sizes,
     decode_weights,
 )
+from trainer_svc.kernels import Kernels
 from trainer_svc.loaded import LoadedStates
 from trainer_svc.pool import FrozenPool
 from trainer_svc.publisher import HeadPublisher
@@ -78,7 +79,10 @@ class Trainer:
             config.store, sync=config.sync_saves, max_pending=config.max_pending_syncs
         )
         self.redis = redis
-        self.dtype = getattr(torch, config.dtype)
+        # Weights and optimizer state are fp32; `mode` is how they are computed with
+        # (--dtype, and the matmul kernels measured on this machine).
+        self.dtype = torch.float32
+        self.mode = compute.ComputeMode(precision.choose(config.dtype), Kernels())
         self.pool = FrozenPool(self.store, self.dtype)
         self._locks: dict[str, asyncio.Lock] = {}
         self._states = LoadedStates(
@@ -231,6 +235,7 @@ class Trainer:
                 loss,
                 cfg,
                 self.config.microbatch_tokens,
+                self.mode,
             )
             metrics.update(_batch_metrics(batch))
             state.acc.add(loss.name, len(batch.datums), batch.rewards, metrics)
@@ -254,6 +259,7 @@ class Trainer:
                     batch.datums,
                     self.config.microbatch_tokens,
                     self.config.keep_graph_tokens,
+                    self.mode,
                 )
                 kept.batch = batch
                 self._forward_limits.admit(
