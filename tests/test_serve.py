@@ -511,3 +511,29 @@ def test_serve_passes_its_exposure_flags_to_the_gateway(tmp_path: Path) -> None:
     exposed = gateway_argv(insecure=True, allowed_hosts="lab.example,box")
     assert "--insecure" in exposed
     assert exposed[exposed.index("--allowed-hosts") + 1] == "lab.example,box"
+
+
+def test_serve_passes_its_dtype_to_the_torch_services_only(tmp_path: Path) -> None:
+    """`headway serve --dtype bf16` reaches the trainer and every sampler (not the gateway);
+    without it none is passed (each service keeps $HEADWAY_DTYPE or fp32); a bad value is
+    refused before anything starts."""
+    from headway.cli.serve import ConfigError, LocalStack, ServeConfig
+    from headway.cli.serve_config import serve_config
+
+    def argvs(**flags: object) -> dict[str, list[str]]:
+        config = ServeConfig(store=tmp_path / "store", samplers=2, **flags)  # type: ignore[arg-type]
+        return {s.name: s.argv for s in LocalStack(config).plan()}
+
+    plain = argvs()
+    assert not any("--dtype" in argv for argv in plain.values())
+    bf16 = argvs(dtype="bf16")
+    for name in ("trainer", "sampler-0", "sampler-1"):
+        assert bf16[name][bf16[name].index("--dtype") + 1] == "bf16", name
+    assert "--dtype" not in bf16["gateway"]
+    with pytest.raises(ConfigError, match="--dtype must be fp32 or bf16"):
+        argvs(dtype="fp8")
+
+    from headway.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--store", str(tmp_path), "--dtype", "bf16"])
+    assert serve_config(args).dtype == "bf16"

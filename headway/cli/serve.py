@@ -62,6 +62,8 @@ __all__ = [
 
 EMBEDDED_RDB = "redis/headway.rdb"  # under the store: traces and heads survive a restart
 HEALTH_TIMEOUT = 1.0  # seconds for one health check of a child (a busy one may be slow)
+# --dtype values passed on to the torch services ("" = none: their own default).
+DTYPES = ("", "fp32", "bf16")
 
 
 @dataclass
@@ -142,6 +144,8 @@ class LocalStack:
                 f"the restart backoff ({c.restart_backoff:g} s) must be between 0 and its "
                 f"maximum ({c.restart_backoff_max:g} s)"
             )
+        if c.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be fp32 or bf16, not {c.dtype!r}")
         try:
             trainer_host, _ = split_address(c.trainer_listen)
             split_address(c.listen)
@@ -153,12 +157,13 @@ class LocalStack:
         common = ["--store", str(self.store), "--redis-prefix", c.redis_prefix]
         # The torch processes (trainer + samplers) share this machine's cores instead of
         # each taking all of them (oversubscribed threads slow every one down).
-        threads = ["--threads", str(c.threads or torch_threads(c.samplers))]
+        torch_flags = ["--threads", str(c.threads or torch_threads(c.samplers))]
+        torch_flags += ["--dtype", c.dtype] if c.dtype else []
         py = [sys.executable, "-m"]
         services = [
             Service(
                 "trainer",
-                [*py, "trainer_svc", "--listen", c.trainer_listen, *threads, *common],
+                [*py, "trainer_svc", "--listen", c.trainer_listen, *torch_flags, *common],
                 c.trainer_listen,
                 self.logs / "trainer.log",
             )
@@ -174,7 +179,7 @@ class LocalStack:
                     f"sampler-{i}",
                     [*py, "sampler_svc", "--listen", listen, "--replica-id", f"sampler-{i}"]
                     # The gateway dials what the replica registers: never a wildcard.
-                    + ["--advertise", dial_address(listen), *threads, *common],
+                    + ["--advertise", dial_address(listen), *torch_flags, *common],
                     listen,
                     self.logs / f"sampler-{i}.log",
                 )

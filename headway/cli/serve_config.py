@@ -56,6 +56,9 @@ class ServeConfig:
     sampler_port_base: int = SAMPLER_PORT  # replica i listens on base + i, on the trainer's host
     start_timeout: float = 120.0  # seconds for every service to report SERVING
     threads: int = 0  # torch threads per trainer/sampler process; 0 = cores / (1 + samplers)
+    # The trainer's and samplers' compute dtype (their --dtype); "" = theirs ($HEADWAY_DTYPE
+    # or fp32).
+    dtype: str = ""
     stop_timeout: float = 10.0  # seconds between SIGTERM and SIGKILL
     # Directories under which admin keys may register bases (the trainer's --base-root);
     # [] = $HEADWAY_BASE_ROOTS if set, else none (only local mode registers bases).
@@ -112,6 +115,12 @@ SERVE_FLAGS = (
         "threads",
         "torch threads per trainer/sampler process; 0 = the cores split evenly between the "
         "trainer and the samplers",
+        env=None,
+    ),
+    Flag(
+        "dtype",
+        "fp32 or bf16: the trainer's and samplers' compute (bf16 only where the CPU has bf16 "
+        "units; see their --dtype); default: theirs",
         env=None,
     ),
     Flag(
