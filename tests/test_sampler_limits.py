@@ -19,7 +19,7 @@ import redis
 import torch
 
 from headway.modeling import Tokenizer, token_logprobs
-from headway.server.replicas import replica_key
+from headway.server.replicas import ReplicaInfo, replica_key
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, sampling_pb2
 from sampler_svc.requests import Collector, Spec
@@ -408,6 +408,19 @@ def test_the_gateway_fails_over_from_a_replica_whose_engine_dies(trainer_stack):
     try:
         for replica in (dying, healthy):  # both hold the base: "a-dying" sorts first
             replica.stub.Sample(request(max_tokens=2))
+        # ...once both heartbeats say so: the gateway's first reading of the registry must
+        # not catch b-healthy listing the base before a-dying does (it would route there).
+        client = redis.Redis.from_url(REDIS_URL)
+
+        def lists_base(replica_id: str) -> bool:
+            raw = client.get(replica_key(replica_id, prefix))
+            return raw is not None and "tiny/base" in ReplicaInfo.from_json(raw).loaded
+
+        wait_until(
+            lambda: lists_base("a-dying") and lists_base("b-healthy"),
+            what="both replicas to list the base in the registry",
+        )
+        client.close()
         gate = Gate(dying.sampler)
         fail_next_step(dying.sampler)
         reply = node.sampling.Sample.future(request(max_tokens=8), timeout=HANG)
