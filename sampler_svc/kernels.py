@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from headway.modeling.dtypes import dtype_name
 from headway.modeling.model import grouped_attention
 
 log = logging.getLogger(__name__)
@@ -281,8 +282,7 @@ class KernelChoice:
         return "; ".join(parts)
 
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16}  # fmt: skip
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # by headway.modeling.dtypes name
 
 
 def bf16_units(device: str = "cpu") -> bool:
@@ -296,9 +296,7 @@ def bf16_units(device: str = "cpu") -> bool:
 def engine_dtype(name: str, device: str = "cpu") -> torch.dtype:
     """The dtype of engine weights for the `--dtype` setting (`name`), checked against the
     hardware: bf16 without bf16 units would be slower than fp32, so it falls back (logged)."""
-    if name not in DTYPES:
-        raise ValueError(f"dtype {name!r}: choose fp32 or bf16")
-    dtype = DTYPES[name]
+    dtype = TORCH_DTYPES[dtype_name(name)]
     if dtype == torch.bfloat16:
         if not bf16_units(device):
             log.warning(

@@ -7,12 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from headway.modeling.dtypes import dtype_name as canonical
 from headway.tensors import to_tensor
 from headway.v1 import training_pb2
 from tests.helpers_training import adam, batch, checkpoint_tensors
 from tests.stack import TrainerStack
 from trainer_svc.compute import ComputeMode
-from trainer_svc.precision import BF16, FP32, canonical, decide
+from trainer_svc.precision import BF16, FP32, decide
 
 
 def test_dtype_names_are_checked():

@@ -7,6 +7,7 @@ import asyncio
 import os
 from pathlib import Path
 
+from headway.modeling.dtypes import dtype_name
 from headway.server.auth import UnsafeConfig
 from headway.server.defaults import TRAINER_ADDRESS
 from headway.server.flags import (
@@ -18,7 +19,6 @@ from headway.server.flags import (
     setup_logging,
 )
 from trainer_svc.config import TrainerConfig
-from trainer_svc.precision import canonical
 from trainer_svc.server import serve
 
 # Each sets the TrainerConfig field of its name (documented there), defaulting to its value;
@@ -59,7 +59,7 @@ def main() -> None:
     roots = args.base_root or os.environ.get("HEADWAY_BASE_ROOTS", "").split(":")
     try:
         config = build_config(TrainerConfig, args, FLAGS, base_roots=[Path(r) for r in roots if r])
-        canonical(config.dtype)
+        dtype_name(config.dtype)
     except ValueError as e:  # UnsafeConfig is one
         p.error(str(e))
     try:

@@ -29,12 +29,10 @@ from typing import Any
 
 import torch
 
+from headway.modeling.dtypes import dtype_name
 from trainer_svc.kernels import KERNELS
 
 log = logging.getLogger(__name__)
-
-# What `--dtype` accepts (the torch spellings too) → the canonical name.
-NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16"}
 
 # bf16 compute is chosen when a bf16 matmul is at least this much faster than fp32: the
 # casts autocast adds (activations into each matmul, gradients out) cost about a quarter
@@ -43,16 +41,6 @@ MIN_SPEEDUP = 1.5
 
 # The probe: a matmul of a training chunk's proportions (tokens × hidden @ hidden × 2·hidden).
 _PROBE = (512, 1024, 2048)
-
-
-def canonical(name: str) -> str:
-    """The canonical precision name for `name` ("fp32" or "bf16"); ValueError otherwise."""
-    try:
-        return NAMES[name.lower()]
-    except KeyError:
-        raise ValueError(
-            f"dtype must be one of fp32, bf16 (or float32, bfloat16); got {name!r}"
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -105,7 +93,7 @@ def decide(fp32_s: float, bf16_s: float) -> bool:
 
 def choose(name: str, device: str = "cpu") -> Precision:
     """The precision for `--dtype name` on `device`: bf16 only where measured faster."""
-    if canonical(name) == "fp32":
+    if dtype_name(name) == "fp32":
         return FP32
     # Interleaved rounds, medians: the machine may be shared. fp32 by its fastest kernel
     # here (see trainer_svc/kernels.py), bf16 by torch's (oneDNN on x86 CPUs).

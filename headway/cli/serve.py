@@ -48,6 +48,7 @@ from headway.cli.supervision import (
     log_tail,
     spawn,
 )
+from headway.modeling.dtypes import dtype_name
 
 __all__ = [
     "ConfigError",
@@ -62,8 +63,6 @@ __all__ = [
 
 EMBEDDED_RDB = "redis/headway.rdb"  # under the store: traces and heads survive a restart
 HEALTH_TIMEOUT = 1.0  # seconds for one health check of a child (a busy one may be slow)
-# --dtype values passed on to the torch services ("" = none: their own default).
-DTYPES = ("", "fp32", "bf16")
 
 
 @dataclass
@@ -144,8 +143,10 @@ class LocalStack:
                 f"the restart backoff ({c.restart_backoff:g} s) must be between 0 and its "
                 f"maximum ({c.restart_backoff_max:g} s)"
             )
-        if c.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be fp32 or bf16, not {c.dtype!r}")
+        try:
+            dtype = dtype_name(c.dtype) if c.dtype else ""  # "": the services' own default
+        except ValueError:
+            raise ConfigError(f"--dtype must be fp32 or bf16, not {c.dtype!r}") from None
         try:
             trainer_host, _ = split_address(c.trainer_listen)
             split_address(c.listen)
@@ -158,7 +159,7 @@ class LocalStack:
         # The torch processes (trainer + samplers) share this machine's cores instead of
         # each taking all of them (oversubscribed threads slow every one down).
         torch_flags = ["--threads", str(c.threads or torch_threads(c.samplers))]
-        torch_flags += ["--dtype", c.dtype] if c.dtype else []
+        torch_flags += ["--dtype", dtype] if dtype else []
         py = [sys.executable, "-m"]
         services = [
             Service(

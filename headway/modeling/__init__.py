@@ -7,6 +7,7 @@
 - `lora.py`      LoRA adapters in PEFT's on-disk format, merge for export
 - `load.py`      `load_model` / `save_model` for Hugging Face directories
 - `tokenizer.py` the `tokenizers` wrapper with HF chat templates (no torch)
+- `dtypes.py`    the `--dtype` names the services and `headway serve` accept (no torch)
 
 torch is imported lazily: `from headway.modeling import Transformer` loads it, while the
 gateway's `from headway.modeling.tokenizer import Tokenizer` (and `ModelConfig`,
