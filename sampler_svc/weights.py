@@ -12,7 +12,6 @@ memory map instead.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -24,15 +23,10 @@ import torch
 from headway.modeling import LoraConfig, Transformer, build_model, load_model
 from headway.modeling.load import hf_name
 from headway.store import WEIGHTS_FILE, CheckpointRef, CheckpointStore
+from headway.store.tensorfile import TORCH_DTYPES, read_header, tensor_bytes
 from headway.store.weights import adapter_dir, base_config, full_state, read_adapter
 
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.int16, "F64": np.float64}
-_TORCH_DTYPES = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
-}
 _MAX_READERS = 4  # threads reading one weights file (at most the process's torch threads)
 _SPLIT_BYTES = 8 << 20  # below this, one thread reads it all
 _POOL: ThreadPoolExecutor | None = None
@@ -84,9 +78,7 @@ def copy_full_weights(store: CheckpointStore, ref: CheckpointRef, model: Transfo
     file = store.files_dir(store.get_checkpoint(ref.model, ref.checkpoint)) / WEIGHTS_FILE
     params = {hf_name(k): v for k, v in model.state_dict().items()}
     with open(file, "rb", buffering=0) as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-        base = 8 + header_len
+        header, base = read_header(f)
         segments, converted = [], {}
         for name, info in header.items():
             if name == "__metadata__" or name not in params:
@@ -94,7 +86,7 @@ def copy_full_weights(store: CheckpointStore, ref: CheckpointRef, model: Transfo
             dst = params[name]
             start, end = info["data_offsets"]
             if _readable_into(dst, info, end - start):
-                segments.append((base + start, _raw(dst)))
+                segments.append((base + start, tensor_bytes(dst)))
             else:
                 converted[name] = info
         _pread_all(f.fileno(), segments)
@@ -107,14 +99,10 @@ def _readable_into(dst: torch.Tensor, info: dict, nbytes: int) -> bool:
     return (
         dst.device.type == "cpu"
         and dst.is_contiguous()
-        and _TORCH_DTYPES.get(info["dtype"]) == dst.dtype
+        and TORCH_DTYPES.get(info["dtype"]) == dst.dtype
         and list(dst.shape) == list(info["shape"])
         and dst.numel() * dst.element_size() == nbytes
     )
-
-
-def _raw(t: torch.Tensor) -> memoryview:
-    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def _pread_all(fd: int, segments: list[tuple[int, memoryview]]) -> None:

@@ -20,6 +20,7 @@ import os
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -36,11 +37,13 @@ _DTYPES = {
     torch.bool: "BOOL",
 }
 _CHUNK = 1 << 30  # Linux writes at most ~2 GiB per call
-_BY_NAME = {name: dtype for dtype, name in _DTYPES.items()}
+# safetensors dtype name → torch dtype (readers that copy straight into tensors use it too).
+TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
 
 
-def _bytes(t: torch.Tensor) -> memoryview:
-    """The raw bytes of a CPU tensor, without copying when it is contiguous."""
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a CPU tensor, without copying when it is contiguous (then writable:
+    a reader may fill the tensor through it)."""
     flat = t.detach().contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
@@ -65,7 +68,7 @@ def write_safetensors(
         if len(dtypes) != 1:
             raise ValueError(f"{name}: parts of one tensor must share a dtype, got {dtypes}")
         dtype = dtypes.pop()
-        views = [_bytes(p) for p in parts]
+        views = [tensor_bytes(p) for p in parts]
         size = sum(v.nbytes for v in views)
         shape = (
             list(parts[0].shape)
@@ -97,6 +100,13 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+def read_header(f: BinaryIO) -> tuple[dict, int]:
+    """The JSON header of a safetensors file open at its start, and the file offset its
+    data offsets count from."""
+    header_len = struct.unpack("<Q", f.read(8))[0]
+    return json.loads(f.read(header_len)), 8 + header_len
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, as views of one buffer read in one call."""
     with open(path, "rb", buffering=0) as f:
@@ -115,7 +125,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if name == "__metadata__":
             continue
         start, end = info["data_offsets"]
-        dtype = _BY_NAME[info["dtype"]]
+        dtype = TORCH_DTYPES[info["dtype"]]
         if end == start:
             out[name] = torch.empty(info["shape"], dtype=dtype)
             continue
