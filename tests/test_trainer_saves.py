@@ -1,5 +1,6 @@
-"""Checkpoint saves in both durability modes (`TrainerConfig.sync_saves`): a trainer
-restarted on the store continues exactly as one that never stopped."""
+"""Checkpoint saves in every durability mode (`TrainerConfig.sync_saves`, and the
+optimizer state deferred to the background: `defer_state_bytes`): a trainer restarted on
+the store continues exactly as one that never stopped."""
 
 from __future__ import annotations
 
@@ -31,11 +32,18 @@ def _files(store: Path, reply: training_pb2.OptimStepResponse) -> dict[str, torc
     return out
 
 
-@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+MODES = {
+    "async": {},  # tiny states: written with the weights, fsynced in the background
+    "deferred": {"defer_state_bytes": 0},  # every optimizer state written after the reply
+    "sync": {"sync_saves": True},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
-def test_a_restarted_trainer_continues_bit_for_bit(tmp_path, tiny_base, full, sync):
+def test_a_restarted_trainer_continues_bit_for_bit(tmp_path, tiny_base, full, mode):
     store = tmp_path / "store"
-    stack = TrainerStack(store, sync_saves=sync)
+    stack = TrainerStack(store, **MODES[mode])
     try:
         stack.add_base(tiny_base, "tiny")
         stack.fork("m", full=full)
@@ -44,7 +52,7 @@ def test_a_restarted_trainer_continues_bit_for_bit(tmp_path, tiny_base, full, sy
         _train(stack, "m", [3, 4])
     finally:
         stack.stop()  # drains the background fsyncs
-    stack = TrainerStack(store, sync_saves=sync)  # restores m from its head on disk
+    stack = TrainerStack(store, **MODES[mode])  # restores m from its head on disk
     try:
         restored = _train(stack, "m", [5])
     finally:

@@ -36,7 +36,12 @@ FLAGS = (
     Flag("reply_cache_bytes", "bytes of idempotency replies kept over all models"),
     Flag("max_pinned_per_team", "models a team may hold un-applied work on (0 = half the slots)"),
     Flag("max_lora_rank", "largest LoRA rank of a fork (keep it the samplers' --max-lora-rank)"),
-    Flag("sync_saves", "fsync every checkpoint before the OptimStep replies (power-loss safe)"),
+    Flag(
+        "sync_saves",
+        "write and fsync every checkpoint, optimizer state included, before the OptimStep "
+        "replies (no acknowledged step lost to a crash or power loss)",
+    ),
+    Flag("defer_state_bytes", "optimizer states this large are written after the reply"),
     Flag("max_pending_syncs", "checkpoints written ahead of their background fsync"),
 )
 

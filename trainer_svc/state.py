@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,10 @@ from headway.store import (
     WEIGHTS_FILE,
     CheckpointRecord,
     CheckpointStore,
+    DeferredFile,
     ModelRecord,
 )
-from headway.store.tensorfile import write_safetensors
+from headway.store.tensorfile import plan_safetensors, write_plan, write_safetensors
 from headway.store.weights import adapter_dir, base_config, full_state, read_adapter
 from trainer_svc.pool import FrozenPool
 
@@ -155,6 +157,7 @@ def load_state(
     module.train()
     optimizer = _new_optimizer(params)
     if head.has_optimizer:
+        store.wait_deferred(slug, head.id)  # its optimizer state may still be being written
         _load_optimizer(optimizer, params, store.checkpoint_dir(slug, head.id) / OPTIMIZER_FILE)
     return ModelState(record, head, module, params, optimizer, frozen_ref)
 
@@ -193,10 +196,11 @@ def optimizer_tensors(
     return tensors, {"format": "pt", "params": json.dumps(names)}
 
 
-def checkpoint_writer(state: ModelState) -> Any:
-    """A function writing the state's checkpoint files into a directory: the weights (or
-    adapter) first, the optimizer state after, straight from the tensors' memory
-    (`headway.store.tensorfile`)."""
+def checkpoint_writers(state: ModelState) -> tuple[Callable[[Path], None], DeferredFile]:
+    """How to write the state's checkpoint, straight from the tensors' memory
+    (`headway.store.tensorfile`): a function writing the weights (or adapter) into a
+    directory, and the optimizer state as a `DeferredFile` (its size known now), which
+    the caller writes with them or leaves to the store's background queue."""
     base_path = state.record.base
 
     def write(directory: Path) -> None:
@@ -210,10 +214,9 @@ def checkpoint_writer(state: ModelState) -> Any:
             write_safetensors(
                 directory / WEIGHTS_FILE, hf_state_dict(state.module), {"format": "pt"}
             )
-        tensors, metadata = optimizer_tensors(state)
-        write_safetensors(directory / OPTIMIZER_FILE, tensors, metadata)
 
-    return write
+    plan = plan_safetensors(*optimizer_tensors(state))
+    return write, DeferredFile(OPTIMIZER_FILE, plan.size, lambda path: write_plan(path, plan))
 
 
 def fresh_adapter_writer(config: Any, lora: LoraConfig, base_model: str, seed: int) -> Any:

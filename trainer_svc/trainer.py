@@ -63,7 +63,7 @@ from trainer_svc.replies import ReplyCache
 from trainer_svc.results import ForwardResult, OptimResult, reply_bytes
 from trainer_svc.state import (
     ModelState,
-    checkpoint_writer,
+    checkpoint_writers,
 )
 
 log = logging.getLogger(__name__)
@@ -380,6 +380,9 @@ class Trainer:
 
     def _apply_and_save(self, state: ModelState, adam: AdamArgs, record: CheckpointRecord) -> None:
         started = time.perf_counter()
+        # The previous step's optimizer state may still be being written from the moments
+        # AdamW is about to change in place.
+        self.store.wait_deferred(record.model, state.head.id)
         norm = compute.optim_step(
             state,
             adam.learning_rate,
@@ -391,7 +394,13 @@ class Trainer:
         )
         record.stats["metrics"]["grad/norm"] = norm
         stepped = time.perf_counter()
-        self.store.write_checkpoint(record, checkpoint_writer(state))
+        write, optimizer = checkpoint_writers(state)
+        if optimizer.size >= self.config.defer_state_bytes:
+            self.store.write_checkpoint(record, write, deferred=optimizer)
+        else:  # small: written with the weights, as cheap as a background job's bookkeeping
+            self.store.write_checkpoint(
+                record, lambda d: (write(d), optimizer.write(d / optimizer.name))
+            )
         written = time.perf_counter()
         self.store.set_head(record.model, record.id, wait=False)  # fsynced after the files
         log.debug(

@@ -12,6 +12,7 @@ from headway.store.store import (
     OPTIMIZER_FILE,
     WEIGHTS_FILE,
     CheckpointStore,
+    DeferredFile,
     check_slug,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "CheckpointRecord",
     "CheckpointRef",
     "CheckpointStore",
+    "DeferredFile",
     "ModelRecord",
     "check_slug",
 ]

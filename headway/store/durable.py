@@ -1,4 +1,4 @@
-"""`Syncer`: the fsyncs a store in asynchronous mode does after the fact, in order.
+"""`Syncer`: what a store in asynchronous mode does after the fact, in order.
 
 A file written and renamed is already safe from a process crash (SIGKILL): its bytes are
 in the kernel's page cache and outlive the process. Only a power loss (or a kernel crash)
@@ -8,6 +8,11 @@ they were written (a checkpoint's files, its directory, the directory that names
 the HEAD that points at it). What a power loss may still tear — a checkpoint whose rename
 reached the disk before its data — the store finds on opening and removes (see
 `CheckpointStore.check_checkpoints`).
+
+Besides fsyncs the queue runs deferred writes (`submit_call`): the optimizer state of a
+large checkpoint, written into its already published directory after the OptimStep has
+replied. Running them in the same FIFO keeps the order a crash relies on: a checkpoint's
+deferred file is written, then fsynced with the rest of it, before its HEAD's fsync.
 
 Backpressure: at most `max_pending` jobs wait; a writer that would exceed that waits for
 the disk, so a disk slower than the training loop slows the loop instead of piling up
@@ -20,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from headway.store import atomic
@@ -29,11 +35,11 @@ _IDLE_SECONDS = 5.0
 
 
 class Syncer:
-    """A FIFO of fsync jobs run by one daemon thread."""
+    """A FIFO of jobs (fsyncs, deferred writes) run by one daemon thread."""
 
     def __init__(self, max_pending: int = 2) -> None:
         self.max_pending = max(1, max_pending)
-        self._jobs: deque[tuple[str, list[Path]]] = deque()
+        self._jobs: deque[tuple[str, Callable[[], None]]] = deque()
         self._running: str | None = None
         self._error: BaseException | None = None
         self._cond = threading.Condition()
@@ -42,11 +48,15 @@ class Syncer:
     def submit(self, key: str, paths: list[Path]) -> None:
         """fsync `paths` (files and directories, in this order) after the jobs before it.
         Waits while `max_pending` jobs are queued; raises a previous job's failure."""
+        self.submit_call(key, lambda: _fsync_all(paths))
+
+    def submit_call(self, key: str, job: Callable[[], None]) -> None:
+        """Run `job` in the background after the jobs before it (see `submit`)."""
         with self._cond:
             self.raise_error()
             self._cond.wait_for(lambda: len(self._jobs) < self.max_pending)
             self.raise_error()
-            self._jobs.append((key, paths))
+            self._jobs.append((key, job))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="store-fsync", daemon=True)
                 self._thread.start()
@@ -71,7 +81,9 @@ class Syncer:
     def raise_error(self) -> None:
         """Raise the failure of an earlier fsync, if one failed."""
         if self._error is not None:
-            raise OSError(f"a background fsync of the checkpoint store failed: {self._error}")
+            raise OSError(
+                f"a background write or fsync of the checkpoint store failed: {self._error}"
+            )
 
     def _run(self) -> None:
         while True:
@@ -80,18 +92,22 @@ class Syncer:
                 if not self._cond.wait_for(lambda: bool(self._jobs), _IDLE_SECONDS):
                     self._thread = None
                     return
-                key, paths = self._jobs.popleft()
+                key, job = self._jobs.popleft()
                 self._running = key
             try:
-                for path in paths:
-                    if path.is_dir():
-                        atomic.fsync_dir(path)
-                    elif path.exists():  # a HEAD replaced since is fsynced by its own job
-                        atomic.fsync_file(path)
-            except OSError as e:
-                log.error("fsync of %s failed: %s", key, e)
+                job()
+            except Exception as e:
+                log.error("background job %s failed: %s", key, e)
                 with self._cond:
                     self._error = e
             with self._cond:
                 self._running = None
                 self._cond.notify_all()
+
+
+def _fsync_all(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            atomic.fsync_dir(path)
+        elif path.exists():  # a HEAD replaced since is fsynced by its own job
+            atomic.fsync_file(path)

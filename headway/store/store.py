@@ -9,7 +9,8 @@
     <root>/models/<slug>/checkpoints/<id>/optimizer.safetensors    AdamW state
 
 Invariants: a checkpoint directory appears only complete (built under a temp name, then
-renamed; meta.json, written last, records the size of every file); HEAD names only a
+renamed; meta.json, written last, records the size of every file), but for a deferred
+optimizer state that follows in the background (see Durability); HEAD names only a
 complete checkpoint and moves atomically; a model directory appears only with its
 model.json, root checkpoint and HEAD. Leftovers of interrupted writes carry the temp prefix
 and are removed when a store opens. Many processes may read; one trainer writes a given
@@ -19,10 +20,13 @@ Durability (`sync`): a synchronous store fsyncs every file and directory before 
 returns, so what it wrote survives a power loss. An asynchronous one (`sync=False`)
 returns once the files are written and renamed — that already survives a crash of the
 process, whose writes are in the kernel's page cache — and fsyncs them in the background
-in write order (`durable.Syncer`). A power loss may then lose the last checkpoints and
-head moves; opening the store for writing (`recover`) removes a checkpoint whose files a
-power loss tore (sizes not those meta.json records) and moves a HEAD that named it back
-to its nearest complete ancestor.
+in write order (`durable.Syncer`). It may also publish a checkpoint before its large
+optimizer state is written (`DeferredFile`): the weights are complete and servable, the
+state follows in the same background queue. A process crash may then lose the last
+checkpoints whose deferred file was not yet written, and a power loss those not yet
+fsynced, with their head moves; opening the store for writing (`recover`) removes a
+checkpoint whose files are not those meta.json records (missing or torn) and moves a
+HEAD that named it back to its nearest complete ancestor.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from headway.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -54,6 +59,22 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 META_FILE = "meta.json"
 _DELETED_PREFIX = ".deleted-"
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeferredFile:
+    """A checkpoint file an asynchronous store writes after publishing the directory.
+
+    Its size is known before it is written (`headway.store.tensorfile.plan_safetensors`),
+    so meta.json records it from the start: a crash that interrupts the write leaves a
+    checkpoint whose file is missing, which `check_checkpoints` removes (moving a HEAD that
+    named it back to the parent). `write(path)` writes the file at `path` and must read
+    what it writes before anything changes it (the caller waits: `wait_deferred`).
+    """
+
+    name: str
+    size: int
+    write: Callable[[Path], object]
 
 
 def check_slug(name: str) -> str:
@@ -254,6 +275,7 @@ class CheckpointStore:
         record = self.get_model(slug)
         if record.is_base:
             raise FailedPrecondition(f"model {slug!r} is a base: bases are read-only")
+        self.syncer.wait()  # no background write into what is about to go
         deps = self.dependents(slug)
         if deps:
             raise FailedPrecondition(
@@ -296,21 +318,34 @@ class CheckpointStore:
         return sorted(records, key=lambda r: (r.created, r.step, r.id))
 
     def write_checkpoint(
-        self, record: CheckpointRecord, write_files: Callable[[Path], None] | None = None
+        self,
+        record: CheckpointRecord,
+        write_files: Callable[[Path], None] | None = None,
+        deferred: DeferredFile | None = None,
     ) -> CheckpointRecord:
-        """Publish a complete checkpoint: files, then meta.json, fsynced, renamed into place.
+        """Publish a checkpoint: files, then meta.json, fsynced, renamed into place.
 
-        Does not move HEAD (see `set_head`).
+        `deferred` (a large file only the trainer reads back: the optimizer state) is part
+        of the directory before the rename in a synchronous store; an asynchronous one
+        publishes the directory without it and writes it in the background, then fsyncs
+        the checkpoint (see `DeferredFile`, `wait_deferred`). Does not move HEAD (see
+        `set_head`).
         """
         self.get_model(record.model)
         self.syncer.raise_error()  # a disk that failed an fsync takes no more checkpoints
         final = self.checkpoint_dir(record.model, record.id)
         tmp = final.with_name(f"{atomic.TMP_PREFIX}{record.id}-{secrets.token_hex(4)}")
         tmp.mkdir(parents=True)
+        later = deferred if deferred is not None and not self.sync else None
         try:
             if write_files is not None:
                 write_files(tmp)
-            record.files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+            if deferred is not None and later is None:
+                deferred.write(tmp / deferred.name)
+            files = {f.name: f.stat().st_size for f in tmp.iterdir()}
+            if later is not None:
+                files[later.name] = later.size
+            record.files = dict(sorted(files.items()))
             record.created = time.time()
             (tmp / META_FILE).write_text(json.dumps(record.to_json(), indent=2))
             atomic.publish_dir(tmp, final, sync=self.sync)
@@ -318,9 +353,17 @@ class CheckpointStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         if not self.sync:
+            if later is not None:
+                self.syncer.submit_call(_deferred_key(final), lambda: _write_deferred(final, later))
             files = [final / name for name in (*record.files, META_FILE)]
             self.syncer.submit(str(final), [*files, final, final.parent])
         return record
+
+    def wait_deferred(self, slug: str, ckpt_id: str) -> None:
+        """Block until the deferred file of (slug, ckpt_id), if any, is written (not yet
+        fsynced): before reading it, or changing the tensors it is written from."""
+        if not self.sync:
+            self.syncer.wait(_deferred_key(self.checkpoint_dir(slug, ckpt_id)))
 
     # --------------------------------------------------------------------- head
     def head(self, slug: str) -> str:
@@ -391,6 +434,25 @@ class CheckpointStore:
         return None
 
 
+def _deferred_key(ckpt_dir: Path) -> str:
+    return f"{ckpt_dir}:deferred"
+
+
+def _write_deferred(ckpt_dir: Path, deferred: DeferredFile) -> None:
+    """Write `deferred` into the published `ckpt_dir`: under a temp name, then renamed,
+    so no reader meets a partial file under its real name."""
+    tmp = atomic.temp_sibling(ckpt_dir / deferred.name)
+    try:
+        deferred.write(tmp)
+        size = tmp.stat().st_size
+        if size != deferred.size:
+            raise OSError(f"{deferred.name}: wrote {size} bytes, meta.json records {deferred.size}")
+        os.rename(tmp, ckpt_dir / deferred.name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _torn(ckpt_dir: Path) -> tuple[str, str]:
     """(what is wrong with the checkpoint directory, "" if complete; its parent id)."""
     try:
@@ -408,4 +470,4 @@ def _torn(ckpt_dir: Path) -> tuple[str, str]:
     return "", parent
 
 
-__all__ = ["CheckpointRef", "CheckpointStore", "check_slug"]
+__all__ = ["CheckpointRef", "CheckpointStore", "DeferredFile", "check_slug"]

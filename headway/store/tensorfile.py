@@ -19,6 +19,7 @@ import json
 import os
 import struct
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,13 +51,23 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def write_safetensors(
-    path: Path,
+@dataclass(frozen=True)
+class TensorFilePlan:
+    """A safetensors file laid out but not written: its header bytes, the tensors' bytes in
+    file order (views of their memory), and its size, known before a byte is written (a
+    checkpoint's meta.json records the size of a file written later in the background)."""
+
+    header: bytes
+    chunks: list[memoryview]
+    size: int
+
+
+def plan_safetensors(
     tensors: Mapping[str, torch.Tensor | Sequence[torch.Tensor]],
     metadata: Mapping[str, str] | None = None,
-) -> int:
-    """Write `tensors` (name → tensor, or → parts concatenated as one 1-D tensor) to a new
-    file `path` (not fsynced: see headway.store.durable); returns its size in bytes."""
+) -> TensorFilePlan:
+    """Lay out `tensors` (name → tensor, or → parts concatenated as one 1-D tensor) as a
+    safetensors file. The plan views the tensors' memory: write it before they change."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
@@ -84,15 +95,31 @@ def write_safetensors(
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    return TensorFilePlan(struct.pack("<Q", len(raw)) + raw, chunks, 8 + len(raw) + offset)
+
+
+def write_plan(path: Path, plan: TensorFilePlan) -> int:
+    """Write a planned file to a new file `path` (not fsynced: see headway.store.durable);
+    returns its size in bytes."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        _write_all(fd, memoryview(struct.pack("<Q", len(raw)) + raw))
-        for view in chunks:
+        _write_all(fd, memoryview(plan.header))
+        for view in plan.chunks:
             for start in range(0, view.nbytes, _CHUNK):
                 _write_all(fd, view[start : start + _CHUNK])
     finally:
         os.close(fd)
-    return 8 + len(raw) + offset
+    return plan.size
+
+
+def write_safetensors(
+    path: Path,
+    tensors: Mapping[str, torch.Tensor | Sequence[torch.Tensor]],
+    metadata: Mapping[str, str] | None = None,
+) -> int:
+    """Write `tensors` (name → tensor, or → parts concatenated as one 1-D tensor) to a new
+    file `path` (not fsynced: see headway.store.durable); returns its size in bytes."""
+    return write_plan(path, plan_safetensors(tensors, metadata))
 
 
 def _write_all(fd: int, view: memoryview) -> None:

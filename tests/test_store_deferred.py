@@ -1,0 +1,158 @@
+"""Deferred checkpoint files (`DeferredFile`): an asynchronous store publishes a checkpoint
+before its optimizer state is written, and a SIGKILL during that write leaves only
+complete checkpoints once the store is reopened."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+from headway.store import CheckpointRecord, CheckpointStore, DeferredFile, ModelRecord
+from tests.stack import HANG_SECONDS
+
+STATE = b"s" * 4096
+
+
+def _model(store: CheckpointStore) -> None:
+    record = ModelRecord(slug="m", team="t", is_base=False, base="b", created=time.time())
+    root = CheckpointRecord(id="root", model="m", kind="full", step=0, created=time.time())
+    store.create_model(record, root, lambda d: (d / "weights.safetensors").write_bytes(b"w"))
+
+
+def _record(ckpt: str, parent: str, step: int) -> CheckpointRecord:
+    return CheckpointRecord(
+        id=ckpt, model="m", kind="full", step=step, created=0, parent_id=parent, has_optimizer=True
+    )
+
+
+def _weights(d: Path) -> None:
+    (d / "weights.safetensors").write_bytes(b"x" * 100)
+
+
+def _gated_state(gate: threading.Event, started: threading.Event) -> DeferredFile:
+    def write(path: Path) -> None:
+        started.set()
+        assert gate.wait(HANG_SECONDS)
+        path.write_bytes(STATE)
+
+    return DeferredFile("optimizer.safetensors", len(STATE), write)
+
+
+def test_an_async_store_publishes_before_the_deferred_file_and_waits_for_it(tmp_path):
+    store = CheckpointStore(tmp_path, sync=False)
+    _model(store)
+    gate, started = threading.Event(), threading.Event()
+    store.write_checkpoint(_record("c1", "root", 1), _weights, _gated_state(gate, started))
+    store.set_head("m", "c1", wait=False)
+    assert started.wait(HANG_SECONDS)
+    # Published: servable weights, HEAD moved, meta.json records the file still to come.
+    ckpt = tmp_path / "models/m/checkpoints/c1"
+    assert store.head("m") == "c1"
+    assert store.get_checkpoint("m", "c1").files == {
+        "optimizer.safetensors": len(STATE),
+        "weights.safetensors": 100,
+    }
+    assert not (ckpt / "optimizer.safetensors").exists()
+    # Readers of the state and moves of HEAD onto the checkpoint wait for the write.
+    waited, moved = threading.Event(), threading.Event()
+    threading.Thread(target=lambda: (store.wait_deferred("m", "c1"), waited.set())).start()
+    store.set_head("m", "root")
+    threading.Thread(target=lambda: (store.set_head("m", "c1"), moved.set())).start()
+    assert not waited.wait(0.3) and not moved.is_set()
+    assert store.head("m") == "root"
+    gate.set()
+    assert waited.wait(HANG_SECONDS) and moved.wait(HANG_SECONDS)
+    assert (ckpt / "optimizer.safetensors").read_bytes() == STATE
+    assert store.head("m") == "c1"
+    store.flush()
+    assert CheckpointStore(tmp_path).check_checkpoints() == []
+
+
+def test_a_sync_store_writes_the_deferred_file_before_publishing(tmp_path):
+    store = CheckpointStore(tmp_path, sync=True)
+    _model(store)
+    state = DeferredFile("optimizer.safetensors", len(STATE), lambda p: p.write_bytes(STATE))
+    store.write_checkpoint(_record("c1", "root", 1), _weights, state)
+    assert (tmp_path / "models/m/checkpoints/c1/optimizer.safetensors").read_bytes() == STATE
+
+
+def test_a_deferred_file_of_the_wrong_size_fails_the_next_write(tmp_path):
+    store = CheckpointStore(tmp_path, sync=False)
+    _model(store)
+    short = DeferredFile("optimizer.safetensors", len(STATE), lambda p: p.write_bytes(b"s"))
+    store.write_checkpoint(_record("c1", "root", 1), _weights, short)
+    try:
+        store.flush()
+    except OSError as e:
+        assert "optimizer.safetensors: wrote 1 bytes" in str(e)
+    else:
+        raise AssertionError("a short deferred write went unnoticed")
+    assert not (tmp_path / "models/m/checkpoints/c1/optimizer.safetensors").exists()
+
+
+# A writer process: c1 complete, then c2 published with its deferred state half written
+# when the test SIGKILLs it.
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from tests.test_store_deferred import STATE, _model, _record, _weights
+    from headway.store import CheckpointStore, DeferredFile
+
+    store = CheckpointStore(sys.argv[1], sync=False)
+    _model(store)
+    whole = DeferredFile("optimizer.safetensors", len(STATE), lambda p: p.write_bytes(STATE))
+    store.write_checkpoint(_record("c1", "root", 1), _weights, whole)
+    store.set_head("m", "c1", wait=False)
+    store.flush()
+
+    def half_then_hang(path: Path) -> None:
+        with open(path, "wb") as f:
+            f.write(STATE[: len(STATE) // 2])
+            f.flush()
+            print("writing", flush=True)
+            time.sleep(3600)
+
+    hang = DeferredFile("optimizer.safetensors", len(STATE), half_then_hang)
+    store.write_checkpoint(_record("c2", "c1", 2), _weights, hang)
+    store.set_head("m", "c2", wait=False)
+    print("published", flush=True)
+    time.sleep(3600)
+    """
+)
+
+
+def test_a_kill_during_a_deferred_write_leaves_only_complete_checkpoints(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path)],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    try:
+        seen = set()
+        while seen != {"writing", "published"}:
+            line = proc.stdout.readline()
+            assert line, "the writer process ended early"
+            seen.add(line.strip())
+        # Both reached: c2 is HEAD, its optimizer state half written under a temp name.
+        ckpts = tmp_path / "models/m/checkpoints"
+        assert (tmp_path / "models/m/HEAD").read_text().strip() == "c2"
+        assert [p.name for p in (ckpts / "c2").iterdir() if p.name.startswith(".tmp-")]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    store = CheckpointStore(tmp_path)  # the trainer's restart: recover
+    assert [c.id for c in store.list_checkpoints("m")] == ["root", "c1"]
+    assert store.head("m") == "c1"
+    assert (ckpts / "c1/optimizer.safetensors").read_bytes() == STATE
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]
