@@ -105,7 +105,8 @@ class CheckpointStore:
         self.models_dir = self.root / "models"
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.sync = sync
-        self.syncer = Syncer(2 * max_pending)  # a checkpoint's job, then its HEAD's
+        # A checkpoint's jobs: its deferred file, its fsyncs, then its HEAD's.
+        self.syncer = Syncer(3 * max_pending)
         if recover:
             self.remove_leftovers()
             self.check_checkpoints()
