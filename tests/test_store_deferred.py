@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from headway.store import CheckpointRecord, CheckpointStore, DeferredFile, ModelRecord
 from tests.stack import HANG_SECONDS
 
@@ -86,21 +88,21 @@ def test_a_deferred_file_of_the_wrong_size_fails_the_next_write(tmp_path):
     store = CheckpointStore(tmp_path, sync=False)
     _model(store)
     short = DeferredFile("optimizer.safetensors", len(STATE), lambda p: p.write_bytes(b"s"))
-    store.write_checkpoint(_record("c1", "root", 1), _weights, short)
-    try:
+    # The failure reaches the next call into the queue: this write's own fsync submission
+    # if the background write already failed, else the flush.
+    with pytest.raises(OSError, match="optimizer.safetensors: wrote 1 bytes"):
+        store.write_checkpoint(_record("c1", "root", 1), _weights, short)
         store.flush()
-    except OSError as e:
-        assert "optimizer.safetensors: wrote 1 bytes" in str(e)
-    else:
-        raise AssertionError("a short deferred write went unnoticed")
     assert not (tmp_path / "models/m/checkpoints/c1/optimizer.safetensors").exists()
+    with pytest.raises(OSError, match="background write or fsync"):  # and refuses more
+        store.write_checkpoint(_record("c2", "root", 1), _weights)
 
 
 # A writer process: c1 complete, then c2 published with its deferred state half written
 # when the test SIGKILLs it.
 WRITER = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     from pathlib import Path
     from tests.test_store_deferred import STATE, _model, _record, _weights
     from headway.store import CheckpointStore, DeferredFile
@@ -116,13 +118,13 @@ WRITER = textwrap.dedent(
         with open(path, "wb") as f:
             f.write(STATE[: len(STATE) // 2])
             f.flush()
-            print("writing", flush=True)
+            os.write(1, b"writing\\n")  # one write: the main thread prints too
             time.sleep(3600)
 
     hang = DeferredFile("optimizer.safetensors", len(STATE), half_then_hang)
     store.write_checkpoint(_record("c2", "c1", 2), _weights, hang)
     store.set_head("m", "c2", wait=False)
-    print("published", flush=True)
+    os.write(1, b"published\\n")
     time.sleep(3600)
     """
 )
@@ -137,6 +139,8 @@ def test_a_kill_during_a_deferred_write_leaves_only_complete_checkpoints(tmp_pat
         text=True,
         env={**os.environ, "PYTHONPATH": str(root)},
     )
+    watchdog = threading.Timer(HANG_SECONDS, proc.kill)  # a hung writer ends the readline
+    watchdog.start()
     try:
         seen = set()
         while seen != {"writing", "published"}:
@@ -148,6 +152,7 @@ def test_a_kill_during_a_deferred_write_leaves_only_complete_checkpoints(tmp_pat
         assert (tmp_path / "models/m/HEAD").read_text().strip() == "c2"
         assert [p.name for p in (ckpts / "c2").iterdir() if p.name.startswith(".tmp-")]
     finally:
+        watchdog.cancel()
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
