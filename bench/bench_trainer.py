@@ -6,15 +6,19 @@ each masked, random sampling logprobs and advantages, fixed seed), learning rate
 
 - Step: our gRPC `Step` (built-in importance_sampling) on a FULL fork, against a plain
   transformers loop doing full fine-tuning too (forward, log_softmax + gather, the same
-  summed loss −Σ w·exp(lp − q)·A, backward, torch.optim.AdamW step). Our Step also writes a
-  checkpoint (weights + optimizer state, written and renamed before the reply, fsynced in
-  the background: see headway/store/durable.py) and the loop saves nothing, so
-  the forward/backward and the OptimStep of the full fork are also timed apart.
+  summed loss −Σ w·exp(lp − q)·A, backward, torch.optim.AdamW step), each side 3 steps back
+  to back per round. Our Step also writes a checkpoint (weights before the reply; the
+  optimizer state after it, overlapping the next step, and waited for at the end of the
+  round; fsyncs in the background: see headway/store/durable.py) and the loop saves
+  nothing, so the forward/backward and the OptimStep of the full fork are also timed
+  apart.
 - Custom loss: ForwardCustom, the same loss's gradient computed client-side from the
   returned DatumTensors (w = ratio·A·mask), BackwardCustom, OptimStep; against
   ForwardBackward (built-in) + OptimStep, on a LoRA fork (rank 32), same batch.
-- Durable save: OptimStep alone (after a ForwardBackward) for the LoRA fork (the
-  OptimSteps of both runs above) and the full fork.
+- Save: OptimStep alone (after a ForwardBackward) for the LoRA fork (the OptimSteps of
+  both runs above) and the full fork: the reply's latency (AdamW, weights written, HEAD
+  moved, published), and apart from it the deferred optimizer-state write; the table adds
+  the page-cache write of the weights alone (the reply's floor on this machine).
 - bf16: a second trainer started with `--dtype bf16` (its own store, the same base), its
   ForwardBackward on a full fork against ours in fp32 (interleaved) and the loop's, and how
   far its loss and logprobs are from fp32's on the same batch at the same weights (the
@@ -249,12 +253,8 @@ class Bench:
         self.adam = common_pb2.AdamParams(learning_rate=LR)
 
     def step(self, model: str) -> Any:
-        """A Step, and the wait for its deferred optimizer-state write: back-to-back steps
-        are what the baseline loop times, and that write is work the trainer does."""
         req = training_pb2.StepRequest(model=model, data=self.items, loss_fn=LOSS, adam=self.adam)
-        reply = self.srv.train.Step(req)
-        self.drain(model, reply.optim_step.checkpoint)
-        return reply
+        return self.srv.train.Step(req)
 
     def drain(self, model: str, checkpoint: str) -> float:
         """Wait for `checkpoint`'s deferred optimizer-state write; returns the seconds."""
@@ -299,20 +299,32 @@ def logprobs_of(reply: Any) -> np.ndarray:
     return np.stack([floats(x, "lp") for x in reply.logprobs])
 
 
-def measure_step(b: Bench, loop: PlainLoop, repeats: int) -> tuple[float, float, float]:
-    """Full fine-tuning, our Step vs the plain loop's, interleaved: (our median s, the
-    loop's, max |Δ logprob| of the first step, same weights and batch)."""
+def measure_step(
+    b: Bench, loop: PlainLoop, repeats: int, block: int = 3
+) -> tuple[float, float, float]:
+    """Full fine-tuning, our Step vs the plain loop's: (our median s per step, the loop's,
+    max |Δ logprob| of the first step, same weights and batch). Each side runs `block`
+    steps back to back, in turn; ours end with the wait for the last deferred
+    optimizer-state write, so a block is sustained training with the background write
+    overlapping the next step as it does in a training loop, and all its work counted."""
     first: dict[str, Any] = {}
 
-    def step_full() -> None:
-        first.setdefault("step", b.step("full"))
+    def steps_full() -> None:
+        for _ in range(block):
+            reply = b.step("full")
+            first.setdefault("step", reply)
+        b.drain("full", reply.optim_step.checkpoint)
 
-    t = interleaved({"step": step_full, "loop": loop.step}, repeats)
+    def steps_loop() -> None:
+        for _ in range(block):
+            loop.step()
+
+    t = interleaved({"step": steps_full, "loop": steps_loop}, repeats)
     assert loop.first_lp is not None
     lp_diff = float(
         np.abs(logprobs_of(first["step"].forward_backward) - loop.first_lp.numpy()).max()
     )
-    return med(t["step"]), med(t["loop"]), lp_diff
+    return med(t["step"]) / block, med(t["loop"]) / block, lp_diff
 
 
 def measure_full_fork(b: Bench, loop: PlainLoop, repeats: int) -> dict[str, list[float]]:
@@ -393,7 +405,9 @@ def measure_bf16(
 # ------------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=5, help="timed Steps and loop steps")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed blocks of 3 Steps and of 3 loop steps"
+    )
     parser.add_argument("--save-repeats", type=int, default=5, help="timed OptimSteps per fork")
     parser.add_argument("--bf16-repeats", type=int, default=3, help="timed bf16 rounds")
     args = parser.parse_args()
