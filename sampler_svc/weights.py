@@ -74,7 +74,14 @@ def load_engine_model(store: CheckpointStore, ref: CheckpointRef) -> Transformer
 
 def copy_full_weights(store: CheckpointStore, ref: CheckpointRef, model: Transformer) -> None:
     """Copy a full checkpoint's weights into `model`'s tensors, read from the file."""
-    file = store.files_dir(store.get_checkpoint(ref.model, ref.checkpoint)) / WEIGHTS_FILE
+    copy_weights_file(
+        store.files_dir(store.get_checkpoint(ref.model, ref.checkpoint)) / WEIGHTS_FILE, model
+    )
+
+
+def copy_weights_file(file: Path, model: Transformer) -> None:
+    """Copy the weights of a safetensors file (Hugging Face names) into `model`'s tensors,
+    converting those whose dtype differs."""
     params = {hf_name(k): v for k, v in model.state_dict().items()}
     sources, _ = map_safetensors(file)
     pairs, converted = [], []

@@ -19,6 +19,7 @@ from the page cache to their destination in one user-space copy.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,10 @@ _CHUNK = 1 << 30  # Linux writes at most ~2 GiB per call
 _IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one writev takes
 # safetensors dtype name → torch dtype (readers that copy straight into tensors use it too).
 TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
+_NP_DTYPES = {  # the safetensors dtypes numpy has (all but BF16)
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -168,7 +173,8 @@ def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     them: a writer never changes a file in place (checkpoints are immutable), and writes to
     the tensors stay private (copy-on-write)."""
     # Private and writable (copy-on-write): torch takes the buffer without a copy or warning.
-    data = np.memmap(path, dtype=np.uint8, mode="c").view(np.ndarray)
+    with open(path, "rb") as f:
+        data = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), np.uint8)
     header_len = struct.unpack("<Q", data[:8].tobytes())[0]
     header = json.loads(data[8 : 8 + header_len].tobytes())
     base, out = 8 + header_len, {}
@@ -176,9 +182,15 @@ def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         if name == "__metadata__":
             continue
         start, end = info["data_offsets"]
+        raw = data[base + start : base + end]
         dtype = TORCH_DTYPES[info["dtype"]]
-        raw = torch.from_numpy(data[base + start : base + end])
         if (base + start) % dtype.itemsize:
-            raw = raw.clone()  # not aligned for its dtype (a writer that packs tightly)
-        out[name] = raw.view(dtype).reshape(info["shape"])
+            raw = raw.copy()  # not aligned for its dtype (a writer that packs tightly)
+        # Typed in numpy when it can (one torch call per tensor, not three: ~1 vs ~4 µs,
+        # and an adapter has ~100 tensors).
+        np_dtype = _NP_DTYPES.get(info["dtype"])
+        if np_dtype is not None:
+            out[name] = torch.from_numpy(raw.view(np_dtype).reshape(info["shape"]))
+        else:
+            out[name] = torch.from_numpy(raw).view(dtype).reshape(info["shape"])
     return out, header
