@@ -23,7 +23,7 @@ import torch
 from headway.modeling import LoraConfig, Transformer, build_model, load_model
 from headway.modeling.load import hf_name
 from headway.store import WEIGHTS_FILE, CheckpointRef, CheckpointStore
-from headway.store.tensorfile import map_safetensors
+from headway.store.tensorfile import TORCH_DTYPES, map_bytes, map_safetensors
 from headway.store.weights import adapter_dir, base_config, full_state, read_adapter
 
 _MAX_READERS = 4  # threads copying one weights file (at most the process's torch threads)
@@ -83,29 +83,32 @@ def copy_weights_file(file: Path, model: Transformer) -> None:
     """Copy the weights of a safetensors file (Hugging Face names) into `model`'s tensors,
     converting those whose dtype differs."""
     params = {hf_name(k): v for k, v in model.state_dict().items()}
-    sources, _ = map_safetensors(file)
+    data, header, base = map_bytes(file)
     pairs, converted = [], []
-    for name, src in sources.items():
+    for name, info in header.items():
         dst = params.get(name)
         if dst is None:
             continue
-        if _same_bytes(dst, src):
-            pairs.append((_raw(dst), _raw(src)))
+        if _same_layout(dst, info):
+            start, end = info["data_offsets"]
+            pairs.append((_raw(dst), data[base + start : base + end]))
         else:
-            converted.append((dst, src))
+            converted.append(name)
     _copy_all(pairs)
-    with torch.no_grad():
-        for dst, src in converted:  # another dtype (a bf16 engine, a fp32 file)
-            dst.copy_(src)
+    if converted:  # another dtype (a bf16 engine, a fp32 file): torch converts
+        sources, _ = map_safetensors(file)
+        with torch.no_grad():
+            for name in converted:
+                params[name].copy_(sources[name])
 
 
-def _same_bytes(dst: torch.Tensor, src: torch.Tensor) -> bool:
-    """Whether `src`'s bytes are exactly `dst`'s memory (device, dtype, shape, layout)."""
+def _same_layout(dst: torch.Tensor, info: dict) -> bool:
+    """Whether the file's bytes of `info` are exactly `dst`'s memory (dtype, shape)."""
     return (
         dst.device.type == "cpu"
         and dst.is_contiguous()
-        and dst.dtype == src.dtype
-        and dst.shape == src.shape
+        and TORCH_DTYPES.get(info["dtype"]) == dst.dtype
+        and list(dst.shape) == info["shape"]
     )
 
 

@@ -165,19 +165,25 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(every tensor of a safetensors file as a view of a private memory map of it, header).
+def map_bytes(path: Path) -> tuple[np.ndarray, dict, int]:
+    """(the bytes of a safetensors file as a uint8 array viewing a private memory map of it,
+    its header, the offset its data offsets count from).
 
-    Nothing is read or allocated here; the pages are faulted in as the tensors are read, and
-    the map is released with the last tensor. Copy them (into memory of your own) and drop
-    them: a writer never changes a file in place (checkpoints are immutable), and writes to
-    the tensors stay private (copy-on-write)."""
-    # Private and writable (copy-on-write): torch takes the buffer without a copy or warning.
+    Nothing is read or allocated here; the pages are faulted in as the bytes are read, and
+    the map is released with the last view of it. Copy them (into memory of your own) and
+    drop them: a writer never changes a file in place (checkpoints are immutable), and
+    writes to the array stay private (copy-on-write: torch takes it without a warning)."""
     with open(path, "rb") as f:
         data = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), np.uint8)
     header_len = struct.unpack("<Q", data[:8].tobytes())[0]
-    header = json.loads(data[8 : 8 + header_len].tobytes())
-    base, out = 8 + header_len, {}
+    return data, json.loads(data[8 : 8 + header_len].tobytes()), 8 + header_len
+
+
+def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(every tensor of a safetensors file as a view of a private memory map of it, header):
+    see `map_bytes`."""
+    data, header, base = map_bytes(path)
+    out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
