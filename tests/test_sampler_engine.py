@@ -1,8 +1,11 @@
 """The sampler's engine on its own (no services): the few-rows matmul layout of decode
 steps against the model's own path in every kernel layout and in bf16, fused weights kept
-current by reloads, adapter slots reloaded in place, and the draw (top-k/top-p as a full sort)."""
+current by reloads, adapter slots reloaded in place (from mapped files too), full weights
+copied from a file, and the draw (top-k/top-p as a full sort)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -10,13 +13,19 @@ import torch
 import torch.nn.functional as F
 
 from headway.modeling import LoraConfig, ModelConfig, Transformer
+from headway.modeling.load import hf_state_dict
+from headway.modeling.lora import peft_config
 from headway.modeling.model import grouped_attention
+from headway.store.store import ADAPTER_FILE
+from headway.store.tensorfile import write_safetensors
+from headway.store.weights import read_adapter
 from sampler_svc import sampling
 from sampler_svc.engine import Engine, GenerationJob
 from sampler_svc.kernels import LAYOUTS, KernelChoice, pick, rows_linear
 from sampler_svc.multilora import AdapterBank
 from sampler_svc.requests import row_generator
 from sampler_svc.sampling import DrawParams, draw
+from sampler_svc.weights import copy_weights_file
 from tests.stack import TINY_DIMS
 
 FAMILIES = {
@@ -204,6 +213,52 @@ def test_a_slot_reloaded_with_a_smaller_adapter_holds_only_it():
         assert torch.equal(bank.A[key], fresh.A[key]) and torch.equal(bank.B[key], fresh.B[key])
     assert bank.scaling_values == fresh.scaling_values == [0.0, 2.0, 1.0]
     assert torch.equal(bank.scaling, fresh.scaling)
+
+
+def save_adapter_files(path, config: LoraConfig, tensors) -> None:
+    """A PEFT adapter directory as the trainer writes it (`write_safetensors`)."""
+    path.mkdir()
+    peft = {f"base_model.model.model.{k}.weight": v for k, v in tensors.items()}
+    write_safetensors(path / ADAPTER_FILE, peft, {"format": "pt"})
+    (path / "adapter_config.json").write_text(json.dumps(peft_config(config)))
+
+
+def test_an_adapter_copied_from_its_mapped_file_decodes_as_the_adapter(tmp_path):
+    """The sampler copies an adapter straight from a memory map of its file into the slot:
+    at a rank below the slot's, and after a larger adapter occupied the slot, the engine
+    decodes exactly as an engine given the adapter's tensors in memory."""
+    large, small = LoraConfig(rank=8, alpha=8), LoraConfig(rank=3, alpha=6)
+    engine = make_engine("qwen3")
+    small_tensors = adapter(engine.bank, 3, seed=11)
+    save_adapter_files(tmp_path / "large", large, adapter(engine.bank, 8, seed=10))
+    save_adapter_files(tmp_path / "small", small, small_tensors)
+    for name in ("large", "small"):
+        engine.bank.load(1, *read_adapter(tmp_path / name, mapped=True))
+    fresh = make_engine("qwen3")
+    fresh.bank.load(1, small, small_tensors)
+    for key in engine.bank.A:
+        assert torch.equal(engine.bank.A[key], fresh.bank.A[key])
+        assert torch.equal(engine.bank.B[key], fresh.bank.B[key])
+    draws = [DrawParams(0.0, 1.0, 0, None)]
+    got, want = run(engine, [3, 9, 27], 1, 1, draws), run(fresh, [3, 9, 27], 1, 1, draws)
+    assert got[0][0] == want[0][0]
+    assert np.array_equal(got[0][1], want[0][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_weights_are_copied_from_the_file_into_the_engine(tmp_path, dtype):
+    """A full reload copies a checkpoint file into the engine's (fused) tensors; a bf16
+    engine converts the fp32 file's numbers as `.to(bf16)` does."""
+    engine = Engine(tiny_model("qwen2").to(dtype), None, max_batch=8, max_seq_len=128)
+    other = tiny_model("qwen2", seed=5)
+    write_safetensors(tmp_path / "w.safetensors", hf_state_dict(other), {"format": "pt"})
+    copy_weights_file(tmp_path / "w.safetensors", engine.model)
+    want = other.state_dict()
+    for name, tensor in engine.model.state_dict().items():
+        assert torch.equal(tensor, want[name].to(dtype)), name
+    fused = engine.model.layers[0].mlp.fused_gate_up.weight
+    assert torch.equal(fused[: want["layers.0.mlp.gate_proj.weight"].shape[0]],
+                       want["layers.0.mlp.gate_proj.weight"].to(dtype))  # fmt: skip
 
 
 def frequencies(logits: torch.Tensor, params: DrawParams, draws: int) -> np.ndarray:
