@@ -24,7 +24,7 @@ from headway.modeling import LoraConfig, Transformer, build_model, load_model
 from headway.modeling.load import hf_name
 from headway.store import WEIGHTS_FILE, CheckpointRef, CheckpointStore
 from headway.store.tensorfile import TORCH_DTYPES, map_bytes, map_safetensors
-from headway.store.weights import adapter_dir, base_config, full_state, read_adapter
+from headway.store.weights import base_config, full_state, read_adapter
 
 _MAX_READERS = 4  # threads copying one weights file (at most the process's torch threads)
 _SPLIT_BYTES = 8 << 20  # below this, one thread copies it all
@@ -156,5 +156,7 @@ def read_lora(
     store: CheckpointStore, ref: CheckpointRef
 ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """The adapter of a LoRA checkpoint: config and `name.lora_A/B` tensors, viewing a map of
-    its file (read as they are copied into a slot: no buffer, one copy)."""
-    return read_adapter(Path(adapter_dir(store, ref.model, ref.checkpoint)), mapped=True)
+    its file (read as they are copied into a slot: no buffer, one copy). `ref` is the
+    adapter checkpoint `serving_refs` gives, already resolved: its own directory holds the
+    files (no second walk of the store's references on a reload's path)."""
+    return read_adapter(store.checkpoint_dir(ref.model, ref.checkpoint), mapped=True)
