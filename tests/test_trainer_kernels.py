@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -119,3 +120,29 @@ def test_routing_is_thread_local_and_leaves_bf16_to_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert F.linear(x, w).dtype == torch.bfloat16
     assert calls == [threading.get_ident()]  # the other thread and autocast: torch's own
+
+
+def test_a_new_trainer_takes_the_choice_an_earlier_one_cached(tmp_path, monkeypatch):
+    if len(KERNELS) < 2:
+        pytest.skip("one matmul kernel in this torch build: nothing is measured or cached")
+    monkeypatch.setenv("HEADWAY_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    first = Kernels()
+    a, w = torch.randn(33, 16), torch.randn(24, 16)
+    first.linear(a, w)
+    (key, name), *_ = first.chosen.items()
+    # Whatever the timing would say now, the second takes the cached choice, unmeasured.
+    other = next(c for c in KERNELS if c != name)
+    cache = json.loads((tmp_path / "kernels.json").read_text())
+    assert [v["kernel"] for v in cache.values()] == [name]
+    (entry,) = cache
+    cache[entry]["kernel"] = other  # as if an earlier run had chosen the other one
+    (tmp_path / "kernels.json").write_text(json.dumps(cache))
+    second = Kernels()
+    torch.testing.assert_close(second.linear(a, w), a @ w.t(), atol=1e-5, rtol=1e-5)
+    assert second.chosen == {key: other} and not second.times
+    # A cached name this process does not offer is measured afresh.
+    cache[entry]["kernel"] = "no-such-kernel"
+    (tmp_path / "kernels.json").write_text(json.dumps(cache))
+    third = Kernels()
+    third.linear(a, w)
+    assert third.chosen[key] in KERNELS and set(third.times[key]) == set(third.candidates)

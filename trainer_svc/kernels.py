@@ -6,8 +6,10 @@ model's shapes where oneDNN's fp32 matmul (the one behind `torch.ops.mkldnn`) re
 120-230, the same numbers to fp32 rounding; on an Intel Xeon MKL is the reference. So each
 matmul of a training step — the forward `x @ Wᵀ`, the input gradient `g @ W` and the weight
 gradient `gᵀ @ x` — runs the faster of the two for its shape, timed the first time the
-shape is seen (both kernels, interleaved, the best of two runs each) and kept for the
-process; every choice is logged with its times.
+shape is seen on this machine (both kernels, interleaved, the best of two runs each) and
+kept on disk (`headway.server.kernel_cache`): a restarted trainer computes with the same
+kernels, so a model restored from its checkpoint continues bit for bit. Every choice is
+logged with its times.
 
 `Kernels.active()` is the context a forward runs in: a `TorchFunctionMode` (thread-local,
 so nothing outside the trainer's compute thread is affected) that routes fp32 CPU
@@ -29,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from headway.server import kernel_cache
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,7 @@ class Kernels:
         self.chosen: dict[tuple[str, int, int, int], str] = {}
         self.times: dict[tuple[str, int, int, int], dict[str, float]] = {}
         self._lock = threading.Lock()
+        self._cached: dict[str, dict] | None = None  # the disk cache, read at the first miss
 
     def mm(
         self, role: str, a: torch.Tensor, bt: torch.Tensor, shape: tuple[int, int, int]
@@ -92,7 +97,28 @@ class Kernels:
         if len(self.candidates) == 1:
             self.chosen[key] = self.candidates[0]
             return KERNELS[self.candidates[0]](a, bt)
+        name = self._from_disk(key)
+        if name is not None:
+            return KERNELS[name](a, bt)
         return self._measure(key, a, bt)
+
+    def _cache_key(self, key: tuple[str, int, int, int]) -> str:
+        role, m, k, n = key
+        machine = kernel_cache.machine_key(
+            torch.__version__, torch.get_num_threads(), str(torch.float32)
+        )
+        return f"trainer|{machine}|{'+'.join(self.candidates)}|{role}|{m}|{k}|{n}"
+
+    def _from_disk(self, key: tuple[str, int, int, int]) -> str | None:
+        """The choice an earlier trainer on this machine made for `key`, if any."""
+        if self._cached is None:
+            self._cached = kernel_cache.read_cache()
+        name = (self._cached.get(self._cache_key(key)) or {}).get("kernel")
+        if name not in self.candidates:
+            return None
+        with self._lock:
+            self.chosen.setdefault(key, name)
+        return self.chosen[key]
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """`x @ weightᵀ` for a 2-D `x` (the forward role), without autograd."""
@@ -113,6 +139,7 @@ class Kernels:
         with self._lock:
             self.chosen.setdefault(key, name)
             self.times[key] = best
+        kernel_cache.write_cache({self._cache_key(key): {"kernel": name, "seconds": best}})
         role, m, k, n = key
         log.info(
             "matmul %s of a linear %d→%d on ≤%d tokens: %s (%s, on %d tokens)",
