@@ -33,11 +33,16 @@ class Family:
 
 
 _DENSE = Family("headway.modeling.config:read_dense_config", "headway.modeling.model:Transformer")
+_QWEN3_5 = Family(
+    "headway.modeling.qwen3_5.config:read_config", "headway.modeling.qwen3_5.model:Qwen35Model"
+)
 
 FAMILIES: dict[str, Family] = {
     "llama": _DENSE,
     "qwen2": _DENSE,
     "qwen3": _DENSE,
+    "qwen3_5": _QWEN3_5,  # the released multimodal snapshot: its language model only
+    "qwen3_5_text": _QWEN3_5,
 }
 
 # Known model types we refuse, with what to do instead (the generic message lists FAMILIES).
