@@ -323,3 +323,46 @@ def test_sampling_is_refused_with_a_clear_message(tmp_path):
     ours, _ = load_model(tmp_path)
     with pytest.raises(ModelError, match="cannot be sampled yet"):
         ours.new_caches(1, 8)
+
+
+@pytest.mark.parametrize("source", ["text", "multimodal"])
+def test_lora_on_every_projection_exports_a_peft_adapter_with_the_same_logits(source, tmp_path):
+    from peft import PeftModel
+
+    from headway.modeling import LoraConfig, apply_lora, merge_lora, save_adapter
+    from headway.modeling.lora import KNOWN_TARGETS
+
+    build = build_text if source == "text" else build_multimodal
+    build("gqa-k3-5layers", seed=9).save_pretrained(tmp_path / "base")
+    ours, _ = load_model(tmp_path / "base")
+    apply_lora(ours, LoraConfig(rank=4, alpha=8, target_modules=KNOWN_TARGETS), seed=0)
+    adapted = {n.rsplit(".", 2)[-2] for n, _ in ours.named_parameters() if "lora_B" in n}
+    assert adapted == set(KNOWN_TARGETS)  # the linear-attention projections included
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(0.05 * torch.randn_like(p))
+    save_adapter(ours, tmp_path / "adapter")
+    # transformers' causal-LM class reads either layout as the text model PEFT adapts.
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    peft = PeftModel.from_pretrained(hf, tmp_path / "adapter")
+    ids, mask = _ragged_batch(seed=10)
+    with torch.no_grad():
+        expected = peft.eval()(ids, use_cache=False).logits
+        got = ours(ids)
+        assert _max_diff(expected, got, mask) <= 1e-4
+        merge_lora(ours)
+        assert _max_diff(expected, ours(ids), mask) <= 1e-4
+
+
+def test_default_lora_targets_cover_linear_attention():
+    config = ModelConfig.from_hf_dict(_text_raw())
+    assert {"in_proj_qkv", "in_proj_z", "out_proj", "q_proj", "down_proj"} <= set(
+        config.lora_targets
+    )
+    assert (
+        "in_proj_qkv"
+        not in ModelConfig.from_hf_dict({**_text_raw(), "model_type": "qwen3"}).lora_targets
+    )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from headway.modeling.errors import ModelError
 from headway.modeling.families import FAMILIES, read_config
@@ -60,6 +60,16 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     # Keys of config.json we do not interpret, written back unchanged by `to_hf_dict`.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    # The projections a LoRA fork adapts when it names none (PEFT's module names).
+    lora_targets: ClassVar[tuple[str, ...]] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads <= 0:

@@ -11,7 +11,7 @@ architecture to both. Export always writes the text-only layout. No torch here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from headway.modeling.config import ModelConfig
 from headway.modeling.errors import ModelError
@@ -41,6 +41,15 @@ class Qwen35Config(ModelConfig):
     linear_num_value_heads: int = 32
     partial_rotary_factor: float = 0.25  # RoPE rotates the first head_dim * factor dims only
     multimodal: bool = False  # read from the multimodal snapshot (weights nested deeper)
+    # Attention and MLP, and the linear-attention layers' main projections. in_proj_b and
+    # in_proj_a (one output per value head: a rank bound of linear_num_value_heads) are
+    # adapted only when asked for.
+    lora_targets: ClassVar[tuple[str, ...]] = (
+        *ModelConfig.lora_targets,
+        "in_proj_qkv",
+        "in_proj_z",
+        "out_proj",
+    )
 
     @property
     def rotary_dim(self) -> int:

@@ -28,7 +28,7 @@ from headway.modeling.qwen3_5.delta_rule import chunked_gated_delta_rule
 
 _NOT_SAMPLED = (
     "Qwen3.5 models cannot be sampled yet (their per-row recurrent state is not "
-    "implemented); they can be trained, scored and exported"
+    "implemented); they can be trained and exported"
 )
 
 
