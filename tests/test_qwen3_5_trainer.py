@@ -115,3 +115,46 @@ def test_a_sampler_refuses_a_qwen35_model_with_a_clear_message(stack):
         assert "cannot be sampled yet" in err.value.details()
     finally:
         replica.stop()
+
+
+def test_every_builtin_loss_and_a_custom_one_train_a_lora_fork(stack):
+    import numpy as np
+
+    from headway.tensors import to_tensor
+    from tests.test_trainer_training import LOSS_CONFIGS
+
+    stack.fork("m", source="q35")
+    data = batch(seed=6)
+    module = reference_module(stack, "m")
+    for loss_fn, cfg in sorted(LOSS_CONFIGS.items()):
+        reply = stack.train.ForwardBackward(
+            training_pb2.ForwardBackwardRequest(
+                model="m", data=data, loss_fn=loss_fn, loss_fn_config=cfg
+            )
+        )
+        with torch.no_grad():
+            expected, _ = reference_loss(module, data, loss_fn, cfg)
+        assert reply.metrics["loss:sum"] == pytest.approx(float(expected), rel=1e-5, abs=1e-5)
+    stack.trainer._states["m"].reset_accumulation()
+    stack.train.ForwardBackward(
+        training_pb2.ForwardBackwardRequest(model="m", data=data, loss_fn="importance_sampling")
+    )
+    builtin = trainer_grads(stack, "m")
+    stack.trainer._states["m"].reset_accumulation()
+    # The same loss as a custom one: the client sends dloss/dlogp back.
+    fwd = stack.train.ForwardCustom(training_pb2.ForwardCustomRequest(model="m", data=data))
+    weights = []
+    for d in fwd.data:
+        lp = torch.tensor(np.frombuffer(d.logprobs.data, np.float32), requires_grad=True)
+        q = torch.tensor(np.frombuffer(d.sampling_logprobs.data, np.float32))
+        a = torch.tensor(np.frombuffer(d.advantages.data, np.float32))
+        mask = torch.tensor(np.frombuffer(d.mask.data, np.float32))
+        (grad,) = torch.autograd.grad(-(torch.exp(lp - q) * a * mask).sum(), lp)
+        weights.append(to_tensor(-grad.numpy()))
+    stack.train.BackwardCustom(
+        training_pb2.BackwardCustomRequest(model="m", forward_id=fwd.forward_id, weights=weights)
+    )
+    custom = trainer_grads(stack, "m")
+    assert set(custom) == set(builtin)
+    for name in builtin:
+        assert rel_err(custom[name], builtin[name]) <= 1e-6, name
