@@ -158,3 +158,34 @@ def test_every_builtin_loss_and_a_custom_one_train_a_lora_fork(stack):
     assert set(custom) == set(builtin)
     for name in builtin:
         assert rel_err(custom[name], builtin[name]) <= 1e-6, name
+
+
+def test_add_base_refuses_moe_and_malformed_qwen35_configs_naming_the_field(tmp_path):
+    import json
+    import shutil
+
+    import grpc
+
+    good = qwen35_base(tmp_path / "good", "multimodal")
+    cases = {
+        "moe": (lambda c: c.update(model_type="qwen3_5_moe"), "mixture-of-experts"),
+        "layers": (
+            lambda c: c["text_config"].update(layer_types=["full_attention"]),
+            "text_config: layer_types must list one type per layer",
+        ),
+        "no-text": (lambda c: c.pop("text_config"), "needs a 'text_config'"),
+    }
+    stack = TrainerStack(tmp_path / "store")
+    try:
+        for name, (edit, message) in cases.items():
+            bad = tmp_path / name
+            shutil.copytree(good, bad)
+            config = json.loads((bad / "config.json").read_text())
+            edit(config)
+            (bad / "config.json").write_text(json.dumps(config))
+            with pytest.raises(grpc.RpcError) as err:
+                stack.add_base(bad, name)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+            assert message in err.value.details(), (name, err.value.details())
+    finally:
+        stack.stop()
