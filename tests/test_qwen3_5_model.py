@@ -366,3 +366,13 @@ def test_default_lora_targets_cover_linear_attention():
         "in_proj_qkv"
         not in ModelConfig.from_hf_dict({**_text_raw(), "model_type": "qwen3"}).lora_targets
     )
+
+
+def test_delta_rule_stays_fp32_under_bf16_autocast():
+    # The trainer's bf16 mode runs the forward under autocast; the recurrence must not.
+    inputs = [t.detach() for t in _delta_inputs()]
+    expected, _ = chunked_gated_delta_rule(*inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, state = chunked_gated_delta_rule(*inputs)
+    assert got.dtype == state.dtype == torch.float32
+    assert torch.equal(got, expected)

@@ -23,7 +23,9 @@ at the chunk's start, the u_t solve a unit lower-triangular system
 
 Both take fp32 tensors laid out `[B, H, T, D]` (q and k already L2-normalised, q scaled,
 heads already matched to v's), so they are plain autograd graphs: the chunked form's
-backward is torch's through `solve_triangular`.
+backward is torch's through `solve_triangular`. They stay in fp32 under autocast (the
+trainer's bf16 mode): the state accumulates over the whole sequence and the triangular
+solve amplifies rounding, so only the projections around them run in bf16.
 """
 
 from __future__ import annotations
@@ -68,6 +70,19 @@ def chunked_gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same as `recurrent_gated_delta_rule`, `chunk_size` tokens per step (the last chunk
     may be shorter: no padding)."""
+    with torch.autocast(k.device.type, enabled=False):
+        return _chunked(q, k, v, g, beta, state, chunk_size)
+
+
+def _chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, T, Dk = k.shape
     Dv = v.shape[-1]
     if state is None:
