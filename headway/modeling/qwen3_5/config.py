@@ -176,7 +176,7 @@ def read_config(raw: dict[str, Any], source: str = "config.json") -> Qwen35Confi
     # The snapshot's tie is the outer config's (transformers ties by the top-level model's config).
     tie = raw.get("tie_word_embeddings", False) if multimodal else text.get("tie_word_embeddings")
     config = Qwen35Config(
-        model_type="qwen3_5_text",
+        model_type=raw["model_type"],  # qwen3_5 (multimodal) or qwen3_5_text: one family
         vocab_size=int(text["vocab_size"]),
         hidden_size=int(text["hidden_size"]),
         intermediate_size=int(text["intermediate_size"]),
