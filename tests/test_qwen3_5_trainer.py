@@ -95,24 +95,36 @@ def test_trained_lora_fork_exports_for_transformers_and_peft(stack, tmp_path):
         assert diff.item() <= 1e-4, fmt
 
 
-def test_a_sampler_refuses_a_qwen35_model_with_a_clear_message(stack):
+def test_a_sampler_refuses_a_qwen35_model_with_a_clear_message_and_serves_others(stack, tmp_path):
     import grpc
 
     from headway.tensors import to_tensor
     from headway.v1 import common_pb2, sampling_pb2
-    from tests.stack import SamplerReplica
+    from tests.stack import SamplerReplica, make_tiny_base
 
+    stack.add_base(make_tiny_base(tmp_path / "tiny-base"), "tiny")
     stack.fork("m", source="q35")
+    stack.fork("dense", source="tiny")
+    # A published Qwen3.5 head reaches the sampler too: its preload is skipped, not fatal.
+    stack.train.Step(
+        training_pb2.StepRequest(
+            model="m", data=batch(seed=9), loss_fn="cross_entropy", adam=adam()
+        )
+    )
     replica = SamplerReplica(stack.config.store, stack.prefix, max_seq_len=64)
     try:
-        request = sampling_pb2.SampleRequest(
-            model="m",
-            prompt_tokens=to_tensor([1, 2, 3], common_pb2.DTYPE_INT32),
-            params=common_pb2.SamplingParams(max_tokens=2),
-        )
+
+        def request(model: str) -> sampling_pb2.SampleRequest:
+            return sampling_pb2.SampleRequest(
+                model=model,
+                prompt_tokens=to_tensor([1, 2, 3], common_pb2.DTYPE_INT32),
+                params=common_pb2.SamplingParams(max_tokens=2),
+            )
+
         with pytest.raises(grpc.RpcError) as err:
-            replica.stub.Sample(request)
+            replica.stub.Sample(request("m"))
         assert "cannot be sampled yet" in err.value.details()
+        assert len(replica.stub.Sample(request("dense")).sequences) == 1  # the replica serves on
     finally:
         replica.stop()
 
