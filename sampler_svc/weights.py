@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from headway.modeling import LoraConfig, Transformer, build_model, load_model
-from headway.modeling.load import hf_name
+from headway.modeling.load import empty_model, hf_name
 from headway.store import WEIGHTS_FILE, CheckpointRef, CheckpointStore
 from headway.store.tensorfile import TORCH_DTYPES, map_bytes, map_safetensors
 from headway.store.weights import base_config, full_state, read_adapter
@@ -61,8 +61,7 @@ def load_engine_model(store: CheckpointStore, ref: CheckpointRef) -> Transformer
         return model
     config = base_config(store, ref.model)
     if record.kind == "full":
-        with torch.device("meta"):
-            shell = Transformer(config)
+        shell = empty_model(config)  # the family's model on the meta device: shapes only
         state = {k: torch.empty(v.shape) for k, v in shell.state_dict().items()}
         if config.tie_word_embeddings:
             state.pop("lm_head.weight")

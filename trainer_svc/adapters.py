@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from headway.errors import InvalidArgument
-from headway.modeling import LoraConfig, ModelConfig, Transformer
-from headway.modeling.lora import DEFAULT_TARGETS
+from headway.modeling import LoraConfig, ModelConfig
+from headway.modeling.load import empty_model
+from headway.modeling.lora import KNOWN_TARGETS
 
 DEFAULT_RANK = 32
 
@@ -38,12 +39,12 @@ class LoraRequest:
 def lora_config(ask: LoraRequest, max_rank: int, model: ModelConfig) -> LoraConfig:
     """A valid `LoraConfig` for a fork of a model of architecture `model` (see above)."""
     rank, alpha = ask.rank, ask.alpha
-    targets = tuple(dict.fromkeys(ask.target_modules)) or DEFAULT_TARGETS
-    unknown = [t for t in targets if t not in DEFAULT_TARGETS]
+    targets = tuple(dict.fromkeys(ask.target_modules)) or model.lora_targets
+    unknown = [t for t in targets if t not in KNOWN_TARGETS]
     if unknown:
         raise InvalidArgument(
             f"lora.target_modules {unknown} are not projection names; choose among "
-            f"{', '.join(DEFAULT_TARGETS)}"
+            f"{', '.join(KNOWN_TARGETS)}"
         )
     smallest = _smallest_dims(model, targets)
     if not smallest:
@@ -75,8 +76,7 @@ def lora_config(ask: LoraRequest, max_rank: int, model: ModelConfig) -> LoraConf
 
 def _smallest_dims(model: ModelConfig, targets: tuple[str, ...]) -> dict[str, int]:
     """min(in_features, out_features) over the model's projections of each targeted name."""
-    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        shell = Transformer(model)
+    shell = empty_model(model)  # the family's model on the meta device: shapes only
     dims: dict[str, int] = {}
     for module in shell.modules():
         for name, child in module.named_children():

@@ -25,6 +25,7 @@ from headway.modeling import (
     Transformer,
     apply_lora,
     build_model,
+    empty_model,
     hf_state_dict,
     lora_state_dict,
 )
@@ -224,8 +225,7 @@ def fresh_adapter_writer(config: Any, lora: LoraConfig, base_model: str, seed: i
 
     def write(directory: Path) -> None:
 
-        with torch.device("meta"):
-            shell = Transformer(config)
+        shell = empty_model(config)  # the family's model on the meta device: shapes only
         apply_lora(shell, lora)
         gen = torch.Generator().manual_seed(seed)
         tensors = {}

@@ -1,5 +1,6 @@
 """The model core: one decoder for the Llama, Qwen2 and Qwen3 families, and what surrounds it.
 
+- `families.py`  the registry: `model_type` → its config reader and model class
 - `config.py`    `ModelConfig`, read from / written to HF `config.json`
 - `model.py`     the decoder (`Transformer`), RoPE, attention, MLP
 - `kv_cache.py`  the static per-layer KV cache used by prefill and decode

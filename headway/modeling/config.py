@@ -1,6 +1,8 @@
 """`ModelConfig`: the decoder's hyper-parameters, read from and written to HF `config.json`.
 
-One dataclass covers the three supported families; the family differences are switches
+The registry (`families.py`) chooses each family's reader by `model_type`; a family with
+more hyper-parameters reads them into a subclass (`qwen3_5/config.py`). This dataclass
+covers the three dense families; the family differences are switches
 (`qkv_bias`, `o_bias`, `qk_norm`, `tie_word_embeddings`) set from `model_type`, not copies
 of the model. Both the transformers 4 layout (`rope_theta`, `rope_scaling`) and the
 transformers 5 layout (`rope_parameters`) of the RoPE settings are read.
@@ -11,11 +13,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from headway.modeling.errors import ModelError
+from headway.modeling.families import FAMILIES, read_config
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+# Every registered family (families.py); this module's dataclass reads the dense three.
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+_DENSE_TYPES = ("llama", "qwen2", "qwen3")
 
 # Fields without which the architecture is undefined; everything else has the family default.
 _REQUIRED = (
@@ -55,6 +60,16 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     # Keys of config.json we do not interpret, written back unchanged by `to_hf_dict`.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    # The projections a LoRA fork adapts when it names none (PEFT's module names).
+    lora_targets: ClassVar[tuple[str, ...]] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads <= 0:
@@ -72,14 +87,26 @@ class ModelConfig:
         """Longest sequence (prompt + completion) the model accepts."""
         return self.max_position_embeddings
 
+    def our_weight_name(self, key: str) -> str | None:
+        """Our name of the tensor stored as `key` in this layout's weight files; None for a
+        tensor that is not ours to load. HF nests the body under `model.`; we keep it at the
+        top level."""
+        return key.removeprefix("model.")
+
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        """Build from a parsed HF `config.json`; `source` names the file in error messages."""
+        """Build from a parsed HF `config.json` of any registered family (the subclass that
+        family uses); `source` names the file in error messages."""
+        return read_config(raw, source)
+
+    @classmethod
+    def from_dense_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Build a Llama/Qwen2/Qwen3 config from a parsed HF `config.json`."""
         model_type = raw.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type not in _DENSE_TYPES:
             raise ModelError(
-                f"{source}: model_type {model_type!r} is not supported; "
-                f"use one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"{source}: model_type {model_type!r} is not a dense decoder; "
+                f"use one of {', '.join(_DENSE_TYPES)}"
             )
         for name in _REQUIRED:
             if raw.get(name) is None:
@@ -181,6 +208,11 @@ class ModelConfig:
         if self.model_type == "llama":
             out["mlp_bias"] = self.mlp_bias
         return out
+
+
+def read_dense_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """The registry's config reader for the llama, qwen2 and qwen3 families."""
+    return ModelConfig.from_dense_dict(raw, source)
 
 
 _ARCHITECTURES = {

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from headway.modeling.config import ModelConfig
 from headway.modeling.errors import ModelError
+from headway.modeling.families import model_class
 from headway.modeling.model import Transformer
 from headway.modeling.tokenizer import Tokenizer
 
@@ -46,9 +47,9 @@ def load_model(
 
 
 def empty_model(config: ModelConfig) -> Transformer:
-    """A model on the meta device: the shapes, no memory."""
+    """A model of `config`'s family (families.py) on the meta device: the shapes, no memory."""
     with torch.device("meta"):
-        return Transformer(config)
+        return model_class(config.model_type)(config)
 
 
 def build_model(config: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
@@ -121,9 +122,11 @@ def read_weights(
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
                 for key in names:
-                    name = key.removeprefix(_HF_PREFIX)
-                    if name.endswith(_IGNORED) or (
-                        name == "lm_head.weight" and model.config.tie_word_embeddings
+                    name = model.config.our_weight_name(key)
+                    if (
+                        name is None
+                        or name.endswith(_IGNORED)
+                        or (name == "lm_head.weight" and model.config.tie_word_embeddings)
                     ):
                         continue
                     if name not in expected:

@@ -22,6 +22,10 @@ from torch import nn
 from headway.modeling.errors import ModelError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Qwen3.5's linear-attention (Gated DeltaNet) projections, under transformers' (and so PEFT's)
+# names; a family's default targets are its config's `lora_targets`.
+LINEAR_ATTENTION_TARGETS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
+KNOWN_TARGETS = DEFAULT_TARGETS + LINEAR_ATTENTION_TARGETS
 _PEFT_PREFIX = "base_model.model.model."  # PEFT wraps the HF model, whose body is `model.`
 
 
@@ -38,11 +42,11 @@ class LoraConfig:
             raise ModelError(f"LoRA rank must be ≥ 1, got {self.rank}")
         if self.alpha <= 0:
             self.alpha = float(self.rank)
-        unknown = set(self.target_modules) - set(DEFAULT_TARGETS)
+        unknown = set(self.target_modules) - set(KNOWN_TARGETS)
         if unknown or not self.target_modules:
             raise ModelError(
                 f"LoRA target_modules {sorted(unknown) or '[]'} not valid; "
-                f"choose among {', '.join(DEFAULT_TARGETS)}"
+                f"choose among {', '.join(KNOWN_TARGETS)}"
             )
         self.target_modules = tuple(self.target_modules)
 
@@ -188,7 +192,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> None:
 
 def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into plain projections (for export as full weights)."""
-    for parent, name in _projections(model, DEFAULT_TARGETS):
+    for parent, name in _projections(model, KNOWN_TARGETS):
         child = getattr(parent, name)
         if isinstance(child, LoRALinear):
             setattr(parent, name, child.merged())
