@@ -66,9 +66,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
+# The replica in this process keeps torch's OpenMP workers spinning as `python -m
+# sampler_svc` does (sampler_svc/__main__.py says why): set before torch loads libgomp,
+# then taken out so the children (transformers' baseline, the trainer) start with the
+# environment they would have anyway.
+SPIN = "1000000"
+os.environ.setdefault("GOMP_SPINCOUNT", SPIN)
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ["GOMP_SPINCOUNT"] == SPIN:
+    del os.environ["GOMP_SPINCOUNT"]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
