@@ -8,8 +8,8 @@ every machine, so an engine times the candidates (`LAYOUTS`) on its own weights,
 weight shape and each batch bucket (1, 2, 4, ... rows), and keeps the fastest.
 
 The measurement runs once per (CPU model, torch version, threads, dtype, shape, bucket) and
-is cached on disk (`$HEADWAY_KERNEL_CACHE`, default `~/.cache/headway/kernels.json`), so a
-restart on the same machine costs nothing; the choice is logged. Every layout computes
+is cached on disk (`headway.server.kernel_cache`, the file the trainer's choices share), so
+a restart on the same machine costs nothing; the choice is logged. Every layout computes
 the same product (to float rounding): the tests check each gives the same logits.
 
 Candidates: `linear` (F.linear, x @ Wᵀ), `rows` ((W @ xᵀ)ᵀ, one row duplicated to two so
@@ -22,20 +22,17 @@ into the parameters would have to refresh it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import platform
-import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from headway.modeling.dtypes import dtype_name
 from headway.modeling.model import grouped_attention
+from headway.server import kernel_cache
 
 log = logging.getLogger(__name__)
 
@@ -98,46 +95,7 @@ def bucket_of(rows: int) -> int:
 
 def machine_key(dtype: torch.dtype) -> str:
     """What a measured choice depends on besides the shape: CPU, torch, threads, dtype."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}|torch {torch.__version__}|threads {torch.get_num_threads()}|{dtype}"
-
-
-def cache_path() -> Path:
-    env = os.environ.get("HEADWAY_KERNEL_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "headway/kernels.json"
-
-
-_cache_lock = threading.Lock()
-
-
-def _read_cache(path: Path) -> dict[str, dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_cache(path: Path, entries: dict[str, dict]) -> None:
-    """Merge `entries` into the cache file (temp file + rename: never a torn file)."""
-    try:
-        with _cache_lock:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            data = _read_cache(path)
-            data.update(entries)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-            tmp.replace(path)
-    except OSError as e:  # a read-only home: measure again next start
-        log.warning("kernel choices not cached (%s): %s", path, e)
+    return kernel_cache.machine_key(torch.__version__, torch.get_num_threads(), str(dtype))
 
 
 def time_layouts(
@@ -242,8 +200,8 @@ class KernelChoice:
 
     def _measure(self, weights: dict[Shape, list[torch.Tensor]]) -> None:
         dtype = next(iter(weights.values()))[0].dtype
-        machine, path = machine_key(dtype), cache_path()
-        cached, fresh = _read_cache(path), {}
+        machine = machine_key(dtype)
+        cached, fresh = kernel_cache.read_cache(), {}
         started = time.perf_counter()
         for shape, ws in weights.items():
             for b in self.buckets:
@@ -270,14 +228,14 @@ class KernelChoice:
                 self.times[("attention", 0), b] = entry["times"]
                 self.attention[b] = pick(entry["times"])
         if fresh:
-            _write_cache(path, fresh)
+            kernel_cache.write_cache(fresh)
         log.info(
             "decode kernels (%s; %d measured in %.1f s, %d from %s): %s",
             machine,
             len(fresh),
             time.perf_counter() - started,
             self.cached,
-            path,
+            kernel_cache.cache_path(),
             self.describe(),
         )
 
@@ -321,7 +279,7 @@ def engine_dtype(name: str, device: str = "cpu") -> torch.dtype:
             log.warning(
                 "--dtype bf16: this CPU (%s) has no bf16 units (AVX-512 BF16 / AMX); "
                 "serving in fp32",
-                machine_key(dtype).split("|")[0],
+                kernel_cache.cpu_model(),
             )
             return torch.float32
         log.info("serving in bf16 (bf16 units: %s)", torch.backends.cpu.get_cpu_capability())
