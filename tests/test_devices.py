@@ -124,11 +124,12 @@ def test_serve_passes_its_device_to_the_torch_services_only(tmp_path: Path) -> N
     gateway), spelled one way; without it none is passed; a bad name is refused before
     anything starts (serve checks the name; each service checks the device exists)."""
     from headway.cli import build_parser
-    from headway.cli.serve import ConfigError, LocalStack, ServeConfig
+    from headway.cli.serve import ConfigError, LocalStack
     from headway.cli.serve_config import serve_config
+    from tests.helpers_serve import stack_config
 
     def argvs(**flags: object) -> dict[str, list[str]]:
-        config = ServeConfig(store=tmp_path / "store", samplers=2, **flags)  # type: ignore[arg-type]
+        config = stack_config(tmp_path, samplers=2, **flags)  # free ports: plan() checks them
         return {s.name: s.argv for s in LocalStack(config).plan()}
 
     assert not any("--device" in argv for argv in argvs().values())
