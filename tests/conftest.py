@@ -22,6 +22,12 @@ os.environ["HEADWAY_KERNEL_CACHE"] = str(
     Path(tempfile.mkdtemp(prefix="headway-kernels-")) / "kernels.json"
 )
 
+# The suite is the CPU's, on any machine: services it starts as processes (their --device
+# twin) and in this process (tests/stack.py) compute on the CPU unless a test names a
+# device. A GPU machine would otherwise default them to cuda in bf16, where the fp32 parity
+# tests do not hold; the `gpu` tests (tests/test_devices.py) ask for cuda themselves.
+os.environ["HEADWAY_DEVICE"] = "cpu"
+
 VOCAB = 96
 
 
