@@ -101,6 +101,7 @@ class Sampler:
         device, dtype = settle(config.device, config.dtype)
         self.device = torch.device(device)  # of every engine's weights, caches and draws
         self.dtype = engine_dtype(dtype, device)  # of every engine's weights
+        log.info("engines on %s in %s", device, self.dtype)
         self.store = CheckpointStore(config.store, recover=False)  # the trainer writes
         self.engines: OrderedDict[CheckpointRef, EngineEntry] = OrderedDict()
         self.served: dict[tuple[str, str], tuple[CheckpointRef, CheckpointRef | None]] = {}

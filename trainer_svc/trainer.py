@@ -85,6 +85,7 @@ class Trainer:
         self.dtype = torch.float32
         device, dtype = settle(config.device, config.dtype)
         self.device = torch.device(device)  # of every module, gradient and AdamW state
+        log.info("training on %s, --dtype %s", device, dtype)
         # The measured CPU kernels serve CPU forwards only (a GPU runs torch's own).
         kernels = Kernels() if self.device.type == "cpu" else None
         self.mode = compute.ComputeMode(precision.choose(dtype, device), kernels)
