@@ -14,7 +14,7 @@ NODE_DIR   := clients/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 HAVE_NODE  := $(shell command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 && echo yes)
 
-.PHONY: install test test-fast lint protos demo bench bench-model bench-trainer bench-sampler bench-gateway clean
+.PHONY: install test test-fast lint protos demo bench bench-model bench-trainer bench-sampler bench-gateway gpu-check clean
 
 install: $(STAMP) $(if $(HAVE_NODE),$(NODE_STAMP))
 
@@ -57,17 +57,31 @@ protos: install
 
 bench: bench-model bench-trainer bench-sampler bench-gateway
 
+# The bench-* targets measure the CPU, services they start as processes included (their
+# --device twin); `make gpu-check` measures a GPU.
 bench-model: install
-	$(PY) bench/bench_model.py
+	HEADWAY_DEVICE=cpu $(PY) bench/bench_model.py
 
 bench-trainer: install
-	$(PY) bench/bench_trainer.py
+	HEADWAY_DEVICE=cpu $(PY) bench/bench_trainer.py
 
 bench-sampler: install
-	$(PY) bench/bench_sampler.py
+	HEADWAY_DEVICE=cpu $(PY) bench/bench_sampler.py
 
 bench-gateway: install
-	$(PY) bench/bench_gateway.py
+	HEADWAY_DEVICE=cpu $(PY) bench/bench_gateway.py
+
+# On a machine with a CUDA GPU (never run on this project's machines, which have none):
+# the gpu-marked tests (parity on cuda: prefill + decode = full forward, sampler logprobs =
+# trainer logprobs in-process and through `headway serve --device cuda`), then the decoder,
+# sampler engine and trainer figures on cuda against transformers on the same GPU. torch
+# must be a CUDA build of it (`make install TORCH=...` installs the one you name); the
+# first step says so and stops if torch sees no GPU.
+gpu-check: install
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else \
+	'gpu-check: torch ' + torch.__version__ + ' sees no CUDA device here')"
+	$(PY) -m pytest -q -m gpu -rs
+	$(PY) bench/bench_device.py --device cuda
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .demo

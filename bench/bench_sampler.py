@@ -154,6 +154,7 @@ def main() -> None:
             redis_prefix=prefix,
             max_batch=16,
             max_seq_len=256,
+            device="cpu",  # CPU figures (bench_device.py measures a GPU)
         )
         replica = SamplerThread(config)
         trainer.models.AddBase(model_pb2.AddBaseRequest(path=str(path), name=BASE))

@@ -80,6 +80,8 @@ class ServerThread:
         from trainer_svc.config import TrainerConfig
         from trainer_svc.server import create_server
 
+        # On the CPU unless told otherwise: these are CPU figures (bench_device.py: a GPU's).
+        config_fields.setdefault("device", "cpu")
         config = TrainerConfig(
             store=store, redis_url=shared_redis_url(), redis_prefix=prefix, **config_fields
         )

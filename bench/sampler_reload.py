@@ -332,7 +332,7 @@ def main() -> None:
         listener = HeadListener(prefix)
         trainer = TrainerProcess(store, prefix)
         config = SamplerConfig(store=store, redis_url=shared_redis_url(), redis_prefix=prefix,
-                               max_batch=16, max_seq_len=256)  # fmt: skip
+                               max_batch=16, max_seq_len=256, device="cpu")  # fmt: skip
         replica = SamplerThread(config)
         trainer.models.AddBase(model_pb2.AddBaseRequest(path=str(path), name=BASE))
         trainer.models.ForkModel(model_pb2.ForkModelRequest(source=BASE, name=FULL, full=True))

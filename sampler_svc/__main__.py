@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import sys
 
+from headway.modeling.placement import settle
 from headway.server.auth import UnsafeConfig
 from headway.server.defaults import SAMPLER_ADDRESS
 from headway.server.flags import (
@@ -50,7 +51,12 @@ FLAGS = (
     Flag("max_seq_len", "prompt + completion tokens per row"),
     Flag("adapter_slots", "LoRA adapters resident per engine"),
     Flag("max_lora_rank", "largest adapter rank the slots hold"),
-    Flag("dtype", "engine weights and compute: fp32 or bf16 (logprobs in fp32 either way)"),
+    Flag("device", "where the engines compute: cpu, cuda or cuda:N ('' = cuda if available)"),
+    Flag(
+        "dtype",
+        "engine weights and compute: fp32 or bf16 (logprobs in fp32 either way); '' = bf16 "
+        "on a GPU, fp32 on a CPU",
+    ),
     Flag("max_stop_strings", "stop strings per request"),
     Flag("max_stop_string_chars", "characters per stop string"),
     Flag("max_prompt_text_chars", "characters of a prompt_text, refused before tokenizing"),
@@ -70,6 +76,11 @@ def main() -> None:
     setup_logging(args)
     try:
         config = build_config(SamplerConfig, args, FLAGS)
+        # The device must exist and the dtype be known before anything is loaded.
+        config.device, config.dtype = settle(config.device, config.dtype)
+    except ValueError as e:  # UnsafeConfig is one
+        p.error(str(e))
+    try:
         code = asyncio.run(serve(config, args.listen))
     except UnsafeConfig as e:
         p.error(str(e))

@@ -41,10 +41,14 @@ class SamplerConfig:
     adapter_slots: int = 8  # LoRA adapters resident per engine (LRU of idle ones)
     max_lora_rank: int = MAX_LORA_RANK  # largest adapter rank the slots hold
     max_engines: int = 4  # weight sets resident (bases, full checkpoints), LRU of idle ones
+    # Where the engines compute: "cpu", "cuda" or "cuda:N" (headway.modeling.devices);
+    # "" = cuda when torch sees a GPU, else cpu. Checked at start, before anything loads.
+    device: str = ""
     # Weights, activations and KV cache of the engines: "fp32" (sampler and trainer logprobs
     # agree to 1e-4) or "bf16" (half the bytes per decode step, the CPU's bf16 units; falls
     # back to fp32, logged, on a CPU without them). Logprobs are computed in fp32 either way.
-    dtype: str = "fp32"
+    # "" = by device: bf16 on a GPU, fp32 on a CPU.
+    dtype: str = ""
     # torch CPU threads of the process, set when it starts serving (`serve`); 0 = torch's
     # default, one per core. Processes sharing a machine should split its cores.
     threads: int = 0

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from headway.modeling import KVCache, Transformer, token_logprobs
-from sampler_svc.kernels import KernelChoice
+from headway.modeling.placement import host_lists
+from sampler_svc.kernels import KernelChoice, cuda_layout
 from sampler_svc.multilora import NO_ADAPTER, AdapterBank, fuse_projections
 from sampler_svc.sampling import DrawParams, DrawPlan, draw_planned
 
@@ -83,6 +84,7 @@ class Engine:
         if bank is None:  # no adapter slots: still the bank's fused, measured projections
             bank = AdapterBank(model, slots=0, max_rank=1)
         self.model, self.bank = model, bank
+        self.device = next(model.parameters()).device  # every step's tensors are made there
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.caches: list[KVCache] = model.new_caches(max_batch, max_seq_len)
         self.rows: list[Row] = []
@@ -91,7 +93,7 @@ class Engine:
         self.kernels = KernelChoice(
             fuse_projections(model, bank),
             max(max_batch, 32),
-            force=layout,
+            force=layout or cuda_layout(self.device),
             heads=(c.num_attention_heads, c.num_key_value_heads, c.head_dim),
             length=min(2 * WINDOW, max_seq_len),
         )
@@ -145,17 +147,18 @@ class Engine:
         """Prefill `job`'s prompt once, share it across its n rows, draw their first tokens."""
         assert job.n <= self.free_rows
         T, first = len(job.prompt), len(self.rows)
-        ids = torch.tensor([job.prompt])
+        dev = self.device
+        ids = torch.tensor([job.prompt], device=dev)
         self._select([job.slot])
-        rows = torch.tensor([first])
-        positions = torch.arange(T)[None]
+        rows = torch.tensor([first], device=dev)
+        positions = torch.arange(T, device=dev)[None]
         hidden = None
         if job.prompt_logprobs:  # logits of every position, computed as the trainer does
             logits = self.model(ids, positions, caches=self.caches, rows=rows, validate=False)
             lp = token_logprobs(logits[0, :-1], ids[0, 1:])
             job.emit("prompt_logprobs", -1, lp.tolist())
         else:
-            last_index = torch.tensor([T - 1])
+            last_index = torch.tensor([T - 1], device=dev)
             hidden = self._forward_few(
                 ids, positions, caches=self.caches, rows=rows, output_index=last_index
             )
@@ -170,18 +173,18 @@ class Engine:
             c.k[first + 1 : first + job.n, :, :T] = c.k[first, :, :T]
             c.v[first + 1 : first + job.n, :, :T] = c.v[first, :, :T]
         last = logits[:, -1].expand(job.n, -1)
-        tokens, lps = draw_planned(last, DrawPlan(job.draw))
+        tokens, lps = draw_planned(last, DrawPlan(job.draw, dev))
         job.live_rows = job.n
         new_rows = [Row(job, i, T, 0) for i in range(job.n)]
         self.rows.extend(new_rows)
         self._plan = None
-        self._record(new_rows, tokens.tolist(), lps.tolist())
+        self._record(new_rows, *host_lists(tokens, lps))
 
     def _rows_plan(self) -> tuple[list[int], DrawPlan, bool]:
         """The live rows' adapter slots and draw settings (rebuilt when the rows change)."""
         if self._plan is None:
             slots = [r.job.slot for r in self.rows]
-            plan = DrawPlan([r.job.draw[r.index] for r in self.rows])
+            plan = DrawPlan([r.job.draw[r.index] for r in self.rows], self.device)
             self._plan = slots, plan, len(set(slots)) > 1
         return self._plan
 
@@ -198,8 +201,8 @@ class Engine:
         slots, plan, mixed = self._rows_plan()
         self.mixed_steps += mixed
         self._select(slots)
-        ids = torch.tensor([r.last for r in self.rows])[:, None]
-        positions = torch.tensor(pos)[:, None]
+        ids = torch.tensor([r.last for r in self.rows], device=self.device)[:, None]
+        positions = torch.tensor(pos, device=self.device)[:, None]
         hidden = self._forward_few(ids, positions, caches=caches)
         if hidden is not None:
             logits = self._vocab(hidden[:, 0])
@@ -209,7 +212,8 @@ class Engine:
         tokens, lps = draw_planned(logits, plan)
         for r in self.rows:
             r.pos += 1  # where the token just drawn will be fed
-        self._record(list(self.rows), tokens.tolist(), lps.tolist())
+        # The step's one host sync: its tokens and logprobs, read together.
+        self._record(list(self.rows), *host_lists(tokens, lps))
 
     def _record(self, rows: list[Row], tokens: list[int], lps: list[float]) -> None:
         """Append each row's new token, emit it, and retire rows that are done."""
@@ -259,13 +263,13 @@ class Engine:
         about the same, so decode steps can run in between.
         """
         self._select([slot])
-        piece = torch.tensor([ids[start:end]])
+        piece = torch.tensor([ids[start:end]], device=self.device)
         if caches is None:
             assert start == 0 and end == len(ids)
             logits = self.model(piece, validate=False)
         else:
-            positions = torch.arange(start, end)[None]
+            positions = torch.arange(start, end, device=self.device)[None]
             logits = self.model(piece, positions, caches=caches, validate=False)
-        targets = torch.tensor(ids[start + 1 : end + 1])
+        targets = torch.tensor(ids[start + 1 : end + 1], device=self.device)
         lp = token_logprobs(logits[0, : len(targets)], targets)
-        return lp.numpy().astype(np.float32)
+        return lp.cpu().numpy().astype(np.float32)

@@ -259,6 +259,14 @@ class KernelChoice:
         return "; ".join(parts)
 
 
+def cuda_layout(device: torch.device) -> str | None:
+    """The layout forced on a CUDA device (F.linear, and SDPA for attention), else None
+    (measured). The layouts here are CPU BLAS questions (matrix-vector vs GEMM paths); on a
+    GPU cuBLAS picks its own kernels, and the timings above would have to synchronise the
+    device per call to mean anything."""
+    return "linear" if device.type == "cuda" else None
+
+
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # by headway.modeling.dtypes name
 
 

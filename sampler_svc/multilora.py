@@ -37,7 +37,8 @@ class AdapterBank:
         self.slots, self.max_rank = slots + 1, max_rank  # + slot 0, the empty adapter
         self.A: dict[str, torch.Tensor] = {}
         self.B: dict[str, torch.Tensor] = {}
-        self.scaling = torch.zeros(self.slots)
+        self.device = next(model.parameters()).device
+        self.scaling = torch.zeros(self.slots, device=self.device)
         # The same scalings as Python floats (the fp32 values), read without a tensor op.
         self.scaling_values = [0.0] * self.slots
         # Columns of each slot that may be nonzero (the rank last loaded there).
@@ -104,7 +105,7 @@ class AdapterBank:
         elif len(distinct) == 1:
             self.active = slots[0]
         else:
-            self.active = torch.tensor(slots)
+            self.active = torch.tensor(slots, device=self.device)
             self.active_scaling = self.scaling[self.active][:, None, None]
 
 

@@ -30,6 +30,7 @@ import torch
 
 from headway.errors import HeadwayError, NotFound, Overloaded, Unavailable
 from headway.modeling import ModelConfig
+from headway.modeling.placement import settle
 from headway.store import CheckpointRef, CheckpointStore
 from headway.store.weights import base_config
 from sampler_svc.config import SamplerConfig
@@ -97,7 +98,10 @@ class Sampler:
 
     def __init__(self, config: SamplerConfig) -> None:
         self.config = config
-        self.dtype = engine_dtype(config.dtype)  # of every engine's weights
+        device, dtype = settle(config.device, config.dtype)
+        self.device = torch.device(device)  # of every engine's weights, caches and draws
+        self.dtype = engine_dtype(dtype, device)  # of every engine's weights
+        log.info("engines on %s in %s", device, self.dtype)
         self.store = CheckpointStore(config.store, recover=False)  # the trainer writes
         self.engines: OrderedDict[CheckpointRef, EngineEntry] = OrderedDict()
         self.served: dict[tuple[str, str], tuple[CheckpointRef, CheckpointRef | None]] = {}
@@ -425,7 +429,7 @@ class Sampler:
                 return None
             self._drop(idle[0])
         start = time.perf_counter()
-        model = load_engine_model(self.store, ref).to(self.dtype)
+        model = load_engine_model(self.store, ref).to(self.device, self.dtype)
         bank = AdapterBank(model, self.config.adapter_slots, self.config.max_lora_rank)
         max_len = min(self.config.max_seq_len, model.config.max_context)
         engine = Engine(model, bank, self.config.max_batch, max_len)

@@ -10,7 +10,8 @@ Top-k / top-p keep the same tokens as sorting the whole vocabulary would, withou
 it for every row: the `CANDIDATES` largest logits (or k, if larger) are taken with topk and
 the nucleus is cut among them; only a row whose nucleus reaches past them (a flat
 distribution, or top-k above the candidates together with top-p) is sorted in full.
-A `DrawPlan` holds a set of rows' settings as tensors, built once per set of rows.
+A `DrawPlan` holds a set of rows' settings as tensors, built once per set of rows, on the
+device of the logits. Each row's generator is a CPU one on every device (see draw_planned).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from headway.modeling import token_logprobs
+from headway.modeling.placement import to_device
 
 
 @dataclass
@@ -40,7 +42,7 @@ def _filter_sorted(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
     """Mask (−inf) tokens outside each row's top-k and top-p nucleus, sorting all of `[B, V]`."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     V = logits.shape[-1]
-    ranks = torch.arange(V)
+    ranks = torch.arange(V, device=logits.device)
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V))
     drop = ranks[None] >= k[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
@@ -58,7 +60,7 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> t
     k = torch.where((top_k > 0) & (top_k < V), top_k, torch.full_like(top_k, V))
     C = min(V, max(CANDIDATES, int(k[k < V].max()) if bool((k < V).any()) else 0))
     vals, idx = logits.topk(C, dim=-1)  # sorted, largest first
-    ranks = torch.arange(C)
+    ranks = torch.arange(C, device=logits.device)
     in_k = ranks[None] < k[:, None]
     # Each candidate's probability renormalised over the row's top-k (all of V if no k):
     # within the candidates when k ≤ C, else over the whole row.
@@ -102,39 +104,48 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         p = F.pad(p, (0, blocks * BLOCK - V))
     per_block = p.view(R, blocks, BLOCK)
     cdf = per_block.sum(-1).cumsum(-1)  # [R, blocks]
-    zero = torch.zeros(R, dtype=torch.float64)
+    zero = torch.zeros(R, dtype=torch.float64, device=probs.device)
     total = cdf[:, -1]
     target = torch.minimum(u * total, torch.nextafter(total, zero))
     j = torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp_(max=blocks - 1)
     before = torch.where(j > 0, cdf.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], zero)
-    inner = per_block[torch.arange(R), j].cumsum(-1)  # [R, BLOCK]
+    inner = per_block[torch.arange(R, device=probs.device), j].cumsum(-1)  # [R, BLOCK]
     local = torch.minimum(target - before, torch.nextafter(inner[:, -1], zero))
     k = torch.searchsorted(inner, local[:, None], right=True)[:, 0]
     return (j * BLOCK + k).clamp_(max=V - 1)
 
 
 class DrawPlan:
-    """The draw settings of a set of rows as tensors and lists, built once for that set."""
+    """The draw settings of a set of rows as tensors (on the logits' `device`) and lists,
+    built once for that set."""
 
-    def __init__(self, params: list[DrawParams]) -> None:
+    def __init__(self, params: list[DrawParams], device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         self.n = len(params)
         sampled = [i for i, p in enumerate(params) if p.temperature > 0]
         self.sampled = sampled
         self.greedy = len(sampled) < self.n  # some rows take the argmax
-        self.rows = None if len(sampled) == self.n else torch.tensor(sampled, dtype=torch.long)
+        self.rows = (
+            None
+            if len(sampled) == self.n
+            else torch.tensor(sampled, dtype=torch.long, device=device)
+        )
         temps = [params[i].temperature for i in sampled]
         # x / 1 is x: temperature 1 skips the division.
-        self.temps = torch.tensor(temps)[:, None] if any(t != 1.0 for t in temps) else None
+        self.temps = (
+            torch.tensor(temps, device=device)[:, None] if any(t != 1.0 for t in temps) else None
+        )
         top_k = [params[i].top_k for i in sampled]
         top_p = [params[i].top_p for i in sampled]
         self.filtered = any(k > 0 for k in top_k) or any(p < 1 for p in top_p)
-        self.top_k, self.top_p = torch.tensor(top_k), torch.tensor(top_p)
+        self.top_k = torch.tensor(top_k, device=device)
+        self.top_p = torch.tensor(top_p, device=device)
         self.generators = [params[i].generator for i in sampled]
 
 
 def draw(logits: torch.Tensor, params: list[DrawParams]) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [B], policy logprobs [B]) for next-token `logits` `[B, V]`."""
-    return draw_planned(logits, DrawPlan(params))
+    return draw_planned(logits, DrawPlan(params, logits.device))
 
 
 def draw_planned(logits: torch.Tensor, plan: DrawPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,10 +163,14 @@ def draw_planned(logits: torch.Tensor, plan: DrawPlan) -> tuple[torch.Tensor, to
             scaled = _filter(scaled, plan.top_k, plan.top_p)
         probs = torch.softmax(scaled, dim=-1)
         # Inverse CDF with u ~ U[0, 1) from each row's own generator (one number per step).
+        # The generators are CPU ones on every device: a seed draws the same numbers on a
+        # CPU and a GPU, and the few numbers cross to the device in one pinned,
+        # non-blocking copy (no sync).
         u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in plan.generators])
+        u = to_device(u, logits.device)
         picked = _inverse_cdf(probs, u)
         if tokens is None:
             tokens = picked
         else:
             tokens[rows] = picked
-    return tokens, token_logprobs(logits, tokens) if B else torch.zeros(0)
+    return tokens, token_logprobs(logits, tokens) if B else torch.zeros(0, device=logits.device)

@@ -9,7 +9,9 @@ in the time of a memcpy: the trainer writes the file in one `writev`, which lets
 cache hold it in large folios that map in a few faults. (`os.preadv` into the tensors, the
 kernel's copy, ran ~2x slower on a 2-core EPYC VM.) A tensor whose dtype or layout differs
 from the file's (a bf16 engine, a fp32 file) is converted by torch from the same map.
-Adapters are mapped the same way and copied once, into their slot.
+Adapters are mapped the same way and copied once, into their slot. An engine on a GPU
+reads each tensor from the map into a pinned host buffer and copies it to the device from
+there (`copy_to_device`): one host read, one DMA, no pageable staging by the driver.
 """
 
 from __future__ import annotations
@@ -83,22 +85,42 @@ def copy_weights_file(file: Path, model: Transformer) -> None:
     converting those whose dtype differs."""
     params = {hf_name(k): v for k, v in model.state_dict().items()}
     data, header, base = map_bytes(file)
-    pairs, converted = [], []
+    pairs, converted, device = [], [], []
     for name, info in header.items():
         dst = params.get(name)
         if dst is None:
             continue
-        if _same_layout(dst, info):
+        if dst.device.type != "cpu":
+            device.append(name)
+        elif _same_layout(dst, info):
             start, end = info["data_offsets"]
             pairs.append((_raw(dst), data[base + start : base + end]))
         else:
             converted.append(name)
     _copy_all(pairs)
-    if converted:  # another dtype (a bf16 engine, a fp32 file): torch converts
+    if converted or device:
         sources, _ = map_safetensors(file)
         with torch.no_grad():
+            # another dtype (a bf16 engine, a fp32 file): torch converts
             for name in converted:
                 params[name].copy_(sources[name])
+            if device:
+                copy_to_device({name: params[name] for name in device}, sources)
+
+
+def copy_to_device(dsts: dict[str, torch.Tensor], sources: dict[str, torch.Tensor]) -> None:
+    """dsts[name] = sources[name] for device tensors, from host tensors (a file's map):
+    each source is read once into a pinned host buffer, from which the device copies it
+    without blocking (converting the dtype there), all copies queued before one sync."""
+    staged = []
+    for name, dst in dsts.items():
+        src = sources[name]
+        host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+        host.copy_(src)
+        dst.copy_(host, non_blocking=True)
+        staged.append(host)  # alive until the device has read it
+    for dev in {d.device for d in dsts.values()}:
+        torch.cuda.synchronize(dev)
 
 
 def _same_layout(dst: torch.Tensor, info: dict) -> bool:

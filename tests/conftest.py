@@ -22,7 +22,28 @@ os.environ["HEADWAY_KERNEL_CACHE"] = str(
     Path(tempfile.mkdtemp(prefix="headway-kernels-")) / "kernels.json"
 )
 
+# The suite is the CPU's, on any machine: services it starts as processes (their --device
+# twin) and in this process (tests/stack.py) compute on the CPU unless a test names a
+# device. A GPU machine would otherwise default them to cuda in bf16, where the fp32 parity
+# tests do not hold; the `gpu` tests (tests/test_devices.py) ask for cuda themselves.
+os.environ["HEADWAY_DEVICE"] = "cpu"
+
 VOCAB = 96
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu`-marked tests, saying why, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    built = "with" if torch.backends.cuda.is_built() else "without"
+    reason = (
+        f"needs a CUDA device: torch {torch.__version__} (built {built} CUDA) sees none here; "
+        "run `make gpu-check` on a machine with a GPU"
+    )
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
 
 # Small but complete: GQA (4 heads / 2 kv), explicit head_dim, several layers.
 _COMMON = dict(

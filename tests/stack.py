@@ -146,6 +146,7 @@ class TrainerStack:
         from trainer_svc.server import create_server
 
         set_torch_threads()
+        config.setdefault("device", "cpu")  # the suite's device (see tests/conftest.py)
         self.prefix = prefix or redis_prefix()
         self.config = TrainerConfig(
             store=store,
@@ -197,6 +198,7 @@ class SamplerReplica:
         from sampler_svc.server import create_replica
 
         set_torch_threads()
+        config.setdefault("device", "cpu")  # the suite's device (see tests/conftest.py)
         self.config = SamplerConfig(
             store=store, redis_url=redis_url or shared_redis_url(), redis_prefix=prefix, **config
         )

@@ -515,13 +515,15 @@ def test_serve_passes_its_exposure_flags_to_the_gateway(tmp_path: Path) -> None:
 
 def test_serve_passes_its_dtype_to_the_torch_services_only(tmp_path: Path) -> None:
     """`headway serve --dtype bf16` reaches the trainer and every sampler (not the gateway);
-    without it none is passed (each service keeps $HEADWAY_DTYPE or fp32); a bad value is
-    refused before anything starts."""
-    from headway.cli.serve import ConfigError, LocalStack, ServeConfig
+    without it none is passed (each service keeps its own: $HEADWAY_DTYPE, else by device);
+    a bad value is refused before anything starts."""
+    from headway.cli.serve import ConfigError, LocalStack
     from headway.cli.serve_config import serve_config
+    from tests.helpers_serve import stack_config
 
     def argvs(**flags: object) -> dict[str, list[str]]:
-        config = ServeConfig(store=tmp_path / "store", samplers=2, **flags)  # type: ignore[arg-type]
+        # Free ports: plan() refuses ports in use, and the defaults may be (other stacks).
+        config = stack_config(tmp_path, samplers=2, **flags)
         return {s.name: s.argv for s in LocalStack(config).plan()}
 
     plain = argvs()

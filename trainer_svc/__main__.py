@@ -7,7 +7,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from headway.modeling.dtypes import dtype_name
+from headway.modeling.placement import settle
 from headway.server.auth import UnsafeConfig
 from headway.server.defaults import TRAINER_ADDRESS
 from headway.server.flags import (
@@ -24,7 +24,12 @@ from trainer_svc.server import serve
 # Each sets the TrainerConfig field of its name (documented there), defaulting to its value;
 # `--max-batch-items` or $HEADWAY_MAX_BATCH_ITEMS sets max_batch_items.
 FLAGS = (
-    Flag("dtype", "training compute: fp32 (exact) or bf16 (over fp32 master weights)"),
+    Flag("device", "where training computes: cpu, cuda or cuda:N ('' = cuda if available)"),
+    Flag(
+        "dtype",
+        "training compute: fp32 (exact) or bf16 (over fp32 master weights); '' = bf16 on a "
+        "GPU, fp32 on a CPU",
+    ),
     Flag("max_loaded_models", "training states kept in memory (LRU of idle ones)"),
     Flag("max_batch_tokens", "tokens one training call may carry"),
     Flag("max_batch_items", "datums + trajectories one training call may carry"),
@@ -64,7 +69,8 @@ def main() -> None:
     roots = args.base_root or os.environ.get("HEADWAY_BASE_ROOTS", "").split(":")
     try:
         config = build_config(TrainerConfig, args, FLAGS, base_roots=[Path(r) for r in roots if r])
-        dtype_name(config.dtype)
+        # The device must exist and the dtype be known before anything is loaded.
+        config.device, config.dtype = settle(config.device, config.dtype)
     except ValueError as e:  # UnsafeConfig is one
         p.error(str(e))
     try:

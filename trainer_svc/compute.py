@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from headway.errors import FailedPrecondition, InvalidArgument
+from headway.modeling.placement import to_device
 from trainer_svc.datums import DatumArrays
 from trainer_svc.head import head_logprobs
 from trainer_svc.kernels import Kernels
@@ -38,6 +39,22 @@ class Chunk:
     w: torch.Tensor  # [b, n] weights (0 at padding)
     q: torch.Tensor | None  # [b, n] sampling logprobs, None if any datum lacks them
     a: torch.Tensor | None  # [b, n] advantages
+
+    def to(self, device: torch.device) -> Chunk:
+        """The chunk on `device` (itself on its own device). Chunks are built on the CPU
+        and moved once per microbatch, through pinned memory on a GPU."""
+        if self.ids.device == device:
+            return self
+        move = functools.partial(to_device, device=device)
+        return Chunk(
+            self.index,
+            move(self.ids),
+            move(self.targets),
+            move(self.valid),
+            move(self.w),
+            None if self.q is None else move(self.q),
+            None if self.a is None else move(self.a),
+        )
 
 
 def make_chunks(datums: list[DatumArrays], microbatch_tokens: int) -> list[Chunk]:
@@ -124,7 +141,7 @@ def chunk_forward(
     with mode.active(weight.device.type):
         hidden = state.module(chunk.ids, validate=False, return_hidden=True)
         grad_lp, ent = head_logprobs(hidden[grad_mask], weight, chunk.targets[grad_mask], kernels)
-        lp = torch.zeros(chunk.ids.shape)
+        lp = torch.zeros(chunk.ids.shape, device=hidden.device)
         lp[grad_mask] = grad_lp.detach()
         rest = chunk.valid & ~grad_mask
         if bool(rest.any()):
@@ -175,6 +192,7 @@ class Stats:
 def _datum_logprobs(chunks: list[Chunk], lps: list[torch.Tensor], count: int) -> list[np.ndarray]:
     out: list[np.ndarray] = [np.zeros(0, np.float32)] * count
     for chunk, lp in zip(chunks, lps, strict=True):
+        lp = lp.detach().cpu()  # one copy per chunk (none on the CPU), not one per datum
         for row, i in enumerate(chunk.index):
             n = int(chunk.valid[row].sum())
             out[i] = lp[row, :n].detach().numpy().astype(np.float32)
@@ -204,7 +222,9 @@ def forward_backward(
                     f"{loss.name} needs (use cross_entropy for supervised data)"
                 )
     stats, loss_sum, lps = Stats(), 0.0, []
+    device = _device(state)
     for chunk in chunks:
+        chunk = chunk.to(device)
         trained = chunk.valid & (chunk.w != 0)
         fwd = chunk_forward(state, chunk, trained, mode)
         inputs = TokenInputs(
@@ -304,10 +324,12 @@ def forward_custom(
     keep = sum(c.ids.numel() for c in chunks) <= keep_graph_tokens
     saved = SavedBytes(state.module)
     lps, graphs = [], []
+    device = _device(state)
     for chunk in chunks:
         # The client may weigh any real position, so all of them carry gradient.
         with torch.set_grad_enabled(keep), saved.hooks():
-            fwd = chunk_forward(state, chunk, chunk.valid, mode)
+            on_device = chunk.to(device)
+            fwd = chunk_forward(state, on_device, on_device.valid, mode)
         graphs.append(fwd.grad_lp)
         lps.append(fwd.lp)
     return KeptForward(
@@ -325,24 +347,32 @@ def backward_custom(
 ) -> dict[str, float]:
     """Backpropagate −Σ w·logprob through the kept (or recomputed) forward; its metrics."""
     stats = Stats()
-    for k, chunk in enumerate(kept.chunks):
+    device = _device(state)
+    for k, host_chunk in enumerate(kept.chunks):
+        chunk = host_chunk.to(device)
         if kept.graphs is not None:
             grad_lp = kept.graphs[k]
         else:  # same inputs, same numbers
             grad_lp = chunk_forward(state, chunk, chunk.valid, kept.mode).grad_lp
-        w = torch.zeros_like(chunk.w)
+        w = torch.zeros_like(host_chunk.w)
         for row, i in enumerate(chunk.index):
             w[row, : len(weights[i])] = torch.from_numpy(weights[i])
+        w = to_device(w, device)
         surrogate = -(w[chunk.valid] * grad_lp).sum()
         if surrogate.requires_grad:
             surrogate.backward()
         # Ratio and KL are reported over the positions the client trained (w ≠ 0).
-        lp = torch.zeros(chunk.ids.shape)
+        lp = torch.zeros(chunk.ids.shape, device=device)
         lp[chunk.valid] = grad_lp.detach()
         weighted = Chunk(chunk.index, chunk.ids, chunk.targets, chunk.valid, w, chunk.q, chunk.a)
         stats.observe(weighted, lp, None)
     kept.drop_graphs()
     return stats.metrics()
+
+
+def _device(state: ModelState) -> torch.device:
+    """The device the state's module computes on."""
+    return state.module.lm_head.weight.device
 
 
 def check_adam(lr: float, beta1: float, beta2: float, eps: float, wd: float, clip: float) -> None:

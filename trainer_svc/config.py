@@ -28,10 +28,16 @@ class TrainerConfig:
     keep_graph_tokens: int = 16_384
     # Idempotency replies remembered per model (OptimStep replies are also on disk).
     request_cache: int = 4096
+    # Where training computes: "cpu", "cuda" or "cuda:N" (headway.modeling.devices);
+    # "" = cuda when torch sees a GPU, else cpu. Checked at start, before anything loads.
+    # Weights, gradients and AdamW state live there; batches are built on the CPU and
+    # moved once per microbatch, checkpoints are written from host copies.
+    device: str = ""
     # Compute precision of training (see trainer_svc/precision.py): "fp32", exact, or
     # "bf16": matmuls in bf16 where this machine multiplies bf16 faster (measured at start,
-    # else fp32), over fp32 weights, gradients, AdamW state and checkpoints.
-    dtype: str = "fp32"
+    # else fp32), over fp32 weights, gradients, AdamW state and checkpoints. "" = by
+    # device: bf16 on a GPU, fp32 on a CPU.
+    dtype: str = ""
     # Checkpoint durability. False (default): an OptimStep replies once its checkpoint's
     # weights (or adapter) are written and renamed and HEAD moved, which survives a crash
     # of the trainer process (the bytes are in the kernel's page cache); an optimizer state

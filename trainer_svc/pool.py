@@ -11,6 +11,7 @@ import threading
 
 import torch
 
+from headway.modeling.placement import to_device
 from headway.store import CheckpointRef, CheckpointStore
 from headway.store.weights import full_state
 
@@ -18,8 +19,11 @@ from headway.store.weights import full_state
 class FrozenPool:
     """Reference-counted frozen weights by the checkpoint that holds them."""
 
-    def __init__(self, store: CheckpointStore, dtype: torch.dtype) -> None:
+    def __init__(
+        self, store: CheckpointStore, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> None:
         self._store, self._dtype = store, dtype
+        self.device = torch.device(device)  # where the frozen tensors (and every module) live
         self._states: dict[CheckpointRef, dict[str, torch.Tensor]] = {}
         self._users: dict[CheckpointRef, int] = {}
         self._lock = threading.Lock()
@@ -29,6 +33,7 @@ class FrozenPool:
         with self._lock:
             if ref not in self._states:
                 state = full_state(self._store, ref.model, ref.checkpoint, self._dtype)
+                state = {k: to_device(t, self.device) for k, t in state.items()}
                 for t in state.values():
                     t.requires_grad_(False)
                 self._states[ref] = state

@@ -30,6 +30,7 @@ from headway.modeling import (
     lora_state_dict,
 )
 from headway.modeling.lora import peft_config
+from headway.modeling.placement import to_device, to_host
 from headway.store import (
     ADAPTER_FILE,
     OPTIMIZER_FILE,
@@ -134,7 +135,9 @@ def _new_optimizer(params: dict[str, torch.nn.Parameter]) -> torch.optim.AdamW:
 def load_state(
     store: CheckpointStore, pool: FrozenPool, slug: str, dtype: torch.dtype
 ) -> ModelState:
-    """Restore `slug` at its head: weights and, when the head has it, optimizer state."""
+    """Restore `slug` at its head: weights and, when the head has it, optimizer state, on
+    the pool's device."""
+    device = pool.device
     record = store.get_model(slug)
     head = store.head_checkpoint(slug)
     config = base_config(store, slug)
@@ -150,7 +153,7 @@ def load_state(
             for name, p in params.items():
                 p.copy_(adapter[name])
     else:
-        state = {k: v.clone() for k, v in full_state(store, slug, head.id, dtype).items()}
+        state = {k: _own(v, device) for k, v in full_state(store, slug, head.id, dtype).items()}
         module = build_model(config, state)
         params = dict(module.named_parameters())  # tied weights appear once
         for p in params.values():
@@ -161,6 +164,11 @@ def load_state(
         store.wait_deferred(slug, head.id)  # its optimizer state may still be being written
         _load_optimizer(optimizer, params, store.checkpoint_dir(slug, head.id) / OPTIMIZER_FILE)
     return ModelState(record, head, module, params, optimizer, frozen_ref)
+
+
+def _own(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor of `t`'s values on `device` that nothing else shares (a fresh copy)."""
+    return t.clone() if device.type == "cpu" else to_device(t, device)
 
 
 def _load_optimizer(
@@ -174,7 +182,12 @@ def _load_optimizer(
     sizes = [p.numel() for p in params.values()]
     moments = zip(exp_avg.split(sizes), exp_avg_sq.split(sizes), strict=True)
     for k, (p, (m, v)) in enumerate(zip(params.values(), moments, strict=True)):
-        optimizer.state[p] = {"step": steps[k], "exp_avg": m.view_as(p), "exp_avg_sq": v.view_as(p)}
+        # On the parameter's device (the fused AdamW keeps its step counts there too).
+        optimizer.state[p] = {
+            "step": to_device(steps[k], p.device),
+            "exp_avg": to_device(m.view_as(p), p.device),
+            "exp_avg_sq": to_device(v.view_as(p), p.device),
+        }
 
 
 def optimizer_tensors(
@@ -189,10 +202,15 @@ def optimizer_tensors(
     """
     names = [n for n, p in state.params.items() if state.optimizer.state.get(p)]
     per = [state.optimizer.state[state.params[n]] for n in names]
+    # Host tensors (the CPU's own, or pinned copies of a GPU's, one sync for all).
+    moments = to_host(
+        {f"{key}.{i}": s[key] for i, s in enumerate(per) for key in ("exp_avg", "exp_avg_sq")}
+    )
+    steps = [s["step"].detach().float().reshape(()) for s in per]
     tensors: dict[str, torch.Tensor | list[torch.Tensor]] = {
-        "step": torch.stack([s["step"].detach().float().reshape(()) for s in per]),
-        "exp_avg": [s["exp_avg"].detach() for s in per],
-        "exp_avg_sq": [s["exp_avg_sq"].detach() for s in per],
+        "step": to_host({"step": torch.stack(steps)})["step"],
+        "exp_avg": [moments[f"exp_avg.{i}"] for i in range(len(per))],
+        "exp_avg_sq": [moments[f"exp_avg_sq.{i}"] for i in range(len(per))],
     }
     return tensors, {"format": "pt", "params": json.dumps(names)}
 
@@ -207,13 +225,13 @@ def checkpoint_writers(state: ModelState) -> tuple[Callable[[Path], None], Defer
     def write(directory: Path) -> None:
         if state.record.lora:
             write_safetensors(
-                directory / ADAPTER_FILE, lora_state_dict(state.module), {"format": "pt"}
+                directory / ADAPTER_FILE, to_host(lora_state_dict(state.module)), {"format": "pt"}
             )
             config = peft_config(LoraConfig(**state.record.lora), base_path)
             (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
         else:
             write_safetensors(
-                directory / WEIGHTS_FILE, hf_state_dict(state.module), {"format": "pt"}
+                directory / WEIGHTS_FILE, to_host(hf_state_dict(state.module)), {"format": "pt"}
             )
 
     plan = plan_safetensors(*optimizer_tensors(state))

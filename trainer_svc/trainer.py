@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from headway.errors import FailedPrecondition, InvalidArgument, NotFound
+from headway.modeling.placement import settle
 from headway.server.auth import Caller
 from headway.store import CheckpointRecord, CheckpointStore, ModelRecord, check_slug
 from trainer_svc import batches, compute, losses, precision
@@ -82,8 +83,13 @@ class Trainer:
         # Weights and optimizer state are fp32; `mode` is how they are computed with
         # (--dtype, and the matmul kernels measured on this machine).
         self.dtype = torch.float32
-        self.mode = compute.ComputeMode(precision.choose(config.dtype), Kernels())
-        self.pool = FrozenPool(self.store, self.dtype)
+        device, dtype = settle(config.device, config.dtype)
+        self.device = torch.device(device)  # of every module, gradient and AdamW state
+        log.info("training on %s, --dtype %s", device, dtype)
+        # The measured CPU kernels serve CPU forwards only (a GPU runs torch's own).
+        kernels = Kernels() if self.device.type == "cpu" else None
+        self.mode = compute.ComputeMode(precision.choose(dtype, device), kernels)
+        self.pool = FrozenPool(self.store, self.dtype, self.device)
         self._locks: dict[str, asyncio.Lock] = {}
         self._states = LoadedStates(
             self.store,

@@ -48,6 +48,7 @@ from headway.cli.supervision import (
     log_tail,
     spawn,
 )
+from headway.modeling.devices import device_name
 from headway.modeling.dtypes import dtype_name
 
 __all__ = [
@@ -148,6 +149,10 @@ class LocalStack:
         except ValueError:
             raise ConfigError(f"--dtype must be fp32 or bf16, not {c.dtype!r}") from None
         try:
+            device = device_name(c.device)  # "": the services' own default
+        except ValueError as e:
+            raise ConfigError(f"--device: {e}") from None
+        try:
             trainer_host, _ = split_address(c.trainer_listen)
             split_address(c.listen)
             if c.http:
@@ -160,6 +165,7 @@ class LocalStack:
         # each taking all of them (oversubscribed threads slow every one down).
         torch_flags = ["--threads", str(c.threads or torch_threads(c.samplers))]
         torch_flags += ["--dtype", dtype] if dtype else []
+        torch_flags += ["--device", device] if device else []
         py = [sys.executable, "-m"]
         services = [
             Service(

@@ -56,8 +56,11 @@ class ServeConfig:
     sampler_port_base: int = SAMPLER_PORT  # replica i listens on base + i, on the trainer's host
     start_timeout: float = 120.0  # seconds for every service to report SERVING
     threads: int = 0  # torch threads per trainer/sampler process; 0 = cores / (1 + samplers)
-    # The trainer's and samplers' compute dtype (their --dtype); "" = theirs ($HEADWAY_DTYPE
-    # or fp32).
+    # Where the trainer and samplers compute (their --device: cpu, cuda, cuda:N); "" =
+    # theirs ($HEADWAY_DEVICE, else cuda when they see a GPU, else cpu).
+    device: str = ""
+    # The trainer's and samplers' compute dtype (their --dtype); "" = theirs ($HEADWAY_DTYPE,
+    # else bf16 on a GPU, fp32 on a CPU).
     dtype: str = ""
     stop_timeout: float = 10.0  # seconds between SIGTERM and SIGKILL
     # Directories under which admin keys may register bases (the trainer's --base-root);
@@ -118,9 +121,15 @@ SERVE_FLAGS = (
         env=None,
     ),
     Flag(
+        "device",
+        "cpu, cuda or cuda:N: where the trainer and samplers compute (checked by each before "
+        "it loads anything); default: theirs, cuda when they see a GPU, else cpu",
+        env=None,
+    ),
+    Flag(
         "dtype",
         "fp32 or bf16: the trainer's and samplers' compute (bf16 only where the CPU has bf16 "
-        "units; see their --dtype); default: theirs",
+        "units; see their --dtype); default: theirs, bf16 on a GPU, fp32 on a CPU",
         env=None,
     ),
     Flag(

@@ -22,12 +22,19 @@ class KVCache(torch.nn.Module):
     decode_attention: Callable[..., torch.Tensor] | None = None
 
     def __init__(
-        self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype
+        self,
+        batch: int,
+        kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         shape = (batch, kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+        like = dict(dtype=dtype, device=device)  # made where it is used, never copied there
+        self.register_buffer("k", torch.zeros(shape, **like), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, **like), persistent=False)
 
     @property
     def max_len(self) -> int:

@@ -227,7 +227,7 @@ class Transformer(nn.Module):
             )
         c, p = self.config, self.embed_tokens.weight
         return [
-            KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, p.dtype).to(p.device)
+            KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, p.dtype, p.device)
             for _ in range(c.num_hidden_layers)
         ]
 
