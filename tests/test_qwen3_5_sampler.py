@@ -145,6 +145,25 @@ def test_rows_share_a_prefill_move_and_restart_from_zero(tmp_path):
         assert (reused - model(fresh)).abs().max() <= TOL
 
 
+def test_a_bf16_model_samples_near_its_full_forward(tmp_path):
+    """bf16 weights (a `--dtype bf16` engine): the conv state is bf16, the recurrent state
+    stays fp32, and prefill + decode logprobs stay near the bf16 full forward's."""
+    model = ours("gqa-k3-5layers", tmp_path).to(torch.bfloat16)
+    seq = tokens(1, 40, seed=4)
+    caches = model.new_caches(2, 64)
+    states = [c for c in caches if isinstance(c, LinearAttentionState)]
+    assert {(s.recurrent.dtype, s.conv.dtype) for s in states} == {(torch.float32, torch.bfloat16)}
+    with torch.inference_mode():
+        full = model(seq).float().log_softmax(-1)
+        out = [model(seq[:, :30], caches=caches, rows=torch.tensor([1]))]
+        for t in range(30, 40):
+            out.append(
+                model(seq[:, t : t + 1], at(t, t + 1), caches=caches, rows=torch.tensor([1]))
+            )
+        got = torch.cat(out, dim=1).float().log_softmax(-1)
+    assert (got - full).abs().max() < 0.05
+
+
 def test_a_cache_longer_than_the_context_is_refused(tmp_path):
     from headway.modeling import ModelError
 
