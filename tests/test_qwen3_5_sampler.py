@@ -6,7 +6,8 @@ positions; a prefill in chunks equals one in one piece; a row reused by a new pr
 from zero state; the decode step is the recurrent rule. Then through a real sampler replica
 and trainer: sampler logprobs = trainer logprobs (LoRA and full forks, n > 1 rows sharing
 one prefill), greedy = argmax of full forwards, seeds reproduce, rows of two LoRA forks in
-one step, and a reload never changes the weights under a row in flight.
+one step, and a reload never changes the weights under a row in flight; and through the
+gateway, the `openai` client gets transformers' logprobs for the sampled tokens.
 """
 
 from __future__ import annotations
@@ -321,3 +322,36 @@ def test_a_reload_never_changes_weights_under_a_row_in_flight(q35_stack, full):
     # And the new head is what a new request gets.
     new = sample(stack, "m", max_tokens=12, temperature=0, ignore_eos=True)
     assert toks(new.sequences[0]) == greedy_reference(reference_module(stack, "m"), PROMPT, 12)
+
+
+def test_the_openai_client_through_the_gateway_gets_transformers_logprobs(q35_stack):
+    """A chat completion of the Qwen3.5 base through the gateway's OpenAI HTTP API: its
+    token ids' logprobs equal transformers' forward of the same weights (≤1e-4)."""
+    import openai
+    from transformers import AutoModelForCausalLM
+
+    from tests.stack import GatewayNode
+
+    stack = q35_stack
+    node = GatewayNode(stack.config.store, stack.prefix, stack.server.address)
+    try:
+        client = openai.OpenAI(base_url=node.http_url, api_key="local")
+        c = client.chat.completions.create(
+            model="q35",
+            messages=[{"role": "user", "content": "what is 1 plus 2?"}],
+            max_tokens=12,
+            n=2,
+            seed=4,
+            extra_body={"return_token_ids": True, "ignore_eos": True},
+        )
+    finally:
+        node.stop()
+    hf = AutoModelForCausalLM.from_pretrained(stack.trainer.store.get_model("q35").path).eval()
+    for choice in c.choices:
+        ids = torch.tensor([c.prompt_token_ids + choice.token_ids])
+        with torch.inference_mode():
+            ref = hf(ids, use_cache=False).logits[0, :-1].log_softmax(-1)
+        ref = ref.gather(-1, ids[0, 1:, None])[:, 0][len(c.prompt_token_ids) - 1 :]
+        got = torch.tensor([t.logprob for t in choice.logprobs.content])
+        assert len(got) == len(choice.token_ids) == 12
+        assert (got - ref).abs().max() <= TOL
