@@ -3,12 +3,17 @@
 Same run, same weights (the ~40M Qwen3-shaped config of `configs/qwen3-40m.json`, fp32),
 prompt 32 tokens, 64 new tokens, greedy, batch 1 and 8. Decode tokens/s is new tokens over
 the decode phase; for transformers the decode phase is generate's time minus a prefill
-forward of the same prompt. Last line: `decode_b8_vs_hf=<r> decode_b1_vs_hf=<r>`.
+forward of the same prompt. The same rows again for a Qwen3.5-shaped model of about the
+same size (`configs/qwen3_5-40m.json`: 6 Gated DeltaNet + 2 gated-attention layers; our
+per-row recurrent state against transformers' own cache and its PyTorch fallback kernels,
+the ones it runs without `flash-linear-attention`). Last line (the Qwen3 model's):
+`decode_b8_vs_hf=<r> decode_b1_vs_hf=<r>`.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -45,18 +50,16 @@ def prefill_only(model: Transformer, prompt: torch.Tensor) -> None:
     model(prompt, torch.arange(T).expand(B, T), caches=caches, output_index=torch.full((B,), T - 1))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+def measure(name: str, repeats: int, label: str = "") -> tuple[list[list], dict[int, float]]:
+    """Table rows (prefixed `label`) and decode ratios per batch of the config `name`."""
     import transformers
 
     torch.manual_seed(0)
-    path = build_bench_model()
+    path = build_bench_model(name)
     ours, _ = load_model(path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     params = sum(p.numel() for p in ours.parameters()) / 1e6
-    print(f"model: qwen3-40m ({params:.1f}M params, fp32), torch threads {torch.get_num_threads()}")
+    print(f"model: {name} ({params:.1f}M params, fp32), torch threads {torch.get_num_threads()}")
 
     hf_kwargs = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
     rows, ratios = [], {}
@@ -68,26 +71,38 @@ def main() -> None:
             hf_tokens = hf.generate(prompt, **hf_kwargs)[:, PROMPT:]
         agree = (ours_tokens == hf_tokens).float().mean().item()
 
-        t_pre = median_time(lambda p=prompt: prefill_only(ours, p), args.repeats)
-        t_all = median_time(lambda p=prompt: greedy(ours, p, NEW), args.repeats)
+        t_pre = median_time(lambda p=prompt: prefill_only(ours, p), repeats)
+        t_all = median_time(lambda p=prompt: greedy(ours, p, NEW), repeats)
         with torch.inference_mode():
-            t_hf_pre = median_time(lambda p=prompt: hf(p, use_cache=True), args.repeats)
-            t_hf_all = median_time(lambda p=prompt: hf.generate(p, **hf_kwargs), args.repeats)
+            t_hf_pre = median_time(lambda p=prompt: hf(p, use_cache=True), repeats)
+            t_hf_all = median_time(lambda p=prompt: hf.generate(p, **hf_kwargs), repeats)
         ours_decode = batch * NEW / (t_all - t_pre)
         hf_decode = batch * NEW / (t_hf_all - t_hf_pre)
         ratios[batch] = ours_decode / hf_decode
         rows.append(
             [
-                f"prefill b{batch} tok/s",
+                f"{label}prefill b{batch} tok/s",
                 batch * PROMPT / t_pre,
                 batch * PROMPT / t_hf_pre,
                 t_hf_pre / t_pre,
             ]
         )
-        rows.append([f"decode b{batch} tok/s", ours_decode, hf_decode, ratios[batch]])
-        rows.append([f"greedy tokens equal b{batch}", f"{agree:.0%}", "", ""])
+        rows.append([f"{label}decode b{batch} tok/s", ours_decode, hf_decode, ratios[batch]])
+        rows.append([f"{label}greedy tokens equal b{batch}", f"{agree:.0%}", "", ""])
+    shutil.rmtree(path, ignore_errors=True)
+    return rows, ratios
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    rows, ratios = measure("qwen3-40m", args.repeats)
+    rows35, _ = measure("qwen3_5-40m", args.repeats, label="qwen3.5 ")
     print_table(
-        "decoder speed (median of repeats)", ["metric", "headway", "transformers", "ratio"], rows
+        "decoder speed (median of repeats)",
+        ["metric", "headway", "transformers", "ratio"],
+        rows + rows35,
     )
     print(f"decode_b8_vs_hf={ratios[8]:.2f} decode_b1_vs_hf={ratios[1]:.2f}")
 

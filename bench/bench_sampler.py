@@ -34,6 +34,10 @@ of their own.
   sampled logprobs against the fp32 forward of the same checkpoint (the fp32 replica's
   ComputeLogprobs, which equals the trainer's to 1e-4): mean / max |Δ logprob| and the k3
   estimate of KL(sampler ‖ trainer). Skipped (`n/a`) on a CPU without bf16 units.
+- Qwen3.5: a Qwen3.5-shaped base of about the same size (`configs/qwen3_5-40m.json`: 6
+  Gated DeltaNet + 2 gated-attention layers) registered beside it, after the reloads:
+  SampleStream decode at batch 1 (greedy, tokens compared) and 8 against transformers
+  `generate` on the same weights (its own cache and PyTorch fallback kernels), as above.
 - Reload latency, full fork and LoRA fork (rank 32), ≥20 reloads each after warmup
   reloads: ForwardBackward + OptimStep on the trainer; the bench subscribes to the head
   channel and timestamps the publish message; it then waits until the replica lists the
@@ -89,10 +93,12 @@ from bench.common import (  # noqa: E402
 from bench.sampler_baseline import HFWorker, off_main  # noqa: E402
 from bench.sampler_decode import (  # noqa: E402
     BASE,
+    BASE35,
     BATCH,
     DECODED,
     NEW,
     PROMPT,
+    QWEN35,
     SamplerProcess,
     SamplerThread,
     concurrent,
@@ -143,7 +149,7 @@ def main() -> None:
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     store = Path(tempfile.mkdtemp(prefix="headway-bench-store-"))
     prefix = redis_prefix("bench")
-    trainer = replica = listener = probe = hf = hf16 = bf16 = None
+    trainer = replica = listener = probe = hf = hf16 = bf16 = hf35 = path35 = None
     bf16_supported = False
     try:
         listener = HeadListener(prefix)
@@ -253,9 +259,37 @@ def main() -> None:
         reloads, floors = run_reloads(
             trainer, replica, listener, probe, vocab, one, args.reloads, args.warmup_reloads
         )
+        probe.restore()
+        probe = None
+
+        # ---- Qwen3.5: the same decode workload on a Qwen3.5-shaped base of the same size.
+        path35 = off_main(lambda: build_bench_model(QWEN35))
+        add_tokenizer(path35)
+        trainer.models.AddBase(model_pb2.AddBaseRequest(path=str(path35), name=BASE35))
+        hf35 = HFWorker(path35)
+        replica.stub.Sample(request(BASE35, p1, 1, 0.0, 0, max_tokens=2))
+        agree35 = None
+        for i in range(1 + args.repeats):
+            r1 = stream(replica.stub, request(BASE35, p1, 1, 0.0, 0))
+            hf_t, hf_tokens = hf35.generate(prompt, sample=False)
+            hf_pre = hf35.prefill(prompt)
+            if agree35 is None:
+                agree35 = float((torch.tensor(r1["rows"]) == hf_tokens).float().mean())
+            r8 = stream(replica.stub, request(BASE35, p1, BATCH, 1.0, i))
+            hf8_t, _ = hf35.generate(prompt.expand(BATCH, -1).contiguous(), sample=True)
+            hf8_pre = hf35.prefill(prompt.expand(BATCH, -1).contiguous())
+            if i:
+                for k, v in (("b1", r1["decode"]), ("hf_b1", hf_t - hf_pre),
+                             ("b8", r8["decode"]), ("hf_b8", hf8_t - hf8_pre)):  # fmt: skip
+                    t.setdefault(f"q35_{k}", []).append(v)
+        m.update({k: med(t[k]) for k in t if k.startswith("q35_")})
     finally:
         if probe is not None:
             probe.restore()
+        if hf35 is not None:
+            hf35.close()
+        if path35 is not None:
+            shutil.rmtree(path35, ignore_errors=True)
         for extra in (bf16, hf16):
             if extra is not None:
                 try:
@@ -304,6 +338,11 @@ def main() -> None:
         ["8 concurrent Sample calls tok/s vs HF b8", c8, hf_b8_e2e, c8 / hf_b8_e2e],
         ["8 concurrent Sample calls tok/s vs HF b1×8", c8, hf_b1_seq, c8 / hf_b1_seq],
         ["greedy tokens equal b1", f"{agree:.0%}", "", ""],
+        ["qwen3.5 decode b1 tok/s (SampleStream, greedy)", tps(DECODED, m["q35_b1"]),
+         tps(DECODED, m["q35_hf_b1"]), m["q35_hf_b1"] / m["q35_b1"]],
+        ["qwen3.5 decode b8 tok/s (SampleStream n=8, T=1)", tps(BATCH * DECODED, m["q35_b8"]),
+         tps(BATCH * DECODED, m["q35_hf_b8"]), m["q35_hf_b8"] / m["q35_b8"]],
+        ["qwen3.5 greedy tokens equal b1", f"{agree35:.0%}", "", ""],
     ]  # fmt: skip
     print_table(
         "decode speed (medians; baseline: transformers generate, same weights)",

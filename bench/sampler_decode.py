@@ -24,6 +24,7 @@ from headway.v1 import common_pb2, sampling_pb2, sampling_pb2_grpc
 PROMPT, NEW, BATCH = 32, 64, 8
 DECODED = NEW - 1  # tokens per row made by decode steps (the first comes from the prefill)
 BASE = "base40m"
+QWEN35, BASE35 = "qwen3_5-40m", "base-qwen35"  # the Qwen3.5-shaped config and its base
 I32 = common_pb2.DTYPE_INT32
 now = time.perf_counter
 

@@ -169,9 +169,8 @@ class Engine:
                     ids, positions, caches=self.caches, rows=rows, output_index=last_index,
                     validate=False,
                 )  # fmt: skip
-        for c in self.caches:  # the prompt's cache, copied into the job's other rows
-            c.k[first + 1 : first + job.n, :, :T] = c.k[first, :, :T]
-            c.v[first + 1 : first + job.n, :, :T] = c.v[first, :, :T]
+        for c in self.caches:  # the prompt's cache (or state), copied into the job's other rows
+            c.copy_row(first, slice(first + 1, first + job.n), T)
         last = logits[:, -1].expand(job.n, -1)
         tokens, lps = draw_planned(last, DrawPlan(job.draw, dev))
         job.live_rows = job.n
@@ -242,8 +241,7 @@ class Engine:
                 if i != last:  # move the last row into this cache row
                     moved = self.rows[last]
                     for c in self.caches:
-                        c.k[i, :, : moved.pos] = c.k[last, :, : moved.pos]
-                        c.v[i, :, : moved.pos] = c.v[last, :, : moved.pos]
+                        c.copy_row(last, slice(i, i + 1), moved.pos)
                     self.rows[i] = moved
                 self.rows.pop()
                 self._plan = None

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from headway.modeling import DEFAULT_TARGETS, LoraConfig, ModelError
+from headway.modeling import LoraConfig, ModelError
+from headway.modeling.lora import KNOWN_TARGETS
 from sampler_svc.kernels import Kernel, Shape, rows_linear
 
 __all__ = ["NO_ADAPTER", "AdapterBank", "MultiLoRALinear", "fuse_projections", "rows_linear"]
@@ -52,7 +53,8 @@ class AdapterBank:
         self.kernels: dict[Shape, Kernel] | None = None
         for name, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
-                if child_name in DEFAULT_TARGETS and isinstance(child, nn.Linear):
+                # Every projection a LoRA may adapt (Qwen3.5's linear-attention ones too).
+                if child_name in KNOWN_TARGETS and isinstance(child, nn.Linear):
                     key = f"{name}.{child_name}" if name else child_name
                     out_f, in_f = child.weight.shape
                     like = dict(dtype=child.weight.dtype, device=child.weight.device)

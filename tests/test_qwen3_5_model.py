@@ -318,13 +318,6 @@ def test_malformed_or_unsupported_configs_name_the_field(raw, message):
         ModelConfig.from_hf_dict(raw)
 
 
-def test_sampling_is_refused_with_a_clear_message(tmp_path):
-    build_text("mha-k2-bias-layer-types").save_pretrained(tmp_path)
-    ours, _ = load_model(tmp_path)
-    with pytest.raises(ModelError, match="cannot be sampled yet"):
-        ours.new_caches(1, 8)
-
-
 @pytest.mark.parametrize("source", ["text", "multimodal"])
 def test_lora_on_every_projection_exports_a_peft_adapter_with_the_same_logits(source, tmp_path):
     from peft import PeftModel

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,36 +96,42 @@ def test_trained_lora_fork_exports_for_transformers_and_peft(stack, tmp_path):
         assert diff.item() <= 1e-4, fmt
 
 
-def test_a_sampler_refuses_a_qwen35_model_with_a_clear_message_and_serves_others(stack, tmp_path):
-    import grpc
-
+def test_a_sampler_serves_a_trained_qwen35_fork_beside_a_dense_one(stack, tmp_path):
+    """Either layout: the published head of a trained Qwen3.5 fork is preloaded by the
+    replica and sampled greedily as full forwards of the trained model predict, and the same
+    replica serves a dense fork."""
     from headway.tensors import to_tensor
     from headway.v1 import common_pb2, sampling_pb2
-    from tests.stack import SamplerReplica, make_tiny_base
+    from tests.helpers_training import greedy_reference
+    from tests.stack import SamplerReplica, make_tiny_base, wait_until
 
     stack.add_base(make_tiny_base(tmp_path / "tiny-base"), "tiny")
     stack.fork("m", source="q35")
     stack.fork("dense", source="tiny")
-    # A published Qwen3.5 head reaches the sampler too: its preload is skipped, not fatal.
-    stack.train.Step(
-        training_pb2.StepRequest(
-            model="m", data=batch(seed=9), loss_fn="cross_entropy", adam=adam()
-        )
-    )
     replica = SamplerReplica(stack.config.store, stack.prefix, max_seq_len=64)
     try:
+        step = stack.train.Step(
+            training_pb2.StepRequest(
+                model="m", data=batch(seed=9), loss_fn="cross_entropy", adam=adam(5e-2)
+            )
+        ).optim_step
+        wait_until(
+            lambda: f"m/{step.checkpoint}" in replica.sampler.loaded_checkpoints(),
+            what="the published Qwen3.5 head to load",
+        )
 
         def request(model: str) -> sampling_pb2.SampleRequest:
             return sampling_pb2.SampleRequest(
                 model=model,
                 prompt_tokens=to_tensor([1, 2, 3], common_pb2.DTYPE_INT32),
-                params=common_pb2.SamplingParams(max_tokens=2),
+                params=common_pb2.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
             )
 
-        with pytest.raises(grpc.RpcError) as err:
-            replica.stub.Sample(request("m"))
-        assert "cannot be sampled yet" in err.value.details()
-        assert len(replica.stub.Sample(request("dense")).sequences) == 1  # the replica serves on
+        reply = replica.stub.Sample(request("m"))
+        assert reply.checkpoint == step.checkpoint
+        got = np.frombuffer(reply.sequences[0].tokens.data, np.int32).tolist()
+        assert got == greedy_reference(reference_module(stack, "m"), [1, 2, 3], 8)
+        assert len(replica.stub.Sample(request("dense")).sequences) == 1
     finally:
         replica.stop()
 

@@ -51,6 +51,13 @@ class KVCache(torch.nn.Module):
         view.k, view.v = self.k[:batch, :, :length], self.v[:batch, :, :length]
         return view
 
+    def copy_row(self, src: int, dst: slice, length: int) -> None:
+        """Copy row `src`'s first `length` positions into rows `dst`: a prompt's prefill
+        shared by its n rows, a live row moved into a freed one (a serving engine's row
+        operations; `LinearAttentionState` has the same)."""
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
+
     def update(
         self,
         positions: torch.Tensor,

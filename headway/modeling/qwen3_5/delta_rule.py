@@ -107,3 +107,27 @@ def _chunked(
         to_end = (log_gamma[..., -1:] - log_gamma).exp()  # Γ_C / Γ_s
         state = gamma[..., -1, None, None] * state + (kc * to_end[..., None]).transpose(-1, -2) @ u
     return torch.cat(outs, dim=2), state
+
+
+def gated_delta_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+) -> torch.Tensor:
+    """One token of the rule for every row (a decode step), updating `state` in place.
+
+    q, k `[B, H, Dk]`; v `[B, H, Dv]`; g, beta `[B, H]`; `state` `[B, H, Dk, Dv]`
+    (contiguous, fp32). Returns the outputs `[B, H, Dv]`. The same arithmetic as one
+    iteration of `recurrent_gated_delta_rule`, as batched matmuls over B·H heads and with
+    no new state tensor: a decode step writes the row's state where it lives.
+    """
+    B, H, Dk, Dv = state.shape
+    state.mul_(g.exp()[..., None, None])
+    flat = state.view(B * H, Dk, Dv)
+    predicted = torch.bmm(k.reshape(B * H, 1, Dk), flat)  # kᵀS [BH, 1, Dv]
+    u = beta.reshape(B * H, 1, 1) * (v.reshape(B * H, 1, Dv) - predicted)
+    flat.baddbmm_(k.reshape(B * H, Dk, 1), u)  # S += k uᵀ
+    return torch.bmm(q.reshape(B * H, 1, Dk), flat).view(B, H, Dv)

@@ -10,26 +10,28 @@ Each layer is pre-norm like the dense decoder's, its token mixer chosen by `laye
 The other RMSNorms (layer norms, final norm, q/k norms) scale by (1 + weight): their weights
 are stored zero-centred. Parameter names are Hugging Face's minus the leading `model.`.
 
-The forward is the training/scoring one (full causal sequences, right-padded rows: every
-mixer is causal, so padding never affects earlier positions). Sampling with per-row
-recurrent and conv states is not implemented: `caches` raises `ModelError`.
+Without caches the forward is the training/scoring one (full causal sequences, right-padded
+rows: every mixer is causal, so padding never affects earlier positions). With the caches of
+`new_caches` it samples as the dense decoder does, each row at its own position: a
+`KVCache` per full-attention layer and a `LinearAttentionState` (recurrent and conv state)
+per linear-attention layer, prefill continuing a row's state a chunk at a time (the chunked
+rule) and decode one token per row (the recurrent rule, in place).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from headway.modeling.errors import ModelError
+from headway.modeling.kv_cache import KVCache
 from headway.modeling.model import MLP, Transformer, apply_rope, rope_cos_sin
 from headway.modeling.qwen3_5.config import LINEAR, Qwen35Config
-from headway.modeling.qwen3_5.delta_rule import chunked_gated_delta_rule
-
-_NOT_SAMPLED = (
-    "Qwen3.5 models cannot be sampled yet (their per-row recurrent state is not "
-    "implemented); they can be trained and exported"
-)
+from headway.modeling.qwen3_5.delta_rule import chunked_gated_delta_rule, gated_delta_step
+from headway.modeling.qwen3_5.state import LinearAttentionState
 
 
 class ZeroCenteredRMSNorm(nn.Module):
@@ -87,12 +89,36 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.dv, config.rms_norm_eps)
         self.out_proj = nn.Linear(value_dim, h, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: LinearAttentionState | None = None,
+        rows: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mix `x` `[B, T, hidden]`. Without `state` every row starts from nothing (training);
+        with it each row continues from its stored state (`state.read`: rows `rows`, zeros
+        where `keep` `[B]` is False) and the state after its last token is stored. With a
+        state every row's T tokens are real (no padding: it would enter the state)."""
         B, T, _ = x.shape
-        # Causal depthwise conv: left-pad by kernel-1 so position t sees t-k+1..t only.
         qkv = self.in_proj_qkv(x).transpose(1, 2)  # [B, conv_dim, T]
         width = self.conv1d.weight.shape[-1]
-        qkv = F.silu(F.conv1d(F.pad(qkv, (width - 1, 0)), self.conv1d.weight, groups=qkv.shape[1]))
+        if state is None:
+            # Causal depthwise conv: left-pad by kernel-1 so position t sees t-k+1..t only.
+            padded, recurrent = F.pad(qkv, (width - 1, 0)), None
+        else:  # the row's previous kernel-1 inputs stand in for the padding
+            conv, recurrent = state.read(rows, B, keep)
+            padded = torch.cat((conv, qkv), dim=-1)
+        if state is not None and T == 1:
+            # Decode: one output per channel, a multiply-add over its kernel-wide window.
+            # The same sum as the conv; oneDNN's depthwise conv costs ~4-10x more per call
+            # for a single position (measured: 107-295 vs 23-25 µs, 1024 channels, 1 row).
+            # Accumulated in fp32, as the conv does (a bf16 sum of bf16 products would not).
+            window = padded.float() * self.conv1d.weight[:, 0].float()
+            mixed = window.sum(-1, keepdim=True).to(padded.dtype)
+        else:
+            mixed = F.conv1d(padded, self.conv1d.weight, groups=qkv.shape[1])
+        qkv = F.silu(mixed)
         q, k, v = qkv.transpose(1, 2).split(self.split, dim=-1)
         # [B, T, heads, dim] → [B, H_v, T, dim] in fp32; each q/k head serves n_v/n_k
         # consecutive v heads.
@@ -103,9 +129,15 @@ class GatedDeltaNet(nn.Module):
         v = v.reshape(B, T, self.n_v, self.dv).float()
         beta = torch.sigmoid(self.in_proj_b(x)).float()  # [B, T, H_v]
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
-        out, _ = chunked_gated_delta_rule(
-            *(t.transpose(1, 2) for t in (q, k, v, g, beta))
-        )  # [B, H_v, T, Dv]
+        if state is not None and T == 1:  # decode: the recurrent form, state updated in place
+            out = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], recurrent)
+            out, final = out[:, :, None], recurrent  # [B, H_v, 1, Dv]
+        else:
+            out, final = chunked_gated_delta_rule(
+                *(t.transpose(1, 2) for t in (q, k, v, g, beta)), state=recurrent
+            )  # [B, H_v, T, Dv]
+        if state is not None:
+            state.write(rows, padded[..., padded.shape[-1] - (width - 1) :], final)
         out = out.transpose(1, 2).to(x.dtype)  # [B, T, H_v, Dv]
         z = self.in_proj_z(x).view(B, T, self.n_v, self.dv)
         return self.out_proj(self.norm(out, z).reshape(B, T, -1))
@@ -130,19 +162,43 @@ class GatedAttention(nn.Module):
         self.o_proj = nn.Linear(q_dim, h, bias=config.o_bias)
         self.q_norm = ZeroCenteredRMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = ZeroCenteredRMSNorm(self.head_dim, config.rms_norm_eps)
+        # Set by a serving engine: q(+gate)/k/v as one call, as `Attention.fused_qkv`.
+        self.fused_qkv: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot = self.rotary_dim
         return torch.cat((apply_rope(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attend causally over `x` `[B, T, hidden]`, or, with `cache`, over each row's cached
+        positions ≤ its own (`mask`), k/v written at `positions` (as `Attention`)."""
         B, T, _ = x.shape
-        q, gate = self.q_proj(x).view(B, T, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        if self.fused_qkv is not None:
+            q, k, v = self.fused_qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, gate = q.view(B, T, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
         q = self.q_norm(q).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        k = self.k_norm(k.view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            k, v = cache.update(positions, k, v, rows)  # [B, H_kv, max_len, D]
+            if cache.decode_attention is not None and T == 1:
+                out = cache.decode_attention(q, k, v, mask)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(B, T, -1) * torch.sigmoid(gate.reshape(B, T, -1))
         return self.o_proj(out)
 
@@ -161,9 +217,23 @@ class Qwen35Block(nn.Module):
         self.post_attention_layernorm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | LinearAttentionState | None = None,
+        positions: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         h = self.input_layernorm(x)
-        x = x + (self.linear_attn(h) if self.is_linear else self.self_attn(h, cos, sin))
+        if self.is_linear:
+            h = self.linear_attn(h, cache, rows, keep)
+        else:
+            h = self.self_attn(h, cos, sin, cache, positions, rows, mask)
+        x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -176,7 +246,7 @@ def partial_rope_inv_freq(config: Qwen35Config) -> torch.Tensor:
 
 class Qwen35Model(nn.Module):
     """Qwen3.5 language model; `forward` returns logits `[B, T, vocab]` (the `Transformer`
-    contract for training and scoring)."""
+    contract for training, scoring and sampling with `new_caches`)."""
 
     def __init__(self, config: Qwen35Config) -> None:
         super().__init__()
@@ -212,45 +282,81 @@ class Qwen35Model(nn.Module):
                     a = torch.rand(module.A_log.shape, generator=gen) * 15 + 1
                     module.A_log.copy_(a.log())
 
-    def new_caches(self, batch: int, max_len: int) -> list:
-        """Not yet: sampling Qwen3.5 needs per-row recurrent and conv states."""
-        raise ModelError(_NOT_SAMPLED)
+    def new_caches(self, batch: int, max_len: int) -> list[KVCache | LinearAttentionState]:
+        """Per layer, for `batch` rows of up to `max_len` positions: a preallocated `KVCache`
+        (full attention) or a `LinearAttentionState` (linear attention)."""
+        c, p = self.config, self.embed_tokens.weight
+        if max_len > c.max_context:
+            raise ModelError(
+                f"a cache of {max_len} positions exceeds the model's context of "
+                f"{c.max_context} (max_position_embeddings in config.json)"
+            )
+        caches: list[KVCache | LinearAttentionState] = []
+        for layer in self.layers:
+            if layer.is_linear:
+                mixer = layer.linear_attn
+                cache = LinearAttentionState(
+                    batch,
+                    max_len,
+                    mixer.n_v,
+                    mixer.dk,
+                    mixer.dv,
+                    sum(mixer.split),
+                    mixer.conv1d.weight.shape[-1],
+                    p.dtype,
+                )
+            else:
+                cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, p.dtype)
+            caches.append(cache.to(p.device))
+        return caches
 
     def forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         *,
-        caches: list | None = None,
+        caches: list[KVCache | LinearAttentionState] | None = None,
         rows: torch.Tensor | None = None,
         output_index: torch.Tensor | None = None,
         validate: bool = True,
         return_hidden: bool = False,
     ) -> torch.Tensor:
-        """Logits for `input_ids` `[B, T]` over positions 0..T-1 (causal, right-padded rows).
+        """Logits for `input_ids` `[B, T]`.
 
-        `positions` must be those positions (the linear-attention layers know no others);
+        Without `caches`: a causal forward over positions 0..T-1 (training, scoring; rows
+        right-padded); `positions`, if given, must be those.
+        With `caches` (from `new_caches`): each row continues its own sequence at `positions`
+        `[B, T]` (consecutive, starting where its previous forward ended, or at 0 for a new
+        sequence) in cache `rows` (None: the first B rows): prefill is T > 1 (a prompt whole
+        or in chunks), decode T == 1. Every row's T tokens are real (the linear-attention
+        state would take in padding).
         `output_index`, `validate` and `return_hidden` as in `Transformer.forward`.
         """
-        if caches is not None or rows is not None:
-            raise ModelError(_NOT_SAMPLED)
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         if validate:
             self.check_tokens(input_ids)
-            if input_ids.shape[1] > self.config.max_context:
+            limit = self.config.max_context if caches is None else caches[0].max_len
+            last = int(positions.max()) + 1 if positions.numel() else 0
+            if last > limit:
+                what = "the model's context" if caches is None else "the cache length"
                 raise ModelError(
-                    f"sequence of {T} tokens exceeds the model's context of "
-                    f"{self.config.max_context}; shorten the input "
-                    "(max_position_embeddings in config.json)"
+                    f"sequence of {last} tokens exceeds {what} of {limit}; shorten the input"
+                    + (" (max_position_embeddings in config.json)" if caches is None else "")
                 )
         x = self.embed_tokens(input_ids)
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        mask = keep = None
+        if caches is not None:
+            keys = torch.arange(caches[0].max_len, device=x.device)
+            mask = (keys <= positions[..., None])[:, None]  # [B, 1, T, max_len]
+            keep = positions[:, 0] > 0  # rows continuing a sequence (else: from zero state)
+        for i, layer in enumerate(self.layers):
+            cache = caches[i] if caches is not None else None
+            x = layer(x, cos, sin, cache, positions, rows, mask, keep)
         if output_index is not None:
             x = x[torch.arange(B, device=x.device), output_index][:, None]
         x = self.norm(x)
