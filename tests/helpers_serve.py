@@ -7,6 +7,7 @@ thread. Nothing here waits on a clock: only on conditions, with timeouts that ca
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -19,12 +20,36 @@ T = TypeVar("T")
 HANG_SECONDS = 600  # only catches hangs: three torch processes start on 2 shared cores
 
 
+SAMPLER_PORTS = 4  # samplers a test stack may run: ports base .. base + 3 are checked free
+
+
+def _free_run(count: int) -> int:
+    """The first of `count` consecutive ports nothing listens on now (samplers listen on
+    sampler_port_base + i: a free base alone left sampler-1 on a port in use)."""
+    while True:
+        base = free_port()
+        if base + count <= 65536 and all(_bindable(base + i) for i in range(1, count)):
+            return base
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def stack_config(tmp_path: Path, **overrides: object) -> ServeConfig:
     """A stack on free ports, an embedded Redis, a fresh store, one torch thread each."""
+    sampler_port = _free_run(SAMPLER_PORTS)
     ports: set[int] = set()
-    while len(ports) < 4:
-        ports.add(free_port())
-    grpc_port, http_port, trainer_port, sampler_port = sorted(ports)
+    while len(ports) < 3:
+        port = free_port()
+        if not sampler_port <= port < sampler_port + SAMPLER_PORTS:
+            ports.add(port)
+    grpc_port, http_port, trainer_port = sorted(ports)
     fields: dict = dict(
         store=tmp_path / "store",
         listen=f"127.0.0.1:{grpc_port}",

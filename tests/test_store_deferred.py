@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from headway.store import CheckpointRecord, CheckpointStore, DeferredFile, ModelRecord
+from headway.store import CheckpointRecord, CheckpointStore, DeferredFile, ModelRecord, atomic
 from tests.stack import HANG_SECONDS
 
 STATE = b"s" * 4096
@@ -161,3 +161,31 @@ def test_a_kill_during_a_deferred_write_leaves_only_complete_checkpoints(tmp_pat
     assert store.head("m") == "c1"
     assert (ckpts / "c1/optimizer.safetensors").read_bytes() == STATE
     assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]
+
+
+def test_a_deferred_write_waits_behind_no_other_models_fsync(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path, sync=False)
+    _model(store)
+    other = ModelRecord(slug="n", team="u", is_base=False, base="b", created=time.time())
+    root = CheckpointRecord(id="root", model="n", kind="full", step=0, created=time.time())
+    store.create_model(other, root, lambda d: (d / "weights.safetensors").write_bytes(b"w"))
+    release, real = threading.Event(), atomic.fsync_file
+
+    def slow_disk(path):  # the fsync queue holds m's checkpoint until released
+        assert release.wait(HANG_SECONDS)
+        real(path)
+
+    monkeypatch.setattr(atomic, "fsync_file", slow_disk)
+    try:
+        store.write_checkpoint(_record("c1", "root", 1), _weights)
+        state = DeferredFile("optimizer.safetensors", len(STATE), lambda p: p.write_bytes(STATE))
+        record = CheckpointRecord(
+            id="c1", model="n", kind="full", step=1, created=0, parent_id="root",
+            has_optimizer=True,
+        )  # fmt: skip
+        store.write_checkpoint(record, _weights, state)
+        store.wait_deferred("n", "c1")  # returns although m's fsync has not run
+        assert (tmp_path / "models/n/checkpoints/c1/optimizer.safetensors").read_bytes() == STATE
+    finally:
+        release.set()
+    store.flush()

@@ -9,10 +9,11 @@ the HEAD that points at it). What a power loss may still tear — a checkpoint w
 reached the disk before its data — the store finds on opening and removes (see
 `CheckpointStore.check_checkpoints`).
 
-Besides fsyncs the queue runs deferred writes (`submit_call`): the optimizer state of a
-large checkpoint, written into its already published directory after the OptimStep has
-replied. Running them in the same FIFO keeps the order a crash relies on: a checkpoint's
-deferred file is written, then fsynced with the rest of it, before its HEAD's fsync.
+A checkpoint's deferred file (the optimizer state of a large checkpoint, written into its
+already published directory after the OptimStep has replied) is written by a thread of its
+own, not in this queue — so one model's write never waits behind another's fsyncs — and the
+checkpoint's fsync job waits for it (`submit(..., after=)`): the order a crash relies on
+stays (deferred file written, then fsynced with the rest, before its HEAD's fsync).
 
 Backpressure: at most `max_pending` jobs wait; a writer that would exceed that waits for
 the disk, so a disk slower than the training loop slows the loop instead of piling up
@@ -26,6 +27,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 from headway.store import atomic
@@ -45,10 +47,18 @@ class Syncer:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
 
-    def submit(self, key: str, paths: list[Path]) -> None:
-        """fsync `paths` (files and directories, in this order) after the jobs before it.
-        Waits while `max_pending` jobs are queued; raises a previous job's failure."""
-        self.submit_call(key, lambda: _fsync_all(paths))
+    def submit(self, key: str, paths: list[Path], after: Future[None] | None = None) -> None:
+        """fsync `paths` (files and directories, in this order) after the jobs before it
+        and, if given, after `after` (a write running elsewhere) has finished; its failure
+        fails the job. Waits while `max_pending` jobs are queued; raises a previous job's
+        failure."""
+
+        def job() -> None:
+            if after is not None:
+                after.result()
+            _fsync_all(paths)
+
+        self.submit_call(key, job)
 
     def submit_call(self, key: str, job: Callable[[], None]) -> None:
         """Run `job` in the background after the jobs before it (see `submit`)."""

@@ -22,11 +22,11 @@ returns once the files are written and renamed — that already survives a crash
 process, whose writes are in the kernel's page cache — and fsyncs them in the background
 in write order (`durable.Syncer`). It may also publish a checkpoint before its large
 optimizer state is written (`DeferredFile`): the weights are complete and servable, the
-state follows in the same background queue. A process crash may then lose the last
-checkpoints whose deferred file was not yet written, and a power loss those not yet
-fsynced, with their head moves; opening the store for writing (`recover`) removes a
-checkpoint whose files are not those meta.json records (missing or torn) and moves a
-HEAD that named it back to its nearest complete ancestor.
+state follows on a thread of its own, and the checkpoint's fsyncs after it. A process
+crash may then lose the last checkpoints whose deferred file was not yet written, and a
+power loss those not yet fsynced, with their head moves; opening the store for writing
+(`recover`) removes a checkpoint whose files are not those meta.json records (missing or
+torn) and moves a HEAD that named it back to its nearest complete ancestor.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,8 +107,11 @@ class CheckpointStore:
         self.models_dir = self.root / "models"
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.sync = sync
-        # A checkpoint's jobs: its deferred file, its fsyncs, then its HEAD's.
-        self.syncer = Syncer(3 * max_pending)
+        # A checkpoint's jobs: its fsyncs, then its HEAD's.
+        self.syncer = Syncer(2 * max_pending)
+        # Deferred writes in flight, by checkpoint (see `_start_deferred`).
+        self._deferred: dict[str, Future[None]] = {}
+        self._deferred_lock = threading.Lock()
         if recover:
             self.remove_leftovers()
             self.check_checkpoints()
@@ -354,17 +359,41 @@ class CheckpointStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         if not self.sync:
-            if later is not None:
-                self.syncer.submit_call(_deferred_key(final), lambda: _write_deferred(final, later))
+            written = self._start_deferred(final, later) if later is not None else None
             files = [final / name for name in (*record.files, META_FILE)]
-            self.syncer.submit(str(final), [*files, final, final.parent])
+            self.syncer.submit(str(final), [*files, final, final.parent], after=written)
         return record
+
+    def _start_deferred(self, final: Path, deferred: DeferredFile) -> Future[None]:
+        """Write `deferred` into `final` on a thread of its own (one per checkpoint; a model
+        has at most one pending, since its next AdamW waits for it): a model's write waits
+        behind no other model's write or fsync."""
+        future: Future[None] = Future()
+        key = _deferred_key(final)
+
+        def run() -> None:
+            try:
+                _write_deferred(final, deferred)
+            except BaseException as e:
+                future.set_exception(e)  # kept: waiters and the fsync job raise it
+                return
+            future.set_result(None)
+            with self._deferred_lock:
+                self._deferred.pop(key, None)
+
+        with self._deferred_lock:
+            self._deferred[key] = future
+        threading.Thread(target=run, name=f"deferred-{final.name}", daemon=True).start()
+        return future
 
     def wait_deferred(self, slug: str, ckpt_id: str) -> None:
         """Block until the deferred file of (slug, ckpt_id), if any, is written (not yet
-        fsynced): before reading it, or changing the tensors it is written from."""
-        if not self.sync:
-            self.syncer.wait(_deferred_key(self.checkpoint_dir(slug, ckpt_id)))
+        fsynced): before reading it, or changing the tensors it is written from. Raises
+        its failure."""
+        with self._deferred_lock:
+            future = self._deferred.get(_deferred_key(self.checkpoint_dir(slug, ckpt_id)))
+        if future is not None:
+            future.result()
 
     # --------------------------------------------------------------------- head
     def head(self, slug: str) -> str:
