@@ -91,6 +91,32 @@ def grouped_attention(
     return torch.matmul(probs, v).view(B, H, T, D)
 
 
+def checked_positions(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor | None,
+    caches: list | None,
+    validate: bool,
+) -> torch.Tensor:
+    """The forward's positions (0..T-1 per row when None), after checking (`validate`) the
+    tokens against the vocabulary and the last position against the context or the cache
+    length: the checks every family's forward makes before it computes."""
+    B, T = input_ids.shape
+    if positions is None:
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+    if validate:
+        model.check_tokens(input_ids)
+        limit = model.config.max_context if caches is None else caches[0].max_len
+        last = int(positions.max()) + 1 if positions.numel() else 0
+        if last > limit:
+            what = "the model's context" if caches is None else "the cache length"
+            raise ModelError(
+                f"sequence of {last} tokens exceeds {what} of {limit}; shorten the input"
+                + (" (max_position_embeddings in config.json)" if caches is None else "")
+            )
+    return positions
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate `x` `[B, H, T, head_dim]` (the half-split convention of HF checkpoints)."""
     half = x.shape[-1] // 2
@@ -268,18 +294,7 @@ class Transformer(nn.Module):
         projection's backward at positions that carry no loss).
         """
         B, T = input_ids.shape
-        if positions is None:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        if validate:
-            self.check_tokens(input_ids)
-            limit = self.config.max_context if caches is None else caches[0].max_len
-            last = int(positions.max()) + 1 if positions.numel() else 0
-            if last > limit:
-                what = "the model's context" if caches is None else "the KV cache length"
-                raise ModelError(
-                    f"sequence of {last} tokens exceeds {what} of {limit}; shorten the input"
-                    + (" (max_position_embeddings in config.json)" if caches is None else "")
-                )
+        positions = checked_positions(self, input_ids, positions, caches, validate)
         x = self.embed_tokens(input_ids)
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)

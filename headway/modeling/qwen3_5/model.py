@@ -28,7 +28,13 @@ from torch import nn
 
 from headway.modeling.errors import ModelError
 from headway.modeling.kv_cache import KVCache
-from headway.modeling.model import MLP, Transformer, apply_rope, rope_cos_sin
+from headway.modeling.model import (
+    MLP,
+    Transformer,
+    apply_rope,
+    checked_positions,
+    rope_cos_sin,
+)
 from headway.modeling.qwen3_5.config import LINEAR, Qwen35Config
 from headway.modeling.qwen3_5.delta_rule import chunked_gated_delta_rule, gated_delta_step
 from headway.modeling.qwen3_5.state import LinearAttentionState
@@ -333,18 +339,7 @@ class Qwen35Model(nn.Module):
         `output_index`, `validate` and `return_hidden` as in `Transformer.forward`.
         """
         B, T = input_ids.shape
-        if positions is None:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        if validate:
-            self.check_tokens(input_ids)
-            limit = self.config.max_context if caches is None else caches[0].max_len
-            last = int(positions.max()) + 1 if positions.numel() else 0
-            if last > limit:
-                what = "the model's context" if caches is None else "the cache length"
-                raise ModelError(
-                    f"sequence of {last} tokens exceeds {what} of {limit}; shorten the input"
-                    + (" (max_position_embeddings in config.json)" if caches is None else "")
-                )
+        positions = checked_positions(self, input_ids, positions, caches, validate)
         x = self.embed_tokens(input_ids)
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
