@@ -37,7 +37,7 @@ _IDLE_SECONDS = 5.0
 
 
 class Syncer:
-    """A FIFO of jobs (fsyncs, deferred writes) run by one daemon thread."""
+    """A FIFO of fsync jobs run by one daemon thread."""
 
     def __init__(self, max_pending: int = 2) -> None:
         self.max_pending = max(1, max_pending)
@@ -58,10 +58,6 @@ class Syncer:
                 after.result()
             _fsync_all(paths)
 
-        self.submit_call(key, job)
-
-    def submit_call(self, key: str, job: Callable[[], None]) -> None:
-        """Run `job` in the background after the jobs before it (see `submit`)."""
         with self._cond:
             self.raise_error()
             self._cond.wait_for(lambda: len(self._jobs) < self.max_pending)

@@ -369,7 +369,7 @@ class CheckpointStore:
         has at most one pending, since its next AdamW waits for it): a model's write waits
         behind no other model's write or fsync."""
         future: Future[None] = Future()
-        key = _deferred_key(final)
+        key = str(final)
 
         def run() -> None:
             try:
@@ -391,7 +391,7 @@ class CheckpointStore:
         fsynced): before reading it, or changing the tensors it is written from. Raises
         its failure."""
         with self._deferred_lock:
-            future = self._deferred.get(_deferred_key(self.checkpoint_dir(slug, ckpt_id)))
+            future = self._deferred.get(str(self.checkpoint_dir(slug, ckpt_id)))
         if future is not None:
             future.result()
 
@@ -462,10 +462,6 @@ class CheckpointStore:
             if record.request_id == request_id:
                 return record
         return None
-
-
-def _deferred_key(ckpt_dir: Path) -> str:
-    return f"{ckpt_dir}:deferred"
 
 
 def _write_deferred(ckpt_dir: Path, deferred: DeferredFile) -> None:

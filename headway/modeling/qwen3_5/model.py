@@ -33,6 +33,7 @@ from headway.modeling.model import (
     Transformer,
     apply_rope,
     checked_positions,
+    rms_normalize,
     rope_cos_sin,
 )
 from headway.modeling.qwen3_5.config import LINEAR, Qwen35Config
@@ -49,9 +50,7 @@ class ZeroCenteredRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).type_as(x)
+        return (rms_normalize(x, self.eps) * (1.0 + self.weight.float())).type_as(x)
 
 
 class GatedRMSNorm(nn.Module):
@@ -63,10 +62,8 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
-        return (h * F.silu(gate.float())).to(dtype)
+        h = self.weight * rms_normalize(x, self.eps).to(x.dtype)
+        return (h * F.silu(gate.float())).to(x.dtype)
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
