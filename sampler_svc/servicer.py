@@ -58,14 +58,19 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         return collector, ckpt
 
     @staticmethod
-    async def _next(collector: Collector) -> Update | None:
-        """Fold the job's next engine event into `collector`; what it changed."""
-        kind, row, payload = await collector.queue.get()
-        if kind == "error":
-            if isinstance(payload, HeadwayError | ValueError):
-                raise payload
-            raise RuntimeError(f"sampling failed: {payload}")
-        return collector.apply(kind, row, payload)
+    async def _updates(collector: Collector) -> list[Update]:
+        """Fold the job's next engine events (all that have arrived) into `collector`;
+        what they changed, in order."""
+        updates = []
+        for kind, row, payload in await collector.next_events():
+            if kind == "error":
+                if isinstance(payload, HeadwayError | ValueError):
+                    raise payload
+                raise RuntimeError(f"sampling failed: {payload}")
+            update = collector.apply(kind, row, payload)
+            if update is not None:
+                updates.append(update)
+        return updates
 
     @maps_errors
     async def Sample(
@@ -74,7 +79,7 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         collector, ckpt = await self._start(request, context)
         try:
             while not collector.done:
-                await self._next(collector)
+                await self._updates(collector)
         finally:
             collector.job.cancelled = not collector.done  # a cancelled call frees its rows
         response = sampling_pb2.SampleResponse(
@@ -106,14 +111,20 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
             checkpoint=ckpt, prompt_tokens=to_tensor(collector.spec.prompt, I32)
         )
         try:
-            if collector.spec.prompt_logprobs:
-                await self._next(collector)
+            updates: list[Update] = []
+            if collector.spec.prompt_logprobs:  # the job's first event, maybe with tokens
+                while collector.prompt_logprobs is None and not collector.done:
+                    updates += await self._updates(collector)
                 first.prompt_logprobs.CopyFrom(to_tensor(collector.prompt_logprobs or [], F32))
             yield first
-            while not collector.done:
-                update = await self._next(collector)
-                if update is not None and (update.token or update.text or update.stop_reason):
-                    yield _chunk(update)
+            while True:
+                # One chunk per sequence and batch of events: when the engine runs ahead
+                # of the stream, a chunk carries several tokens (as the contract allows).
+                for chunk in _chunks(updates):
+                    yield chunk
+                if collector.done:
+                    break
+                updates = await self._updates(collector)
         except MAPPED_ERRORS as e:
             await abort_for(context, e)
         finally:
@@ -134,13 +145,24 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         )
 
 
-def _chunk(update: Update) -> sampling_pb2.SampleChunk:
-    """The stream chunk of one sequence's update (a token and/or text, maybe its end)."""
-    chunk = sampling_pb2.SampleChunk(index=update.row, text=update.text)
-    if update.token is not None:
-        token, lp = update.token
-        chunk.tokens.CopyFrom(to_tensor([token], I32))
-        chunk.logprobs.CopyFrom(to_tensor([lp], F32))
-    if update.stop_reason:
-        chunk.stop_reason = STOP_REASONS[update.stop_reason]
-    return chunk
+def _chunks(updates: list[Update]) -> list[sampling_pb2.SampleChunk]:
+    """The stream chunks of `updates`: one per sequence they changed, its tokens, text and
+    end merged in order."""
+    by_row: dict[int, list[Update]] = {}
+    for update in updates:
+        by_row.setdefault(update.row, []).append(update)
+    chunks = []
+    for row, ups in by_row.items():
+        tokens = [u.token for u in ups if u.token is not None]
+        text = "".join(u.text for u in ups)
+        stop = next((u.stop_reason for u in ups if u.stop_reason), "")
+        if not (tokens or text or stop):
+            continue
+        chunk = sampling_pb2.SampleChunk(index=row, text=text)
+        if tokens:
+            chunk.tokens.CopyFrom(to_tensor([t for t, _ in tokens], I32))
+            chunk.logprobs.CopyFrom(to_tensor([lp for _, lp in tokens], F32))
+        if stop:
+            chunk.stop_reason = STOP_REASONS[stop]
+        chunks.append(chunk)
+    return chunks

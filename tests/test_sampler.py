@@ -18,7 +18,7 @@ from headway.tensors import to_tensor
 from headway.v1 import common_pb2, model_pb2, sampling_pb2, training_pb2
 from tests.conftest import VOCAB
 from tests.helpers_training import adam, batch, greedy_reference, reference_module
-from tests.stack import REDIS_URL, EngineGate, team_md, wait_until
+from tests.stack import HANG_SECONDS, REDIS_URL, EngineGate, team_md, wait_until
 
 PROMPT = [5, 17, 33, 8, 41, 12]
 
@@ -294,6 +294,43 @@ def test_stream_yields_the_same_tokens_as_sample(sampling_stack):
     for c in chunks[1:]:
         per_row[c.index] += np.frombuffer(c.tokens.data, np.int32).tolist()
     assert [per_row[0], per_row[1]] == [toks(s) for s in whole.sequences]
+
+
+def test_tokens_a_stream_has_not_sent_yet_leave_together(sampling_stack):
+    """When the engine runs ahead of the stream (the replica's event loop busy), the tokens
+    waiting for a sequence go out in one chunk, not a message each. Deterministically: the
+    engine is held after the prefill (EngineGate), the loop is then held by a callback of
+    the test's, and the engine let go to decode the whole request; once the loop runs
+    again, each row's 19 decoded tokens leave in one chunk, with its end."""
+    stack = sampling_stack
+    params = dict(n=2, max_tokens=20, seed=5, ignore_eos=True)
+    whole = sample(stack, "tiny", **params)
+    request = sampling_pb2.SampleRequest(
+        model="tiny", prompt_tokens=to_tensor(PROMPT), params=common_pb2.SamplingParams(**params)
+    )
+    loop_held, loop_free = threading.Event(), threading.Event()
+
+    def hold_loop() -> None:
+        loop_held.set()
+        loop_free.wait(HANG_SECONDS)
+
+    with EngineGate() as gate:
+        stream = stack.sampler.stub.SampleStream(request)
+        assert next(stream).checkpoint == "base"
+        gate.wait_held()  # prefilled, first tokens drawn and emitted
+        stack.sampler.server.loop.call_soon_threadsafe(hold_loop)
+        wait_until(loop_held.is_set, what="the replica's event loop to be held")
+        gate.release()
+        wait_until(lambda: stack.sampler.sampler.live_rows == 0, what="the request to decode")
+        loop_free.set()
+        chunks = list(stream)
+    per_row: dict[int, list[list[int]]] = {0: [], 1: []}
+    for c in chunks:
+        per_row[c.index].append(np.frombuffer(c.tokens.data, np.int32).tolist())
+    for row, seq in enumerate(whole.sequences):
+        assert sum(per_row[row], []) == toks(seq)
+        assert len(per_row[row][-1]) >= 19  # the decoded tokens, together
+        assert chunks[-1].stop_reason == sampling_pb2.STOP_REASON_LENGTH
 
 
 def test_cancelling_a_stream_frees_its_rows(sampling_stack):
