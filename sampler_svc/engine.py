@@ -28,7 +28,7 @@ import torch
 
 from headway.modeling import KVCache, Transformer, token_logprobs
 from headway.modeling.placement import host_lists
-from sampler_svc.kernels import KernelChoice, cuda_layout
+from sampler_svc.kernels import KernelChoice, PackedWeights, cuda_layout, packing_available
 from sampler_svc.multilora import NO_ADAPTER, AdapterBank, fuse_projections
 from sampler_svc.sampling import DrawParams, DrawPlan, draw_planned
 
@@ -90,16 +90,35 @@ class Engine:
         self.rows: list[Row] = []
         self.mixed_steps = 0  # steps that decoded rows of different adapters together
         c = model.config
+        # oneDNN-blocked copies of the weights whose shapes measure fastest that way.
+        self.packed = PackedWeights() if packing_available(self.device) else None
         self.kernels = KernelChoice(
             fuse_projections(model, bank),
             max(max_batch, 32),
             force=layout or cuda_layout(self.device),
             heads=(c.num_attention_heads, c.num_key_value_heads, c.head_dim),
             length=min(2 * WINDOW, max_seq_len),
+            packed=self.packed,
         )
         self._windows: dict[tuple[int, int], list[KVCache]] = {}
         # Per set of rows (None = stale): their slots, draw plan, whether slots differ.
         self._plan: tuple[list[int], DrawPlan, bool] | None = None
+
+    def weights_changed(self) -> None:
+        """The model's weights were copied anew in place (a full reload into this idle
+        engine): its packed copies are stale. Until `repack` makes them again, those
+        products read the plain weights (correct, slower)."""
+        if self.packed is not None:
+            self.packed.invalidate()
+
+    def repack(self, limit: int | None = None) -> int:
+        """Re-make up to `limit` (None: all) stale packed copies; how many were made."""
+        return self.packed.repack(limit) if self.packed is not None else 0
+
+    @property
+    def repacking(self) -> bool:
+        """Whether packed copies are still stale after a reload."""
+        return self.packed is not None and self.packed.missing() > 0
 
     @property
     def free_rows(self) -> int:

@@ -4,7 +4,7 @@ A decode step is a chain of `[rows, in] × [out, in]ᵀ` products with few rows.
 of asking torch for it is fastest depends on the CPU, the BLAS torch was built with, the
 shape and the number of rows: on one Xeon `(W @ xᵀ)ᵀ` streamed the weights twice as fast as
 `F.linear`, on an EPYC F.linear was twice as fast at one row. No constant can be right on
-every machine, so an engine times the candidates (`LAYOUTS`) on its own weights, for each
+every machine, so an engine times the candidates (`layout_names`) on its own weights, for each
 weight shape and each batch bucket (1, 2, 4, ... rows), and keeps the fastest.
 
 The measurement runs once per (CPU model, torch version, threads, dtype, shape, bucket) and
@@ -15,9 +15,12 @@ the same product (to float rounding): the tests check each gives the same logits
 Candidates: `linear` (F.linear, x @ Wᵀ), `rows` ((W @ xᵀ)ᵀ, one row duplicated to two so
 torch's mm runs its GEMM rather than its matrix-vector path), `onednn` (oneDNN's inner
 product on the same weight storage: for fp32 not MKL's sgemm, which F.linear and `rows`
-both call). A pre-transposed contiguous
-copy of W (x @ Wᵀᵀ) was left out: it doubles the weights' memory and a reload that copies
-into the parameters would have to refresh it.
+both call), and `packed` (oneDNN's inner product on a copy of the weight in oneDNN's own
+blocked layout, `PackedWeights`: given a plain weight oneDNN re-lays it out on every call,
+which in bf16 costs more than the product). `packed` costs memory (a second copy of the
+weights it is chosen for) and a pass over them after a reload, so it must win its place by
+measurement like the others. A pre-transposed contiguous copy of W (x @ Wᵀᵀ) was left
+out: it costs the same memory and wins nothing `packed` does not.
 """
 
 from __future__ import annotations
@@ -75,8 +78,93 @@ def onednn_linear(
 
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# The row count a packed weight is laid out for. oneDNN's blocked layout for 8 rows served
+# 1 to 300 rows within a few percent of the layout made for each (measured on a Zen 4, fp32
+# and bf16, gate/up and vocabulary shapes), so one copy serves every bucket and a prefill.
+PACK_ROWS = 8
 
+# The stateless layouts; `packed` (a `PackedWeights` of the engine's) is added where oneDNN
+# can pack: `layout_names`.
 LAYOUTS: dict[str, Kernel] = {"linear": F.linear, "rows": rows_linear, "onednn": onednn_linear}
+PACKED = "packed"
+
+
+def packing_available(device: torch.device | str = "cpu") -> bool:
+    """Whether `packed` is a candidate on `device`: a CPU and a torch with oneDNN."""
+    return _ONEDNN and torch.device(device).type == "cpu"
+
+
+def layout_names(device: torch.device | str = "cpu") -> list[str]:
+    """Every layout an engine on `device` chooses among."""
+    return [*LAYOUTS, *([PACKED] if packing_available(device) else [])]
+
+
+class PackedWeights:
+    """oneDNN-blocked copies of some of an engine's weights: the `packed` layout.
+
+    A copy is looked up by the plain weight it was made from (its storage address and
+    shape), so the model keeps calling kernels with its own parameters. A weight without a
+    current copy is multiplied by `onednn_linear` from its plain storage: never a stale
+    copy. Whoever changes weights in place (a full reload) calls `invalidate`; `repack`
+    makes the copies again, a few at a time between decode steps (see `Engine.repack`).
+    """
+
+    def __init__(self) -> None:
+        self._weights: list[torch.Tensor] = []
+        self._packed: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+        # Stale copies, freed one at a time as `repack` replaces them: freeing them all at
+        # once (hundreds of MB of pages) would lengthen the reload that made them stale.
+        self._stale: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+
+    @staticmethod
+    def _key(weight: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+        return weight.data_ptr(), tuple(weight.shape)
+
+    def track(self, weights: list[torch.Tensor]) -> None:
+        """Keep packed copies of `weights` (replacing what was tracked); packs them now."""
+        self._weights = list(weights)
+        self._packed.clear()
+        self._stale.clear()
+        self.repack()
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the tracked weights' copies take (when all are packed)."""
+        return sum(w.numel() * w.element_size() for w in self._weights)
+
+    def invalidate(self) -> None:
+        """The tracked weights changed in place: their copies are stale (until `repack`)."""
+        self._stale.update(self._packed)
+        self._packed = {}
+
+    def missing(self) -> int:
+        """Tracked weights without a current copy."""
+        return len(self._weights) - len(self._packed)
+
+    def repack(self, limit: int | None = None) -> int:
+        """Pack up to `limit` (None: all) tracked weights that have no copy; how many."""
+        done = 0
+        with torch.inference_mode():
+            for w in self._weights:
+                if limit is not None and done >= limit:
+                    break
+                key = self._key(w)
+                if key not in self._packed:
+                    self._stale.pop(key, None)  # freed before its successor is made
+                    self._packed[key] = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
+                    done += 1
+        return done
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """F.linear(x, weight, bias) from `weight`'s packed copy (plain oneDNN without one)."""
+        packed = self._packed.get(self._key(weight))
+        if packed is None:
+            return onednn_linear(x, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 MAX_BUCKET = 64  # forwards of more rows (long prefills) use F.linear, the model's own path
 
 
@@ -99,9 +187,14 @@ def machine_key(dtype: torch.dtype) -> str:
 
 
 def time_layouts(
-    weights: list[torch.Tensor], rows: int, rounds: int = 5, inner: int = 1
+    weights: list[torch.Tensor],
+    rows: int,
+    rounds: int = 5,
+    inner: int = 1,
+    names: list[str] | None = None,
 ) -> dict[str, float]:
-    """Seconds of one pass over `weights` (all of one shape) per layout, at `rows`.
+    """Seconds of one pass over `weights` (all of one shape) per layout (`names`, default
+    every layout of their device), at `rows`.
 
     The layouts run interleaved (A, B, A, B, ...) so that load from other processes hits
     them alike, the first round is warmup, and each keeps its fastest round: on a shared
@@ -109,10 +202,16 @@ def time_layouts(
     """
     w0 = weights[0]
     x = torch.randn(rows, w0.shape[1], dtype=w0.dtype, device=w0.device)
-    times: dict[str, list[float]] = {name: [] for name in LAYOUTS}
+    names = names if names is not None else layout_names(w0.device)
+    layouts = {name: fn for name, fn in LAYOUTS.items() if name in names}
+    if PACKED in names:
+        packed = PackedWeights()
+        packed.track(weights)  # packing is a reload's cost, not the product's: not timed
+        layouts[PACKED] = packed.linear
+    times: dict[str, list[float]] = {name: [] for name in layouts}
     with torch.inference_mode():
         for r in range(rounds + 1):
-            for name, fn in LAYOUTS.items():
+            for name, fn in layouts.items():
                 start = time.perf_counter()
                 for _ in range(inner):
                     for w in weights:
@@ -174,12 +273,15 @@ class KernelChoice:
         force: str | None = None,
         heads: tuple[int, int, int] | None = None,
         length: int = 128,
+        packed: PackedWeights | None = None,
     ) -> None:
         """`weights`: the engine's decode weights grouped by shape; `heads` (query heads,
         kv heads, head dim): also time decode attention over `length` positions. `force`
         (or $HEADWAY_KERNELS) = a layout name: that layout everywhere, SDPA, nothing
-        measured."""
+        measured. `packed`: the engine's store of packed copies (None: `packed` is not a
+        candidate); it is given the weights of the shapes that chose it."""
         self.buckets = buckets(max_rows)
+        names = [*LAYOUTS, *([PACKED] if packed is not None else [])]
         self.heads, self.length = heads, length
         self.choice: dict[tuple[Shape, int], str] = {}
         self.attention: dict[int, str] = {b: "sdpa" for b in self.buckets}
@@ -187,18 +289,25 @@ class KernelChoice:
         self.cached = 0
         forced = force or os.environ.get("HEADWAY_KERNELS", "")
         if forced:
-            if forced not in LAYOUTS:
-                raise ValueError(f"kernel layout {forced!r}: choose among {', '.join(LAYOUTS)}")
+            if forced not in names:
+                raise ValueError(f"kernel layout {forced!r}: choose among {', '.join(names)}")
             for shape in weights:
                 for b in self.buckets:
                     self.choice[shape, b] = forced
         else:
-            self._measure(weights)
+            self._measure(weights, names)
+        kernels: dict[str, Kernel] = dict(LAYOUTS)
+        if packed is not None:
+            kernels[PACKED] = packed.linear
+            chosen = {s for (s, _), name in self.choice.items() if name == PACKED}
+            packed.track([w for s in weights if s in chosen for w in weights[s]])
+            if packed.nbytes:
+                log.info("packed copies for oneDNN: %.0f MB", packed.nbytes / 1e6)
         self._tables: dict[int, dict[Shape, Kernel]] = {
-            b: {s: LAYOUTS[self.choice[s, b]] for s in weights} for b in self.buckets
+            b: {s: kernels[self.choice[s, b]] for s in weights} for b in self.buckets
         }
 
-    def _measure(self, weights: dict[Shape, list[torch.Tensor]]) -> None:
+    def _measure(self, weights: dict[Shape, list[torch.Tensor]], names: list[str]) -> None:
         dtype = next(iter(weights.values()))[0].dtype
         machine = machine_key(dtype)
         cached, fresh = kernel_cache.read_cache(), {}
@@ -207,8 +316,8 @@ class KernelChoice:
             for b in self.buckets:
                 key = f"{machine}|{shape[0]}x{shape[1]}x{len(ws)}|rows {b}"
                 entry = cached.get(key)
-                if entry is None or set(entry.get("times", {})) != set(LAYOUTS):
-                    entry = {"times": time_layouts(ws, b)}
+                if entry is None or set(entry.get("times", {})) != set(names):
+                    entry = {"times": time_layouts(ws, b, names=names)}
                     fresh[key] = entry
                 else:
                     self.cached += 1

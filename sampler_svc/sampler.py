@@ -223,7 +223,7 @@ class Sampler:
             idle = (
                 not self._waiting
                 and not self._scoring
-                and not any(e.busy() for e in self.engines.values())
+                and not any(e.busy() or e.engine.repacking for e in self.engines.values())
             )
             try:
                 kind, payload = self._inbox.get(timeout=0.05 if idle else 0)
@@ -238,6 +238,9 @@ class Sampler:
                 if entry.busy():
                     entry.engine.step()
                     self.steps += 1
+                # Packed copies made stale by a reload are made again one per turn of this
+                # loop (a few ms each), so a request arriving meanwhile waits for one at most.
+                entry.engine.repack(limit=1)
             self._score_piece()
 
     def _handle(self, kind: str, payload: Any) -> None:
@@ -415,6 +418,7 @@ class Sampler:
                 self._drop(reuse)
                 start = time.perf_counter()
                 copy_full_weights(self.store, ref, reuse.engine.model)
+                reuse.engine.weights_changed()
                 reuse.ref, reuse.adapters = ref, OrderedDict()
                 self.engines[ref] = reuse
                 log.info(

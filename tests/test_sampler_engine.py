@@ -21,7 +21,7 @@ from headway.store.tensorfile import write_safetensors
 from headway.store.weights import read_adapter
 from sampler_svc import sampling
 from sampler_svc.engine import Engine, GenerationJob
-from sampler_svc.kernels import LAYOUTS, KernelChoice, pick, rows_linear
+from sampler_svc.kernels import PACKED, KernelChoice, layout_names, pick, rows_linear
 from sampler_svc.multilora import AdapterBank
 from sampler_svc.requests import row_generator
 from sampler_svc.sampling import DrawParams, draw
@@ -105,7 +105,7 @@ def test_every_kernel_layout_decodes_as_the_model_path(family, monkeypatch):
         (3, 1, 1.0),
     ]
     results = {}
-    for layout in (*LAYOUTS, None):  # None: every forward by the model path
+    for layout in (*layout_names(), None):  # None: every forward by the model path
         with monkeypatch.context() as m:
             if layout is None:
                 m.setattr(KernelChoice, "table", lambda self, rows: None)
@@ -115,7 +115,7 @@ def test_every_kernel_layout_decodes_as_the_model_path(family, monkeypatch):
                 results[layout, n, slot] = run(engine, prompt, n, slot, draws)
             mixed = mixed_run(engine, prompt)
             results[layout, "mixed"] = mixed
-    for layout in LAYOUTS:
+    for layout in layout_names():
         for key in [(n, slot) for n, slot, _ in jobs] + [("mixed",)]:
             fast, model_path = results[(layout, *key)], results[(None, *key)]
             for (tf, lf), (tm, lm) in zip(fast, model_path, strict=True):
@@ -261,6 +261,34 @@ def test_full_weights_are_copied_from_the_file_into_the_engine(tmp_path, dtype):
                        want["layers.0.mlp.gate_proj.weight"].to(dtype))  # fmt: skip
 
 
+@pytest.mark.skipif(PACKED not in layout_names(), reason="this torch has no oneDNN to pack")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_copies_follow_a_full_reload(tmp_path, dtype):
+    """The `packed` layout multiplies by oneDNN-blocked copies of the weights. A full
+    reload copies new weights into the engine in place: until re-packed, the engine decodes
+    from the plain (new) weights, never the stale copies; after `repack`, from fresh copies;
+    both as an engine built on the new weights does."""
+    prompt, draws = [5, 17, 33, 8, 41, 12], [DrawParams(0.0, 1.0, 0, None)]
+    engine = Engine(tiny_model("qwen2").to(dtype), None, 8, 128, layout=PACKED)
+    assert engine.packed is not None and engine.packed.missing() == 0 and engine.packed.nbytes
+    before = run(engine, prompt, 1, 0, draws, 12)
+    other = tiny_model("qwen2", seed=5)
+    want = run(Engine(other.to(dtype), None, 8, 128, layout=PACKED), prompt, 1, 0, draws, 12)
+    assert before[0][0] != want[0][0]  # the two weight sets decode differently
+    write_safetensors(tmp_path / "w.safetensors", hf_state_dict(other), {"format": "pt"})
+    copy_weights_file(tmp_path / "w.safetensors", engine.model)
+    engine.weights_changed()
+    assert engine.packed.missing() > 0
+    stale = run(engine, prompt, 1, 0, draws, 12)  # plain oneDNN on the copied weights
+    assert engine.repack(limit=1) == 1 and engine.packed.missing() > 0
+    engine.repack()
+    fresh = run(engine, prompt, 1, 0, draws, 12)
+    tol = 1e-5 if dtype == torch.float32 else 0.05
+    for got in (stale, fresh):
+        assert got[0][0] == want[0][0]
+        assert np.abs(got[0][1] - want[0][1]).max() <= tol
+
+
 def frequencies(logits: torch.Tensor, params: DrawParams, draws: int) -> np.ndarray:
     counts = np.zeros(logits.shape[-1])
     for _ in range(draws):
@@ -350,7 +378,7 @@ def test_top_k_top_p_from_candidates_keep_what_a_full_sort_keeps(vocab):
         assert torch.equal(t_exact, t_fast) and torch.equal(lp_exact, lp_fast)
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", sorted(layout_names()))
 def test_a_bf16_engine_reports_fp32_logprobs_close_to_the_fp32_model(layout):
     """`--dtype bf16`: weights, activations and cache in bf16 (every layout), logprobs
     computed in fp32 from the bf16 logits, within bf16 rounding of the fp32 engine's."""
