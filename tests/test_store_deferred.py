@@ -189,3 +189,68 @@ def test_a_deferred_write_waits_behind_no_other_models_fsync(tmp_path, monkeypat
     finally:
         release.set()
     store.flush()
+
+
+def _cached_pages(path: Path) -> int:
+    """How many of `path`'s pages are in the page cache now (mincore over a map of it)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]  # fmt: skip
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+            return sum(b & 1 for b in vec.raw)
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore/fadvise: Linux")
+def test_superseded_files_leave_the_page_cache_once_on_disk(tmp_path):
+    """Once a checkpoint is fsynced, the store drops the page cache of its optimizer state
+    (read back only by a restore) and of its parent's files, keeping its own weights (what
+    samplers read now): a full fork's next step writes into the freed pages."""
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"p" * (1 << 20))
+    atomic.fsync_file(probe)
+    atomic.drop_cached(probe)
+    if _cached_pages(probe):
+        pytest.skip(f"this filesystem keeps dropped pages cached ({tmp_path}: tmpfs?)")
+    store = CheckpointStore(tmp_path, sync=False)
+    _model(store)
+    big = b"o" * (1 << 20)
+
+    def state() -> DeferredFile:
+        return DeferredFile("optimizer.safetensors", len(big), lambda p: p.write_bytes(big))
+
+    def weights(d: Path) -> None:
+        (d / "weights.safetensors").write_bytes(b"w" * (1 << 20))
+
+    store.write_checkpoint(_record("c1", "root", 1), weights, state())
+    store.set_head("m", "c1", wait=False)
+    store.flush()
+    c1 = tmp_path / "models/m/checkpoints/c1"
+    assert _cached_pages(c1 / "optimizer.safetensors") == 0
+    assert _cached_pages(c1 / "weights.safetensors") > 0  # the head's: samplers read it
+    store.write_checkpoint(_record("c2", "c1", 2), weights, state())
+    store.set_head("m", "c2", wait=False)
+    store.flush()
+    c2 = tmp_path / "models/m/checkpoints/c2"
+    assert _cached_pages(c1 / "weights.safetensors") == 0  # superseded by c2
+    assert _cached_pages(c2 / "weights.safetensors") > 0
+    assert _cached_pages(c2 / "optimizer.safetensors") == 0
+    # Dropped from memory, not from disk: a restore reads the same bytes.
+    assert (c1 / "optimizer.safetensors").read_bytes() == big

@@ -37,6 +37,25 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def drop_cached(path: Path) -> None:
+    """Ask the kernel to drop the clean page-cache pages of file `path` (best effort, where
+    POSIX fadvise exists; a missing file is ignored). For a file already on disk that this
+    process will not read soon: its memory goes back to the free list, where the next
+    write finds it."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def temp_sibling(path: Path) -> Path:
     """A fresh temp name beside `path`, recognisable as a leftover by its prefix."""
     return path.with_name(f"{TMP_PREFIX}{path.name}-{secrets.token_hex(4)}")

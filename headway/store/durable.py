@@ -47,16 +47,25 @@ class Syncer:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
 
-    def submit(self, key: str, paths: list[Path], after: Future[None] | None = None) -> None:
+    def submit(
+        self,
+        key: str,
+        paths: list[Path],
+        after: Future[None] | None = None,
+        release: list[Path] | None = None,
+    ) -> None:
         """fsync `paths` (files and directories, in this order) after the jobs before it
         and, if given, after `after` (a write running elsewhere) has finished; its failure
-        fails the job. Waits while `max_pending` jobs are queued; raises a previous job's
-        failure."""
+        fails the job. Then drop the page cache of the files in `release` (on disk by
+        then: `atomic.drop_cached`). Waits while `max_pending` jobs are queued; raises a
+        previous job's failure."""
 
         def job() -> None:
             if after is not None:
                 after.result()
             _fsync_all(paths)
+            for path in release or ():
+                atomic.drop_cached(path)
 
         with self._cond:
             self.raise_error()

@@ -358,11 +358,37 @@ class CheckpointStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if not self.sync:
+        release = self._unread_after(record)
+        if self.sync:
+            for path in release:
+                atomic.drop_cached(path)
+        else:
             written = self._start_deferred(final, later) if later is not None else None
             files = [final / name for name in (*record.files, META_FILE)]
-            self.syncer.submit(str(final), [*files, final, final.parent], after=written)
+            self.syncer.submit(
+                str(final), [*files, final, final.parent], after=written, release=release
+            )
         return record
+
+    def _unread_after(self, record: CheckpointRecord) -> list[Path]:
+        """Files nobody is expected to read soon once `record` is on disk, whose page cache
+        the store drops then: its optimizer state (read back only by a restore) and the
+        files of its parent in the same model (superseded by it; a sampler pinned to the
+        parent reads them from disk). A full fork writes weights and twice their size in
+        optimizer state at every step: kept cached, they would push out what samplers and
+        the system read, and the next step's write would need fresh memory for all of it
+        (in a VM that hands freed memory back to its host, a new page-cache page costs
+        ~10x a reused one: 0.44 vs 0.04 s for 160 MB, AMD EPYC Zen 4 guest). Dropped,
+        their pages are free for the next step's files."""
+        out = [self.checkpoint_dir(record.model, record.id) / OPTIMIZER_FILE]
+        if record.parent_id and not record.parent_model:
+            try:
+                parent = self.get_checkpoint(record.model, record.parent_id)
+            except NotFound:
+                return out
+            if parent.ref is None and parent.files:
+                out += [self.checkpoint_dir(parent.model, parent.id) / n for n in parent.files]
+        return out
 
     def _start_deferred(self, final: Path, deferred: DeferredFile) -> Future[None]:
         """Write `deferred` into `final` on a thread of its own (one per checkpoint; a model
