@@ -21,7 +21,15 @@ from headway.store.tensorfile import write_safetensors
 from headway.store.weights import read_adapter
 from sampler_svc import sampling
 from sampler_svc.engine import Engine, GenerationJob
-from sampler_svc.kernels import PACKED, KernelChoice, layout_names, pick, rows_linear
+from sampler_svc.kernels import (
+    ATTENTIONS,
+    PACKED,
+    KernelChoice,
+    grouped_fp32_attention,
+    layout_names,
+    pick,
+    rows_linear,
+)
 from sampler_svc.multilora import AdapterBank
 from sampler_svc.requests import row_generator
 from sampler_svc.sampling import DrawParams, draw
@@ -399,21 +407,23 @@ def test_a_bf16_engine_reports_fp32_logprobs_close_to_the_fp32_model(layout):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_grouped_decode_attention_decodes_as_sdpa(family):
-    """Decode attention as plain grouped matmuls (the other choice the engine measures)
-    gives SDPA's tokens and, within 1e-5, its logprobs, adapters and mixed slots included."""
+    """Decode attention as plain grouped matmuls (the other choices the engine measures,
+    in the engine's dtype and in fp32) gives SDPA's tokens and, within 1e-5, its logprobs,
+    adapters and mixed slots included."""
     prompt = [5, 17, 33, 8, 41, 12]
     results = {}
-    for attention in ("sdpa", "grouped"):
+    for attention in ATTENTIONS:
         engine = make_engine(family)
         engine.kernels.attention = dict.fromkeys(engine.kernels.buckets, attention)
         for n, slot, temp in [(1, 1, 0.0), (3, 0, 1.0)]:
             draws = [DrawParams(temp, 1.0, 0, row_generator(3, i)) for i in range(n)]
             results[attention, n] = run(engine, prompt, n, slot, draws)
         results[attention, "mixed"] = mixed_run(engine, prompt)
-    for key in (1, 3, "mixed"):
-        for (tg, lg), (ts, ls) in zip(results["grouped", key], results["sdpa", key], strict=True):
-            assert tg == ts
-            assert np.abs(lg - ls).max() <= 1e-5
+    for name in ATTENTIONS:
+        for key in (1, 3, "mixed"):
+            for (tg, lg), (ts, ls) in zip(results[name, key], results["sdpa", key], strict=True):
+                assert tg == ts
+                assert np.abs(lg - ls).max() <= 1e-5
 
 
 @pytest.mark.parametrize("dims", [(4, 2, 1, 16, 9), (1, 8, 2, 8, 33), (3, 4, 4, 16, 5)])
@@ -426,6 +436,14 @@ def test_grouped_attention_is_sdpa(dims):
     mask = (torch.arange(L) <= pos[..., None])[:, None]
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     assert (grouped_attention(q, k, v, mask) - want).abs().max() <= 1e-5
+    # A bf16 engine's grouped_fp32: the fp32 result of its bf16 numbers, rounded to bf16
+    # (within one bf16 rounding of values of order 1).
+    q16, k16, v16 = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    ref = F.scaled_dot_product_attention(
+        q16.float(), k16.float(), v16.float(), attn_mask=mask, enable_gqa=True
+    )
+    got = grouped_fp32_attention(q16, k16, v16, mask)
+    assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max() <= 1e-2
 
 
 def test_the_two_level_inverse_cdf_picks_what_a_flat_cumulative_sum_picks():
