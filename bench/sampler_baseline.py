@@ -128,7 +128,7 @@ def machine_limit(model: torch.nn.Module, repeats: int) -> dict[str, Any]:
     model's own projections and for q/k/v and gate/up fused (what our engine multiplies):
     the fastest per shape, summed, is what a decode step's matmuls can cost here.
     """
-    from sampler_svc.kernels import LAYOUTS, time_layouts
+    from sampler_svc.kernels import layout_names, time_layouts
 
     linears = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     weights = list(linears.values())
@@ -159,7 +159,7 @@ def machine_limit(model: torch.nn.Module, repeats: int) -> dict[str, Any]:
             groups.setdefault(tuple(w.shape), []).append(w)
         for batch in (1, BATCH):
             per_shape = {sh: time_layouts(g, batch, rounds=reps) for sh, g in groups.items()}
-            for layout in LAYOUTS:
+            for layout in layout_names():
                 out[f"{label}{layout}_b{batch}_s"] = sum(t[layout] for t in per_shape.values())
             out[f"{label}best_b{batch}_s"] = sum(min(t.values()) for t in per_shape.values())
     for batch in (1, BATCH):

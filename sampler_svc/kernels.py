@@ -122,7 +122,8 @@ class PackedWeights:
 
     def track(self, weights: list[torch.Tensor]) -> None:
         """Keep packed copies of `weights` (replacing what was tracked); packs them now."""
-        self._weights = list(weights)
+        # Once each (a weight listed twice would never count as packed: see `missing`).
+        self._weights = list({self._key(w): w for w in weights}.values())
         self._packed.clear()
         self._stale.clear()
         self.repack()
@@ -166,6 +167,7 @@ class PackedWeights:
 
 
 MAX_BUCKET = 64  # forwards of more rows (long prefills) use F.linear, the model's own path
+TIMED_BYTES = 256 << 20  # weights of one shape a layout is timed on (see `time_layouts`)
 
 
 def buckets(max_rows: int) -> list[int]:
@@ -199,10 +201,23 @@ def time_layouts(
     The layouts run interleaved (A, B, A, B, ...) so that load from other processes hits
     them alike, the first round is warmup, and each keeps its fastest round: on a shared
     machine the slow rounds measure the neighbours, the fastest one the layout.
+
+    `packed` needs copies of the weights it is timed on; so that measuring never costs
+    more than `TIMED_BYTES` of extra memory (a 7B model's gate/up weights are GBs), every
+    layout is timed on the first weights up to that size (at least one: still far more
+    than the caches hold), the time scaled to the whole group.
     """
     w0 = weights[0]
-    x = torch.randn(rows, w0.shape[1], dtype=w0.dtype, device=w0.device)
     names = names if names is not None else layout_names(w0.device)
+    timed, size = [], 0
+    for w in weights:
+        size += w.numel() * w.element_size()
+        if timed and size > TIMED_BYTES:
+            break
+        timed.append(w)
+    scale = len(weights) / len(timed)
+    weights = timed
+    x = torch.randn(rows, w0.shape[1], dtype=w0.dtype, device=w0.device)
     layouts = {name: fn for name, fn in LAYOUTS.items() if name in names}
     if PACKED in names:
         packed = PackedWeights()
@@ -220,7 +235,7 @@ def time_layouts(
                     torch.cuda.synchronize()
                 if r:
                     times[name].append((time.perf_counter() - start) / inner)
-    return {name: min(ts) for name, ts in times.items()}
+    return {name: min(ts) * scale for name, ts in times.items()}
 
 
 def grouped_fp32_attention(

@@ -33,14 +33,21 @@ REWARDS = [1.0, 0.0, 0.5, 0.0]  # one GRPO group: advantages that are not all ze
 def q35(request: pytest.FixtureRequest, tmp_path: Path):
     """A trainer, a sampler replica and a gateway with no base registered; the layout's
     directory made by transformers at `stack.base_dir`."""
+    base_dir = qwen35_base(tmp_path / "base", request.param)
     stack = TrainerStack(tmp_path / "store")
-    stack.sampler = SamplerReplica(stack.config.store, stack.prefix, max_seq_len=128)
-    stack.gateway = GatewayNode(stack.config.store, stack.prefix, stack.server.address)
-    stack.base_dir = qwen35_base(tmp_path / "base", request.param)
-    yield stack
-    stack.gateway.stop()
-    stack.sampler.stop()
-    stack.stop()
+    try:
+        stack.base_dir = base_dir
+        stack.sampler = SamplerReplica(stack.config.store, stack.prefix, max_seq_len=128)
+        try:
+            stack.gateway = GatewayNode(stack.config.store, stack.prefix, stack.server.address)
+            try:
+                yield stack
+            finally:
+                stack.gateway.stop()
+        finally:
+            stack.sampler.stop()
+    finally:
+        stack.stop()
 
 
 def is_loss(data: list[DatumTensors], logprobs: list[torch.Tensor]):

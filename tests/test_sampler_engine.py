@@ -464,3 +464,24 @@ def test_the_two_level_inverse_cdf_picks_what_a_flat_cumulative_sum_picks():
         got = sampling._inverse_cdf(probs, u)
         assert torch.equal(got, flat)
         assert bool((probs[torch.arange(6), got] > 0).all())
+
+
+@pytest.mark.skipif(PACKED not in layout_names(), reason="this torch has no oneDNN to pack")
+def test_measuring_the_layouts_packs_at_most_timed_bytes_of_weights(monkeypatch):
+    """Timing `packed` needs packed copies: of the first weights up to TIMED_BYTES only (a
+    large model's group of one shape is GBs), every layout timed on them, scaled to all."""
+    from sampler_svc import kernels
+
+    monkeypatch.setattr(kernels, "TIMED_BYTES", 3 * 64 * 64 * 4)
+    packed_counts = []
+    real = kernels.PackedWeights.track
+
+    def track(self, weights):
+        packed_counts.append(len(weights))
+        real(self, weights)
+
+    monkeypatch.setattr(kernels.PackedWeights, "track", track)
+    weights = [torch.randn(64, 64) for _ in range(10)]
+    times = kernels.time_layouts(weights, 1, rounds=1)
+    assert packed_counts == [3] and set(times) == set(layout_names())
+    assert all(t > 0 for t in times.values())
