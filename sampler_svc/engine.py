@@ -53,6 +53,9 @@ class GenerationJob:
     # Called on the engine thread: ("prompt_logprobs", -1, list) once if asked, then
     # ("token", row, (token, logprob)) per token, ("done", row, "stop" | "length").
     emit: Callable[[str, int, object], None] = lambda *_: None
+    # Called on the engine thread once the events of an admission or a step are all
+    # emitted: a consumer on another thread takes them in one hand-over.
+    flush: Callable[[], None] = lambda: None
     cancelled: bool = False
     stopped_rows: set[int] = field(default_factory=set)  # rows ended from outside (stop strings)
     live_rows: int = 0
@@ -234,9 +237,11 @@ class Engine:
         self._record(list(self.rows), *host_lists(tokens, lps))
 
     def _record(self, rows: list[Row], tokens: list[int], lps: list[float]) -> None:
-        """Append each row's new token, emit it, and retire rows that are done."""
+        """Append each row's new token, emit it, and retire rows that are done; then flush
+        each job's events (an admission's prompt logprobs included: it ends here too)."""
+        jobs: dict[int, GenerationJob] = {}
         for row, token, lp in zip(rows, tokens, lps, strict=True):
-            job = row.job
+            job = jobs.setdefault(id(row.job), row.job)
             row.last, row.generated = token, row.generated + 1
             job.emit("token", row.index, (token, lp))
             if token in job.stop_ids:
@@ -244,6 +249,8 @@ class Engine:
             elif row.generated >= job.max_tokens or row.pos >= self.max_seq_len:
                 self._finish(row, "length")
         self.retire()
+        for job in jobs.values():
+            job.flush()
 
     def _finish(self, row: Row, reason: str) -> None:
         row.job.emit("done", row.index, reason)

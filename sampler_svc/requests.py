@@ -258,9 +258,9 @@ class Collector:
     Events arrive in batches: the engine emits a token per row per step from its thread,
     and waking the event loop for each (a self-pipe write, a loop turn, a GIL handover
     while the engine's matmul threads want the cores) cost a batch-8 stream a tenth of
-    its speed. The first event of a batch schedules one wake-up; the events emitted
-    before the loop runs it (the rest of the step's rows, or several steps' when the
-    loop is behind) travel with it.
+    its speed. The engine flushes once a step's events are all emitted (`job.flush`): one
+    wake-up carries them, and any emitted before the loop runs it (several steps' when the
+    loop is behind). An error, emitted from any thread, wakes the loop at once.
     """
 
     def __init__(self, spec: Spec, tokenizer: Tokenizer, loop: asyncio.AbstractEventLoop) -> None:
@@ -271,6 +271,7 @@ class Collector:
         self._loop = loop
         self._lock = threading.Lock()  # emitters: the engine thread, and error paths
         self._pending: list[Event] = []
+        self._wake_due = False  # a _deliver is scheduled and has not run yet
         self.job = GenerationJob(
             prompt=spec.prompt,
             n=spec.n,
@@ -279,13 +280,21 @@ class Collector:
             draw=spec.draw,
             prompt_logprobs=spec.prompt_logprobs,
             emit=self._emit,
+            flush=self._flush,
         )
 
     def _emit(self, *event: Any) -> None:
-        """Any thread: queue `event`; wake the loop unless a wake-up is already due."""
+        """Any thread: queue `event` (until the engine's flush; an error flushes now)."""
         with self._lock:
             self._pending.append(event)  # type: ignore[arg-type]
-            wake = len(self._pending) == 1
+        if event[0] == "error":
+            self._flush()
+
+    def _flush(self) -> None:
+        """Any thread: wake the loop to take the queued events, unless a wake-up is due."""
+        with self._lock:
+            wake = bool(self._pending) and not self._wake_due
+            self._wake_due = self._wake_due or wake
         if wake:
             self._loop.call_soon_threadsafe(self._deliver)
 
@@ -293,6 +302,7 @@ class Collector:
         """On the loop: hand the events gathered so far to the consumer, as one batch."""
         with self._lock:
             events, self._pending = self._pending, []
+            self._wake_due = False
         self.queue.put_nowait(events)
 
     async def next_events(self) -> list[Event]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import AsyncIterator
 
 import grpc
@@ -160,8 +161,13 @@ def _chunks(updates: list[Update]) -> list[sampling_pb2.SampleChunk]:
             continue
         chunk = sampling_pb2.SampleChunk(index=row, text=text)
         if tokens:
-            chunk.tokens.CopyFrom(to_tensor([t for t, _ in tokens], I32))
-            chunk.logprobs.CopyFrom(to_tensor([lp for _, lp in tokens], F32))
+            # Packed directly (ids the engine drew, logprobs it computed: nothing to check);
+            # `to_tensor`'s checks cost ~10x this per chunk, 8 chunks a step at batch 8.
+            k = len(tokens)
+            ids = struct.pack(f"<{k}i", *(t for t, _ in tokens))
+            lps = struct.pack(f"<{k}f", *(lp for _, lp in tokens))
+            chunk.tokens.CopyFrom(common_pb2.Tensor(data=ids, dtype=I32, shape=[k]))
+            chunk.logprobs.CopyFrom(common_pb2.Tensor(data=lps, dtype=F32, shape=[k]))
         if stop:
             chunk.stop_reason = STOP_REASONS[stop]
         chunks.append(chunk)
