@@ -421,6 +421,16 @@ def test_the_gateway_fails_over_from_a_replica_whose_engine_dies(trainer_stack):
             what="both replicas to list the base in the registry",
         )
         client.close()
+        # ...and the gateway's own view ranks a-dying first: its cached registry may still
+        # hold a heartbeat from a-dying's warm-up Sample (load 1), which routed the request
+        # to b-healthy in one run of many (the dying engine then never stepped).
+        dying_address = dying.replica.watcher.info.address
+
+        def routes_to_dying() -> bool:
+            ranked = node.server.run(node.gateway.router.candidates("tiny", "base"))
+            return ranked[0] == dying_address
+
+        wait_until(routes_to_dying, what="the gateway to rank a-dying first for the base")
         gate = Gate(dying.sampler)
         fail_next_step(dying.sampler)
         reply = node.sampling.Sample.future(request(max_tokens=8), timeout=HANG)
