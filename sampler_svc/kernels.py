@@ -144,6 +144,8 @@ class PackedWeights:
 
     def repack(self, limit: int | None = None) -> int:
         """Pack up to `limit` (None: all) tracked weights that have no copy; how many."""
+        if not self.missing():  # the sampler loop asks every turn: the usual answer, at once
+            return 0
         done = 0
         with torch.inference_mode():
             for w in self._weights:

@@ -27,7 +27,7 @@ from tests.helpers_training import adam, batch, greedy_reference, reference_modu
 from tests.stack import EngineGate, SamplerReplica, TrainerStack, wait_until
 from tests.test_qwen3_5_model import SHAPES, VOCAB, build_text
 from tests.test_qwen3_5_trainer import qwen35_base
-from tests.test_sampler import PROMPT, lps, sample, toks
+from tests.test_sampler import PROMPT, lps, sample, toks, trainer_logprobs
 
 TOL = 1e-4
 
@@ -210,24 +210,7 @@ def test_sampler_logprobs_equal_the_trainers(q35_stack, full):
         stack, "m", n=4, max_tokens=24, temperature=0.8, top_p=0.95, seed=3, ignore_eos=True
     )
     assert len({tuple(toks(s)) for s in reply.sequences}) > 1
-    data = []
-    for seq in reply.sequences:
-        full_seq = PROMPT + toks(seq)
-        weights = np.r_[np.zeros(len(PROMPT) - 1), np.ones(len(toks(seq)))].astype(np.float32)
-        data.append(
-            common_pb2.TrainingItem(
-                datum=common_pb2.Datum(
-                    input_tokens=to_tensor(full_seq[:-1]),
-                    target_tokens=to_tensor(full_seq[1:]),
-                    weights=to_tensor(weights),
-                )
-            )
-        )
-    fb = stack.train.ForwardBackward(
-        training_pb2.ForwardBackwardRequest(model="m", data=data, loss_fn="cross_entropy")
-    )
-    for seq, trainer_lp in zip(reply.sequences, fb.logprobs, strict=True):
-        t = np.frombuffer(trainer_lp.data, np.float32)[len(PROMPT) - 1 :]
+    for seq, t in zip(reply.sequences, trainer_logprobs(stack, "m", reply), strict=True):
         assert np.abs(t - lps(seq)).max() <= TOL
     head = stack.models.GetHead(model_pb2.GetHeadRequest(model="m")).id
     seqs = [to_tensor(PROMPT + toks(s)) for s in reply.sequences]

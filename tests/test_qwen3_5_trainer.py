@@ -137,10 +137,8 @@ def test_a_sampler_serves_a_trained_qwen35_fork_beside_a_dense_one(stack, tmp_pa
 
 
 def test_every_builtin_loss_and_a_custom_one_train_a_lora_fork(stack):
-    import numpy as np
 
-    from headway.tensors import to_tensor
-    from tests.test_trainer_training import LOSS_CONFIGS
+    from tests.test_trainer_training import LOSS_CONFIGS, custom_is_weights
 
     stack.fork("m", source="q35")
     data = batch(seed=6)
@@ -162,16 +160,10 @@ def test_every_builtin_loss_and_a_custom_one_train_a_lora_fork(stack):
     stack.trainer._states["m"].reset_accumulation()
     # The same loss as a custom one: the client sends dloss/dlogp back.
     fwd = stack.train.ForwardCustom(training_pb2.ForwardCustomRequest(model="m", data=data))
-    weights = []
-    for d in fwd.data:
-        lp = torch.tensor(np.frombuffer(d.logprobs.data, np.float32), requires_grad=True)
-        q = torch.tensor(np.frombuffer(d.sampling_logprobs.data, np.float32))
-        a = torch.tensor(np.frombuffer(d.advantages.data, np.float32))
-        mask = torch.tensor(np.frombuffer(d.mask.data, np.float32))
-        (grad,) = torch.autograd.grad(-(torch.exp(lp - q) * a * mask).sum(), lp)
-        weights.append(to_tensor(-grad.numpy()))
     stack.train.BackwardCustom(
-        training_pb2.BackwardCustomRequest(model="m", forward_id=fwd.forward_id, weights=weights)
+        training_pb2.BackwardCustomRequest(
+            model="m", forward_id=fwd.forward_id, weights=custom_is_weights(fwd)
+        )
     )
     custom = trainer_grads(stack, "m")
     assert set(custom) == set(builtin)

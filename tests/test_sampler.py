@@ -33,6 +33,28 @@ def sample(stack, model, *, prompt=PROMPT, checkpoint="", **params):
     return stack.sampler.stub.Sample(req)
 
 
+def trainer_logprobs(stack, model: str, reply) -> list[np.ndarray]:
+    """The trainer's logprob of each sampled token of `reply` (sampled after PROMPT): one
+    ForwardBackward of every sequence, prompt positions weighted 0."""
+    data = []
+    for seq in reply.sequences:
+        full_seq = PROMPT + toks(seq)
+        weights = np.r_[np.zeros(len(PROMPT) - 1), np.ones(len(toks(seq)))].astype(np.float32)
+        data.append(
+            common_pb2.TrainingItem(
+                datum=common_pb2.Datum(
+                    input_tokens=to_tensor(full_seq[:-1]),
+                    target_tokens=to_tensor(full_seq[1:]),
+                    weights=to_tensor(weights),
+                )
+            )
+        )
+    fb = stack.train.ForwardBackward(
+        training_pb2.ForwardBackwardRequest(model=model, data=data, loss_fn="cross_entropy")
+    )
+    return [np.frombuffer(t.data, np.float32)[len(PROMPT) - 1 :] for t in fb.logprobs]
+
+
 def toks(seq) -> list[int]:
     return np.frombuffer(seq.tokens.data, np.int32).tolist()
 
@@ -72,25 +94,8 @@ def test_sampler_and_trainer_logprobs_agree(sampling_stack, full):
     )
     head = stack.models.GetHead(model_pb2.GetHeadRequest(model="m")).id
     assert reply.checkpoint == head
-    data = []
-    for seq in reply.sequences:
-        full_seq = PROMPT + toks(seq)
-        weights = np.r_[np.zeros(len(PROMPT) - 1), np.ones(len(toks(seq)))].astype(np.float32)
-        data.append(
-            common_pb2.TrainingItem(
-                datum=common_pb2.Datum(
-                    input_tokens=to_tensor(full_seq[:-1]),
-                    target_tokens=to_tensor(full_seq[1:]),
-                    weights=to_tensor(weights),
-                )
-            )
-        )
-    fb = stack.train.ForwardBackward(
-        training_pb2.ForwardBackwardRequest(model="m", data=data, loss_fn="cross_entropy")
-    )
     worst = 0.0
-    for seq, trainer_lp in zip(reply.sequences, fb.logprobs, strict=True):
-        t = np.frombuffer(trainer_lp.data, np.float32)[len(PROMPT) - 1 :]
+    for seq, t in zip(reply.sequences, trainer_logprobs(stack, "m", reply), strict=True):
         worst = max(worst, float(np.abs(t - lps(seq)).max()))
     assert worst <= 1e-4, f"sampler and trainer logprobs differ by {worst:.2e}"
     # ComputeLogprobs is the same function again.

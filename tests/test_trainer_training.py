@@ -114,6 +114,22 @@ def test_gradients_accumulate_across_calls_until_optim_step(trainer_stack):
             assert rel_err(split[name], p.grad) < 1e-4
 
 
+def custom_is_weights(fwd: training_pb2.ForwardCustomResponse) -> list:
+    """The client's side of a custom loss, as the SDK runs it: importance sampling written
+    in torch on ForwardCustom's tensors; the -dloss/dlogp per token BackwardCustom takes."""
+    from headway.tensors import to_tensor
+
+    weights = []
+    for d in fwd.data:
+        lp = torch.tensor(np.frombuffer(d.logprobs.data, np.float32), requires_grad=True)
+        q = torch.tensor(np.frombuffer(d.sampling_logprobs.data, np.float32))
+        a = torch.tensor(np.frombuffer(d.advantages.data, np.float32))
+        mask = torch.tensor(np.frombuffer(d.mask.data, np.float32))
+        (grad,) = torch.autograd.grad(-(torch.exp(lp - q) * a * mask).sum(), lp)
+        weights.append(to_tensor(-grad.numpy()))
+    return weights
+
+
 @pytest.mark.parametrize("keep_graph_tokens", [16384, 0], ids=["kept-graph", "recompute"])
 def test_custom_importance_sampling_gives_builtin_gradients(tmp_path, tiny_base, keep_graph_tokens):
     stack = TrainerStack(tmp_path / "store", keep_graph_tokens=keep_graph_tokens)
@@ -128,21 +144,10 @@ def test_custom_importance_sampling_gives_builtin_gradients(tmp_path, tiny_base,
         stack.trainer._states["m"].reset_accumulation()
 
         fwd = stack.train.ForwardCustom(training_pb2.ForwardCustomRequest(model="m", data=data))
-        # The client's side, as the SDK will run it: a torch loss on the returned tensors.
-        weights = []
-        for d in fwd.data:
-            lp = torch.tensor(np.frombuffer(d.logprobs.data, np.float32), requires_grad=True)
-            q = torch.tensor(np.frombuffer(d.sampling_logprobs.data, np.float32))
-            a = torch.tensor(np.frombuffer(d.advantages.data, np.float32))
-            mask = torch.tensor(np.frombuffer(d.mask.data, np.float32))
-            loss = -(torch.exp(lp - q) * a * mask).sum()
-            (grad,) = torch.autograd.grad(loss, lp)
-            weights.append(-grad.numpy())
-        from headway.tensors import to_tensor
-
+        weights = custom_is_weights(fwd)
         stack.train.BackwardCustom(
             training_pb2.BackwardCustomRequest(
-                model="m", forward_id=fwd.forward_id, weights=[to_tensor(w) for w in weights]
+                model="m", forward_id=fwd.forward_id, weights=weights
             )
         )
         custom = trainer_grads(stack, "m")
@@ -153,7 +158,7 @@ def test_custom_importance_sampling_gives_builtin_gradients(tmp_path, tiny_base,
         with pytest.raises(Exception) as err:
             stack.train.BackwardCustom(
                 training_pb2.BackwardCustomRequest(
-                    model="m", forward_id=fwd.forward_id, weights=[to_tensor(w) for w in weights]
+                    model="m", forward_id=fwd.forward_id, weights=weights
                 )
             )
         assert err.value.code().name == "NOT_FOUND"

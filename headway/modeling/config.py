@@ -181,12 +181,9 @@ class ModelConfig:
             raise ModelError(f"{path}: not valid JSON ({e}); fix or re-save the file") from e
         return cls.from_hf_dict(raw, source=str(path))
 
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The `config.json` content transformers reads back as the same architecture."""
-        out: dict[str, Any] = dict(self.extra)
-        out.update(
-            model_type=self.model_type,
-            architectures=[_ARCHITECTURES[self.model_type]],
+    def hf_shape_fields(self) -> dict[str, Any]:
+        """The `config.json` fields every family writes alike: sizes, norms, tokens."""
+        return dict(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
@@ -196,12 +193,21 @@ class ModelConfig:
             head_dim=self.head_dim,
             max_position_embeddings=self.max_position_embeddings,
             rms_norm_eps=self.rms_norm_eps,
-            rope_theta=self.rope_theta,
-            rope_scaling=self.rope_scaling,
             tie_word_embeddings=self.tie_word_embeddings,
             hidden_act="silu",
             bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id,
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The `config.json` content transformers reads back as the same architecture."""
+        out: dict[str, Any] = dict(self.extra)
+        out.update(
+            model_type=self.model_type,
+            architectures=[_ARCHITECTURES[self.model_type]],
+            **self.hf_shape_fields(),
+            rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling,
         )
         if self.model_type != "qwen2":
             out["attention_bias"] = self.qkv_bias

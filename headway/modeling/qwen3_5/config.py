@@ -76,27 +76,15 @@ class Qwen35Config(ModelConfig):
         out.update(
             model_type="qwen3_5_text",
             architectures=["Qwen3_5ForCausalLM"],
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            max_position_embeddings=self.max_position_embeddings,
-            rms_norm_eps=self.rms_norm_eps,
+            **self.hf_shape_fields(),
             rope_parameters=rope,
             attention_bias=self.qkv_bias,
-            tie_word_embeddings=self.tie_word_embeddings,
-            hidden_act="silu",
             layer_types=list(self.layer_types),
             linear_conv_kernel_dim=self.linear_conv_kernel_dim,
             linear_key_head_dim=self.linear_key_head_dim,
             linear_value_head_dim=self.linear_value_head_dim,
             linear_num_key_heads=self.linear_num_key_heads,
             linear_num_value_heads=self.linear_num_value_heads,
-            bos_token_id=self.bos_token_id,
-            eos_token_id=self.eos_token_id,
         )
         return out
 
