@@ -254,3 +254,42 @@ def test_superseded_files_leave_the_page_cache_once_on_disk(tmp_path):
     assert _cached_pages(c2 / "optimizer.safetensors") == 0
     # Dropped from memory, not from disk: a restore reads the same bytes.
     assert (c1 / "optimizer.safetensors").read_bytes() == big
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_background_writes_and_fsyncs_run_behind_serving(tmp_path):
+    """The deferred write and the fsync thread run at BACKGROUND_NICE (they overlap the
+    samplers' reload of the head just published); the caller's priority is untouched."""
+    from concurrent.futures import Future
+
+    from headway.store.durable import BACKGROUND_NICE, Syncer
+
+    def nice(tid: int) -> int:
+        return os.getpriority(os.PRIO_PROCESS, tid)
+
+    mine = nice(threading.get_native_id())
+    assert mine < BACKGROUND_NICE, "run the suite at a normal priority"
+    store = CheckpointStore(tmp_path, sync=False)
+    _model(store)
+    seen: list[int] = []
+
+    def write(path: Path) -> None:
+        seen.append(nice(threading.get_native_id()))
+        path.write_bytes(STATE)
+
+    store.write_checkpoint(_record("c1", "root", 1), _weights, DeferredFile(
+        "optimizer.safetensors", len(STATE), write))  # fmt: skip
+    store.wait_deferred("m", "c1")
+    assert seen == [BACKGROUND_NICE]
+    syncer, gate = Syncer(), Future()
+    syncer.submit("job", [tmp_path], after=gate)  # its thread waits for `gate`
+    thread = syncer._thread  # this syncer's own (the store's has the same name)
+    assert thread is not None and thread.native_id is not None
+    deadline = time.monotonic() + HANG_SECONDS
+    while nice(thread.native_id) != BACKGROUND_NICE and time.monotonic() < deadline:
+        time.sleep(0.001)  # the thread lowers its priority as it starts
+    assert nice(thread.native_id) == BACKGROUND_NICE
+    gate.set_result(None)
+    syncer.wait()
+    store.flush()
+    assert nice(threading.get_native_id()) == mine

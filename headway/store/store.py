@@ -46,7 +46,7 @@ from pathlib import Path
 
 from headway.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from headway.store import atomic
-from headway.store.durable import Syncer
+from headway.store.durable import Syncer, background_priority
 from headway.store.records import CheckpointRecord, CheckpointRef, ModelRecord
 
 # Matched whole (`fullmatch`): `$` would also accept a trailing newline ("tiny\n").
@@ -402,6 +402,7 @@ class CheckpointStore:
         key = str(final)
 
         def run() -> None:
+            background_priority()  # behind serving: see headway.store.durable
             try:
                 _write_deferred(final, deferred)
             except BaseException as e:
