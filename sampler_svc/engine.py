@@ -94,7 +94,8 @@ class Engine:
         self.mixed_steps = 0  # steps that decoded rows of different adapters together
         c = model.config
         # oneDNN-blocked copies of the weights whose shapes measure fastest that way.
-        self.packed = PackedWeights() if packing_available(self.device) else None
+        dtype = next(model.parameters()).dtype
+        self.packed = PackedWeights() if packing_available(self.device, dtype) else None
         self.kernels = KernelChoice(
             fuse_projections(model, bank),
             max(max_batch, 32),

@@ -25,6 +25,7 @@ out: it costs the same memory and wins nothing `packed` does not.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -72,12 +73,34 @@ def onednn_linear(
     8 rows × the gate/up weights 2-4x slower than this); oneDNN picks its kernels by the
     CPU's features. Not on CUDA or a torch built without oneDNN: F.linear there.
     """
-    if x.device.type != "cpu" or not _ONEDNN:
+    if x.device.type != "cpu" or not onednn_runs(x.dtype):
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def onednn_runs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's inner product and weight packing run for `dtype` on this CPU,
+    probed once on tiny tensors: its bf16 path needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT
+    (a Zen 3 has neither: "could not create a primitive descriptor"), which no flag of
+    torch's reports directly."""
+    if not _ONEDNN:
+        return False
+    w, x = torch.ones(16, 16, dtype=dtype), torch.ones(2, 16, dtype=dtype)
+    try:
+        with torch.inference_mode():
+            plain = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+            blocked = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
+            packed = torch.ops.mkldnn._linear_pointwise(x, blocked, None, "none", [], "")
+    except RuntimeError as e:
+        log.info("oneDNN layouts are not candidates for %s on this CPU: %s", dtype, e)
+        return False
+    return bool(torch.equal(plain, packed) and torch.equal(plain, F.linear(x, w)))
+
+
 # The row count a packed weight is laid out for. oneDNN's blocked layout for 8 rows served
 # 1 to 300 rows within a few percent of the layout made for each (measured on a Zen 4, fp32
 # and bf16, gate/up and vocabulary shapes), so one copy serves every bucket and a prefill.
@@ -89,14 +112,20 @@ LAYOUTS: dict[str, Kernel] = {"linear": F.linear, "rows": rows_linear, "onednn":
 PACKED = "packed"
 
 
-def packing_available(device: torch.device | str = "cpu") -> bool:
-    """Whether `packed` is a candidate on `device`: a CPU and a torch with oneDNN."""
-    return _ONEDNN and torch.device(device).type == "cpu"
+def packing_available(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> bool:
+    """Whether `packed` is a candidate for `dtype` weights on `device`: a CPU whose oneDNN
+    runs that dtype (`onednn_runs`)."""
+    return torch.device(device).type == "cpu" and onednn_runs(dtype)
 
 
-def layout_names(device: torch.device | str = "cpu") -> list[str]:
-    """Every layout an engine on `device` chooses among."""
-    return [*LAYOUTS, *([PACKED] if packing_available(device) else [])]
+def layout_names(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> list[str]:
+    """Every layout an engine of `dtype` weights on `device` chooses among."""
+    onednn = packing_available(device, dtype)
+    return [name for name in LAYOUTS if onednn or name != "onednn"] + ([PACKED] if onednn else [])
 
 
 class PackedWeights:
@@ -210,7 +239,7 @@ def time_layouts(
     than the caches hold), the time scaled to the whole group.
     """
     w0 = weights[0]
-    names = names if names is not None else layout_names(w0.device)
+    names = names if names is not None else layout_names(w0.device, w0.dtype)
     timed, size = [], 0
     for w in weights:
         size += w.numel() * w.element_size()
@@ -313,7 +342,8 @@ class KernelChoice:
         measured. `packed`: the engine's store of packed copies (None: `packed` is not a
         candidate); it is given the weights of the shapes that chose it."""
         self.buckets = buckets(max_rows)
-        names = [*LAYOUTS, *([PACKED] if packed is not None else [])]
+        w0 = next(iter(weights.values()))[0]
+        names = [n for n in layout_names(w0.device, w0.dtype) if n != PACKED or packed is not None]
         self.heads, self.length = heads, length
         self.choice: dict[tuple[Shape, int], str] = {}
         self.attention: dict[int, str] = {b: "sdpa" for b in self.buckets}

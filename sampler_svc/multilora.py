@@ -17,6 +17,8 @@ the parameters updates the fused weight with them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -65,9 +67,12 @@ class AdapterBank:
         # torch's per-call dispatch (~10 µs a slice or copy_, ~100 of each per adapter).
         self._arrays = {k: (_array(self.A[k]), _array(self.B[k])) for k in self.A}
         self._views: dict[tuple[int, int], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._slot_targets: dict[tuple[int, int], list] = {}
 
-    def load(self, slot: int, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
-        """Write an adapter (`name.lora_A` / `name.lora_B` tensors) into `slot`."""
+    def load(
+        self, slot: int, config: LoraConfig, tensors: Mapping[str, torch.Tensor | np.ndarray]
+    ) -> None:
+        """Write an adapter (`name.lora_A` / `name.lora_B` tensors or arrays) into `slot`."""
         if not 0 < slot < self.slots:
             raise ValueError(f"adapter slot {slot} out of range")
         if config.rank > self.max_rank:
@@ -76,13 +81,14 @@ class AdapterBank:
                 f"{self.max_rank}; restart it with a larger --max-lora-rank"
             )
         r, extent = config.rank, self.extent[slot]
+        targets = self._targets(slot, r)
         with torch.no_grad():
-            for key, (A_np, B_np) in self._arrays.items():
+            for key, dst_a, dst_b in targets:
                 a, b = tensors.get(f"{key}.lora_A"), tensors.get(f"{key}.lora_B")
                 start = 0
                 if a is not None and b is not None:
-                    _copy(self.A[key], A_np, (slot, slice(0, r)), a)
-                    _copy(self.B[key], B_np, (slot, slice(None), slice(0, r)), b)
+                    _copy(dst_a, a)
+                    _copy(dst_b, b)
                     start = r
                 # Beyond the rank only what an earlier, larger adapter may have left.
                 if extent > start:
@@ -95,8 +101,24 @@ class AdapterBank:
             views = {k: (self.A[k][slot, :r], self.B[k][slot, :, :r]) for k in self.A}
             self._views[slot, r] = views
         self.views[slot] = views
-        self.scaling[slot] = config.scaling
-        self.scaling_values[slot] = float(self.scaling[slot])
+        self.scaling_values[slot] = scaling = float(np.float32(config.scaling))
+        self.scaling[slot] = scaling
+
+    def _targets(
+        self, slot: int, r: int
+    ) -> list[tuple[str, torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]]:
+        """(key, A destination, B destination) of rank `r` in `slot`, made once per (slot,
+        r): numpy views where the bank has them, so a load is ~100 plain memcpys (torch's
+        per-call dispatch and per-copy thread team cost more than the bytes here)."""
+        targets = self._slot_targets.get((slot, r))
+        if targets is None:
+            targets = []
+            for key, (A_np, B_np) in self._arrays.items():
+                a = A_np[slot, :r] if A_np is not None else self.A[key][slot, :r]
+                b = B_np[slot, :, :r] if B_np is not None else self.B[key][slot, :, :r]
+                targets.append((key, a, b))
+            self._slot_targets[slot, r] = targets
+        return targets
 
     def select(self, slots: list[int]) -> None:
         """Set the adapter slot of each row for the next forward."""
@@ -218,12 +240,18 @@ def _array(t: torch.Tensor) -> np.ndarray | None:
     return t.detach().numpy()
 
 
-def _copy(dst: torch.Tensor, dst_np: np.ndarray | None, index: tuple, src: torch.Tensor) -> None:
-    """dst[index] = src; on CPU in one thread (numpy): torch's copy of a slot-sized tensor
-    starts an OpenMP team, which costs milliseconds per copy on a busy machine (an adapter
-    reload is ~100 of them: 37 vs 7 ms measured on a loaded 2-core EPYC). `src` may view a
-    memory map of the adapter file: this copy is then the read."""
-    if dst_np is not None and src.device.type == "cpu" and src.dtype == dst.dtype:
-        np.copyto(dst_np[index], src.detach().numpy())
-    else:
-        dst[index].copy_(src)
+def _copy(dst: torch.Tensor | np.ndarray, src: torch.Tensor | np.ndarray) -> None:
+    """dst[...] = src. Into a numpy view (a CPU bank) in one thread: torch's copy of a
+    slot-sized tensor starts an OpenMP team, which costs milliseconds per copy on a busy
+    machine (an adapter reload is ~100 of them: 37 vs 7 ms measured on a loaded 2-core
+    EPYC). `src` may view a memory map of the adapter file: this copy is then the read."""
+    if isinstance(dst, np.ndarray):
+        arr = src
+        if isinstance(src, torch.Tensor):
+            cpu = src.device.type == "cpu" and src.dtype != torch.bfloat16
+            arr = src.detach().numpy() if cpu else None
+        if arr is not None and arr.dtype == dst.dtype:
+            np.copyto(dst, arr)
+            return
+        dst = torch.from_numpy(dst)
+    dst.copy_(src if isinstance(src, torch.Tensor) else torch.from_numpy(src))

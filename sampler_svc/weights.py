@@ -175,8 +175,8 @@ def _readers() -> ThreadPoolExecutor:
 
 def read_lora(
     store: CheckpointStore, ref: CheckpointRef
-) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """The adapter of a LoRA checkpoint: config and `name.lora_A/B` tensors, viewing a map of
+) -> tuple[LoraConfig, dict[str, torch.Tensor | np.ndarray]]:
+    """The adapter of a LoRA checkpoint: config and `name.lora_A/B` arrays, viewing a map of
     its file (read as they are copied into a slot: no buffer, one copy). `ref` is the
     adapter checkpoint `serving_refs` gives, already resolved: its own directory holds the
     files (no second walk of the store's references on a reload's path)."""

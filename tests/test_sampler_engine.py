@@ -19,7 +19,7 @@ from headway.modeling.model import grouped_attention
 from headway.store.store import ADAPTER_FILE
 from headway.store.tensorfile import write_safetensors
 from headway.store.weights import read_adapter
-from sampler_svc import sampling
+from sampler_svc import kernels, sampling
 from sampler_svc.engine import Engine, GenerationJob
 from sampler_svc.kernels import (
     ATTENTIONS,
@@ -269,13 +269,14 @@ def test_full_weights_are_copied_from_the_file_into_the_engine(tmp_path, dtype):
                        want["layers.0.mlp.gate_proj.weight"].to(dtype))  # fmt: skip
 
 
-@pytest.mark.skipif(PACKED not in layout_names(), reason="this torch has no oneDNN to pack")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_copies_follow_a_full_reload(tmp_path, dtype):
     """The `packed` layout multiplies by oneDNN-blocked copies of the weights. A full
     reload copies new weights into the engine in place: until re-packed, the engine decodes
     from the plain (new) weights, never the stale copies; after `repack`, from fresh copies;
     both as an engine built on the new weights does."""
+    if PACKED not in layout_names("cpu", dtype):
+        pytest.skip(f"this CPU's oneDNN cannot pack {dtype} (no oneDNN, or bf16 without AVX-512)")
     prompt, draws = [5, 17, 33, 8, 41, 12], [DrawParams(0.0, 1.0, 0, None)]
     engine = Engine(tiny_model("qwen2").to(dtype), None, 8, 128, layout=PACKED)
     assert engine.packed is not None and engine.packed.missing() == 0 and engine.packed.nbytes
@@ -386,7 +387,7 @@ def test_top_k_top_p_from_candidates_keep_what_a_full_sort_keeps(vocab):
         assert torch.equal(t_exact, t_fast) and torch.equal(lp_exact, lp_fast)
 
 
-@pytest.mark.parametrize("layout", sorted(layout_names()))
+@pytest.mark.parametrize("layout", sorted(layout_names("cpu", torch.bfloat16)))
 def test_a_bf16_engine_reports_fp32_logprobs_close_to_the_fp32_model(layout):
     """`--dtype bf16`: weights, activations and cache in bf16 (every layout), logprobs
     computed in fp32 from the bf16 logits, within bf16 rounding of the fp32 engine's."""
@@ -485,3 +486,25 @@ def test_measuring_the_layouts_packs_at_most_timed_bytes_of_weights(monkeypatch)
     times = kernels.time_layouts(weights, 1, rounds=1)
     assert packed_counts == [3] and set(times) == set(layout_names())
     assert all(t > 0 for t in times.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_engine_offers_only_the_layouts_this_cpu_runs(dtype):
+    """oneDNN's layouts are candidates only where oneDNN runs the dtype on this CPU (its
+    bf16 path needs AVX-512 or AVX-NE-CONVERT: a Zen 3 has neither); an engine of that
+    dtype builds, measures and decodes either way, and asking for a layout this machine
+    cannot run says which it can."""
+    names = layout_names("cpu", dtype)
+    assert {"linear", "rows"} <= set(names)
+    assert ("onednn" in names) == (PACKED in names) == kernels.onednn_runs(dtype)
+    engine = Engine(tiny_model("qwen3").to(dtype), None, 4, 64)
+    assert (engine.packed is not None) == (PACKED in names)
+    assert {name for times in engine.kernels.times.values() for name in times} <= {
+        *names,
+        *kernels.ATTENTIONS,
+    }
+    assert len(run(engine, [5, 17, 33], 1, 0, [DrawParams(0.0, 1.0, 0, None)], 4)[0][0]) == 4
+    missing = [n for n in (*kernels.LAYOUTS, PACKED) if n not in names]
+    for name in missing:
+        with pytest.raises(ValueError, match="choose among linear, rows"):
+            Engine(tiny_model("qwen3").to(dtype), None, 4, 64, layout=name)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -39,14 +40,17 @@ def adapter_dir(store: CheckpointStore, slug: str, ckpt_id: str) -> Path:
     return store.files_dir(target)
 
 
-def read_adapter(path: Path, mapped: bool = False) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+def read_adapter(
+    path: Path, mapped: bool = False
+) -> tuple[LoraConfig, dict[str, torch.Tensor | np.ndarray]]:
     """(config, {our module name: (A, B)} flattened as name.lora_A / name.lora_B) of a dir.
 
-    `mapped`: the tensors view a private memory map of the file (`map_safetensors`), for a
-    reader that copies them once into memory of its own and drops them."""
+    `mapped`: numpy arrays (torch tensors for BF16) viewing a private memory map of the file
+    (`map_safetensors`), for a reader that copies them once into memory of its own and
+    drops them; else torch tensors."""
     config = read_adapter_config(path)
     file = path / ADAPTER_FILE
-    raw = map_safetensors(file)[0] if mapped else read_safetensors(file)
+    raw = map_safetensors(file, arrays=True)[0] if mapped else read_safetensors(file)
     prefix = "base_model.model.model."
     return config, {k.removeprefix(prefix).removesuffix(".weight"): v for k, v in raw.items()}
 
