@@ -104,7 +104,7 @@ def main() -> None:
     add_common_flags(p, GatewayConfig)
     add_config_flags(p, GatewayConfig, FLAGS)
     args = p.parse_args()
-    setup_logging(args)
+    setup_logging(args, "gateway")
     try:
         config = build_config(GatewayConfig, args, FLAGS, insecure=args.insecure)
         asyncio.run(serve(config, args.listen))

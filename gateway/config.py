@@ -65,3 +65,6 @@ class GatewayConfig:
     # Threads that parse HTTP bodies, render chat templates, tokenize and encode replies,
     # off the event loop that serves gRPC. Each team uses at most half of them at a time.
     http_worker_threads: int = 4
+    # host:port where Prometheus scrapes this process (GET /metrics; port 0 = any free
+    # one); "" = no metrics endpoint. See headway.server.metrics and the README.
+    metrics: str = ""

@@ -26,6 +26,7 @@ from gateway.traces import TraceStore
 from gateway.workers import Workers
 from headway.channels import CHANNEL_OPTIONS
 from headway.errors import InvalidArgument, Unavailable, pushback_ms
+from headway.server import logs
 from headway.server.auth import LOCAL, Caller, backend_metadata
 from headway.server.keys import KeyRing
 from headway.store import CheckpointStore, ModelRecord
@@ -85,7 +86,9 @@ class Gateway:
         if not self.config.auth:
             return LOCAL
         value = next((v for k, v in metadata or () if k == "authorization"), None)
-        return self.keys.caller(value)
+        caller = self.keys.caller(value)
+        logs.bind(team=caller.team)  # this call's log lines name it
+        return caller
 
     def team(self, metadata: Metadata | None) -> str:
         """The caller's team from `authorization: Bearer <key>` ("" in local mode)."""
@@ -162,7 +165,10 @@ class Gateway:
             log.warning("sampler %s unavailable (%s); trying another", address, e.details())
             self.router.mark_failed(address)
             return True
-        return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and pushback_ms(e) is not None
+        full = e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and pushback_ms(e) is not None
+        if full:
+            self.router.failovers["full"] += 1
+        return full
 
     async def _failover(self, model: str, checkpoint: str, rows: int, call: Any) -> Any:
         """`await call(stub)` on the best replica; on a replica that failed or is full,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 import grpc
@@ -43,6 +43,10 @@ class Router:
         self._inflight: dict[str, int] = defaultdict(int)
         self._suspect: dict[str, float] = {}
         self._refreshing: asyncio.Future[None] | None = None
+        # Routing decisions, for the metrics: the replica chosen first had the checkpoint
+        # loaded or not; calls passed on to the next replica, by why.
+        self.routed: Counter[str] = Counter()  # "loaded" | "cold"
+        self.failovers: Counter[str] = Counter()  # "unavailable" | "full"
 
     async def replicas(self) -> list[ReplicaInfo]:
         """The registry as last read; refreshed in the background, off the request path
@@ -99,7 +103,9 @@ class Router:
         def key(r: ReplicaInfo) -> tuple[int, int, str]:
             return (wanted not in r.loaded, r.load + self._inflight[r.address], r.id)
 
-        return [r.address for r in sorted(live, key=key)]
+        ordered = sorted(live, key=key)
+        self.routed["loaded" if wanted in ordered[0].loaded else "cold"] += 1
+        return [r.address for r in ordered]
 
     def begin(self, address: str, rows: int = 1) -> None:
         """Count `rows` sequences this gateway has sent to `address` and not seen finish."""
@@ -109,6 +115,7 @@ class Router:
         self._inflight[address] -= rows
 
     def mark_failed(self, address: str) -> None:
+        self.failovers["unavailable"] += 1
         self._suspect[address] = time.monotonic() + SUSPECT_SECONDS
         self._fetched = -1.0  # re-read the registry now: it may have dropped the replica
 

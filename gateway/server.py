@@ -14,9 +14,11 @@ from gateway.core import Gateway
 from gateway.grpc_limits import CallLimits, SizeLimit
 from gateway.grpc_services import GatewaySampling, relay_handlers
 from gateway.health import HealthMonitor
+from gateway.metrics import add_gateway_metrics
 from gateway.trace_service import TraceServicer
 from headway.server.auth import UnsafeConfig, is_loopback
 from headway.server.grpc import SERVER_OPTIONS, add_health_and_reflection, bind, until_signalled
+from headway.server.metrics import ServiceMetrics
 from headway.v1 import (
     model_pb2,
     sampling_pb2,
@@ -47,6 +49,8 @@ class GatewayProcess:
     gateway: Gateway
     http_port: int = 0
     health: HealthMonitor | None = None
+    metrics: ServiceMetrics | None = None
+    metrics_port: int = 0  # where /metrics is served (0: not served)
     _http: object | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -59,6 +63,8 @@ class GatewayProcess:
         await self.server.stop(grace)
         await self.gateway.close()
         await self.gateway.redis.aclose()
+        if self.metrics is not None:
+            self.metrics.stop()
 
 
 async def create_gateway(
@@ -80,8 +86,12 @@ async def create_gateway(
     )
     redis = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
     gateway = Gateway(config, redis)
+    metrics = ServiceMetrics("gateway")
+    add_gateway_metrics(metrics, gateway.router)
     server = grpc.aio.server(
-        options=_server_options(config), interceptors=[call_limits(config, gateway)]
+        options=_server_options(config),
+        # The metrics interceptor first: calls refused for size or slots count too.
+        interceptors=[metrics.interceptor(), call_limits(config, gateway)],
     )
     server.add_generic_rpc_handlers(relay_handlers(gateway))
     sampling_pb2_grpc.add_SamplingServiceServicer_to_server(GatewaySampling(gateway), server)
@@ -104,7 +114,9 @@ async def create_gateway(
     )
     await health.check()  # true from the first answer on, not optimistic
     health.start()
-    process = GatewayProcess(server, port, gateway, health=health)
+    process = GatewayProcess(server, port, gateway, health=health, metrics=metrics)
+    if config.metrics:
+        process.metrics_port = metrics.start(config.metrics)
     if config.http_listen:
         await _start_http(process, config.http_listen)
     if config.auth:

@@ -73,7 +73,7 @@ def main() -> None:
     add_common_flags(p, SamplerConfig)
     add_config_flags(p, SamplerConfig, FLAGS)
     args = p.parse_args()
-    setup_logging(args)
+    setup_logging(args, "sampler")
     try:
         config = build_config(SamplerConfig, args, FLAGS)
         # The device must exist and the dtype be known before anything is loaded.

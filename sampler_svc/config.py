@@ -52,6 +52,9 @@ class SamplerConfig:
     # torch CPU threads of the process, set when it starts serving (`serve`); 0 = torch's
     # default, one per core. Processes sharing a machine should split its cores.
     threads: int = 0
+    # host:port where Prometheus scrapes this process (GET /metrics; port 0 = any free
+    # one); "" = no metrics endpoint. See headway.server.metrics and the README.
+    metrics: str = ""
     heartbeat_seconds: float = 1.0  # registry refresh interval
     heartbeat_ttl: float = 5.0  # a replica missing this long drops out of the registry
     # Longest pause between attempts to reach Redis again after losing it (the first is

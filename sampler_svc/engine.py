@@ -92,6 +92,7 @@ class Engine:
         self.caches: list[KVCache] = model.new_caches(max_batch, max_seq_len)
         self.rows: list[Row] = []
         self.mixed_steps = 0  # steps that decoded rows of different adapters together
+        self.tokens = 0  # tokens drawn (each admission's first ones and every step's)
         c = model.config
         # oneDNN-blocked copies of the weights whose shapes measure fastest that way.
         dtype = next(model.parameters()).dtype
@@ -241,6 +242,7 @@ class Engine:
         """Append each row's new token, emit it, and retire rows that are done; then flush
         each job's events (an admission's prompt logprobs included: it ends here too)."""
         jobs: dict[int, GenerationJob] = {}
+        self.tokens += len(rows)
         for row, token, lp in zip(rows, tokens, lps, strict=True):
             job = jobs.setdefault(id(row.job), row.job)
             row.last, row.generated = token, row.generated + 1

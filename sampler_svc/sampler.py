@@ -115,7 +115,12 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler-engine", daemon=True)
         self.steps = 0
+        self.tokens = 0  # tokens decoded (every row's, first tokens included)
         self.scoring_pieces = 0
+        # Called on the engine thread with (kind, seconds) after each load: "lora" (an
+        # adapter into a slot), "full" (full weights into an idle engine), "engine" (a new
+        # engine). The server's metrics set it; nothing here knows about them.
+        self.on_load: Callable[[str, float], None] = lambda kind, seconds: None
         # Set (once) when the engine thread died: why, as the error every request gets.
         self.failure: Unavailable | None = None
         self._failure_listeners: list[Callable[[Unavailable], None]] = []
@@ -236,8 +241,10 @@ class Sampler:
             self._admit()
             for entry in list(self.engines.values()):
                 if entry.busy():
+                    decoded = entry.engine.tokens
                     entry.engine.step()
                     self.steps += 1
+                    self.tokens += entry.engine.tokens - decoded
                 # Packed copies made stale by a reload are made again one per turn of this
                 # loop (a few ms each), so a request arriving meanwhile waits for one at most.
                 entry.engine.repack(limit=1)
@@ -289,7 +296,9 @@ class Sampler:
         if entry.engine.free_rows < p.job.n:
             return False
         p.job.slot = slot
+        decoded = entry.engine.tokens
         entry.engine.admit(p.job)
+        self.tokens += entry.engine.tokens - decoded
         return True
 
     def _score_piece(self) -> None:
@@ -374,8 +383,10 @@ class Sampler:
             free = self._free_slot(entry)
             if free is None:
                 return None
+            start = time.perf_counter()
             config, tensors = read_lora(self.store, adapter_ref)
             entry.bank.load(free, config, tensors)
+            self.on_load("lora", time.perf_counter() - start)
             entry.adapters[adapter_ref] = slot = free
             log.info(
                 "loaded adapter %s/%s into slot %d", adapter_ref.model, adapter_ref.checkpoint, slot
@@ -421,6 +432,7 @@ class Sampler:
                 reuse.engine.weights_changed()
                 reuse.ref, reuse.adapters = ref, OrderedDict()
                 self.engines[ref] = reuse
+                self.on_load("full", time.perf_counter() - start)
                 log.info(
                     "loaded full weights %s/%s into an idle engine in %.0f ms",
                     ref.model,
@@ -438,6 +450,7 @@ class Sampler:
         max_len = min(self.config.max_seq_len, model.config.max_context)
         engine = Engine(model, bank, self.config.max_batch, max_len)
         self.engines[ref] = EngineEntry(ref, engine, bank)
+        self.on_load("engine", time.perf_counter() - start)
         log.info(
             "loaded weights %s/%s in %.0f ms",
             ref.model,

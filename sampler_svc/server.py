@@ -27,9 +27,11 @@ from headway.server.grpc import (
     bind,
     until_signalled,
 )
+from headway.server.metrics import ServiceMetrics
 from headway.server.replicas import ReplicaInfo
 from headway.v1 import sampling_pb2, sampling_pb2_grpc
 from sampler_svc.config import SamplerConfig
+from sampler_svc.metrics import add_replica_metrics
 from sampler_svc.sampler import Sampler
 from sampler_svc.servicer import SamplingServicer
 from sampler_svc.watch import Watcher
@@ -48,6 +50,8 @@ class Replica:
     watcher: Watcher
     redis: aioredis.Redis
     health: Any  # the standard health servicer (grpc_health's aio HealthServicer)
+    metrics: ServiceMetrics
+    metrics_port: int = 0  # where /metrics is served (0: not served)
     failed: asyncio.Event = field(default_factory=asyncio.Event)  # the engine thread died
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -69,6 +73,7 @@ class Replica:
         await self.server.stop(grace)
         self.sampler.stop()
         await self.redis.aclose()
+        self.metrics.stop()
 
 
 async def create_replica(
@@ -81,9 +86,15 @@ async def create_replica(
     """
     check_listen(address, config.internal_token, "sampler")
     sampler = Sampler(config)
+    metrics = ServiceMetrics("sampler")
     server = grpc.aio.server(
         options=SERVER_OPTIONS,
-        interceptors=[*interceptors(config.internal_token), ParsedRequests()],
+        # The metrics interceptor first: calls refused by the token check count too.
+        interceptors=[
+            metrics.interceptor(),
+            *interceptors(config.internal_token),
+            ParsedRequests(),
+        ],
     )
     sampling_pb2_grpc.add_SamplingServiceServicer_to_server(SamplingServicer(sampler), server)
     health = await add_health_and_reflection(server, (SERVICE,))
@@ -96,6 +107,8 @@ async def create_replica(
     )
     redis = aioredis.from_url(config.redis_url)
     watcher = Watcher(sampler, redis, config, info)
+    add_replica_metrics(metrics, sampler, watcher)
+    metrics_port = metrics.start(config.metrics) if config.metrics else 0
     sampler.start()
     try:
         # Registered before this returns (the caller starts the server next): a gateway
@@ -104,7 +117,7 @@ async def create_replica(
     except Exception as e:  # Redis down: the heartbeat keeps trying
         log.warning("first registry announce failed: %s", e)
     watcher.start()
-    replica = Replica(server, port, sampler, watcher, redis, health)
+    replica = Replica(server, port, sampler, watcher, redis, health, metrics, metrics_port)
     loop = asyncio.get_running_loop()
     sampler.on_failure(lambda error: loop.call_soon_threadsafe(replica.engine_failed, error))
     return server, port, replica

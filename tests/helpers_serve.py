@@ -23,7 +23,7 @@ HANG_SECONDS = 600  # only catches hangs: three torch processes start on 2 share
 SAMPLER_PORTS = 4  # samplers a test stack may run: ports base .. base + 3 are checked free
 
 
-def _free_run(count: int) -> int:
+def free_run(count: int) -> int:
     """The first of `count` consecutive ports nothing listens on now (samplers listen on
     sampler_port_base + i: a free base alone left sampler-1 on a port in use)."""
     while True:
@@ -43,7 +43,7 @@ def _bindable(port: int) -> bool:
 
 def stack_config(tmp_path: Path, **overrides: object) -> ServeConfig:
     """A stack on free ports, an embedded Redis, a fresh store, one torch thread each."""
-    sampler_port = _free_run(SAMPLER_PORTS)
+    sampler_port = free_run(SAMPLER_PORTS)
     ports: set[int] = set()
     while len(ports) < 3:
         port = free_port()

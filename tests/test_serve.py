@@ -35,6 +35,8 @@ from headway.v1 import (
     training_pb2,
     training_pb2_grpc,
 )
+from tests.helpers_metrics import scrape, value
+from tests.helpers_serve import free_run
 from tests.helpers_training import adam, batch
 from tests.stack import free_port, make_tiny_base, wait_until
 
@@ -167,6 +169,7 @@ def test_serve_end_to_end(tmp_path: Path, ports: dict[str, int]) -> None:
     store = tmp_path / "store"
     base = make_tiny_base(tmp_path / "tiny-base")
     grpc_addr, http_addr = f"127.0.0.1:{ports['p0']}", f"127.0.0.1:{ports['p1']}"
+    metrics_base = free_run(3)  # gateway, trainer, sampler-0
     serve = Serve(
         tmp_path,
         "--store", str(store),
@@ -175,6 +178,7 @@ def test_serve_end_to_end(tmp_path: Path, ports: dict[str, int]) -> None:
         "--http", http_addr,
         "--trainer-listen", f"127.0.0.1:{ports['p2']}",
         "--sampler-port-base", str(ports["p3"]),
+        "--metrics-port-base", str(metrics_base),
     )  # fmt: skip
     channel = None
     try:
@@ -253,6 +257,15 @@ def test_serve_end_to_end(tmp_path: Path, ports: dict[str, int]) -> None:
         with urllib.request.urlopen(f"http://{http_addr}/v1/models", timeout=30) as reply:
             listed = {m["id"] for m in json.load(reply)["data"]}
         assert {"tiny", "fork"} <= listed
+
+        # --metrics-port-base: each child serves its own /metrics, counting what it did.
+        gateway, trainer, sampler = (scrape(metrics_base + i) for i in range(3))
+        sampled = "/headway.v1.SamplingService/Sample"
+        calls = "headway_grpc_requests_total"
+        assert value(gateway, calls, service="gateway", method=sampled, code="OK") == 2
+        assert value(sampler, calls, service="sampler", method=sampled, code="OK") == 2
+        assert value(sampler, "headway_sampler_tokens_total") > 0
+        assert value(trainer, "headway_trainer_optim_steps_total") == 1
 
         channel.close()
         channel = None
@@ -539,3 +552,25 @@ def test_serve_passes_its_dtype_to_the_torch_services_only(tmp_path: Path) -> No
 
     args = build_parser().parse_args(["serve", "--store", str(tmp_path), "--dtype", "bf16"])
     assert serve_config(args).dtype == "bf16"
+
+
+def test_serve_gives_each_service_its_own_metrics_port(tmp_path: Path) -> None:
+    """`--metrics-port-base B`: the gateway's /metrics on B, the trainer's on B + 1, sampler
+    i's on B + 2 + i, on the trainer's host; none without it; a port another service
+    takes is refused before anything starts."""
+    from headway.cli.serve import ConfigError, LocalStack
+    from tests.helpers_serve import stack_config
+
+    def argvs(config) -> dict[str, list[str]]:
+        return {s.name: s.argv for s in LocalStack(config).plan()}
+
+    assert not any("--metrics" in argv for argv in argvs(stack_config(tmp_path)).values())
+    base = free_run(4)
+    planned = argvs(stack_config(tmp_path, samplers=2, metrics_port_base=base))
+    for i, name in enumerate(("gateway", "trainer", "sampler-0", "sampler-1")):
+        argv = planned[name]
+        assert argv[argv.index("--metrics") + 1] == f"127.0.0.1:{base + i}", name
+    clash = stack_config(tmp_path)
+    clash.metrics_port_base = clash.sampler_port_base - 2  # sampler-0's metrics on its gRPC port
+    with pytest.raises(ConfigError, match="would both listen on port"):
+        LocalStack(clash).plan()

@@ -65,7 +65,7 @@ def main() -> None:
     add_common_flags(p, TrainerConfig)
     add_config_flags(p, TrainerConfig, FLAGS)
     args = p.parse_args()
-    setup_logging(args)
+    setup_logging(args, "trainer")
     roots = args.base_root or os.environ.get("HEADWAY_BASE_ROOTS", "").split(":")
     try:
         config = build_config(TrainerConfig, args, FLAGS, base_roots=[Path(r) for r in roots if r])

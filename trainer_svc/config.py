@@ -57,6 +57,9 @@ class TrainerConfig:
     # torch CPU threads of the process, set when it starts serving (`serve`); 0 = torch's
     # default, one per core. Processes sharing a machine should split its cores.
     threads: int = 0
+    # host:port where Prometheus scrapes this process (GET /metrics; port 0 = any free
+    # one); "" = no metrics endpoint. See headway.server.metrics and the README.
+    metrics: str = ""
 
     # ---- Resource bounds: no team can stall or exhaust the trainer (issue 10) ----
     # Items (datums + trajectories) one training call accepts, and turns over all of its

@@ -16,8 +16,10 @@ from headway.server.grpc import (
     bind,
     until_signalled,
 )
+from headway.server.metrics import ServiceMetrics
 from headway.v1 import model_pb2, model_pb2_grpc, training_pb2, training_pb2_grpc
 from trainer_svc.config import TrainerConfig
+from trainer_svc.metrics import add_trainer_metrics
 from trainer_svc.servicer import ModelServicer, TrainingServicer
 from trainer_svc.trainer import Trainer
 
@@ -39,15 +41,26 @@ async def create_server(
     check_listen(address, config.internal_token, "trainer")
     redis = aioredis.from_url(config.redis_url) if config.redis_url else None
     trainer = Trainer(config, redis)
+    metrics = ServiceMetrics("trainer")
+    add_trainer_metrics(metrics, trainer)
     server = grpc.aio.server(
         options=SERVER_OPTIONS,
-        interceptors=[*interceptors(config.internal_token), ParsedRequests()],
+        # The metrics interceptor first: calls refused by the token check count too.
+        interceptors=[
+            metrics.interceptor(),
+            *interceptors(config.internal_token),
+            ParsedRequests(),
+        ],
     )
     model_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(trainer), server)
     training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(trainer), server)
     await add_health_and_reflection(server, SERVICES)
     port = bind(server, address, "trainer")
     await trainer.heads.start()
+    # Kept by the trainer for whoever holds it (tests, `serve`): started last, so a failed
+    # start leaves no HTTP server behind.
+    trainer.metrics = metrics
+    trainer.metrics_port = metrics.start(config.metrics) if config.metrics else 0
     return server, port, trainer
 
 
@@ -63,3 +76,4 @@ async def serve(config: TrainerConfig, address: str) -> None:
     await until_signalled()
     await server.stop(grace=5)
     await trainer.close()
+    trainer.metrics.stop()

@@ -100,6 +100,13 @@ class Trainer:
             in_use=lambda slug: self._lock(slug).locked(),
         )
         self._create_lock = asyncio.Lock()
+        # Called with (phase, seconds) as an OptimStep's parts finish ("adamw",
+        # "checkpoint_write", "head"), from the thread that ran them. The server's metrics
+        # set it; nothing here knows about them.
+        self.on_phase: Callable[[str, float], None] = lambda phase, seconds: None
+        # Its metrics registry and the port of /metrics (0: not served): trainer_svc.server's.
+        self.metrics: Any = None
+        self.metrics_port = 0
         self._replies = ReplyCache(
             config.request_cache, config.reply_cache_model_bytes, config.reply_cache_bytes
         )
@@ -409,6 +416,9 @@ class Trainer:
             )
         written = time.perf_counter()
         self.store.set_head(record.model, record.id, wait=False)  # fsynced after the files
+        self.on_phase("adamw", stepped - started)
+        self.on_phase("checkpoint_write", written - stepped)
+        self.on_phase("head", time.perf_counter() - written)
         log.debug(
             "optim_step %s/%s: AdamW %.1f ms, checkpoint written %.1f ms, HEAD %.1f ms",
             record.model,

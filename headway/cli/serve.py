@@ -166,11 +166,25 @@ class LocalStack:
         torch_flags = ["--threads", str(c.threads or torch_threads(c.samplers))]
         torch_flags += ["--dtype", dtype] if dtype else []
         torch_flags += ["--device", device] if device else []
+        metrics: dict[str, str] = {}  # service → its --metrics address
+        if c.metrics_port_base:
+            names = ["gateway", "trainer", *(f"sampler-{i}" for i in range(c.samplers))]
+            metrics = {n: f"{host}:{c.metrics_port_base + i}" for i, n in enumerate(names)}
+            for name, address in metrics.items():
+                try:
+                    split_address(address)
+                except ValueError as e:
+                    raise ConfigError(f"--metrics-port-base: {name}: {e}") from None
+
+        def metrics_flag(name: str) -> list[str]:
+            return ["--metrics", metrics[name]] if name in metrics else []
+
         py = [sys.executable, "-m"]
         services = [
             Service(
                 "trainer",
-                [*py, "trainer_svc", "--listen", c.trainer_listen, *torch_flags, *common],
+                [*py, "trainer_svc", "--listen", c.trainer_listen, *torch_flags, *common]
+                + metrics_flag("trainer"),
                 c.trainer_listen,
                 self.logs / "trainer.log",
             )
@@ -186,7 +200,8 @@ class LocalStack:
                     f"sampler-{i}",
                     [*py, "sampler_svc", "--listen", listen, "--replica-id", f"sampler-{i}"]
                     # The gateway dials what the replica registers: never a wildcard.
-                    + ["--advertise", dial_address(listen), *torch_flags, *common],
+                    + ["--advertise", dial_address(listen), *torch_flags, *common]
+                    + metrics_flag(f"sampler-{i}"),
                     listen,
                     self.logs / f"sampler-{i}.log",
                 )
@@ -203,7 +218,7 @@ class LocalStack:
         services.append(
             Service(
                 "gateway",
-                gateway + common,
+                gateway + common + metrics_flag("gateway"),
                 c.listen,
                 self.logs / "gateway.log",
                 extra=f"  HTTP http://{dial_address(c.http)}/v1" if c.http else "  HTTP off",
@@ -214,6 +229,7 @@ class LocalStack:
         listens = [(s.name, s.listen) for s in services]
         if c.http:
             listens.append(("gateway HTTP", c.http))
+        listens += [(f"{name} metrics", address) for name, address in metrics.items()]
         for name, listen in listens:
             port = split_address(listen)[1]
             if port in taken:

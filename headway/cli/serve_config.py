@@ -54,6 +54,9 @@ class ServeConfig:
     allowed_hosts: str = ""  # extra HTTP Host names the gateway answers with auth off
     trainer_listen: str = TRAINER_ADDRESS
     sampler_port_base: int = SAMPLER_PORT  # replica i listens on base + i, on the trainer's host
+    # Prometheus /metrics of each service, on the trainer's host: the gateway on this port,
+    # the trainer on + 1, sampler i on + 2 + i; 0 = none.
+    metrics_port_base: int = 0
     start_timeout: float = 120.0  # seconds for every service to report SERVING
     threads: int = 0  # torch threads per trainer/sampler process; 0 = cores / (1 + samplers)
     # Where the trainer and samplers compute (their --device: cpu, cuda, cuda:N); "" =
@@ -111,6 +114,12 @@ SERVE_FLAGS = (
     Flag(
         "sampler_port_base",
         "sampler i listens on this port + i, on the trainer's host",
+        env=None,
+    ),
+    Flag(
+        "metrics_port_base",
+        "serve each service's Prometheus /metrics on the trainer's host: the gateway on this "
+        "port, the trainer on + 1, sampler i on + 2 + i; 0 = none",
         env=None,
     ),
     Flag("start_timeout", "seconds every service has to become healthy", env=None),

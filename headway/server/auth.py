@@ -24,6 +24,8 @@ from typing import Any
 
 import grpc
 
+from headway.server import logs
+
 TEAM_HEADER = "x-headway-team"
 ADMIN_HEADER = "x-headway-admin"
 TOKEN_HEADER = "x-headway-internal-token"
@@ -76,6 +78,9 @@ def backend_metadata(caller: Caller, token: str) -> list[tuple[str, str]]:
     md = [(TEAM_HEADER, caller.team), (ADMIN_HEADER, "1" if caller.admin else "0")]
     if token:
         md.append((TOKEN_HEADER, token))
+    request_id = logs.call_fields().get("request_id")
+    if request_id:  # the backend's log lines of this call share the gateway's id
+        md.append((logs.REQUEST_ID_HEADER, request_id))
     return md
 
 

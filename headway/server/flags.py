@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from headway.server import logs
 from headway.server.auth import TOKEN_ENV, TOKEN_FILE_ENV, load_token
 from headway.server.defaults import STORE
 
@@ -40,6 +40,13 @@ def on_off(value: str) -> bool:
             f"must be 'on' or 'off' (as a flag or in its HEADWAY_* variable), not {value!r}"
         )
     return value == "on"
+
+
+def log_format(value: str) -> str:
+    """A --log-format value (a flag's or its environment twin's): text or json."""
+    if value not in logs.FORMATS:
+        raise argparse.ArgumentTypeError(f"must be {' or '.join(logs.FORMATS)}, not {value!r}")
+    return value
 
 
 def comma_list(value: str) -> list[str]:
@@ -88,6 +95,7 @@ COMMON_FLAGS = (
         "machine its share of the cores",
         env="HEADWAY_TORCH_THREADS",
     ),
+    Flag("metrics", "host:port to serve Prometheus metrics on, GET /metrics ('' = none)"),
 )
 
 
@@ -160,7 +168,7 @@ def _common(config: type) -> list[Flag]:
 
 def add_common_flags(parser: argparse.ArgumentParser, config: type) -> None:
     """--store, --internal-token-file, --log-level, and those of --redis, --redis-prefix,
-    --threads whose field `config` declares."""
+    --threads, --metrics whose field `config` declares."""
     add_env_flag(parser, "--store", "HEADWAY_STORE", STORE, help="checkpoint store directory")
     add_config_flags(parser, config, _common(config))
     parser.add_argument(
@@ -171,6 +179,15 @@ def add_common_flags(parser: argparse.ArgumentParser, config: type) -> None:
         "listen on loopback only and trust every local caller)",
     )
     add_env_flag(parser, "--log-level", "HEADWAY_LOG_LEVEL", "INFO")
+    add_env_flag(
+        parser,
+        "--log-format",
+        "HEADWAY_LOG_FORMAT",
+        "text",
+        log_format,
+        help="text, or json: one object per line with the call's request_id, method, team "
+        "and model",
+    )
 
 
 def build_config(
@@ -187,11 +204,10 @@ def build_config(
     )
 
 
-def setup_logging(args: argparse.Namespace) -> None:
-    """Configure logging from --log-level."""
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+def setup_logging(args: argparse.Namespace, service: str) -> None:
+    """Configure logging from --log-level and --log-format (`service` names the process in
+    JSON lines)."""
+    logs.setup(args.log_level, args.log_format, service)
 
 
 def _shown(default: Any) -> str:

@@ -20,6 +20,7 @@ import grpc
 
 from headway.channels import CHANNEL_OPTIONS
 from headway.errors import PUSHBACK_KEY, HeadwayError, InvalidArgument, Overloaded, pushback_ms
+from headway.server import logs
 from headway.server.auth import Caller, caller_of
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,9 @@ MESSAGE_HEAD_CHARS, MESSAGE_TAIL_CHARS = 300, 150
 def caller(context: grpc.aio.ServicerContext) -> Caller:
     """Who a backend's request acts for (team, admin), as the gateway said: backends check
     the gateway's internal token before any servicer runs (`internal_auth.TokenCheck`)."""
-    return caller_of(context.invocation_metadata())
+    who = caller_of(context.invocation_metadata())
+    logs.bind(team=who.team)  # this call's log lines name it
+    return who
 
 
 def team_of(context: grpc.aio.ServicerContext) -> str:
@@ -140,9 +143,11 @@ def _parsed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandle
 
     async def request(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return parse_request(parse, raw, method)
+            message = parse_request(parse, raw, method)
         except InvalidArgument as e:
             await abort_for(context, e)
+        logs.bind(model=logs.model_of(message))  # this call's log lines name it
+        return message
 
     if handler.response_streaming:
         inner = handler.unary_stream

@@ -1,0 +1,33 @@
+"""The gateway's Prometheus metrics (served on `--metrics`; see headway.server.metrics).
+
+Besides every gRPC call's count and latency by method and status (Sample, the relayed
+training calls, ... as the gateway answered them):
+- `headway_gateway_routed_total{replica}`: sampling calls routed, by whether the replica
+  chosen first had the checkpoint loaded (`loaded`) or must load it (`cold`);
+- `headway_gateway_failovers_total{reason}`: calls passed on to the next replica because
+  one failed before answering (`unavailable`) or was full (`full`, a retry pushback);
+- `headway_gateway_known_replicas`: sampler replicas in the registry as last read.
+"""
+
+from __future__ import annotations
+
+from gateway.routing import Router
+from headway.server.metrics import ServiceMetrics
+
+
+def add_gateway_metrics(m: ServiceMetrics, router: Router) -> None:
+    """Add the gateway's own metrics to its registry `m`, read from `router` at each scrape."""
+    m.gauge("headway_gateway_known_replicas", "sampler replicas in the registry as last read",
+            router.known)  # fmt: skip
+    m.read_counter(
+        "headway_gateway_routed",
+        "sampling calls routed, by whether the first replica had the checkpoint loaded",
+        lambda: router.routed,
+        label="replica",
+    )
+    m.read_counter(
+        "headway_gateway_failovers",
+        "calls passed on to the next replica, by why (unavailable, full)",
+        lambda: router.failovers,
+        label="reason",
+    )

@@ -1,0 +1,38 @@
+"""The trainer's Prometheus metrics (served on `--metrics`; see headway.server.metrics).
+
+Besides every call's count and latency (ForwardBackward, OptimStep, ... by status):
+- `headway_trainer_models_loaded`: models whose training state is in memory;
+- `headway_trainer_optim_steps_total`: checkpoints written by OptimStep;
+- `headway_trainer_optim_phase_duration_seconds{phase}`: an OptimStep's parts: `adamw`,
+  `checkpoint_write` (the files the head needs, to the page cache: durability follows in
+  the background), `head` (promoting it);
+- `process_resident_memory_bytes`: the weights, optimizer state and activations resident.
+"""
+
+from __future__ import annotations
+
+from headway.server.metrics import ServiceMetrics
+from trainer_svc.trainer import Trainer
+
+# An OptimStep's parts: ms for a LoRA adapter, up to seconds for a large full fork.
+PHASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def add_trainer_metrics(m: ServiceMetrics, trainer: Trainer) -> None:
+    """Add the trainer's own metrics to its registry `m`; sets `trainer.on_phase`."""
+    m.gauge("headway_trainer_models_loaded", "models whose training state is in memory",
+            lambda: len(trainer.loaded))  # fmt: skip
+    steps = m.counter("headway_trainer_optim_steps", "checkpoints written by OptimStep")
+    phases = m.histogram(
+        "headway_trainer_optim_phase_duration_seconds",
+        "an OptimStep's parts: adamw, checkpoint_write, head",
+        ["phase"],
+        PHASE_BUCKETS,
+    )
+
+    def on_phase(phase: str, seconds: float) -> None:
+        phases.labels(phase).observe(seconds)
+        if phase == "head":
+            steps.inc()
+
+    trainer.on_phase = on_phase
