@@ -438,6 +438,8 @@ def test_the_gateway_fails_over_from_a_replica_whose_engine_dies(trainer_stack):
         gate.open()
         assert len(reply.result().sequences) == 1
         assert dying.sampler.failure is not None and healthy.sampler.steps > 0
+        # What headway_gateway_failovers_total{reason="unavailable"} reports.
+        assert node.gateway.router.failovers == {"unavailable": 1}
     finally:
         for part in (node, dying, healthy):
             part.stop()
