@@ -159,7 +159,7 @@ def machine_limit(model: torch.nn.Module, repeats: int) -> dict[str, Any]:
             groups.setdefault(tuple(w.shape), []).append(w)
         for batch in (1, BATCH):
             per_shape = {sh: time_layouts(g, batch, rounds=reps) for sh, g in groups.items()}
-            for layout in layout_names():
+            for layout in layout_names(ws[0].device, ws[0].dtype):
                 out[f"{label}{layout}_b{batch}_s"] = sum(t[layout] for t in per_shape.values())
             out[f"{label}best_b{batch}_s"] = sum(min(t.values()) for t in per_shape.values())
     for batch in (1, BATCH):

@@ -29,8 +29,7 @@ import grpc
 from gateway.redis_errors import REDIS_ERRORS, unavailable
 from gateway.team_slots import TeamSlots
 from headway.errors import ResourceExhausted
-from headway.server import logs
-from headway.server.grpc import MAPPED_ERRORS, abort_for, parse_request
+from headway.server.grpc import MAPPED_ERRORS, abort_for, parse_request, streamed
 
 Ctx = grpc.aio.ServicerContext
 Metadata = Sequence[tuple[str, str]]
@@ -104,7 +103,7 @@ class CallLimits(grpc.aio.ServerInterceptor):
             try:
                 _check_size(raw, limit, method)
                 with self._slot(context, team):
-                    return await inner(_parsed(parse, raw, method), context)
+                    return await inner(parse_request(parse, raw, method), context)
             except REDIS_ERRORS as e:
                 await abort_for(context, unavailable(e))
             except MAPPED_ERRORS as e:
@@ -119,25 +118,15 @@ class CallLimits(grpc.aio.ServerInterceptor):
             try:
                 _check_size(raw, limit, method)
                 with self._slot(context, team):
-                    out = inner(_parsed(parse, raw, method), context)
-                    if hasattr(out, "__aiter__"):
-                        async for item in out:
-                            yield item
-                    else:  # a handler that writes with context.write
-                        await out
+                    out = inner(parse_request(parse, raw, method), context)
+                    async for item in streamed(out):
+                        yield item
             except REDIS_ERRORS as e:
                 await abort_for(context, unavailable(e))
             except MAPPED_ERRORS as e:
                 await abort_for(context, e)
 
         return behavior
-
-
-def _parsed(parse: Callable[[bytes], Any], raw: bytes, method: str) -> Any:
-    """The request, its model named in the call's log lines (headway.server.logs)."""
-    message = parse_request(parse, raw, method)
-    logs.bind(model=logs.model_of(message))
-    return message
 
 
 def _too_big(size: int, limit: SizeLimit, method: str) -> ResourceExhausted:

@@ -42,6 +42,7 @@ from gateway.redis_errors import REDIS_ERRORS, unavailable
 from gateway.team_slots import TeamSlotsMiddleware
 from headway.errors import HeadwayError, from_status, pushback_ms
 from headway.modeling.tokenizer import Tokenizer
+from headway.server import logs
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2, sampling_pb2
 
@@ -84,9 +85,26 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class CallFields:
+    """ASGI middleware naming each HTTP call in its log lines (headway.server.logs): its
+    X-Request-Id (else a new id, passed on to the backends) and "METHOD /path"."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            header = logs.REQUEST_ID_HEADER.encode()
+            given = next((v.decode("latin-1") for k, v in scope["headers"] if k == header), "")
+            logs.begin(logs.request_id_of([(logs.REQUEST_ID_HEADER, given)]),
+                       f"{scope['method']} {scope['path']}")  # fmt: skip
+        await self.app(scope, receive, send)
+
+
 def create_app(gateway: Gateway) -> Any:
     """The FastAPI app (wrapped in the team slots and the body limit) for one gateway."""
     app = FastAPI(title="Headway gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(CallFields)
     tokenizers: dict[str, Tokenizer] = {}
 
     async def tokenizer_for(model: str, team: str) -> Tokenizer:

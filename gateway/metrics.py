@@ -4,8 +4,9 @@ Besides every gRPC call's count and latency by method and status (Sample, the re
 training calls, ... as the gateway answered them):
 - `headway_gateway_routed_total{replica}`: sampling calls routed, by whether the replica
   chosen first had the checkpoint loaded (`loaded`) or must load it (`cold`);
-- `headway_gateway_failovers_total{reason}`: calls passed on to the next replica because
-  one failed before answering (`unavailable`) or was full (`full`, a retry pushback);
+- `headway_gateway_failovers_total{reason}`: replicas that could not take a call, which
+  then went to the next replica if one remained: the replica failed before answering
+  (`unavailable`) or was full (`full`, a retry pushback);
 - `headway_gateway_known_replicas`: sampler replicas in the registry as last read.
 """
 
@@ -27,7 +28,7 @@ def add_gateway_metrics(m: ServiceMetrics, router: Router) -> None:
     )
     m.read_counter(
         "headway_gateway_failovers",
-        "calls passed on to the next replica, by why (unavailable, full)",
+        "replicas that could not take a call (unavailable, full); the next one was tried",
         lambda: router.failovers,
         label="reason",
     )

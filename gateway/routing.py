@@ -20,6 +20,7 @@ import grpc
 
 from gateway.redis_errors import REDIS_ERRORS
 from headway.channels import CHANNEL_OPTIONS
+from headway.server import logs
 from headway.server.replicas import ReplicaInfo, list_replicas
 from headway.v1 import sampling_pb2_grpc
 
@@ -67,6 +68,7 @@ class Router:
         return self._replicas
 
     async def _refresh_in_background(self) -> None:
+        logs.clear()  # not the log fields of the call that happened to start it
         try:
             await self._refresh()
         except REDIS_ERRORS as e:  # keep routing on the last listing; callers are not waiting

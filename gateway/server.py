@@ -115,10 +115,10 @@ async def create_gateway(
     await health.check()  # true from the first answer on, not optimistic
     health.start()
     process = GatewayProcess(server, port, gateway, health=health, metrics=metrics)
-    if config.metrics:
-        process.metrics_port = metrics.start(config.metrics)
     if config.http_listen:
         await _start_http(process, config.http_listen)
+    if config.metrics:  # last: a failed start leaves no metrics server behind
+        process.metrics_port = metrics.start(config.metrics)
     if config.auth:
         log.info("gateway: auth ON (API keys required)")
     else:
@@ -202,6 +202,7 @@ async def _start_http(process: GatewayProcess, listen: str) -> None:
         port=int(port),
         log_level="warning",
         lifespan="off",
+        log_config=None,  # its loggers through ours (text or --log-format json)
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

@@ -1,7 +1,7 @@
 """A sampler replica's Prometheus metrics (served on `--metrics`; see headway.server.metrics).
 
-Read at each scrape from the replica's own counters (the engine thread keeps plain integers
-and never waits on a metrics lock):
+Read at each scrape from the replica's own counters (the engine thread keeps plain integers;
+it touches prometheus_client only to record a load, a few per reload):
 - `headway_sampler_queue_depth`: requests waiting to start or to finish scoring;
 - `headway_sampler_queued_rows`, `headway_sampler_live_rows`: sequences waiting, decoding;
 - `headway_sampler_engines`: weight sets resident;
@@ -18,9 +18,6 @@ from __future__ import annotations
 from headway.server.metrics import ServiceMetrics
 from sampler_svc.sampler import Sampler
 from sampler_svc.watch import Watcher
-
-# Loads: an adapter in a few ms, full weights in tens to hundreds of ms, an engine in seconds.
-LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 def add_replica_metrics(m: ServiceMetrics, sampler: Sampler, watcher: Watcher) -> None:
@@ -43,6 +40,5 @@ def add_replica_metrics(m: ServiceMetrics, sampler: Sampler, watcher: Watcher) -
         "headway_sampler_load_duration_seconds",
         "weight loads: lora (adapter into a slot), full (into an idle engine), engine (new)",
         ["kind"],
-        LOAD_BUCKETS,
     )
     sampler.on_load = lambda kind, seconds: loads.labels(kind).observe(seconds)

@@ -108,7 +108,6 @@ async def create_replica(
     redis = aioredis.from_url(config.redis_url)
     watcher = Watcher(sampler, redis, config, info)
     add_replica_metrics(metrics, sampler, watcher)
-    metrics_port = metrics.start(config.metrics) if config.metrics else 0
     sampler.start()
     try:
         # Registered before this returns (the caller starts the server next): a gateway
@@ -117,6 +116,7 @@ async def create_replica(
     except Exception as e:  # Redis down: the heartbeat keeps trying
         log.warning("first registry announce failed: %s", e)
     watcher.start()
+    metrics_port = metrics.start(config.metrics) if config.metrics else 0  # last: see gateway
     replica = Replica(server, port, sampler, watcher, redis, health, metrics, metrics_port)
     loop = asyncio.get_running_loop()
     sampler.on_failure(lambda error: loop.call_soon_threadsafe(replica.engine_failed, error))

@@ -3,9 +3,10 @@
 Besides every call's count and latency (ForwardBackward, OptimStep, ... by status):
 - `headway_trainer_models_loaded`: models whose training state is in memory;
 - `headway_trainer_optim_steps_total`: checkpoints written by OptimStep;
-- `headway_trainer_optim_phase_duration_seconds{phase}`: an OptimStep's parts: `adamw`,
-  `checkpoint_write` (the files the head needs, to the page cache: durability follows in
-  the background), `head` (promoting it);
+- `headway_trainer_optim_phase_duration_seconds{phase}`: an OptimStep's parts:
+  `state_wait` (for the previous step's optimizer state to finish writing, in the
+  background at a lower priority), `adamw`, `checkpoint_write` (the files the head needs,
+  to the page cache: durability follows in the background), `head` (promoting it);
 - `process_resident_memory_bytes`: the weights, optimizer state and activations resident.
 """
 
@@ -13,9 +14,6 @@ from __future__ import annotations
 
 from headway.server.metrics import ServiceMetrics
 from trainer_svc.trainer import Trainer
-
-# An OptimStep's parts: ms for a LoRA adapter, up to seconds for a large full fork.
-PHASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 def add_trainer_metrics(m: ServiceMetrics, trainer: Trainer) -> None:
@@ -25,9 +23,8 @@ def add_trainer_metrics(m: ServiceMetrics, trainer: Trainer) -> None:
     steps = m.counter("headway_trainer_optim_steps", "checkpoints written by OptimStep")
     phases = m.histogram(
         "headway_trainer_optim_phase_duration_seconds",
-        "an OptimStep's parts: adamw, checkpoint_write, head",
+        "an OptimStep's parts: state_wait, adamw, checkpoint_write, head",
         ["phase"],
-        PHASE_BUCKETS,
     )
 
     def on_phase(phase: str, seconds: float) -> None:

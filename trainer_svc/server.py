@@ -76,4 +76,3 @@ async def serve(config: TrainerConfig, address: str) -> None:
     await until_signalled()
     await server.stop(grace=5)
     await trainer.close()
-    trainer.metrics.stop()

@@ -100,8 +100,8 @@ class Trainer:
             in_use=lambda slug: self._lock(slug).locked(),
         )
         self._create_lock = asyncio.Lock()
-        # Called with (phase, seconds) as an OptimStep's parts finish ("adamw",
-        # "checkpoint_write", "head"), from the thread that ran them. The server's metrics
+        # Called with (phase, seconds) as an OptimStep's parts finish ("state_wait",
+        # "adamw", "checkpoint_write", "head"), from the thread that ran them. The server's metrics
         # set it; nothing here knows about them.
         self.on_phase: Callable[[str, float], None] = lambda phase, seconds: None
         # Its metrics registry and the port of /metrics (0: not served): trainer_svc.server's.
@@ -392,10 +392,11 @@ class Trainer:
         return self._optim_result(slug, record)
 
     def _apply_and_save(self, state: ModelState, adam: AdamArgs, record: CheckpointRecord) -> None:
-        started = time.perf_counter()
+        waiting = time.perf_counter()
         # The previous step's optimizer state may still be being written from the moments
         # AdamW is about to change in place.
         self.store.wait_deferred(record.model, state.head.id)
+        started = time.perf_counter()
         norm = compute.optim_step(
             state,
             adam.learning_rate,
@@ -416,6 +417,7 @@ class Trainer:
             )
         written = time.perf_counter()
         self.store.set_head(record.model, record.id, wait=False)  # fsynced after the files
+        self.on_phase("state_wait", started - waiting)
         self.on_phase("adamw", stepped - started)
         self.on_phase("checkpoint_write", written - stepped)
         self.on_phase("head", time.perf_counter() - written)
@@ -514,6 +516,8 @@ class Trainer:
         """Finish the background fsyncs, stop background publishing, close Redis."""
         await asyncio.to_thread(self.store.flush)
         await self.heads.close()
+        if self.metrics is not None:
+            self.metrics.stop()
 
     @property
     def loaded(self) -> list[str]:

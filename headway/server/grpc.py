@@ -106,12 +106,24 @@ def parse_request(parse: Callable[[bytes], Any], raw: bytes, method: str) -> Any
     """`parse(raw)`, or InvalidArgument naming `method` when the bytes are not its request
     message (protobuf's DecodeError, or any deserializer's own error)."""
     try:
-        return parse(raw)
+        message = parse(raw)
     except Exception as e:
         raise InvalidArgument(
             f"{method}: the request is not a valid message: {e}; send the method's request "
             "message (protos/headway/v1), serialized"
         ) from None
+    logs.bind(model=logs.model_of(message))  # this call's log lines name it
+    return message
+
+
+async def streamed(out: Any) -> AsyncIterator[Any]:
+    """The messages of a response-streaming handler's result, whichever way it streams: an
+    async iterator of messages, or a coroutine that writes them with `context.write`."""
+    if hasattr(out, "__aiter__"):
+        async for item in out:
+            yield item
+    else:
+        await out
 
 
 class ParsedRequests(grpc.aio.ServerInterceptor):
@@ -143,22 +155,16 @@ def _parsed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandle
 
     async def request(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
-            message = parse_request(parse, raw, method)
+            return parse_request(parse, raw, method)
         except InvalidArgument as e:
             await abort_for(context, e)
-        logs.bind(model=logs.model_of(message))  # this call's log lines name it
-        return message
 
     if handler.response_streaming:
         inner = handler.unary_stream
 
         async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            out = inner(await request(raw, context), context)
-            if hasattr(out, "__aiter__"):
-                async for item in out:
-                    yield item
-            else:  # a handler that writes with context.write
-                await out
+            async for item in streamed(inner(await request(raw, context), context)):
+                yield item
 
         return handler._replace(request_deserializer=None, unary_stream=stream)
     unary = handler.unary_unary

@@ -9,11 +9,12 @@ The call's fields live in a context variable (`bind`), set by the outermost serv
 interceptor (`headway.server.metrics`: request id and method), by whoever learns the team
 (a backend from the gateway's metadata, the gateway from the API key) and by the request
 parsers (the request's `model`). asyncio runs each call in a task of its own, and
-`asyncio.to_thread` copies the context, so every line a call's code logs carries them.
+`asyncio.to_thread` copies the context, so every line a call's code logs carries them;
+background work a call starts clears them (`clear`).
 
-The request id is the caller's `x-request-id` metadata (a load balancer's, say nginx's
-`$request_id`) or a new one; the gateway passes it to the trainer and samplers, so one
-call's lines share it across services.
+The request id is the caller's `x-request-id` (gRPC metadata, or the HTTP header of the
+OpenAI API) or a new one; the gateway passes it to the trainer and samplers, so one call's
+lines share it across services.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ FORMATS = ("text", "json")
 # The current call's fields; replaced (never changed in place) by `bind`, so a task or thread
 # that copied the context keeps the fields it had.
 _CALL: ContextVar[Mapping[str, str]] = ContextVar("headway_call", default=MappingProxyType({}))
+
+
+def begin(request_id: str, method: str) -> None:
+    """Start a call's log fields afresh (nothing of an earlier call on the same task or
+    connection stays): its request id and method."""
+    _CALL.set(MappingProxyType({"request_id": request_id, "method": method}))
+
+
+def clear() -> None:
+    """No call's fields (for background work a call happened to start)."""
+    _CALL.set(MappingProxyType({}))
 
 
 def bind(**fields: str) -> None:

@@ -11,7 +11,8 @@ What every service exports:
   counted by `interceptor`, the outermost of the server's interceptors, so calls refused by
   authentication or parsing count too;
 - `headway_grpc_request_duration_seconds{service, method}`: their latency (a histogram,
-  from the call's arrival to its status; a stream's until its last message);
+  from the handler's start to its status: a stream's until its last message; what grpc
+  refuses before any handler runs, an oversized message say, is counted by neither);
 - the process: `process_resident_memory_bytes`, `process_cpu_seconds_total`, open fds.
 The services add their own (`gauge`, `counter`, `histogram`, `read_counter`): see each
 `metrics.py` and the README's metrics section. Names follow Prometheus' conventions: a
@@ -32,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import start_http_server
 
 from headway.server import logs
+from headway.server.grpc import streamed
 
 # Latency buckets (seconds) from a health check (~1 ms) to a full fork's OptimStep or a
 # long generation (minutes).
@@ -54,7 +56,7 @@ class ServiceMetrics:
         )
         self.latency = Histogram(
             "headway_grpc_request_duration_seconds",
-            "gRPC call latency, arrival to status",
+            "gRPC call latency, handler start to status",
             ["service", "method"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
@@ -160,7 +162,7 @@ class _Observed(grpc.aio.ServerInterceptor):
 
 def _bind_call(context: grpc.aio.ServicerContext, method: str) -> None:
     """Name the call in its log lines (headway.server.logs): its request id and method."""
-    logs.bind(request_id=logs.request_id_of(context.invocation_metadata()), method=method)
+    logs.begin(logs.request_id_of(context.invocation_metadata()), method)
 
 
 def _code(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> str:
@@ -209,12 +211,8 @@ def _timed_stream(inner: Callable[..., Any], method: str, metrics: ServiceMetric
         start, code = time.perf_counter(), None
         _bind_call(context, method)
         try:
-            out = inner(request, context)
-            if hasattr(out, "__aiter__"):
-                async for item in out:
-                    yield item
-            else:  # a handler that writes with context.write
-                await out
+            async for item in streamed(inner(request, context)):
+                yield item
         except (asyncio.CancelledError, GeneratorExit):
             code = grpc.StatusCode.CANCELLED.name
             raise
