@@ -25,6 +25,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -187,40 +188,38 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metrics: ServiceMetrics) 
     return handler
 
 
+@contextmanager
+def _observing(context: grpc.aio.ServicerContext, method: str, metrics: ServiceMetrics) -> Any:
+    """Around one call's handler: name the call in its log lines, then record its status
+    code (CANCELLED for a caller that went away, UNKNOWN for an unmapped error, else what
+    the handler set) and its latency."""
+    start, code = time.perf_counter(), None
+    _bind_call(context, method)
+    try:
+        yield
+    except (asyncio.CancelledError, GeneratorExit):
+        code = grpc.StatusCode.CANCELLED.name
+        raise
+    except BaseException:
+        code = _code(context, grpc.StatusCode.UNKNOWN)
+        raise
+    finally:
+        metrics.observe(method, code or _code(context, grpc.StatusCode.OK),
+                        time.perf_counter() - start)  # fmt: skip
+
+
 def _timed_unary(inner: Callable[..., Awaitable[Any]], method: str, metrics: ServiceMetrics) -> Any:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        start, code = time.perf_counter(), None
-        _bind_call(context, method)
-        try:
+        with _observing(context, method, metrics):
             return await inner(request, context)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED.name
-            raise
-        except BaseException:
-            code = _code(context, grpc.StatusCode.UNKNOWN)
-            raise
-        finally:
-            code = code or _code(context, grpc.StatusCode.OK)
-            metrics.observe(method, code, time.perf_counter() - start)
 
     return call
 
 
 def _timed_stream(inner: Callable[..., Any], method: str, metrics: ServiceMetrics) -> Any:
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        start, code = time.perf_counter(), None
-        _bind_call(context, method)
-        try:
+        with _observing(context, method, metrics):
             async for item in streamed(inner(request, context)):
                 yield item
-        except (asyncio.CancelledError, GeneratorExit):
-            code = grpc.StatusCode.CANCELLED.name
-            raise
-        except BaseException:
-            code = _code(context, grpc.StatusCode.UNKNOWN)
-            raise
-        finally:
-            code = code or _code(context, grpc.StatusCode.OK)
-            metrics.observe(method, code, time.perf_counter() - start)
 
     return stream
