@@ -19,6 +19,7 @@ import grpc
 
 from gateway.config import GatewayConfig
 from gateway.quota import TeamQuota
+from gateway.redis_errors import RedisFailures
 from gateway.replies import DEFAULT_TTL_SECONDS, ReplyCache
 from gateway.routing import NoReplica, Router
 from gateway.team_slots import TeamSlots
@@ -46,7 +47,10 @@ class Gateway:
         self.redis = redis
         self.store = CheckpointStore(config.store, recover=False)  # the trainer writes
         self.keys = KeyRing(config.store)
-        self.router = Router(redis, config.redis_prefix, config.registry_cache_seconds)
+        self.redis_failures = RedisFailures()  # what Redis failed to do, for the metrics
+        self.router = Router(
+            redis, config.redis_prefix, config.registry_cache_seconds, self.redis_failures
+        )
         self._limits(config, redis)
         self.trainer = grpc.aio.insecure_channel(config.trainer, options=CHANNEL_OPTIONS)
         self._raw: dict[str, Any] = {}

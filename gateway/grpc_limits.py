@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from gateway.redis_errors import REDIS_ERRORS, unavailable
+from gateway.redis_errors import REDIS_ERRORS, RedisFailures
 from gateway.team_slots import TeamSlots
 from headway.errors import ResourceExhausted
 from headway.server.grpc import MAPPED_ERRORS, abort_for, parse_request, streamed
@@ -57,8 +57,10 @@ class CallLimits(grpc.aio.ServerInterceptor):
         other: SizeLimit,
         team_of: Callable[[Metadata], str],
         slots: TeamSlots,
+        failures: RedisFailures,
     ) -> None:
         self.limits, self.other, self.team_of, self.slots = limits, other, team_of, slots
+        self.failures = failures
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # by method: built once
 
     async def intercept_service(
@@ -105,7 +107,7 @@ class CallLimits(grpc.aio.ServerInterceptor):
                 with self._slot(context, team):
                     return await inner(parse_request(parse, raw, method), context)
             except REDIS_ERRORS as e:
-                await abort_for(context, unavailable(e))
+                await abort_for(context, self.failures.unavailable(e))
             except MAPPED_ERRORS as e:
                 await abort_for(context, e)
 
@@ -122,7 +124,7 @@ class CallLimits(grpc.aio.ServerInterceptor):
                     async for item in streamed(out):
                         yield item
             except REDIS_ERRORS as e:
-                await abort_for(context, unavailable(e))
+                await abort_for(context, self.failures.unavailable(e))
             except MAPPED_ERRORS as e:
                 await abort_for(context, e)
 

@@ -38,7 +38,7 @@ from gateway import replies
 from gateway.core import Gateway
 from gateway.http_errors import HTTPError, domain_error_response, error_response
 from gateway.http_params import Completion, completion, parse_body, render_json, required_str
-from gateway.redis_errors import REDIS_ERRORS, unavailable
+from gateway.redis_errors import REDIS_ERRORS
 from gateway.team_slots import TeamSlotsMiddleware
 from headway.errors import HeadwayError, from_status, pushback_ms
 from headway.modeling.tokenizer import Tokenizer
@@ -143,7 +143,7 @@ def create_app(gateway: Gateway) -> Any:
 
     @app.exception_handler(RedisError)
     async def _redis_error(request: Request, e: RedisError) -> JSONResponse:
-        return domain_error_response(unavailable(e))
+        return domain_error_response(gateway.redis_failures.unavailable(e))
 
     @app.exception_handler(ValueError)
     async def _value_error(request: Request, e: ValueError) -> JSONResponse:
@@ -422,7 +422,7 @@ async def _stream(
             yield event(choice, **({"prompt_token_ids": req.prompt} if want_ids and first else {}))
     except (HeadwayError, grpc.aio.AioRpcError, *REDIS_ERRORS) as e:
         if isinstance(e, REDIS_ERRORS):
-            e = unavailable(e)
+            e = gateway.redis_failures.unavailable(e)
         message = e.message if isinstance(e, HeadwayError) else (e.details() or "")
         error = {"error": {"message": message, "type": "server_error"}}
         yield f"data: {json.dumps(error)}\n\n".encode()

@@ -10,6 +10,8 @@ with `unavailable`: the one home of this rule.
 
 from __future__ import annotations
 
+from collections import Counter
+
 from redis.exceptions import RedisError
 
 from headway.errors import Unavailable
@@ -22,3 +24,18 @@ def unavailable(error: BaseException) -> Unavailable:
     """The error a caller gets for a Redis failure: retryable, saying what failed."""
     detail = str(error) or type(error).__name__
     return Unavailable(f"Redis unavailable: {detail}; retry")
+
+
+class RedisFailures:
+    """The gateway's failed Redis operations, by where (its metrics' count): `call` (a
+    call answered UNAVAILABLE / 503) or `registry` (a refresh of the replica registry;
+    routing goes on with the last listing). redis-py reconnects on the next operation, so
+    these are the outages as the gateway lived them."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def unavailable(self, error: BaseException) -> Unavailable:
+        """`unavailable(error)`, counted as a call's failure."""
+        self.counts["call"] += 1
+        return unavailable(error)

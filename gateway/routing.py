@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from gateway.redis_errors import REDIS_ERRORS
+from gateway.redis_errors import REDIS_ERRORS, RedisFailures
 from headway.channels import CHANNEL_OPTIONS
 from headway.server import logs
 from headway.server.replicas import ReplicaInfo, list_replicas
@@ -35,8 +35,11 @@ class NoReplica(Exception):
 class Router:
     """Replica choice and per-address channels for one gateway."""
 
-    def __init__(self, redis: Any, prefix: str, cache_seconds: float) -> None:
+    def __init__(
+        self, redis: Any, prefix: str, cache_seconds: float, failures: RedisFailures | None = None
+    ) -> None:
         self.redis, self.prefix, self.cache_seconds = redis, prefix, cache_seconds
+        self.failures = failures or RedisFailures()
         self._replicas: list[ReplicaInfo] = []
         self._fetched = 0.0
         self._stubs: dict[str, sampling_pb2_grpc.SamplingServiceStub] = {}
@@ -62,6 +65,7 @@ class Router:
                 await self._refresh()
             except REDIS_ERRORS as e:
                 self._fetched = now
+                self.failures.counts["registry"] += 1
                 log.warning("could not refresh the replica registry: %s", e)
         elif now - self._fetched > self.cache_seconds and self._refreshing is None:
             self._refreshing = asyncio.ensure_future(self._refresh_in_background())
@@ -72,6 +76,7 @@ class Router:
         try:
             await self._refresh()
         except REDIS_ERRORS as e:  # keep routing on the last listing; callers are not waiting
+            self.failures.counts["registry"] += 1
             log.warning("could not refresh the replica registry: %s", e)
 
     async def _refresh(self) -> None:

@@ -87,7 +87,7 @@ async def create_gateway(
     redis = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
     gateway = Gateway(config, redis)
     metrics = ServiceMetrics("gateway")
-    add_gateway_metrics(metrics, gateway.router)
+    add_gateway_metrics(metrics, gateway)
     server = grpc.aio.server(
         options=_server_options(config),
         # The metrics interceptor first: calls refused for size or slots count too.
@@ -171,7 +171,7 @@ def call_limits(config: GatewayConfig, gateway: Gateway) -> CallLimits:
     assert set(REQUEST_LIMITS) == set(SERVICES)
     limits = {name: SizeLimit(getattr(config, f), f) for name, f in REQUEST_LIMITS.items()}
     other = limits["headway.v1.ModelService"]
-    return CallLimits(limits, other, gateway.team, gateway.slots)
+    return CallLimits(limits, other, gateway.team, gateway.slots, gateway.redis_failures)
 
 
 def _server_options(config: GatewayConfig) -> list[tuple[str, int]]:

@@ -213,6 +213,10 @@ def test_redis_down_is_unavailable_on_grpc_and_503_on_http(trainer_stack, tmp_pa
         assert status == 503, reply
         assert reply["error"]["status"] == "UNAVAILABLE"
         assert "Redis unavailable" in reply["error"]["message"]
+        # Both counted where an operator sees them (headway_gateway_redis_errors_total).
+        registry = node.process.metrics.registry
+        failed = registry.get_sample_value("headway_gateway_redis_errors_total", {"where": "call"})
+        assert failed == 2
     finally:
         node.stop()
         redis.stop()

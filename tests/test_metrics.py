@@ -4,6 +4,7 @@ routing) and no more."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -15,7 +16,15 @@ from headway.server.metrics import ServiceMetrics
 from headway.tensors import from_tensor, to_tensor
 from headway.v1 import common_pb2, model_pb2, sampling_pb2, training_pb2
 from tests.helpers_metrics import scrape, value
-from tests.stack import HANG_SECONDS, GatewayNode, SamplerReplica, TrainerStack, wait_until
+from tests.stack import (
+    HANG_SECONDS,
+    GatewayNode,
+    PrivateRedis,
+    SamplerReplica,
+    TrainerStack,
+    free_port,
+    wait_until,
+)
 
 ANY_PORT = "127.0.0.1:0"
 SAMPLE = "/headway.v1.SamplingService/Sample"
@@ -162,3 +171,29 @@ def test_calls_refused_by_the_token_check_count_too(tmp_path: Path):
             assert value(samples, calls, service="trainer", method=method, code=code) == 1
     finally:
         trainer.stop()
+
+
+def test_the_trainer_counts_the_head_publishes_redis_missed(tmp_path: Path, tiny_base: Path):
+    """With its Redis down, a fork's head publish fails: counted, and published once Redis
+    is back (the mirror key then names the head)."""
+    port = free_port()
+    redis = PrivateRedis(port, tmp_path / "redis")
+    trainer = TrainerStack(tmp_path / "store", redis_url=redis.url)
+    try:
+        trainer.add_base(tiny_base, "tiny")
+        registry = trainer.trainer.metrics.registry
+        assert registry.get_sample_value("headway_trainer_redis_errors_total") == 0
+        redis.stop()
+        head = trainer.fork("m").head_checkpoint
+        assert registry.get_sample_value("headway_trainer_redis_errors_total") >= 1
+        redis = PrivateRedis(port, tmp_path / "redis")
+        wait_until(
+            lambda: (
+                (raw := redis.client.get(f"{trainer.prefix}head:m")) is not None
+                and json.loads(raw)["checkpoint"] == head
+            ),
+            what="the missed head to be published once Redis is back",
+        )
+    finally:
+        trainer.stop()
+        redis.stop()

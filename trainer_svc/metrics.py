@@ -7,6 +7,8 @@ Besides every call's count and latency (ForwardBackward, OptimStep, ... by statu
   `state_wait` (for the previous step's optimizer state to finish writing, in the
   background at a lower priority), `adamw`, `checkpoint_write` (the files the head needs,
   to the page cache: durability follows in the background), `head` (promoting it);
+- `headway_trainer_redis_errors_total`: head publishes (or mirror removals) Redis failed;
+  each is retried in the background until it lands or the head moves on;
 - `process_resident_memory_bytes`: the weights, optimizer state and activations resident.
 """
 
@@ -21,6 +23,11 @@ def add_trainer_metrics(m: ServiceMetrics, trainer: Trainer) -> None:
     m.gauge("headway_trainer_models_loaded", "models whose training state is in memory",
             lambda: len(trainer.loaded))  # fmt: skip
     steps = m.counter("headway_trainer_optim_steps", "checkpoints written by OptimStep")
+    m.read_counter(
+        "headway_trainer_redis_errors",
+        "head publishes Redis failed (retried until they land or the head moves on)",
+        lambda: trainer.heads.failures,
+    )
     phases = m.histogram(
         "headway_trainer_optim_phase_duration_seconds",
         "an OptimStep's parts: state_wait, adamw, checkpoint_write, head",

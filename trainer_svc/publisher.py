@@ -25,6 +25,7 @@ class HeadPublisher:
     def __init__(self, redis: Any | None, prefix: str, store: CheckpointStore) -> None:
         self.redis, self.prefix, self.store = redis, prefix, store
         self._unpublished: dict[str, CheckpointRecord] = {}  # heads Redis has not heard of
+        self.failures = 0  # Redis operations that failed (each retried or moot), for metrics
         self._retrying: asyncio.Task[None] | None = None
 
     async def publish(self, slug: str, record: CheckpointRecord) -> None:
@@ -36,6 +37,7 @@ class HeadPublisher:
             await publish_head(self.redis, event, self.prefix)
             self._unpublished.pop(slug, None)
         except Exception as e:
+            self.failures += 1
             self._unpublished[slug] = record  # retried by the background task
             log.warning("head of %s moved to %s but Redis publish failed: %s", slug, record.id, e)
 
@@ -46,6 +48,7 @@ class HeadPublisher:
         try:
             await self.redis.delete(mirror_key(slug, self.prefix))
         except Exception as e:
+            self.failures += 1
             log.warning("could not remove head mirror of %s: %s", slug, e)
 
     async def start(self, interval: float = 1.0) -> None:
