@@ -168,11 +168,13 @@ class Gateway:
         if e.code() == grpc.StatusCode.UNAVAILABLE:
             log.warning("sampler %s unavailable (%s); trying another", address, e.details())
             self.router.mark_failed(address)
-            return True
-        full = e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and pushback_ms(e) is not None
-        if full:
-            self.router.failovers["full"] += 1
-        return full
+            reason = "unavailable"
+        elif e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and pushback_ms(e) is not None:
+            reason = "full"
+        else:
+            return False
+        self.router.failovers[reason] += 1
+        return True
 
     async def _failover(self, model: str, checkpoint: str, rows: int, call: Any) -> Any:
         """`await call(stub)` on the best replica; on a replica that failed or is full,

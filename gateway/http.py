@@ -93,11 +93,9 @@ class CallFields:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            header = logs.REQUEST_ID_HEADER.encode()
-            given = next((v.decode("latin-1") for k, v in scope["headers"] if k == header), "")
-            logs.begin(logs.request_id_of([(logs.REQUEST_ID_HEADER, given)]),
-                       f"{scope['method']} {scope['path']}")  # fmt: skip
+        if scope["type"] == "http":  # ASGI headers: lower-cased names, latin-1 bytes
+            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+            logs.begin(logs.request_id_of(headers), f"{scope['method']} {scope['path']}")
         await self.app(scope, receive, send)
 
 

@@ -48,7 +48,7 @@ class Router:
         self._suspect: dict[str, float] = {}
         self._refreshing: asyncio.Future[None] | None = None
         # Routing decisions, for the metrics: the replica chosen first had the checkpoint
-        # loaded or not; calls passed on to the next replica, by why.
+        # loaded or not; replicas that could not take a call, by why (Gateway._try_next).
         self.routed: Counter[str] = Counter()  # "loaded" | "cold"
         self.failovers: Counter[str] = Counter()  # "unavailable" | "full"
 
@@ -65,8 +65,7 @@ class Router:
                 await self._refresh()
             except REDIS_ERRORS as e:
                 self._fetched = now
-                self.failures.counts["registry"] += 1
-                log.warning("could not refresh the replica registry: %s", e)
+                self._unreadable(e)
         elif now - self._fetched > self.cache_seconds and self._refreshing is None:
             self._refreshing = asyncio.ensure_future(self._refresh_in_background())
         return self._replicas
@@ -76,8 +75,13 @@ class Router:
         try:
             await self._refresh()
         except REDIS_ERRORS as e:  # keep routing on the last listing; callers are not waiting
-            self.failures.counts["registry"] += 1
-            log.warning("could not refresh the replica registry: %s", e)
+            self._unreadable(e)
+
+    def _unreadable(self, error: BaseException) -> None:
+        """A refresh of the registry failed: counted and logged; routing goes on with the
+        last listing."""
+        self.failures.counts["registry"] += 1
+        log.warning("could not refresh the replica registry: %s", error)
 
     async def _refresh(self) -> None:
         try:
@@ -122,7 +126,6 @@ class Router:
         self._inflight[address] -= rows
 
     def mark_failed(self, address: str) -> None:
-        self.failovers["unavailable"] += 1
         self._suspect[address] = time.monotonic() + SUSPECT_SECONDS
         self._fetched = -1.0  # re-read the registry now: it may have dropped the replica
 

@@ -18,6 +18,7 @@ the parameters updates the fused weight with them.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,8 +67,7 @@ class AdapterBank:
         # numpy views of A and B (CPU, a numpy dtype): a load copies into them without
         # torch's per-call dispatch (~10 µs a slice or copy_, ~100 of each per adapter).
         self._arrays = {k: (_array(self.A[k]), _array(self.B[k])) for k in self.A}
-        self._views: dict[tuple[int, int], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._slot_targets: dict[tuple[int, int], list] = {}
+        self._ranked: dict[tuple[int, int], tuple[dict, list]] = {}  # see `_rank_views`
 
     def load(
         self, slot: int, config: LoraConfig, tensors: Mapping[str, torch.Tensor | np.ndarray]
@@ -81,7 +81,7 @@ class AdapterBank:
                 f"{self.max_rank}; restart it with a larger --max-lora-rank"
             )
         r, extent = config.rank, self.extent[slot]
-        targets = self._targets(slot, r)
+        views, targets = self._rank_views(slot, r)
         with torch.no_grad():
             for key, dst_a, dst_b in targets:
                 a, b = tensors.get(f"{key}.lora_A"), tensors.get(f"{key}.lora_B")
@@ -95,30 +95,27 @@ class AdapterBank:
                     self.A[key][slot, start:extent].zero_()
                     self.B[key][slot, :, start:extent].zero_()
         self.extent[slot] = r
-        # The adapter's own rank of each projection, as views of the slot (made once).
-        views = self._views.get((slot, r))
-        if views is None:
-            views = {k: (self.A[k][slot, :r], self.B[k][slot, :, :r]) for k in self.A}
-            self._views[slot, r] = views
         self.views[slot] = views
         self.scaling_values[slot] = scaling = float(np.float32(config.scaling))
         self.scaling[slot] = scaling
 
-    def _targets(
+    def _rank_views(
         self, slot: int, r: int
-    ) -> list[tuple[str, torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]]:
-        """(key, A destination, B destination) of rank `r` in `slot`, made once per (slot,
-        r): numpy views where the bank has them, so a load is ~100 plain memcpys (torch's
-        per-call dispatch and per-copy thread team cost more than the bytes here)."""
-        targets = self._slot_targets.get((slot, r))
-        if targets is None:
-            targets = []
-            for key, (A_np, B_np) in self._arrays.items():
-                a = A_np[slot, :r] if A_np is not None else self.A[key][slot, :r]
-                b = B_np[slot, :, :r] if B_np is not None else self.B[key][slot, :, :r]
-                targets.append((key, a, b))
-            self._slot_targets[slot, r] = targets
-        return targets
+    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[tuple[str, Any, Any]]]:
+        """Rank `r` of `slot`, made once per (slot, r): the views forwards read ({key: (A,
+        B)}), and the destinations a load copies into ([(key, A, B)]: numpy views where the
+        bank has them, so a load is ~100 plain memcpys; torch's per-call dispatch and
+        per-copy thread team cost more than the bytes here)."""
+        made = self._ranked.get((slot, r))
+        if made is None:
+            views = {k: (self.A[k][slot, :r], self.B[k][slot, :, :r]) for k in self.A}
+            targets = [
+                (k, views[k][0] if A_np is None else A_np[slot, :r],
+                 views[k][1] if B_np is None else B_np[slot, :, :r])
+                for k, (A_np, B_np) in self._arrays.items()
+            ]  # fmt: skip
+            made = self._ranked[slot, r] = (views, targets)
+        return made
 
     def select(self, slots: list[int]) -> None:
         """Set the adapter slot of each row for the next forward."""

@@ -12,6 +12,7 @@ import sys
 
 from headway.server import logs
 from headway.v1 import common_pb2, model_pb2
+from tests.stack import HANG_SECONDS
 
 
 def capture_json() -> tuple[io.StringIO, logging.Handler]:
@@ -78,7 +79,7 @@ def test_a_bad_log_format_is_a_usage_error():
             [sys.executable, "-m", "gateway", *argv],
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=HANG_SECONDS,  # only catches a hang
             env={**os.environ, **env},
         )
         assert proc.returncode == 2, proc.stderr

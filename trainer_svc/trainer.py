@@ -101,8 +101,8 @@ class Trainer:
         )
         self._create_lock = asyncio.Lock()
         # Called with (phase, seconds) as an OptimStep's parts finish ("state_wait",
-        # "adamw", "checkpoint_write", "head"), from the thread that ran them. The server's metrics
-        # set it; nothing here knows about them.
+        # "adamw", "checkpoint_write", "head"), from the thread that ran them. The server's
+        # metrics set it; nothing here knows about them.
         self.on_phase: Callable[[str, float], None] = lambda phase, seconds: None
         # Its metrics registry and the port of /metrics (0: not served): trainer_svc.server's.
         self.metrics: Any = None

@@ -74,14 +74,9 @@ class ServiceMetrics:
         """A counter the service increments (`name` without `_total`)."""
         return Counter(name, doc, list(labels), registry=self.registry)
 
-    def histogram(
-        self, name: str, doc: str, labels: Sequence[str] = (), buckets: Iterable[float] = ()
-    ) -> Histogram:
-        """A histogram the service observes into (seconds unless `name` says otherwise)."""
-        return Histogram(
-            name, doc, list(labels), buckets=tuple(buckets) or LATENCY_BUCKETS,
-            registry=self.registry,
-        )  # fmt: skip
+    def histogram(self, name: str, doc: str, labels: Sequence[str] = ()) -> Histogram:
+        """A histogram of durations in seconds the service observes into (LATENCY_BUCKETS)."""
+        return Histogram(name, doc, list(labels), buckets=LATENCY_BUCKETS, registry=self.registry)
 
     def read_counter(
         self,
