@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from headway.store import CheckpointRecord, CheckpointStore, ModelRecord, atomic
 from headway.store.durable import Syncer
-from headway.store.tensorfile import read_safetensors, write_safetensors
+from headway.store.tensorfile import read_safetensors, safetensors_header, write_safetensors
 
 
 def _model(store: CheckpointStore, slug: str = "m") -> None:
@@ -150,6 +150,10 @@ def test_write_safetensors_reads_back_as_safetensors_wrote_it(tmp_path, dtype):
     raw = (tmp_path / "t.safetensors").read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     assert header["a"]["shape"] == [3, 5]
+    # The same file laid out from dtypes and shapes alone (a deferred file's size up front).
+    layout = {"a": (dtype, [3, 5]), "moments": (dtype, [10]), "s": (dtype, [])}
+    head, planned = safetensors_header(layout, {"k": "v"})
+    assert planned == size and raw.startswith(head)
 
 
 def test_read_safetensors_equals_load_file_whatever_the_alignment(tmp_path):

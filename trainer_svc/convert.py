@@ -56,8 +56,8 @@ def checkpoint_pb(
         step=record.step,
         created=timestamp(record.created),
         is_head=record.id == head_id,
-        sampler_path=store.sampler_path(record.model, record.id),
-        state_path=store.state_path(record.model, record.id),
+        sampler_path=store.sampler_path_of(record),
+        state_path=store.state_path_of(record),
     )
     if record.stats:
         s = record.stats

@@ -389,7 +389,7 @@ class Trainer:
         state.head = record
         state.reset_accumulation()
         await self.heads.publish(slug, record)
-        return self._optim_result(slug, record)
+        return self._optim_result(record)
 
     def _apply_and_save(self, state: ModelState, adam: AdamArgs, record: CheckpointRecord) -> None:
         waiting = time.perf_counter()
@@ -416,7 +416,7 @@ class Trainer:
                 record, lambda d: (write(d), optimizer.write(d / optimizer.name))
             )
         written = time.perf_counter()
-        self.store.set_head(record.model, record.id, wait=False)  # fsynced after the files
+        self.store.promote(record)  # fsynced after the files
         self.on_phase("state_wait", started - waiting)
         self.on_phase("adamw", stepped - started)
         self.on_phase("checkpoint_write", written - stepped)
@@ -430,9 +430,9 @@ class Trainer:
             1e3 * (time.perf_counter() - written),
         )
 
-    def _optim_result(self, slug: str, record: CheckpointRecord) -> OptimResult:
+    def _optim_result(self, record: CheckpointRecord) -> OptimResult:
         return OptimResult(
-            record, self.store.sampler_path(slug, record.id), self.store.state_path(slug, record.id)
+            record, self.store.sampler_path_of(record), self.store.state_path_of(record)
         )
 
     # --------------------------------------------------------------- helpers
@@ -480,7 +480,7 @@ class Trainer:
                 done = self.store.find_request(slug, request_id)  # survives restarts
                 if done is not None:
                     await self._finish_promotion(slug, done)
-                    result = self._optim_result(slug, done)
+                    result = self._optim_result(done)
                     if kind == "optim_step":
                         return result  # type: ignore[return-value]
                     # The forward half's logprobs died with the process; its metrics

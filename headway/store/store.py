@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 class DeferredFile:
     """A checkpoint file an asynchronous store writes after publishing the directory.
 
-    Its size is known before it is written (`headway.store.tensorfile.plan_safetensors`),
+    Its size is known before it is written (`headway.store.tensorfile.safetensors_header`),
     so meta.json records it from the start: a crash that interrupts the write leaves a
     checkpoint whose file is missing, which `check_checkpoints` removes (moving a HEAD that
     named it back to the parent). `write(path)` writes the file at `path` and must read
@@ -447,11 +447,20 @@ class CheckpointStore:
         record = self.get_checkpoint(slug, ckpt_id)
         if wait and not self.sync:
             self.syncer.wait(str(self.checkpoint_dir(slug, ckpt_id)))
+        self._write_head(slug, ckpt_id)
+        return record
+
+    def promote(self, record: CheckpointRecord) -> None:
+        """Point HEAD at `record`, a checkpoint this process has just written with
+        `write_checkpoint`: `set_head` without reading it back, fsynced after it (as
+        `set_head(..., wait=False)`)."""
+        self._write_head(record.model, record.id)
+
+    def _write_head(self, slug: str, ckpt_id: str) -> None:
         head = self.model_dir(slug) / "HEAD"
         atomic.write_bytes(head, (ckpt_id + "\n").encode(), sync=self.sync)
         if not self.sync:
             self.syncer.submit(f"{slug}/HEAD", [head, head.parent])
-        return record
 
     # -------------------------------------------------------------------- files
     def resolve(self, slug: str, ckpt_id: str) -> CheckpointRecord:
@@ -472,7 +481,11 @@ class CheckpointStore:
     def sampler_path(self, slug: str, ckpt_id: str) -> str:
         """Store-relative path a sampler loads: adapter dir (LoRA), weights file (full),
         "" for a base checkpoint (its weights are the base's Hugging Face directory)."""
-        target = self.resolve(slug, ckpt_id)
+        return self.sampler_path_of(self.get_checkpoint(slug, ckpt_id))
+
+    def sampler_path_of(self, record: CheckpointRecord) -> str:
+        """`sampler_path` of a record in hand (read again only to follow a reference)."""
+        target = record if record.ref is None else self.resolve(record.model, record.id)
         if target.kind == "base":
             return ""
         rel = self.files_dir(target).relative_to(self.root)
@@ -480,10 +493,14 @@ class CheckpointStore:
 
     def state_path(self, slug: str, ckpt_id: str) -> str:
         """Store-relative path of the optimizer state, "" when the checkpoint has none."""
-        record = self.get_checkpoint(slug, ckpt_id)
+        return self.state_path_of(self.get_checkpoint(slug, ckpt_id))
+
+    def state_path_of(self, record: CheckpointRecord) -> str:
+        """`state_path` of a record in hand."""
         if not record.has_optimizer:
             return ""
-        return str((self.checkpoint_dir(slug, ckpt_id) / OPTIMIZER_FILE).relative_to(self.root))
+        path = self.checkpoint_dir(record.model, record.id) / OPTIMIZER_FILE
+        return str(path.relative_to(self.root))
 
     def find_request(self, slug: str, request_id: str) -> CheckpointRecord | None:
         """The checkpoint an OptimStep with this idempotency key produced, if any."""

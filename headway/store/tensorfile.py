@@ -19,6 +19,7 @@ from the page cache to their destination in one user-space copy.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -78,34 +79,47 @@ def plan_safetensors(
 ) -> TensorFilePlan:
     """Lay out `tensors` (name → tensor, or → parts concatenated as one 1-D tensor) as a
     safetensors file. The plan views the tensors' memory: write it before they change."""
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
+    layout: dict[str, tuple[torch.dtype, list[int]]] = {}
     chunks: list[memoryview] = []
-    offset = 0
     for name, value in tensors.items():
         parts = [value] if isinstance(value, torch.Tensor) else list(value)
         dtypes = {p.dtype for p in parts}
         if len(dtypes) != 1:
             raise ValueError(f"{name}: parts of one tensor must share a dtype, got {dtypes}")
-        dtype = dtypes.pop()
-        views = [tensor_bytes(p) for p in parts]
-        size = sum(v.nbytes for v in views)
         shape = (
             list(parts[0].shape)
             if isinstance(value, torch.Tensor)
             else [sum(p.numel() for p in parts)]
         )
+        layout[name] = (dtypes.pop(), shape)
+        chunks += [tensor_bytes(p) for p in parts]
+    header, size = safetensors_header(layout, metadata)
+    return TensorFilePlan(header, chunks, size)
+
+
+def safetensors_header(
+    layout: Mapping[str, tuple[torch.dtype, Sequence[int]]],
+    metadata: Mapping[str, str] | None = None,
+) -> tuple[bytes, int]:
+    """(header bytes, file size) of a safetensors file of tensors `layout` (name → dtype,
+    shape, in file order): what `plan_safetensors` writes for tensors of those dtypes and
+    shapes, computed from the layout alone (a deferred file's size is known at once; its
+    tensors are read when it is written)."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, (dtype, shape) in layout.items():
+        size = math.prod(shape) * dtype.itemsize
         header[name] = {
             "dtype": _DTYPES[dtype],
-            "shape": shape,
+            "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }
-        chunks += views
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    return TensorFilePlan(struct.pack("<Q", len(raw)) + raw, chunks, 8 + len(raw) + offset)
+    return struct.pack("<Q", len(raw)) + raw, 8 + len(raw) + offset
 
 
 def write_plan(path: Path, plan: TensorFilePlan) -> int:
