@@ -5,7 +5,8 @@ stacked adapter slots `A [S, R, in]`, `B [S, out, R]` (R the bank's largest rank
 adapters are zero-padded, which adds exact zeros). Before a forward the engine sets the
 slot of every row; slot 0 is "no adapter". Rows of different forks of one base therefore
 decode in the same batch. A slot is only rewritten when no row uses it, so a reload never
-changes the weights under a sequence in flight.
+changes the weights under a sequence in flight. A reloaded adapter is served from the map of its
+file in place; its slot's stacked copy is made when a forward first mixes it with others.
 
 A forward of a few rows (a decode step, a short prefill) runs its base projections in the
 layout measured fastest for its shape and row count (`sampler_svc.kernels`): the engine sets
@@ -68,11 +69,24 @@ class AdapterBank:
         # torch's per-call dispatch (~10 µs a slice or copy_, ~100 of each per adapter).
         self._arrays = {k: (_array(self.A[k]), _array(self.B[k])) for k in self.A}
         self._ranked: dict[tuple[int, int], tuple[dict, list]] = {}  # see `_rank_views`
+        # Slots served in place from their adapter's arrays, not yet stacked: slot → (rank,
+        # {projection: (A, B)}) (see `load`).
+        self.pending: dict[int, tuple[int, dict[str, tuple[Any, Any]]]] = {}
 
     def load(
-        self, slot: int, config: LoraConfig, tensors: Mapping[str, torch.Tensor | np.ndarray]
+        self,
+        slot: int,
+        config: LoraConfig,
+        tensors: Mapping[str, torch.Tensor | np.ndarray],
+        keep: bool = False,
     ) -> None:
-        """Write an adapter (`name.lora_A` / `name.lora_B` tensors or arrays) into `slot`."""
+        """Put an adapter (`name.lora_A` / `name.lora_B` tensors or arrays) into `slot`.
+
+        `keep`: the arrays never change (they view the adapter's checkpoint file, which is
+        immutable), so a CPU bank of their dtype serves the slot from them in place: the
+        reload copies nothing, and the slot's stacked copy, which only a forward mixing
+        adapters reads, is made the first time one does (`select`). Otherwise the adapter
+        is copied into the slot now."""
         if not 0 < slot < self.slots:
             raise ValueError(f"adapter slot {slot} out of range")
         if config.rank > self.max_rank:
@@ -80,13 +94,45 @@ class AdapterBank:
                 f"adapter rank {config.rank} exceeds the sampler's max LoRA rank "
                 f"{self.max_rank}; restart it with a larger --max-lora-rank"
             )
-        r, extent = config.rank, self.extent[slot]
+        pairs = self._pairs(config.rank, tensors)
+        self.pending.pop(slot, None)
+        if (
+            keep
+            and self.device.type == "cpu"
+            and all(_same_dtype(t, self.A[k]) for k, ab in pairs.items() for t in ab)
+        ):
+            self.views[slot] = {k: (_tensor(a), _tensor(b)) for k, (a, b) in pairs.items()}
+            self.pending[slot] = (config.rank, pairs)
+        else:
+            self._stack(slot, config.rank, pairs)
+        self.scaling_values[slot] = scaling = float(np.float32(config.scaling))
+        self.scaling[slot] = scaling
+
+    def _pairs(self, r: int, tensors: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """{projection: (A, B)} of the adapter's targets, their shapes checked."""
+        pairs = {}
+        for key, A in self.A.items():
+            a, b = tensors.get(f"{key}.lora_A"), tensors.get(f"{key}.lora_B")
+            if a is None or b is None:
+                continue  # not a target of this adapter: its update is zero
+            want_a, want_b = (r, A.shape[2]), (self.B[key].shape[1], r)
+            if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                raise ModelError(
+                    f"adapter tensors of {key} have shapes {tuple(a.shape)} and "
+                    f"{tuple(b.shape)}; rank {r} over this base needs {want_a} and {want_b}"
+                )
+            pairs[key] = (a, b)
+        return pairs
+
+    def _stack(self, slot: int, r: int, pairs: Mapping[str, tuple[Any, Any]]) -> None:
+        """Copy an adapter into the slot's rows of the stacked tensors; serve it from them."""
+        extent = self.extent[slot]
         views, targets = self._rank_views(slot, r)
         with torch.no_grad():
             for key, dst_a, dst_b in targets:
-                a, b = tensors.get(f"{key}.lora_A"), tensors.get(f"{key}.lora_B")
                 start = 0
-                if a is not None and b is not None:
+                if key in pairs:
+                    a, b = pairs[key]
                     _copy(dst_a, a)
                     _copy(dst_b, b)
                     start = r
@@ -96,8 +142,12 @@ class AdapterBank:
                     self.B[key][slot, :, start:extent].zero_()
         self.extent[slot] = r
         self.views[slot] = views
-        self.scaling_values[slot] = scaling = float(np.float32(config.scaling))
-        self.scaling[slot] = scaling
+
+    def stack_pending(self, slots: set[int] | None = None) -> None:
+        """Make the stacked copies of adapters served in place (`load(..., keep=True)`):
+        of `slots`, or of all."""
+        for slot in list(self.pending) if slots is None else slots & self.pending.keys():
+            self._stack(slot, *self.pending.pop(slot))
 
     def _rank_views(
         self, slot: int, r: int
@@ -125,7 +175,9 @@ class AdapterBank:
             self.active = None
         elif len(distinct) == 1:
             self.active = slots[0]
-        else:
+        else:  # rows of several adapters read the stacked slots
+            if self.pending:
+                self.stack_pending(distinct)
             self.active = torch.tensor(slots, device=self.device)
             self.active_scaling = self.scaling[self.active][:, None, None]
 
@@ -152,8 +204,10 @@ class MultiLoRALinear(nn.Module):
         if sel is None:
             return None
         if isinstance(sel, int):  # one adapter for the whole batch: as the trainer computes it
-            a, b = bank.views[sel][self.key]
-            return F.linear(F.linear(x, a), b) * bank.scaling_values[sel]
+            pair = bank.views[sel].get(self.key)
+            if pair is None:  # not a target of this adapter
+                return None
+            return F.linear(F.linear(x, pair[0]), pair[1]) * bank.scaling_values[sel]
         A, B = bank.A[self.key], bank.B[self.key]
         xa = torch.bmm(x, A[sel].transpose(1, 2))  # [B, T, R]
         return torch.bmm(xa, B[sel].transpose(1, 2)) * bank.active_scaling
@@ -195,7 +249,8 @@ class FusedProjection:
         outs = fn(x, self.weight, self.bias).split(self.sizes, dim=-1)
         if self.bank.active is None:
             return outs
-        return tuple(o + p.delta(x) for o, p in zip(outs, self.parts, strict=True))
+        deltas = (p.delta(x) for p in self.parts)
+        return tuple(o if d is None else o + d for o, d in zip(outs, deltas, strict=True))
 
 
 def fuse_projections(model: nn.Module, bank: AdapterBank) -> dict[Shape, list[torch.Tensor]]:
@@ -235,6 +290,17 @@ def _array(t: torch.Tensor) -> np.ndarray | None:
     if t.device.type != "cpu" or t.dtype == torch.bfloat16:
         return None
     return t.detach().numpy()
+
+
+def _same_dtype(src: torch.Tensor | np.ndarray, like: torch.Tensor) -> bool:
+    """Whether `src` is host memory of `like`'s dtype (servable in place by a CPU bank)."""
+    if isinstance(src, np.ndarray):
+        return torch.from_numpy(np.empty(0, src.dtype)).dtype == like.dtype
+    return src.device.type == "cpu" and src.dtype == like.dtype
+
+
+def _tensor(src: torch.Tensor | np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(src) if isinstance(src, np.ndarray) else src.detach()
 
 
 def _copy(dst: torch.Tensor | np.ndarray, src: torch.Tensor | np.ndarray) -> None:

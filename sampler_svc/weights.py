@@ -9,9 +9,10 @@ in the time of a memcpy: the trainer writes the file in one `writev`, which lets
 cache hold it in large folios that map in a few faults. (`os.preadv` into the tensors, the
 kernel's copy, ran ~2x slower on a 2-core EPYC VM.) A tensor whose dtype or layout differs
 from the file's (a bf16 engine, a fp32 file) is converted by torch from the same map.
-Adapters are mapped the same way and copied once, into their slot. An engine on a GPU
-reads each tensor from the map into a pinned host buffer and copies it to the device from
-there (`copy_to_device`): one host read, one DMA, no pageable staging by the driver.
+Adapters are mapped the same way and served from the map in place (no copy on a reload's
+path: `AdapterBank.load`). An engine on a GPU reads each tensor from the map into a pinned
+host buffer and copies it to the device from there (`copy_to_device`): one host read, one
+DMA, no pageable staging by the driver.
 """
 
 from __future__ import annotations

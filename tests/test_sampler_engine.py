@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from headway.modeling import LoraConfig, ModelConfig, Transformer
+from headway.modeling import LoraConfig, ModelConfig, ModelError, Transformer
 from headway.modeling.load import hf_state_dict
 from headway.modeling.lora import peft_config
 from headway.modeling.model import grouped_attention
@@ -231,26 +231,53 @@ def save_adapter_files(path, config: LoraConfig, tensors) -> None:
     (path / "adapter_config.json").write_text(json.dumps(peft_config(config)))
 
 
-def test_an_adapter_copied_from_its_mapped_file_decodes_as_the_adapter(tmp_path):
-    """The sampler copies an adapter straight from a memory map of its file into the slot:
-    at a rank below the slot's, and after a larger adapter occupied the slot, the engine
-    decodes exactly as an engine given the adapter's tensors in memory."""
+@pytest.mark.parametrize("keep", [False, True])
+def test_an_adapter_read_from_its_mapped_file_decodes_as_the_adapter(tmp_path, keep):
+    """The sampler reads an adapter from a memory map of its file: copied into the slot
+    (keep=False), or served from the map in place (keep=True, the reload's path) and
+    stacked into the slot only when a batch mixes it with another adapter. At a rank below
+    the slot's, after a larger adapter occupied the slot, the engine decodes exactly as an
+    engine given the adapter's tensors in memory, alone and in a mixed batch, and the slot
+    ends up holding exactly the adapter."""
     large, small = LoraConfig(rank=8, alpha=8), LoraConfig(rank=3, alpha=6)
     engine = make_engine("qwen3")
     small_tensors = adapter(engine.bank, 3, seed=11)
     save_adapter_files(tmp_path / "large", large, adapter(engine.bank, 8, seed=10))
     save_adapter_files(tmp_path / "small", small, small_tensors)
-    for name in ("large", "small"):
-        engine.bank.load(1, *read_adapter(tmp_path / name, mapped=True))
+    engine.bank.load(1, *read_adapter(tmp_path / "large", mapped=True))  # stacked: extent 8
+    engine.bank.load(1, *read_adapter(tmp_path / "small", mapped=True), keep=keep)
+    assert bool(engine.bank.pending) == keep
     fresh = make_engine("qwen3")
     fresh.bank.load(1, small, small_tensors)
-    for key in engine.bank.A:
-        assert torch.equal(engine.bank.A[key], fresh.bank.A[key])
-        assert torch.equal(engine.bank.B[key], fresh.bank.B[key])
     draws = [DrawParams(0.0, 1.0, 0, None)]
     got, want = run(engine, [3, 9, 27], 1, 1, draws), run(fresh, [3, 9, 27], 1, 1, draws)
     assert got[0][0] == want[0][0]
     assert np.array_equal(got[0][1], want[0][1])
+    assert bool(engine.bank.pending) == keep  # one adapter per batch: still in place
+    got, want = mixed_run(engine, [3, 9, 27, 4]), mixed_run(fresh, [3, 9, 27, 4])
+    for (tg, lg), (tw, lw) in zip(got, want, strict=True):
+        assert tg == tw and np.abs(lg - lw).max() <= 1e-6
+    assert not engine.bank.pending
+    for key in engine.bank.A:
+        assert torch.equal(engine.bank.A[key], fresh.bank.A[key])
+        assert torch.equal(engine.bank.B[key], fresh.bank.B[key])
+
+
+def test_an_adapter_of_the_wrong_shape_is_refused_and_changes_nothing(tmp_path):
+    """A file whose tensors do not fit the base (another base's adapter) is a ModelError
+    naming the projection, and the slot keeps what it served."""
+    engine = make_engine("qwen3")
+    before = {k: (engine.bank.views[1][k][0].clone(), engine.bank.views[1][k][1].clone())
+              for k in engine.bank.A}  # fmt: skip
+    bad = adapter(engine.bank, 4, seed=5)
+    key = next(iter(engine.bank.A))
+    bad[f"{key}.lora_A"] = bad[f"{key}.lora_A"][:, :-1]
+    save_adapter_files(tmp_path / "bad", LoraConfig(rank=4, alpha=8), bad)
+    with pytest.raises(ModelError, match=key):
+        engine.bank.load(1, *read_adapter(tmp_path / "bad", mapped=True), keep=True)
+    for k, (a, b) in before.items():
+        assert torch.equal(engine.bank.views[1][k][0], a)
+        assert torch.equal(engine.bank.views[1][k][1], b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
