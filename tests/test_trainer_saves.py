@@ -60,3 +60,44 @@ def test_a_restarted_trainer_continues_bit_for_bit(tmp_path, tiny_base, full, mo
     a, b = _files(store, kept), _files(store, restored)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "the restored model diverged"
+
+
+def test_the_kept_weights_layout_follows_the_parameters(tmp_path):
+    """The weights file is laid out over the parameters' memory once and kept (AdamW
+    changes them in place); a parameter given new memory (a reload) makes it again: every
+    write holds the values the parameters have then."""
+    from types import SimpleNamespace
+
+    from headway.modeling import ModelConfig, Transformer
+    from headway.modeling.load import hf_state_dict
+    from headway.store.tensorfile import write_plan
+    from tests.stack import TINY_DIMS
+    from trainer_svc.state import weights_plan
+
+    module = Transformer(ModelConfig(**TINY_DIMS, model_type="qwen3", qk_norm=True))
+    module.init_weights(seed=0)
+    params = dict(module.named_parameters())
+    state = SimpleNamespace(
+        record=SimpleNamespace(lora=None), module=module, params=params, saved_layout=None
+    )
+
+    def written(name: str) -> dict[str, torch.Tensor]:
+        write_plan(tmp_path / name, weights_plan(state))
+        return load_file(str(tmp_path / name))
+
+    def assert_holds_the_parameters(tensors: dict[str, torch.Tensor]) -> None:
+        want = hf_state_dict(module)
+        assert tensors.keys() == want.keys()
+        assert all(torch.equal(tensors[k], want[k]) for k in want)
+
+    first = weights_plan(state)
+    assert weights_plan(state) is first  # kept
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(1.0)  # in place, as AdamW
+    assert_holds_the_parameters(written("a.safetensors"))
+    assert weights_plan(state) is first
+    moved = next(iter(params.values()))
+    moved.data = moved.data.clone() * 3  # new memory
+    assert_holds_the_parameters(written("b.safetensors"))
+    assert weights_plan(state) is not first
