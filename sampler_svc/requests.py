@@ -261,10 +261,24 @@ class Collector:
     its speed. The engine flushes once a step's events are all emitted (`job.flush`): one
     wake-up carries them, and any emitted before the loop runs it (several steps' when the
     loop is behind). An error, emitted from any thread, wakes the loop at once.
+
+    `live=False` (a unary Sample without stop strings: nobody reads a token before the end,
+    and no stop string has to be found as it is made) wakes the loop only for an event
+    that ends a sequence (or an error): the replica's event loop then takes no CPU from
+    the decoding per step (measured ~0.8 ms of it per step at batch 1 on a 2-core EPYC,
+    time the engine's matmul threads wait for a core).
     """
 
-    def __init__(self, spec: Spec, tokenizer: Tokenizer, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        spec: Spec,
+        tokenizer: Tokenizer,
+        loop: asyncio.AbstractEventLoop,
+        live: bool = True,
+    ) -> None:
         self.spec, self.tokenizer = spec, tokenizer
+        self.live = live
+        self._ending = False  # an event that ends a sequence (or an error) is pending
         self.sequences = [SequenceState(tokenizer, spec.stop) for _ in range(spec.n)]
         self.prompt_logprobs: list[float] | None = None
         self.queue: asyncio.Queue[list[Event]] = asyncio.Queue()
@@ -287,13 +301,14 @@ class Collector:
         """Any thread: queue `event` (until the engine's flush; an error flushes now)."""
         with self._lock:
             self._pending.append(event)  # type: ignore[arg-type]
+            self._ending = self._ending or event[0] in ("done", "error")
         if event[0] == "error":
             self._flush()
 
     def _flush(self) -> None:
         """Any thread: wake the loop to take the queued events, unless a wake-up is due."""
         with self._lock:
-            wake = bool(self._pending) and not self._wake_due
+            wake = bool(self._pending) and not self._wake_due and (self.live or self._ending)
             self._wake_due = self._wake_due or wake
         if wake:
             self._loop.call_soon_threadsafe(self._deliver)
@@ -302,7 +317,7 @@ class Collector:
         """On the loop: hand the events gathered so far to the consumer, as one batch."""
         with self._lock:
             events, self._pending = self._pending, []
-            self._wake_due = False
+            self._wake_due = self._ending = False
         self.queue.put_nowait(events)
 
     async def next_events(self) -> list[Event]:

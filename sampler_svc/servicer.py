@@ -44,13 +44,16 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         return self._tokenizers[base]
 
     async def _start(
-        self, request: sampling_pb2.SampleRequest, context: Ctx
+        self, request: sampling_pb2.SampleRequest, context: Ctx, stream: bool
     ) -> tuple[Collector, str]:
         self.sampler.check_alive()  # a dead engine answers at once, so gateways fail over
         record, ckpt = self._resolve(request.model, request.checkpoint, team_of(context))
         tokenizer = self._tokenizer(record)
         spec = validate(request, record, tokenizer, self.sampler.config)
-        collector = Collector(spec, tokenizer, asyncio.get_running_loop())
+        # A stream sends each step's tokens; stop strings are looked for as text is made
+        # (the engine frees a row at its stop); else the events can wait for the end.
+        live = stream or bool(spec.stop)
+        collector = Collector(spec, tokenizer, asyncio.get_running_loop(), live)
 
         def on_error(error: Exception) -> None:
             collector.job.emit("error", -1, error)
@@ -77,7 +80,7 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
     async def Sample(
         self, request: sampling_pb2.SampleRequest, context: Ctx
     ) -> sampling_pb2.SampleResponse:
-        collector, ckpt = await self._start(request, context)
+        collector, ckpt = await self._start(request, context, stream=False)
         try:
             while not collector.done:
                 await self._updates(collector)
@@ -105,7 +108,7 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         self, request: sampling_pb2.SampleRequest, context: Ctx
     ) -> AsyncIterator[sampling_pb2.SampleChunk]:
         try:
-            collector, ckpt = await self._start(request, context)
+            collector, ckpt = await self._start(request, context, stream=True)
         except MAPPED_ERRORS as e:
             await abort_for(context, e)
         first = sampling_pb2.SampleChunk(

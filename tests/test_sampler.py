@@ -301,6 +301,61 @@ def test_stream_yields_the_same_tokens_as_sample(sampling_stack):
     assert [per_row[0], per_row[1]] == [toks(s) for s in whole.sequences]
 
 
+def test_a_unary_sample_wakes_the_event_loop_per_sequence_end_not_per_token(
+    sampling_stack, monkeypatch
+):
+    """A Sample without stop strings hands its events to the replica's event loop when a
+    sequence ends (n wake-ups at most, whatever the length), with the tokens a stream of
+    the same request sends."""
+    from sampler_svc.requests import Collector
+
+    stack = sampling_stack
+    deliveries: list[int] = []
+    deliver = Collector._deliver
+
+    def counted(self) -> None:
+        deliveries.append(len(self._pending))
+        deliver(self)
+
+    monkeypatch.setattr(Collector, "_deliver", counted)
+    params = dict(n=2, max_tokens=16, seed=3, ignore_eos=True)
+    whole = sample(stack, "tiny", **params)
+    assert 1 <= len(deliveries) <= 2  # both rows end at the same step: usually one
+    assert sum(deliveries) == 2 * (16 + 1)  # every token and each row's end
+    request = sampling_pb2.SampleRequest(
+        model="tiny", prompt_tokens=to_tensor(PROMPT), params=common_pb2.SamplingParams(**params)
+    )
+    streamed: dict[int, list[int]] = {0: [], 1: []}
+    for chunk in stack.sampler.stub.SampleStream(request):
+        streamed[chunk.index] += np.frombuffer(chunk.tokens.data, np.int32).tolist()
+    assert [streamed[0], streamed[1]] == [toks(s) for s in whole.sequences]
+
+
+def test_a_collector_wakes_its_loop_at_each_step_only_when_live():
+    """Live (a stream, or stop strings to find): a step's tokens wake the loop. Not live:
+    only an event that ends a sequence does; either way the loop then gets every event."""
+    import asyncio
+
+    from sampler_svc.requests import Collector, Spec
+    from sampler_svc.sampling import DrawParams
+
+    loop = asyncio.new_event_loop()
+    try:
+        for live in (False, True):
+            spec = Spec([1], 1, 4, [], frozenset(), [DrawParams(0.0, 1.0, 0, None)], False)
+            collector = Collector(spec, None, loop, live)  # type: ignore[arg-type]  # no text
+            collector.job.emit("token", 0, (5, -0.5))
+            collector.job.flush()  # as the engine does after a step
+            assert collector._wake_due == live
+            collector.job.emit("done", 0, "length")
+            collector.job.flush()
+            assert collector._wake_due
+            events = loop.run_until_complete(collector.next_events())
+            assert [kind for kind, _, _ in events] == ["token", "done"]
+    finally:
+        loop.close()
+
+
 def test_tokens_a_stream_has_not_sent_yet_leave_together(sampling_stack):
     """When the engine runs ahead of the stream (the replica's event loop busy), the tokens
     waiting for a sequence go out in one chunk, not a message each. Deterministically: the
