@@ -5,8 +5,9 @@ stacked adapter slots `A [S, R, in]`, `B [S, out, R]` (R the bank's largest rank
 adapters are zero-padded, which adds exact zeros). Before a forward the engine sets the
 slot of every row; slot 0 is "no adapter". Rows of different forks of one base therefore
 decode in the same batch. A slot is only rewritten when no row uses it, so a reload never
-changes the weights under a sequence in flight. A reloaded adapter is served from the map of its
-file in place; its slot's stacked copy is made when a forward first mixes it with others.
+changes the weights under a sequence in flight. A reloaded adapter is served from the
+tensors read from its file (CPU, same dtype); its slot's stacked copy is made when a
+forward first mixes it with others.
 
 A forward of a few rows (a decode step, a short prefill) runs its base projections in the
 layout measured fastest for its shape and row count (`sampler_svc.kernels`): the engine sets
@@ -69,7 +70,7 @@ class AdapterBank:
         # torch's per-call dispatch (~10 µs a slice or copy_, ~100 of each per adapter).
         self._arrays = {k: (_array(self.A[k]), _array(self.B[k])) for k in self.A}
         self._ranked: dict[tuple[int, int], tuple[dict, list]] = {}  # see `_rank_views`
-        # Slots served in place from their adapter's arrays, not yet stacked: slot → (rank,
+        # Slots served in place from their adapter's tensors, not yet stacked: slot → (rank,
         # {projection: (A, B)}) (see `load`).
         self.pending: dict[int, tuple[int, dict[str, tuple[Any, Any]]]] = {}
 
@@ -82,11 +83,11 @@ class AdapterBank:
     ) -> None:
         """Put an adapter (`name.lora_A` / `name.lora_B` tensors or arrays) into `slot`.
 
-        `keep`: the arrays never change (they view the adapter's checkpoint file, which is
-        immutable), so a CPU bank of their dtype serves the slot from them in place: the
-        reload copies nothing, and the slot's stacked copy, which only a forward mixing
-        adapters reads, is made the first time one does (`select`). Otherwise the adapter
-        is copied into the slot now."""
+        `keep`: the tensors are given to the bank (read from the checkpoint file into a
+        buffer of their own for this load: nothing else changes them), so a CPU bank of
+        their dtype serves the slot from them in place: the reload copies nothing, and the
+        slot's stacked copy, which only a forward mixing adapters reads, is made the first
+        time one does (`select`). Otherwise the adapter is copied into the slot now."""
         if not 0 < slot < self.slots:
             raise ValueError(f"adapter slot {slot} out of range")
         if config.rank > self.max_rank:
@@ -143,10 +144,10 @@ class AdapterBank:
         self.extent[slot] = r
         self.views[slot] = views
 
-    def stack_pending(self, slots: set[int] | None = None) -> None:
-        """Make the stacked copies of adapters served in place (`load(..., keep=True)`):
-        of `slots`, or of all."""
-        for slot in list(self.pending) if slots is None else slots & self.pending.keys():
+    def stack_pending(self, slots: set[int]) -> None:
+        """Make the stacked copies of those of `slots` served in place (`load(...,
+        keep=True)`)."""
+        for slot in slots & self.pending.keys():
             self._stack(slot, *self.pending.pop(slot))
 
     def _rank_views(

@@ -385,7 +385,7 @@ class Sampler:
                 return None
             start = time.perf_counter()
             config, tensors = read_lora(self.store, adapter_ref)
-            entry.bank.load(free, config, tensors, keep=True)  # a map of an immutable file
+            entry.bank.load(free, config, tensors, keep=True)  # read for this load alone
             self.on_load("lora", time.perf_counter() - start)
             entry.adapters[adapter_ref] = slot = free
             log.info(

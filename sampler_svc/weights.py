@@ -9,10 +9,11 @@ in the time of a memcpy: the trainer writes the file in one `writev`, which lets
 cache hold it in large folios that map in a few faults. (`os.preadv` into the tensors, the
 kernel's copy, ran ~2x slower on a 2-core EPYC VM.) A tensor whose dtype or layout differs
 from the file's (a bf16 engine, a fp32 file) is converted by torch from the same map.
-Adapters are mapped the same way and served from the map in place (no copy on a reload's
-path: `AdapterBank.load`). An engine on a GPU reads each tensor from the map into a pinned
-host buffer and copies it to the device from there (`copy_to_device`): one host read, one
-DMA, no pageable staging by the driver.
+An adapter is read into memory of its own in one call and a CPU engine of its dtype serves
+it from there (no copy into the slot on a reload's path: `AdapterBank.load`). An engine on a
+GPU reads each full-weights tensor from the map into a pinned host buffer and copies it to
+the device from there (`copy_to_device`): one host read, one DMA, no pageable staging by the
+driver.
 """
 
 from __future__ import annotations
@@ -176,9 +177,11 @@ def _readers() -> ThreadPoolExecutor:
 
 def read_lora(
     store: CheckpointStore, ref: CheckpointRef
-) -> tuple[LoraConfig, dict[str, torch.Tensor | np.ndarray]]:
-    """The adapter of a LoRA checkpoint: config and `name.lora_A/B` arrays, viewing a map of
-    its file (read as they are copied into a slot: no buffer, one copy). `ref` is the
-    adapter checkpoint `serving_refs` gives, already resolved: its own directory holds the
-    files (no second walk of the store's references on a reload's path)."""
-    return read_adapter(store.checkpoint_dir(ref.model, ref.checkpoint), mapped=True)
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The adapter of a LoRA checkpoint: config and `name.lora_A/B` tensors, read in one
+    call into a buffer of their own (no map: a slot serves them for as long as it holds the
+    adapter, and a mapped file deleted or changed on a shared store under it would kill the
+    process with SIGBUS). `ref` is the adapter checkpoint `serving_refs` gives, already
+    resolved: its own directory holds the files (no second walk of the store's references
+    on a reload's path)."""
+    return read_adapter(store.checkpoint_dir(ref.model, ref.checkpoint))

@@ -30,7 +30,7 @@ def test_the_client_install_has_no_torch_and_the_extras_add_it():
     assert not core & server_side, core & server_side
     assert requirement_names(extras["train"]) == {"torch"}
     assert "torch" not in requirement_names(extras["gateway"])
-    assert {"headway[gateway]", "torch>=2.4"} <= set(extras["server"])
+    assert {"headway[gateway]", "torch>=2.6"} <= set(extras["server"])
     assert "headway[server]" in extras["test"]
 
 

@@ -199,51 +199,53 @@ def _load_optimizer(
         }
 
 
-def _optimizer_names(state: ModelState) -> list[str]:
-    """The parameters that have AdamW state, in the order the optimizer file lists them."""
-    return [n for n, p in state.params.items() if state.optimizer.state.get(p)]
+@dataclass(frozen=True)
+class OptimizerFile:
+    """The optimizer state of one step as the store's file: the parameters that have AdamW
+    state (in file order) and each one's state (its tensors, which the next AdamW changes in
+    place: the file must be written before, see `Trainer._apply_and_save`). Three
+    safetensors tensors (step counts, first and second moments, in parameter order), the
+    moments written from their per-parameter parts, never concatenated in memory; three
+    flat tensors instead of three per parameter: writing hundreds of small tensors costs
+    more than the bytes themselves for a LoRA adapter."""
 
+    names: list[str]
+    per: list[dict[str, torch.Tensor]]
 
-def optimizer_tensors(
-    state: ModelState,
-) -> tuple[dict[str, torch.Tensor | list[torch.Tensor]], dict[str, str]]:
-    """AdamW state as three safetensors tensors (step counts, first and second moments, in
-    parameter order), the moments given as their per-parameter parts (written back to
-    back, never concatenated in memory), and the metadata naming that order.
+    @classmethod
+    def of(cls, state: ModelState) -> OptimizerFile:
+        names = [n for n, p in state.params.items() if state.optimizer.state.get(p)]
+        return cls(names, [state.optimizer.state[state.params[n]] for n in names])
 
-    Three flat tensors instead of three per parameter: writing hundreds of small tensors
-    costs more than the bytes themselves for a LoRA adapter.
-    """
-    names = _optimizer_names(state)
-    per = [state.optimizer.state[state.params[n]] for n in names]
-    # Host tensors (the CPU's own, or pinned copies of a GPU's, one sync for all).
-    moments = to_host(
-        {f"{key}.{i}": s[key] for i, s in enumerate(per) for key in ("exp_avg", "exp_avg_sq")}
-    )
-    steps = [s["step"].detach().float().reshape(()) for s in per]
-    tensors: dict[str, torch.Tensor | list[torch.Tensor]] = {
-        "step": to_host({"step": torch.stack(steps)})["step"],
-        "exp_avg": [moments[f"exp_avg.{i}"] for i in range(len(per))],
-        "exp_avg_sq": [moments[f"exp_avg_sq.{i}"] for i in range(len(per))],
-    }
-    return tensors, {"format": "pt", "params": json.dumps(names)}
+    @property
+    def metadata(self) -> dict[str, str]:
+        return {"format": "pt", "params": json.dumps(self.names)}
 
+    def size(self) -> int:
+        """The file's size from the parameters' shapes alone: a few µs per parameter where
+        gathering the tensors costs ~50 (a LoRA fork's OptimStep, 112 parameters, replied
+        ~5 ms later with that on its path)."""
+        total = sum(s["exp_avg"].numel() for s in self.per)
+        dtype = self.per[0]["exp_avg"].dtype if self.per else torch.float32
+        layout = {
+            "step": (torch.float32, [len(self.names)]),
+            "exp_avg": (dtype, [total]),
+            "exp_avg_sq": (dtype, [total]),
+        }
+        return safetensors_header(layout, self.metadata)[1]
 
-def optimizer_file_size(state: ModelState) -> int:
-    """The size of the file `optimizer_tensors` makes, from the parameters' shapes alone:
-    a few µs per parameter where gathering the tensors' bytes costs ~50 (the OptimStep of a
-    LoRA fork, 112 parameters, replied ~5 ms later with them on its path)."""
-    names = _optimizer_names(state)
-    moments = [state.optimizer.state[state.params[n]]["exp_avg"] for n in names]
-    total = sum(m.numel() for m in moments)
-    dtype = moments[0].dtype if moments else torch.float32
-    layout = {
-        "step": (torch.float32, [len(names)]),
-        "exp_avg": (dtype, [total]),
-        "exp_avg_sq": (dtype, [total]),
-    }
-    _, size = safetensors_header(layout, {"format": "pt", "params": json.dumps(names)})
-    return size
+    def tensors(self) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """The file's tensors: host tensors (the CPU's own, or pinned copies of a device's,
+        one sync for all)."""
+        moments = to_host(
+            {f"{k}.{i}": s[k] for i, s in enumerate(self.per) for k in ("exp_avg", "exp_avg_sq")}
+        )
+        steps = [s["step"].detach().float().reshape(()) for s in self.per]
+        return {
+            "step": to_host({"step": torch.stack(steps)})["step"],
+            "exp_avg": [moments[f"exp_avg.{i}"] for i in range(len(self.per))],
+            "exp_avg_sq": [moments[f"exp_avg_sq.{i}"] for i in range(len(self.per))],
+        }
 
 
 def weights_plan(state: ModelState) -> TensorFilePlan:
@@ -270,9 +272,9 @@ def weights_plan(state: ModelState) -> TensorFilePlan:
 def checkpoint_writers(state: ModelState) -> tuple[Callable[[Path], None], DeferredFile]:
     """How to write the state's checkpoint, straight from the tensors' memory
     (`headway.store.tensorfile`): a function writing the weights (or adapter) into a
-    directory, and the optimizer state as a `DeferredFile` (its size known now, its
-    tensors gathered when it is written), which the caller writes with them or leaves to
-    the store's background queue."""
+    directory, and the optimizer state as a `DeferredFile` (its size known now; on the CPU
+    its tensors gathered when it is written), which the caller writes with them or leaves
+    to the store's background queue."""
     base_path = state.record.base
 
     def write(directory: Path) -> None:
@@ -283,10 +285,18 @@ def checkpoint_writers(state: ModelState) -> tuple[Callable[[Path], None], Defer
         else:
             write_plan(directory / WEIGHTS_FILE, weights_plan(state))
 
-    def write_optimizer(path: Path) -> int:
-        return write_safetensors(path, *optimizer_tensors(state))
+    optimizer = OptimizerFile.of(state)  # the state's tensors, not the ModelState
+    if next(iter(state.params.values())).device.type == "cpu":
+        # Gathered when written (views of the CPU's own tensors: nothing that can fail).
+        def write_optimizer(path: Path) -> int:
+            return write_safetensors(path, optimizer.tensors(), optimizer.metadata)
+    else:  # copied to the host now: a device error fails the OptimStep, not a later write
+        tensors = optimizer.tensors()
 
-    return write, DeferredFile(OPTIMIZER_FILE, optimizer_file_size(state), write_optimizer)
+        def write_optimizer(path: Path) -> int:
+            return write_safetensors(path, tensors, optimizer.metadata)
+
+    return write, DeferredFile(OPTIMIZER_FILE, optimizer.size(), write_optimizer)
 
 
 def fresh_adapter_writer(config: Any, lora: LoraConfig, base_model: str, seed: int) -> Any:

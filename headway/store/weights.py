@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -23,7 +22,7 @@ from headway.modeling.load import empty_model, read_weights
 from headway.modeling.lora import LoraConfig, read_adapter_config
 from headway.store.records import CheckpointRecord
 from headway.store.store import ADAPTER_FILE, WEIGHTS_FILE, CheckpointStore
-from headway.store.tensorfile import map_safetensors, read_safetensors
+from headway.store.tensorfile import read_safetensors
 
 
 def base_config(store: CheckpointStore, slug: str) -> ModelConfig:
@@ -40,17 +39,11 @@ def adapter_dir(store: CheckpointStore, slug: str, ckpt_id: str) -> Path:
     return store.files_dir(target)
 
 
-def read_adapter(
-    path: Path, mapped: bool = False
-) -> tuple[LoraConfig, dict[str, torch.Tensor | np.ndarray]]:
-    """(config, {our module name: (A, B)} flattened as name.lora_A / name.lora_B) of a dir.
-
-    `mapped`: numpy arrays (torch tensors for BF16) viewing a private memory map of the file
-    (`map_safetensors`), for a reader that copies them once into memory of its own and
-    drops them; else torch tensors."""
+def read_adapter(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """(config, {our module name: (A, B)} flattened as name.lora_A / name.lora_B) of a dir:
+    tensors viewing one buffer of their own, the file read into it in one call."""
     config = read_adapter_config(path)
-    file = path / ADAPTER_FILE
-    raw = map_safetensors(file, arrays=True)[0] if mapped else read_safetensors(file)
+    raw = read_safetensors(path / ADAPTER_FILE)
     prefix = "base_model.model.model."
     return config, {k.removeprefix(prefix).removesuffix(".weight"): v for k, v in raw.items()}
 
