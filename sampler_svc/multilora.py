@@ -5,9 +5,9 @@ stacked adapter slots `A [S, R, in]`, `B [S, out, R]` (R the bank's largest rank
 adapters are zero-padded, which adds exact zeros). Before a forward the engine sets the
 slot of every row; slot 0 is "no adapter". Rows of different forks of one base therefore
 decode in the same batch. A slot is only rewritten when no row uses it, so a reload never
-changes the weights under a sequence in flight. A reloaded adapter is served from the
-tensors read from its file (CPU, same dtype); its slot's stacked copy is made when a
-forward first mixes it with others.
+changes the weights under a sequence in flight. A reloaded adapter is served in place from a
+map of its file (CPU, same dtype) until its slot's stacked copy is made: at the engine
+loop's next turn, or by a forward that mixes it with others first.
 
 A forward of a few rows (a decode step, a short prefill) runs its base projections in the
 layout measured fastest for its shape and row count (`sampler_svc.kernels`): the engine sets
@@ -83,11 +83,12 @@ class AdapterBank:
     ) -> None:
         """Put an adapter (`name.lora_A` / `name.lora_B` tensors or arrays) into `slot`.
 
-        `keep`: the tensors are given to the bank (read from the checkpoint file into a
-        buffer of their own for this load: nothing else changes them), so a CPU bank of
-        their dtype serves the slot from them in place: the reload copies nothing, and the
-        slot's stacked copy, which only a forward mixing adapters reads, is made the first
-        time one does (`select`). Otherwise the adapter is copied into the slot now."""
+        `keep`: nothing changes the tensors (a map of the immutable checkpoint file), so a
+        CPU bank of their dtype serves the slot from them in place: the reload copies
+        nothing. The slot's stacked copy is made later, by `stack_next` (the engine's loop,
+        one slot per turn) or by the first forward that mixes adapters (`select`), after
+        which the bank no longer holds the tensors. Otherwise the adapter is copied into the
+        slot now."""
         if not 0 < slot < self.slots:
             raise ValueError(f"adapter slot {slot} out of range")
         if config.rank > self.max_rank:
@@ -143,6 +144,13 @@ class AdapterBank:
                     self.B[key][slot, :, start:extent].zero_()
         self.extent[slot] = r
         self.views[slot] = views
+
+    def stack_next(self) -> bool:
+        """Make the stacked copy of one slot served in place; whether there was one."""
+        for slot in self.pending:
+            self._stack(slot, *self.pending.pop(slot))
+            return True
+        return False
 
     def stack_pending(self, slots: set[int]) -> None:
         """Make the stacked copies of those of `slots` served in place (`load(...,

@@ -228,7 +228,9 @@ class Sampler:
             idle = (
                 not self._waiting
                 and not self._scoring
-                and not any(e.busy() or e.engine.repacking for e in self.engines.values())
+                and not any(
+                    e.busy() or e.engine.repacking or e.bank.pending for e in self.engines.values()
+                )
             )
             try:
                 kind, payload = self._inbox.get(timeout=0.05 if idle else 0)
@@ -248,6 +250,9 @@ class Sampler:
                 # Packed copies made stale by a reload are made again one per turn of this
                 # loop (a few ms each), so a request arriving meanwhile waits for one at most.
                 entry.engine.repack(limit=1)
+                # An adapter served from its file's map since a reload is copied into its
+                # slot (one per turn, ~2-4 ms): the map lives only until then.
+                entry.bank.stack_next()
             self._score_piece()
 
     def _handle(self, kind: str, payload: Any) -> None:
@@ -385,7 +390,7 @@ class Sampler:
                 return None
             start = time.perf_counter()
             config, tensors = read_lora(self.store, adapter_ref)
-            entry.bank.load(free, config, tensors, keep=True)  # read for this load alone
+            entry.bank.load(free, config, tensors, keep=True)  # stacked at the next turn
             self.on_load("lora", time.perf_counter() - start)
             entry.adapters[adapter_ref] = slot = free
             log.info(

@@ -9,8 +9,8 @@ in the time of a memcpy: the trainer writes the file in one `writev`, which lets
 cache hold it in large folios that map in a few faults. (`os.preadv` into the tensors, the
 kernel's copy, ran ~2x slower on a 2-core EPYC VM.) A tensor whose dtype or layout differs
 from the file's (a bf16 engine, a fp32 file) is converted by torch from the same map.
-An adapter is read into memory of its own in one call and a CPU engine of its dtype serves
-it from there (no copy into the slot on a reload's path: `AdapterBank.load`). An engine on a
+An adapter is mapped the same way and a CPU engine of its dtype serves it from the map
+until its loop copies it into the slot (not on a reload's path: `AdapterBank.load`). An engine on a
 GPU reads each full-weights tensor from the map into a pinned host buffer and copies it to
 the device from there (`copy_to_device`): one host read, one DMA, no pageable staging by the
 driver.
@@ -178,10 +178,11 @@ def _readers() -> ThreadPoolExecutor:
 def read_lora(
     store: CheckpointStore, ref: CheckpointRef
 ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """The adapter of a LoRA checkpoint: config and `name.lora_A/B` tensors, read in one
-    call into a buffer of their own (no map: a slot serves them for as long as it holds the
-    adapter, and a mapped file deleted or changed on a shared store under it would kill the
-    process with SIGBUS). `ref` is the adapter checkpoint `serving_refs` gives, already
-    resolved: its own directory holds the files (no second walk of the store's references
-    on a reload's path)."""
-    return read_adapter(store.checkpoint_dir(ref.model, ref.checkpoint))
+    """The adapter of a LoRA checkpoint: config and `name.lora_A/B` tensors viewing a map
+    of its file (nothing read yet: `AdapterBank.load` serves them in place, and the
+    engine's loop copies them into the slot at its next turn, which drops the map: a mapped
+    file deleted or changed under a sampler on a shared store would kill it with SIGBUS, so
+    the map lives for a few ms, as a full reload's does). `ref` is the adapter checkpoint
+    `serving_refs` gives, already resolved: its own directory holds the files (no second
+    walk of the store's references on a reload's path)."""
+    return read_adapter(store.checkpoint_dir(ref.model, ref.checkpoint), mapped=True)

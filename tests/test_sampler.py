@@ -142,6 +142,12 @@ def test_a_published_head_is_loaded_before_any_request(sampling_stack):
         what="the head event to load the new adapter",
     )
     assert sample(stack, "m", max_tokens=2).checkpoint == reply.checkpoint
+    # Served from the map of its file at first, the adapter is copied into its slot by the
+    # engine's loop, which then holds no map of the file (deleted on a shared store, a
+    # mapped file would kill the replica).
+    banks = [e.bank for e in stack.sampler.sampler.engines.values()]
+    wait_until(lambda: not any(b.pending for b in banks), what="the adapter to be stacked")
+    assert sample(stack, "m", max_tokens=2).checkpoint == reply.checkpoint
 
 
 def test_pinned_checkpoint_is_served_exactly_and_unknown_is_not_found(sampling_stack):

@@ -247,7 +247,7 @@ def test_an_adapter_read_from_its_file_decodes_as_the_adapter(tmp_path, keep):
     save_adapter_files(tmp_path / "large", large, adapter(engine.bank, 8, seed=10))
     save_adapter_files(tmp_path / "small", small, small_tensors)
     engine.bank.load(1, *read_adapter(tmp_path / "large"))  # stacked: extent 8
-    engine.bank.load(1, *read_adapter(tmp_path / "small"), keep=keep)
+    engine.bank.load(1, *read_adapter(tmp_path / "small", mapped=keep), keep=keep)
     assert bool(engine.bank.pending) == keep
     fresh = make_engine("qwen3")
     fresh.bank.load(1, small, small_tensors)
@@ -276,7 +276,7 @@ def test_an_adapter_of_the_wrong_shape_is_refused_and_changes_nothing(tmp_path):
     bad[f"{key}.lora_A"] = bad[f"{key}.lora_A"][:, :-1]
     save_adapter_files(tmp_path / "bad", LoraConfig(rank=4, alpha=8), bad)
     with pytest.raises(ModelError, match=key):
-        engine.bank.load(1, *read_adapter(tmp_path / "bad"), keep=True)
+        engine.bank.load(1, *read_adapter(tmp_path / "bad", mapped=True), keep=True)
     for k, (a, b) in before.items():
         assert torch.equal(engine.bank.views[1][k][0], a)
         assert torch.equal(engine.bank.views[1][k][1], b)

@@ -22,7 +22,7 @@ from headway.modeling.load import empty_model, read_weights
 from headway.modeling.lora import LoraConfig, read_adapter_config
 from headway.store.records import CheckpointRecord
 from headway.store.store import ADAPTER_FILE, WEIGHTS_FILE, CheckpointStore
-from headway.store.tensorfile import read_safetensors
+from headway.store.tensorfile import map_safetensors, read_safetensors
 
 
 def base_config(store: CheckpointStore, slug: str) -> ModelConfig:
@@ -39,11 +39,13 @@ def adapter_dir(store: CheckpointStore, slug: str, ckpt_id: str) -> Path:
     return store.files_dir(target)
 
 
-def read_adapter(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+def read_adapter(path: Path, mapped: bool = False) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """(config, {our module name: (A, B)} flattened as name.lora_A / name.lora_B) of a dir:
-    tensors viewing one buffer of their own, the file read into it in one call."""
+    tensors viewing one buffer of their own, the file read into it in one call, or with
+    `mapped` a private memory map of the file (`map_safetensors`: nothing read yet)."""
     config = read_adapter_config(path)
-    raw = read_safetensors(path / ADAPTER_FILE)
+    file = path / ADAPTER_FILE
+    raw = map_safetensors(file)[0] if mapped else read_safetensors(file)
     prefix = "base_model.model.model."
     return config, {k.removeprefix(prefix).removesuffix(".weight"): v for k, v in raw.items()}
 
