@@ -72,16 +72,16 @@ class AdapterBank:
         self._ranked: dict[tuple[int, int], tuple[dict, list]] = {}  # see `_rank_views`
         # Slots served in place from their adapter's tensors, not yet stacked: slot → (rank,
         # {projection: (A, B)}) (see `load`).
-        self.pending: dict[int, tuple[int, dict[str, tuple[Any, Any]]]] = {}
+        self.pending: dict[int, tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
 
     def load(
         self,
         slot: int,
         config: LoraConfig,
-        tensors: Mapping[str, torch.Tensor | np.ndarray],
+        tensors: Mapping[str, torch.Tensor],
         keep: bool = False,
     ) -> None:
-        """Put an adapter (`name.lora_A` / `name.lora_B` tensors or arrays) into `slot`.
+        """Put an adapter (`name.lora_A` / `name.lora_B` tensors) into `slot`.
 
         `keep`: nothing changes the tensors (a map of the immutable checkpoint file), so a
         CPU bank of their dtype serves the slot from them in place: the reload copies
@@ -101,16 +101,22 @@ class AdapterBank:
         if (
             keep
             and self.device.type == "cpu"
-            and all(_same_dtype(t, self.A[k]) for k, ab in pairs.items() for t in ab)
+            and all(
+                t.device.type == "cpu" and t.dtype == self.A[k].dtype
+                for k, ab in pairs.items()
+                for t in ab
+            )  # fmt: skip
         ):
-            self.views[slot] = {k: (_tensor(a), _tensor(b)) for k, (a, b) in pairs.items()}
+            self.views[slot] = {k: (a.detach(), b.detach()) for k, (a, b) in pairs.items()}
             self.pending[slot] = (config.rank, pairs)
         else:
             self._stack(slot, config.rank, pairs)
         self.scaling_values[slot] = scaling = float(np.float32(config.scaling))
         self.scaling[slot] = scaling
 
-    def _pairs(self, r: int, tensors: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    def _pairs(
+        self, r: int, tensors: Mapping[str, torch.Tensor]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{projection: (A, B)} of the adapter's targets, their shapes checked."""
         pairs = {}
         for key, A in self.A.items():
@@ -126,7 +132,9 @@ class AdapterBank:
             pairs[key] = (a, b)
         return pairs
 
-    def _stack(self, slot: int, r: int, pairs: Mapping[str, tuple[Any, Any]]) -> None:
+    def _stack(
+        self, slot: int, r: int, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
         """Copy an adapter into the slot's rows of the stacked tensors; serve it from them."""
         extent = self.extent[slot]
         views, targets = self._rank_views(slot, r)
@@ -147,10 +155,10 @@ class AdapterBank:
 
     def stack_next(self) -> bool:
         """Make the stacked copy of one slot served in place; whether there was one."""
-        for slot in self.pending:
-            self._stack(slot, *self.pending.pop(slot))
-            return True
-        return False
+        if not self.pending:
+            return False
+        self.stack_pending({next(iter(self.pending))})
+        return True
 
     def stack_pending(self, slots: set[int]) -> None:
         """Make the stacked copies of those of `slots` served in place (`load(...,
@@ -301,29 +309,16 @@ def _array(t: torch.Tensor) -> np.ndarray | None:
     return t.detach().numpy()
 
 
-def _same_dtype(src: torch.Tensor | np.ndarray, like: torch.Tensor) -> bool:
-    """Whether `src` is host memory of `like`'s dtype (servable in place by a CPU bank)."""
-    if isinstance(src, np.ndarray):
-        return torch.from_numpy(np.empty(0, src.dtype)).dtype == like.dtype
-    return src.device.type == "cpu" and src.dtype == like.dtype
-
-
-def _tensor(src: torch.Tensor | np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(src) if isinstance(src, np.ndarray) else src.detach()
-
-
-def _copy(dst: torch.Tensor | np.ndarray, src: torch.Tensor | np.ndarray) -> None:
+def _copy(dst: torch.Tensor | np.ndarray, src: torch.Tensor) -> None:
     """dst[...] = src. Into a numpy view (a CPU bank) in one thread: torch's copy of a
     slot-sized tensor starts an OpenMP team, which costs milliseconds per copy on a busy
     machine (an adapter reload is ~100 of them: 37 vs 7 ms measured on a loaded 2-core
     EPYC). `src` may view a memory map of the adapter file: this copy is then the read."""
     if isinstance(dst, np.ndarray):
-        arr = src
-        if isinstance(src, torch.Tensor):
-            cpu = src.device.type == "cpu" and src.dtype != torch.bfloat16
-            arr = src.detach().numpy() if cpu else None
+        cpu = src.device.type == "cpu" and src.dtype != torch.bfloat16
+        arr = src.detach().numpy() if cpu else None
         if arr is not None and arr.dtype == dst.dtype:
             np.copyto(dst, arr)
             return
         dst = torch.from_numpy(dst)
-    dst.copy_(src if isinstance(src, torch.Tensor) else torch.from_numpy(src))
+    dst.copy_(src)

@@ -78,7 +78,11 @@ def test_the_kept_weights_layout_follows_the_parameters(tmp_path):
     module.init_weights(seed=0)
     params = dict(module.named_parameters())
     state = SimpleNamespace(
-        record=SimpleNamespace(lora=None), module=module, params=params, saved_layout=None
+        record=SimpleNamespace(lora=None),
+        module=module,
+        params=params,
+        saved_layout=None,
+        on_cpu=True,
     )
 
     def written(name: str) -> dict[str, torch.Tensor]:

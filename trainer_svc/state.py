@@ -121,6 +121,11 @@ class ModelState:
     saved_layout: tuple[list[int], TensorFilePlan] | None = None
 
     @property
+    def on_cpu(self) -> bool:
+        """Whether the trained parameters live in host memory (not on a device)."""
+        return next(iter(self.params.values())).device.type == "cpu"
+
+    @property
     def busy(self) -> bool:
         """True while it holds work that exists nowhere else (gradient, kept forwards)."""
         return self.acc.has_grad or bool(self.forwards)
@@ -256,7 +261,7 @@ def weights_plan(state: ModelState) -> TensorFilePlan:
     and laying them out cost ~3 ms of each OptimStep). It is made again when a parameter
     no longer lives where it did (new tensors: a reload); a device's tensors are copied
     to the host at every save."""
-    on_cpu = next(iter(state.params.values())).device.type == "cpu"
+    on_cpu = state.on_cpu
     where = [p.data_ptr() for p in state.params.values()] if on_cpu else []
     if on_cpu and state.saved_layout is not None and state.saved_layout[0] == where:
         return state.saved_layout[1]
@@ -286,15 +291,14 @@ def checkpoint_writers(state: ModelState) -> tuple[Callable[[Path], None], Defer
             write_plan(directory / WEIGHTS_FILE, weights_plan(state))
 
     optimizer = OptimizerFile.of(state)  # the state's tensors, not the ModelState
-    if next(iter(state.params.values())).device.type == "cpu":
-        # Gathered when written (views of the CPU's own tensors: nothing that can fail).
-        def write_optimizer(path: Path) -> int:
-            return write_safetensors(path, optimizer.tensors(), optimizer.metadata)
-    else:  # copied to the host now: a device error fails the OptimStep, not a later write
-        tensors = optimizer.tensors()
+    # On the CPU gathered when written (views of its own tensors: nothing that can fail); a
+    # device's copied to the host now, so a device error fails the OptimStep, not a later
+    # write.
+    gathered = None if state.on_cpu else optimizer.tensors()
 
-        def write_optimizer(path: Path) -> int:
-            return write_safetensors(path, tensors, optimizer.metadata)
+    def write_optimizer(path: Path) -> int:
+        tensors = optimizer.tensors() if gathered is None else gathered
+        return write_safetensors(path, tensors, optimizer.metadata)
 
     return write, DeferredFile(OPTIMIZER_FILE, optimizer.size(), write_optimizer)
 
