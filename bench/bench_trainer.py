@@ -26,11 +26,13 @@ each masked, random sampling logprobs and advantages, fixed seed), learning rate
   far its loss and logprobs are from fp32's on the same batch at the same weights (the
   first ForwardBackward of each). Where the CPU does not multiply bf16 faster the trainer
   computes in fp32 and the rows say so.
+- torch.distributed: the trainer as 1 process × 2 threads and as 2 processes × 1 thread
+  (torchrun, gloo), Step tokens/s on a full and a LoRA fork (bench/trainer_ranks.py).
 
 Medians of repeats after a warmup round, the compared runs interleaved (the machine is
 shared and noisy: read the ratios, not the absolute figures). Last line:
 `trainer_vs_hf=<r> fb_vs_hf=<r> custom_vs_builtin=<r> lora_save_ms=<ms>
-full_optim_vs_adamw=<r>`.
+full_optim_vs_adamw=<r> ranks_2x1_vs_1x2=<r>`.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import add_tokenizer, build_bench_model, clean_redis, print_table  # noqa: E402
+from bench.trainer_ranks import measure_ranks  # noqa: E402
 from headway.channels import CHANNEL_OPTIONS  # noqa: E402
 from headway.store import atomic  # noqa: E402
 from headway.store.tensorfile import write_safetensors  # noqa: E402
@@ -402,7 +405,8 @@ def measure_bf16(
             {"bf16": b16.fb("full"), "fp32": b32.fb("full"), "loop": loop.fwd_bwd}, repeats
         )
     finally:
-        srv.stop()
+        if srv is not None:
+            srv.stop()
         clean_redis(prefix)
         shutil.rmtree(store, ignore_errors=True)
     t16, t32, t_loop = med(t["bf16"]) * 1e3, med(t["fp32"]) * 1e3, med(t["loop"]) * 1e3
@@ -454,8 +458,15 @@ def main() -> None:
         bf16_note, bf16_rows = measure_bf16(path, b, loop, args.bf16_repeats)  # 4. bf16
         weight_bytes = 4 * sum(p.numel() for p in loop.model.parameters())  # fp32
         write_s = page_cache_write_seconds(store, weight_bytes)
+        srv.stop()  # its threads would compete with the two trainers below
+        srv = None
+        rank_rows, ranks_ratio = measure_ranks(  # 5. torch.distributed
+            path, b.items, BATCH * SEQ, prefix, lora_rank=LORA_RANK, lr=LR,
+            repeats=args.repeats,
+        )  # fmt: skip
     finally:
-        srv.stop()
+        if srv is not None:
+            srv.stop()
         clean_redis(prefix)
         shutil.rmtree(store, ignore_errors=True)
         shutil.rmtree(path, ignore_errors=True)
@@ -479,6 +490,7 @@ def main() -> None:
         *bf16_rows,
     ]  # fmt: skip
     rows += save_rows(write_s, split)
+    rows += rank_rows
     print_table(
         "trainer speed (medians; baseline: plain transformers loop, which saves nothing)",
         ["metric", "headway", "baseline", "ratio"],
@@ -496,6 +508,7 @@ def main() -> None:
         f"trainer_vs_hf={trainer_vs_hf:.2f} fb_vs_hf={fb_vs_hf:.2f} "
         f"custom_vs_builtin={custom_vs_builtin:.2f} "
         + save_figures(split["opt"], split["loop_opt"], opt_lora)
+        + f" ranks_2x1_vs_1x2={ranks_ratio:.2f}"
     )
 
 

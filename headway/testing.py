@@ -234,7 +234,10 @@ class ServiceProcess:
         *,
         redis_url: str = "",
         threads: str = "1",
+        launcher: tuple[str, ...] = (),
     ) -> None:
+        """`launcher`: interpreter arguments before `-m module` (e.g. torchrun's
+        `-m torch.distributed.run --nproc-per-node 2`)."""
         import subprocess
         import sys
 
@@ -242,8 +245,8 @@ class ServiceProcess:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         redis_url = redis_url or shared_redis_url()
-        cmd = [sys.executable, "-m", module, "--listen", self.address, "--redis", redis_url,
-               "--redis-prefix", prefix, *args]  # fmt: skip
+        cmd = [sys.executable, *launcher, "-m", module, "--listen", self.address,
+               "--redis", redis_url, "--redis-prefix", prefix, *args]  # fmt: skip
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
                 cmd,

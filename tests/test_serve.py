@@ -574,3 +574,45 @@ def test_serve_gives_each_service_its_own_metrics_port(tmp_path: Path) -> None:
     clash.metrics_port_base = clash.sampler_port_base - 2  # sampler-0's metrics on its gRPC port
     with pytest.raises(ConfigError, match="would both listen on port"):
         LocalStack(clash).plan()
+
+
+@pytest.mark.slow
+def test_serve_runs_the_trainer_on_two_ranks(tmp_path: Path, ports: dict[str, int]) -> None:
+    """`--trainer-procs 2`: the trainer runs under torchrun as two ranks (gloo), a Step
+    through the gateway trains on both, and a stop takes every rank down."""
+    base = make_tiny_base(tmp_path / "tiny-base")
+    serve = _serve_on(tmp_path, ports, "--trainer-procs", "2")
+    channel = None
+    try:
+        serve.wait_for("ready", READY_SECONDS)
+        agent = serve.pids()["trainer"]
+        ranks = _children(agent)
+        assert len(ranks) == 2, ranks  # torchrun's two workers
+        for pid in ranks:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            assert argv[argv.index(b"--threads") + 1] == b"1"  # the trainer's share, split
+        channel = grpc.insecure_channel(f"127.0.0.1:{ports['p0']}", options=CHANNEL_OPTIONS)
+        models = model_pb2_grpc.ModelServiceStub(channel)
+        train = training_pb2_grpc.TrainingServiceStub(channel)
+        models.AddBase(model_pb2.AddBaseRequest(path=str(base), name="tiny"), timeout=60)
+        lora = common_pb2.LoraConfig(rank=4, alpha=8)
+        fork = models.ForkModel(
+            model_pb2.ForkModelRequest(source="tiny", name="fork", lora=lora), timeout=60
+        )
+        step = train.Step(
+            training_pb2.StepRequest(model="fork", data=batch(0), loss_fn="ppo", adam=adam()),
+            timeout=120,
+        )
+        assert step.optim_step.step == 1 and step.optim_step.checkpoint != fork.head_checkpoint
+        log = (tmp_path / "store" / "logs" / "trainer.log").read_text()
+        assert "rank 1 of 2 (gloo, cpu)" in log, log[-3000:]
+        channel.close()
+        channel = None
+        serve.proc.send_signal(signal.SIGINT)
+        assert serve.proc.wait(STOP_SECONDS) == 0, serve.stderr_path.read_text()
+        survivors = [pid for pid in [agent, *ranks] if _alive(pid)]
+        assert not survivors, f"trainer processes still running after serve exited: {survivors}"
+    finally:
+        if channel is not None:
+            channel.close()
+        serve.kill()

@@ -7,6 +7,8 @@ import asyncio
 import os
 from pathlib import Path
 
+import torch
+
 from headway.modeling.placement import settle
 from headway.server.auth import UnsafeConfig
 from headway.server.defaults import TRAINER_ADDRESS
@@ -18,6 +20,7 @@ from headway.server.flags import (
     build_config,
     setup_logging,
 )
+from trainer_svc import ranks
 from trainer_svc.config import TrainerConfig
 from trainer_svc.server import serve
 
@@ -73,8 +76,17 @@ def main() -> None:
         config.device, config.dtype = settle(config.device, config.dtype)
     except ValueError as e:  # UnsafeConfig is one
         p.error(str(e))
+    # Under torchrun: rank 0 serves, the other ranks follow it (trainer_svc/ranks.py).
+    group = ranks.join(config.device)
+    if group is not None:
+        config.device = group.device
+        if group.rank != 0:
+            if config.threads > 0:
+                torch.set_num_threads(config.threads)
+            ranks.follow(group, config)
+            return
     try:
-        asyncio.run(serve(config, args.listen))
+        asyncio.run(serve(config, args.listen, group))
     except UnsafeConfig as e:
         p.error(str(e))
 

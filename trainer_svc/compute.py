@@ -199,6 +199,34 @@ def _datum_logprobs(chunks: list[Chunk], lps: list[torch.Tensor], count: int) ->
     return out
 
 
+def check_loss_inputs(datums: list[DatumArrays], loss: Loss) -> None:
+    """InvalidArgument, before any work, for a datum lacking what `loss` reads (a batch
+    split across ranks is checked whole, so no rank starts on a batch another refuses)."""
+    if not loss.needs_sampling:
+        return
+    for i, d in enumerate(datums):
+        if d.sampling_logprobs is None or d.advantages is None:
+            raise InvalidArgument(
+                f"datum {i} has no sampling_logprobs or advantages, which "
+                f"{loss.name} needs (use cross_entropy for supervised data)"
+            )
+
+
+def merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    """The metrics of one batch from those of its parts (`forward_backward`'s or
+    `backward_custom`'s of each rank's share): ":sum" keys and num_tokens add up, every
+    other key is a mean over its part's tokens, so the parts are weighted by them."""
+    out = {"num_tokens": sum(p.get("num_tokens", 0.0) for p in parts)}
+    for key in dict.fromkeys(k for p in parts for k in p if k != "num_tokens"):
+        have = [p for p in parts if key in p]
+        if key.endswith(":sum"):
+            out[key] = sum(p[key] for p in have)
+        else:
+            tokens = sum(p.get("num_tokens", 0.0) for p in have)
+            out[key] = sum(p[key] * p.get("num_tokens", 0.0) for p in have) / max(tokens, 1.0)
+    return out
+
+
 def forward_backward(
     state: ModelState,
     datums: list[DatumArrays],
@@ -208,19 +236,8 @@ def forward_backward(
     mode: ComputeMode = DEFAULT,
 ) -> tuple[list[np.ndarray], dict[str, float]]:
     """Accumulate the gradient of `loss` over the batch; (per-datum logprobs, metrics)."""
+    check_loss_inputs(datums, loss)
     chunks = make_chunks(datums, microbatch_tokens)
-    if loss.needs_sampling:
-        for chunk in chunks:
-            if chunk.q is None or chunk.a is None:
-                missing = next(
-                    i
-                    for i in chunk.index
-                    if datums[i].sampling_logprobs is None or datums[i].advantages is None
-                )
-                raise InvalidArgument(
-                    f"datum {missing} has no sampling_logprobs or advantages, which "
-                    f"{loss.name} needs (use cross_entropy for supervised data)"
-                )
     stats, loss_sum, lps = Stats(), 0.0, []
     device = _device(state)
     for chunk in chunks:
@@ -261,6 +278,8 @@ class KeptForward:
     logprobs: list[np.ndarray] = field(default_factory=list)  # per datum, as replied
     graph_bytes: int = 0  # activations the kept graphs hold (measured, see SavedBytes)
     batch: Any = None  # the assembled Batch: rewards and group metrics for the backward
+    # Across ranks: each rank's [start, stop) of `datums` (rank 0's chunks are its own).
+    shares: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -398,6 +417,14 @@ def optim_step(
         raise FailedPrecondition(
             "no gradient accumulated since the last optim_step: call forward_backward first"
         )
+    return apply_adamw(state, lr, beta1, beta2, eps, wd, clip)
+
+
+def apply_adamw(
+    state: ModelState, lr: float, beta1: float, beta2: float, eps: float, wd: float, clip: float
+) -> float:
+    """`optim_step` without its precondition: what every rank runs on the summed gradient
+    (a rank whose share of the batch was empty accumulated nothing itself)."""
     params = [p for p in state.params.values() if p.grad is not None]
     # The norm is a metric of every step; scaling the gradients (a pass over all of them,
     # ~1/3 of a LoRA fork's AdamW) only happens when clipping is on.

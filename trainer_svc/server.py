@@ -20,6 +20,7 @@ from headway.server.metrics import ServiceMetrics
 from headway.v1 import model_pb2, model_pb2_grpc, training_pb2, training_pb2_grpc
 from trainer_svc.config import TrainerConfig
 from trainer_svc.metrics import add_trainer_metrics
+from trainer_svc.ranks import RankGroup
 from trainer_svc.servicer import ModelServicer, TrainingServicer
 from trainer_svc.trainer import Trainer
 
@@ -31,16 +32,17 @@ SERVICES = (
 
 
 async def create_server(
-    config: TrainerConfig, address: str = "127.0.0.1:0"
+    config: TrainerConfig, address: str = "127.0.0.1:0", group: RankGroup | None = None
 ) -> tuple[grpc.aio.Server, int, Trainer]:
     """A started-ready (not started) server bound to `address`; (server, port, trainer).
+    `group`: this is rank 0 of a torch.distributed trainer.
 
     UnsafeConfig, before anything starts, for a non-loopback address without an internal
     token; with one, every call but health and reflection must carry it.
     """
     check_listen(address, config.internal_token, "trainer")
     redis = aioredis.from_url(config.redis_url) if config.redis_url else None
-    trainer = Trainer(config, redis)
+    trainer = Trainer(config, redis, group)
     metrics = ServiceMetrics("trainer")
     add_trainer_metrics(metrics, trainer)
     server = grpc.aio.server(
@@ -64,11 +66,11 @@ async def create_server(
     return server, port, trainer
 
 
-async def serve(config: TrainerConfig, address: str) -> None:
+async def serve(config: TrainerConfig, address: str, group: RankGroup | None = None) -> None:
     """Run the trainer until SIGINT/SIGTERM, then stop gracefully."""
     if config.threads > 0:
         torch.set_num_threads(config.threads)
-    server, port, trainer = await create_server(config, address)
+    server, port, trainer = await create_server(config, address, group)
     await server.start()
     log.info(
         "trainer serving on port %d (store %s, redis %s)", port, config.store, config.redis_url

@@ -9,6 +9,7 @@ which is what makes eviction, restarts and SetHead rollbacks exact.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable
@@ -119,6 +120,9 @@ class ModelState:
     # The weights (or adapter) file laid out over the parameters' memory, and the addresses
     # it was laid out at (see `weights_plan`).
     saved_layout: tuple[list[int], TensorFilePlan] | None = None
+    # Which load of the model this is (a process-wide count): the other ranks of a
+    # distributed trainer hold a replica of this very load, and reload when it changes.
+    load_id: int = field(default_factory=lambda: next(_LOADS))
 
     @property
     def on_cpu(self) -> bool:
@@ -137,6 +141,9 @@ class ModelState:
         self.forwards.clear()
 
 
+_LOADS = itertools.count(1)
+
+
 def _new_optimizer(params: dict[str, torch.nn.Parameter]) -> torch.optim.AdamW:
     # Hyperparameters are set per OptimStep; these are placeholders. fused=True: torch's
     # one-kernel AdamW, ~5x faster than the per-tensor loop on CPU (an OptimStep of a LoRA
@@ -147,13 +154,13 @@ def _new_optimizer(params: dict[str, torch.nn.Parameter]) -> torch.optim.AdamW:
 
 
 def load_state(
-    store: CheckpointStore, pool: FrozenPool, slug: str, dtype: torch.dtype
+    store: CheckpointStore, pool: FrozenPool, slug: str, dtype: torch.dtype, at: str = ""
 ) -> ModelState:
-    """Restore `slug` at its head: weights and, when the head has it, optimizer state, on
-    the pool's device."""
+    """Restore `slug` at its head (or at checkpoint `at`): weights and, when the checkpoint
+    has it, optimizer state, on the pool's device."""
     device = pool.device
     record = store.get_model(slug)
-    head = store.head_checkpoint(slug)
+    head = store.get_checkpoint(slug, at) if at else store.head_checkpoint(slug)
     config = base_config(store, slug)
     frozen_ref = None
     if record.lora:

@@ -60,6 +60,7 @@ from trainer_svc.kernels import Kernels
 from trainer_svc.loaded import LoadedStates
 from trainer_svc.pool import FrozenPool
 from trainer_svc.publisher import HeadPublisher
+from trainer_svc.ranks import Compute, RankedCompute, RankGroup
 from trainer_svc.replies import ReplyCache
 from trainer_svc.results import ForwardResult, OptimResult, reply_bytes
 from trainer_svc.state import (
@@ -74,7 +75,10 @@ T = TypeVar("T")
 class Trainer:
     """Training and model management over a checkpoint store, publishing heads to Redis."""
 
-    def __init__(self, config: TrainerConfig, redis: Any | None = None) -> None:
+    def __init__(
+        self, config: TrainerConfig, redis: Any | None = None, group: RankGroup | None = None
+    ) -> None:
+        """`group`: this process is rank 0 of a torch.distributed trainer (see ranks.py)."""
         self.config = config
         self.store = CheckpointStore(
             config.store, sync=config.sync_saves, max_pending=config.max_pending_syncs
@@ -88,7 +92,12 @@ class Trainer:
         log.info("training on %s, --dtype %s", device, dtype)
         # The measured CPU kernels serve CPU forwards only (a GPU runs torch's own).
         kernels = Kernels() if self.device.type == "cpu" else None
-        self.mode = compute.ComputeMode(precision.choose(dtype, device), kernels)
+        mode = compute.ComputeMode(precision.choose(dtype, device), kernels)
+        micro, keep = config.microbatch_tokens, config.keep_graph_tokens
+        # The torch work: in this process, or on every rank of the group.
+        self.compute = (
+            RankedCompute(group, mode, micro, keep) if group else Compute(mode, micro, keep)
+        )
         self.pool = FrozenPool(self.store, self.dtype, self.device)
         self._locks: dict[str, asyncio.Lock] = {}
         self._states = LoadedStates(
@@ -241,14 +250,9 @@ class Trainer:
         with self._states.pinning(record):
             batch = await self._batch(record, args)
             state = await self._states.load(record.slug)
+            compute.check_loss_inputs(batch.datums, loss)
             logprobs, metrics = await asyncio.to_thread(
-                compute.forward_backward,
-                state,
-                batch.datums,
-                loss,
-                cfg,
-                self.config.microbatch_tokens,
-                self.mode,
+                self.compute.forward_backward, state, batch.datums, loss.name, cfg
             )
             metrics.update(_batch_metrics(batch))
             state.acc.add(loss.name, len(batch.datums), batch.rewards, metrics)
@@ -266,19 +270,14 @@ class Trainer:
                 batch = await self._batch(record, call.batch)
                 self._forward_room(slug, sum(len(d.input_tokens) for d in batch.datums))
                 state = await self._states.load(slug)
+                forward_id = f"fwd-{secrets.token_hex(8)}"
                 kept = await asyncio.to_thread(
-                    compute.forward_custom,
-                    state,
-                    batch.datums,
-                    self.config.microbatch_tokens,
-                    self.config.keep_graph_tokens,
-                    self.mode,
+                    self.compute.forward_custom, state, batch.datums, forward_id
                 )
                 kept.batch = batch
                 self._forward_limits.admit(
                     slug, kept, state.forwards.values(), self._pending_forward_bytes()
                 )
-                forward_id = f"fwd-{secrets.token_hex(8)}"
                 state.forwards[forward_id] = kept
             metrics = _batch_metrics(batch)
             n = len(batch.datums)
@@ -329,7 +328,9 @@ class Trainer:
                 )
             check_weight_sizes(call.weights, kept.datums)  # before decoding any of them
             w = await asyncio.to_thread(decode_weights, call.weights, kept.datums)
-            metrics = await asyncio.to_thread(compute.backward_custom, state, kept, w)
+            metrics = await asyncio.to_thread(
+                self.compute.backward_custom, state, kept, w, forward_id
+            )
             del state.forwards[forward_id]
             metrics.update(_batch_metrics(kept.batch))
             metrics.update(call.client_metrics)
@@ -397,15 +398,7 @@ class Trainer:
         # AdamW is about to change in place.
         self.store.wait_deferred(record.model, state.head.id)
         started = time.perf_counter()
-        norm = compute.optim_step(
-            state,
-            adam.learning_rate,
-            adam.beta1,
-            adam.beta2,
-            adam.eps,
-            adam.weight_decay,
-            adam.grad_clip_norm,
-        )
+        norm = self.compute.optim_step(state, adam)
         record.stats["metrics"]["grad/norm"] = norm
         stepped = time.perf_counter()
         write, optimizer = checkpoint_writers(state)
@@ -512,8 +505,19 @@ class Trainer:
             self._states.drop(slug)  # reload from the promoted head
             await self.heads.publish(slug, record)
 
+    @property
+    def mode(self) -> compute.ComputeMode:
+        """How the trainer computes (--dtype, the measured kernels)."""
+        return self.compute.mode
+
+    @mode.setter
+    def mode(self, mode: compute.ComputeMode) -> None:
+        self.compute.mode = mode
+
     async def close(self) -> None:
-        """Finish the background fsyncs, stop background publishing, close Redis."""
+        """Stop the other ranks, finish the background fsyncs, stop background
+        publishing, close Redis."""
+        await asyncio.to_thread(self.compute.close)
         await asyncio.to_thread(self.store.flush)
         await self.heads.close()
         if self.metrics is not None:

