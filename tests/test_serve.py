@@ -580,6 +580,8 @@ def test_serve_gives_each_service_its_own_metrics_port(tmp_path: Path) -> None:
 def test_serve_runs_the_trainer_on_two_ranks(tmp_path: Path, ports: dict[str, int]) -> None:
     """`--trainer-procs 2`: the trainer runs under torchrun as two ranks (gloo), a Step
     through the gateway trains on both, and a stop takes every rank down."""
+    from headway.cli.serve import torch_threads
+
     base = make_tiny_base(tmp_path / "tiny-base")
     serve = _serve_on(tmp_path, ports, "--trainer-procs", "2")
     channel = None
@@ -590,7 +592,8 @@ def test_serve_runs_the_trainer_on_two_ranks(tmp_path: Path, ports: dict[str, in
         assert len(ranks) == 2, ranks  # torchrun's two workers
         for pid in ranks:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            assert argv[argv.index(b"--threads") + 1] == b"1"  # the trainer's share, split
+            # The trainer's share of the cores, split between its ranks.
+            assert argv[argv.index(b"--threads") + 1] == str(max(1, torch_threads(1) // 2)).encode()
         channel = grpc.insecure_channel(f"127.0.0.1:{ports['p0']}", options=CHANNEL_OPTIONS)
         models = model_pb2_grpc.ModelServiceStub(channel)
         train = training_pb2_grpc.TrainingServiceStub(channel)

@@ -14,6 +14,7 @@ completes it exactly once.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import threading
@@ -39,7 +40,7 @@ def torchrun_trainer(store: Path, log: Path, prefix: str, restarts: int = 0) -> 
     """`python -m trainer_svc` as two ranks under torchrun, SERVING on rank 0."""
     launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "--max-restarts", str(restarts))  # fmt: skip
-    args = ["--store", str(store), "--device", "cpu", "--log-level", "INFO"]
+    args = ["--store", str(store), "--device", "cpu", "--log-level", "DEBUG"]
     proc = ServiceProcess("trainer", "trainer_svc", args, log, prefix, launcher=launcher)
     try:
         proc.wait_ready(time.monotonic() + HANG_SECONDS)
@@ -142,6 +143,12 @@ def test_two_ranks_train_as_one_process(tmp_path: Path, two_stores: tuple[Path, 
         group.stop()
     log = (tmp_path / "ranks.log").read_text(errors="replace")
     assert "rank 1 of 2 (gloo, cpu)" in log, log[-3000:]
+    # Rank 1 computed a share of every kind of call, of both forks.
+    for slug in ("lora", "full"):
+        for op in ("forward_backward", "forward_custom", "backward_custom", "optim_step"):
+            assert f"rank 1: {op} {slug}" in log, (op, slug)
+        shares = re.findall(rf"rank 1: forward_\w+ {slug} (\d+) datums", log)
+        assert len(shares) == 3 and all(int(n) > 0 for n in shares), shares
     for slug in ("lora", "full"):
         (paths, lps), (want_paths, want_lps) = got[slug], expected[slug]
         assert len(lps) == len(want_lps)
@@ -156,6 +163,28 @@ def test_two_ranks_train_as_one_process(tmp_path: Path, two_stores: tuple[Path, 
         # Training moved the weights: the comparison is not of untouched tensors.
         first, second = (checkpoint_tensors(two_store, p) for p in paths[:2])
         assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
+def test_shares_cut_between_groups_and_balance_tokens() -> None:
+    from trainer_svc.datums import DatumArrays
+    from trainer_svc.ranks import shares
+
+    def datum(n: int, group: int, traj: bool) -> DatumArrays:
+        z = np.zeros(n, np.float32)
+        return DatumArrays(np.zeros(n, np.int64), np.zeros(n, np.int64), z, None, None,
+                           0.0, 0.0, group, from_trajectory=traj)  # fmt: skip
+
+    # Three GRPO groups of two trajectories (lengths 10, 10 | 20, 20 | 30, 30): half the
+    # 120 tokens is after the second group; a third each is as near after the first.
+    lengths = ((0, 10), (0, 10), (1, 20), (1, 20), (2, 30), (2, 30))
+    grouped = [datum(n, g, True) for g, n in lengths]
+    assert shares(grouped, 2) == [range(0, 4), range(4, 6)]
+    assert shares(grouped, 3) == [range(0, 2), range(2, 4), range(4, 6)]
+    # Inline datums (group_index is the client's label) are cut anywhere.
+    inline = [datum(10, 0, False) for _ in range(4)]
+    assert shares(inline, 2) == [range(0, 2), range(2, 4)]
+    # One group, two ranks: rank 1 gets nothing (and still joins the all-reduce).
+    assert shares(grouped[:2], 2) == [range(0, 2), range(2, 2)]
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:

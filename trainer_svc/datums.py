@@ -44,6 +44,9 @@ class DatumArrays:
     advantage: float
     group_index: int
     source: str = ""
+    # A trajectory's datum (its GRPO group is `group_index`); False for an inline Datum,
+    # whose group_index is only the client's label.
+    from_trajectory: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -227,6 +230,7 @@ def trajectory_to_datums(
                 advantage=float(advantage),
                 group_index=group_index,
                 source=what,
+                from_trajectory=True,
             )
         )
     return datums

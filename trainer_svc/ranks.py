@@ -32,7 +32,7 @@ import datetime
 import logging
 import os
 import threading
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +47,7 @@ from trainer_svc.calls import AdamArgs
 from trainer_svc.compute import ComputeMode, KeptForward
 from trainer_svc.datums import DatumArrays
 from trainer_svc.pool import FrozenPool
-from trainer_svc.state import ModelState, load_state
+from trainer_svc.state import ModelState, load_state, next_load_id
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,28 @@ class Compute:
         """The backward half: −Σ w·logprob through the kept forward."""
         return compute.backward_custom(state, kept, weights)
 
+    def discard_forward(self, state: ModelState, forward_id: str) -> None:
+        """A forward refused after it ran (ForwardLimits): the other ranks forget theirs."""
+
+    def drop_graphs(self, state: ModelState, forward_id: str) -> None:
+        """A forward whose graphs did not fit: the other ranks drop theirs too."""
+
     def optim_step(self, state: ModelState, adam: AdamArgs) -> float:
         """AdamW over the accumulated gradient; the gradient norm before clipping."""
         return compute.optim_step(state, *_adam(adam))
 
     def close(self) -> None:
         """Nothing to stop in one process."""
+
+
+def _snapshot(loaded: Callable[[], list[ModelState]]) -> dict[str, int]:
+    """slug → load_id of the states `loaded()` lists (read from a compute thread while the
+    event loop may change the list: retried if it changed under the read)."""
+    while True:
+        try:
+            return {s.record.slug: s.load_id for s in loaded()}
+        except RuntimeError:  # changed size during iteration
+            continue
 
 
 def _adam(adam: AdamArgs) -> tuple[float, ...]:
@@ -142,11 +158,16 @@ def join(device: str) -> RankGroup | None:
 
 
 def shares(datums: list[DatumArrays], world: int) -> list[range]:
-    """Contiguous ranges of `datums`, one per rank, cut only where a GRPO group ends (a
-    datum's `group_index` changes) and as near as that allows to equal token counts; a
-    rank gets an empty range when there are fewer groups than ranks."""
+    """Contiguous ranges of `datums`, one per rank, as near to equal token counts as the
+    cuts allow: never inside a GRPO group of trajectories (the datums of one group stay on
+    one rank), anywhere between inline datums. A rank gets an empty range when there are
+    fewer groups than ranks."""
     n = len(datums)
-    cuts = [i for i in range(1, n) if datums[i].group_index != datums[i - 1].group_index]
+    cuts = [
+        i for i in range(1, n)
+        if not (datums[i].from_trajectory and datums[i - 1].from_trajectory
+                and datums[i].group_index == datums[i - 1].group_index)
+    ]  # fmt: skip
     tokens = np.cumsum([0] + [len(d.input_tokens) for d in datums])
     bounds = [0]
     for r in range(1, world):
@@ -162,19 +183,26 @@ class Work:
     """One rank's part of one call: `op` on the state of `slug` as rank 0's load
     `load_id` (at checkpoint `at` when a replica must be loaded), with `args`."""
 
-    op: str  # forward_backward, forward_custom, backward_custom, optim_step, ping, stop
+    op: str  # forward_backward, forward_custom, backward_custom, discard_forward,
+    # drop_graphs, optim_step, ping, stop
     slug: str = ""
     at: str = ""
     load_id: int = 0
     args: tuple[Any, ...] = ()
+    # Every state rank 0 holds, slug → load_id: a follower keeps replicas of exactly these.
+    loaded: dict[str, int] = field(default_factory=dict)
 
 
 class RankedCompute(Compute):
     """Rank 0's `Compute`: every call runs on all ranks (see the module docstring)."""
 
-    def __init__(self, group: RankGroup, mode: ComputeMode, micro: int, keep: int) -> None:
+    def __init__(
+        self, group: RankGroup, mode: ComputeMode, micro: int, keep: int,
+        loaded: Callable[[], list[ModelState]],
+    ) -> None:  # fmt: skip
+        """`loaded()`: the states rank 0 holds (followers mirror them)."""
         super().__init__(mode, micro, keep)
-        self.group = group
+        self.group, self.loaded = group, loaded
         # Every rank computes in rank 0's precision (each measuring its own would let a
         # rank on a busier core choose differently).
         dist.broadcast_object_list([mode.precision], src=0)
@@ -182,13 +210,30 @@ class RankedCompute(Compute):
         self._pinger = threading.Thread(target=self._ping, name="rank-ping", daemon=True)
         self._pinger.start()
 
-    def _run(self, works: list[Work], local: Any) -> tuple[Any, list[Any]]:
+    @property
+    def mode(self) -> ComputeMode:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: ComputeMode) -> None:
+        if getattr(self, "_mode", mode).precision != mode.precision:
+            raise RuntimeError("the precision of a distributed trainer is set when it starts")
+        self._mode = mode
+
+    def _run(
+        self, works: list[Work], local: Any, state: ModelState | None = None
+    ) -> tuple[Any, list[Any]]:
         """Send every rank its work, run rank 0's (`local()`), gather the others' replies.
 
-        Rank 0's own error is raised after the gather (the group stays in step); a
-        collective that fails (a rank died) is UNAVAILABLE: retry once torchrun has
-        restarted the group.
+        Rank 0's own error is raised after the gather (the group stays in step), with
+        `state` reloaded everywhere: the others did their part, rank 0 did not, so the
+        work accumulated since the last OptimStep is dropped on every rank. A collective
+        that fails (a rank died) is UNAVAILABLE: retry once torchrun has restarted the
+        group.
         """
+        loaded = _snapshot(self.loaded)
+        for work in works:
+            work.loaded = loaded
         with self.group.lock:
             try:
                 dist.scatter_object_list([None], works, src=0)
@@ -205,6 +250,9 @@ class RankedCompute(Compute):
                     "store: retry the call (with the same request_id)"
                 ) from e
         if error is not None:
+            if state is not None:
+                state.reset_accumulation()
+                state.load_id = next_load_id()  # the followers reload it from the store
             raise error
         return mine, replies[1:]
 
@@ -220,7 +268,7 @@ class RankedCompute(Compute):
         )
         (lps, metrics), others = self._run(
             works, lambda: super(RankedCompute, self).forward_backward(
-                state, [datums[i] for i in parts[0]], loss, cfg)
+                state, [datums[i] for i in parts[0]], loss, cfg), state,
         )  # fmt: skip
         for other_lps, _ in others:
             lps = lps + other_lps
@@ -235,14 +283,25 @@ class RankedCompute(Compute):
         )
         kept, others = self._run(
             works, lambda: super(RankedCompute, self).forward_custom(
-                state, [datums[i] for i in parts[0]], forward_id)
+                state, [datums[i] for i in parts[0]], forward_id), state,
         )  # fmt: skip
         # Rank 0 keeps its share's chunks and graphs, and answers (and replays) the whole
-        # batch: every datum, every rank's logprobs.
+        # batch: every datum, every rank's logprobs. The limits on pending forwards count
+        # every rank's graphs (each rank holds its own share's).
         kept.shares = [(p.start, p.stop) for p in parts]
         kept.datums = list(datums)
-        kept.logprobs = kept.logprobs + [lp for o in others for lp in o]
+        kept.logprobs = kept.logprobs + [lp for lps, _ in others for lp in lps]
+        if kept.graphs is not None:
+            kept.graph_bytes += sum(nbytes for _, nbytes in others)
         return kept
+
+    def discard_forward(self, state: ModelState, forward_id: str) -> None:
+        works = self._works("discard_forward", state, [(forward_id,)] * self.group.world)
+        self._run(works, lambda: None)
+
+    def drop_graphs(self, state: ModelState, forward_id: str) -> None:
+        works = self._works("drop_graphs", state, [(forward_id,)] * self.group.world)
+        self._run(works, lambda: None)
 
     def backward_custom(
         self, state: ModelState, kept: KeptForward, weights: list[np.ndarray], forward_id: str
@@ -252,7 +311,7 @@ class RankedCompute(Compute):
             "backward_custom", state, [(forward_id, weights[a:b]) for a, b in bounds]
         )
         metrics, others = self._run(
-            works, lambda: compute.backward_custom(state, kept, weights[: bounds[0][1]])
+            works, lambda: compute.backward_custom(state, kept, weights[: bounds[0][1]]), state
         )
         return compute.merge_metrics([metrics, *others])
 
@@ -260,21 +319,23 @@ class RankedCompute(Compute):
         if not state.acc.has_grad:
             return compute.optim_step(state, *_adam(adam))  # its FailedPrecondition
         works = self._works("optim_step", state, [(adam,)] * self.group.world)
-        norm, _ = self._run(works, lambda: _step(state, adam))
+        norm, _ = self._run(works, lambda: _step(state, adam), state)
         return norm
 
     def _ping(self) -> None:
         while not self._stopped.wait(PING_SECONDS):
             try:
-                self._run([Work("ping")] * self.group.world, lambda: None)
-            except Unavailable:
-                return  # the group is gone; torchrun restarts it
+                self._run([Work("ping") for _ in range(self.group.world)], lambda: None)
+            except Exception:  # the group is gone; torchrun restarts it
+                log.exception("the trainer's ranks stopped answering")
+                return
 
     def close(self) -> None:
         """Tell the other ranks to stop (they exit their loop), then leave the group."""
         self._stopped.set()
+        self._pinger.join()  # no ping after the stop
         with contextlib.suppress(Unavailable):  # the group is gone already
-            self._run([Work("stop")] * self.group.world, lambda: None)
+            self._run([Work("stop") for _ in range(self.group.world)], lambda: None)
         dist.destroy_process_group()
 
 
@@ -317,11 +378,11 @@ class Follower:
 
     def __init__(
         self, group: RankGroup, store: CheckpointStore, pool: FrozenPool, dtype: torch.dtype,
-        compute_: Compute, max_loaded: int,
+        compute_: Compute,
     ) -> None:  # fmt: skip
         self.group, self.store, self.pool, self.dtype = group, store, pool, dtype
-        self.compute, self.max_loaded = compute_, max_loaded
-        self.states: OrderedDict[str, ModelState] = OrderedDict()
+        self.compute = compute_
+        self.states: dict[str, ModelState] = {}
         self.load_ids: dict[str, int] = {}
 
     def run(self) -> None:
@@ -337,33 +398,29 @@ class Follower:
             reply = None if work.op == "ping" else self.handle(work)
             dist.gather_object(reply, None, dst=0)
 
+    def mirror(self, loaded: dict[str, int]) -> None:
+        """Keep replicas of exactly the states rank 0 holds (as the same loads): what it
+        dropped (evicted, set_head, deleted, a failed step) goes here too."""
+        for slug in [s for s in self.states if self.load_ids[s] != loaded.get(s)]:
+            state = self.states.pop(slug)
+            del self.load_ids[slug]
+            if state.frozen_ref is not None:
+                self.pool.release(state.frozen_ref)
+
     def state(self, work: Work) -> ModelState:
-        """The replica of rank 0's state `work` names, (re)loaded when rank 0 loaded anew."""
+        """The replica of rank 0's state `work` names, loaded when rank 0 loaded anew
+        (rank 0's own load waited for the checkpoint's files, so they are complete)."""
+        self.mirror(work.loaded)
         state = self.states.get(work.slug)
-        if state is None or self.load_ids[work.slug] != work.load_id:
-            self.drop(work.slug)
+        if state is None:
             state = load_state(self.store, self.pool, work.slug, self.dtype, at=work.at)
             self.states[work.slug], self.load_ids[work.slug] = state, work.load_id
-            self.evict()
-        self.states.move_to_end(work.slug)
         return state
-
-    def evict(self) -> None:
-        """Drop least recently used replicas over the bound, never one holding work (a
-        gradient or a kept forward): rank 0 still counts on it, and bounds those itself."""
-        idle = [s for s, st in self.states.items() if not _holds_work(st)]
-        for slug in idle[: max(len(self.states) - self.max_loaded, 0)]:
-            self.drop(slug)
-
-    def drop(self, slug: str) -> None:
-        state = self.states.pop(slug, None)
-        self.load_ids.pop(slug, None)
-        if state is not None and state.frozen_ref is not None:
-            self.pool.release(state.frozen_ref)
 
     def handle(self, work: Work) -> Any:
         """Run one work item on this rank's replica; its reply for rank 0."""
         state = self.state(work)
+        log.debug("rank %d: %s %s %s", self.group.rank, work.op, work.slug, _describe(work))
         if work.op == "forward_backward":
             datums, loss, cfg = work.args
             return self.compute.forward_backward(state, datums, loss, cfg)
@@ -371,11 +428,17 @@ class Follower:
             datums, forward_id = work.args
             kept = self.compute.forward_custom(state, datums, forward_id)
             state.forwards[forward_id] = kept
-            return kept.logprobs
+            return kept.logprobs, kept.graph_bytes
         if work.op == "backward_custom":
             forward_id, weights = work.args
             kept = state.forwards.pop(forward_id)
             return self.compute.backward_custom(state, kept, weights, forward_id)
+        if work.op == "discard_forward":
+            state.forwards.pop(work.args[0], None)
+            return None
+        if work.op == "drop_graphs":
+            state.forwards[work.args[0]].drop_graphs()
+            return None
         if work.op == "optim_step":
             (adam,) = work.args
             norm = _step(state, adam)
@@ -384,8 +447,12 @@ class Follower:
         raise ValueError(f"unknown work {work.op!r}")
 
 
-def _holds_work(state: ModelState) -> bool:
-    return bool(state.forwards) or any(p.grad is not None for p in state.params.values())
+def _describe(work: Work) -> str:
+    """What a work item carries, for the debug log (datums and tokens of a share)."""
+    if work.op in ("forward_backward", "forward_custom"):
+        datums = work.args[0]
+        return f"{len(datums)} datums, {sum(len(d.input_tokens) for d in datums)} tokens"
+    return ""
 
 
 def follow(group: RankGroup, config: Any) -> None:
@@ -397,8 +464,8 @@ def follow(group: RankGroup, config: Any) -> None:
     device = torch.device(group.device)
     mode = ComputeMode(box[0], Kernels() if device.type == "cpu" else None)
     dtype = torch.float32  # master weights and AdamW state, as on rank 0
-    store = CheckpointStore(config.store)
+    store = CheckpointStore(config.store, recover=False)  # rank 0 is the store's one writer
     pool = FrozenPool(store, dtype, device)
     compute_ = Compute(mode, config.microbatch_tokens, config.keep_graph_tokens)
-    Follower(group, store, pool, dtype, compute_, config.max_loaded_models).run()
+    Follower(group, store, pool, dtype, compute_).run()
     dist.destroy_process_group()

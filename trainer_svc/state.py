@@ -122,7 +122,7 @@ class ModelState:
     saved_layout: tuple[list[int], TensorFilePlan] | None = None
     # Which load of the model this is (a process-wide count): the other ranks of a
     # distributed trainer hold a replica of this very load, and reload when it changes.
-    load_id: int = field(default_factory=lambda: next(_LOADS))
+    load_id: int = field(default_factory=lambda: next_load_id())
 
     @property
     def on_cpu(self) -> bool:
@@ -142,6 +142,11 @@ class ModelState:
 
 
 _LOADS = itertools.count(1)
+
+
+def next_load_id() -> int:
+    """A load id no state of this process has had (see `ModelState.load_id`)."""
+    return next(_LOADS)
 
 
 def _new_optimizer(params: dict[str, torch.nn.Parameter]) -> torch.optim.AdamW:

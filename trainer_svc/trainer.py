@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from headway.errors import FailedPrecondition, InvalidArgument, NotFound
+from headway.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from headway.modeling.placement import settle
 from headway.server.auth import Caller
 from headway.store import CheckpointRecord, CheckpointStore, ModelRecord, check_slug
@@ -96,7 +96,9 @@ class Trainer:
         micro, keep = config.microbatch_tokens, config.keep_graph_tokens
         # The torch work: in this process, or on every rank of the group.
         self.compute = (
-            RankedCompute(group, mode, micro, keep) if group else Compute(mode, micro, keep)
+            RankedCompute(group, mode, micro, keep, lambda: self._states.values())
+            if group
+            else Compute(mode, micro, keep)
         )
         self.pool = FrozenPool(self.store, self.dtype, self.device)
         self._locks: dict[str, asyncio.Lock] = {}
@@ -275,9 +277,16 @@ class Trainer:
                     self.compute.forward_custom, state, batch.datums, forward_id
                 )
                 kept.batch = batch
-                self._forward_limits.admit(
-                    slug, kept, state.forwards.values(), self._pending_forward_bytes()
-                )
+                kept_graphs = kept.graphs is not None
+                try:
+                    self._forward_limits.admit(
+                        slug, kept, state.forwards.values(), self._pending_forward_bytes()
+                    )
+                except ResourceExhausted:
+                    await asyncio.to_thread(self.compute.discard_forward, state, forward_id)
+                    raise
+                if kept_graphs and kept.graphs is None:  # dropped to fit: on every rank
+                    await asyncio.to_thread(self.compute.drop_graphs, state, forward_id)
                 state.forwards[forward_id] = kept
             metrics = _batch_metrics(batch)
             n = len(batch.datums)

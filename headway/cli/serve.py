@@ -172,8 +172,8 @@ class LocalStack:
         placement = ["--dtype", dtype] if dtype else []
         placement += ["--device", device] if device else []
         torch_flags = ["--threads", str(threads), *placement]
-        # The trainer's ranks share its cores.
-        trainer_threads = c.threads or max(1, threads // c.trainer_procs)
+        # The trainer's ranks share its threads.
+        trainer_threads = max(1, threads // c.trainer_procs)
         trainer_flags = ["--threads", str(trainer_threads), *placement]
         metrics: dict[str, str] = {}  # service → its --metrics address
         if c.metrics_port_base:
