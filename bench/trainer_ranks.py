@@ -96,7 +96,7 @@ def measure_ranks(
     for model in ("full", "lora"):
         one, two = tps(1, model), tps(2, model)
         rows.append([f"Step tok/s {model} fork: 2 procs × 1 thread / 1 × 2", two, one, two / one])
-        # Ring all-reduce: each rank sends and receives 2(N−1)/N of the gradient's bytes.
-        rows.append([f"  gradient all-reduce per rank per step, {model} (MB)",
+        # Each rank sends and receives 2(N−1)/N of these bytes (a ring all-reduce).
+        rows.append([f"  gradient summed across ranks per step, {model} (MB)",
                      f"{volume[model] / 1e6:.1f}", "", ""])  # fmt: skip
     return rows, tps(2, "full") / tps(1, "full")

@@ -231,10 +231,12 @@ class RankedCompute(Compute):
         that fails (a rank died) is UNAVAILABLE: retry once torchrun has restarted the
         group.
         """
-        loaded = _snapshot(self.loaded)
-        for work in works:
-            work.loaded = loaded
         with self.group.lock:
+            # Read under the lock: calls on other models run between two reads, and a
+            # stale map would make the followers drop the replicas those calls made.
+            loaded = _snapshot(self.loaded)
+            for work in works:
+                work.loaded = loaded
             try:
                 dist.scatter_object_list([None], works, src=0)
                 try:
@@ -251,6 +253,11 @@ class RankedCompute(Compute):
                 ) from e
         if error is not None:
             if state is not None:
+                log.warning(
+                    "%s failed on rank 0 after the other ranks ran it (%s): the work "
+                    "accumulated on %s since its last optim_step is dropped on every rank",
+                    works[0].op, error, state.record.slug,
+                )  # fmt: skip
                 state.reset_accumulation()
                 state.load_id = next_load_id()  # the followers reload it from the store
             raise error
