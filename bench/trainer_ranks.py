@@ -11,6 +11,7 @@ parameter's gradient crosses the group once per step). The table also gives thos
 from __future__ import annotations
 
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -90,7 +91,7 @@ def measure_ranks(
             t.close()
 
     def tps(procs: int, model: str) -> float:
-        return tokens / sorted(seconds[procs, model])[len(seconds[procs, model]) // 2]
+        return tokens / statistics.median(seconds[procs, model])
 
     rows: list[list[object]] = []
     for model in ("full", "lora"):

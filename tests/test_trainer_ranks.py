@@ -209,14 +209,15 @@ def _cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def _step_killing(client, victim: int, seed: int) -> tuple[bool, object]:
-    """A Step of 16 groups, rank `victim` SIGKILLed once it is seen computing while the
-    Step is in flight; (whether it was killed, the Step's result after the SDK's retries)."""
+def _step_killing(client, victim: int, seed: int, groups: int) -> tuple[bool, object]:
+    """A Step of `groups` groups, rank `victim` SIGKILLed once it is seen computing while
+    the Step is in flight; (whether it was killed, the Step's result after the SDK's
+    retries)."""
     result: dict[str, object] = {}
 
     def step() -> None:
         try:
-            result["value"] = client.step(runs(seed, groups=16), 1e-2, group_size=GROUP)
+            result["value"] = client.step(runs(seed, groups=groups), 1e-2, group_size=GROUP)
         except Exception as e:  # reported below
             result["error"] = e
 
@@ -249,9 +250,10 @@ def test_killed_rank_restarts_and_the_sdk_retry_completes_the_step(
         assert victim is not None, "no rank 1 under torchrun"
         # Kill rank 1 once it is seen computing its share of a Step (its CPU time grows
         # while the call is in flight). A Step that finishes before that is seen counts,
-        # and the next one is aimed at.
-        for attempt in range(10):
-            killed, result = _step_killing(client, victim, seed=10 + attempt)
+        # and the next one, twice as large, is aimed at (a faster machine needs more work
+        # for a clock tick of it to show).
+        for attempt in range(6):
+            killed, result = _step_killing(client, victim, 10 + attempt, groups=16 << attempt)
             steps += 1
             assert result.step == steps, result  # not lost, not doubled
             if killed:

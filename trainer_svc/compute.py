@@ -25,7 +25,7 @@ from trainer_svc.head import head_logprobs
 from trainer_svc.kernels import Kernels
 from trainer_svc.losses import Loss, TokenInputs
 from trainer_svc.precision import FP32, Precision
-from trainer_svc.state import ModelState
+from trainer_svc.state import ModelState, summed_metric
 
 
 @dataclass
@@ -201,7 +201,7 @@ def _datum_logprobs(chunks: list[Chunk], lps: list[torch.Tensor], count: int) ->
 
 def check_loss_inputs(datums: list[DatumArrays], loss: Loss) -> None:
     """InvalidArgument, before any work, for a datum lacking what `loss` reads (a batch
-    split across ranks is checked whole, so no rank starts on a batch another refuses)."""
+    split across ranks is checked whole first: see `ranks.RankedCompute`)."""
     if not loss.needs_sampling:
         return
     for i, d in enumerate(datums):
@@ -214,12 +214,12 @@ def check_loss_inputs(datums: list[DatumArrays], loss: Loss) -> None:
 
 def merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
     """The metrics of one batch from those of its parts (`forward_backward`'s or
-    `backward_custom`'s of each rank's share): ":sum" keys and num_tokens add up, every
-    other key is a mean over its part's tokens, so the parts are weighted by them."""
+    `backward_custom`'s of each rank's share): num_tokens and the `summed_metric` keys add
+    up, every other key is a mean over its part's tokens, so the parts are weighted by them."""
     out = {"num_tokens": sum(p.get("num_tokens", 0.0) for p in parts)}
     for key in dict.fromkeys(k for p in parts for k in p if k != "num_tokens"):
         have = [p for p in parts if key in p]
-        if key.endswith(":sum"):
+        if summed_metric(key):
             out[key] = sum(p[key] for p in have)
         else:
             tokens = sum(p.get("num_tokens", 0.0) for p in have)

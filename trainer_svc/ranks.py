@@ -46,6 +46,7 @@ from trainer_svc import compute, losses
 from trainer_svc.calls import AdamArgs
 from trainer_svc.compute import ComputeMode, KeptForward
 from trainer_svc.datums import DatumArrays
+from trainer_svc.losses import Loss
 from trainer_svc.pool import FrozenPool
 from trainer_svc.state import ModelState, load_state, next_load_id
 
@@ -67,11 +68,10 @@ class Compute:
         self.microbatch_tokens, self.keep_graph_tokens = microbatch_tokens, keep_graph_tokens
 
     def forward_backward(
-        self, state: ModelState, datums: list[DatumArrays], loss: str, cfg: dict[str, float]
+        self, state: ModelState, datums: list[DatumArrays], loss: Loss, cfg: dict[str, float]
     ) -> tuple[list[np.ndarray], dict[str, float]]:
         """Accumulate the gradient of built-in loss `loss` over the batch."""
-        fn, _ = losses.resolve(loss, {})
-        return compute.forward_backward(state, datums, fn, cfg, self.microbatch_tokens, self.mode)
+        return compute.forward_backward(state, datums, loss, cfg, self.microbatch_tokens, self.mode)
 
     def forward_custom(
         self, state: ModelState, datums: list[DatumArrays], forward_id: str
@@ -267,11 +267,13 @@ class RankedCompute(Compute):
         return [Work(op, state.record.slug, state.head.id, state.load_id, a) for a in per_rank]
 
     def forward_backward(
-        self, state: ModelState, datums: list[DatumArrays], loss: str, cfg: dict[str, float]
+        self, state: ModelState, datums: list[DatumArrays], loss: Loss, cfg: dict[str, float]
     ) -> tuple[list[np.ndarray], dict[str, float]]:
+        # The whole batch, before any rank starts on its share (no rank refuses alone).
+        compute.check_loss_inputs(datums, loss)
         parts = shares(datums, self.group.world)
-        works = self._works(
-            "forward_backward", state, [([datums[i] for i in p], loss, cfg) for p in parts]
+        works = self._works(  # the loss by name: Work crosses as a pickle
+            "forward_backward", state, [([datums[i] for i in p], loss.name, cfg) for p in parts]
         )
         (lps, metrics), others = self._run(
             works, lambda: super(RankedCompute, self).forward_backward(
@@ -427,10 +429,11 @@ class Follower:
     def handle(self, work: Work) -> Any:
         """Run one work item on this rank's replica; its reply for rank 0."""
         state = self.state(work)
-        log.debug("rank %d: %s %s %s", self.group.rank, work.op, work.slug, _describe(work))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("rank %d: %s %s %s", self.group.rank, work.op, work.slug, _describe(work))
         if work.op == "forward_backward":
             datums, loss, cfg = work.args
-            return self.compute.forward_backward(state, datums, loss, cfg)
+            return self.compute.forward_backward(state, datums, losses.LOSSES[loss], cfg)
         if work.op == "forward_custom":
             datums, forward_id = work.args
             kept = self.compute.forward_custom(state, datums, forward_id)

@@ -52,6 +52,12 @@ from headway.store.weights import adapter_dir, base_config, full_state, read_ada
 from trainer_svc.pool import FrozenPool
 
 
+def summed_metric(key: str) -> bool:
+    """Whether metric `key` adds up over parts of a batch (":sum" and "groups/" keys);
+    every other metric is a mean over trained tokens."""
+    return key.endswith(":sum") or key.startswith("groups/")
+
+
 @dataclass
 class Accumulation:
     """What the forward/backward calls since the last OptimStep added up to."""
@@ -81,7 +87,7 @@ class Accumulation:
         for key, value in metrics.items():
             if key == "num_tokens":
                 continue
-            if key.endswith(":sum") or key.startswith("groups/"):
+            if summed_metric(key):
                 self.sums[key] = self.sums.get(key, 0.0) + value
             else:
                 self.weighted[key] = self.weighted.get(key, 0.0) + value * max(tokens, 1)

@@ -252,9 +252,8 @@ class Trainer:
         with self._states.pinning(record):
             batch = await self._batch(record, args)
             state = await self._states.load(record.slug)
-            compute.check_loss_inputs(batch.datums, loss)
             logprobs, metrics = await asyncio.to_thread(
-                self.compute.forward_backward, state, batch.datums, loss.name, cfg
+                self.compute.forward_backward, state, batch.datums, loss, cfg
             )
             metrics.update(_batch_metrics(batch))
             state.acc.add(loss.name, len(batch.datums), batch.rewards, metrics)
