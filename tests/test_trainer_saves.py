@@ -36,6 +36,8 @@ MODES = {
     "async": {},  # tiny states: written with the weights, fsynced in the background
     "deferred": {"defer_state_bytes": 0},  # every optimizer state written after the reply
     "sync": {"sync_saves": True},
+    # every weights file written over a spare allocated ahead (headway.store.pages)
+    "spare": {"defer_state_bytes": 0, "spare_min_bytes": 0},
 }
 
 
@@ -50,6 +52,8 @@ def test_a_restarted_trainer_continues_bit_for_bit(tmp_path, tiny_base, full, mo
         stack.fork("kept", source="m", full=full)  # the same starting weights
         kept = _train(stack, "kept", [3, 4, 5])  # never leaves memory
         _train(stack, "m", [3, 4])
+        spares = sorted(store.glob("models/*/checkpoints/.tmp-spare-*"))
+        assert len(spares) == (2 if mode == "spare" else 0), spares  # one per model, ahead
     finally:
         stack.stop()  # drains the background fsyncs
     stack = TrainerStack(store, **MODES[mode])  # restores m from its head on disk

@@ -292,21 +292,24 @@ def weights_plan(state: ModelState) -> TensorFilePlan:
     return plan
 
 
-def checkpoint_writers(state: ModelState) -> tuple[Callable[[Path], None], DeferredFile]:
+def checkpoint_writers(
+    state: ModelState, spare: Path | None = None
+) -> tuple[Callable[[Path], None], DeferredFile]:
     """How to write the state's checkpoint, straight from the tensors' memory
     (`headway.store.tensorfile`): a function writing the weights (or adapter) into a
-    directory, and the optimizer state as a `DeferredFile` (its size known now; on the CPU
-    its tensors gathered when it is written), which the caller writes with them or leaves
-    to the store's background queue."""
+    directory, over `spare` if given (`CheckpointStore.take_spare`), and the optimizer
+    state as a `DeferredFile` (its size known now; on the CPU its tensors gathered when it
+    is written), which the caller writes with them or leaves to the store's background
+    queue."""
     base_path = state.record.base
 
     def write(directory: Path) -> None:
         if state.record.lora:
-            write_plan(directory / ADAPTER_FILE, weights_plan(state))
+            write_plan(directory / ADAPTER_FILE, weights_plan(state), spare)
             config = peft_config(LoraConfig(**state.record.lora), base_path)
             (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
         else:
-            write_plan(directory / WEIGHTS_FILE, weights_plan(state))
+            write_plan(directory / WEIGHTS_FILE, weights_plan(state), spare)
 
     optimizer = OptimizerFile.of(state)  # the state's tensors, not the ModelState
     # On the CPU gathered when written (views of its own tensors: nothing that can fail); a

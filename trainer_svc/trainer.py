@@ -33,6 +33,7 @@ from headway.errors import FailedPrecondition, InvalidArgument, NotFound, Resour
 from headway.modeling.placement import settle
 from headway.server.auth import Caller
 from headway.store import CheckpointRecord, CheckpointStore, ModelRecord, check_slug
+from headway.store.store import ADAPTER_FILE, WEIGHTS_FILE
 from trainer_svc import batches, compute, losses, precision
 from trainer_svc.adapters import LoraRequest
 from trainer_svc.bases import base_directory, validate_base
@@ -409,7 +410,10 @@ class Trainer:
         norm = self.compute.optim_step(state, adam)
         record.stats["metrics"]["grad/norm"] = norm
         stepped = time.perf_counter()
-        write, optimizer = checkpoint_writers(state)
+        # The weights file goes over pages allocated while the model trained (the spare
+        # the last step asked for): allocating them was most of its write (store.pages).
+        name = ADAPTER_FILE if state.record.lora else WEIGHTS_FILE
+        write, optimizer = checkpoint_writers(state, self.store.take_spare(record.model, name))
         if optimizer.size >= self.config.defer_state_bytes:
             self.store.write_checkpoint(record, write, deferred=optimizer)
         else:  # small: written with the weights, as cheap as a background job's bookkeeping
@@ -418,6 +422,9 @@ class Trainer:
             )
         written = time.perf_counter()
         self.store.promote(record)  # fsynced after the files
+        size = record.files[name]  # the next step's file has the same layout
+        if size >= self.config.spare_min_bytes:
+            self.store.prepare_spare(record.model, name, size)
         self.on_phase("state_wait", started - waiting)
         self.on_phase("adamw", stepped - started)
         self.on_phase("checkpoint_write", written - stepped)

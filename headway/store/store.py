@@ -47,6 +47,7 @@ from pathlib import Path
 from headway.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from headway.store import atomic
 from headway.store.durable import Syncer, background_priority
+from headway.store.pages import has_hole, make_spare
 from headway.store.records import CheckpointRecord, CheckpointRef, ModelRecord
 
 # Matched whole (`fullmatch`): `$` would also accept a trailing newline ("tiny\n").
@@ -112,6 +113,8 @@ class CheckpointStore:
         # Deferred writes in flight, by checkpoint (see `_start_deferred`).
         self._deferred: dict[str, Future[None]] = {}
         self._deferred_lock = threading.Lock()
+        # Spare files made ahead of a model's next write, by (model, file name).
+        self._spares: dict[tuple[str, str], Future[Path]] = {}
         if recover:
             self.remove_leftovers()
             self.check_checkpoints()
@@ -426,6 +429,45 @@ class CheckpointStore:
         if future is not None:
             future.result()
 
+    # ------------------------------------------------------------------- spares
+    def prepare_spare(self, slug: str, name: str, size: int) -> None:
+        """Start making, on a background thread, a spare file for model `slug`'s next file
+        `name` of about `size` bytes: its page-cache pages allocated ahead of the write
+        that `take_spare` hands it to (`tensorfile.make_spare`). A full fork's weights
+        file at every OptimStep: allocating its pages is most of writing it. Does nothing
+        if one is already made or being made."""
+        key = (slug, name)
+        path = self.model_dir(slug) / "checkpoints" / f"{atomic.TMP_PREFIX}spare-{name}"
+        with self._deferred_lock:
+            if key in self._spares:
+                return
+            future: Future[Path] = Future()
+            self._spares[key] = future
+
+        def run() -> None:
+            background_priority()  # behind serving, as the deferred writes
+            try:
+                path.unlink(missing_ok=True)  # one taken by a write that then failed
+                future.set_result(make_spare(path, size))
+            except BaseException as e:  # the model deleted meanwhile, a full disk
+                future.set_exception(e)
+
+        threading.Thread(target=run, name=f"spare-{slug}", daemon=True).start()
+
+    def take_spare(self, slug: str, name: str) -> Path | None:
+        """The spare `prepare_spare` made for `slug`'s `name` (waiting for it if still being
+        made), now the caller's to write over or remove; None if there is none."""
+        with self._deferred_lock:
+            future = self._spares.pop((slug, name), None)
+        if future is None:
+            return None
+        try:
+            path = future.result()
+        except Exception as e:
+            log.debug("no spare %s for %s: %s", name, slug, e)
+            return None
+        return path if path.exists() else None
+
     # --------------------------------------------------------------------- head
     def head(self, slug: str) -> str:
         """Id of the model's head checkpoint."""
@@ -541,6 +583,8 @@ def _torn(ckpt_dir: Path) -> tuple[str, str]:
             return f"{name} missing", parent
         if actual != size:
             return f"{name} has {actual} bytes, meta.json records {size}", parent
+        if has_hole(ckpt_dir / name):  # sized before written (tensorfile): data lost
+            return f"{name} has a hole: its data did not all reach the disk", parent
     return "", parent
 
 

@@ -14,6 +14,9 @@ tensors viewing it: 10 MB in ~1 ms where `load_file` copies each tensor with tor
 `map_safetensors` reads nothing: its tensors view a private memory map of the file, for a
 reader that copies them once into memory of its own (the sampler's reloads), so the bytes go
 from the page cache to their destination in one user-space copy.
+
+`write_plan` can write over a spare file whose pages were allocated ahead of it
+(`headway.store.pages`: why, and what it means for recovery).
 """
 
 from __future__ import annotations
@@ -122,11 +125,18 @@ def safetensors_header(
     return struct.pack("<Q", len(raw)) + raw, 8 + len(raw) + offset
 
 
-def write_plan(path: Path, plan: TensorFilePlan) -> int:
+def write_plan(path: Path, plan: TensorFilePlan, spare: Path | None = None) -> int:
     """Write a planned file to a new file `path` (not fsynced: see headway.store.durable);
-    returns its size in bytes."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    returns its size in bytes. `spare` (a file `headway.store.pages.make_spare` made, of
+    any size) becomes `path` and is written over: its pages are already allocated."""
+    if spare is None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    else:
+        os.rename(spare, path)
+        fd = os.open(path, os.O_WRONLY)
     try:
+        if spare is not None and os.fstat(fd).st_size != plan.size:
+            os.ftruncate(fd, plan.size)
         _write_views(fd, [memoryview(plan.header), *plan.chunks])
     finally:
         os.close(fd)
