@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from headway.store import CheckpointRecord, CheckpointStore, ModelRecord, atomic
 from headway.store.durable import Syncer
-from headway.store.pages import has_hole, make_spare
+from headway.store.pages import SpareChoice, has_hole, make_spare
 from headway.store.tensorfile import (
     plan_safetensors,
     read_safetensors,
@@ -101,6 +101,26 @@ def test_a_spare_is_made_ahead_taken_once_and_a_leftover_when_the_store_reopens(
     assert not spare.exists()
     store.prepare_spare("gone", "weights.safetensors", 10)  # no such model: no spare
     assert store.take_spare("gone", "weights.safetensors") is None
+
+
+def test_spare_choice_times_both_ways_then_keeps_the_faster_and_rechecks():
+    choice = SpareChoice(samples=2, recheck=4)
+    ways = []
+    for seconds_spare, seconds_new in [(0.1, 0.3)] * 3:
+        way = choice.use_spare()
+        ways.append(way)
+        choice.record(way, seconds_spare if way else seconds_new)
+    assert ways == [True, False, True] and not choice.decided
+    choice.record(False, 0.3)
+    assert choice.decided and choice.faster() and choice.median(False) == 0.3
+    ways = []
+    for _ in range(8):
+        ways.append(choice.use_spare())
+        choice.record(ways[-1], 0.1 if ways[-1] else 0.3)
+    assert ways == [True, True, True, False] * 2  # every 4th write the other way
+    for _ in range(2):  # writes over a spare got slow: the choice turns
+        choice.record(True, 0.9)
+    assert not choice.faster() and not choice.use_spare()
 
 
 @pytest.mark.parametrize("spare_size", [0, 100, 4096, 1 << 16])

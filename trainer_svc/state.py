@@ -41,6 +41,7 @@ from headway.store import (
     DeferredFile,
     ModelRecord,
 )
+from headway.store.pages import SpareChoice
 from headway.store.tensorfile import (
     TensorFilePlan,
     plan_safetensors,
@@ -126,6 +127,8 @@ class ModelState:
     # The weights (or adapter) file laid out over the parameters' memory, and the addresses
     # it was laid out at (see `weights_plan`).
     saved_layout: tuple[list[int], TensorFilePlan] | None = None
+    # Whether its weights file is written faster over a spare (timed on its own writes).
+    spare_choice: SpareChoice = field(default_factory=SpareChoice)
     # Which load of the model this is (a process-wide count): the other ranks of a
     # distributed trainer hold a replica of this very load, and reload when it changes.
     load_id: int = field(default_factory=lambda: next_load_id())

@@ -410,10 +410,11 @@ class Trainer:
         norm = self.compute.optim_step(state, adam)
         record.stats["metrics"]["grad/norm"] = norm
         stepped = time.perf_counter()
-        # The weights file goes over pages allocated while the model trained (the spare
-        # the last step asked for): allocating them was most of its write (store.pages).
+        # The weights file may go over pages allocated while the model trained (the spare
+        # the last step asked for, where that was measured faster: store.pages).
         name = ADAPTER_FILE if state.record.lora else WEIGHTS_FILE
-        write, optimizer = checkpoint_writers(state, self.store.take_spare(record.model, name))
+        spare = self.store.take_spare(record.model, name)
+        write, optimizer = checkpoint_writers(state, spare)
         if optimizer.size >= self.config.defer_state_bytes:
             self.store.write_checkpoint(record, write, deferred=optimizer)
         else:  # small: written with the weights, as cheap as a background job's bookkeeping
@@ -422,9 +423,7 @@ class Trainer:
             )
         written = time.perf_counter()
         self.store.promote(record)  # fsynced after the files
-        size = record.files[name]  # the next step's file has the same layout
-        if size >= self.config.spare_min_bytes:
-            self.store.prepare_spare(record.model, name, size)
+        self._spare_next(state, name, record.files[name], spare is not None, written - stepped)
         self.on_phase("state_wait", started - waiting)
         self.on_phase("adamw", stepped - started)
         self.on_phase("checkpoint_write", written - stepped)
@@ -437,6 +436,27 @@ class Trainer:
             1e3 * (written - stepped),
             1e3 * (time.perf_counter() - written),
         )
+
+    def _spare_next(
+        self, state: ModelState, name: str, size: int, spared: bool, seconds: float
+    ) -> None:
+        """Time this step's checkpoint write (over a spare or not) and, if the next one
+        should go over a spare, have it made now, while the model trains."""
+        if size < self.config.spare_min_bytes:
+            return
+        choice = state.spare_choice
+        decided = choice.decided
+        choice.record(spared, seconds)
+        if choice.decided and not decided:
+            log.info(
+                "%s: %s written faster %s (%.0f vs %.0f ms, medians)",
+                state.record.slug,
+                name,
+                "over a spare" if choice.faster() else "as a new file",
+                *(1e3 * choice.median(way) for way in (choice.faster(), not choice.faster())),
+            )
+        if choice.use_spare():
+            self.store.prepare_spare(state.record.slug, name, size)
 
     def _optim_result(self, record: CheckpointRecord) -> OptimResult:
         return OptimResult(

@@ -16,7 +16,10 @@ a power loss can leave it full-sized with holes where the data never reached the
 
 from __future__ import annotations
 
+import math
 import os
+import statistics
+from collections import deque
 from pathlib import Path
 
 _READ_CHUNK = 4 << 20  # bytes read per call: cache-sized, the zeros read are thrown away
@@ -65,3 +68,46 @@ def has_hole(path: Path) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+class SpareChoice:
+    """Whether one writer's files are written faster over a spare or as new files, on this
+    machine: decided by timing the writer's own writes, not by a constant. Both ways are
+    tried in turn until each has `samples` times; then the faster median wins, and every
+    `recheck`-th write tries the other way again (the machine's memory may change).
+
+    Measured on an AMD EPYC Zen 4 KVM guest: a full fork's 162 MB weights file 117 vs
+    387 ms over a spare; a 10 MB LoRA adapter 29 vs 20 ms as a new file."""
+
+    def __init__(self, samples: int = 3, recheck: int = 32) -> None:
+        self.times: dict[bool, deque[float]] = {
+            True: deque(maxlen=samples),
+            False: deque(maxlen=samples),
+        }
+        self.recheck = recheck
+        self.writes = 0
+
+    @property
+    def decided(self) -> bool:
+        """Whether both ways have been timed enough to choose."""
+        return all(len(t) == t.maxlen for t in self.times.values())
+
+    def use_spare(self) -> bool:
+        """Whether the next write should go over a spare (so: have one made for it)."""
+        if not self.decided:  # still trying: the way with fewer times
+            return len(self.times[True]) <= len(self.times[False])
+        faster = self.faster()
+        return faster if (self.writes + 1) % self.recheck else not faster
+
+    def median(self, spare: bool) -> float:
+        """Median of the last times of writes over a spare (or not); inf if none."""
+        return statistics.median(self.times[spare]) if self.times[spare] else math.inf
+
+    def faster(self) -> bool:
+        """Whether writes over a spare have been the faster (medians of the last times)."""
+        return self.median(True) < self.median(False)
+
+    def record(self, spare: bool, seconds: float) -> None:
+        """A write took `seconds`, over a spare or not."""
+        self.times[spare].append(seconds)
+        self.writes += 1
