@@ -53,9 +53,14 @@ def test_a_restarted_trainer_continues_bit_for_bit(tmp_path, tiny_base, full, mo
         kept = _train(stack, "kept", [3, 4, 5])  # never leaves memory
         _train(stack, "m", [3, 4])
         # Each model tries its writes over a spare and as new files (SpareChoice): after
-        # m's second step its third goes over one, made ahead.
-        spares = [p.parent.parent.name for p in store.glob("models/*/checkpoints/.tmp-spare-*")]
-        assert spares == (["m"] if mode == "spare" else []), spares
+        # m's second step its third writes each of its files over one, made ahead.
+        store_ = stack.trainer.store
+        names = ["adapter_model.safetensors" if not full else "weights.safetensors"]
+        names.append("optimizer.safetensors")
+        store_.wait_deferred("m", store_.head("m"))  # the write that has them made
+        made = {n: store_.take_spare("m", n) for n in names}
+        assert all(made.values()) == (mode == "spare"), made
+        assert all(p is None or p.stat().st_size > 0 for p in made.values())
     finally:
         stack.stop()  # drains the background fsyncs
     stack = TrainerStack(store, **MODES[mode])  # restores m from its head on disk

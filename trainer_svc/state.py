@@ -47,10 +47,10 @@ from headway.store.tensorfile import (
     plan_safetensors,
     safetensors_header,
     write_plan,
-    write_safetensors,
 )
 from headway.store.weights import adapter_dir, base_config, full_state, read_adapter
 from trainer_svc.pool import FrozenPool
+from trainer_svc.spares import SpareWriter
 
 
 def summed_metric(key: str) -> bool:
@@ -127,8 +127,9 @@ class ModelState:
     # The weights (or adapter) file laid out over the parameters' memory, and the addresses
     # it was laid out at (see `weights_plan`).
     saved_layout: tuple[list[int], TensorFilePlan] | None = None
-    # Whether its weights file is written faster over a spare (timed on its own writes).
-    spare_choice: SpareChoice = field(default_factory=SpareChoice)
+    # Whether each of its checkpoint files is written faster over a spare (timed on its
+    # own writes: trainer_svc.spares), by file name.
+    spare_choices: dict[str, SpareChoice] = field(default_factory=dict)
     # Which load of the model this is (a process-wide count): the other ranks of a
     # distributed trainer hold a replica of this very load, and reload when it changes.
     load_id: int = field(default_factory=lambda: next_load_id())
@@ -296,23 +297,27 @@ def weights_plan(state: ModelState) -> TensorFilePlan:
 
 
 def checkpoint_writers(
-    state: ModelState, spare: Path | None = None
+    state: ModelState, spares: SpareWriter | None = None
 ) -> tuple[Callable[[Path], None], DeferredFile]:
     """How to write the state's checkpoint, straight from the tensors' memory
     (`headway.store.tensorfile`): a function writing the weights (or adapter) into a
-    directory, over `spare` if given (`CheckpointStore.take_spare`), and the optimizer
-    state as a `DeferredFile` (its size known now; on the CPU its tensors gathered when it
-    is written), which the caller writes with them or leaves to the store's background
-    queue."""
+    directory, and the optimizer state as a `DeferredFile` (its size known now; on the CPU
+    its tensors gathered when it is written), which the caller writes with them or leaves
+    to the store's background queue. With `spares`, each file goes through it (over a
+    spare made ahead, where that is faster), and the optimizer state's write, the last,
+    has the next checkpoint's spares made."""
     base_path = state.record.base
+
+    def put(name: str, path: Path, plan: TensorFilePlan) -> int:
+        return spares.write(name, path, plan) if spares else write_plan(path, plan)
 
     def write(directory: Path) -> None:
         if state.record.lora:
-            write_plan(directory / ADAPTER_FILE, weights_plan(state), spare)
+            put(ADAPTER_FILE, directory / ADAPTER_FILE, weights_plan(state))
             config = peft_config(LoraConfig(**state.record.lora), base_path)
             (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
         else:
-            write_plan(directory / WEIGHTS_FILE, weights_plan(state), spare)
+            put(WEIGHTS_FILE, directory / WEIGHTS_FILE, weights_plan(state))
 
     optimizer = OptimizerFile.of(state)  # the state's tensors, not the ModelState
     # On the CPU gathered when written (views of its own tensors: nothing that can fail); a
@@ -322,7 +327,10 @@ def checkpoint_writers(
 
     def write_optimizer(path: Path) -> int:
         tensors = optimizer.tensors() if gathered is None else gathered
-        return write_safetensors(path, tensors, optimizer.metadata)
+        size = put(OPTIMIZER_FILE, path, plan_safetensors(tensors, optimizer.metadata))
+        if spares is not None:
+            spares.prepare_next()
+        return size
 
     return write, DeferredFile(OPTIMIZER_FILE, optimizer.size(), write_optimizer)
 

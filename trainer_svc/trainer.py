@@ -33,7 +33,6 @@ from headway.errors import FailedPrecondition, InvalidArgument, NotFound, Resour
 from headway.modeling.placement import settle
 from headway.server.auth import Caller
 from headway.store import CheckpointRecord, CheckpointStore, ModelRecord, check_slug
-from headway.store.store import ADAPTER_FILE, WEIGHTS_FILE
 from trainer_svc import batches, compute, losses, precision
 from trainer_svc.adapters import LoraRequest
 from trainer_svc.bases import base_directory, validate_base
@@ -64,6 +63,7 @@ from trainer_svc.publisher import HeadPublisher
 from trainer_svc.ranks import Compute, RankedCompute, RankGroup
 from trainer_svc.replies import ReplyCache
 from trainer_svc.results import ForwardResult, OptimResult, reply_bytes
+from trainer_svc.spares import SpareWriter
 from trainer_svc.state import (
     ModelState,
     checkpoint_writers,
@@ -410,11 +410,11 @@ class Trainer:
         norm = self.compute.optim_step(state, adam)
         record.stats["metrics"]["grad/norm"] = norm
         stepped = time.perf_counter()
-        # The weights file may go over pages allocated while the model trained (the spare
-        # the last step asked for, where that was measured faster: store.pages).
-        name = ADAPTER_FILE if state.record.lora else WEIGHTS_FILE
-        spare = self.store.take_spare(record.model, name)
-        write, optimizer = checkpoint_writers(state, spare)
+        # Files may go over pages allocated while the model trained (trainer_svc.spares).
+        spares = SpareWriter(
+            self.store, record.model, state.spare_choices, self.config.spare_min_bytes
+        )
+        write, optimizer = checkpoint_writers(state, spares)
         if optimizer.size >= self.config.defer_state_bytes:
             self.store.write_checkpoint(record, write, deferred=optimizer)
         else:  # small: written with the weights, as cheap as a background job's bookkeeping
@@ -423,7 +423,6 @@ class Trainer:
             )
         written = time.perf_counter()
         self.store.promote(record)  # fsynced after the files
-        self._spare_next(state, name, record.files[name], spare is not None, written - stepped)
         self.on_phase("state_wait", started - waiting)
         self.on_phase("adamw", stepped - started)
         self.on_phase("checkpoint_write", written - stepped)
@@ -436,27 +435,6 @@ class Trainer:
             1e3 * (written - stepped),
             1e3 * (time.perf_counter() - written),
         )
-
-    def _spare_next(
-        self, state: ModelState, name: str, size: int, spared: bool, seconds: float
-    ) -> None:
-        """Time this step's checkpoint write (over a spare or not) and, if the next one
-        should go over a spare, have it made now, while the model trains."""
-        if size < self.config.spare_min_bytes:
-            return
-        choice = state.spare_choice
-        decided = choice.decided
-        choice.record(spared, seconds)
-        if choice.decided and not decided:
-            log.info(
-                "%s: %s written faster %s (%.0f vs %.0f ms, medians)",
-                state.record.slug,
-                name,
-                "over a spare" if choice.faster() else "as a new file",
-                *(1e3 * choice.median(way) for way in (choice.faster(), not choice.faster())),
-            )
-        if choice.use_spare():
-            self.store.prepare_spare(state.record.slug, name, size)
 
     def _optim_result(self, record: CheckpointRecord) -> OptimResult:
         return OptimResult(
