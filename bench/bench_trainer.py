@@ -261,6 +261,19 @@ def save_rows(write_s: dict[str, float], split: dict[str, list[float]]) -> list[
     ]
 
 
+def spare_choice_rows(trainer: Any) -> list[list[object]]:
+    """Table rows: each fork's checkpoint files, written over a spare vs as a new file
+    (medians of the trainer's own last timed writes, `SpareChoice`), and its choice."""
+    rows: list[list[object]] = []
+    for slug in ("full", "lora"):
+        state = trainer._states.get(slug)
+        for name, choice in sorted(state.spare_choices.items()) if state else []:
+            over, new = (choice.median(way) * 1e3 for way in (True, False))
+            pick = "→ spare" if choice.faster() else "→ new"
+            rows.append([f"  {slug} {name} write ms, over a spare / new file", over, new, pick])
+    return rows
+
+
 # ------------------------------------------------------------------------- the runs
 class Bench:
     """The trainer in this process, its forks, the batch and the plain loop."""
@@ -458,6 +471,7 @@ def main() -> None:
         bf16_note, bf16_rows = measure_bf16(path, b, loop, args.bf16_repeats)  # 4. bf16
         weight_bytes = 4 * sum(p.numel() for p in loop.model.parameters())  # fp32
         write_s = page_cache_write_seconds(store, weight_bytes)
+        spare_rows = spare_choice_rows(srv.trainer)
         srv.stop()  # its threads would compete with the two trainers below
         srv = None
         rank_rows, ranks_ratio = measure_ranks(  # 5. torch.distributed
@@ -489,7 +503,7 @@ def main() -> None:
         ["logprobs max |diff| vs loop, step 0", f"{lp_diff:.1e}", "", ""],
         *bf16_rows,
     ]  # fmt: skip
-    rows += save_rows(write_s, split)
+    rows += save_rows(write_s, split) + spare_rows
     rows += rank_rows
     print_table(
         "trainer speed (medians; baseline: plain transformers loop, which saves nothing)",
