@@ -4,6 +4,7 @@ what a power loss may tear removed on the next open; safetensors written from me
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -65,24 +66,68 @@ def test_reopening_removes_a_checkpoint_a_power_loss_tore_and_moves_head_back(tm
     assert not [p for p in (tmp_path / "models/m/checkpoints").iterdir() if p.name[0] == "."]
 
 
-def test_reopening_removes_a_checkpoint_whose_file_a_power_loss_left_with_holes(tmp_path):
+def _sparse_files_report_holes(directory) -> bool:
+    probe = directory / "probe"
+    with probe.open("wb") as f:
+        f.truncate(1 << 20)
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_HOLE) < (1 << 20)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def _holed(path) -> None:
+    """What a power loss leaves of a file sized before its data was written."""
+    size = path.stat().st_size
+    path.unlink()
+    with path.open("wb") as f:
+        f.truncate(size)
+
+
+def test_reopening_removes_a_checkpoint_whose_sized_first_file_lost_its_data(tmp_path):
+    if not _sparse_files_report_holes(tmp_path):
+        pytest.skip("this filesystem does not report holes (SEEK_HOLE)")
     store = CheckpointStore(tmp_path, sync=False)
     _model(store)
-    _step(store, "c1", "root", 1)
-    _step(store, "c2", "c1", 2, data=b"x" * 8192)
+    _step(store, "c1", "root", 1, data=b"x" * 8192)
+    for ckpt, parent, step in (("c2", "c1", 2), ("c3", "c2", 3)):
+        record = CheckpointRecord(
+            id=ckpt, model="m", kind="full", step=step, created=0, parent_id=parent,
+            sized_first=["weights.safetensors"],
+        )  # fmt: skip
+        store.write_checkpoint(
+            record, lambda d: (d / "weights.safetensors").write_bytes(b"y" * 8192)
+        )
+        store.set_head("m", ckpt, wait=False)
     store.flush()
-    # A file written over a spare is sized before its data is written: a power loss can
-    # leave its size and lose its data, which reads back as zeros from a hole.
-    weights = tmp_path / "models/m/checkpoints/c2/weights.safetensors"
-    weights.unlink()
-    with weights.open("wb") as f:
-        f.truncate(8192)
-    if not has_hole(weights):
-        pytest.skip("this filesystem does not report holes (SEEK_HOLE)")
-    assert not has_hole(tmp_path / "models/m/checkpoints/c1/weights.safetensors")
+    ckpts = tmp_path / "models/m/checkpoints"
+    assert (ckpts / "c2/.durable").exists() and not (ckpts / "c1/.durable").exists()
+    # c1: written as a new file, its size proves its data; a hole (a filesystem keeping
+    # zeros sparse) is no sign of loss. c2: fsynced (marked): complete whatever its blocks.
+    # c3: its fsync never ran (no mark) and its data is gone: torn.
+    _holed(ckpts / "c1/weights.safetensors")
+    _holed(ckpts / "c2/weights.safetensors")
+    (ckpts / "c3/.durable").unlink()
+    _holed(ckpts / "c3/weights.safetensors")
+    assert has_hole(ckpts / "c3/weights.safetensors")
     reopened = CheckpointStore(tmp_path)
-    assert [c.id for c in reopened.list_checkpoints("m")] == ["root", "c1"]
-    assert reopened.head("m") == "c1"
+    assert [c.id for c in reopened.list_checkpoints("m")] == ["root", "c1", "c2"]
+    assert reopened.head("m") == "c2"
+
+
+def test_a_sync_store_records_no_sized_first_files(tmp_path):
+    store = CheckpointStore(tmp_path)
+    _model(store)
+    record = CheckpointRecord(
+        id="c1", model="m", kind="full", step=1, created=0, parent_id="root",
+        sized_first=["weights.safetensors"],
+    )  # fmt: skip
+    store.write_checkpoint(record, lambda d: (d / "weights.safetensors").write_bytes(b"x"))
+    assert CheckpointStore(tmp_path).get_checkpoint("m", "c1").sized_first == []
 
 
 def test_a_spare_is_made_ahead_taken_once_and_a_leftover_when_the_store_reopens(tmp_path):
@@ -90,17 +135,18 @@ def test_a_spare_is_made_ahead_taken_once_and_a_leftover_when_the_store_reopens(
     _model(store)
     store.prepare_spare("m", "weights.safetensors", 5000)
     store.prepare_spare("m", "weights.safetensors", 7000)  # one is being made: kept
-    spare = store.take_spare("m", "weights.safetensors")
+    spare = store.take_spare("m", "weights.safetensors", wait=True)
     assert spare is not None and spare.stat().st_size == 5000
     assert spare.parent == tmp_path / "models/m/checkpoints" and spare.name[0] == "."
     assert store.take_spare("m", "weights.safetensors") is None  # taken
     assert [c.id for c in store.list_checkpoints("m")] == ["root"]  # not a checkpoint
     store.prepare_spare("m", "weights.safetensors", 5000)
-    store.take_spare("m", "weights.safetensors")  # made, never written over
+    other = store.take_spare("m", "weights.safetensors", wait=True)  # never written over
+    assert other is not None and other != spare  # a name of its own
     CheckpointStore(tmp_path)  # the writer reopens: leftovers go
-    assert not spare.exists()
+    assert not spare.exists() and not other.exists()
     store.prepare_spare("gone", "weights.safetensors", 10)  # no such model: no spare
-    assert store.take_spare("gone", "weights.safetensors") is None
+    assert store.take_spare("gone", "weights.safetensors", wait=True) is None
 
 
 def test_spare_choice_times_both_ways_then_keeps_the_faster_and_rechecks():

@@ -4,6 +4,7 @@ the store continues exactly as one that never stopped."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -58,11 +59,16 @@ def test_a_restarted_trainer_continues_bit_for_bit(tmp_path, tiny_base, full, mo
         names = ["adapter_model.safetensors" if not full else "weights.safetensors"]
         names.append("optimizer.safetensors")
         store_.wait_deferred("m", store_.head("m"))  # the write that has them made
-        made = {n: store_.take_spare("m", n) for n in names}
+        made = {n: store_.take_spare("m", n, wait=True) for n in names}
         assert all(made.values()) == (mode == "spare"), made
         assert all(p is None or p.stat().st_size > 0 for p in made.values())
     finally:
         stack.stop()  # drains the background fsyncs
+    # A checkpoint with files written over spares is marked durable once fsynced (then
+    # recovery no longer looks for holes in them).
+    for meta in store.glob("models/*/checkpoints/*/meta.json"):
+        if json.loads(meta.read_text()).get("sized_first"):
+            assert (meta.parent / ".durable").exists(), meta
     stack = TrainerStack(store, **MODES[mode])  # restores m from its head on disk
     try:
         restored = _train(stack, "m", [5])

@@ -51,9 +51,10 @@ class TrainerConfig:
     # step waits for the disk).
     sync_saves: bool = False
     defer_state_bytes: int = 4 * 2**20
-    # A weights file (or adapter) of at least this many bytes may be written over a spare
-    # file whose page-cache pages were allocated while the model trained (headway.store.
-    # pages): where that allocation is most of a new file's write, it leaves the OptimStep.
+    # A checkpoint file (weights, adapter, optimizer state) of at least this many bytes may
+    # be written over a spare file whose page-cache pages were allocated while the model
+    # trained (headway.store.pages): where that allocation is most of a new file's write,
+    # it leaves the OptimStep.
     # Each model times both ways on its own writes and keeps the faster (`SpareChoice`).
     spare_min_bytes: int = 8 * 2**20
     # Asynchronous saves: checkpoints written but not yet fsynced before a save waits for

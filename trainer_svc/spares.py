@@ -26,20 +26,36 @@ log = logging.getLogger(__name__)
 class SpareWriter:
     """Writes the files of one checkpoint of model `slug` (`write`), then has the spares
     of its next checkpoint made (`prepare_next`). `choices` (file name → SpareChoice)
-    outlive it: the model's state keeps them."""
+    outlive it: the model's state keeps them.
+
+    The spares are taken when it is made, before the checkpoint's meta.json is written
+    (the optimizer state's write comes after it): `sized_first` names the files that will
+    be written over one, which the checkpoint records for recovery's hole check."""
 
     def __init__(
-        self, store: CheckpointStore, slug: str, choices: dict[str, SpareChoice], min_bytes: int
+        self,
+        store: CheckpointStore,
+        slug: str,
+        choices: dict[str, SpareChoice],
+        min_bytes: int,
+        names: list[str],
     ) -> None:
         self.store, self.slug, self.choices, self.min_bytes = store, slug, choices, min_bytes
         self.sizes: dict[str, int] = {}
+        taken = {name: store.take_spare(slug, name) for name in names}
+        self.spares = {name: path for name, path in taken.items() if path is not None}
+
+    @property
+    def sized_first(self) -> list[str]:
+        """The files this checkpoint writes over a spare (sized before their data)."""
+        return sorted(self.spares)
 
     def write(self, name: str, path: Path, plan: TensorFilePlan) -> int:
         """Write `plan` as file `path` (named `name` in the checkpoint), over a spare if
         one was made for it; time it for the choice."""
-        if plan.size < self.min_bytes:
+        spare = self.spares.pop(name, None)
+        if spare is None and plan.size < self.min_bytes:
             return write_plan(path, plan)
-        spare = self.store.take_spare(self.slug, name)
         start = time.perf_counter()
         write_plan(path, plan, spare)
         choice = self.choices.setdefault(name, SpareChoice())
@@ -63,4 +79,7 @@ class SpareWriter:
         whose writes go over one next."""
         for name, size in self.sizes.items():
             if self.choices[name].use_spare():
-                self.store.prepare_spare(self.slug, name, size)
+                try:  # a spare is an optimisation: never a failed write
+                    self.store.prepare_spare(self.slug, name, size)
+                except Exception as e:
+                    log.warning("%s: no spare for %s: %s", self.slug, name, e)

@@ -33,6 +33,7 @@ from headway.errors import FailedPrecondition, InvalidArgument, NotFound, Resour
 from headway.modeling.placement import settle
 from headway.server.auth import Caller
 from headway.store import CheckpointRecord, CheckpointStore, ModelRecord, check_slug
+from headway.store.store import ADAPTER_FILE, OPTIMIZER_FILE, WEIGHTS_FILE
 from trainer_svc import batches, compute, losses, precision
 from trainer_svc.adapters import LoraRequest
 from trainer_svc.bases import base_directory, validate_base
@@ -411,9 +412,15 @@ class Trainer:
         record.stats["metrics"]["grad/norm"] = norm
         stepped = time.perf_counter()
         # Files may go over pages allocated while the model trained (trainer_svc.spares).
+        weights = ADAPTER_FILE if state.record.lora else WEIGHTS_FILE
         spares = SpareWriter(
-            self.store, record.model, state.spare_choices, self.config.spare_min_bytes
+            self.store,
+            record.model,
+            state.spare_choices,
+            self.config.spare_min_bytes,
+            [weights, OPTIMIZER_FILE],
         )
+        record.sized_first = spares.sized_first
         write, optimizer = checkpoint_writers(state, spares)
         if optimizer.size >= self.config.defer_state_bytes:
             self.store.write_checkpoint(record, write, deferred=optimizer)

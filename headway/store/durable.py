@@ -75,12 +75,13 @@ class Syncer:
         paths: list[Path],
         after: Future[None] | None = None,
         release: list[Path] | None = None,
+        then: Callable[[], object] | None = None,
     ) -> None:
         """fsync `paths` (files and directories, in this order) after the jobs before it
         and, if given, after `after` (a write running elsewhere) has finished; its failure
         fails the job. Then drop the page cache of the files in `release` (on disk by
-        then: `atomic.drop_cached`). Waits while `max_pending` jobs are queued; raises a
-        previous job's failure."""
+        then: `atomic.drop_cached`), and call `then`. Waits while `max_pending` jobs are
+        queued; raises a previous job's failure."""
 
         def job() -> None:
             if after is not None:
@@ -88,6 +89,8 @@ class Syncer:
             _fsync_all(paths)
             for path in release or ():
                 atomic.drop_cached(path)
+            if then is not None:
+                then()
 
         with self._cond:
             self.raise_error()

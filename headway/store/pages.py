@@ -60,7 +60,10 @@ def has_hole(path: Path) -> bool:
     """Whether file `path` has a hole (a range with no data on disk or in the page cache)
     before its end: a file sized before its data was written whose data a power loss
     lost. False where the filesystem cannot tell (no SEEK_HOLE: all of it is data)."""
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # unreadable here: not this check's to judge
+        return False
     try:
         size = os.fstat(fd).st_size
         return size > 0 and os.lseek(fd, 0, os.SEEK_HOLE) < size

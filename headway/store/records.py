@@ -70,6 +70,10 @@ class CheckpointRecord:
     # Size in bytes of each file of the checkpoint (meta.json aside), as written: what
     # tells a checkpoint a power loss tore from a complete one (CheckpointStore).
     files: dict[str, int] | None = None
+    # Files sized before their data was written (over a spare: headway.store.pages) in an
+    # asynchronous store: until the checkpoint is marked durable, recovery also checks
+    # them for holes, since their size no longer proves their data reached the disk.
+    sized_first: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

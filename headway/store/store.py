@@ -60,6 +60,9 @@ ADAPTER_FILE = "adapter_model.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 META_FILE = "meta.json"
+# Made in a checkpoint directory once its fsyncs are done, if it has `sized_first` files:
+# from then on recovery need not look for holes in them (a lost mark only costs a check).
+DURABLE_MARK = ".durable"
 _DELETED_PREFIX = ".deleted-"
 log = logging.getLogger(__name__)
 
@@ -294,6 +297,9 @@ class CheckpointStore:
         # Rename first (atomic), then remove: a crash mid-delete leaves a leftover, not a
         # half-deleted model.
         doomed = self.models_dir / f"{_DELETED_PREFIX}{slug}-{secrets.token_hex(4)}"
+        with self._deferred_lock:  # its spares go with its directory
+            for key in [k for k in self._spares if k[0] == slug]:
+                del self._spares[key]
         os.rename(self.model_dir(slug), doomed)
         atomic.fsync_dir(self.models_dir)
         shutil.rmtree(doomed, ignore_errors=True)
@@ -346,6 +352,8 @@ class CheckpointStore:
         tmp = final.with_name(f"{atomic.TMP_PREFIX}{record.id}-{secrets.token_hex(4)}")
         tmp.mkdir(parents=True)
         later = deferred if deferred is not None and not self.sync else None
+        if self.sync:  # every file fsynced before the rename: nothing to check later
+            record.sized_first = []
         try:
             if write_files is not None:
                 write_files(tmp)
@@ -372,8 +380,13 @@ class CheckpointStore:
         else:
             written = self._start_deferred(final, later) if later is not None else None
             files = [final / name for name in (*record.files, META_FILE)]
+            mark = (final / DURABLE_MARK) if record.sized_first else None
             self.syncer.submit(
-                str(final), [*files, final, final.parent], after=written, release=release
+                str(final),
+                [*files, final, final.parent],
+                after=written,
+                release=release,
+                then=(lambda: _mark_durable(mark)) if mark is not None else None,
             )
         return record
 
@@ -433,11 +446,13 @@ class CheckpointStore:
     def prepare_spare(self, slug: str, name: str, size: int) -> None:
         """Start making, on a background thread, a spare file for model `slug`'s next file
         `name` of about `size` bytes: its page-cache pages allocated ahead of the write
-        that `take_spare` hands it to (`tensorfile.make_spare`). A full fork's weights
+        that `take_spare` hands it to (`pages.make_spare`). A full fork's weights
         file at every OptimStep: allocating its pages is most of writing it. Does nothing
         if one is already made or being made."""
         key = (slug, name)
-        path = self.model_dir(slug) / "checkpoints" / f"{atomic.TMP_PREFIX}spare-{name}"
+        ckpts = self.model_dir(slug) / "checkpoints"
+        # A name of its own: another write may hold (and be renaming) an earlier spare.
+        path = ckpts / f"{atomic.TMP_PREFIX}spare-{name}-{secrets.token_hex(4)}"
         with self._deferred_lock:
             if key in self._spares:
                 return
@@ -447,20 +462,22 @@ class CheckpointStore:
         def run() -> None:
             background_priority()  # behind serving, as the deferred writes
             try:
-                path.unlink(missing_ok=True)  # one taken by a write that then failed
                 future.set_result(make_spare(path, size))
             except BaseException as e:  # the model deleted meanwhile, a full disk
                 future.set_exception(e)
 
         threading.Thread(target=run, name=f"spare-{slug}", daemon=True).start()
 
-    def take_spare(self, slug: str, name: str) -> Path | None:
-        """The spare `prepare_spare` made for `slug`'s `name` (waiting for it if still being
-        made), now the caller's to write over or remove; None if there is none."""
+    def take_spare(self, slug: str, name: str, wait: bool = False) -> Path | None:
+        """The spare `prepare_spare` made for `slug`'s `name`, now the caller's to write
+        over or remove; None if there is none, or if it is still being made and not
+        `wait` (a write does not wait: without it, it costs at most what the spare would
+        have saved, and the spare stays for the next write)."""
         with self._deferred_lock:
-            future = self._spares.pop((slug, name), None)
-        if future is None:
-            return None
+            future = self._spares.get((slug, name))
+            if future is None or not (wait or future.done()):
+                return None
+            del self._spares[(slug, name)]
         try:
             path = future.result()
         except Exception as e:
@@ -569,6 +586,14 @@ def _write_deferred(ckpt_dir: Path, deferred: DeferredFile) -> None:
         raise
 
 
+def _mark_durable(mark: Path) -> None:
+    """Make `mark` (best effort: without it recovery only checks more)."""
+    try:
+        mark.touch()
+    except OSError as e:
+        log.debug("durable mark %s not made: %s", mark, e)
+
+
 def _torn(ckpt_dir: Path) -> tuple[str, str]:
     """(what is wrong with the checkpoint directory, "" if complete; its parent id)."""
     try:
@@ -583,8 +608,13 @@ def _torn(ckpt_dir: Path) -> tuple[str, str]:
             return f"{name} missing", parent
         if actual != size:
             return f"{name} has {actual} bytes, meta.json records {size}", parent
-        if has_hole(ckpt_dir / name):  # sized before written (tensorfile): data lost
-            return f"{name} has a hole: its data did not all reach the disk", parent
+    # Files sized before they were written (over a spare) prove nothing by their size until
+    # the checkpoint's fsyncs are done; only those are checked (a filesystem may keep runs
+    # of zeros of a complete file as holes: ZFS with compression, a sparse copy).
+    if not (ckpt_dir / DURABLE_MARK).exists():
+        for name in meta.get("sized_first") or []:
+            if has_hole(ckpt_dir / name):
+                return f"{name} has a hole: its data did not all reach the disk", parent
     return "", parent
 
 
