@@ -50,9 +50,7 @@ FLAGS = (
         "replies (no acknowledged step lost to a crash or power loss)",
     ),
     Flag("defer_state_bytes", "optimizer states this large are written after the reply"),
-    Flag(
-        "spare_min_bytes", "checkpoint files this large may go over pages allocated ahead"
-    ),
+    Flag("spare_min_bytes", "checkpoint files this large may go over pages allocated ahead"),
     Flag("max_pending_syncs", "checkpoints written ahead of their background fsync"),
 )
 
