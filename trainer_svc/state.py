@@ -296,6 +296,11 @@ def weights_plan(state: ModelState) -> TensorFilePlan:
     return plan
 
 
+def weights_file(state: ModelState) -> str:
+    """The name of the file holding the state's trained weights in its checkpoints."""
+    return ADAPTER_FILE if state.record.lora else WEIGHTS_FILE
+
+
 def checkpoint_writers(
     state: ModelState, spares: SpareWriter | None = None
 ) -> tuple[Callable[[Path], None], DeferredFile]:
@@ -312,12 +317,11 @@ def checkpoint_writers(
         return spares.write(name, path, plan) if spares else write_plan(path, plan)
 
     def write(directory: Path) -> None:
+        name = weights_file(state)
+        put(name, directory / name, weights_plan(state))
         if state.record.lora:
-            put(ADAPTER_FILE, directory / ADAPTER_FILE, weights_plan(state))
             config = peft_config(LoraConfig(**state.record.lora), base_path)
             (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        else:
-            put(WEIGHTS_FILE, directory / WEIGHTS_FILE, weights_plan(state))
 
     optimizer = OptimizerFile.of(state)  # the state's tensors, not the ModelState
     # On the CPU gathered when written (views of its own tensors: nothing that can fail); a

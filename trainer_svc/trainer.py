@@ -32,8 +32,13 @@ import torch
 from headway.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from headway.modeling.placement import settle
 from headway.server.auth import Caller
-from headway.store import CheckpointRecord, CheckpointStore, ModelRecord, check_slug
-from headway.store.store import ADAPTER_FILE, OPTIMIZER_FILE, WEIGHTS_FILE
+from headway.store import (
+    OPTIMIZER_FILE,
+    CheckpointRecord,
+    CheckpointStore,
+    ModelRecord,
+    check_slug,
+)
 from trainer_svc import batches, compute, losses, precision
 from trainer_svc.adapters import LoraRequest
 from trainer_svc.bases import base_directory, validate_base
@@ -68,6 +73,7 @@ from trainer_svc.spares import SpareWriter
 from trainer_svc.state import (
     ModelState,
     checkpoint_writers,
+    weights_file,
 )
 
 log = logging.getLogger(__name__)
@@ -412,13 +418,12 @@ class Trainer:
         record.stats["metrics"]["grad/norm"] = norm
         stepped = time.perf_counter()
         # Files may go over pages allocated while the model trained (trainer_svc.spares).
-        weights = ADAPTER_FILE if state.record.lora else WEIGHTS_FILE
         spares = SpareWriter(
             self.store,
             record.model,
             state.spare_choices,
             self.config.spare_min_bytes,
-            [weights, OPTIMIZER_FILE],
+            [weights_file(state), OPTIMIZER_FILE],
         )
         record.sized_first = spares.sized_first
         write, optimizer = checkpoint_writers(state, spares)
