@@ -34,6 +34,13 @@ from tests.stack import HANG_SECONDS, ServiceProcess, TrainerStack, redis_prefix
 pytestmark = pytest.mark.slow  # a two-rank group of trainer processes, and its restart
 
 GROUP = 2  # trajectories per GRPO group
+# Adam's update g/(√v + ε) amplifies a gradient's rounding by lr/ε where |g| ≲ ε. One
+# process and two ranks sum the gradient in different orders (fp32 rounding ~1e-10 here),
+# so with ε = 1e-8 and lr = 1e-2 an element whose gradient nearly cancels (a fresh LoRA A,
+# whose B has moved one step) can land 1e-4 apart: a CI run failed on one such element.
+# ε = 1e-6 bounds that to ~1e-6, under the comparison's tolerance, while a missing or
+# doubled share (a gradient off by its own size) still moves the weights far past it.
+LR, EPS = 1e-2, 1e-6
 
 
 def torchrun_trainer(store: Path, log: Path, prefix: str, restarts: int = 0) -> ServiceProcess:
@@ -93,7 +100,7 @@ def run_steps(models, train, slug: str) -> tuple[list[str], list[np.ndarray]]:
     )
     fb = train.ForwardBackward(request)
     lps += [from_tensor(t, "logprobs") for t in fb.logprobs]
-    first = train.OptimStep(training_pb2.OptimStepRequest(model=slug, adam=adam(1e-2)))
+    first = train.OptimStep(training_pb2.OptimStepRequest(model=slug, adam=adam(LR, eps=EPS)))
 
     fwd = train.ForwardCustom(
         training_pb2.ForwardCustomRequest(model=slug, data=trajectories(2), group_size=GROUP)
@@ -101,12 +108,12 @@ def run_steps(models, train, slug: str) -> tuple[list[str], list[np.ndarray]]:
     lps += [from_tensor(d.logprobs, "logprobs") for d in fwd.data]
     train.BackwardCustom(training_pb2.BackwardCustomRequest(
         model=slug, forward_id=fwd.forward_id, weights=custom_weights(fwd)))  # fmt: skip
-    second = train.OptimStep(training_pb2.OptimStepRequest(model=slug, adam=adam(1e-2)))
+    second = train.OptimStep(training_pb2.OptimStepRequest(model=slug, adam=adam(LR, eps=EPS)))
 
     models.SetHead(model_pb2.SetHeadRequest(model=slug, checkpoint=first.checkpoint))
     data = items(*(rl_datum(30 + i, n=6 + 4 * i) for i in range(3)))
     third = train.Step(training_pb2.StepRequest(
-        model=slug, data=data, loss_fn="cross_entropy", adam=adam(1e-2)))  # fmt: skip
+        model=slug, data=data, loss_fn="cross_entropy", adam=adam(LR, eps=EPS)))  # fmt: skip
     lps += [from_tensor(t, "logprobs") for t in third.forward_backward.logprobs]
     assert third.optim_step.step == 2  # branched from the first step
     paths = [first.sampler_path, second.sampler_path, third.optim_step.sampler_path]
