@@ -33,14 +33,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * rms_normalize(x, self.eps).to(x.dtype)
-
-
-def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x²) + eps) over the last dim, in fp32 (every family's RMSNorm step;
-    each applies its own weight and cast)."""
-    h = x.float()
-    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        # torch's rms_norm is one op where x.float() * rsqrt(mean(x²) + eps) is six (~10 us
+        # less per norm at decode on a 2-core EPYC, 33 norms a step), with the same bits: it
+        # normalizes in fp32 and casts back; the weight is applied after the cast, as
+        # transformers does, except in fp32, where applying it inside changes nothing.
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x, self.weight.shape, None, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:

@@ -33,7 +33,6 @@ from headway.modeling.model import (
     Transformer,
     apply_rope,
     checked_positions,
-    rms_normalize,
     rope_cos_sin,
 )
 from headway.modeling.qwen3_5.config import LINEAR, Qwen35Config
@@ -50,7 +49,8 @@ class ZeroCenteredRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (rms_normalize(x, self.eps) * (1.0 + self.weight.float())).type_as(x)
+        scale = 1.0 + self.weight.float()  # fp32: one op, transformers' bits
+        return F.rms_norm(x.float(), scale.shape, scale, self.eps).type_as(x)
 
 
 class GatedRMSNorm(nn.Module):
@@ -62,7 +62,7 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        h = self.weight * rms_normalize(x, self.eps).to(x.dtype)
+        h = self.weight * F.rms_norm(x, self.weight.shape, None, self.eps)  # see RMSNorm
         return (h * F.silu(gate.float())).to(x.dtype)
 
 
