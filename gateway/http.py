@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as RoutingError
 
-from gateway import replies
+from gateway import replies, tinker_api
 from gateway.core import Gateway
 from gateway.http_errors import HTTPError, domain_error_response, error_response
 from gateway.http_params import Completion, completion, parse_body, render_json, required_str
@@ -148,7 +148,10 @@ def create_app(gateway: Gateway) -> Any:
         return error_response(400, str(e))
 
     def team_of(headers: Any) -> str:
-        return gateway.team([("authorization", headers.get("authorization", ""))])
+        # `Authorization: Bearer <key>`, or the Tinker SDK's `X-API-Key: tml-<key>`.
+        return gateway.team([("authorization", tinker_api.bearer(headers))])
+
+    app.include_router(tinker_api.create_router(gateway, team_of))
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

@@ -6,9 +6,10 @@ DNS-rebinding page (its own host name re-pointed at 127.0.0.1) is even same-orig
 reads the replies. In local mode (auth off: every caller is the local admin) either would
 let a page sample, record traces and list models. So:
 
-- a POST must declare `Content-Type: application/json` (415 otherwise). A page can send
-  that only after a preflight, which this API never grants; the `openai` client and every
-  HTTP library sending JSON declare it anyway.
+- a POST must declare `Content-Type: application/json` (415 otherwise), or, on the Tinker
+  API (/api/v1/, whose SDK sends forward_backward as protobuf), `application/x-protobuf`.
+  A page can send neither without a preflight, which this API never grants; the `openai`
+  and `tinker` clients and every HTTP library sending JSON declare them anyway.
 - with auth off, the Host header must name this machine (localhost and its subdomains, a
   loopback address, the listen host) or one of the configured allowed hosts, else 403,
   as Vite, webpack-dev-server and Jupyter answer: a rebound page's requests carry its own
@@ -24,6 +25,8 @@ from typing import Any
 from gateway.http import error_response
 
 JSON = "application/json"
+PROTOBUF = "application/x-protobuf"
+TINKER_PATHS = "/api/v1/"
 ANY_HOST = "*"
 
 
@@ -84,7 +87,9 @@ class HttpGuard:
                 return await refused(scope, receive, send)
         if scope["method"] == "POST":
             media = headers.get(b"content-type", b"").decode("latin-1")
-            if media.split(";", 1)[0].strip().lower() != JSON:
+            media_type = media.split(";", 1)[0].strip().lower()
+            tinker = scope["path"].startswith(TINKER_PATHS) and media_type == PROTOBUF
+            if media_type != JSON and not tinker:
                 refused = error_response(
                     415,
                     f"Content-Type must be {JSON}, not {media or 'missing'}: send the body "

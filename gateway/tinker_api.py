@@ -1,0 +1,616 @@
+"""Tinker-compatible HTTP API of the gateway (`/api/v1/...`), for the official `tinker` SDK.
+
+The mapping onto Headway:
+- A Tinker session is a random id the gateway hands out (`create_session`); it names its
+  training runs and sampling sessions, and belongs to the caller's team.
+- A training run `<session>:train:<n>` (the SDK computes this id itself in one flow, so the
+  form is fixed) is the Headway fork `tk-<session>-<n>` of the base it names: LoRA of the
+  asked rank. Team isolation is the store's: another team's fork is NOT_FOUND.
+- forward_backward is Headway's ForwardBackward on that fork, with Tinker's Datum mapped
+  field for field (model_input's tokens → input_tokens; loss_fn_inputs target_tokens,
+  weights, logprobs → sampling_logprobs, advantages). Both define the built-in losses as
+  sums over tokens, so the gradients are the same.
+- optim_step is Headway's OptimStep: every step is a checkpoint of the fork's tree and its
+  new head (visible in `headway models checkpoints`); save_weights_for_sampler names the
+  head (Tinker's sampler weights are a checkpoint that already exists here) and a sampling
+  session samples that checkpoint through the gateway's replicas, like a pinned Sample.
+- Calls that Tinker answers with a future run as tasks of this gateway process, one run's
+  operations in the order they were submitted; `retrieve_future` long-polls them.
+
+Requests are checked against the SDK's wire types: JSON bodies by field, the
+forward_backward body as the protobuf of `headway/v1/tinker.proto`. No torch here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from google.protobuf.message import DecodeError
+
+from gateway.core import Gateway
+from headway.errors import HeadwayError, InvalidArgument, NotFound, from_status
+from headway.server.auth import Caller
+from headway.tensors import from_tensor, to_tensor
+from headway.v1 import (
+    common_pb2,
+    model_pb2,
+    model_pb2_grpc,
+    sampling_pb2,
+    tinker_pb2,
+    training_pb2,
+    training_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+PROTO = "application/x-protobuf"
+POLL_SECONDS = 20.0  # a retrieve_future holds this long (the SDK gives up at 45 s)
+KEEP_SECONDS = 3600.0  # a finished future is kept this long for its retrieve
+LOSSES = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
+KEY_PREFIX = "tml-"  # the SDK refuses keys without it: a Headway key is sent as tml-<key>
+# The reductions a metric name may end in ("loss:sum"); the SDK drops or fails others.
+REDUCTIONS = ("mean", "sum", "min", "max")
+SUMMED = ("num_tokens", "num_datums")  # Headway metrics that add up over chunks
+DTYPES = {
+    tinker_pb2.TINKER_DTYPE_FLOAT32: np.float32,
+    tinker_pb2.TINKER_DTYPE_INT64: np.int64,
+    tinker_pb2.TINKER_DTYPE_INT32: np.int32,
+}
+
+
+def bearer(headers: Any) -> str:
+    """The `authorization` value for a request: its own, else the SDK's `X-API-Key` with
+    the `tml-` prefix taken off (the Headway key it carries)."""
+    value = headers.get("authorization", "")
+    key = headers.get("x-api-key", "")
+    if not value and key:
+        value = "Bearer " + key.removeprefix(KEY_PREFIX)
+    return value
+
+
+def run_slug(model_id: str) -> str:
+    """The Headway fork of a training run id `<session>:train:<n>`."""
+    session, kind, n = (model_id.split(":") + ["", ""])[:3]
+    if kind != "train" or not session or not n.isdigit():
+        raise InvalidArgument(f"model_id {model_id!r}: expected <session_id>:train:<n>")
+    return f"tk-{session}-{n}"
+
+
+def parse_path(path: str) -> tuple[str, str, str]:
+    """(model_id, kind, name) of `tinker://<model_id>/<kind>/<name>`."""
+    parts = path.removeprefix("tinker://").split("/") if path.startswith("tinker://") else []
+    if len(parts) != 3 or parts[1] not in ("weights", "sampler_weights") or not parts[2]:
+        raise InvalidArgument(
+            f"path {path!r}: expected tinker://<model_id>/weights|sampler_weights/<name>"
+        )
+    return parts[0], parts[1], parts[2]
+
+
+@dataclass
+class Op:
+    """A submitted operation: its team, the task computing its result."""
+
+    team: str
+    task: asyncio.Task
+    done_at: float = 0.0
+
+
+@dataclass
+class SamplingSession:
+    """What a sampling session samples: a fork's checkpoint, or a base's head ("")."""
+
+    team: str
+    slug: str
+    checkpoint: str
+
+
+@dataclass
+class TinkerState:
+    """The API's state in this gateway process."""
+
+    gateway: Gateway
+    sessions: dict[str, str] = field(default_factory=dict)  # session id → team
+    ops: dict[str, Op] = field(default_factory=dict)  # request id → op
+    tails: dict[str, asyncio.Task] = field(default_factory=dict)  # run → its last op
+    seen: dict[tuple[str, int], str] = field(default_factory=dict)  # (run, seq) → request
+    sampling: dict[str, SamplingSession] = field(default_factory=dict)
+    names: dict[tuple[str, str], str] = field(default_factory=dict)  # (slug, path) → ckpt
+
+    def submit(
+        self, team: str, work: Callable[[], Awaitable[Any]], run: str = "", seq: int = -1
+    ) -> str:
+        """Start `work` as a future (after the run's earlier operations); its request id. A
+        retried submission (same run and seq_id) gets the first one's id."""
+        if run and seq >= 0 and (run, seq) in self.seen:
+            return self.seen[(run, seq)]
+        self._expire()
+        before = self.tails.get(run) if run else None
+
+        async def ordered() -> Any:
+            if before is not None:
+                await asyncio.wait([before])  # its failure is its own future's answer
+            return await work()
+
+        task = asyncio.get_running_loop().create_task(ordered())
+        request_id = secrets.token_hex(12)
+        self.ops[request_id] = Op(team, task)
+        task.add_done_callback(lambda _: setattr(self.ops[request_id], "done_at", time.time()))
+        if run:
+            self.tails[run] = task
+            if seq >= 0:
+                self.seen[(run, seq)] = request_id
+        return request_id
+
+    def _expire(self) -> None:
+        cutoff = time.time() - KEEP_SECONDS
+        for rid in [r for r, op in self.ops.items() if op.done_at and op.done_at < cutoff]:
+            del self.ops[rid]
+
+    async def retrieve(self, request_id: str, team: str) -> Response:
+        """The op's result, or try_again after POLL_SECONDS without one."""
+        op = self.ops.get(request_id)
+        if op is None or op.team != team:
+            raise NotFound(f"no future {request_id!r}: unknown, expired, or another team's")
+        done, _ = await asyncio.wait([op.task], timeout=POLL_SECONDS)
+        if not done:
+            return JSONResponse({"type": "try_again", "queue_state": "active"})
+        error = op.task.exception()
+        if error is not None:
+            return JSONResponse(failure(error))
+        result = op.task.result()
+        if isinstance(result, bytes):
+            return Response(result, media_type=PROTO)
+        return JSONResponse(result)
+
+
+def failure(error: BaseException) -> dict[str, str]:
+    """A failed future's body: the SDK raises it as RequestFailedError of this category
+    ("user": change the request; "server": not the caller's doing)."""
+    if isinstance(error, grpc.aio.AioRpcError):  # a backend's answer
+        error = from_status(error.code().name, error.details() or error.code().name, None)
+    if isinstance(error, HeadwayError):
+        return {"error": error.message, "category": "user" if error.user_error else "server"}
+    log.error("tinker op failed", exc_info=error)
+    return {"error": f"internal error: {type(error).__name__}", "category": "server"}
+
+
+def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
+    """The `/api/v1` routes, on `gateway`; `team_of(headers)` authenticates a request."""
+    state = TinkerState(gateway)
+    api = APIRouter(prefix="/api/v1")
+    models = model_pb2_grpc.ModelServiceStub(gateway.trainer)
+    training = training_pb2_grpc.TrainingServiceStub(gateway.trainer)
+
+    def md(team: str) -> list[tuple[str, str]]:
+        return gateway.backend_md(Caller(team))
+
+    async def body(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        try:
+            out = json.loads(raw or b"{}")
+        except ValueError as e:
+            raise InvalidArgument(f"the body is not JSON: {e}") from None
+        if not isinstance(out, dict):
+            raise InvalidArgument("the body must be a JSON object")
+        return out
+
+    def run_of(team: str, model_id: Any) -> str:
+        if not isinstance(model_id, str):
+            raise InvalidArgument("model_id: a string is required")
+        slug = run_slug(model_id)
+        gateway.model(slug, team)  # NotFound for another team's run
+        return slug
+
+    @api.post("/client/config")
+    async def client_config(request: Request) -> dict[str, Any]:
+        team_of(request.headers)
+        # Keep the SDK on plain httpx and its chunks in order (no reorder buffer here).
+        return {"pjwt_auth_enabled": False, "use_pyqwest_transport": False,
+                "parallel_fwdbwd_chunks": False}  # fmt: skip
+
+    @api.post("/client/dynamic_config")
+    async def dynamic_config(request: Request) -> dict[str, Any]:
+        team_of(request.headers)
+        return {}
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.post("/telemetry")
+    async def telemetry(request: Request) -> dict[str, str]:
+        team_of(request.headers)
+        return {"status": "accepted"}  # the SDK's own telemetry: accepted, not kept
+
+    @api.post("/create_session")
+    async def create_session(request: Request) -> dict[str, str]:
+        team = team_of(request.headers)
+        session = secrets.token_hex(6)
+        state.sessions[session] = team
+        return {"session_id": session, "type": "create_session"}
+
+    @api.post("/session_heartbeat")
+    async def heartbeat(request: Request) -> dict[str, str]:
+        team = team_of(request.headers)
+        session = (await body(request)).get("session_id")
+        if state.sessions.get(session) != team:
+            raise NotFound(f"no session {session!r}")
+        return {"type": "session_heartbeat"}
+
+    @api.post("/sessions/{session}/finish")
+    async def finish(session: str, request: Request) -> dict[str, str]:
+        team_of(request.headers)
+        return {}
+
+    @api.get("/get_server_capabilities")
+    async def capabilities(request: Request) -> dict[str, Any]:
+        team = team_of(request.headers)
+        bases = [m for m in gateway.visible_models(team) if m.is_base]
+        return {"supported_models": [
+            {"model_name": m.slug, "max_context_length": m.arch.get("max_context"),
+             "trainable": True, "sampleable": True} for m in bases]}  # fmt: skip
+
+    def session_of(team: str, raw: dict[str, Any]) -> str:
+        session = raw.get("session_id")
+        if not isinstance(session, str) or state.sessions.get(session) != team:
+            raise NotFound(f"no session {session!r}: call create_session first")
+        return session
+
+    @api.post("/create_model")
+    async def create_model(request: Request) -> dict[str, str]:
+        team = team_of(request.headers)
+        raw = await body(request)
+        session = session_of(team, raw)
+        n = raw.get("model_seq_id")
+        base = raw.get("base_model")
+        lora = raw.get("lora_config") or {}
+        if not isinstance(n, int) or n < 0:
+            raise InvalidArgument("model_seq_id: a non-negative integer is required")
+        if not isinstance(base, str) or not base:
+            raise InvalidArgument("base_model: the name of a base is required")
+        rank = lora.get("rank", 32)
+        if not isinstance(rank, int) or rank < 1:
+            raise InvalidArgument(f"lora_config.rank: a positive integer, not {rank!r}")
+        if (raw.get("optimizer_config") or {}).get("type", "adamw") != "adamw":
+            raise InvalidArgument("optimizer_config.type: Headway trains with adamw only")
+        model_id = f"{session}:train:{n}"
+        fork = model_pb2.ForkModelRequest(
+            source=base, name=run_slug(model_id), lora=common_pb2.LoraConfig(rank=rank)
+        )
+
+        async def work() -> dict[str, str]:
+            await models.ForkModel(fork, metadata=md(team))
+            return {"model_id": model_id, "type": "create_model"}
+
+        return {"request_id": state.submit(team, work)}
+
+    @api.post("/get_info")
+    async def get_info(request: Request) -> dict[str, Any]:
+        team = team_of(request.headers)
+        raw = await body(request)
+        slug = run_of(team, raw.get("model_id"))
+        record = gateway.model(slug, team)
+        base = gateway.store.get_model(record.base)
+        lora = record.lora or {}
+        return {
+            "model_id": raw["model_id"],
+            # tokenizer_id: the base's own directory, so get_tokenizer() works offline.
+            "model_data": {
+                "arch": record.arch.get("model_type"),
+                "model_name": base.slug,
+                "tokenizer_id": base.path,
+            },  # fmt: skip
+            "is_lora": bool(record.lora),
+            "lora_rank": lora.get("rank"),
+            "model_name": base.slug,
+            "type": "get_info",
+        }
+
+    @api.post("/forward_backward")
+    async def forward_backward(request: Request) -> dict[str, str]:
+        team = team_of(request.headers)
+        if PROTO not in request.headers.get("content-type", ""):
+            raise InvalidArgument(f"forward_backward takes a {PROTO} body (the SDK's wire)")
+        if request.headers.get("content-encoding"):
+            raise InvalidArgument("compressed forward_backward bodies are not accepted")
+        try:
+            wire = tinker_pb2.TinkerForwardBackwardRequest.FromString(await request.body())
+        except DecodeError as e:
+            raise InvalidArgument(f"the body is not a ForwardBackwardRequest: {e}") from None
+        slug = run_of(team, wire.model_id)
+        if wire.forward_only:
+            raise InvalidArgument("forward (forward_only) is not served yet: use forward_backward")
+        fb = training_pb2.ForwardBackwardRequest(
+            model=slug, loss_fn=loss_name(wire.loss_fn), data=datums(wire.data)
+        )
+        for key, value in loss_config(wire).items():
+            fb.loss_fn_config[key] = value
+        weights = [_weights(item.datum) for item in fb.data]
+
+        async def work() -> bytes:
+            reply = await training.ForwardBackward(fb, metadata=md(team))
+            lps = [from_tensor(t, "logprobs").astype(np.float32) for t in reply.logprobs]
+            return fb_output(lps, weights, dict(reply.metrics)).SerializeToString()
+
+        return {"request_id": state.submit(team, work, slug, wire.seq_id)}
+
+    @api.post("/optim_step")
+    async def optim_step(request: Request) -> dict[str, str]:
+        team = team_of(request.headers)
+        raw = await body(request)
+        slug = run_of(team, raw.get("model_id"))
+        if raw.get("optimizer_params") is not None:
+            raise InvalidArgument("optimizer_params: Headway trains with adam_params only")
+        adam = adam_params(raw.get("adam_params"))
+        step = training_pb2.OptimStepRequest(model=slug, adam=adam)
+
+        async def work() -> dict[str, Any]:
+            reply = await training.OptimStep(step, metadata=md(team))
+            return {"metrics": {"step:max": float(reply.step)}, "type": "optim_step"}
+
+        return {"request_id": state.submit(team, work, slug, _seq(raw))}
+
+    @api.post("/save_weights_for_sampler")
+    async def save_for_sampler(request: Request) -> dict[str, str]:
+        team = team_of(request.headers)
+        raw = await body(request)
+        model_id = raw.get("model_id")
+        slug = run_of(team, model_id)
+        name = raw.get("path")
+        if name is not None and (not isinstance(name, str) or not name or "/" in name):
+            raise InvalidArgument(f"path {name!r}: a name without '/'")
+        sampling_n = raw.get("sampling_session_seq_id")
+
+        async def work() -> dict[str, str]:
+            head = gateway.store.head(slug)  # the weights the run's last optim_step made
+            if name is not None:
+                state.names[(slug, f"sampler_weights/{name}")] = head
+                return {"path": f"tinker://{model_id}/sampler_weights/{name}"}
+            session = str(model_id).split(":")[0]
+            sid = f"{session}:sample:{sampling_n}"
+            state.sampling[sid] = SamplingSession(team, slug, head)
+            return {"sampling_session_id": sid}
+
+        return {"request_id": state.submit(team, work, slug, _seq(raw))}
+
+    @api.post("/create_sampling_session")
+    async def create_sampling_session(request: Request) -> dict[str, str]:
+        team = team_of(request.headers)
+        raw = await body(request)
+        session = session_of(team, raw)
+        sid = f"{session}:sample:{raw.get('sampling_session_seq_id')}"
+        path, base = raw.get("model_path"), raw.get("base_model")
+        if path:
+            model_id, kind, name = parse_path(path)
+            slug = run_of(team, model_id)
+            checkpoint = state.names.get((slug, f"{kind}/{name}"))
+            if checkpoint is None:
+                raise NotFound(f"no checkpoint {path!r}")
+            state.sampling[sid] = SamplingSession(team, slug, checkpoint)
+        elif isinstance(base, str) and base:
+            gateway.model(base, team)
+            state.sampling[sid] = SamplingSession(team, base, "")  # its head at each sample
+        else:
+            raise InvalidArgument("give model_path (tinker://...) or base_model")
+        return {"sampling_session_id": sid, "type": "create_sampling_session"}
+
+    @api.post("/asample")
+    async def asample(request: Request) -> dict[str, Any]:
+        team = team_of(request.headers)
+        raw = await body(request)
+        sid = raw.get("sampling_session_id")
+        target = state.sampling.get(sid) if isinstance(sid, str) else None
+        if target is None or target.team != team:
+            raise NotFound(f"no sampling session {sid!r}")
+        req, n = sample_request(raw, target)
+
+        async def work() -> bytes:
+            reply = await gateway.sample(req, team, None)
+            return sample_output(reply, bool(req.include_prompt_logprobs)).SerializeToString()
+
+        request_id = state.submit(team, work)
+        return {"request_id": request_id, "sample_sequence_ids": [
+            f"{request_id}-{i}" for i in range(n)]}  # fmt: skip
+
+    @api.post("/retrieve_future")
+    async def retrieve_future(request: Request) -> Response:
+        team = team_of(request.headers)
+        request_id = (await body(request)).get("request_id")
+        if not isinstance(request_id, str):
+            raise InvalidArgument("request_id: a string is required")
+        return await state.retrieve(request_id, team)
+
+    return api
+
+
+def _seq(raw: dict[str, Any]) -> int:
+    seq = raw.get("seq_id")
+    return seq if isinstance(seq, int) else -1
+
+
+def loss_name(name: str) -> str:
+    if name not in LOSSES:
+        raise InvalidArgument(f"loss_fn {name!r}: Headway has {', '.join(LOSSES)}")
+    return name
+
+
+def loss_config(wire: tinker_pb2.TinkerForwardBackwardRequest) -> dict[str, float]:
+    out = dict(wire.loss_fn_config)
+    for key, value in wire.loss_fn_config_v2.items():
+        if value.WhichOneof("value") == "text":
+            raise InvalidArgument(f"loss_fn_config[{key!r}]: text settings are not accepted")
+        out[key] = value.number
+    return out
+
+
+def tensor(t: tinker_pb2.TinkerTensor, where: str) -> np.ndarray:
+    """A TensorData's values (dense or CSR) as a numpy array of its shape."""
+    dtype = DTYPES.get(t.dtype)
+    if dtype is None:
+        raise InvalidArgument(f"{where}: dtype {t.dtype} is not float32, int64 or int32")
+    if t.WhichOneof("encoding") == "sparse_csr":
+        csr = t.sparse_csr
+        if len(t.shape) != 2:
+            raise InvalidArgument(f"{where}: a sparse tensor needs a 2-D shape")
+        values = np.frombuffer(csr.values, dtype)
+        crow = np.frombuffer(csr.crow_indices, np.int64)
+        col = np.frombuffer(csr.col_indices, np.int64)
+        out = np.zeros(tuple(t.shape), dtype)
+        if len(crow) != t.shape[0] + 1 or len(col) != len(values) or crow[-1] != len(values):
+            raise InvalidArgument(f"{where}: inconsistent sparse indices")
+        rows = np.repeat(np.arange(t.shape[0]), np.diff(crow))
+        out[rows, col] = values
+        return out
+    raw = t.dense
+    if len(raw) % np.dtype(dtype).itemsize:
+        raise InvalidArgument(f"{where}: {len(raw)} bytes is not a whole number of elements")
+    values = np.frombuffer(raw, dtype)
+    shape = tuple(t.shape) or (len(values),)
+    if math.prod(shape) != len(values):
+        raise InvalidArgument(f"{where}: shape {list(shape)} does not hold {len(values)} values")
+    return values.reshape(shape)
+
+
+def datums(data: Any) -> list[common_pb2.TrainingItem]:
+    """Tinker Datums as Headway training items (one 1-D sequence each)."""
+    items = []
+    for i, d in enumerate(data):
+        tokens = []
+        for chunk in d.model_input:
+            if chunk.WhichOneof("chunk") != "encoded_text":
+                raise InvalidArgument(
+                    f"data[{i}].model_input: only encoded text chunks are accepted (Headway's "
+                    "bases read text)"
+                )
+            tokens.append(np.frombuffer(chunk.encoded_text.tokens, np.int32))
+        inputs = d.loss_fn_inputs
+        if "target_tokens" not in inputs:
+            raise InvalidArgument(f"data[{i}].loss_fn_inputs.target_tokens is required")
+        ids = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
+        datum = common_pb2.Datum(input_tokens=to_tensor(ids.astype(np.int32)))
+        names = {"target_tokens": "target_tokens", "weights": "weights",
+                 "logprobs": "sampling_logprobs", "advantages": "advantages"}  # fmt: skip
+        for key, value in inputs.items():
+            if key not in names:
+                raise InvalidArgument(f"data[{i}].loss_fn_inputs[{key!r}] is not accepted")
+            array = tensor(value, f"data[{i}].loss_fn_inputs[{key!r}]").reshape(-1)
+            kind = np.int64 if key == "target_tokens" else np.float32
+            getattr(datum, names[key]).CopyFrom(to_tensor(array.astype(kind)))
+        items.append(common_pb2.TrainingItem(datum=datum))
+    return items
+
+
+def _weights(d: common_pb2.Datum) -> np.ndarray | None:
+    return from_tensor(d.weights, "weights") if d.HasField("weights") else None
+
+
+def batched(arrays: list[np.ndarray]) -> tinker_pb2.TinkerBatchedTensor:
+    """float32 arrays of each datum as one BatchedTensor (byte offsets)."""
+    sizes = [a.astype(np.float32).nbytes for a in arrays]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    data = b"".join(a.astype(np.float32).tobytes() for a in arrays)
+    return tinker_pb2.TinkerBatchedTensor(
+        data=data, offsets=offsets.tobytes(), dtype=tinker_pb2.TINKER_DTYPE_FLOAT32
+    )
+
+
+def fb_output(
+    lps: list[np.ndarray], weights: list[np.ndarray | None], metrics: dict[str, float]
+) -> tinker_pb2.TinkerForwardBackwardOutput:
+    """Headway's per-datum logprobs and metrics as Tinker's output: logprobs and the
+    cross-entropy elementwise loss per datum, metrics named "name:reduction"."""
+    losses = [-lp * (w if w is not None else 1.0) for lp, w in zip(lps, weights, strict=True)]
+    record = tinker_pb2.TinkerArrayRecord(type_tag="ArrayRecord", num_datums=len(lps))
+    record.fields["logprobs"].CopyFrom(batched(lps))
+    record.fields["elementwise_loss"].CopyFrom(batched(losses))
+    out = tinker_pb2.TinkerForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
+    out.loss_fn_outputs.append(record)
+    for key, value in metrics.items():  # Headway's names, with the reduction the SDK needs
+        name, _, reduction = key.partition(":")
+        if reduction not in REDUCTIONS:
+            name, reduction = key.replace(":", "_"), "sum" if key in SUMMED else "mean"
+        out.metrics[f"{name}:{reduction}"] = value
+    return out
+
+
+def adam_params(raw: Any) -> common_pb2.AdamParams:
+    if not isinstance(raw, dict):
+        raise InvalidArgument("adam_params: an object with learning_rate is required")
+    out = common_pb2.AdamParams()
+    for key in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int | float):
+            raise InvalidArgument(f"adam_params.{key}: a number, not {value!r}")
+        setattr(out, key, float(value))
+    return out
+
+
+def sample_request(
+    raw: dict[str, Any], target: SamplingSession
+) -> tuple[sampling_pb2.SampleRequest, int]:
+    """Headway's SampleRequest for an asample body; (request, samples)."""
+    n = raw.get("num_samples", 1)
+    if not isinstance(n, int) or n < 1:
+        raise InvalidArgument(f"num_samples: a positive integer, not {n!r}")
+    tokens: list[int] = []
+    for i, chunk in enumerate((raw.get("prompt") or {}).get("chunks") or []):
+        if chunk.get("type", "encoded_text") != "encoded_text":
+            raise InvalidArgument(f"prompt.chunks[{i}]: only encoded text chunks are accepted")
+        tokens += chunk.get("tokens") or []
+    p = raw.get("sampling_params") or {}
+    params = common_pb2.SamplingParams(n=n, max_tokens=int(p.get("max_tokens") or 0))
+    if p.get("temperature") is not None:
+        params.temperature = float(p["temperature"])
+    if p.get("top_p") is not None:
+        params.top_p = float(p["top_p"])
+    top_k = p.get("top_k")
+    params.top_k = 0 if top_k in (None, -1) else int(top_k)
+    if p.get("seed") is not None:
+        params.seed = int(p["seed"])
+    stop = p.get("stop")
+    if isinstance(stop, str):
+        params.stop.append(stop)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        params.stop.extend(stop)
+    elif isinstance(stop, list) and all(isinstance(s, int) for s in stop):
+        params.stop_token_ids.extend(stop)
+    req = sampling_pb2.SampleRequest(
+        model=target.slug, checkpoint=target.checkpoint, params=params,
+        prompt_tokens=to_tensor(np.asarray(tokens, np.int32)),
+        include_prompt_logprobs=bool(raw.get("prompt_logprobs")),
+    )  # fmt: skip
+    return req, n
+
+
+def sample_output(reply: sampling_pb2.SampleResponse, prompt_lps: bool) -> Any:
+    """Headway's SampleResponse as Tinker's (int32 tokens, float32 logprobs)."""
+    out = tinker_pb2.TinkerSampleResponse()
+    for seq in reply.sequences:
+        out.sequences.append(tinker_pb2.TinkerSampledSequence(
+            stop_reason=(tinker_pb2.TINKER_STOP_REASON_LENGTH
+                         if seq.stop_reason == sampling_pb2.STOP_REASON_LENGTH
+                         else tinker_pb2.TINKER_STOP_REASON_STOP),
+            tokens=from_tensor(seq.tokens, "tokens").astype(np.int32).tobytes(),
+            logprobs=from_tensor(seq.logprobs, "logprobs").astype(np.float32).tobytes(),
+        ))  # fmt: skip
+    if prompt_lps and reply.HasField("prompt_logprobs"):
+        lps = from_tensor(reply.prompt_logprobs, "prompt_logprobs").astype(np.float32)
+        out.prompt_logprobs = np.concatenate([[np.nan], lps]).astype(np.float32).tobytes()
+    return out
+
+
+__all__ = ["bearer", "create_router"]
