@@ -51,7 +51,10 @@ __all__ = ["HTTPError", "create_app", "domain_error_response", "error_response"]
 log = logging.getLogger(__name__)
 
 FINISH = {sampling_pb2.STOP_REASON_STOP: "stop", sampling_pb2.STOP_REASON_LENGTH: "length"}
-ROUTES = "POST /v1/chat/completions, POST /v1/completions and GET /v1/models"
+ROUTES = (
+    "POST /v1/chat/completions, POST /v1/completions, GET /v1/models and the Tinker API "
+    "under /api/v1/"
+)
 
 
 class BodyLimit:

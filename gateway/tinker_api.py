@@ -114,6 +114,8 @@ class SamplingSession:
     team: str
     slug: str
     checkpoint: str
+    base: str  # the base model it derives from
+    path: str = ""  # the tinker:// path it was made from, if any
 
 
 @dataclass
@@ -380,7 +382,8 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
                 return {"path": f"tinker://{model_id}/sampler_weights/{name}"}
             session = str(model_id).split(":")[0]
             sid = f"{session}:sample:{sampling_n}"
-            state.sampling[sid] = SamplingSession(team, slug, head)
+            base = gateway.model(slug, team).base
+            state.sampling[sid] = SamplingSession(team, slug, head, base)
             return {"sampling_session_id": sid}
 
         return {"request_id": state.submit(team, work, slug, _seq(raw))}
@@ -398,13 +401,23 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
             checkpoint = state.names.get((slug, f"{kind}/{name}"))
             if checkpoint is None:
                 raise NotFound(f"no checkpoint {path!r}")
-            state.sampling[sid] = SamplingSession(team, slug, checkpoint)
+            base_of = gateway.model(slug, team).base
+            state.sampling[sid] = SamplingSession(team, slug, checkpoint, base_of, path)
         elif isinstance(base, str) and base:
-            gateway.model(base, team)
-            state.sampling[sid] = SamplingSession(team, base, "")  # its head at each sample
+            record = gateway.model(base, team)
+            # "": the model's head when each sample starts
+            state.sampling[sid] = SamplingSession(team, base, "", record.base)
         else:
             raise InvalidArgument("give model_path (tinker://...) or base_model")
         return {"sampling_session_id": sid, "type": "create_sampling_session"}
+
+    @api.get("/samplers/{sid}")
+    async def sampler(sid: str, request: Request) -> dict[str, Any]:
+        team = team_of(request.headers)
+        target = state.sampling.get(sid)
+        if target is None or target.team != team:
+            raise NotFound(f"no sampling session {sid!r}")
+        return {"sampler_id": sid, "base_model": target.base, "model_path": target.path or None}
 
     @api.post("/asample")
     async def asample(request: Request) -> dict[str, Any]:

@@ -491,7 +491,7 @@ HTTP_CASES = [
          r"unknown API key: .*headway keys create", who="stranger"),
     http("a route that does not exist", "GET /v1/nope", lambda w: None, 404,
          r"no route GET /v1/nope: this API serves POST /v1/chat/completions, "
-         r"POST /v1/completions and GET /v1/models"),
+         r"POST /v1/completions, GET /v1/models and the Tinker API under /api/v1/"),
     http("the wrong method", "GET /v1/chat/completions", lambda w: None, 405,
          r"GET is not allowed on /v1/chat/completions: use POST"),
 ]  # fmt: skip

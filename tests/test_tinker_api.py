@@ -94,3 +94,41 @@ def test_sdk_gets_its_own_errors_for_bad_input(service):
         tc.forward_backward([image], "cross_entropy").result()
     # The run still trains after the refusals.
     assert "loss:sum" in tc.forward_backward(data, "cross_entropy").result().metrics
+
+
+def test_one_teams_runs_and_futures_are_not_found_to_another(secured_stack, monkeypatch):
+    """Headway keys, sent as tml-<key>: red's run, its sampler weights and its futures are
+    NOT_FOUND to blue, through the SDK and on the wire; a key that is not one is 401."""
+    import httpx
+
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    base_url = secured_stack.gateway.http_url.removesuffix("/v1")
+    red = tinker.ServiceClient(base_url=base_url, api_key="tml-" + secured_stack.keys["red"])
+    blue = tinker.ServiceClient(base_url=base_url, api_key="tml-" + secured_stack.keys["blue"])
+    try:
+        tc = red.create_lora_training_client(base_model="tiny", rank=4).result()
+        tc.forward_backward([datum([3, 4, 5, 6])], "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        path = tc.save_weights_for_sampler("red-1").result().path
+        red.create_sampling_client(model_path=path).result()  # red may
+        with pytest.raises(tinker.NotFoundError):
+            blue.create_sampling_client(model_path=path).result()
+
+        def post(key: str, route: str, body: dict) -> httpx.Response:
+            headers = {"X-API-Key": "tml-" + key}
+            return httpx.post(f"{base_url}/api/v1/{route}", json=body, headers=headers)
+
+        run = tc.model_id
+        assert post(secured_stack.keys["red"], "get_info", {"model_id": run}).status_code == 200
+        blue_key = secured_stack.keys["blue"]
+        assert post(blue_key, "get_info", {"model_id": run}).status_code == 404
+        step = post(blue_key, "optim_step", {"model_id": run, "seq_id": 99,
+                                              "adam_params": {"learning_rate": 1.0}})  # fmt: skip
+        assert step.status_code == 404
+        mine = post(secured_stack.keys["red"], "optim_step", {"model_id": run, "seq_id": 100,
+                    "adam_params": {"learning_rate": 1e-3}}).json()["request_id"]  # fmt: skip
+        assert post(blue_key, "retrieve_future", {"request_id": mine}).status_code == 404
+        assert post("hw_not-a-key", "create_session", {}).status_code == 401
+    finally:
+        red.close("success")
+        blue.close("success")
