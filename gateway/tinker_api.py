@@ -332,14 +332,14 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         except DecodeError as e:
             raise InvalidArgument(f"the body is not a ForwardBackwardRequest: {e}") from None
         slug = run_of(team, wire.model_id)
-        if wire.forward_only:
-            raise InvalidArgument("forward (forward_only) is not served yet: use forward_backward")
         fb = training_pb2.ForwardBackwardRequest(
             model=slug, loss_fn=loss_name(wire.loss_fn), data=datums(wire.data)
         )
         for key, value in loss_config(wire).items():
             fb.loss_fn_config[key] = value
         weights = [_weights(item.datum) for item in fb.data]
+        if wire.forward_only:
+            return {"request_id": state.submit(team, forward(fb, weights, team), slug, wire.seq_id)}
 
         async def work() -> bytes:
             reply = await training.ForwardBackward(fb, metadata=md(team))
@@ -347,6 +347,27 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
             return fb_output(lps, weights, dict(reply.metrics)).SerializeToString()
 
         return {"request_id": state.submit(team, work, slug, wire.seq_id)}
+
+    def forward(
+        fb: training_pb2.ForwardBackwardRequest, weights: list[np.ndarray | None], team: str
+    ) -> Callable[[], Awaitable[bytes]]:
+        """Tinker's forward (no gradient): the run's current weights are its head (only
+        optim_step changes them, and it runs before this in the run's order), so the
+        replicas' ComputeLogprobs of each datum's tokens gives its logprobs (the sampler's
+        fp32 forward: the trainer's to 1e-4), and cross_entropy its loss."""
+        if fb.loss_fn != "cross_entropy":
+            raise InvalidArgument(f"forward computes cross_entropy only, not {fb.loss_fn!r}")
+        sequences = [shifted(item.datum, i) for i, item in enumerate(fb.data)]
+        req = sampling_pb2.ComputeLogprobsRequest(model=fb.model, sequences=sequences)
+
+        async def work() -> bytes:
+            reply = await gateway.compute_logprobs(req, team, None)
+            lps = [from_tensor(t, "logprobs").astype(np.float32) for t in reply.logprobs]
+            loss = sum(float(-(lp * (w if w is not None else 1.0)).sum())
+                       for lp, w in zip(lps, weights, strict=True))  # fmt: skip
+            return fb_output(lps, weights, {"loss:sum": loss}).SerializeToString()
+
+        return work
 
     @api.post("/optim_step")
     async def optim_step(request: Request) -> dict[str, str]:
@@ -523,6 +544,20 @@ def datums(data: Any) -> list[common_pb2.TrainingItem]:
             getattr(datum, names[key]).CopyFrom(to_tensor(array.astype(kind)))
         items.append(common_pb2.TrainingItem(datum=datum))
     return items
+
+
+def shifted(d: common_pb2.Datum, i: int) -> common_pb2.Tensor:
+    """The one sequence whose next-token logprobs are a datum's: its input tokens and the
+    last target, when every other target is the next input token (as a forward of a
+    language model reads them; other targets cannot be scored this way)."""
+    inputs = from_tensor(d.input_tokens, "input_tokens").astype(np.int64)
+    targets = from_tensor(d.target_tokens, "target_tokens").astype(np.int64)
+    if len(targets) != len(inputs) or not np.array_equal(targets[:-1], inputs[1:]):
+        raise InvalidArgument(
+            f"data[{i}]: forward scores target_tokens that are the input shifted by one "
+            "(target_tokens[i] = input[i + 1]), with one target per input token"
+        )
+    return to_tensor(np.concatenate([inputs, targets[-1:]]).astype(np.int32))
 
 
 def _weights(d: common_pb2.Datum) -> np.ndarray | None:

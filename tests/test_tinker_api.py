@@ -132,3 +132,47 @@ def test_one_teams_runs_and_futures_are_not_found_to_another(secured_stack, monk
     finally:
         red.close("success")
         blue.close("success")
+
+
+def test_custom_loss_gives_the_builtin_losss_weights(gateway_stack, service):
+    """forward_backward_custom with cross-entropy written in torch against the SDK's types
+    (forward: the replicas' logprobs; backward: the SDK's −dloss/dlogprob as weights) makes
+    the same adapter as the built-in cross_entropy from the same checkpoint (the run's
+    head set back to it between the two, as Headway's tree allows)."""
+    import torch
+
+    from headway.v1 import model_pb2
+    from tests.helpers_training import checkpoint_tensors
+
+    tc = service.create_lora_training_client(base_model="tiny", rank=4).result()
+    slug = next(m.slug for m in gateway_stack.gateway.gateway.visible_models("")
+                if m.slug.startswith("tk-"))  # fmt: skip
+    store = gateway_stack.gateway.gateway.store
+    data = [datum([3, 4, 5, 6, 7]), datum([9, 8, 7, 6, 5, 4])]
+    tc.forward_backward(data, "cross_entropy").result()  # a first step: B moves off zero
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    start = store.head(slug)
+
+    def cross_entropy(batch, logprobs):
+        loss = sum(-(lp * torch.tensor(d.loss_fn_inputs["weights"].data)).sum()
+                   for d, lp in zip(batch, logprobs, strict=True))  # fmt: skip
+        return loss, {"ce": float(loss)}
+
+    forward = tc.forward(data, "cross_entropy").result()
+    out = tc.forward_backward_custom(data, cross_entropy).result()
+    np.testing.assert_allclose(out.metrics["loss:sum"], forward.metrics["loss:sum"], rtol=1e-5)
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    custom = store.head(slug)
+    gateway_stack.gateway.models.SetHead(model_pb2.SetHeadRequest(model=slug, checkpoint=start))
+    builtin_out = tc.forward_backward(data, "cross_entropy").result()
+    np.testing.assert_allclose(builtin_out.metrics["loss:sum"], out.metrics["loss:sum"], rtol=1e-4)
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    builtin = store.head(slug)
+    assert custom != builtin
+    got = checkpoint_tensors(store.root, store.sampler_path(slug, custom))
+    want = checkpoint_tensors(store.root, store.sampler_path(slug, builtin))
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+    before = checkpoint_tensors(store.root, store.sampler_path(slug, start))
+    assert any(not torch.equal(before[k], want[k]) for k in want)  # the step moved them
