@@ -14,8 +14,9 @@ The mapping onto Headway:
   new head (visible in `headway models checkpoints`); save_weights_for_sampler names the
   head (Tinker's sampler weights are a checkpoint that already exists here) and a sampling
   session samples that checkpoint through the gateway's replicas, like a pinned Sample.
-- Calls that Tinker answers with a future run as tasks of this gateway process, one run's
-  operations in the order they were submitted; `retrieve_future` long-polls them.
+- Calls that Tinker answers with a future run as tasks of the gateway that took them, one
+  run's operations in the order they were submitted, their results in Redis
+  (`gateway.tinker_state`, with sessions and names): any gateway answers a retrieve.
 
 Requests are checked against the SDK's wire types: JSON bodies by field, the
 forward_backward body as the protobuf of `headway/v1/tinker.proto`. No torch here.
@@ -23,14 +24,10 @@ forward_backward body as the protobuf of `headway/v1/tinker.proto`. No torch her
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
-import secrets
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -40,6 +37,7 @@ from fastapi.responses import JSONResponse, Response
 from google.protobuf.message import DecodeError
 
 from gateway.core import Gateway
+from gateway.tinker_state import Result, SamplingSession, TinkerState
 from headway.errors import HeadwayError, InvalidArgument, NotFound, from_status
 from headway.server.auth import Caller
 from headway.tensors import from_tensor, to_tensor
@@ -56,8 +54,6 @@ from headway.v1 import (
 log = logging.getLogger(__name__)
 
 PROTO = "application/x-protobuf"
-POLL_SECONDS = 20.0  # a retrieve_future holds this long (the SDK gives up at 45 s)
-KEEP_SECONDS = 3600.0  # a finished future is kept this long for its retrieve
 LOSSES = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
 KEY_PREFIX = "tml-"  # the SDK refuses keys without it: a Headway key is sent as tml-<key>
 # The reductions a metric name may end in ("loss:sum"); the SDK drops or fails others.
@@ -98,99 +94,21 @@ def parse_path(path: str) -> tuple[str, str, str]:
     return parts[0], parts[1], parts[2]
 
 
-@dataclass
-class Op:
-    """A submitted operation: its team, the task computing its result."""
-
-    team: str
-    task: asyncio.Task
-    done_at: float = 0.0
-
-
-@dataclass
-class SamplingSession:
-    """What a sampling session samples: a fork's checkpoint, or a base's head ("")."""
-
-    team: str
-    slug: str
-    checkpoint: str
-    base: str  # the base model it derives from
-    path: str = ""  # the tinker:// path it was made from, if any
-
-
-@dataclass
-class TinkerState:
-    """The API's state in this gateway process."""
-
-    gateway: Gateway
-    sessions: dict[str, str] = field(default_factory=dict)  # session id → team
-    ops: dict[str, Op] = field(default_factory=dict)  # request id → op
-    tails: dict[str, asyncio.Task] = field(default_factory=dict)  # run → its last op
-    seen: dict[tuple[str, int], str] = field(default_factory=dict)  # (run, seq) → request
-    sampling: dict[str, SamplingSession] = field(default_factory=dict)
-    names: dict[tuple[str, str], str] = field(default_factory=dict)  # (slug, path) → ckpt
-
-    def submit(
-        self, team: str, work: Callable[[], Awaitable[Any]], run: str = "", seq: int = -1
-    ) -> str:
-        """Start `work` as a future (after the run's earlier operations); its request id. A
-        retried submission (same run and seq_id) gets the first one's id."""
-        if run and seq >= 0 and (run, seq) in self.seen:
-            return self.seen[(run, seq)]
-        self._expire()
-        before = self.tails.get(run) if run else None
-
-        async def ordered() -> Any:
-            if before is not None:
-                await asyncio.wait([before])  # its failure is its own future's answer
-            return await work()
-
-        task = asyncio.get_running_loop().create_task(ordered())
-        request_id = secrets.token_hex(12)
-        self.ops[request_id] = Op(team, task)
-        task.add_done_callback(lambda _: setattr(self.ops[request_id], "done_at", time.time()))
-        if run:
-            self.tails[run] = task
-            if seq >= 0:
-                self.seen[(run, seq)] = request_id
-        return request_id
-
-    def _expire(self) -> None:
-        cutoff = time.time() - KEEP_SECONDS
-        for rid in [r for r, op in self.ops.items() if op.done_at and op.done_at < cutoff]:
-            del self.ops[rid]
-
-    async def retrieve(self, request_id: str, team: str) -> Response:
-        """The op's result, or try_again after POLL_SECONDS without one."""
-        op = self.ops.get(request_id)
-        if op is None or op.team != team:
-            raise NotFound(f"no future {request_id!r}: unknown, expired, or another team's")
-        done, _ = await asyncio.wait([op.task], timeout=POLL_SECONDS)
-        if not done:
-            return JSONResponse({"type": "try_again", "queue_state": "active"})
-        error = op.task.exception()
-        if error is not None:
-            return JSONResponse(failure(error))
-        result = op.task.result()
-        if isinstance(result, bytes):
-            return Response(result, media_type=PROTO)
-        return JSONResponse(result)
-
-
-def failure(error: BaseException) -> dict[str, str]:
+def failure(error: BaseException) -> Result:
     """A failed future's body: the SDK raises it as RequestFailedError of this category
     ("user": change the request; "server": not the caller's doing)."""
     if isinstance(error, grpc.aio.AioRpcError):  # a backend's answer
         error = from_status(error.code().name, error.details() or error.code().name, None)
     if isinstance(error, HeadwayError):
-        return {"error": error.message, "category": "user" if error.user_error else "server"}
+        category = "user" if error.user_error else "server"
+        return Result({"error": error.message, "category": category})
     log.error("tinker op failed", exc_info=error)
-    return {"error": f"internal error: {type(error).__name__}", "category": "server"}
+    return Result({"error": f"internal error: {type(error).__name__}", "category": "server"})
 
 
 def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
     """The `/api/v1` routes, on `gateway`; `team_of(headers)` authenticates a request."""
-    state = TinkerState(gateway)
+    state = TinkerState(gateway.redis, gateway.config.redis_prefix)
     api = APIRouter(prefix="/api/v1")
     models = model_pb2_grpc.ModelServiceStub(gateway.trainer)
     training = training_pb2_grpc.TrainingServiceStub(gateway.trainer)
@@ -239,16 +157,13 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
     @api.post("/create_session")
     async def create_session(request: Request) -> dict[str, str]:
         team = team_of(request.headers)
-        session = secrets.token_hex(6)
-        state.sessions[session] = team
+        session = await state.create_session(team)
         return {"session_id": session, "type": "create_session"}
 
     @api.post("/session_heartbeat")
     async def heartbeat(request: Request) -> dict[str, str]:
         team = team_of(request.headers)
-        session = (await body(request)).get("session_id")
-        if state.sessions.get(session) != team:
-            raise NotFound(f"no session {session!r}")
+        await session_of(team, await body(request))
         return {"type": "session_heartbeat"}
 
     @api.post("/sessions/{session}/finish")
@@ -264,9 +179,10 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
             {"model_name": m.slug, "max_context_length": m.arch.get("max_context"),
              "trainable": True, "sampleable": True} for m in bases]}  # fmt: skip
 
-    def session_of(team: str, raw: dict[str, Any]) -> str:
+    async def session_of(team: str, raw: dict[str, Any]) -> str:
+        """The request's session (its idle time restarts); NotFound if not the team's."""
         session = raw.get("session_id")
-        if not isinstance(session, str) or state.sessions.get(session) != team:
+        if not isinstance(session, str) or await state.session_team(session) != team:
             raise NotFound(f"no session {session!r}: call create_session first")
         return session
 
@@ -274,7 +190,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
     async def create_model(request: Request) -> dict[str, str]:
         team = team_of(request.headers)
         raw = await body(request)
-        session = session_of(team, raw)
+        session = await session_of(team, raw)
         n = raw.get("model_seq_id")
         base = raw.get("base_model")
         lora = raw.get("lora_config") or {}
@@ -292,11 +208,11 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
             source=base, name=run_slug(model_id), lora=common_pb2.LoraConfig(rank=rank)
         )
 
-        async def work() -> dict[str, str]:
+        async def work() -> Result:
             await models.ForkModel(fork, metadata=md(team))
-            return {"model_id": model_id, "type": "create_model"}
+            return Result({"model_id": model_id, "type": "create_model"})
 
-        return {"request_id": state.submit(team, work)}
+        return {"request_id": await state.submit(team, work, failure)}
 
     @api.post("/get_info")
     async def get_info(request: Request) -> dict[str, Any]:
@@ -339,18 +255,19 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
             fb.loss_fn_config[key] = value
         weights = [_weights(item.datum) for item in fb.data]
         if wire.forward_only:
-            return {"request_id": state.submit(team, forward(fb, weights, team), slug, wire.seq_id)}
+            work = forward(fb, weights, team)
+            return {"request_id": await state.submit(team, work, failure, slug, wire.seq_id)}
 
-        async def work() -> bytes:
+        async def work() -> Result:
             reply = await training.ForwardBackward(fb, metadata=md(team))
             lps = [from_tensor(t, "logprobs").astype(np.float32) for t in reply.logprobs]
-            return fb_output(lps, weights, dict(reply.metrics)).SerializeToString()
+            return Result(proto=fb_output(lps, weights, dict(reply.metrics)).SerializeToString())
 
-        return {"request_id": state.submit(team, work, slug, wire.seq_id)}
+        return {"request_id": await state.submit(team, work, failure, slug, wire.seq_id)}
 
     def forward(
         fb: training_pb2.ForwardBackwardRequest, weights: list[np.ndarray | None], team: str
-    ) -> Callable[[], Awaitable[bytes]]:
+    ) -> Callable[[], Awaitable[Result]]:
         """Tinker's forward (no gradient): the run's current weights are its head (only
         optim_step changes them, and it runs before this in the run's order), so the
         replicas' ComputeLogprobs of each datum's tokens gives its logprobs (the sampler's
@@ -360,12 +277,12 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         sequences = [shifted(item.datum, i) for i, item in enumerate(fb.data)]
         req = sampling_pb2.ComputeLogprobsRequest(model=fb.model, sequences=sequences)
 
-        async def work() -> bytes:
+        async def work() -> Result:
             reply = await gateway.compute_logprobs(req, team, None)
             lps = [from_tensor(t, "logprobs").astype(np.float32) for t in reply.logprobs]
             loss = sum(float(-(lp * (w if w is not None else 1.0)).sum())
                        for lp, w in zip(lps, weights, strict=True))  # fmt: skip
-            return fb_output(lps, weights, {"loss:sum": loss}).SerializeToString()
+            return Result(proto=fb_output(lps, weights, {"loss:sum": loss}).SerializeToString())
 
         return work
 
@@ -379,11 +296,11 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         adam = adam_params(raw.get("adam_params"))
         step = training_pb2.OptimStepRequest(model=slug, adam=adam)
 
-        async def work() -> dict[str, Any]:
+        async def work() -> Result:
             reply = await training.OptimStep(step, metadata=md(team))
-            return {"metrics": {"step:max": float(reply.step)}, "type": "optim_step"}
+            return Result({"metrics": {"step:max": float(reply.step)}, "type": "optim_step"})
 
-        return {"request_id": state.submit(team, work, slug, _seq(raw))}
+        return {"request_id": await state.submit(team, work, failure, slug, _seq(raw))}
 
     @api.post("/save_weights_for_sampler")
     async def save_for_sampler(request: Request) -> dict[str, str]:
@@ -396,48 +313,47 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
             raise InvalidArgument(f"path {name!r}: a name without '/'")
         sampling_n = raw.get("sampling_session_seq_id")
 
-        async def work() -> dict[str, str]:
+        async def work() -> Result:
             head = gateway.store.head(slug)  # the weights the run's last optim_step made
             if name is not None:
-                state.names[(slug, f"sampler_weights/{name}")] = head
-                return {"path": f"tinker://{model_id}/sampler_weights/{name}"}
+                await state.name(slug, f"sampler_weights/{name}", head)
+                return Result({"path": f"tinker://{model_id}/sampler_weights/{name}"})
             session = str(model_id).split(":")[0]
             sid = f"{session}:sample:{sampling_n}"
             base = gateway.model(slug, team).base
-            state.sampling[sid] = SamplingSession(team, slug, head, base)
-            return {"sampling_session_id": sid}
+            await state.put_sampler(sid, SamplingSession(team, slug, head, base))
+            return Result({"sampling_session_id": sid})
 
-        return {"request_id": state.submit(team, work, slug, _seq(raw))}
+        return {"request_id": await state.submit(team, work, failure, slug, _seq(raw))}
 
     @api.post("/create_sampling_session")
     async def create_sampling_session(request: Request) -> dict[str, str]:
         team = team_of(request.headers)
         raw = await body(request)
-        session = session_of(team, raw)
+        session = await session_of(team, raw)
         sid = f"{session}:sample:{raw.get('sampling_session_seq_id')}"
         path, base = raw.get("model_path"), raw.get("base_model")
         if path:
             model_id, kind, name = parse_path(path)
             slug = run_of(team, model_id)
-            checkpoint = state.names.get((slug, f"{kind}/{name}"))
+            checkpoint = await state.named(slug, f"{kind}/{name}")
             if checkpoint is None:
                 raise NotFound(f"no checkpoint {path!r}")
             base_of = gateway.model(slug, team).base
-            state.sampling[sid] = SamplingSession(team, slug, checkpoint, base_of, path)
+            target = SamplingSession(team, slug, checkpoint, base_of, path)
         elif isinstance(base, str) and base:
             record = gateway.model(base, team)
             # "": the model's head when each sample starts
-            state.sampling[sid] = SamplingSession(team, base, "", record.base)
+            target = SamplingSession(team, base, "", record.base)
         else:
             raise InvalidArgument("give model_path (tinker://...) or base_model")
+        await state.put_sampler(sid, target)
         return {"sampling_session_id": sid, "type": "create_sampling_session"}
 
     @api.get("/samplers/{sid}")
     async def sampler(sid: str, request: Request) -> dict[str, Any]:
         team = team_of(request.headers)
-        target = state.sampling.get(sid)
-        if target is None or target.team != team:
-            raise NotFound(f"no sampling session {sid!r}")
+        target = await state.sampler(sid, team)
         return {"sampler_id": sid, "base_model": target.base, "model_path": target.path or None}
 
     @api.post("/asample")
@@ -445,16 +361,17 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         team = team_of(request.headers)
         raw = await body(request)
         sid = raw.get("sampling_session_id")
-        target = state.sampling.get(sid) if isinstance(sid, str) else None
-        if target is None or target.team != team:
-            raise NotFound(f"no sampling session {sid!r}")
+        if not isinstance(sid, str):
+            raise InvalidArgument("sampling_session_id: a string is required")
+        target = await state.sampler(sid, team)
         req, n = sample_request(raw, target)
 
-        async def work() -> bytes:
+        async def work() -> Result:
             reply = await gateway.sample(req, team, None)
-            return sample_output(reply, bool(req.include_prompt_logprobs)).SerializeToString()
+            prompt_lps = bool(req.include_prompt_logprobs)
+            return Result(proto=sample_output(reply, prompt_lps).SerializeToString())
 
-        request_id = state.submit(team, work)
+        request_id = await state.submit(team, work, failure)
         return {"request_id": request_id, "sample_sequence_ids": [
             f"{request_id}-{i}" for i in range(n)]}  # fmt: skip
 
@@ -464,7 +381,12 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         request_id = (await body(request)).get("request_id")
         if not isinstance(request_id, str):
             raise InvalidArgument("request_id: a string is required")
-        return await state.retrieve(request_id, team)
+        result = await state.retrieve(request_id, team)
+        if result is None:  # still running: the SDK polls again at once
+            return JSONResponse({"type": "try_again", "queue_state": "active"})
+        if result.proto is not None:
+            return Response(result.proto, media_type=PROTO)
+        return JSONResponse(result.json)
 
     return api
 

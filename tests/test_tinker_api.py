@@ -176,3 +176,46 @@ def test_custom_loss_gives_the_builtin_losss_weights(gateway_stack, service):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
     before = checkpoint_tensors(store.root, store.sampler_path(slug, start))
     assert any(not torch.equal(before[k], want[k]) for k in want)  # the step moved them
+
+
+def test_a_session_and_its_futures_are_answered_by_any_gateway(gateway_stack):
+    """Behind a load balancer the SDK's calls reach any gateway: a session made on one is
+    known to another, a future submitted to one is retrieved from the other, and a
+    resubmitted seq_id (the SDK's retry) gets the same future."""
+    import httpx
+
+    from tests.stack import GatewayNode
+
+    stack = gateway_stack
+    other = GatewayNode(stack.config.store, stack.prefix, stack.server.address)
+    try:
+        one, two = (g.http_url.removesuffix("/v1") + "/api/v1" for g in (stack.gateway, other))
+        key = {"X-API-Key": "tml-local"}
+
+        def post(url: str, route: str, body: dict) -> dict:
+            reply = httpx.post(f"{url}/{route}", json=body, headers=key, timeout=60)
+            assert reply.status_code == 200, reply.text
+            return reply.json()
+
+        session = post(one, "create_session", {})["session_id"]
+        post(two, "session_heartbeat", {"session_id": session})
+        made = post(two, "create_model", {"session_id": session, "model_seq_id": 0,
+                    "base_model": "tiny", "lora_config": {"rank": 4}})  # fmt: skip
+        run = post(one, "retrieve_future", {"request_id": made["request_id"]})
+        assert run["model_id"] == f"{session}:train:0"
+        save = {"model_id": run["model_id"], "seq_id": 1, "path": "start"}
+        first = post(one, "save_weights_for_sampler", save)["request_id"]
+        assert post(two, "save_weights_for_sampler", save)["request_id"] == first  # a retry
+        path = post(two, "retrieve_future", {"request_id": first})["path"]
+        assert path == f"tinker://{run['model_id']}/sampler_weights/start"
+        sampling = {"session_id": session, "sampling_session_seq_id": 0, "model_path": path}
+        sid = post(two, "create_sampling_session", sampling)["sampling_session_id"]
+        assert httpx.get(f"{one}/samplers/{sid}", headers=key).json()["model_path"] == path
+        # A failed operation is its future's answer, on either gateway.
+        step = {"model_id": run["model_id"], "seq_id": 2, "adam_params": {"learning_rate": 1e-3}}
+        failed = post(
+            two, "retrieve_future", {"request_id": post(one, "optim_step", step)["request_id"]}
+        )
+        assert failed["category"] == "user" and "forward_backward first" in failed["error"]
+    finally:
+        other.stop()

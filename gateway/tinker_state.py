@@ -1,0 +1,181 @@
+"""The Tinker API's state in Redis: sessions, sampling sessions, checkpoint names, futures.
+
+A deployment runs several gateways behind a load balancer, and the SDK's calls of one
+session may reach any of them; so whatever a later call needs is in Redis, not in the
+process that took the first call:
+
+    <prefix>tinker:session:<sid>             str   team; expires SESSION_SECONDS after the
+                                                   session's last call or heartbeat
+    <prefix>tinker:sampler:<sid>             str   JSON SamplingSession; SESSION_SECONDS
+    <prefix>tinker:name:<slug>:<kind>/<name> str   checkpoint id a tinker:// path names
+    <prefix>tinker:op:<rid>                  str   team of a submitted future; KEEP_SECONDS
+    <prefix>tinker:result:<rid>              str   its result: b"J" + JSON or b"P" + the
+                                                   SDK's protobuf; KEEP_SECONDS, then
+                                                   RETRIEVED_SECONDS once read
+    <prefix>tinker:seq:<run>:<seq>           str   rid of a run's operation seq_id (a
+                                                   retried submission gets the same future)
+    <prefix>tinker:tail:<run>                str   rid of the run's last operation
+
+A future runs as a task of the gateway that took its submission, after the run's previous
+operation has finished wherever it ran (its result in Redis): a run's operations apply in
+the order the SDK submitted them. A retrieve long-polls: the local task when it is here,
+else the result key. Failures are results too (the SDK's error body). Gateway code: no
+torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from headway.errors import NotFound
+
+SESSION_SECONDS = 24 * 3600  # a session (and its sampling sessions) lives this long idle
+KEEP_SECONDS = 3600  # an operation's result waits this long for its retrieve
+RETRIEVED_SECONDS = 60  # and this long after a retrieve (for a retry of a lost reply)
+NAME_SECONDS = 30 * 24 * 3600  # a named checkpoint path resolves this long
+POLL_SECONDS = 20.0  # a retrieve_future holds this long (the SDK gives up at 45 s)
+REMOTE_POLL_SECONDS = 0.05  # how often a result computed elsewhere is looked for
+
+
+@dataclass
+class SamplingSession:
+    """What a sampling session samples: a model's checkpoint ("" = its head at each
+    sample), the base it derives from, the tinker:// path it was made from if any."""
+
+    team: str
+    slug: str
+    checkpoint: str
+    base: str
+    path: str = ""
+
+
+@dataclass
+class Result:
+    """A finished future: a JSON object, or protobuf bytes (the SDK's wire)."""
+
+    json: dict[str, Any] | None = None
+    proto: bytes | None = None
+
+    def encode(self) -> bytes:
+        if self.proto is not None:
+            return b"P" + self.proto
+        return b"J" + json.dumps(self.json).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Result:
+        if raw[:1] == b"P":
+            return cls(proto=raw[1:])
+        return cls(json=json.loads(raw[1:]))
+
+
+class TinkerState:
+    """Sessions, sampling sessions, names and futures of the Tinker API (see the module)."""
+
+    def __init__(self, redis: Any, prefix: str) -> None:
+        self.redis, self.prefix = redis, f"{prefix}tinker:"
+        self.local: dict[str, asyncio.Task] = {}  # futures running in this process
+
+    # ---------------------------------------------------------------- sessions
+    async def create_session(self, team: str) -> str:
+        session = secrets.token_hex(6)
+        await self.redis.set(f"{self.prefix}session:{session}", team, ex=SESSION_SECONDS)
+        return session
+
+    async def session_team(self, session: str) -> str | None:
+        """The session's team (its idle time restarts), or None if it is unknown."""
+        key = f"{self.prefix}session:{session}"
+        team = await self.redis.get(key)
+        if team is not None:
+            await self.redis.expire(key, SESSION_SECONDS)
+        return team.decode() if team is not None else None
+
+    async def put_sampler(self, sid: str, target: SamplingSession) -> None:
+        key = f"{self.prefix}sampler:{sid}"
+        await self.redis.set(key, json.dumps(asdict(target)), ex=SESSION_SECONDS)
+
+    async def sampler(self, sid: str, team: str) -> SamplingSession:
+        """The team's sampling session `sid`; NotFound for an unknown or another team's."""
+        raw = await self.redis.get(f"{self.prefix}sampler:{sid}")
+        target = SamplingSession(**json.loads(raw)) if raw is not None else None
+        if target is None or target.team != team:
+            raise NotFound(f"no sampling session {sid!r}")
+        return target
+
+    async def name(self, slug: str, path: str, checkpoint: str) -> None:
+        await self.redis.set(f"{self.prefix}name:{slug}:{path}", checkpoint, ex=NAME_SECONDS)
+
+    async def named(self, slug: str, path: str) -> str | None:
+        checkpoint = await self.redis.get(f"{self.prefix}name:{slug}:{path}")
+        return checkpoint.decode() if checkpoint is not None else None
+
+    # ----------------------------------------------------------------- futures
+    async def submit(
+        self,
+        team: str,
+        work: Callable[[], Awaitable[Result]],
+        failure: Callable[[BaseException], Result],
+        run: str = "",
+        seq: int = -1,
+    ) -> str:
+        """Start `work` as a future, after the run's previous operation; its request id. A
+        resubmission of a run's seq_id gets the first one's id and runs nothing."""
+        rid = secrets.token_hex(12)
+        if run and seq >= 0:
+            key = f"{self.prefix}seq:{run}:{seq}"  # SET NX, then GET: Redis 6.2 has no NX GET
+            if not await self.redis.set(key, rid, nx=True, ex=KEEP_SECONDS):
+                first = await self.redis.get(key)
+                if first is not None:
+                    return first.decode()
+        await self.redis.set(f"{self.prefix}op:{rid}", team, ex=KEEP_SECONDS)
+        before = None
+        if run:
+            tail = f"{self.prefix}tail:{run}"
+            before = await self.redis.set(tail, rid, get=True, ex=KEEP_SECONDS)
+
+        async def ordered() -> None:
+            if before is not None:
+                await self._finished(before.decode())
+            try:
+                result = await work()
+            except Exception as e:  # the future's answer, not the gateway's crash
+                result = failure(e)
+            await self.redis.set(f"{self.prefix}result:{rid}", result.encode(), ex=KEEP_SECONDS)
+
+        task = asyncio.get_running_loop().create_task(ordered())
+        self.local[rid] = task
+        task.add_done_callback(lambda _: self.local.pop(rid, None))
+        return rid
+
+    async def _finished(self, rid: str) -> None:
+        """Wait until future `rid` has its result (or no longer exists)."""
+        task = self.local.get(rid)
+        if task is not None:
+            await asyncio.wait([task])
+            return
+        while await self.redis.exists(f"{self.prefix}op:{rid}") and not await self.redis.exists(
+            f"{self.prefix}result:{rid}"
+        ):
+            await asyncio.sleep(REMOTE_POLL_SECONDS)
+
+    async def retrieve(self, rid: str, team: str) -> Result | None:
+        """The future's result, or None if it has none after POLL_SECONDS. NotFound for an
+        unknown, expired or another team's future."""
+        owner = await self.redis.get(f"{self.prefix}op:{rid}")
+        if owner is None or owner.decode() != team:
+            raise NotFound(f"no future {rid!r}: unknown, expired, or another team's")
+        try:
+            await asyncio.wait_for(self._finished(rid), POLL_SECONDS)
+        except TimeoutError:
+            return None
+        key = f"{self.prefix}result:{rid}"
+        raw = await self.redis.get(key)
+        if raw is None:
+            raise NotFound(f"future {rid!r} expired")
+        await self.redis.expire(key, RETRIEVED_SECONDS)
+        await self.redis.expire(f"{self.prefix}op:{rid}", RETRIEVED_SECONDS)
+        return Result.decode(raw)
