@@ -84,9 +84,10 @@ def run_slug(model_id: str) -> str:
     return f"tk-{session}-{n}"
 
 
-def parse_path(path: str) -> tuple[str, str, str]:
+def parse_path(path: Any) -> tuple[str, str, str]:
     """(model_id, kind, name) of `tinker://<model_id>/<kind>/<name>`."""
-    parts = path.removeprefix("tinker://").split("/") if path.startswith("tinker://") else []
+    ok = isinstance(path, str) and path.startswith("tinker://")
+    parts = path.removeprefix("tinker://").split("/") if ok else []
     if len(parts) != 3 or parts[1] not in ("weights", "sampler_weights") or not parts[2]:
         raise InvalidArgument(
             f"path {path!r}: expected tinker://<model_id>/weights|sampler_weights/<name>"
@@ -326,6 +327,74 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
 
         return {"request_id": await state.submit(team, work, failure, slug, _seq(raw))}
 
+    async def checkpoint_of(team: str, path: Any) -> tuple[str, str]:
+        """(fork, checkpoint) a tinker:// path names; NotFound if not the team's."""
+        model_id, kind, name = parse_path(path)
+        slug = run_of(team, model_id)
+        checkpoint = await state.named(slug, f"{kind}/{name}")
+        if checkpoint is None:
+            raise NotFound(f"no checkpoint {path!r}: save_state or save_weights_for_sampler")
+        return slug, checkpoint
+
+    @api.post("/save_weights")
+    async def save_weights(request: Request) -> dict[str, str]:
+        """save_state: names the run's head, whose files hold its weights and optimizer
+        state (every optim_step made one)."""
+        team = team_of(request.headers)
+        raw = await body(request)
+        model_id = raw.get("model_id")
+        slug = run_of(team, model_id)
+        name = raw.get("path")
+        if not isinstance(name, str) or not name or "/" in name:
+            raise InvalidArgument(f"path {name!r}: a name without '/'")
+
+        async def work() -> Result:
+            await state.name(slug, f"weights/{name}", gateway.store.head(slug))
+            return Result({"path": f"tinker://{model_id}/weights/{name}", "type": "save_weights"})
+
+        return {"request_id": await state.submit(team, work, failure, slug, _seq(raw))}
+
+    @api.post("/load_weights")
+    async def load_weights(request: Request) -> dict[str, str]:
+        """create_training_client_from_state(_with_optimizer): a new run, the fork of the
+        path's run from that checkpoint (its adapter or weights continued, and its optimizer
+        state if asked). load_state(_with_optimizer) into a run: that run's head moved back
+        to one of its own checkpoints (weights and optimizer state, Headway's SetHead)."""
+        team = team_of(request.headers)
+        raw = await body(request)
+        optimizer = bool(raw.get("optimizer"))
+        source, checkpoint = await checkpoint_of(team, raw.get("path"))
+        if raw.get("model_id") is not None:  # load into an existing run
+            slug = run_of(team, raw["model_id"])
+            if source != slug or not optimizer:
+                raise InvalidArgument(
+                    "load_state into a run restores one of its own checkpoints with its "
+                    "optimizer state (load_state_with_optimizer); for another run's "
+                    "checkpoint or weights alone, use create_training_client_from_state"
+                )
+            head = model_pb2.SetHeadRequest(model=slug, checkpoint=checkpoint)
+
+            async def move() -> Result:
+                await models.SetHead(head, metadata=md(team))
+                return Result({"path": raw["path"], "type": "load_weights"})
+
+            return {"request_id": await state.submit(team, move, failure, slug, _seq(raw))}
+        session = await session_of(team, raw)
+        n = raw.get("model_seq_id")
+        if not isinstance(n, int) or n < 0:
+            raise InvalidArgument("model_seq_id: a non-negative integer is required")
+        full = not gateway.model(source, team).lora
+        fork = model_pb2.ForkModelRequest(
+            source=source, name=run_slug(f"{session}:train:{n}"), checkpoint=checkpoint,
+            with_optimizer=optimizer, full=full,
+        )  # fmt: skip
+
+        async def work() -> Result:
+            await models.ForkModel(fork, metadata=md(team))
+            return Result({"path": raw["path"], "type": "load_weights"})
+
+        return {"request_id": await state.submit(team, work, failure)}
+
     @api.post("/create_sampling_session")
     async def create_sampling_session(request: Request) -> dict[str, str]:
         team = team_of(request.headers)
@@ -334,11 +403,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         sid = f"{session}:sample:{raw.get('sampling_session_seq_id')}"
         path, base = raw.get("model_path"), raw.get("base_model")
         if path:
-            model_id, kind, name = parse_path(path)
-            slug = run_of(team, model_id)
-            checkpoint = await state.named(slug, f"{kind}/{name}")
-            if checkpoint is None:
-                raise NotFound(f"no checkpoint {path!r}")
+            slug, checkpoint = await checkpoint_of(team, path)
             base_of = gateway.model(slug, team).base
             target = SamplingSession(team, slug, checkpoint, base_of, path)
         elif isinstance(base, str) and base:

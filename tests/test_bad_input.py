@@ -185,6 +185,14 @@ MODEL_CASES = [
             source="tiny", name="big", lora=common_pb2.LoraConfig(rank=4096)),
         Code.INVALID_ARGUMENT, r"lora.rank 4096 is over the trainer's limit of 64 .*"
         r"choose a rank <= 64"),
+    rpc("forking from a checkpoint the source does not have", "ModelService.ForkModel",
+        lambda w: model_pb2.ForkModelRequest(source=FORK, name="branch", checkpoint="nope"),
+        Code.NOT_FOUND, r"checkpoint 'nope' of model .* not found"),
+    rpc("continuing an optimizer state into a new adapter", "ModelService.ForkModel",
+        lambda w: model_pb2.ForkModelRequest(source="tiny", name="branch",
+                                             with_optimizer=True),
+        Code.INVALID_ARGUMENT, r"with_optimizer continues the source's optimizer state, so "
+        r"the fork must train the same weights"),
     rpc("forking another team's model", "ModelService.ForkModel",
         lambda w: model_pb2.ForkModelRequest(source=FORK, name="stolen"), Code.NOT_FOUND,
         rf"model '{FORK}' not found", who="blue"),

@@ -219,3 +219,42 @@ def test_a_session_and_its_futures_are_answered_by_any_gateway(gateway_stack):
         assert failed["category"] == "user" and "forward_backward first" in failed["error"]
     finally:
         other.stop()
+
+
+def test_save_state_then_resume_with_optimizer_is_bit_for_bit(gateway_stack, service):
+    """save_state → create_training_client_from_state_with_optimizer: the resumed run's
+    next step makes exactly the adapter the original run's next step makes (AdamW moments
+    and step count continued); without the optimizer it differs (fresh moments)."""
+    import torch
+
+    from tests.helpers_training import checkpoint_tensors
+
+    store = gateway_stack.gateway.gateway.store
+    adam = types.AdamParams(learning_rate=1e-2)
+    first, second = [datum([3, 4, 5, 6, 7])], [datum([9, 8, 7, 6, 5, 4])]
+    tc = service.create_lora_training_client(base_model="tiny", rank=4).result()
+    for data in (first, second):
+        tc.forward_backward(data, "cross_entropy").result()
+        tc.optim_step(adam).result()
+    path = tc.save_state("two-steps").result().path
+    assert path == f"tinker://{tc.model_id}/weights/two-steps"
+
+    def next_step(client) -> dict:
+        client.forward_backward(first, "cross_entropy").result()
+        client.optim_step(adam).result()
+        slug = "tk-" + client.model_id.replace(":train:", "-")
+        return checkpoint_tensors(store.root, store.sampler_path(slug, store.head(slug)))
+
+    resumed = service.create_training_client_from_state_with_optimizer(path).result()
+    fresh = service.create_training_client_from_state(path).result()
+    want = next_step(tc)
+    got, other = next_step(resumed), next_step(fresh)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(other[k], want[k]) for k in want)
+    # load_state_with_optimizer moves the run back to its own checkpoint: the same step
+    # from there makes the same adapter again.
+    tc.load_state_with_optimizer(path).result()
+    again = next_step(tc)
+    for name in want:
+        torch.testing.assert_close(again[name], want[name], rtol=0, atol=0, msg=name)

@@ -123,6 +123,38 @@ def test_fork_of_a_lora_model_continues_its_adapter_or_merges_it(trainer_stack):
         assert torch.allclose(x, y, atol=1e-5)
 
 
+def test_a_full_fork_from_a_checkpoint_continues_its_optimizer_state(trainer_stack):
+    """ForkModel(checkpoint=, with_optimizer=True) of a full model: the fork's root is that
+    checkpoint (not the head), referenced with its optimizer state, and the fork's next
+    step writes exactly the weights the source's next step from there writes."""
+    from tests.helpers_training import checkpoint_tensors
+
+    stack = trainer_stack
+    stack.fork("src", full=True)
+
+    def step(model: str, seed: int) -> training_pb2.StepResponse:
+        request = training_pb2.StepRequest(
+            model=model, data=batch(seed=seed), loss_fn="cross_entropy", adam=adam(1e-2)
+        )
+        return stack.train.Step(request)
+
+    first = step("src", 1).optim_step
+    step("src", 2)  # the head moves on: the fork must start from `first`, not the head
+    fork = model_pb2.ForkModelRequest(
+        source="src", name="resumed", full=True, checkpoint=first.checkpoint,
+        with_optimizer=True,
+    )  # fmt: skip
+    stack.models.ForkModel(fork)
+    root = stack.models.GetHead(model_pb2.GetHeadRequest(model="resumed"))
+    assert root.sampler_path == first.sampler_path and root.state_path == first.state_path
+    stack.models.SetHead(model_pb2.SetHeadRequest(model="src", checkpoint=first.checkpoint))
+    store = stack.trainer.store.root
+    want = checkpoint_tensors(store, step("src", 3).optim_step.sampler_path)
+    got = checkpoint_tensors(store, step("resumed", 3).optim_step.sampler_path)
+    for name, t in want.items():
+        torch.testing.assert_close(got[name], t, rtol=0, atol=0, msg=name)
+
+
 def test_list_checkpoints_is_the_tree_oldest_first_with_the_head_marked(trainer_stack):
     stack = trainer_stack
     stack.fork("m")

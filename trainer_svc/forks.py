@@ -2,7 +2,8 @@
 
 Copy-on-write: a fork references its source's files wherever it can. A full fork of a
 full model or a base, and a LoRA fork continuing its source's adapter (same config),
-reference the source's head; a full fork of an adapter model owns the merged weights
+reference the source's head (or the checkpoint asked for), optimizer state included when
+asked; a full fork of an adapter model owns the merged weights
 (there is no file to reference), and a LoRA fork with a new adapter owns a fresh one over
 the source's head as frozen weights. Nothing here writes: the trainer creates the model
 from the plan (`CheckpointStore.create_model`).
@@ -15,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from headway.errors import InvalidArgument
 from headway.store import CheckpointRecord, CheckpointRef, CheckpointStore, ModelRecord
 from headway.store.weights import base_config, full_state
 from trainer_svc import adapters
@@ -39,15 +41,22 @@ def plan_fork(
     ask: LoraRequest | None,
     full: bool,
     max_lora_rank: int,
+    checkpoint: str = "",
+    with_optimizer: bool = False,
 ) -> ForkPlan:
-    """The fork `name` of `team` from `src`'s head: full, or LoRA (`ask`'s config, else
-    the source's adapter, else the default one). Blocking (it may merge weights): run it
-    in a worker thread. InvalidArgument for a LoRA config the server refuses."""
+    """The fork `name` of `team` from `src`'s head (or its `checkpoint`): full, or LoRA
+    (`ask`'s config, else the source's adapter, else the default one); continuing that
+    checkpoint's optimizer state if `with_optimizer`, for a fork that references its
+    weights. Blocking (it may merge weights): run it in a worker thread. InvalidArgument
+    for a LoRA config the server refuses or an optimizer state it cannot continue,
+    NotFound for an unknown checkpoint."""
     source = src.slug
     lora = None
     if ask is not None and not full:
         lora = adapters.lora_config(ask, max_lora_rank, base_config(store, source))
-    src_head = store.head_checkpoint(source)
+    src_head = (
+        store.get_checkpoint(source, checkpoint) if checkpoint else store.head_checkpoint(source)
+    )
     now = time.time()
     root = CheckpointRecord(
         id=store.new_checkpoint_id(0),
@@ -68,6 +77,14 @@ def plan_fork(
         arch=dict(src.arch),
     )
     plan = ForkPlan(record, root)
+    if with_optimizer and (src.lora is None) != full:
+        raise InvalidArgument(
+            "with_optimizer continues the source's optimizer state, so the fork must train "
+            "the same weights: a full fork of a full model, or a LoRA fork of a LoRA model "
+            "keeping its adapter"
+        )
+    # The referenced checkpoint's optimizer state, if it has any (a step-0 one has none).
+    continued = with_optimizer and src_head.has_optimizer
     if full:
         if src.lora:
             # A full fork of an adapter model owns the merged weights: there is no file
@@ -75,12 +92,19 @@ def plan_fork(
             plan.writer = full_weights_writer(full_state(store, source, src_head.id))
         else:
             root.ref = CheckpointRef(source, src_head.id)
+            root.has_optimizer = continued
         return plan
     if src.lora is not None and (lora is None or adapters.lora_dict(lora) == src.lora):
         # Continue the source's adapter over the same frozen weights.
         record.lora, record.frozen = dict(src.lora), src.frozen
         root.ref = CheckpointRef(source, src_head.id)
+        root.has_optimizer = continued
         return plan
+    if with_optimizer:
+        raise InvalidArgument(
+            "with_optimizer: this fork trains a new adapter (its LoRA config differs from "
+            "the source's), which has no optimizer state to continue; fork without it"
+        )
     config = base_config(store, source)
     lora = lora or adapters.lora_config(LoraRequest(), max_lora_rank, config)
     record.lora = adapters.lora_dict(lora)

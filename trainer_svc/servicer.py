@@ -56,8 +56,9 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             raise InvalidArgument("name is empty: give the new model a name")
         who = caller(context)
         record = await self.trainer.fork(
-            required_model(request.source, "source"), request.name, who.team, lora, full
-        )
+            required_model(request.source, "source"), request.name, who.team, lora, full,
+            checkpoint=request.checkpoint, with_optimizer=request.with_optimizer,
+        )  # fmt: skip
         return convert.model_pb(self.store, record, who.admin)
 
     @maps_errors

@@ -197,8 +197,10 @@ def load_state(
     module.train()
     optimizer = _new_optimizer(params)
     if head.has_optimizer:
-        store.wait_deferred(slug, head.id)  # its optimizer state may still be being written
-        _load_optimizer(optimizer, params, store.checkpoint_dir(slug, head.id) / OPTIMIZER_FILE)
+        # A fork's root may continue the state of the checkpoint it references.
+        owner = store.resolve(slug, head.id)
+        store.wait_deferred(owner.model, owner.id)  # it may still be being written
+        _load_optimizer(optimizer, params, store.files_dir(owner) / OPTIMIZER_FILE)
     return ModelState(record, head, module, params, optimizer, frozen_ref)
 
 

@@ -193,9 +193,18 @@ class Trainer:
         return record
 
     async def fork(
-        self, source: str, name: str, team: str, lora: LoraRequest | None, full: bool
+        self,
+        source: str,
+        name: str,
+        team: str,
+        lora: LoraRequest | None,
+        full: bool,
+        *,
+        checkpoint: str = "",
+        with_optimizer: bool = False,
     ) -> ModelRecord:
-        """A new model of `team` starting from `source`'s head (copy-on-write).
+        """A new model of `team` starting from `source`'s head or `checkpoint`
+        (copy-on-write), with its optimizer state if `with_optimizer` (`forks.plan_fork`).
 
         The fork references the source's files, so it holds the source's lock: a
         concurrent DeleteModel of the source waits, then sees the fork as a dependent, and
@@ -208,14 +217,22 @@ class Trainer:
         async with held:
             if not src.is_base:
                 self._still(src, team)
-            return await self._fork(src, name, team, lora, full)
+            return await self._fork(src, name, team, lora, full, checkpoint, with_optimizer)
 
     async def _fork(
-        self, src: ModelRecord, name: str, team: str, ask: LoraRequest | None, full: bool
+        self,
+        src: ModelRecord,
+        name: str,
+        team: str,
+        ask: LoraRequest | None,
+        full: bool,
+        checkpoint: str = "",
+        with_optimizer: bool = False,
     ) -> ModelRecord:
         plan = await asyncio.to_thread(
-            plan_fork, self.store, src, name, team, ask, full, self.config.max_lora_rank
-        )
+            plan_fork, self.store, src, name, team, ask, full, self.config.max_lora_rank,
+            checkpoint, with_optimizer,
+        )  # fmt: skip
         async with self._create_lock:
             await asyncio.to_thread(self.store.create_model, plan.record, plan.root, plan.writer)
         log.info("forked %s from %s@%s (%s)", name, src.slug, plan.root.parent_id, plan.root.kind)

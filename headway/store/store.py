@@ -558,7 +558,8 @@ class CheckpointStore:
         """`state_path` of a record in hand."""
         if not record.has_optimizer:
             return ""
-        path = self.checkpoint_dir(record.model, record.id) / OPTIMIZER_FILE
+        owner = record if record.ref is None else self.resolve(record.model, record.id)
+        path = self.files_dir(owner) / OPTIMIZER_FILE
         return str(path.relative_to(self.root))
 
     def find_request(self, slug: str, request_id: str) -> CheckpointRecord | None:

@@ -32,16 +32,20 @@ class AddBaseRequest(_message.Message):
     def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class ForkModelRequest(_message.Message):
-    __slots__ = ("source", "name", "lora", "full")
+    __slots__ = ("source", "name", "lora", "full", "checkpoint", "with_optimizer")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     FULL_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    WITH_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     source: str
     name: str
     lora: _common_pb2.LoraConfig
     full: bool
-    def __init__(self, source: _Optional[str] = ..., name: _Optional[str] = ..., lora: _Optional[_Union[_common_pb2.LoraConfig, _Mapping]] = ..., full: _Optional[bool] = ...) -> None: ...
+    checkpoint: str
+    with_optimizer: bool
+    def __init__(self, source: _Optional[str] = ..., name: _Optional[str] = ..., lora: _Optional[_Union[_common_pb2.LoraConfig, _Mapping]] = ..., full: _Optional[bool] = ..., checkpoint: _Optional[str] = ..., with_optimizer: _Optional[bool] = ...) -> None: ...
 
 class ListCheckpointsRequest(_message.Message):
     __slots__ = ("model",)

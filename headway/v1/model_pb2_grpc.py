@@ -118,12 +118,13 @@ class ModelServiceServicer:
 
     def ForkModel(self, request, context):
         """Creates a trainable model owned by the caller's team, starting from the source's head
-        (copy-on-write: nothing is copied until it is trained), so the fork samples exactly
-        like the source until its first OptimStep. Its step-0 checkpoint has the source's
-        head as parent.
-        Errors: INVALID_ARGUMENT for an empty source, an empty or invalid name, or an invalid
-        LoRA config (a rank over the server's limit, an unknown target module ...); NOT_FOUND
-        for an unknown source; ALREADY_EXISTS when the name is taken.
+        or a checkpoint of it (copy-on-write: nothing is copied until it is trained), so the
+        fork samples exactly like that checkpoint until its first OptimStep. Its step-0
+        checkpoint has that checkpoint as parent.
+        Errors: INVALID_ARGUMENT for an empty source, an empty or invalid name, an invalid
+        LoRA config (a rank over the server's limit, an unknown target module ...), or
+        with_optimizer on a fork that does not continue the source's weights as they are;
+        NOT_FOUND for an unknown source or checkpoint; ALREADY_EXISTS when the name is taken.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
