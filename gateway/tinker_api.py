@@ -27,7 +27,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -40,6 +42,7 @@ from gateway.core import Gateway
 from gateway.tinker_state import Result, SamplingSession, TinkerState
 from headway.errors import HeadwayError, InvalidArgument, NotFound, from_status
 from headway.server.auth import Caller
+from headway.store import check_slug
 from headway.tensors import from_tensor, to_tensor
 from headway.v1 import (
     common_pb2,
@@ -59,6 +62,7 @@ KEY_PREFIX = "tml-"  # the SDK refuses keys without it: a Headway key is sent as
 # The reductions a metric name may end in ("loss:sum"); the SDK drops or fails others.
 REDUCTIONS = ("mean", "sum", "min", "max")
 SUMMED = ("num_tokens", "num_datums")  # Headway metrics that add up over chunks
+RUN_SLUG = re.compile(r"tk-([0-9a-f]+)-(\d+)")  # a fork made for a Tinker training run
 DTYPES = {
     tinker_pb2.TINKER_DTYPE_FLOAT32: np.float32,
     tinker_pb2.TINKER_DTYPE_INT64: np.int64,
@@ -77,11 +81,24 @@ def bearer(headers: Any) -> str:
 
 
 def run_slug(model_id: str) -> str:
-    """The Headway fork of a training run id `<session>:train:<n>`."""
-    session, kind, n = (model_id.split(":") + ["", ""])[:3]
-    if kind != "train" or not session or not n.isdigit():
+    """The Headway fork of a training run: `<session>:train:<n>` is `tk-<session>-<n>`;
+    any other id is a fork's slug (a Headway fork trained through this API)."""
+    parts = model_id.split(":")
+    if len(parts) == 3 and parts[1] == "train" and parts[0] and parts[2].isdigit():
+        return f"tk-{parts[0]}-{parts[2]}"
+    if ":" in model_id:
         raise InvalidArgument(f"model_id {model_id!r}: expected <session_id>:train:<n>")
-    return f"tk-{session}-{n}"
+    return check_slug(model_id)
+
+
+def run_id(slug: str) -> str:
+    """The training run id of a fork (`run_slug`'s inverse)."""
+    made = RUN_SLUG.fullmatch(slug)
+    return f"{made[1]}:train:{made[2]}" if made else slug
+
+
+def iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat()
 
 
 def parse_path(path: Any) -> tuple[str, str, str]:
@@ -439,6 +456,91 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         request_id = await state.submit(team, work, failure)
         return {"request_id": request_id, "sample_sequence_ids": [
             f"{request_id}-{i}" for i in range(n)]}  # fmt: skip
+
+    # ------------------------------------------------------------ RestClient
+    async def run_json(record: Any) -> dict[str, Any]:
+        """A fork as Tinker's TrainingRun, its latest named checkpoints with it."""
+        rid = run_id(record.slug)
+        named = await checkpoints_json(record.slug)
+        latest = {kind: max((c for c in named if c["checkpoint_type"] == kind),
+                            key=lambda c: c["time"], default=None)
+                  for kind in ("training", "sampler")}  # fmt: skip
+        head = gateway.store.head_checkpoint(record.slug)
+        return {
+            "training_run_id": rid, "base_model": record.base,
+            "model_owner": record.team or "local", "is_lora": bool(record.lora),
+            "lora_rank": (record.lora or {}).get("rank"), "corrupted": False,
+            "last_request_time": iso(head.created), "last_checkpoint": latest["training"],
+            "last_sampler_checkpoint": latest["sampler"],
+        }  # fmt: skip
+
+    async def checkpoints_json(slug: str) -> list[dict[str, Any]]:
+        """A fork's named checkpoints as Tinker's Checkpoints, oldest first."""
+        rid = run_id(slug)
+        out = [
+            {"checkpoint_id": path,
+             "checkpoint_type": "training" if path.startswith("weights/") else "sampler",
+             "time": iso(v["time"]), "tinker_path": f"tinker://{rid}/{path}", "public": False}
+            for path, v in (await state.names(slug)).items()
+        ]  # fmt: skip
+        return sorted(out, key=lambda c: c["time"])
+
+    def forks(team: str) -> list[Any]:
+        models = [m for m in gateway.visible_models(team) if not m.is_base]
+        return sorted(models, key=lambda m: m.created, reverse=True)
+
+    def page(request: Request, default: int) -> tuple[int, int]:
+        try:
+            limit = int(request.query_params.get("limit", default))
+            offset = int(request.query_params.get("offset", 0))
+        except ValueError:
+            raise InvalidArgument("limit and offset: integers") from None
+        if limit < 1 or offset < 0:
+            raise InvalidArgument("limit >= 1 and offset >= 0")
+        return limit, offset
+
+    @api.get("/training_runs")
+    async def training_runs(request: Request) -> dict[str, Any]:
+        team = team_of(request.headers)
+        limit, offset = page(request, 20)
+        runs = forks(team)
+        chosen = runs[offset : offset + limit]
+        cursor = {"offset": offset, "limit": limit, "total_count": len(runs)}
+        return {"training_runs": [await run_json(m) for m in chosen], "cursor": cursor}
+
+    @api.get("/training_runs/{rid}")
+    async def training_run(rid: str, request: Request) -> dict[str, Any]:
+        team = team_of(request.headers)
+        return await run_json(gateway.model(run_of(team, rid), team))
+
+    @api.get("/training_runs/{rid}/checkpoints")
+    async def run_checkpoints(rid: str, request: Request) -> dict[str, Any]:
+        team = team_of(request.headers)
+        return {"checkpoints": await checkpoints_json(run_of(team, rid))}
+
+    @api.delete("/training_runs/{rid}/checkpoints/{path:path}")
+    async def delete_checkpoint(rid: str, path: str, request: Request) -> dict[str, Any]:
+        """Forgets the name; the step's checkpoint stays in the fork's tree."""
+        team = team_of(request.headers)
+        if not await state.forget(run_of(team, rid), path):
+            raise NotFound(f"no checkpoint {path!r} in training run {rid!r}")
+        return {}
+
+    @api.get("/checkpoints")
+    async def user_checkpoints(request: Request) -> dict[str, Any]:
+        team = team_of(request.headers)
+        limit, offset = page(request, 100)
+        named = [c for m in forks(team) for c in await checkpoints_json(m.slug)]
+        cursor = {"offset": offset, "limit": limit, "total_count": len(named)}
+        return {"checkpoints": named[offset : offset + limit], "cursor": cursor}
+
+    @api.post("/weights_info")
+    async def weights_info(request: Request) -> dict[str, Any]:
+        team = team_of(request.headers)
+        slug, _ = await checkpoint_of(team, (await body(request)).get("tinker_path"))
+        record = gateway.model(slug, team)
+        return {"base_model": record.base, "is_lora": bool(record.lora),
+                "lora_rank": (record.lora or {}).get("rank")}  # fmt: skip
 
     @api.post("/retrieve_future")
     async def retrieve_future(request: Request) -> Response:

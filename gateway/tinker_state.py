@@ -7,7 +7,8 @@ process that took the first call:
     <prefix>tinker:session:<sid>             str   team; expires SESSION_SECONDS after the
                                                    session's last call or heartbeat
     <prefix>tinker:sampler:<sid>             str   JSON SamplingSession; SESSION_SECONDS
-    <prefix>tinker:name:<slug>:<kind>/<name> str   checkpoint id a tinker:// path names
+    <prefix>tinker:names:<slug>              hash  "<kind>/<name>" → {"checkpoint", "time"}:
+                                                   what the tinker:// paths of a run name
     <prefix>tinker:op:<rid>                  str   team of a submitted future; KEEP_SECONDS
     <prefix>tinker:result:<rid>              str   its result: b"J" + JSON or b"P" + the
                                                    SDK's protobuf; KEEP_SECONDS, then
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -107,11 +109,24 @@ class TinkerState:
         return target
 
     async def name(self, slug: str, path: str, checkpoint: str) -> None:
-        await self.redis.set(f"{self.prefix}name:{slug}:{path}", checkpoint, ex=NAME_SECONDS)
+        """Name `checkpoint` of `slug` "<kind>/<name>" (weights/..., sampler_weights/...)."""
+        key = f"{self.prefix}names:{slug}"
+        value = json.dumps({"checkpoint": checkpoint, "time": time.time()})
+        await self.redis.hset(key, path, value)
+        await self.redis.expire(key, NAME_SECONDS)
 
     async def named(self, slug: str, path: str) -> str | None:
-        checkpoint = await self.redis.get(f"{self.prefix}name:{slug}:{path}")
-        return checkpoint.decode() if checkpoint is not None else None
+        raw = await self.redis.hget(f"{self.prefix}names:{slug}", path)
+        return json.loads(raw)["checkpoint"] if raw is not None else None
+
+    async def names(self, slug: str) -> dict[str, dict[str, Any]]:
+        """Every name of `slug`'s checkpoints: path → {"checkpoint", "time"}."""
+        raw = await self.redis.hgetall(f"{self.prefix}names:{slug}")
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    async def forget(self, slug: str, path: str) -> bool:
+        """Drop a name; whether it existed."""
+        return bool(await self.redis.hdel(f"{self.prefix}names:{slug}", path))
 
     # ----------------------------------------------------------------- futures
     async def submit(

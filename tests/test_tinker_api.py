@@ -258,3 +258,33 @@ def test_save_state_then_resume_with_optimizer_is_bit_for_bit(gateway_stack, ser
     again = next_step(tc)
     for name in want:
         torch.testing.assert_close(again[name], want[name], rtol=0, atol=0, msg=name)
+
+
+def test_rest_client_lists_runs_and_their_named_checkpoints(gateway_stack, service):
+    """RestClient: the team's training runs (Headway forks) with their latest checkpoints,
+    a run's named checkpoints (save_state, save_weights_for_sampler), their weights info,
+    and deleting one (its name: the step stays in the fork's tree, where Headway users see
+    every step)."""
+    tc = service.create_lora_training_client(base_model="tiny", rank=4).result()
+    tc.forward_backward([datum([3, 4, 5, 6])], "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    state = tc.save_state("s1").result().path
+    sampler = tc.save_weights_for_sampler("w1").result().path
+    rest = service.create_rest_client()
+    runs = rest.list_training_runs().result()
+    run = next(r for r in runs.training_runs if r.training_run_id == tc.model_id)
+    assert (run.base_model, run.is_lora, run.lora_rank) == ("tiny", True, 4)
+    assert run.last_checkpoint.tinker_path == state
+    assert run.last_sampler_checkpoint.tinker_path == sampler
+    named = rest.list_checkpoints(tc.model_id).result().checkpoints
+    assert {(c.checkpoint_id, c.checkpoint_type) for c in named} == {
+        ("weights/s1", "training"), ("sampler_weights/w1", "sampler")}  # fmt: skip
+    info = rest.get_weights_info_by_tinker_path(sampler).result()
+    assert (info.base_model, info.is_lora, info.lora_rank) == ("tiny", True, 4)
+    rest.delete_checkpoint(tc.model_id, "weights/s1").result()
+    named = rest.list_checkpoints(tc.model_id).result().checkpoints
+    assert [c.checkpoint_id for c in named] == ["sampler_weights/w1"]
+    with pytest.raises(tinker.NotFoundError):
+        rest.delete_checkpoint(tc.model_id, "weights/s1").result()
+    slug = "tk-" + tc.model_id.replace(":train:", "-")
+    assert len(gateway_stack.gateway.gateway.store.list_checkpoints(slug)) == 2
