@@ -24,10 +24,13 @@ forward_backward body as the protobuf of `headway/v1/tinker.proto`. No torch her
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import re
+import secrets
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -40,7 +43,15 @@ from google.protobuf.message import DecodeError
 
 from gateway.core import Gateway
 from gateway.tinker_state import Result, SamplingSession, TinkerState
-from headway.errors import HeadwayError, InvalidArgument, NotFound, from_status
+from headway.errors import (
+    HeadwayError,
+    InvalidArgument,
+    NotFound,
+    Overloaded,
+    Unavailable,
+    from_status,
+    pushback_ms,
+)
 from headway.server.auth import Caller
 from headway.store import check_slug
 from headway.tensors import from_tensor, to_tensor
@@ -57,6 +68,7 @@ from headway.v1 import (
 log = logging.getLogger(__name__)
 
 PROTO = "application/x-protobuf"
+RETRY_SECONDS = 300.0  # how long an op retries an overloaded or unreachable backend (the SDK's own)
 LOSSES = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
 KEY_PREFIX = "tml-"  # the SDK refuses keys without it: a Headway key is sent as tml-<key>
 # The reductions a metric name may end in ("loss:sum"); the SDK drops or fails others.
@@ -110,6 +122,26 @@ def parse_path(path: Any) -> tuple[str, str, str]:
             f"path {path!r}: expected tinker://<model_id>/weights|sampler_weights/<name>"
         )
     return parts[0], parts[1], parts[2]
+
+
+async def patiently(call: Callable[[], Awaitable[Any]]) -> Any:
+    """`await call()`, again while the backend is at capacity (after its pushback) or out
+    of reach, for up to RETRY_SECONDS: a future stays pending ("try_again") where the SDK
+    would have retried a call of its own, and the trainer's request ids (a run's seq_id)
+    make a repeated training call count once."""
+    deadline, delay = time.monotonic() + RETRY_SECONDS, 0.1
+    while True:
+        try:
+            return await call()
+        except (grpc.aio.AioRpcError, HeadwayError) as e:
+            if isinstance(e, grpc.aio.AioRpcError):
+                e = from_status(e.code().name, e.details() or "", pushback_ms(e))
+            if not isinstance(e, Overloaded | Unavailable) or time.monotonic() > deadline:
+                raise
+            wait = e.retry_after_ms / 1000 if getattr(e, "retry_after_ms", None) else delay
+            log.info("tinker op waits %.2f s: %s", wait, e.message)
+            await asyncio.sleep(wait)
+            delay = min(2 * delay, 5.0)
 
 
 def failure(error: BaseException) -> Result:
@@ -227,7 +259,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         )
 
         async def work() -> Result:
-            await models.ForkModel(fork, metadata=md(team))
+            await patiently(lambda: models.ForkModel(fork, metadata=md(team)))
             return Result({"model_id": model_id, "type": "create_model"})
 
         return {"request_id": await state.submit(team, work, failure)}
@@ -267,8 +299,9 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
             raise InvalidArgument(f"the body is not a ForwardBackwardRequest: {e}") from None
         slug = run_of(team, wire.model_id)
         fb = training_pb2.ForwardBackwardRequest(
-            model=slug, loss_fn=loss_name(wire.loss_fn), data=datums(wire.data)
-        )
+            model=slug, loss_fn=loss_name(wire.loss_fn), data=datums(wire.data),
+            request_id=secrets.token_hex(12),  # a retry of the call (`patiently`) counts once
+        )  # fmt: skip
         for key, value in loss_config(wire).items():
             fb.loss_fn_config[key] = value
         weights = [_weights(item.datum) for item in fb.data]
@@ -277,7 +310,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
             return {"request_id": await state.submit(team, work, failure, slug, wire.seq_id)}
 
         async def work() -> Result:
-            reply = await training.ForwardBackward(fb, metadata=md(team))
+            reply = await patiently(lambda: training.ForwardBackward(fb, metadata=md(team)))
             lps = [from_tensor(t, "logprobs").astype(np.float32) for t in reply.logprobs]
             return Result(proto=fb_output(lps, weights, dict(reply.metrics)).SerializeToString())
 
@@ -296,7 +329,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         req = sampling_pb2.ComputeLogprobsRequest(model=fb.model, sequences=sequences)
 
         async def work() -> Result:
-            reply = await gateway.compute_logprobs(req, team, None)
+            reply = await patiently(lambda: gateway.compute_logprobs(req, team, None))
             lps = [from_tensor(t, "logprobs").astype(np.float32) for t in reply.logprobs]
             loss = sum(float(-(lp * (w if w is not None else 1.0)).sum())
                        for lp, w in zip(lps, weights, strict=True))  # fmt: skip
@@ -312,10 +345,12 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         if raw.get("optimizer_params") is not None:
             raise InvalidArgument("optimizer_params: Headway trains with adam_params only")
         adam = adam_params(raw.get("adam_params"))
-        step = training_pb2.OptimStepRequest(model=slug, adam=adam)
+        step = training_pb2.OptimStepRequest(
+            model=slug, adam=adam, request_id=secrets.token_hex(12)
+        )  # a retry of the call (`patiently`) counts once
 
         async def work() -> Result:
-            reply = await training.OptimStep(step, metadata=md(team))
+            reply = await patiently(lambda: training.OptimStep(step, metadata=md(team)))
             return Result({"metrics": {"step:max": float(reply.step)}, "type": "optim_step"})
 
         return {"request_id": await state.submit(team, work, failure, slug, _seq(raw))}
@@ -392,7 +427,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
             head = model_pb2.SetHeadRequest(model=slug, checkpoint=checkpoint)
 
             async def move() -> Result:
-                await models.SetHead(head, metadata=md(team))
+                await patiently(lambda: models.SetHead(head, metadata=md(team)))
                 return Result({"path": raw["path"], "type": "load_weights"})
 
             return {"request_id": await state.submit(team, move, failure, slug, _seq(raw))}
@@ -407,7 +442,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         )  # fmt: skip
 
         async def work() -> Result:
-            await models.ForkModel(fork, metadata=md(team))
+            await patiently(lambda: models.ForkModel(fork, metadata=md(team)))
             return Result({"path": raw["path"], "type": "load_weights"})
 
         return {"request_id": await state.submit(team, work, failure)}
@@ -449,7 +484,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         req, n = sample_request(raw, target)
 
         async def work() -> Result:
-            reply = await gateway.sample(req, team, None)
+            reply = await patiently(lambda: gateway.sample(req, team, None))
             prompt_lps = bool(req.include_prompt_logprobs)
             return Result(proto=sample_output(reply, prompt_lps).SerializeToString())
 

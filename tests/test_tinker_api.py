@@ -288,3 +288,40 @@ def test_rest_client_lists_runs_and_their_named_checkpoints(gateway_stack, servi
         rest.delete_checkpoint(tc.model_id, "weights/s1").result()
     slug = "tk-" + tc.model_id.replace(":train:", "-")
     assert len(gateway_stack.gateway.gateway.store.list_checkpoints(slug)) == 2
+
+
+def test_an_operation_waits_out_a_trainer_that_is_down(tmp_path, tiny_base, monkeypatch, caplog):
+    """A future whose trainer is out of reach stays pending (the SDK polls on) and
+    completes once a trainer answers on that address again: not a failure the SDK would
+    not retry."""
+    import logging
+
+    from tests.stack import GatewayNode, TrainerStack, wait_until
+
+    caplog.set_level(logging.INFO, logger="gateway.tinker_api")
+    store = tmp_path / "store"
+    first = TrainerStack(store)
+    first.add_base(tiny_base, "tiny")
+    address, prefix = first.server.address, first.prefix
+    gateway = GatewayNode(store, prefix, address)
+    first.stop()
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    service = tinker.ServiceClient(
+        base_url=gateway.http_url.removesuffix("/v1"), api_key="tml-local"
+    )
+    later = None
+    try:
+        future = service.create_lora_training_client(base_model="tiny", rank=4)
+        # The gateway has taken the call and found no trainer: it waits, the SDK polls.
+        wait_until(
+            lambda: any("tinker op waits" in r.getMessage() for r in caplog.records),
+            "the gateway to find the trainer down",
+        )
+        later = TrainerStack(store, address, prefix)
+        tc = future.result()
+        assert tc.get_info().model_data.model_name == "tiny"
+    finally:
+        service.close("success")
+        gateway.stop()
+        if later is not None:
+            later.stop()
