@@ -325,3 +325,39 @@ def test_an_operation_waits_out_a_trainer_that_is_down(tmp_path, tiny_base, monk
         gateway.stop()
         if later is not None:
             later.stop()
+
+
+def test_sl_loop_shape_lowers_the_loss(gateway_stack, service):
+    """The shape of tinker-cookbook's `recipes/sl_loop.py`: chat-formatted examples
+    (rendered by the base's own chat template through the SDK's get_tokenizer(), the
+    prompt weighted 0 and the answer 1), cross_entropy, optim_step; the loss per answer
+    token falls over the epochs."""
+    tc = service.create_lora_training_client(base_model="tiny", rank=8).result()
+    tok = tc.get_tokenizer()
+    pairs = [("what is 2 plus 3?", "5"), ("what is 10 plus 4?", "14"),
+             ("what is 7 plus 7?", "14"), ("what is 1 plus 8?", "9")]  # fmt: skip
+    data, answer_tokens = [], 0
+    for question, answer in pairs:
+        user = [{"role": "user", "content": question}]
+        prompt = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True)
+        full = tok.apply_chat_template(
+            user + [{"role": "assistant", "content": answer}], tokenize=True
+        )
+        prompt, full = (
+            list(getattr(prompt, "input_ids", prompt)),
+            list(getattr(full, "input_ids", full)),
+        )
+        assert full[: len(prompt)] == prompt
+        weights = [0.0] * (len(prompt) - 1) + [1.0] * (len(full) - len(prompt))
+        answer_tokens += len(full) - len(prompt)
+        data.append(types.Datum(
+            model_input=types.ModelInput.from_ints(full[:-1]),
+            loss_fn_inputs={"target_tokens": full[1:], "weights": weights},
+        ))  # fmt: skip
+    losses = []
+    for _ in range(6):
+        fb = tc.forward_backward(data, "cross_entropy")
+        opt = tc.optim_step(types.AdamParams(learning_rate=2e-2))
+        losses.append(fb.result().metrics["loss:sum"] / answer_tokens)
+        opt.result()
+    assert losses[-1] < losses[0] / 2, losses
