@@ -361,3 +361,21 @@ def test_sl_loop_shape_lowers_the_loss(gateway_stack, service):
         losses.append(fb.result().metrics["loss:sum"] / answer_tokens)
         opt.result()
     assert losses[-1] < losses[0] / 2, losses
+
+
+def test_base_model_sampling_and_compute_logprobs(gateway_stack, service):
+    """create_sampling_client(base_model=) samples the base's head; compute_logprobs and
+    prompt logprobs are Headway's ComputeLogprobs of the same tokens (NaN first, as the
+    SDK's None)."""
+    sampler = service.create_sampling_client(base_model="tiny").result()
+    tokens = [5, 9, 12, 7, 3, 14]
+    got = sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
+    ours = gateway_stack.gateway.sampling.ComputeLogprobs(sampling_pb2.ComputeLogprobsRequest(
+        model="tiny", sequences=[to_tensor(np.array(tokens, np.int32))]))  # fmt: skip
+    want = from_tensor(ours.logprobs[0], "logprobs")
+    assert got[0] is None and len(got) == len(tokens)
+    np.testing.assert_allclose(np.array(got[1:], np.float32), want, rtol=0, atol=1e-6)
+    out = sampler.sample(types.ModelInput.from_ints(tokens), 1, types.SamplingParams(
+        max_tokens=3, temperature=0.0), include_prompt_logprobs=True).result()  # fmt: skip
+    assert len(out.sequences[0].tokens) <= 3
+    np.testing.assert_allclose(np.array(out.prompt_logprobs[1:], np.float32), want, atol=1e-4)
