@@ -738,6 +738,12 @@ def sample_request(
     n = raw.get("num_samples", 1)
     if not isinstance(n, int) or n < 1:
         raise InvalidArgument(f"num_samples: a positive integer, not {n!r}")
+    for unserved in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):
+        if raw.get(unserved):
+            raise InvalidArgument(f"{unserved}: not served by Headway yet; leave it 0")
+    for unserved in ("target_prompt_logprobs", "prompt_logprobs_last_n"):
+        if raw.get(unserved) is not None:
+            raise InvalidArgument(f"{unserved}: not served by Headway yet; leave it unset")
     tokens: list[int] = []
     for i, chunk in enumerate((raw.get("prompt") or {}).get("chunks") or []):
         if chunk.get("type", "encoded_text") != "encoded_text":

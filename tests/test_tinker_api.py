@@ -92,6 +92,10 @@ def test_sdk_gets_its_own_errors_for_bad_input(service):
     )
     with pytest.raises(tinker.BadRequestError, match="only encoded text"):
         tc.forward_backward([image], "cross_entropy").result()
+    sampler = service.create_sampling_client(base_model="tiny").result()
+    with pytest.raises(tinker.BadRequestError, match="topk_prompt_logprobs: not served"):
+        sampler.sample(types.ModelInput.from_ints([3, 4]), 1, types.SamplingParams(max_tokens=2),
+                       include_prompt_logprobs=True, topk_prompt_logprobs=2).result()  # fmt: skip
     # The run still trains after the refusals.
     assert "loss:sum" in tc.forward_backward(data, "cross_entropy").result().metrics
 
