@@ -68,6 +68,7 @@ from headway.v1 import (
 log = logging.getLogger(__name__)
 
 PROTO = "application/x-protobuf"
+MAX_SAMPLES = 1024  # num_samples of one asample (the replicas' own limit is lower)
 RETRY_SECONDS = 300.0  # how long an op retries an overloaded or unreachable backend (the SDK's own)
 LOSSES = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
 KEY_PREFIX = "tml-"  # the SDK refuses keys without it: a Headway key is sent as tml-<key>
@@ -158,7 +159,9 @@ def failure(error: BaseException) -> Result:
 
 def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
     """The `/api/v1` routes, on `gateway`; `team_of(headers)` authenticates a request."""
-    state = TinkerState(gateway.redis, gateway.config.redis_prefix)
+    state = TinkerState(
+        gateway.redis, gateway.config.redis_prefix, gateway.config.max_calls_per_team
+    )
     api = APIRouter(prefix="/api/v1")
     models = model_pb2_grpc.ModelServiceStub(gateway.trainer)
     training = training_pb2_grpc.TrainingServiceStub(gateway.trainer)
@@ -177,11 +180,21 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         return out
 
     def run_of(team: str, model_id: Any) -> str:
+        """The team's fork a training run id names; NotFound for another team's, and a
+        base is no run (every team sees it, none trains it)."""
         if not isinstance(model_id, str):
             raise InvalidArgument("model_id: a string is required")
         slug = run_slug(model_id)
-        gateway.model(slug, team)  # NotFound for another team's run
+        if gateway.model(slug, team).is_base:
+            raise InvalidArgument(
+                f"{model_id!r} is a base, not a training run: create_lora_training_client"
+            )
         return slug
+
+    def rk(slug: str) -> str:
+        """A fork's key in the API's Redis state: its slug and creation time, so a slug
+        freed by DeleteModel and taken again starts with no names, seq ids or queue."""
+        return f"{slug}@{gateway.store.get_model(slug).created!r}"
 
     @api.post("/client/config")
     async def client_config(request: Request) -> dict[str, Any]:
@@ -241,17 +254,20 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         team = team_of(request.headers)
         raw = await body(request)
         session = await session_of(team, raw)
-        n = raw.get("model_seq_id")
+        n = counter(raw, "model_seq_id")
         base = raw.get("base_model")
-        lora = raw.get("lora_config") or {}
-        if not isinstance(n, int) or n < 0:
-            raise InvalidArgument("model_seq_id: a non-negative integer is required")
+        lora, optimizer = mapping(raw, "lora_config"), mapping(raw, "optimizer_config")
         if not isinstance(base, str) or not base:
             raise InvalidArgument("base_model: the name of a base is required")
         rank = lora.get("rank", 32)
-        if not isinstance(rank, int) or rank < 1:
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise InvalidArgument(f"lora_config.rank: a positive integer, not {rank!r}")
-        if (raw.get("optimizer_config") or {}).get("type", "adamw") != "adamw":
+        for part in ("train_mlp", "train_attn", "train_unembed"):
+            if lora.get(part, True) is not True:
+                raise InvalidArgument(
+                    f"lora_config.{part}: Headway's adapters train every projection; leave it true"
+                )
+        if optimizer.get("type", "adamw") != "adamw":
             raise InvalidArgument("optimizer_config.type: Headway trains with adamw only")
         model_id = f"{session}:train:{n}"
         fork = model_pb2.ForkModelRequest(
@@ -259,10 +275,22 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         )
 
         async def work() -> Result:
-            await patiently(lambda: models.ForkModel(fork, metadata=md(team)))
+            await forked(fork, team)
             return Result({"model_id": model_id, "type": "create_model"})
 
         return {"request_id": await state.submit(team, work, failure)}
+
+    async def forked(fork: model_pb2.ForkModelRequest, team: str) -> None:
+        """ForkModel; a retry of one that was made (its reply lost) finds the fork there,
+        the team's, from the same source: that is its answer, not ALREADY_EXISTS."""
+        try:
+            await patiently(lambda: models.ForkModel(fork, metadata=md(team)))
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            made = gateway.store.get_model(fork.name)
+            if made.team != team or made.source != fork.source:
+                raise
 
     @api.post("/get_info")
     async def get_info(request: Request) -> dict[str, Any]:
@@ -307,14 +335,14 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         weights = [_weights(item.datum) for item in fb.data]
         if wire.forward_only:
             work = forward(fb, weights, team)
-            return {"request_id": await state.submit(team, work, failure, slug, wire.seq_id)}
+            return {"request_id": await state.submit(team, work, failure, rk(slug), wire.seq_id)}
 
         async def work() -> Result:
             reply = await patiently(lambda: training.ForwardBackward(fb, metadata=md(team)))
             lps = [from_tensor(t, "logprobs").astype(np.float32) for t in reply.logprobs]
             return Result(proto=fb_output(lps, weights, dict(reply.metrics)).SerializeToString())
 
-        return {"request_id": await state.submit(team, work, failure, slug, wire.seq_id)}
+        return {"request_id": await state.submit(team, work, failure, rk(slug), wire.seq_id)}
 
     def forward(
         fb: training_pb2.ForwardBackwardRequest, weights: list[np.ndarray | None], team: str
@@ -353,7 +381,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
             reply = await patiently(lambda: training.OptimStep(step, metadata=md(team)))
             return Result({"metrics": {"step:max": float(reply.step)}, "type": "optim_step"})
 
-        return {"request_id": await state.submit(team, work, failure, slug, _seq(raw))}
+        return {"request_id": await state.submit(team, work, failure, rk(slug), _seq(raw))}
 
     @api.post("/save_weights_for_sampler")
     async def save_for_sampler(request: Request) -> dict[str, str]:
@@ -364,12 +392,12 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         name = raw.get("path")
         if name is not None and (not isinstance(name, str) or not name or "/" in name):
             raise InvalidArgument(f"path {name!r}: a name without '/'")
-        sampling_n = raw.get("sampling_session_seq_id")
+        sampling_n = counter(raw, "sampling_session_seq_id") if name is None else 0
 
         async def work() -> Result:
             head = gateway.store.head(slug)  # the weights the run's last optim_step made
             if name is not None:
-                await state.name(slug, f"sampler_weights/{name}", head)
+                await state.name(rk(slug), f"sampler_weights/{name}", head)
                 return Result({"path": f"tinker://{model_id}/sampler_weights/{name}"})
             session = str(model_id).split(":")[0]
             sid = f"{session}:sample:{sampling_n}"
@@ -377,13 +405,13 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
             await state.put_sampler(sid, SamplingSession(team, slug, head, base))
             return Result({"sampling_session_id": sid})
 
-        return {"request_id": await state.submit(team, work, failure, slug, _seq(raw))}
+        return {"request_id": await state.submit(team, work, failure, rk(slug), _seq(raw))}
 
     async def checkpoint_of(team: str, path: Any) -> tuple[str, str]:
         """(fork, checkpoint) a tinker:// path names; NotFound if not the team's."""
         model_id, kind, name = parse_path(path)
         slug = run_of(team, model_id)
-        checkpoint = await state.named(slug, f"{kind}/{name}")
+        checkpoint = await state.named(rk(slug), f"{kind}/{name}")
         if checkpoint is None:
             raise NotFound(f"no checkpoint {path!r}: save_state or save_weights_for_sampler")
         return slug, checkpoint
@@ -401,10 +429,10 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
             raise InvalidArgument(f"path {name!r}: a name without '/'")
 
         async def work() -> Result:
-            await state.name(slug, f"weights/{name}", gateway.store.head(slug))
+            await state.name(rk(slug), f"weights/{name}", gateway.store.head(slug))
             return Result({"path": f"tinker://{model_id}/weights/{name}", "type": "save_weights"})
 
-        return {"request_id": await state.submit(team, work, failure, slug, _seq(raw))}
+        return {"request_id": await state.submit(team, work, failure, rk(slug), _seq(raw))}
 
     @api.post("/load_weights")
     async def load_weights(request: Request) -> dict[str, str]:
@@ -430,11 +458,9 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
                 await patiently(lambda: models.SetHead(head, metadata=md(team)))
                 return Result({"path": raw["path"], "type": "load_weights"})
 
-            return {"request_id": await state.submit(team, move, failure, slug, _seq(raw))}
+            return {"request_id": await state.submit(team, move, failure, rk(slug), _seq(raw))}
         session = await session_of(team, raw)
-        n = raw.get("model_seq_id")
-        if not isinstance(n, int) or n < 0:
-            raise InvalidArgument("model_seq_id: a non-negative integer is required")
+        n = counter(raw, "model_seq_id")
         full = not gateway.model(source, team).lora
         fork = model_pb2.ForkModelRequest(
             source=source, name=run_slug(f"{session}:train:{n}"), checkpoint=checkpoint,
@@ -442,7 +468,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         )  # fmt: skip
 
         async def work() -> Result:
-            await patiently(lambda: models.ForkModel(fork, metadata=md(team)))
+            await forked(fork, team)
             return Result({"path": raw["path"], "type": "load_weights"})
 
         return {"request_id": await state.submit(team, work, failure)}
@@ -452,7 +478,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         team = team_of(request.headers)
         raw = await body(request)
         session = await session_of(team, raw)
-        sid = f"{session}:sample:{raw.get('sampling_session_seq_id')}"
+        sid = f"{session}:sample:{counter(raw, 'sampling_session_seq_id')}"
         path, base = raw.get("model_path"), raw.get("base_model")
         if path:
             slug, checkpoint = await checkpoint_of(team, path)
@@ -516,7 +542,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
             {"checkpoint_id": path,
              "checkpoint_type": "training" if path.startswith("weights/") else "sampler",
              "time": iso(v["time"]), "tinker_path": f"tinker://{rid}/{path}", "public": False}
-            for path, v in (await state.names(slug)).items()
+            for path, v in (await state.names(rk(slug))).items()
         ]  # fmt: skip
         return sorted(out, key=lambda c: c["time"])
 
@@ -557,7 +583,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
     async def delete_checkpoint(rid: str, path: str, request: Request) -> dict[str, Any]:
         """Forgets the name; the step's checkpoint stays in the fork's tree."""
         team = team_of(request.headers)
-        if not await state.forget(run_of(team, rid), path):
+        if not await state.forget(rk(run_of(team, rid)), path):
             raise NotFound(f"no checkpoint {path!r} in training run {rid!r}")
         return {}
 
@@ -593,9 +619,41 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
     return api
 
 
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def number(raw: dict[str, Any], key: str, kind: type, low: float, high: float) -> Any:
+    """raw[key] as an int or float in [low, high]; InvalidArgument naming it otherwise."""
+    value = raw[key]
+    ok = is_int(value) if kind is int else is_int(value) or isinstance(value, float)
+    if not ok or not low <= value <= high:
+        raise InvalidArgument(f"{key}: a number in [{low}, {high}], not {value!r}")
+    return kind(value)
+
+
+def mapping(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    """An object field (absent or null: empty)."""
+    value = raw.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{key}: an object is required, not {value!r}")
+    return value
+
+
+def counter(raw: dict[str, Any], key: str) -> int:
+    """A non-negative integer field the SDK counts with (model_seq_id, ...)."""
+    value = raw.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidArgument(f"{key}: a non-negative integer is required, not {value!r}")
+    return value
+
+
 def _seq(raw: dict[str, Any]) -> int:
+    """The operation's seq_id in the run (0: none)."""
     seq = raw.get("seq_id")
-    return seq if isinstance(seq, int) else -1
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else 0
 
 
 def loss_name(name: str) -> str:
@@ -613,31 +671,44 @@ def loss_config(wire: tinker_pb2.TinkerForwardBackwardRequest) -> dict[str, floa
     return out
 
 
-def tensor(t: tinker_pb2.TinkerTensor, where: str) -> np.ndarray:
-    """A TensorData's values (dense or CSR) as a numpy array of its shape."""
+def tensor(t: tinker_pb2.TinkerTensor, where: str, length: int) -> np.ndarray:
+    """A TensorData's values (dense or CSR) as a numpy array of its shape, which must hold
+    `length` elements (the datum's tokens: a sparse shape is never trusted further)."""
     dtype = DTYPES.get(t.dtype)
     if dtype is None:
         raise InvalidArgument(f"{where}: dtype {t.dtype} is not float32, int64 or int32")
     if t.WhichOneof("encoding") == "sparse_csr":
-        csr = t.sparse_csr
-        if len(t.shape) != 2:
-            raise InvalidArgument(f"{where}: a sparse tensor needs a 2-D shape")
-        values = np.frombuffer(csr.values, dtype)
-        crow = np.frombuffer(csr.crow_indices, np.int64)
-        col = np.frombuffer(csr.col_indices, np.int64)
-        out = np.zeros(tuple(t.shape), dtype)
-        if len(crow) != t.shape[0] + 1 or len(col) != len(values) or crow[-1] != len(values):
+        csr, shape = t.sparse_csr, tuple(t.shape)
+        if len(shape) != 2 or min(shape) < 0 or math.prod(shape) != length:
+            raise InvalidArgument(
+                f"{where}: a sparse tensor needs a 2-D shape of {length} elements, the "
+                f"datum's tokens, not {list(shape)}"
+            )
+        try:
+            values = np.frombuffer(csr.values, dtype)
+            crow = np.frombuffer(csr.crow_indices, np.int64)
+            col = np.frombuffer(csr.col_indices, np.int64)
+        except ValueError as e:
+            raise InvalidArgument(f"{where}: {e}") from None
+        sizes = np.diff(crow)
+        bad_rows = len(crow) != shape[0] + 1 or crow[0] != 0 or (sizes < 0).any()
+        bad_cols = len(col) != len(values) or ((col < 0) | (col >= shape[1])).any()
+        if bad_rows or bad_cols or crow[-1] != len(values):
             raise InvalidArgument(f"{where}: inconsistent sparse indices")
-        rows = np.repeat(np.arange(t.shape[0]), np.diff(crow))
-        out[rows, col] = values
+        out = np.zeros(shape, dtype)
+        out[np.repeat(np.arange(shape[0]), sizes), col] = values
         return out
     raw = t.dense
     if len(raw) % np.dtype(dtype).itemsize:
         raise InvalidArgument(f"{where}: {len(raw)} bytes is not a whole number of elements")
     values = np.frombuffer(raw, dtype)
     shape = tuple(t.shape) or (len(values),)
-    if math.prod(shape) != len(values):
+    if min(shape, default=0) < 0 or math.prod(shape) != len(values):
         raise InvalidArgument(f"{where}: shape {list(shape)} does not hold {len(values)} values")
+    if len(values) != length:
+        raise InvalidArgument(
+            f"{where}: {len(values)} values for {length} input tokens: give one per token"
+        )
     return values.reshape(shape)
 
 
@@ -663,7 +734,8 @@ def datums(data: Any) -> list[common_pb2.TrainingItem]:
         for key, value in inputs.items():
             if key not in names:
                 raise InvalidArgument(f"data[{i}].loss_fn_inputs[{key!r}] is not accepted")
-            array = tensor(value, f"data[{i}].loss_fn_inputs[{key!r}]").reshape(-1)
+            where = f"data[{i}].loss_fn_inputs[{key!r}]"
+            array = tensor(value, where, len(ids)).reshape(-1)
             kind = np.int64 if key == "target_tokens" else np.float32
             getattr(datum, names[key]).CopyFrom(to_tensor(array.astype(kind)))
         items.append(common_pb2.TrainingItem(datum=datum))
@@ -736,36 +808,48 @@ def sample_request(
 ) -> tuple[sampling_pb2.SampleRequest, int]:
     """Headway's SampleRequest for an asample body; (request, samples)."""
     n = raw.get("num_samples", 1)
-    if not isinstance(n, int) or n < 1:
-        raise InvalidArgument(f"num_samples: a positive integer, not {n!r}")
+    if not is_int(n) or not 1 <= n <= MAX_SAMPLES:
+        raise InvalidArgument(f"num_samples: an integer in [1, {MAX_SAMPLES}], not {n!r}")
     for unserved in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):
         if raw.get(unserved):
             raise InvalidArgument(f"{unserved}: not served by Headway yet; leave it 0")
     for unserved in ("target_prompt_logprobs", "prompt_logprobs_last_n"):
         if raw.get(unserved) is not None:
             raise InvalidArgument(f"{unserved}: not served by Headway yet; leave it unset")
+    chunks = mapping(raw, "prompt").get("chunks") or []
+    if not isinstance(chunks, list) or not all(isinstance(c, dict) for c in chunks):
+        raise InvalidArgument("prompt.chunks: a list of chunk objects is required")
     tokens: list[int] = []
-    for i, chunk in enumerate((raw.get("prompt") or {}).get("chunks") or []):
+    for i, chunk in enumerate(chunks):
         if chunk.get("type", "encoded_text") != "encoded_text":
             raise InvalidArgument(f"prompt.chunks[{i}]: only encoded text chunks are accepted")
-        tokens += chunk.get("tokens") or []
-    p = raw.get("sampling_params") or {}
-    params = common_pb2.SamplingParams(n=n, max_tokens=int(p.get("max_tokens") or 0))
+        ids = chunk.get("tokens") or []
+        if not isinstance(ids, list) or not all(is_int(t) and 0 <= t < 2**31 for t in ids):
+            raise InvalidArgument(f"prompt.chunks[{i}].tokens: a list of token ids")
+        tokens += ids
+    p = mapping(raw, "sampling_params")
+    params = common_pb2.SamplingParams(n=n)
+    if p.get("max_tokens") is not None:
+        params.max_tokens = number(p, "max_tokens", int, 0, 2**31 - 1)
     if p.get("temperature") is not None:
-        params.temperature = float(p["temperature"])
+        params.temperature = number(p, "temperature", float, 0.0, math.inf)
     if p.get("top_p") is not None:
-        params.top_p = float(p["top_p"])
-    top_k = p.get("top_k")
-    params.top_k = 0 if top_k in (None, -1) else int(top_k)
+        params.top_p = number(p, "top_p", float, 0.0, 1.0)
+    if p.get("top_k") not in (None, -1):  # -1: no limit, Headway's 0
+        params.top_k = number(p, "top_k", int, 0, 2**31 - 1)
     if p.get("seed") is not None:
-        params.seed = int(p["seed"])
+        params.seed = number(p, "seed", int, -(2**63), 2**63 - 1)
     stop = p.get("stop")
-    if isinstance(stop, str):
+    if stop == []:  # the SDK's "stop on nothing", not even the end-of-sequence token
+        params.ignore_eos = True
+    elif isinstance(stop, str):
         params.stop.append(stop)
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         params.stop.extend(stop)
-    elif isinstance(stop, list) and all(isinstance(s, int) for s in stop):
+    elif isinstance(stop, list) and all(is_int(s) and 0 <= s < 2**31 for s in stop):
         params.stop_token_ids.extend(stop)
+    elif stop is not None:
+        raise InvalidArgument("sampling_params.stop: a string, strings, or token ids")
     req = sampling_pb2.SampleRequest(
         model=target.slug, checkpoint=target.checkpoint, params=params,
         prompt_tokens=to_tensor(np.asarray(tokens, np.int32)),

@@ -6,8 +6,9 @@ process that took the first call:
 
     <prefix>tinker:session:<sid>             str   team; expires SESSION_SECONDS after the
                                                    session's last call or heartbeat
-    <prefix>tinker:sampler:<sid>             str   JSON SamplingSession; SESSION_SECONDS
-    <prefix>tinker:names:<slug>              hash  "<kind>/<name>" → {"checkpoint", "time"}:
+    <prefix>tinker:sampler:<team>:<sid>      str   JSON SamplingSession; SESSION_SECONDS
+                                                   (<team>: a digest of the team's name)
+    <prefix>tinker:names:<run>               hash  "<kind>/<name>" → {"checkpoint", "time"}:
                                                    what the tinker:// paths of a run name
     <prefix>tinker:op:<rid>                  str   team of a submitted future; KEEP_SECONDS
     <prefix>tinker:result:<rid>              str   its result: b"J" + JSON or b"P" + the
@@ -16,6 +17,10 @@ process that took the first call:
     <prefix>tinker:seq:<run>:<seq>           str   rid of a run's operation seq_id (a
                                                    retried submission gets the same future)
     <prefix>tinker:tail:<run>                str   rid of the run's last operation
+    <prefix>tinker:lease:<rid>               str   held (renewed) by the gateway running
+                                                   the future; LEASE_SECONDS
+
+<run> is a fork's slug and creation time (a slug deleted and taken again is a new run).
 
 A future runs as a task of the gateway that took its submission, after the run's previous
 operation has finished wherever it ran (its result in Redis): a run's operations apply in
@@ -27,6 +32,7 @@ torch.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import secrets
 import time
@@ -34,7 +40,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from headway.errors import NotFound
+from headway.errors import InvalidArgument, NotFound, Overloaded
 
 SESSION_SECONDS = 24 * 3600  # a session (and its sampling sessions) lives this long idle
 KEEP_SECONDS = 3600  # an operation's result waits this long for its retrieve
@@ -42,6 +48,12 @@ RETRIEVED_SECONDS = 60  # and this long after a retrieve (for a retry of a lost 
 NAME_SECONDS = 30 * 24 * 3600  # a named checkpoint path resolves this long
 POLL_SECONDS = 20.0  # a retrieve_future holds this long (the SDK gives up at 45 s)
 REMOTE_POLL_SECONDS = 0.05  # how often a result computed elsewhere is looked for
+LEASE_SECONDS = 30  # a future whose gateway stopped renewing this long is given up
+MAX_RESULT_BYTES = 64 * 1024 * 1024  # a bigger result is an error (fewer datums per call)
+
+
+class ResultTooLarge(InvalidArgument):
+    """A future's result over MAX_RESULT_BYTES (the caller sends smaller calls)."""
 
 
 @dataclass
@@ -78,9 +90,11 @@ class Result:
 class TinkerState:
     """Sessions, sampling sessions, names and futures of the Tinker API (see the module)."""
 
-    def __init__(self, redis: Any, prefix: str) -> None:
+    def __init__(self, redis: Any, prefix: str, max_pending: int) -> None:
         self.redis, self.prefix = redis, f"{prefix}tinker:"
+        self.max_pending = max_pending  # per team, on this gateway
         self.local: dict[str, asyncio.Task] = {}  # futures running in this process
+        self.local_teams: dict[str, str] = {}  # their teams
 
     # ---------------------------------------------------------------- sessions
     async def create_session(self, team: str) -> str:
@@ -96,13 +110,17 @@ class TinkerState:
             await self.redis.expire(key, SESSION_SECONDS)
         return team.decode() if team is not None else None
 
+    def _sampler_key(self, sid: str, team: str) -> str:
+        # The team in the key: no other team's call can reach (or overwrite) the session.
+        return f"{self.prefix}sampler:{hashlib.sha256(team.encode()).hexdigest()[:32]}:{sid}"
+
     async def put_sampler(self, sid: str, target: SamplingSession) -> None:
-        key = f"{self.prefix}sampler:{sid}"
+        key = self._sampler_key(sid, target.team)
         await self.redis.set(key, json.dumps(asdict(target)), ex=SESSION_SECONDS)
 
     async def sampler(self, sid: str, team: str) -> SamplingSession:
         """The team's sampling session `sid`; NotFound for an unknown or another team's."""
-        raw = await self.redis.get(f"{self.prefix}sampler:{sid}")
+        raw = await self.redis.get(self._sampler_key(sid, team))
         target = SamplingSession(**json.loads(raw)) if raw is not None else None
         if target is None or target.team != team:
             raise NotFound(f"no sampling session {sid!r}")
@@ -129,52 +147,93 @@ class TinkerState:
         return bool(await self.redis.hdel(f"{self.prefix}names:{slug}", path))
 
     # ----------------------------------------------------------------- futures
+    def pending(self, team: str) -> int:
+        """The team's futures this gateway is running or queueing."""
+        return sum(1 for t in self.local_teams.values() if t == team)
+
     async def submit(
         self,
         team: str,
         work: Callable[[], Awaitable[Result]],
         failure: Callable[[BaseException], Result],
         run: str = "",
-        seq: int = -1,
+        seq: int = 0,
     ) -> str:
         """Start `work` as a future, after the run's previous operation; its request id. A
-        resubmission of a run's seq_id gets the first one's id and runs nothing."""
+        resubmission of a run's seq_id (> 0: the SDK counts from 1, and 0 is an unset
+        field) gets the first one's id and runs nothing. Overloaded (429, which the SDK
+        retries) while the team has `max_pending` futures here: one team's queue cannot
+        hold the gateway's memory for everyone."""
+        if self.pending(team) >= self.max_pending:
+            raise Overloaded(
+                f"{self.max_pending} operations of this team are pending on this gateway; "
+                "wait for their results", retry_after_ms=1000
+            )  # fmt: skip
         rid = secrets.token_hex(12)
-        if run and seq >= 0:
+        await self.redis.set(f"{self.prefix}lease:{rid}", "1", ex=LEASE_SECONDS)
+        await self.redis.set(f"{self.prefix}op:{rid}", team, ex=KEEP_SECONDS)
+        if run and seq > 0:
             key = f"{self.prefix}seq:{run}:{seq}"  # SET NX, then GET: Redis 6.2 has no NX GET
             if not await self.redis.set(key, rid, nx=True, ex=KEEP_SECONDS):
                 first = await self.redis.get(key)
                 if first is not None:
+                    await self.redis.delete(f"{self.prefix}op:{rid}", f"{self.prefix}lease:{rid}")
                     return first.decode()
-        await self.redis.set(f"{self.prefix}op:{rid}", team, ex=KEEP_SECONDS)
         before = None
         if run:
             tail = f"{self.prefix}tail:{run}"
             before = await self.redis.set(tail, rid, get=True, ex=KEEP_SECONDS)
 
         async def ordered() -> None:
-            if before is not None:
-                await self._finished(before.decode())
+            lease = asyncio.get_running_loop().create_task(self._hold(rid))
             try:
-                result = await work()
-            except Exception as e:  # the future's answer, not the gateway's crash
-                result = failure(e)
-            await self.redis.set(f"{self.prefix}result:{rid}", result.encode(), ex=KEEP_SECONDS)
+                if before is not None:
+                    await self._finished(before.decode())
+                await self.redis.expire(f"{self.prefix}op:{rid}", KEEP_SECONDS)  # it starts now
+                try:
+                    result = await work()
+                except Exception as e:  # the future's answer, not the gateway's crash
+                    result = failure(e)
+                encoded = result.encode()
+                if len(encoded) > MAX_RESULT_BYTES:
+                    encoded = failure(ResultTooLarge(
+                        f"the result is {len(encoded)} bytes, over the limit of "
+                        f"{MAX_RESULT_BYTES}: send fewer datums per call")).encode()  # fmt: skip
+                await self.redis.set(f"{self.prefix}result:{rid}", encoded, ex=KEEP_SECONDS)
+            finally:
+                lease.cancel()
+                await asyncio.gather(lease, return_exceptions=True)
 
         task = asyncio.get_running_loop().create_task(ordered())
-        self.local[rid] = task
-        task.add_done_callback(lambda _: self.local.pop(rid, None))
+        self.local[rid], self.local_teams[rid] = task, team
+        task.add_done_callback(lambda _: self._forget_local(rid))
         return rid
 
+    def _forget_local(self, rid: str) -> None:
+        self.local.pop(rid, None)
+        self.local_teams.pop(rid, None)
+
+    async def _hold(self, rid: str) -> None:
+        """Keep the future's lease while this gateway works on it: when the gateway dies,
+        the lease lapses and whoever waits on the future gives it up (`_finished`)."""
+        while True:
+            await asyncio.sleep(LEASE_SECONDS / 3)
+            await self.redis.set(f"{self.prefix}lease:{rid}", "1", ex=LEASE_SECONDS)
+
     async def _finished(self, rid: str) -> None:
-        """Wait until future `rid` has its result (or no longer exists)."""
+        """Wait until future `rid` has its result, no longer exists, or lost the gateway
+        that ran it (its lease lapsed: the result says so, for every poller)."""
         task = self.local.get(rid)
         if task is not None:
             await asyncio.wait([task])
             return
-        while await self.redis.exists(f"{self.prefix}op:{rid}") and not await self.redis.exists(
-            f"{self.prefix}result:{rid}"
-        ):
+        op, result = f"{self.prefix}op:{rid}", f"{self.prefix}result:{rid}"
+        while await self.redis.exists(op) and not await self.redis.exists(result):
+            if not await self.redis.exists(f"{self.prefix}lease:{rid}"):
+                lost = Result({"error": "the gateway running this operation stopped before "
+                               "it finished; submit it again", "category": "server"})  # fmt: skip
+                await self.redis.set(result, lost.encode(), nx=True, ex=KEEP_SECONDS)
+                return
             await asyncio.sleep(REMOTE_POLL_SECONDS)
 
     async def retrieve(self, rid: str, team: str) -> Result | None:

@@ -383,3 +383,50 @@ def test_base_model_sampling_and_compute_logprobs(gateway_stack, service):
         max_tokens=3, temperature=0.0), include_prompt_logprobs=True).result()  # fmt: skip
     assert len(out.sequences[0].tokens) <= 3
     np.testing.assert_allclose(np.array(out.prompt_logprobs[1:], np.float32), want, atol=1e-4)
+
+
+def test_bad_wire_input_is_a_400_naming_the_field(gateway_stack, service):
+    """What the SDK would never send but a hand-written client might: a 400 that names the
+    field, nothing started (the run's next operation still runs)."""
+    import httpx
+
+    from headway.v1 import tinker_pb2
+
+    tc = service.create_lora_training_client(base_model="tiny", rank=4).result()
+    url = gateway_stack.gateway.http_url.removesuffix("/v1") + "/api/v1"
+    key = {"X-API-Key": "tml-local"}
+
+    def fb_body(shape: list[int]) -> bytes:
+        wire = tinker_pb2.TinkerForwardBackwardRequest(
+            model_id=tc.model_id, seq_id=50, loss_fn="cross_entropy"
+        )
+        d = wire.data.add()
+        d.model_input.add().encoded_text.tokens = np.array([3, 4], np.int32).tobytes()
+        target = d.loss_fn_inputs["target_tokens"]
+        target.dtype = tinker_pb2.TINKER_DTYPE_INT64
+        target.sparse_csr.values = np.array([4, 5], np.int64).tobytes()
+        target.sparse_csr.crow_indices = np.array([0, 2], np.int64).tobytes()
+        target.sparse_csr.col_indices = np.array([0, 1], np.int64).tobytes()
+        target.shape.extend(shape)
+        return wire.SerializeToString()  # fmt: skip
+
+    huge = httpx.post(f"{url}/forward_backward", content=fb_body([1, 2**31]),
+                      headers={**key, "Content-Type": "application/x-protobuf"})  # fmt: skip
+    assert huge.status_code == 400 and "2-D shape of 2 elements" in huge.text
+    cases = [
+        ("get_info", {"model_id": "tiny"}, "is a base, not a training run"),
+        ("create_model", {"session_id": "nope", "model_seq_id": 0, "base_model": "tiny"},
+         "no session"),
+    ]  # fmt: skip
+    for route, body, message in cases:
+        reply = httpx.post(f"{url}/{route}", json=body, headers=key)
+        assert reply.status_code in (400, 404) and message in reply.text, (route, reply.text)
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    sid, prompt = sampler._sampling_session_id, {"chunks": [{"tokens": [3, 4]}]}
+    for bad, field in (({"num_samples": 10**9}, "num_samples"),
+                       ({"sampling_params": {"top_p": "x"}}, "top_p"),
+                       ({"prompt": {"chunks": [{"tokens": [-1]}]}}, "tokens")):  # fmt: skip
+        body = {"sampling_session_id": sid, "num_samples": 1, "prompt": prompt, **bad}
+        reply = httpx.post(f"{url}/asample", json=body, headers=key)
+        assert reply.status_code == 400 and field in reply.text, reply.text
+    assert "loss:sum" in tc.forward_backward([datum([3, 4, 5])], "cross_entropy").result().metrics
