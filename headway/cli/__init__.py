@@ -43,7 +43,8 @@ def _keys_create(args: argparse.Namespace) -> int:
     print(key)
     role = "admin key" if args.admin else "API key"
     print(
-        f"{role} for team {args.team!r} (shown once: only its hash is kept in {args.store})",
+        f"{role} for team {args.team!r} (shown once: only its hash is kept in {args.store}); "
+        "the Tinker SDK takes it as TINKER_API_KEY=tml-<key>",
         file=sys.stderr,
     )
     return 0
