@@ -25,7 +25,6 @@ forward_backward body as the protobuf of `headway/v1/tinker.proto`. No torch her
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import re
@@ -42,6 +41,7 @@ from fastapi.responses import JSONResponse, Response
 from google.protobuf.message import DecodeError
 
 from gateway.core import Gateway
+from gateway.http_params import parse_body
 from gateway.tinker_state import Result, SamplingSession, TinkerState
 from headway.errors import (
     HeadwayError,
@@ -170,14 +170,10 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         return gateway.backend_md(Caller(team))
 
     async def body(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        try:
-            out = json.loads(raw or b"{}")
-        except ValueError as e:
-            raise InvalidArgument(f"the body is not JSON: {e}") from None
-        if not isinstance(out, dict):
-            raise InvalidArgument("the body must be a JSON object")
-        return out
+        """The JSON object of a request (400 for anything else, NaN and deep nesting
+        included), parsed on a worker thread as the OpenAI API's are."""
+        team = team_of(request.headers)
+        return await gateway.workers.run(team, parse_body, (await request.body()) or b"{}")
 
     def run_of(team: str, model_id: Any) -> str:
         """The team's fork a training run id names; NotFound for another team's, and a
@@ -289,7 +285,10 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
             if e.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
             made = gateway.store.get_model(fork.name)
-            if made.team != team or made.source != fork.source:
+            full = fork.WhichOneof("mode") == "full" and fork.full
+            rank = fork.lora.rank if fork.WhichOneof("mode") == "lora" else None
+            if (made.team != team or made.source != fork.source or bool(made.lora) == full
+                    or (rank is not None and (made.lora or {}).get("rank") != rank)):  # fmt: skip
                 raise
 
     @api.post("/get_info")
@@ -394,10 +393,12 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
             raise InvalidArgument(f"path {name!r}: a name without '/'")
         sampling_n = counter(raw, "sampling_session_seq_id") if name is None else 0
 
+        run = rk(slug)
+
         async def work() -> Result:
             head = gateway.store.head(slug)  # the weights the run's last optim_step made
             if name is not None:
-                await state.name(rk(slug), f"sampler_weights/{name}", head)
+                await state.name(run, f"sampler_weights/{name}", head)
                 return Result({"path": f"tinker://{model_id}/sampler_weights/{name}"})
             session = str(model_id).split(":")[0]
             sid = f"{session}:sample:{sampling_n}"
@@ -405,7 +406,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
             await state.put_sampler(sid, SamplingSession(team, slug, head, base))
             return Result({"sampling_session_id": sid})
 
-        return {"request_id": await state.submit(team, work, failure, rk(slug), _seq(raw))}
+        return {"request_id": await state.submit(team, work, failure, run, _seq(raw))}
 
     async def checkpoint_of(team: str, path: Any) -> tuple[str, str]:
         """(fork, checkpoint) a tinker:// path names; NotFound if not the team's."""
@@ -428,11 +429,13 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         if not isinstance(name, str) or not name or "/" in name:
             raise InvalidArgument(f"path {name!r}: a name without '/'")
 
+        run = rk(slug)
+
         async def work() -> Result:
-            await state.name(rk(slug), f"weights/{name}", gateway.store.head(slug))
+            await state.name(run, f"weights/{name}", gateway.store.head(slug))
             return Result({"path": f"tinker://{model_id}/weights/{name}", "type": "save_weights"})
 
-        return {"request_id": await state.submit(team, work, failure, rk(slug), _seq(raw))}
+        return {"request_id": await state.submit(team, work, failure, run, _seq(raw))}
 
     @api.post("/load_weights")
     async def load_weights(request: Request) -> dict[str, str]:
@@ -624,11 +627,16 @@ def is_int(value: Any) -> bool:
 
 
 def number(raw: dict[str, Any], key: str, kind: type, low: float, high: float) -> Any:
-    """raw[key] as an int or float in [low, high]; InvalidArgument naming it otherwise."""
+    """raw[key] as a finite int or float in [low, high]; InvalidArgument naming it
+    otherwise (bools, strings, huge integers and NaN included)."""
     value = raw[key]
     ok = is_int(value) if kind is int else is_int(value) or isinstance(value, float)
-    if not ok or not low <= value <= high:
-        raise InvalidArgument(f"{key}: a number in [{low}, {high}], not {value!r}")
+    try:
+        ok = ok and math.isfinite(float(value)) and low <= value <= high
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise InvalidArgument(f"{key}: a number in [{low}, {high}], not {str(value)[:40]}")
     return kind(value)
 
 
@@ -794,12 +802,8 @@ def adam_params(raw: Any) -> common_pb2.AdamParams:
         raise InvalidArgument("adam_params: an object with learning_rate is required")
     out = common_pb2.AdamParams()
     for key in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
-        value = raw.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, int | float):
-            raise InvalidArgument(f"adam_params.{key}: a number, not {value!r}")
-        setattr(out, key, float(value))
+        if raw.get(key) is not None:  # the trainer checks each one's range
+            setattr(out, key, number(raw, key, float, -1e30, 1e30))
     return out
 
 
@@ -832,7 +836,7 @@ def sample_request(
     if p.get("max_tokens") is not None:
         params.max_tokens = number(p, "max_tokens", int, 0, 2**31 - 1)
     if p.get("temperature") is not None:
-        params.temperature = number(p, "temperature", float, 0.0, math.inf)
+        params.temperature = number(p, "temperature", float, 0.0, 1e6)
     if p.get("top_p") is not None:
         params.top_p = number(p, "top_p", float, 0.0, 1.0)
     if p.get("top_k") not in (None, -1):  # -1: no limit, Headway's 0

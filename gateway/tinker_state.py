@@ -32,8 +32,10 @@ torch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -41,6 +43,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from headway.errors import InvalidArgument, NotFound, Overloaded
+
+log = logging.getLogger(__name__)
 
 SESSION_SECONDS = 24 * 3600  # a session (and its sampling sessions) lives this long idle
 KEEP_SECONDS = 3600  # an operation's result waits this long for its retrieve
@@ -164,33 +168,42 @@ class TinkerState:
         field) gets the first one's id and runs nothing. Overloaded (429, which the SDK
         retries) while the team has `max_pending` futures here: one team's queue cannot
         hold the gateway's memory for everyone."""
-        if self.pending(team) >= self.max_pending:
+        if self.max_pending and self.pending(team) >= self.max_pending:  # 0: no limit
             raise Overloaded(
                 f"{self.max_pending} operations of this team are pending on this gateway; "
                 "wait for their results", retry_after_ms=1000
             )  # fmt: skip
         rid = secrets.token_hex(12)
-        await self.redis.set(f"{self.prefix}lease:{rid}", "1", ex=LEASE_SECONDS)
-        await self.redis.set(f"{self.prefix}op:{rid}", team, ex=KEEP_SECONDS)
-        if run and seq > 0:
-            key = f"{self.prefix}seq:{run}:{seq}"  # SET NX, then GET: Redis 6.2 has no NX GET
-            if not await self.redis.set(key, rid, nx=True, ex=KEEP_SECONDS):
-                first = await self.redis.get(key)
-                if first is not None:
-                    await self.redis.delete(f"{self.prefix}op:{rid}", f"{self.prefix}lease:{rid}")
-                    return first.decode()
-        before = None
-        if run:
-            tail = f"{self.prefix}tail:{run}"
-            before = await self.redis.set(tail, rid, get=True, ex=KEEP_SECONDS)
+        self.local_teams[rid] = team  # counted from now: concurrent submits see it
+        keys = [f"{self.prefix}lease:{rid}", f"{self.prefix}op:{rid}"]
+        try:
+            await self.redis.set(keys[0], "1", ex=LEASE_SECONDS)
+            await self.redis.set(keys[1], team, ex=KEEP_SECONDS)
+            if run and seq > 0:
+                key = f"{self.prefix}seq:{run}:{seq}"  # SET NX, then GET: 6.2 has no NX GET
+                if not await self.redis.set(key, rid, nx=True, ex=KEEP_SECONDS):
+                    first = await self.redis.get(key)
+                    if first is not None:
+                        await self.redis.delete(*keys)
+                        self.local_teams.pop(rid, None)
+                        return first.decode()
+                keys.append(key)
+            before = None
+            if run:
+                tail = f"{self.prefix}tail:{run}"
+                before = await self.redis.set(tail, rid, get=True, ex=KEEP_SECONDS)
+        except BaseException:
+            self.local_teams.pop(rid, None)
+            with contextlib.suppress(Exception):  # a retry must not find a future that is not
+                await self.redis.delete(*keys)
+            raise
 
         async def ordered() -> None:
             lease = asyncio.get_running_loop().create_task(self._hold(rid))
             try:
-                if before is not None:
-                    await self._finished(before.decode())
-                await self.redis.expire(f"{self.prefix}op:{rid}", KEEP_SECONDS)  # it starts now
                 try:
+                    if before is not None:
+                        await self._finished(before.decode())
                     result = await work()
                 except Exception as e:  # the future's answer, not the gateway's crash
                     result = failure(e)
@@ -199,26 +212,42 @@ class TinkerState:
                     encoded = failure(ResultTooLarge(
                         f"the result is {len(encoded)} bytes, over the limit of "
                         f"{MAX_RESULT_BYTES}: send fewer datums per call")).encode()  # fmt: skip
-                await self.redis.set(f"{self.prefix}result:{rid}", encoded, ex=KEEP_SECONDS)
+                await self._keep(rid, encoded)
             finally:
                 lease.cancel()
                 await asyncio.gather(lease, return_exceptions=True)
 
         task = asyncio.get_running_loop().create_task(ordered())
-        self.local[rid], self.local_teams[rid] = task, team
+        self.local[rid] = task
         task.add_done_callback(lambda _: self._forget_local(rid))
         return rid
+
+    async def _keep(self, rid: str, encoded: bytes) -> None:
+        """Store a result, retrying Redis a few times: the work is done (an optim_step
+        applied), so losing its answer is the last thing to do."""
+        for attempt in range(5):
+            try:
+                await self.redis.set(f"{self.prefix}result:{rid}", encoded, ex=KEEP_SECONDS)
+                return
+            except Exception:
+                log.warning("tinker future %s: storing its result failed", rid, exc_info=True)
+                await asyncio.sleep(0.2 * 2**attempt)
 
     def _forget_local(self, rid: str) -> None:
         self.local.pop(rid, None)
         self.local_teams.pop(rid, None)
 
     async def _hold(self, rid: str) -> None:
-        """Keep the future's lease while this gateway works on it: when the gateway dies,
-        the lease lapses and whoever waits on the future gives it up (`_finished`)."""
+        """While this gateway has the future (queued or running): renew its lease (when
+        the gateway dies, the lease lapses and whoever waits on the future gives it up,
+        `_finished`) and its op key (a long queue must not expire it)."""
         while True:
             await asyncio.sleep(LEASE_SECONDS / 3)
-            await self.redis.set(f"{self.prefix}lease:{rid}", "1", ex=LEASE_SECONDS)
+            try:
+                await self.redis.set(f"{self.prefix}lease:{rid}", "1", ex=LEASE_SECONDS)
+                await self.redis.expire(f"{self.prefix}op:{rid}", KEEP_SECONDS)
+            except Exception:  # Redis away for a moment: the next tick tries again
+                log.warning("tinker future %s: renewing its lease failed", rid, exc_info=True)
 
     async def _finished(self, rid: str) -> None:
         """Wait until future `rid` has its result, no longer exists, or lost the gateway
@@ -249,6 +278,9 @@ class TinkerState:
         key = f"{self.prefix}result:{rid}"
         raw = await self.redis.get(key)
         if raw is None:
+            if rid in self.local_teams or await self.redis.exists(f"{self.prefix}op:{rid}"):
+                return Result({"error": "the operation's result could not be stored (Redis "
+                               "failed); check the run's state", "category": "server"})  # fmt: skip
             raise NotFound(f"future {rid!r} expired")
         await self.redis.expire(key, RETRIEVED_SECONDS)
         await self.redis.expire(f"{self.prefix}op:{rid}", RETRIEVED_SECONDS)

@@ -191,7 +191,10 @@ def test_a_session_and_its_futures_are_answered_by_any_gateway(gateway_stack):
     from tests.stack import GatewayNode
 
     stack = gateway_stack
-    other = GatewayNode(stack.config.store, stack.prefix, stack.server.address)
+    # The second gateway also runs with no per-team cap (0), which must not mean "none".
+    other = GatewayNode(
+        stack.config.store, stack.prefix, stack.server.address, max_calls_per_team=0
+    )
     try:
         one, two = (g.http_url.removesuffix("/v1") + "/api/v1" for g in (stack.gateway, other))
         key = {"X-API-Key": "tml-local"}
@@ -425,8 +428,16 @@ def test_bad_wire_input_is_a_400_naming_the_field(gateway_stack, service):
     sid, prompt = sampler._sampling_session_id, {"chunks": [{"tokens": [3, 4]}]}
     for bad, field in (({"num_samples": 10**9}, "num_samples"),
                        ({"sampling_params": {"top_p": "x"}}, "top_p"),
+                       ({"sampling_params": {"temperature": 10**400}}, "temperature"),
                        ({"prompt": {"chunks": [{"tokens": [-1]}]}}, "tokens")):  # fmt: skip
         body = {"sampling_session_id": sid, "num_samples": 1, "prompt": prompt, **bad}
         reply = httpx.post(f"{url}/asample", json=body, headers=key)
         assert reply.status_code == 400 and field in reply.text, reply.text
+    for adam in ({"learning_rate": True}, {"learning_rate": 10**400}):
+        step = {"model_id": tc.model_id, "seq_id": 60, "adam_params": adam}
+        reply = httpx.post(f"{url}/optim_step", json=step, headers=key)
+        assert reply.status_code == 400 and "learning_rate" in reply.text, reply.text
+    json_type = {**key, "Content-Type": "application/json"}
+    nested = httpx.post(f"{url}/get_info", content=b"[" * 100_000, headers=json_type)
+    assert nested.status_code == 400, nested.text
     assert "loss:sum" in tc.forward_backward([datum([3, 4, 5])], "cross_entropy").result().metrics
