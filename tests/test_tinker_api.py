@@ -22,7 +22,7 @@ def service(gateway_stack, monkeypatch):
     base_url = gateway_stack.gateway.http_url.removesuffix("/v1")
     client = tinker.ServiceClient(base_url=base_url, api_key="tml-local")
     yield client
-    client.close("success")
+    client.close("success").result()
 
 
 def datum(tokens: list[int]) -> types.Datum:
@@ -134,8 +134,8 @@ def test_one_teams_runs_and_futures_are_not_found_to_another(secured_stack, monk
         assert post(blue_key, "retrieve_future", {"request_id": mine}).status_code == 404
         assert post("hw_not-a-key", "create_session", {}).status_code == 401
     finally:
-        red.close("success")
-        blue.close("success")
+        red.close("success").result()
+        blue.close("success").result()
 
 
 def test_custom_loss_gives_the_builtin_losss_weights(gateway_stack, service):
@@ -328,7 +328,7 @@ def test_an_operation_waits_out_a_trainer_that_is_down(tmp_path, tiny_base, monk
         tc = future.result()
         assert tc.get_info().model_data.model_name == "tiny"
     finally:
-        service.close("success")
+        service.close("success").result()
         gateway.stop()
         if later is not None:
             later.stop()

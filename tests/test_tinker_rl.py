@@ -73,7 +73,7 @@ def test_rl_loop_shape_raises_the_reward(gateway_stack, tiny_arith, monkeypatch)
             opt.result()
             sampler = tc.save_weights_and_get_sampling_client()
     finally:
-        service.close("success")
+        service.close("success").result()
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     print(f"rewards {' '.join(f'{r:.3f}' for r in rewards)}; {first:.3f} → {last:.3f}")
     assert last > first, f"mean reward {first:.3f} → {last:.3f} ({rewards})"
