@@ -30,6 +30,7 @@ from headway.server.flags import (
     build_config,
     setup_logging,
 )
+from sampler_svc.compiled import MODES
 from sampler_svc.config import SamplerConfig
 from sampler_svc.server import serve
 
@@ -57,6 +58,10 @@ FLAGS = (
         "engine weights and compute: fp32 or bf16 (logprobs in fp32 either way); '' = bf16 "
         "on a GPU, fp32 on a CPU",
     ),
+    Flag(
+        "compile",
+        "decode steps compiled: auto (where measured faster), on or off",
+    ),
     Flag("max_stop_strings", "stop strings per request"),
     Flag("max_stop_string_chars", "characters per stop string"),
     Flag("max_prompt_text_chars", "characters of a prompt_text, refused before tokenizing"),
@@ -78,6 +83,8 @@ def main() -> None:
         config = build_config(SamplerConfig, args, FLAGS)
         # The device must exist and the dtype be known before anything is loaded.
         config.device, config.dtype = settle(config.device, config.dtype)
+        if config.compile not in MODES:
+            raise ValueError(f"--compile {config.compile!r}: choose among {', '.join(MODES)}")
     except ValueError as e:  # UnsafeConfig is one
         p.error(str(e))
     try:

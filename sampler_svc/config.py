@@ -49,6 +49,10 @@ class SamplerConfig:
     # back to fp32, logged, on a CPU without them). Logprobs are computed in fp32 either way.
     # "" = by device: bf16 on a GPU, fp32 on a CPU.
     dtype: str = ""
+    # Decode steps as one compiled graph (sampler_svc.compiled): "auto" = for the row counts
+    # where it measures faster than eager on this machine (tens of seconds of compiling at
+    # the first start, cached on disk), "on" = always, "off" = never. CPU only.
+    compile: str = "auto"
     # torch CPU threads of the process, set when it starts serving (`serve`); 0 = torch's
     # default, one per core. Processes sharing a machine should split its cores.
     threads: int = 0

@@ -13,7 +13,9 @@ every projection, the vocabulary's included, in the layout measured fastest on t
 machine for its shape and row count (`sampler_svc.kernels`, chosen when the engine is
 built, cached on disk), with q/k/v and gate/up fused into one matmul each
 (`multilora.fuse_projections`); the model's own F.linear path, the trainer's, serves prompt
-logprobs and ComputeLogprobs (`score`, a piece at a time). What a step does besides the
+logprobs and ComputeLogprobs (`score`, a piece at a time). Where it measures faster, a
+decode step of rows without adapters runs its layers as one compiled graph instead
+(`sampler_svc.compiled`). What a step does besides the
 matmuls is kept per step, not per row: the rows' positions, last tokens, adapter slots and
 draw settings are tensors or lists rebuilt only when the set of rows changes.
 """
@@ -28,7 +30,14 @@ import torch
 
 from headway.modeling import KVCache, Transformer, token_logprobs
 from headway.modeling.placement import host_lists
-from sampler_svc.kernels import KernelChoice, PackedWeights, cuda_layout, packing_available
+from sampler_svc import compiled
+from sampler_svc.kernels import (
+    KernelChoice,
+    PackedWeights,
+    bucket_of,
+    cuda_layout,
+    packing_available,
+)
 from sampler_svc.multilora import NO_ADAPTER, AdapterBank, fuse_projections
 from sampler_svc.sampling import DrawParams, DrawPlan, draw_planned
 
@@ -81,15 +90,18 @@ class Engine:
         max_seq_len: int,
         *,
         layout: str | None = None,
+        compile: str = "off",
     ) -> None:
         """`layout`: one of `kernels.LAYOUTS` for every few-row matmul, SDPA for attention
-        (None: both measured)."""
+        (None: both measured). `compile`: whether decode steps run compiled, one of
+        `compiled.MODES` ("auto": where measured faster)."""
         if bank is None:  # no adapter slots: still the bank's fused, measured projections
             bank = AdapterBank(model, slots=0, max_rank=1)
         self.model, self.bank = model, bank
         self.device = next(model.parameters()).device  # every step's tensors are made there
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
-        self.caches: list[KVCache] = model.new_caches(max_batch, max_seq_len)
+        # 8 spare positions: a window never spans a whole cache (compiled.py's graphs).
+        self.caches: list[KVCache] = model.new_caches(max_batch, max_seq_len, spare=8)
         self.rows: list[Row] = []
         self.mixed_steps = 0  # steps that decoded rows of different adapters together
         self.tokens = 0  # tokens drawn (each admission's first ones and every step's)
@@ -97,17 +109,31 @@ class Engine:
         # oneDNN-blocked copies of the weights whose shapes measure fastest that way.
         dtype = next(model.parameters()).dtype
         self.packed = PackedWeights() if packing_available(self.device, dtype) else None
+        shapes = fuse_projections(model, bank)
         self.kernels = KernelChoice(
-            fuse_projections(model, bank),
+            shapes,
             max(max_batch, 32),
             force=layout or cuda_layout(self.device),
             heads=(c.num_attention_heads, c.num_key_value_heads, c.head_dim),
             length=min(2 * WINDOW, max_seq_len),
             packed=self.packed,
         )
-        self._windows: dict[tuple[int, int], list[KVCache]] = {}
+        self._windows: dict[tuple[int, int, bool], list[KVCache]] = {}
         # Per set of rows (None = stale): their slots, draw plan, whether slots differ.
         self._plan: tuple[list[int], DrawPlan, bool] | None = None
+        self._graph_layouts = compiled.graph_layouts(list(shapes))
+        # Last: it times the decode forward, which needs the layouts and the caches.
+        self.compiler = compiled.DecodeCompiler(
+            model,
+            compile,
+            [b for b in self.kernels.buckets if b <= bucket_of(max_batch)],
+            eager=lambda ids, positions, caches: self._forward_few(ids, positions, caches=caches),
+            compiled=self._decode_compiled,
+            caches=self._probe_caches,
+            # A window shorter than the cache: one as long would share its size's symbol
+            # with the cache's length, and the graph would not serve shorter windows.
+            length=min(WINDOW, max_seq_len),
+        )
 
     def weights_changed(self) -> None:
         """The model's weights were copied anew in place (a full reload into this idle
@@ -149,6 +175,16 @@ class Engine:
         finally:
             self.bank.kernels = None
 
+    def _decode_compiled(
+        self, ids: torch.Tensor, positions: torch.Tensor, caches: list[KVCache]
+    ) -> torch.Tensor:
+        """Final hidden states of a decode step of rows without adapters, compiled."""
+        self.bank.kernels = self._graph_layouts
+        try:
+            return compiled.decode(self.model, ids, positions, caches)
+        finally:
+            self.bank.kernels = None
+
     def _vocab(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits `[N, V]` of hidden states `[N, hidden]` (few rows)."""
         weight = self.model.lm_head.weight
@@ -156,15 +192,29 @@ class Engine:
         fn = table.get(tuple(weight.shape)) if table is not None else None
         return fn(hidden, weight, None) if fn is not None else hidden @ weight.T
 
-    def _window(self, batch: int, length: int) -> list[KVCache]:
-        """Views of the caches' first rows and positions (made once per shape)."""
-        key = (batch, length)
+    def _window(self, batch: int, length: int, graph: bool = False) -> list[KVCache]:
+        """Views of the caches' first rows and positions (made once per shape). `graph`:
+        for the compiled decode, which attends with SDPA at every row count (one graph)."""
+        key = (batch, length, graph)
         views = self._windows.get(key)
         if views is None:
             views = self._windows[key] = [c.window(batch, length) for c in self.caches]
-            for view in views:
-                view.decode_attention = self.kernels.attend(batch)
+            self._attending(views, batch, graph)
         return views
+
+    def _attending(self, caches: list[KVCache], batch: int, graph: bool) -> list[KVCache]:
+        for cache in caches:
+            cache.decode_attention = None if graph else self.kernels.attend(batch)
+        return caches
+
+    def _probe_caches(self, batch: int, length: int, graph: bool) -> list[KVCache]:
+        """Caches for measuring decode forwards of `batch` rows at position `length` - 1
+        before the engine has rows: its own windows (what the graphs will see) when they
+        are all KV caches, which such a forward only writes at that one position; new ones
+        where a layer keeps a recurrent state, which every forward moves."""
+        if all(type(c) is KVCache for c in self.caches):
+            return self._window(batch, length, graph)
+        return self._attending(self.model.new_caches(batch, length), batch, graph)
 
     @torch.inference_mode()
     def admit(self, job: GenerationJob) -> None:
@@ -226,7 +276,10 @@ class Engine:
         self._select(slots)
         ids = torch.tensor([r.last for r in self.rows], device=self.device)[:, None]
         positions = torch.tensor(pos, device=self.device)[:, None]
-        hidden = self._forward_few(ids, positions, caches=caches)
+        if self.bank.active is None and self.compiler.runs(bucket_of(B)):
+            hidden = self._decode_compiled(ids, positions, self._window(B, window, graph=True))
+        else:
+            hidden = self._forward_few(ids, positions, caches=caches)
         if hidden is not None:
             logits = self._vocab(hidden[:, 0])
         else:

@@ -229,9 +229,7 @@ def time_layouts(
     """Seconds of one pass over `weights` (all of one shape) per layout (`names`, default
     every layout of their device), at `rows`.
 
-    The layouts run interleaved (A, B, A, B, ...) so that load from other processes hits
-    them alike, the first round is warmup, and each keeps its fastest round: on a shared
-    machine the slow rounds measure the neighbours, the fastest one the layout.
+    The layouts run interleaved, each keeping its fastest round (`fastest`).
 
     `packed` needs copies of the weights it is timed on; so that measuring never costs
     more than `TIMED_BYTES` of extra memory (a 7B model's gate/up weights are GBs), every
@@ -254,19 +252,36 @@ def time_layouts(
         packed = PackedWeights()
         packed.track(weights)  # packing is a reload's cost, not the product's: not timed
         layouts[PACKED] = packed.linear
-    times: dict[str, list[float]] = {name: [] for name in layouts}
+
+    def one_pass(fn: Kernel) -> None:
+        for w in weights:
+            fn(x, w, None)
+        if w0.device.type == "cuda":
+            torch.cuda.synchronize()
+
     with torch.inference_mode():
-        for r in range(rounds + 1):
-            for name, fn in layouts.items():
-                start = time.perf_counter()
-                for _ in range(inner):
-                    for w in weights:
-                        fn(x, w, None)
-                if w0.device.type == "cuda":
-                    torch.cuda.synchronize()
-                if r:
-                    times[name].append((time.perf_counter() - start) / inner)
-    return {name: min(ts) * scale for name, ts in times.items()}
+        times = fastest(
+            {name: functools.partial(one_pass, fn) for name, fn in layouts.items()}, rounds, inner
+        )
+    return {name: t * scale for name, t in times.items()}
+
+
+def fastest(
+    fns: dict[str, Callable[[], object]], rounds: int = 5, inner: int = 3
+) -> dict[str, float]:
+    """Seconds of one call of each of `fns`, timed interleaved (A, B, A, B, ...) so that
+    load from other processes hits them alike, after a warmup round, keeping each one's
+    fastest round of `inner` calls: on a shared machine the slow rounds measure the
+    neighbours, the fastest one the code."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds + 1):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            if r:
+                times[name].append((time.perf_counter() - start) / inner)
+    return {name: min(ts) for name, ts in times.items()}
 
 
 def grouped_fp32_attention(
@@ -292,7 +307,7 @@ def time_attention(
     heads: tuple[int, int, int], rows: int, dtype: torch.dtype, length: int, rounds: int = 5
 ) -> dict[str, float]:
     """Seconds of one decode attention (one query per row over `length` cached positions)
-    per way of computing it, interleaved, fastest round each (as `time_layouts`)."""
+    per way of computing it (`fastest`)."""
     H, kv, D = heads
     q = torch.randn(rows, H, 1, D, dtype=dtype)
     k, v = torch.randn(2, rows, kv, length, D, dtype=dtype)
@@ -303,16 +318,8 @@ def time_attention(
         else (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
         for name, f in ATTENTIONS.items()
     }
-    times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.inference_mode():
-        for r in range(rounds + 1):
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                for _ in range(4):
-                    fn()
-                if r:
-                    times[name].append((time.perf_counter() - start) / 4)
-    return {name: min(ts) for name, ts in times.items()}
+        return fastest(fns, rounds, inner=4)
 
 
 def pick(times: dict[str, float], margin: float = 0.05) -> str:

@@ -453,7 +453,7 @@ class Sampler:
         model = load_engine_model(self.store, ref).to(self.device, self.dtype)
         bank = AdapterBank(model, self.config.adapter_slots, self.config.max_lora_rank)
         max_len = min(self.config.max_seq_len, model.config.max_context)
-        engine = Engine(model, bank, self.config.max_batch, max_len)
+        engine = Engine(model, bank, self.config.max_batch, max_len, compile=self.config.compile)
         self.engines[ref] = EngineEntry(ref, engine, bank)
         self.on_load("engine", time.perf_counter() - start)
         log.info(

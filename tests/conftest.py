@@ -28,6 +28,10 @@ os.environ["HEADWAY_KERNEL_CACHE"] = str(
 # tests do not hold; the `gpu` tests (tests/test_devices.py) ask for cuda themselves.
 os.environ["HEADWAY_DEVICE"] = "cpu"
 
+# Samplers the suite starts decode eagerly: compiling the decode step costs tens of seconds
+# per new shape; tests/test_compiled.py tests the compiled step and its choice.
+os.environ["HEADWAY_COMPILE"] = "off"
+
 VOCAB = 96
 
 

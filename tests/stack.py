@@ -13,6 +13,7 @@ starts for itself; every test run uses its own key prefix. Tests wait on conditi
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -199,6 +200,8 @@ class SamplerReplica:
 
         set_torch_threads()
         config.setdefault("device", "cpu")  # the suite's device (see tests/conftest.py)
+        # Eager decoding: compiling costs tens of seconds a start (tests/test_compiled_decode.py).
+        config.setdefault("compile", os.environ["HEADWAY_COMPILE"])
         self.config = SamplerConfig(
             store=store, redis_url=redis_url or shared_redis_url(), redis_prefix=prefix, **config
         )

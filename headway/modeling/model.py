@@ -247,8 +247,12 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
-        """One preallocated `KVCache` per layer for `batch` rows of `max_len` positions."""
+    def new_caches(self, batch: int, max_len: int, spare: int = 0) -> list[KVCache]:
+        """One preallocated `KVCache` per layer for `batch` rows of `max_len` positions.
+
+        `spare`: positions allocated past `max_len` that no forward reaches, so that a window
+        of the cache never spans all of it (a compiled decode graph keys on that: see
+        sampler_svc.compiled)."""
         if max_len > self.config.max_context:
             raise ModelError(
                 f"a cache of {max_len} positions exceeds the model's context of "
@@ -256,7 +260,7 @@ class Transformer(nn.Module):
             )
         c, p = self.config, self.embed_tokens.weight
         return [
-            KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, p.dtype, p.device)
+            KVCache(batch, c.num_key_value_heads, max_len + spare, c.head_dim, p.dtype, p.device)
             for _ in range(c.num_hidden_layers)
         ]
 

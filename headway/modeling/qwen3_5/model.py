@@ -285,9 +285,12 @@ class Qwen35Model(nn.Module):
                     a = torch.rand(module.A_log.shape, generator=gen) * 15 + 1
                     module.A_log.copy_(a.log())
 
-    def new_caches(self, batch: int, max_len: int) -> list[KVCache | LinearAttentionState]:
-        """Per layer, for `batch` rows of up to `max_len` positions: a preallocated `KVCache`
-        (full attention) or a `LinearAttentionState` (linear attention)."""
+    def new_caches(
+        self, batch: int, max_len: int, spare: int = 0
+    ) -> list[KVCache | LinearAttentionState]:
+        """Per layer, for `batch` rows of up to `max_len` positions (and `spare` more, as
+        `Transformer.new_caches`): a preallocated `KVCache` (full attention) or a
+        `LinearAttentionState` (linear attention)."""
         c, p = self.config, self.embed_tokens.weight
         if max_len > c.max_context:
             raise ModelError(
@@ -300,7 +303,7 @@ class Qwen35Model(nn.Module):
                 mixer = layer.linear_attn
                 cache = LinearAttentionState(
                     batch,
-                    max_len,
+                    max_len + spare,
                     mixer.n_v,
                     mixer.dk,
                     mixer.dv,
@@ -309,7 +312,7 @@ class Qwen35Model(nn.Module):
                     p.dtype,
                 )
             else:
-                cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, p.dtype)
+                cache = KVCache(batch, c.num_key_value_heads, max_len + spare, c.head_dim, p.dtype)
             caches.append(cache.to(p.device))
         return caches
 

@@ -1,0 +1,222 @@
+"""Compiled decode steps: the layers of a one-token forward as one inductor graph.
+
+Why: at a few rows, a decode step of a small model spends about as long in PyTorch's
+per-op dispatch (norms, RoPE, cache writes, residual adds, views: ~30 ops a layer, a few
+µs each) as in its matmuls; torch.compile fuses those ops into a few C++ loops. Whether
+that pays depends on the machine and the model, so, like the matmul layouts
+(`sampler_svc.kernels`), it is measured: `DecodeCompiler` times the engine's decode forward
+eager and compiled for each row bucket and keeps the faster (`--compile auto`, the
+default), or compiles every bucket (`on`) or none (`off`).
+
+What is compiled: `decode_hidden`, the model's forward for one new token per row over a
+window of the KV cache, for rows without a LoRA adapter (bases, full forks). In the graph
+the projections are F.linear (q/k/v and gate/up fused); oneDNN's layouts cannot enter an
+inductor graph, so the vocabulary projection, the largest, stays outside in its measured
+layout. Rows with adapters decode eagerly (the adapters' slots and ranks change with every
+reload: a graph over them would recompile).
+
+The weights are graph inputs, not constants: a reload copies new weights into the same
+parameters and the graph serves them, and engines of one shape share the graphs. Shapes
+are dynamic (`dynamic=True`): one graph serves 2 to max_batch rows and any window; one row
+is a graph of its own (torch specialises sizes of 1). Compiling costs tens of seconds on a
+small CPU, paid at engine start (`warm`), before the replica serves; inductor keeps the
+compiled code on disk beside the kernel cache (`cache_dir`), so a restart re-traces in
+seconds. A compile that fails (no C++ compiler, an unsupported op) leaves the engine eager,
+logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from headway.modeling import KVCache
+from headway.server import kernel_cache
+from sampler_svc.kernels import Kernel, Shape, fastest
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "on", "off")
+
+
+def cache_dir() -> Path:
+    """Where inductor keeps compiled code: `$TORCHINDUCTOR_CACHE_DIR`, else beside the
+    kernel cache (so a restart, and every replica of the machine, reuses it)."""
+    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    return Path(env) if env else kernel_cache.cache_path().parent / "inductor"
+
+
+# Inductor reads (and pins) its cache directory at its first compile: set before any.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())
+
+
+def decode_hidden(
+    model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor, caches: list[KVCache]
+) -> torch.Tensor:
+    """Final hidden states `[B, 1, hidden]` of one token per row (`ids`, `positions` `[B,
+    1]`) over cache windows (the engine's few-row forward, without the vocabulary)."""
+    return model(ids, positions, caches=caches, validate=False, return_hidden=True)
+
+
+_decode: Callable[..., torch.Tensor] | None = None
+
+
+def decode(
+    model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor, caches: list[KVCache]
+) -> torch.Tensor:
+    """`decode_hidden`, compiled. One compiled function for the process: its graphs are
+    keyed by shapes and dtype, not by the model object, so every engine of a shape uses the
+    same two graphs. Made at its first call (importing torch's compiler takes seconds that a
+    replica with --compile off should not pay)."""
+    global _decode
+    if _decode is None:
+        # Without duck sizing: by default sizes equal when a graph is made share a symbol,
+        # so a window of 64 positions in a model of head_dim 64 would be specialised to 64
+        # (the process's only compiled code is this; the setting is global).
+        import torch.fx.experimental._config as fx_config
+
+        fx_config.use_duck_shape = False
+        _decode = torch.compile(decode_hidden, dynamic=True)
+    return _decode(model, ids, positions, caches)
+
+
+def describe_model(model: torch.nn.Module) -> str:
+    """The shape facts a decode graph and its timing depend on (a kernel-cache key)."""
+    c = model.config
+    return (
+        f"{c.model_type} h{c.hidden_size} i{c.intermediate_size} L{c.num_hidden_layers} "
+        f"heads {c.num_attention_heads}/{c.num_key_value_heads}x{c.head_dim} v{c.vocab_size}"
+    )
+
+
+Forward = Callable[[torch.Tensor, torch.Tensor, list[KVCache]], torch.Tensor]
+
+
+def graph_layouts(shapes: list[Shape]) -> dict[Shape, Kernel]:
+    """The layout table a compiled decode runs with: F.linear for every projection."""
+    return {s: F.linear for s in shapes}
+
+
+class DecodeCompiler:
+    """Which row buckets of one engine decode through the compiled graph.
+
+    The engine gives its two decode forwards of (ids, positions, caches) → hidden: `eager`
+    (its measured layouts) and `compiled` (`decode`, with `graph_layouts`), and
+    `caches(rows, length, graph)`, new caches for either (so that measuring touches no
+    row of the engine: a recurrent state would move at every forward). Built after the
+    engine's matmul layouts.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        mode: str,
+        buckets: list[int],
+        eager: Forward,
+        compiled: Forward,
+        caches: Callable[[int, int, bool], list[KVCache]],
+        length: int,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"compile mode {mode!r}: choose among {', '.join(MODES)}")
+        self.model, self.mode, self.caches, self.length = model, mode, caches, length
+        self.eager, self.compiled_forward = eager, compiled
+        self.compiled: set[int] = set()  # buckets that decode compiled
+        self.times: dict[int, dict[str, float]] = {}  # bucket → seconds per forward, each way
+        self.error = ""  # why compiling failed, if it did
+        device = next(model.parameters()).device
+        if mode == "off" or device.type != "cpu":
+            # CUDA would need CUDA graphs as well to pay; never measured here: off.
+            return
+        machine = kernel_cache.machine_key(
+            torch.__version__, torch.get_num_threads(), str(next(model.parameters()).dtype)
+        )
+        keys = {b: f"{machine}|decode compiled {describe_model(model)}|rows {b}" for b in buckets}
+        cached = kernel_cache.read_cache()
+        if mode == "auto" and all(keys[b] in cached for b in buckets):
+            self.times = {b: cached[keys[b]]["times"] for b in buckets}
+            if not any(_compiled_wins(t) for t in self.times.values()):
+                log.info("decode compiled: no bucket (cached timings: %s)", self.describe())
+                return
+        started = time.perf_counter()
+        if not self.warm():
+            return
+        if mode == "on":
+            self.compiled = set(buckets)
+        else:
+            if not self.times:
+                self.times = {b: self._time(b) for b in buckets}
+                kernel_cache.write_cache({keys[b]: {"times": self.times[b]} for b in buckets})
+            self.compiled = {b for b, t in self.times.items() if _compiled_wins(t)}
+        log.info(
+            "decode compiled for rows %s (%s; compile and timing %.1f s, code in %s)",
+            sorted(self.compiled) or "none",
+            self.describe(),
+            time.perf_counter() - started,
+            cache_dir(),
+        )
+
+    def warm(self) -> bool:
+        """Compile the one-row and many-row graphs now (not at a first request), checking
+        each against the eager forward; False (logged, engine stays eager) on a failure."""
+        try:
+            for rows in (1, 2):
+                with torch.inference_mode():  # as decode steps run (guards check it)
+                    ids, positions = self._inputs(rows)
+                    graph = self.caches(rows, self.length, True)
+                    got = self.compiled_forward(ids, positions, graph)
+                    want = self.eager(ids, positions, self.caches(rows, self.length, False))
+                # Relative to the states' size: the two compute the same sums in another
+                # order, which moves bf16 states by their rounding (1/128 of a value).
+                err = float((got - want).float().norm() / want.float().norm())
+                if err > (1e-4 if want.dtype == torch.float32 else 2e-2):
+                    raise RuntimeError(
+                        f"compiled decode differs from eager by {err:.3g} (relative) at {rows} rows"
+                    )
+        except Exception as e:  # a failed compile must not take the replica down
+            self.error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            log.warning("decode compile failed, decoding eagerly: %s", self.error)
+            return False
+        return True
+
+    def _inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and positions of a decode forward at `rows` rows, at the last position
+        of the window (new caches hold zeros before it: only the arithmetic matters)."""
+        device = next(self.model.parameters()).device
+        ids = torch.ones(rows, 1, dtype=torch.long, device=device)
+        positions = torch.full((rows, 1), self.length - 1, dtype=torch.long, device=device)
+        return ids, positions
+
+    def _time(self, rows: int) -> dict[str, float]:
+        with torch.inference_mode():
+            ids, positions = self._inputs(rows)
+            eager, graph = (self.caches(rows, self.length, g) for g in (False, True))
+            return fastest(
+                {
+                    "eager": lambda: self.eager(ids, positions, eager),
+                    "compiled": lambda: self.compiled_forward(ids, positions, graph),
+                }
+            )
+
+    def runs(self, bucket: int) -> bool:
+        """Whether decode steps of row bucket `bucket` run compiled."""
+        return bucket in self.compiled
+
+    def describe(self) -> str:
+        """ "b1: eager 5.10 / compiled 3.90 ms; ..." (the timings behind the choice)."""
+        return "; ".join(
+            f"b{b}: " + " / ".join(f"{k} {v * 1e3:.2f}" for k, v in t.items()) + " ms"
+            for b, t in sorted(self.times.items())
+        )
+
+
+def _compiled_wins(times: dict[str, float], margin: float = 0.05) -> bool:
+    """Compiled decoding is chosen only when it beats eager by `margin` (as `kernels.pick`
+    keeps the model's own way unless another clearly wins)."""
+    return times["compiled"] < (1 - margin) * times["eager"]

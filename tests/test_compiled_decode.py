@@ -1,0 +1,138 @@
+"""The compiled decode step (sampler_svc/compiled.py): the same tokens and logprobs as the
+eager step, over reloads and next to adapter rows; the choice made by measurement and
+cached; a compile that fails leaves the engine eager; a bad --compile is refused.
+
+Compiling costs seconds per graph even for the tiny models here (two graphs per model
+shape: one row, many rows), so each test builds as few shapes as it can.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from headway.modeling import LoraConfig
+from headway.server import kernel_cache
+from sampler_svc import compiled
+from sampler_svc.engine import Engine
+from sampler_svc.multilora import AdapterBank
+from sampler_svc.requests import row_generator
+from sampler_svc.sampling import DrawParams
+from tests.test_devices import _service_refusal
+from tests.test_sampler_engine import adapter, mixed_run, run, tiny_model
+
+PROMPT = [5, 17, 33, 8, 41, 12]
+
+
+def engine_of(model: torch.nn.Module, mode: str) -> Engine:
+    bank = AdapterBank(model, slots=2, max_rank=8)
+    bank.load(1, LoraConfig(rank=4, alpha=8), adapter(bank, 4, seed=7))
+    return Engine(model, bank, max_batch=8, max_seq_len=128, compile=mode)
+
+
+def outputs(engine: Engine) -> dict:
+    """Greedy one row, sampled three rows, with and without the adapter, and mixed rows;
+    70 tokens each, so the window grows past its first 64 positions (a new window shape)."""
+    out = {}
+    for n, slot, temp in [(1, 0, 0.0), (3, 0, 1.0), (1, 1, 0.0), (3, 1, 1.0)]:
+        draws = [DrawParams(temp, 1.0, 0, row_generator(3, i)) for i in range(n)]
+        out[n, slot] = run(engine, PROMPT, n, slot, draws, max_tokens=70)
+    out["mixed"] = mixed_run(engine, PROMPT)
+    return out
+
+
+def assert_same(got: dict, want: dict) -> None:
+    for key in want:
+        for (tg, lg), (tw, lw) in zip(got[key], want[key], strict=True):
+            assert tg == tw, key
+            assert np.abs(lg - lw).max() <= 1e-5, key
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])
+def test_a_compiled_engine_decodes_the_eager_tokens_and_logprobs(family):
+    """Rows without an adapter decode compiled (one row and several, across a window
+    change), rows with one eagerly, and both in one batch: every token the eager engine's,
+    every logprob within 1e-5. The compiled graphs are really used: two made, none more."""
+    eager = engine_of(tiny_model(family), "off")
+    before = counters["stats"]["unique_graphs"]
+    fast = engine_of(tiny_model(family), "on")
+    assert fast.compiler.compiled == {1, 2, 4, 8}, fast.compiler.error
+    made = counters["stats"]["unique_graphs"] - before
+    assert made == 2  # one row; 2..8 rows at any window
+    assert_same(outputs(fast), outputs(eager))
+    assert counters["stats"]["unique_graphs"] - before == made  # no recompiles
+
+
+def test_a_full_reload_is_served_by_the_same_graphs():
+    """New weights copied into the parameters (a full reload) decode compiled exactly as an
+    eager engine of those weights, without compiling anew."""
+    fast = engine_of(tiny_model("qwen3"), "on")
+    outputs(fast)
+    graphs = counters["stats"]["unique_graphs"]
+    new = tiny_model("qwen3", seed=5)
+    with torch.no_grad():
+        for p, q in zip(fast.model.parameters(), new.parameters(), strict=True):
+            p.copy_(q)
+    fast.weights_changed()
+    got = outputs(fast)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert_same(got, outputs(engine_of(tiny_model("qwen3", seed=5), "off")))
+
+
+def test_auto_compiles_where_measured_faster_and_keeps_the_timings(tmp_path, monkeypatch):
+    """--compile auto times both ways per row bucket, chooses compiled where it is 5%
+    faster, and caches the timings: the next engine of the shape measures nothing and
+    chooses the same."""
+    monkeypatch.setenv("HEADWAY_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    first = engine_of(tiny_model("qwen3"), "auto")
+    times = first.compiler.times
+    assert sorted(times) == [1, 2, 4, 8]
+    assert first.compiler.compiled == {
+        b for b, t in times.items() if t["compiled"] < 0.95 * t["eager"]
+    }
+    cached = {k: v for k, v in kernel_cache.read_cache().items() if "decode compiled" in k}
+    assert len(cached) == 4 and all(
+        set(v["times"]) == {"eager", "compiled"} for v in cached.values()
+    )
+    stamp = (tmp_path / "kernels.json").stat().st_mtime_ns
+    again = engine_of(tiny_model("qwen3", seed=3), "auto")
+    assert again.compiler.times == times and again.compiler.compiled == first.compiler.compiled
+    assert (tmp_path / "kernels.json").stat().st_mtime_ns == stamp  # nothing measured anew
+
+
+def test_a_compile_that_fails_leaves_the_engine_eager(monkeypatch):
+    """A compile error (no C++ compiler, an op inductor cannot lower) is logged and the
+    engine decodes eagerly, as an engine with --compile off does."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler\nsecond line")
+
+    monkeypatch.setattr(compiled, "decode", broken)
+    engine = engine_of(tiny_model("qwen3"), "on")
+    assert engine.compiler.compiled == set()
+    assert engine.compiler.error == "RuntimeError: no C++ compiler"
+    assert_same(outputs(engine), outputs(engine_of(tiny_model("qwen3"), "off")))
+
+
+def test_inductor_keeps_its_code_beside_the_kernel_cache(tmp_path):
+    """Compiled code lands where a restart finds it: beside the kernel cache, unless
+    $TORCHINDUCTOR_CACHE_DIR says otherwise."""
+    code = "import os, sampler_svc.compiled; print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["HEADWAY_KERNEL_CACHE"] = str(tmp_path / "k" / "kernels.json")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == str(tmp_path / "k" / "inductor"), out.stderr
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "mine")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == str(tmp_path / "mine"), out.stderr
+
+
+def test_the_sampler_refuses_an_unknown_compile_mode(tmp_path, monkeypatch, capsys):
+    err = _service_refusal("sampler_svc", ["--compile", "maybe"], tmp_path, monkeypatch, capsys)
+    assert "--compile 'maybe': choose among auto, on, off" in err
