@@ -27,9 +27,11 @@ of their own.
   transformers' step time over the larger of (weight bytes / read bandwidth) and (the
   step's matmuls at the fastest layout per shape): the highest fp32 ratio this machine
   allows. The engine's own choice per shape and bucket is printed with the alternatives'
-  times it measured.
+  times it measured, and whether the layers' decode forward runs compiled
+  (`sampler_svc.compiled`) with both ways' times.
 - bf16: a second replica, `python -m sampler_svc --dtype bf16` in a child process, with an
-  empty kernel cache: its start-up (spawn → first Sample served, layouts measured) is
+  empty kernel cache (and so no compiled code: a first start on a machine): its start-up
+  (spawn → first Sample served, layouts measured, the decode step compiled and timed) is
   `startup_s`; its decode at batch 8 against transformers generate in bf16; and its
   sampled logprobs against the fp32 forward of the same checkpoint (the fp32 replica's
   ComputeLogprobs, which equals the trainer's to 1e-4): mean / max |Δ logprob| and the k3
@@ -203,9 +205,10 @@ def main() -> None:
                 for k, v in runs.items():
                     t.setdefault(k, []).append(v)
         limit = hf.machine_limit(args.repeats)
-        kernels = replica.sampler.call(
-            lambda: replica.sampler.ensure(BASE, replica.sampler.store.head(BASE))[0].engine.kernels
+        engine = replica.sampler.call(
+            lambda: replica.sampler.ensure(BASE, replica.sampler.store.head(BASE))[0].engine
         )
+        kernels, compiler = engine.kernels, engine.compiler
         if args.profile:
             profile_engine(replica.sampler, p1, 1, 0.0)
             profile_engine(replica.sampler, p1, BATCH, 1.0)
@@ -391,8 +394,13 @@ def main() -> None:
         times = kernels.times.get((("attention", 0), b), {})
         alts = ", ".join(f"{k} {v * 1e3:.3f}" for k, v in sorted(times.items()))
         rows.append([f"b{b} attention (per layer)", kernels.attention[b], alts or "(forced)"])
+        times = compiler.times.get(b, {})
+        alts = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in sorted(times.items()))
+        way = "compiled" if compiler.runs(b) else "eager"
+        rows.append([f"b{b} decode layers (whole)", way, alts or f"(--compile {compiler.mode})"])
     print_table(
-        "decode kernel layouts the engine chose (ms per pass over that shape's weights)",
+        "decode kernel layouts the engine chose (ms per pass over that shape's weights; the "
+        "layers' forward eager or compiled, sampler_svc.compiled)",
         ["bucket / weight shape", "chosen", "measured"],
         rows,
     )
@@ -418,7 +426,10 @@ def main() -> None:
             ["metric", "headway", "transformers", "ratio"],
             rows,
         )
-    print(f"sampler start-up (spawn → first Sample served, kernels measured): {startup_s:.1f} s")
+    print(
+        "sampler start-up (spawn → first Sample served; kernels measured, decode compiled and "
+        f"timed, nothing cached): {startup_s:.1f} s"
+    )
 
     rows, _, reload_line = reload_report(reloads, floors)
     print_table(
