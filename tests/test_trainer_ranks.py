@@ -35,12 +35,13 @@ pytestmark = pytest.mark.slow  # a two-rank group of trainer processes, and its 
 
 GROUP = 2  # trajectories per GRPO group
 # Adam's update g/(√v + ε) amplifies a gradient's rounding by lr/ε where |g| ≲ ε. One
-# process and two ranks sum the gradient in different orders (fp32 rounding ~1e-10 here),
-# so with ε = 1e-8 and lr = 1e-2 an element whose gradient nearly cancels (a fresh LoRA A,
-# whose B has moved one step) can land 1e-4 apart: a CI run failed on one such element.
-# ε = 1e-6 bounds that to ~1e-6, under the comparison's tolerance, while a missing or
-# doubled share (a gradient off by its own size) still moves the weights far past it.
-LR, EPS = 1e-2, 1e-6
+# process and two ranks sum the gradient in different orders, so an element whose
+# gradient nearly cancels (a fresh LoRA A, whose B has moved one step) lands apart by
+# rounding × lr/ε: CI runs failed on one such element with ε = 1e-8 (1e-4 apart) and again
+# with ε = 1e-6 (on a Xeon, once in a full suite). ε = 1e-3 bounds the amplification to
+# 10×, far under the comparison's tolerance, while a missing or doubled share (a
+# gradient off by its own size) still moves every element with |g| ≫ ε by ~lr, far past it.
+LR, EPS = 1e-2, 1e-3
 
 
 def torchrun_trainer(store: Path, log: Path, prefix: str, restarts: int = 0) -> ServiceProcess:
