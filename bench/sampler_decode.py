@@ -154,7 +154,10 @@ class SamplerProcess:
 
         self.cache = Path(tempfile.mkdtemp(prefix="headway-bench-kernels-")) / "kernels.json"
         before = os.environ.get("HEADWAY_KERNEL_CACHE")
+        inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
         os.environ["HEADWAY_KERNEL_CACHE"] = str(self.cache)
+        # No compiled code either (this process's compiles set the variable to its cache).
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache.parent / "inductor")
         start = now()
         try:
             self.service = ServiceProcess(
@@ -162,10 +165,14 @@ class SamplerProcess:
                 threads=str(os.cpu_count() or 1),
             )  # fmt: skip
         finally:
-            if before is None:
-                os.environ.pop("HEADWAY_KERNEL_CACHE", None)
-            else:
-                os.environ["HEADWAY_KERNEL_CACHE"] = before
+            for name, value in (
+                ("HEADWAY_KERNEL_CACHE", before),
+                ("TORCHINDUCTOR_CACHE_DIR", inductor),
+            ):
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
         self.stub = sampling_pb2_grpc.SamplingServiceStub(self.service.channel)
         deadline = start + 180
         while True:

@@ -45,15 +45,16 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "on", "off")
 
 
+# The user's choice, read before torch's compiler sets the variable to its own default.
+_USER_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+
 def cache_dir() -> Path:
     """Where inductor keeps compiled code: `$TORCHINDUCTOR_CACHE_DIR`, else beside the
     kernel cache (so a restart, and every replica of the machine, reuses it)."""
-    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    return Path(env) if env else kernel_cache.cache_path().parent / "inductor"
-
-
-# Inductor reads (and pins) its cache directory at its first compile: set before any.
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())
+    if _USER_CACHE_DIR:
+        return Path(_USER_CACHE_DIR)
+    return kernel_cache.cache_path().parent / "inductor"
 
 
 def decode_hidden(
@@ -82,6 +83,8 @@ def decode(
         import torch.fx.experimental._config as fx_config
 
         fx_config.use_duck_shape = False
+        # Inductor reads (and pins) its cache directory at its first compile.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())
         _decode = torch.compile(decode_hidden, dynamic=True)
     return _decode(model, ids, positions, caches)
 
@@ -108,9 +111,11 @@ class DecodeCompiler:
 
     The engine gives its two decode forwards of (ids, positions, caches) → hidden: `eager`
     (its measured layouts) and `compiled` (`decode`, with `graph_layouts`), and
-    `caches(rows, length, graph)`, new caches for either (so that measuring touches no
-    row of the engine: a recurrent state would move at every forward). Built after the
-    engine's matmul layouts.
+    `caches(rows, length, graph)`, its cache windows for either (measured before the engine
+    has rows: a forward writes only its own position). Built after the engine's matmul
+    layouts. Only models whose every layer keeps a KV cache are compiled: a recurrent state
+    (Qwen3.5's linear attention) carries its window length as a Python int, which would
+    key a new graph at every window.
     """
 
     def __init__(
@@ -122,16 +127,19 @@ class DecodeCompiler:
         compiled: Forward,
         caches: Callable[[int, int, bool], list[KVCache]],
         length: int,
+        max_rows: int,
+        kv_only: bool,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"compile mode {mode!r}: choose among {', '.join(MODES)}")
         self.model, self.mode, self.caches, self.length = model, mode, caches, length
+        self.max_rows = max_rows
         self.eager, self.compiled_forward = eager, compiled
         self.compiled: set[int] = set()  # buckets that decode compiled
         self.times: dict[int, dict[str, float]] = {}  # bucket → seconds per forward, each way
         self.error = ""  # why compiling failed, if it did
         device = next(model.parameters()).device
-        if mode == "off" or device.type != "cpu":
+        if mode == "off" or device.type != "cpu" or not kv_only:
             # CUDA would need CUDA graphs as well to pay; never measured here: off.
             return
         machine = kernel_cache.machine_key(
@@ -145,14 +153,17 @@ class DecodeCompiler:
                 log.info("decode compiled: no bucket (cached timings: %s)", self.describe())
                 return
         started = time.perf_counter()
-        if not self.warm():
+        try:
+            self.warm()
+            if mode == "auto" and not self.times:
+                self.times = {b: self._time(min(b, max_rows)) for b in buckets}
+                kernel_cache.write_cache({keys[b]: {"times": self.times[b]} for b in buckets})
+        except Exception as e:  # a failed compile must not take the replica down
+            self.failed(e)
             return
         if mode == "on":
             self.compiled = set(buckets)
         else:
-            if not self.times:
-                self.times = {b: self._time(b) for b in buckets}
-                kernel_cache.write_cache({keys[b]: {"times": self.times[b]} for b in buckets})
             self.compiled = {b for b, t in self.times.items() if _compiled_wins(t)}
         log.info(
             "decode compiled for rows %s (%s; compile and timing %.1f s, code in %s)",
@@ -162,28 +173,28 @@ class DecodeCompiler:
             cache_dir(),
         )
 
-    def warm(self) -> bool:
+    def failed(self, error: Exception) -> None:
+        """Decode eagerly from now on, logging why (a compile or a recompile that failed)."""
+        self.compiled = set()
+        self.error = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        log.warning("decode compile failed, decoding eagerly: %s", self.error)
+
+    def warm(self) -> None:
         """Compile the one-row and many-row graphs now (not at a first request), checking
-        each against the eager forward; False (logged, engine stays eager) on a failure."""
-        try:
-            for rows in (1, 2):
-                with torch.inference_mode():  # as decode steps run (guards check it)
-                    ids, positions = self._inputs(rows)
-                    graph = self.caches(rows, self.length, True)
-                    got = self.compiled_forward(ids, positions, graph)
-                    want = self.eager(ids, positions, self.caches(rows, self.length, False))
-                # Relative to the states' size: the two compute the same sums in another
-                # order, which moves bf16 states by their rounding (1/128 of a value).
-                err = float((got - want).float().norm() / want.float().norm())
-                if err > (1e-4 if want.dtype == torch.float32 else 2e-2):
-                    raise RuntimeError(
-                        f"compiled decode differs from eager by {err:.3g} (relative) at {rows} rows"
-                    )
-        except Exception as e:  # a failed compile must not take the replica down
-            self.error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            log.warning("decode compile failed, decoding eagerly: %s", self.error)
-            return False
-        return True
+        each against the eager forward; raises if either fails or differs."""
+        for rows in sorted({1, min(2, self.max_rows)}):
+            with torch.inference_mode():  # as decode steps run (guards check it)
+                ids, positions = self._inputs(rows)
+                graph = self.caches(rows, self.length, True)
+                got = self.compiled_forward(ids, positions, graph)
+                want = self.eager(ids, positions, self.caches(rows, self.length, False))
+            # Relative to the states' size: the two compute the same sums in another
+            # order, which moves bf16 states by their rounding (1/128 of a value).
+            err = float((got - want).float().norm() / want.float().norm())
+            if err > (1e-4 if want.dtype == torch.float32 else 2e-2):
+                raise RuntimeError(
+                    f"compiled decode differs from eager by {err:.3g} (relative) at {rows} rows"
+                )
 
     def _inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and positions of a decode forward at `rows` rows, at the last position

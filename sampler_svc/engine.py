@@ -129,10 +129,12 @@ class Engine:
             [b for b in self.kernels.buckets if b <= bucket_of(max_batch)],
             eager=lambda ids, positions, caches: self._forward_few(ids, positions, caches=caches),
             compiled=self._decode_compiled,
-            caches=self._probe_caches,
+            caches=self._window,
             # A window shorter than the cache: one as long would share its size's symbol
             # with the cache's length, and the graph would not serve shorter windows.
             length=min(WINDOW, max_seq_len),
+            max_rows=max_batch,
+            kv_only=all(type(c) is KVCache for c in self.caches),
         )
 
     def weights_changed(self) -> None:
@@ -199,22 +201,9 @@ class Engine:
         views = self._windows.get(key)
         if views is None:
             views = self._windows[key] = [c.window(batch, length) for c in self.caches]
-            self._attending(views, batch, graph)
+            for view in views:
+                view.decode_attention = None if graph else self.kernels.attend(batch)
         return views
-
-    def _attending(self, caches: list[KVCache], batch: int, graph: bool) -> list[KVCache]:
-        for cache in caches:
-            cache.decode_attention = None if graph else self.kernels.attend(batch)
-        return caches
-
-    def _probe_caches(self, batch: int, length: int, graph: bool) -> list[KVCache]:
-        """Caches for measuring decode forwards of `batch` rows at position `length` - 1
-        before the engine has rows: its own windows (what the graphs will see) when they
-        are all KV caches, which such a forward only writes at that one position; new ones
-        where a layer keeps a recurrent state, which every forward moves."""
-        if all(type(c) is KVCache for c in self.caches):
-            return self._window(batch, length, graph)
-        return self._attending(self.model.new_caches(batch, length), batch, graph)
 
     @torch.inference_mode()
     def admit(self, job: GenerationJob) -> None:
@@ -276,9 +265,13 @@ class Engine:
         self._select(slots)
         ids = torch.tensor([r.last for r in self.rows], device=self.device)[:, None]
         positions = torch.tensor(pos, device=self.device)[:, None]
+        hidden = None
         if self.bank.active is None and self.compiler.runs(bucket_of(B)):
-            hidden = self._decode_compiled(ids, positions, self._window(B, window, graph=True))
-        else:
+            try:
+                hidden = self._decode_compiled(ids, positions, self._window(B, window, True))
+            except Exception as e:  # a recompile that fails: this step and the rest eager
+                self.compiler.failed(e)
+        if hidden is None:
             hidden = self._forward_few(ids, positions, caches=caches)
         if hidden is not None:
             logits = self._vocab(hidden[:, 0])

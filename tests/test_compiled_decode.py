@@ -9,8 +9,6 @@ shape: one row, many rows), so each test builds as few shapes as it can.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -29,18 +27,35 @@ from tests.test_sampler_engine import adapter, mixed_run, run, tiny_model
 
 PROMPT = [5, 17, 33, 8, 41, 12]
 
+pytestmark = pytest.mark.slow  # compiling: seconds per graph
 
-def engine_of(model: torch.nn.Module, mode: str) -> Engine:
+
+def engine_of(model: torch.nn.Module, mode: str, max_batch: int = 8) -> Engine:
     bank = AdapterBank(model, slots=2, max_rank=8)
     bank.load(1, LoraConfig(rank=4, alpha=8), adapter(bank, 4, seed=7))
-    return Engine(model, bank, max_batch=8, max_seq_len=128, compile=mode)
+    return Engine(model, bank, max_batch=max_batch, max_seq_len=128, compile=mode)
+
+
+@pytest.fixture()
+def compiled_calls(monkeypatch) -> list[int]:
+    """Rows of every call of the compiled decode (the calls go through)."""
+    calls: list[int] = []
+    decode = compiled.decode
+
+    def counting(model, ids, positions, caches):
+        calls.append(ids.shape[0])
+        return decode(model, ids, positions, caches)
+
+    monkeypatch.setattr(compiled, "decode", counting)
+    return calls
 
 
 def outputs(engine: Engine) -> dict:
-    """Greedy one row, sampled three rows, with and without the adapter, and mixed rows;
-    70 tokens each, so the window grows past its first 64 positions (a new window shape)."""
+    """Greedy one row, sampled three rows and all eight, with and without the adapter, and
+    mixed rows; 70 tokens each, so the window grows past its first 64 positions (a new
+    window shape)."""
     out = {}
-    for n, slot, temp in [(1, 0, 0.0), (3, 0, 1.0), (1, 1, 0.0), (3, 1, 1.0)]:
+    for n, slot, temp in [(1, 0, 0.0), (3, 0, 1.0), (8, 0, 1.0), (1, 1, 0.0), (3, 1, 1.0)]:
         draws = [DrawParams(temp, 1.0, 0, row_generator(3, i)) for i in range(n)]
         out[n, slot] = run(engine, PROMPT, n, slot, draws, max_tokens=70)
     out["mixed"] = mixed_run(engine, PROMPT)
@@ -55,33 +70,41 @@ def assert_same(got: dict, want: dict) -> None:
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen2"])
-def test_a_compiled_engine_decodes_the_eager_tokens_and_logprobs(family):
-    """Rows without an adapter decode compiled (one row and several, across a window
-    change), rows with one eagerly, and both in one batch: every token the eager engine's,
-    every logprob within 1e-5. The compiled graphs are really used: two made, none more."""
+def test_a_compiled_engine_decodes_the_eager_tokens_and_logprobs(family, compiled_calls):
+    """Rows without an adapter decode compiled (one row, several, as many as the engine
+    holds, across a window change), rows with one eagerly, and both in one batch: every
+    token the eager engine's, every logprob within 1e-5. Two graphs serve it all."""
     eager = engine_of(tiny_model(family), "off")
+    torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]
     fast = engine_of(tiny_model(family), "on")
     assert fast.compiler.compiled == {1, 2, 4, 8}, fast.compiler.error
     made = counters["stats"]["unique_graphs"] - before
     assert made == 2  # one row; 2..8 rows at any window
+    compiled_calls.clear()
     assert_same(outputs(fast), outputs(eager))
+    assert {1, 3, 8} <= set(compiled_calls)  # the steps without adapters went through it
     assert counters["stats"]["unique_graphs"] - before == made  # no recompiles
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(compiled.cache_dir())
 
 
-def test_a_full_reload_is_served_by_the_same_graphs():
+def test_a_full_reload_is_served_by_the_same_graphs(compiled_calls):
     """New weights copied into the parameters (a full reload) decode compiled exactly as an
-    eager engine of those weights, without compiling anew."""
+    eager engine of those weights, without compiling anew; so does a second engine."""
     fast = engine_of(tiny_model("qwen3"), "on")
     outputs(fast)
     graphs = counters["stats"]["unique_graphs"]
+    other = engine_of(tiny_model("qwen3", seed=4), "on")
+    assert_same(outputs(other), outputs(engine_of(tiny_model("qwen3", seed=4), "off")))
+    assert counters["stats"]["unique_graphs"] == graphs
     new = tiny_model("qwen3", seed=5)
     with torch.no_grad():
         for p, q in zip(fast.model.parameters(), new.parameters(), strict=True):
             p.copy_(q)
     fast.weights_changed()
+    compiled_calls.clear()
     got = outputs(fast)
-    assert counters["stats"]["unique_graphs"] == graphs
+    assert compiled_calls and counters["stats"]["unique_graphs"] == graphs
     assert_same(got, outputs(engine_of(tiny_model("qwen3", seed=5), "off")))
 
 
@@ -120,17 +143,45 @@ def test_a_compile_that_fails_leaves_the_engine_eager(monkeypatch):
     assert_same(outputs(engine), outputs(engine_of(tiny_model("qwen3"), "off")))
 
 
-def test_inductor_keeps_its_code_beside_the_kernel_cache(tmp_path):
+def test_auto_compiles_nothing_where_the_cached_timings_say_eager(tmp_path, monkeypatch):
+    """Cached timings where eager wins every bucket: the engine neither compiles nor
+    measures (a compile here would fail, and must not be tried)."""
+    monkeypatch.setenv("HEADWAY_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    first = engine_of(tiny_model("qwen3"), "auto")
+    kernel_cache.write_cache(
+        {
+            k: {"times": {"eager": 1.0, "compiled": 2.0}}
+            for k in kernel_cache.read_cache()
+            if "decode compiled" in k
+        }
+    )
+    monkeypatch.setattr(compiled, "decode", lambda *a: pytest.fail("compiled"))
+    again = engine_of(tiny_model("qwen3"), "auto")
+    assert again.compiler.compiled == set() and again.compiler.error == ""
+    assert first.compiler.times.keys() == again.compiler.times.keys()
+
+
+def test_an_engine_of_any_row_count_measures_within_its_rows(tmp_path, monkeypatch):
+    """--max-batch 6 (bucket 8 holds at most 6 rows) and --max-batch 1 (no second graph)."""
+    monkeypatch.setenv("HEADWAY_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    six = engine_of(tiny_model("qwen3"), "auto", max_batch=6)
+    assert sorted(six.compiler.times) == [1, 2, 4, 8] and six.compiler.error == ""
+    one = engine_of(tiny_model("qwen3"), "on", max_batch=1)
+    assert one.compiler.compiled == {1} and one.compiler.error == ""
+    assert_same(
+        {0: run(one, PROMPT, 1, 0, [DrawParams(0.0)], max_tokens=20)},
+        {0: run(engine_of(tiny_model("qwen3"), "off"), PROMPT, 1, 0, [DrawParams(0.0)], 20)},
+    )
+
+
+def test_inductor_keeps_its_code_beside_the_kernel_cache(tmp_path, monkeypatch):
     """Compiled code lands where a restart finds it: beside the kernel cache, unless
-    $TORCHINDUCTOR_CACHE_DIR says otherwise."""
-    code = "import os, sampler_svc.compiled; print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
-    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
-    env["HEADWAY_KERNEL_CACHE"] = str(tmp_path / "k" / "kernels.json")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.stdout.strip() == str(tmp_path / "k" / "inductor"), out.stderr
-    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "mine")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.stdout.strip() == str(tmp_path / "mine"), out.stderr
+    $TORCHINDUCTOR_CACHE_DIR said otherwise when the sampler started."""
+    monkeypatch.setenv("HEADWAY_KERNEL_CACHE", str(tmp_path / "k" / "kernels.json"))
+    monkeypatch.setattr(compiled, "_USER_CACHE_DIR", None)
+    assert compiled.cache_dir() == tmp_path / "k" / "inductor"
+    monkeypatch.setattr(compiled, "_USER_CACHE_DIR", str(tmp_path / "mine"))
+    assert compiled.cache_dir() == tmp_path / "mine"
 
 
 def test_the_sampler_refuses_an_unknown_compile_mode(tmp_path, monkeypatch, capsys):
