@@ -170,7 +170,10 @@ def test_the_sdk_the_cli_and_openai_work_through_nginx(balanced):
     chunks = list(http.chat.completions.create(model="tiny", messages=messages, max_tokens=4,
                                                seed=1, stream=True))  # fmt: skip
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert len(chunks) >= 2 and streamed == whole.choices[0].message.content
+    # As SSE events through nginx, whatever their number: a replica that decodes faster
+    # than its stream is read hands over several tokens per chunk (all 4 in one on a CI run).
+    assert streamed == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
 @pytest.mark.slow
