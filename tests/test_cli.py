@@ -51,6 +51,29 @@ def test_fork_list_tree_and_head_set(cli, gateway_stack):
     assert code == 0 and out.startswith(f"▶ {ids[0]}") and "loss:sum" in out
 
 
+def test_fork_from_a_checkpoint_with_its_optimizer(cli, gateway_stack):
+    """`models fork --checkpoint ID --with-optimizer` starts the fork at that node (not the
+    source's head) with its optimizer state; a checkpoint the source lacks is refused."""
+    from headway.v1 import model_pb2
+
+    cli("models", "fork", "tiny", "--name", "m", "--lora-rank", "4")
+    ids = train(gateway_stack, range(2))
+    code, out, err = cli(
+        "models", "fork", "m", "--name", "m2", "--checkpoint", ids[0], "--with-optimizer"
+    )
+    assert code == 0 and f"from m at {ids[0]}" in out and "optimizer state" in out, err
+    models = gateway_stack.gateway.models
+    tree = models.ListCheckpoints(model_pb2.ListCheckpointsRequest(model="m")).checkpoints
+    first = next(c for c in tree if c.id == ids[0])
+    root = models.GetHead(model_pb2.GetHeadRequest(model="m2"))
+    assert first.state_path and root.state_path == first.state_path
+    assert root.sampler_path == first.sampler_path
+    code, _, err = cli("models", "fork", "m", "--name", "m3", "--checkpoint", "nope")
+    assert code != 0 and "nope" in err
+    code, out, _ = cli("models", "list")
+    assert "m3" not in out
+
+
 @pytest.mark.slow
 def test_export_peft_loads_in_peft_and_hf_in_transformers(cli, gateway_stack, tmp_path, tiny_base):
     from peft import PeftModel

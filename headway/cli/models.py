@@ -77,14 +77,22 @@ def _list(args: argparse.Namespace) -> int:
 
 def _fork(args: argparse.Namespace) -> int:
     stub, md = _stub(args)
-    request = model_pb2.ForkModelRequest(source=args.source, name=args.name)
+    request = model_pb2.ForkModelRequest(
+        source=args.source,
+        name=args.name,
+        checkpoint=args.checkpoint,
+        with_optimizer=args.with_optimizer,
+    )
     if args.full:
         request.full = True
-    else:
-        request.lora.CopyFrom(common_pb2.LoraConfig(rank=args.lora_rank or 0))
+    elif args.lora_rank:
+        request.lora.CopyFrom(common_pb2.LoraConfig(rank=args.lora_rank))
+    # Neither: the service's default, LoRA as the source is (or rank 32 over a base).
     m = stub.ForkModel(request, metadata=md)
     kind = "full fine-tuning" if m.full else f"LoRA rank {m.lora.rank}"
-    print(f"forked {m.slug} from {args.source} ({kind}); head {m.head_checkpoint}")
+    start = f"{args.source} at {args.checkpoint}" if args.checkpoint else args.source
+    state = ", with its optimizer state" if args.with_optimizer else ""
+    print(f"forked {m.slug} from {start} ({kind}{state}); head {m.head_checkpoint}")
     return 0
 
 
@@ -270,8 +278,18 @@ def add_commands(commands: Any) -> CommandFactory:
     p.add_argument("source")
     p.add_argument("--name", required=True)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (default 32)")
+    mode.add_argument(
+        "--lora-rank", type=int, default=0, help="LoRA rank (default: the source's, or 32)"
+    )
     mode.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument(
+        "--checkpoint", default="", help="the source's checkpoint to start from (default: head)"
+    )
+    p.add_argument(
+        "--with-optimizer",
+        action="store_true",
+        help="continue that checkpoint's optimizer state too (same kind of fork as the source)",
+    )
     p = command("checkpoints", _checkpoints, "the checkpoint tree, oldest first (▶ = head)")
     p.add_argument("model")
     p = command("head", _head, "the head checkpoint and its stats; --set moves it")
