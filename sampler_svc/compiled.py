@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from headway.modeling import KVCache
 from headway.server import kernel_cache
-from sampler_svc.kernels import Kernel, Shape, fastest
+from sampler_svc.kernels import Kernel, Shape, fastest, machine_key, pick
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +142,12 @@ class DecodeCompiler:
         if mode == "off" or device.type != "cpu" or not kv_only:
             # CUDA would need CUDA graphs as well to pay; never measured here: off.
             return
-        machine = kernel_cache.machine_key(
-            torch.__version__, torch.get_num_threads(), str(next(model.parameters()).dtype)
-        )
+        machine = machine_key(next(model.parameters()).dtype)
         keys = {b: f"{machine}|decode compiled {describe_model(model)}|rows {b}" for b in buckets}
         cached = kernel_cache.read_cache()
         if mode == "auto" and all(keys[b] in cached for b in buckets):
             self.times = {b: cached[keys[b]]["times"] for b in buckets}
-            if not any(_compiled_wins(t) for t in self.times.values()):
+            if all(pick(t) == "eager" for t in self.times.values()):
                 log.info("decode compiled: no bucket (cached timings: %s)", self.describe())
                 return
         started = time.perf_counter()
@@ -164,7 +162,8 @@ class DecodeCompiler:
         if mode == "on":
             self.compiled = set(buckets)
         else:
-            self.compiled = {b for b, t in self.times.items() if _compiled_wins(t)}
+            # Compiled only where it beats eager by 5 % (`pick`'s margin for the model's way).
+            self.compiled = {b for b, t in self.times.items() if pick(t) == "compiled"}
         log.info(
             "decode compiled for rows %s (%s; compile and timing %.1f s, code in %s)",
             sorted(self.compiled) or "none",
@@ -225,9 +224,3 @@ class DecodeCompiler:
             f"b{b}: " + " / ".join(f"{k} {v * 1e3:.2f}" for k, v in t.items()) + " ms"
             for b, t in sorted(self.times.items())
         )
-
-
-def _compiled_wins(times: dict[str, float], margin: float = 0.05) -> bool:
-    """Compiled decoding is chosen only when it beats eager by `margin` (as `kernels.pick`
-    keeps the model's own way unless another clearly wins)."""
-    return times["compiled"] < (1 - margin) * times["eager"]
