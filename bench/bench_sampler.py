@@ -252,6 +252,9 @@ def main() -> None:
                     delta.extend((lp16 - lp32[len(p1) - 1 :]).tolist())
             hf16.close()
             hf16 = None
+        # What the bf16 replica chose (its layouts, compiled or not; timings another
+        # process disturbed), from its log: the bench's tables show the fp32 engine's.
+        bf16_choices = bf16.logged("decode kernels (", "decode compiled", "dropped")
         bf16.stop()
         bf16 = None
         m = {k: med(v) for k, v in t.items()}
@@ -426,6 +429,9 @@ def main() -> None:
             ["metric", "headway", "transformers", "ratio"],
             rows,
         )
+        print("the bf16 replica's choices (its log):")
+        for line in bf16_choices:
+            print("  " + line.split("] ", 1)[-1])
     print(
         "sampler start-up (spawn → first Sample served; kernels measured, decode compiled and "
         f"timed, nothing cached): {startup_s:.1f} s"

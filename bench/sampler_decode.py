@@ -186,6 +186,11 @@ class SamplerProcess:
                 time.sleep(0.05)
         self.startup_s = now() - start
 
+    def logged(self, *needles: str) -> list[str]:
+        """The lines of the replica's log holding any of `needles` (its kernel choices)."""
+        text = self.service.log.read_text(errors="replace") if self.service.log.exists() else ""
+        return [line for line in text.splitlines() if any(n in line for n in needles)]
+
     def stop(self) -> None:
         import shutil
 

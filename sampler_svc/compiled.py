@@ -38,11 +38,20 @@ import torch.nn.functional as F
 
 from headway.modeling import KVCache
 from headway.server import kernel_cache
-from sampler_svc.kernels import Kernel, Shape, fastest, machine_key, pick
+from headway.server.timing import Timings, fastest
+from sampler_svc.kernels import (
+    Kernel,
+    Shape,
+    cache_entry,
+    machine_key,
+    pick,
+    usable_entry,
+)
 
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "on", "off")
+WAYS = ("eager", "compiled")  # what a bucket's timing compares
 
 
 # The user's choice, read before torch's compiler sets the variable to its own default.
@@ -145,7 +154,7 @@ class DecodeCompiler:
         machine = machine_key(next(model.parameters()).dtype)
         keys = {b: f"{machine}|decode compiled {describe_model(model)}|rows {b}" for b in buckets}
         cached = kernel_cache.read_cache()
-        if mode == "auto" and all(keys[b] in cached for b in buckets):
+        if mode == "auto" and all(usable_entry(cached.get(keys[b]), WAYS) for b in buckets):
             self.times = {b: cached[keys[b]]["times"] for b in buckets}
             if all(pick(t) == "eager" for t in self.times.values()):
                 log.info("decode compiled: no bucket (cached timings: %s)", self.describe())
@@ -155,7 +164,7 @@ class DecodeCompiler:
             self.warm()
             if mode == "auto" and not self.times:
                 self.times = {b: self._time(min(b, max_rows)) for b in buckets}
-                kernel_cache.write_cache({keys[b]: {"times": self.times[b]} for b in buckets})
+                kernel_cache.write_cache({keys[b]: cache_entry(self.times[b]) for b in buckets})
         except Exception as e:  # a failed compile must not take the replica down
             self.failed(e)
             return
@@ -203,7 +212,7 @@ class DecodeCompiler:
         positions = torch.full((rows, 1), self.length - 1, dtype=torch.long, device=device)
         return ids, positions
 
-    def _time(self, rows: int) -> dict[str, float]:
+    def _time(self, rows: int) -> Timings:
         with torch.inference_mode():
             ids, positions = self._inputs(rows)
             eager, graph = (self.caches(rows, self.length, g) for g in (False, True))

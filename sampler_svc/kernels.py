@@ -29,7 +29,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from headway.modeling.dtypes import dtype_name
 from headway.modeling.model import grouped_attention
 from headway.server import kernel_cache
+from headway.server.timing import Timings, fastest
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ def time_layouts(
     rounds: int = 5,
     inner: int = 1,
     names: list[str] | None = None,
-) -> dict[str, float]:
+) -> Timings:
     """Seconds of one pass over `weights` (all of one shape) per layout (`names`, default
     every layout of their device), at `rows`.
 
@@ -263,25 +264,9 @@ def time_layouts(
         times = fastest(
             {name: functools.partial(one_pass, fn) for name, fn in layouts.items()}, rounds, inner
         )
-    return {name: t * scale for name, t in times.items()}
-
-
-def fastest(
-    fns: dict[str, Callable[[], object]], rounds: int = 5, inner: int = 3
-) -> dict[str, float]:
-    """Seconds of one call of each of `fns`, timed interleaved (A, B, A, B, ...) so that
-    load from other processes hits them alike, after a warmup round, keeping each one's
-    fastest round of `inner` calls: on a shared machine the slow rounds measure the
-    neighbours, the fastest one the code."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(rounds + 1):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            if r:
-                times[name].append((time.perf_counter() - start) / inner)
-    return {name: min(ts) for name, ts in times.items()}
+    out = Timings({name: t * scale for name, t in times.items()})
+    out.disturbed = times.disturbed
+    return out
 
 
 def grouped_fp32_attention(
@@ -305,7 +290,7 @@ ATTENTIONS: dict[str, Callable[..., torch.Tensor] | None] = {
 
 def time_attention(
     heads: tuple[int, int, int], rows: int, dtype: torch.dtype, length: int, rounds: int = 5
-) -> dict[str, float]:
+) -> Timings:
     """Seconds of one decode attention (one query per row over `length` cached positions)
     per way of computing it (`fastest`)."""
     H, kv, D = heads
@@ -330,6 +315,20 @@ def pick(times: dict[str, float], margin: float = 0.05) -> str:
         if default in times and times[best] > (1 - margin) * times[default]:
             return default
     return best
+
+
+def cache_entry(times: Timings) -> dict:
+    """A cache entry of measured times (marked when disturbed: measured again next start)."""
+    return {"times": dict(times), **({"disturbed": True} if times.disturbed else {})}
+
+
+def usable_entry(entry: dict | None, names: Iterable[str]) -> bool:
+    """Whether a cached entry times exactly `names`, undisturbed."""
+    return (
+        entry is not None
+        and not entry.get("disturbed")
+        and set(entry.get("times", {})) == set(names)
+    )
 
 
 class KernelChoice:
@@ -386,9 +385,8 @@ class KernelChoice:
             for b in self.buckets:
                 key = f"{machine}|{shape[0]}x{shape[1]}x{len(ws)}|rows {b}"
                 entry = cached.get(key)
-                if entry is None or set(entry.get("times", {})) != set(names):
-                    entry = {"times": time_layouts(ws, b, names=names)}
-                    fresh[key] = entry
+                if not usable_entry(entry, names):
+                    entry = fresh[key] = cache_entry(time_layouts(ws, b, names=names))
                 else:
                     self.cached += 1
                 times = entry["times"]
@@ -399,9 +397,9 @@ class KernelChoice:
             for b in self.buckets:
                 key = f"{machine}|attention {H}/{kv}x{D} over {self.length}|rows {b}"
                 entry = cached.get(key)
-                if entry is None or set(entry.get("times", {})) != set(ATTENTIONS):
-                    entry = {"times": time_attention(self.heads, b, dtype, self.length)}
-                    fresh[key] = entry
+                if not usable_entry(entry, ATTENTIONS):
+                    times = time_attention(self.heads, b, dtype, self.length)
+                    entry = fresh[key] = cache_entry(times)
                 else:
                     self.cached += 1
                 self.times[("attention", 0), b] = entry["times"]

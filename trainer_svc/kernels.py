@@ -21,10 +21,10 @@ device keep torch's own path.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from headway.server import kernel_cache
+from headway.server.timing import fastest
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +128,14 @@ class Kernels:
     def _measure(self, key: tuple[str, int, int, int], a: torch.Tensor, bt: torch.Tensor) -> Any:
         """Time every candidate on these inputs — cut to at most PROBE_TOKENS tokens, so a
         long chunk does not pay its full matmul several times — in two interleaved rounds
-        (the machine may be shared), keep the fastest, and return its full result."""
+        (the machine may be shared; rounds another process disturbed do not count: `fastest`),
+        keep the fastest, and return its full result."""
         pa, pbt = _probe(key[0], a, bt)
-        best: dict[str, float] = {}
-        for _ in range(2):
-            for name in self.candidates:
-                start = time.perf_counter()
-                KERNELS[name](pa, pbt)
-                best[name] = min(best.get(name, math.inf), time.perf_counter() - start)
+        best = fastest(
+            {name: functools.partial(KERNELS[name], pa, pbt) for name in self.candidates},
+            rounds=2,
+            inner=1,
+        )
         name = min(best, key=best.__getitem__)
         with self._lock:
             self.chosen.setdefault(key, name)

@@ -1,0 +1,100 @@
+"""Timing candidate kernels on a machine other processes share.
+
+`fastest` times callables interleaved and keeps each one's fastest undisturbed round. The
+services choose kernels by timing them (`sampler_svc/kernels.py`,
+`sampler_svc/compiled.py`, `trainer_svc/kernels.py`) and keep the choice on disk. A timing
+taken while another process held the cores — a replica starting beside this one, a
+trainer's background save, a compile — measures the neighbour, not the kernel, and a
+choice made from it would be kept for good: on a 2-core EPYC a bf16 engine that measured
+its layouts while a benchmark ran beside it decoded 8 rows in 14.5 ms a step, against 9.4
+ms with the layouts a quiet measurement chose. Linux counts, for every thread, the time it spent runnable
+but waiting for a CPU (the second field of /proc/<pid>/task/<tid>/schedstat, in ns); a
+timing during which that grew by more than a few percent of its wall time was disturbed,
+and is taken again. On a system without these counters the timings are taken as they come.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+# A timing is disturbed when this process's threads waited for a CPU for more than this
+# fraction of its wall time (summed over threads). Quiet timings here: 1-2 %; beside two
+# busy processes on 2 cores: ~55 %.
+DISTURBED = 0.05
+
+_TASKS = "/proc/self/task"
+
+
+def run_queue_wait() -> float | None:
+    """Seconds this process's threads have spent runnable but waiting for a CPU, summed
+    over its live threads; None where the kernel does not report it."""
+    try:
+        tids = os.listdir(_TASKS)
+    except OSError:
+        return None
+    total, seen = 0, False
+    for tid in tids:
+        try:
+            with open(f"{_TASKS}/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split()[1])
+            seen = True
+        except (OSError, IndexError, ValueError):  # a thread that ended meanwhile
+            continue
+    return total / 1e9 if seen else None
+
+
+def disturbed(wait_before: float | None, wait_after: float | None, seconds: float) -> bool:
+    """Whether a timing of `seconds` between two `run_queue_wait` readings was disturbed
+    (False where there are no readings)."""
+    if wait_before is None or wait_after is None:
+        return False
+    return wait_after - wait_before > DISTURBED * seconds
+
+
+class Timings(dict[str, float]):
+    """Seconds per candidate (`fastest`); `disturbed`: some candidate had no timed round
+    free of other processes (`headway.server.runqueue`), so the times may measure them."""
+
+    disturbed: bool = False
+
+
+def fastest(fns: dict[str, Callable[[], object]], rounds: int = 5, inner: int = 3) -> Timings:
+    """Seconds of one call of each of `fns`, timed interleaved (A, B, A, B, ...) so that
+    load from other processes hits them alike, after a warmup round, keeping each one's
+    fastest round of `inner` calls: on a shared machine the slow rounds measure the
+    neighbours, the fastest one the code. A round during which this process's threads
+    waited for a CPU (another process held the cores) does not count: rounds go on, up to
+    4x as many, until each candidate has `rounds` undisturbed ones."""
+    clean: dict[str, list[float]] = {name: [] for name in fns}
+    every: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(4 * rounds + 1):
+        for name, fn in fns.items():
+            waited = run_queue_wait()
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            took = time.perf_counter() - start
+            if r:
+                every[name].append(took / inner)
+                if not disturbed(waited, run_queue_wait(), took):
+                    clean[name].append(took / inner)
+        if r >= rounds and all(len(ts) >= rounds for ts in clean.values()):
+            break
+    out = Timings({name: min(clean[name] or every[name]) for name in fns})
+    out.disturbed = not all(clean.values())
+    dropped = sum(map(len, every.values())) - sum(map(len, clean.values()))
+    if dropped:
+        log.info(
+            "timing %s: %d round(s) dropped, other processes held the CPUs%s",
+            "/".join(fns),
+            dropped,
+            " (every round of some: kept as measured, re-measured at the next start)"
+            if out.disturbed
+            else "",
+        )
+    return out

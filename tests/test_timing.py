@@ -1,0 +1,98 @@
+"""Kernel timings on a shared machine (`headway.server.timing`): a timing another process
+disturbed is recognised, not kept as the kernel's, and never cached as a settled choice."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+import torch
+
+from headway.server import kernel_cache
+from headway.server.timing import disturbed, fastest, run_queue_wait
+from sampler_svc.kernels import KernelChoice, layout_names, machine_key
+
+pytestmark = pytest.mark.skipif(
+    run_queue_wait() is None, reason="this kernel reports no per-thread run-queue wait"
+)
+
+
+def _own_cpu_seconds() -> float:
+    """This thread's time on a CPU (schedstat's first field)."""
+    with open(f"/proc/self/task/{os.getpid()}/schedstat") as f:  # the main thread
+        return int(f.read().split()[0]) / 1e9
+
+
+def _spin(cpu_seconds: float = 0.03) -> None:
+    """Compute until this thread has run `cpu_seconds` on a CPU: the same work on any
+    machine however fast, and however long the wall clock it takes."""
+    end = _own_cpu_seconds() + cpu_seconds
+    while _own_cpu_seconds() < end:
+        sum(range(1000))
+
+
+@pytest.fixture
+def neighbours():
+    """Twice as many busy processes as the machine has CPUs: every thread of this
+    process waits for a CPU part of the time."""
+    procs = [
+        subprocess.Popen(["sh", "-c", "while :; do :; done"])
+        for _ in range(min(64, 2 * (os.cpu_count() or 1)))
+    ]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_waiting_for_a_cpu_beside_busy_processes_is_seen(neighbours):
+    before, start = run_queue_wait(), time.perf_counter()
+    _spin()
+    wall = time.perf_counter() - start
+    after = run_queue_wait()
+    assert after > before
+    assert disturbed(before, after, wall)
+
+
+def test_fastest_drops_disturbed_rounds_and_says_when_none_was_clean(neighbours):
+    calls = []
+
+    def work() -> None:
+        calls.append(1)
+        _spin()
+
+    rounds = 2
+    times = fastest({"spin": work}, rounds=rounds, inner=1)
+    # Every round disturbed: it went on to 4x the rounds looking for a clean one, then
+    # kept what it measured, flagged.
+    assert times.disturbed
+    assert len(calls) == 4 * rounds + 1
+    assert set(times) == {"spin"} and times["spin"] > 0
+
+
+def test_a_disturbed_cached_choice_is_measured_again(tmp_path, monkeypatch):
+    """A cached timing marked disturbed is taken again at the next start; an undisturbed
+    one is used as it is."""
+    cache = tmp_path / "kernels.json"
+    monkeypatch.setenv("HEADWAY_KERNEL_CACHE", str(cache))
+    monkeypatch.delenv("HEADWAY_KERNELS", raising=False)
+    weights = {(64, 32): [torch.randn(64, 32)]}
+    names = [n for n in layout_names("cpu", torch.float32) if n != "packed"]
+    # Made-up times no measurement gives: "rows" wins by far.
+    bogus = {n: (1e-9 if n == "rows" else 1.0) for n in names}
+    key = f"{machine_key(torch.float32)}|64x32x1|rows"
+    kernel_cache.write_cache(
+        {f"{key} 1": {"times": bogus}, f"{key} 2": {"times": bogus, "disturbed": True}}
+    )
+    choice = KernelChoice(weights, max_rows=2)
+    assert choice.buckets == [1, 2]
+    assert choice.times[(64, 32), 1] == bogus and choice.choice[(64, 32), 1] == "rows"
+    assert choice.times[(64, 32), 2] != bogus  # measured again
+    assert choice.cached == 1
+    stored = json.loads(cache.read_text())[f"{key} 2"]
+    assert stored["times"] == choice.times[(64, 32), 2]
