@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from headway.server import kernel_cache
-from headway.server.timing import disturbed, fastest, run_queue_wait
+from headway.server.timing import disturbed, fastest, thread_times
 from sampler_svc.kernels import KernelChoice, layout_names, machine_key
 
 pytestmark = pytest.mark.skipif(
-    run_queue_wait() is None, reason="this kernel reports no per-thread run-queue wait"
+    thread_times() is None, reason="this kernel reports no per-thread run-queue wait"
 )
 
 
@@ -51,12 +51,15 @@ def neighbours():
 
 
 def test_waiting_for_a_cpu_beside_busy_processes_is_seen(neighbours):
-    before, start = run_queue_wait(), time.perf_counter()
+    before, start = thread_times(), time.perf_counter()
     _spin()
     wall = time.perf_counter() - start
-    after = run_queue_wait()
-    assert after > before
+    after = thread_times()
+    me = str(os.getpid())  # the main thread: it did the work, and waited
+    assert after[me][1] > before[me][1]
     assert disturbed(before, after, wall)
+    # A thread that did not work in that time does not count, however long it waited.
+    assert not disturbed({}, {"0": (0, int(10 * wall * 1e9))}, wall)
 
 
 def test_fastest_drops_disturbed_rounds_and_says_when_none_was_clean(neighbours):

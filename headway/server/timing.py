@@ -7,10 +7,11 @@ taken while another process held the cores — a replica starting beside this on
 trainer's background save, a compile — measures the neighbour, not the kernel, and a
 choice made from it would be kept for good: on a 2-core EPYC a bf16 engine that measured
 its layouts while a benchmark ran beside it decoded 8 rows in 14.5 ms a step, against 9.4
-ms with the layouts a quiet measurement chose. Linux counts, for every thread, the time it spent runnable
-but waiting for a CPU (the second field of /proc/<pid>/task/<tid>/schedstat, in ns); a
-timing during which that grew by more than a few percent of its wall time was disturbed,
-and is taken again. On a system without these counters the timings are taken as they come.
+ms with the layouts a quiet measurement chose. Linux counts, for every thread, the time it
+spent runnable but waiting for a CPU (the second field of /proc/<pid>/task/<tid>/schedstat,
+in ns); a timing during which that grew by more than a few percent of its wall time was
+disturbed, and is taken again. On a system without these counters the timings are taken
+as they come.
 """
 
 from __future__ import annotations
@@ -22,38 +23,47 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-# A timing is disturbed when this process's threads waited for a CPU for more than this
-# fraction of its wall time (summed over threads). Quiet timings here: 1-2 %; beside two
-# busy processes on 2 cores: ~55 %.
+# A timing is disturbed when the threads that did its work (those on a CPU for at least
+# WORKING of its wall time: the caller and torch's workers, not a thread that woke briefly)
+# waited for a CPU for more than DISTURBED of its wall time between them. Quiet timings
+# here: under 2 %; beside two busy processes on 2 cores: ~55 %.
 DISTURBED = 0.05
+WORKING = 0.2
 
 _TASKS = "/proc/self/task"
 
+Readings = dict[str, tuple[int, int]]  # thread id → (ns on a CPU, ns waiting for one)
 
-def run_queue_wait() -> float | None:
-    """Seconds this process's threads have spent runnable but waiting for a CPU, summed
-    over its live threads; None where the kernel does not report it."""
+
+def thread_times() -> Readings | None:
+    """Each live thread's time on a CPU and time runnable but waiting for one (ns); None
+    where the kernel does not report them."""
     try:
         tids = os.listdir(_TASKS)
     except OSError:
         return None
-    total, seen = 0, False
+    out: Readings = {}
     for tid in tids:
         try:
             with open(f"{_TASKS}/{tid}/schedstat", "rb") as f:
-                total += int(f.read().split()[1])
-            seen = True
-        except (OSError, IndexError, ValueError):  # a thread that ended meanwhile
+                ran, waited = f.read().split()[:2]
+            out[tid] = (int(ran), int(waited))
+        except (OSError, ValueError):  # a thread that ended meanwhile
             continue
-    return total / 1e9 if seen else None
+    return out or None
 
 
-def disturbed(wait_before: float | None, wait_after: float | None, seconds: float) -> bool:
-    """Whether a timing of `seconds` between two `run_queue_wait` readings was disturbed
-    (False where there are no readings)."""
-    if wait_before is None or wait_after is None:
+def disturbed(before: Readings | None, after: Readings | None, seconds: float) -> bool:
+    """Whether a timing of `seconds` between two `thread_times` readings was disturbed:
+    its working threads waited for a CPU (False where there are no readings)."""
+    if before is None or after is None:
         return False
-    return wait_after - wait_before > DISTURBED * seconds
+    wall, waited = seconds * 1e9, 0
+    for tid, (ran, wait) in after.items():
+        ran0, wait0 = before.get(tid, (0, 0))
+        if ran - ran0 >= WORKING * wall:
+            waited += wait - wait0
+    return waited > DISTURBED * wall
 
 
 class Timings(dict[str, float]):
@@ -74,14 +84,14 @@ def fastest(fns: dict[str, Callable[[], object]], rounds: int = 5, inner: int = 
     every: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(4 * rounds + 1):
         for name, fn in fns.items():
-            waited = run_queue_wait()
+            before = thread_times()
             start = time.perf_counter()
             for _ in range(inner):
                 fn()
             took = time.perf_counter() - start
             if r:
                 every[name].append(took / inner)
-                if not disturbed(waited, run_queue_wait(), took):
+                if not disturbed(before, thread_times(), took):
                     clean[name].append(took / inner)
         if r >= rounds and all(len(ts) >= rounds for ts in clean.values()):
             break
@@ -90,7 +100,7 @@ def fastest(fns: dict[str, Callable[[], object]], rounds: int = 5, inner: int = 
     dropped = sum(map(len, every.values())) - sum(map(len, clean.values()))
     if dropped:
         log.info(
-            "timing %s: %d round(s) dropped, other processes held the CPUs%s",
+            "timing %s: %d round(s) dropped, their threads waited for a CPU%s",
             "/".join(fns),
             dropped,
             " (every round of some: kept as measured, re-measured at the next start)"
