@@ -32,18 +32,20 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from google.protobuf.message import DecodeError
 
 from gateway.core import Gateway
 from gateway.http_params import parse_body
 from gateway.tinker_state import Result, SamplingSession, TinkerState
 from headway.errors import (
+    FailedPrecondition,
     HeadwayError,
     InvalidArgument,
     NotFound,
@@ -53,7 +55,7 @@ from headway.errors import (
     pushback_ms,
 )
 from headway.server.auth import Caller
-from headway.store import check_slug
+from headway.store import ADAPTER_FILE, check_slug
 from headway.tensors import from_tensor, to_tensor
 from headway.v1 import (
     common_pb2,
@@ -71,6 +73,12 @@ PROTO = "application/x-protobuf"
 MAX_SAMPLES = 1024  # num_samples of one asample (the replicas' own limit is lower)
 RETRY_SECONDS = 300.0  # how long an op retries an overloaded or unreachable backend (the SDK's own)
 LOSSES = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
+# The kinds of a tinker:// path and the SDK's CheckpointType of each.
+KINDS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
+# A PEFT adapter's files, what an external weights checkpoint of a LoRA run holds.
+PEFT_FILES = ("adapter_config.json", ADAPTER_FILE)
+EXPORT_TTL = (3600, 10 * 365 * 24 * 3600)  # the SDK's bounds on an export's lifetime (s)
+URL_SECONDS = 3600  # a signed download URL's life
 KEY_PREFIX = "tml-"  # the SDK refuses keys without it: a Headway key is sent as tml-<key>
 # The reductions a metric name may end in ("loss:sum"); the SDK drops or fails others.
 REDUCTIONS = ("mean", "sum", "min", "max")
@@ -118,9 +126,9 @@ def parse_path(path: Any) -> tuple[str, str, str]:
     """(model_id, kind, name) of `tinker://<model_id>/<kind>/<name>`."""
     ok = isinstance(path, str) and path.startswith("tinker://")
     parts = path.removeprefix("tinker://").split("/") if ok else []
-    if len(parts) != 3 or parts[1] not in ("weights", "sampler_weights") or not parts[2]:
+    if len(parts) != 3 or parts[1] not in KINDS or not parts[2]:
         raise InvalidArgument(
-            f"path {path!r}: expected tinker://<model_id>/weights|sampler_weights/<name>"
+            f"path {path!r}: expected tinker://<model_id>/{'|'.join(KINDS)}/<name>"
         )
     return parts[0], parts[1], parts[2]
 
@@ -437,6 +445,97 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
 
         return {"request_id": await state.submit(team, work, failure, run, _seq(raw))}
 
+    @api.post("/save_weights_external")
+    async def save_weights_external(request: Request) -> dict[str, str]:
+        """save_weights_external: names the run's head as external weights, which download
+        (`external_weights_urls`) as the PEFT adapter of that checkpoint, read from the
+        store when a URL is fetched: nothing is copied. Encrypted exports are not offered."""
+        team = team_of(request.headers)
+        raw = await body(request)
+        model_id = raw.get("model_id")
+        slug = run_of(team, model_id)
+        name = raw.get("path")
+        if not isinstance(name, str) or not name or "/" in name:
+            raise InvalidArgument(f"path {name!r}: a name without '/'")
+        if raw.get("age_encryption_recipients"):
+            raise InvalidArgument(
+                "age_encryption_recipients: Headway does not encrypt exports; the files stay "
+                "on your own store (leave it unset)"
+            )
+        ttl = raw.get("ttl_seconds")
+        if ttl is not None:
+            ttl = number(raw, "ttl_seconds", int, *EXPORT_TTL)
+        if not gateway.model(slug, team).lora:
+            raise FailedPrecondition(
+                f"training run {model_id!r} is a full fork: its external weights are not "
+                "exported over the API yet (`headway models export --format hf` on the "
+                "store's machine)"
+            )
+        run = rk(slug)
+
+        async def work() -> Result:
+            head = gateway.store.head(slug)
+            await state.name(run, f"external_weights/{name}", head, ttl)
+            return Result({"path": f"tinker://{model_id}/external_weights/{name}",
+                           "type": "save_weights_external"})  # fmt: skip
+
+        return {"request_id": await state.submit(team, work, failure, run, _seq(raw))}
+
+    def peft_files(slug: str, checkpoint: str) -> dict[str, Path]:
+        """The PEFT adapter files of a LoRA checkpoint in the store."""
+        target = gateway.store.resolve(slug, checkpoint)
+        if target.kind != "lora":
+            raise FailedPrecondition(f"checkpoint {checkpoint} of {slug} holds no LoRA adapter")
+        folder = gateway.store.files_dir(target)
+        return {name: folder / name for name in PEFT_FILES}
+
+    @api.get("/training_runs/{rid}/checkpoints/{kind}/{name}/external_weights_urls")
+    async def external_weights_urls(
+        rid: str, kind: str, name: str, request: Request
+    ) -> dict[str, Any]:
+        """Signed URLs (a random token each, kept in Redis for URL_SECONDS: any gateway
+        serves it, no key needed) to the files of an external weights checkpoint."""
+        team = team_of(request.headers)
+        if kind != "external_weights":
+            raise InvalidArgument(
+                f"{kind}/{name}: only external weights download "
+                "(save_weights_external, tinker://<run>/external_weights/<name>)"
+            )
+        slug, checkpoint = await checkpoint_of(team, f"tinker://{rid}/{kind}/{name}")
+        files = peft_files(slug, checkpoint)
+        grant = {"team": team, "model": slug, "checkpoint": checkpoint}
+        token = await state.grant_download(grant, URL_SECONDS)
+        root = str(request.base_url).rstrip("/")
+        expires = datetime.now(UTC).timestamp() + URL_SECONDS
+        return {"urls": {f: f"{root}/api/v1/downloads/{token}/{f}" for f in files},
+                "expires": iso(expires)}  # fmt: skip
+
+    @api.get("/downloads/{token}/{file}")
+    async def download(token: str, file: str) -> Response:
+        """One file of a signed URL: the token is the credential."""
+        grant = await state.download(token)
+        if grant is None:
+            raise NotFound("this download URL is unknown or expired: ask for new URLs")
+        gateway.model(grant["model"], grant["team"])  # the run may have been deleted since
+        path = peft_files(grant["model"], grant["checkpoint"]).get(file)
+        if path is None:
+            raise NotFound(f"{file!r} is not a file of this export")
+        return FileResponse(path, media_type="application/octet-stream", filename=file)
+
+    @api.put("/training_runs/{rid}/checkpoints/{kind}/{name}/ttl")
+    async def checkpoint_ttl(rid: str, kind: str, name: str, request: Request) -> dict[str, Any]:
+        """A checkpoint name's lifetime from now (ttl_seconds; null: none of its own)."""
+        team = team_of(request.headers)
+        raw = await body(request)
+        ttl = raw.get("ttl_seconds")
+        if ttl is not None:
+            ttl = number(raw, "ttl_seconds", int, *EXPORT_TTL)
+        if kind not in KINDS or not await state.set_ttl(
+            rk(run_of(team, rid)), f"{kind}/{name}", ttl
+        ):
+            raise NotFound(f"no checkpoint {kind}/{name!r} in training run {rid!r}")
+        return {}
+
     @api.post("/load_weights")
     async def load_weights(request: Request) -> dict[str, str]:
         """create_training_client_from_state(_with_optimizer): a new run, the fork of the
@@ -543,7 +642,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         rid = run_id(slug)
         out = [
             {"checkpoint_id": path,
-             "checkpoint_type": "training" if path.startswith("weights/") else "sampler",
+             "checkpoint_type": KINDS[path.split("/")[0]],
              "time": iso(v["time"]), "tinker_path": f"tinker://{rid}/{path}", "public": False}
             for path, v in (await state.names(rk(slug))).items()
         ]  # fmt: skip

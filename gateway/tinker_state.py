@@ -91,6 +91,11 @@ class Result:
         return cls(json=json.loads(raw[1:]))
 
 
+def _live(entry: dict[str, Any]) -> bool:
+    """Whether a name's lifetime (if it has one) has not run out."""
+    return entry.get("expires") is None or entry["expires"] > time.time()
+
+
 class TinkerState:
     """Sessions, sampling sessions, names and futures of the Tinker API (see the module)."""
 
@@ -130,21 +135,53 @@ class TinkerState:
             raise NotFound(f"no sampling session {sid!r}")
         return target
 
-    async def name(self, slug: str, path: str, checkpoint: str) -> None:
-        """Name `checkpoint` of `slug` "<kind>/<name>" (weights/..., sampler_weights/...)."""
+    async def name(self, slug: str, path: str, checkpoint: str, ttl: float | None = None) -> None:
+        """Name `checkpoint` of `slug` "<kind>/<name>" (weights/..., sampler_weights/...,
+        external_weights/...); with `ttl`, the name lapses after that many seconds."""
         key = f"{self.prefix}names:{slug}"
-        value = json.dumps({"checkpoint": checkpoint, "time": time.time()})
-        await self.redis.hset(key, path, value)
+        now = time.time()
+        entry = {"checkpoint": checkpoint, "time": now}
+        if ttl is not None:
+            entry["expires"] = now + ttl
+        await self.redis.hset(key, path, json.dumps(entry))
         await self.redis.expire(key, NAME_SECONDS)
 
     async def named(self, slug: str, path: str) -> str | None:
         raw = await self.redis.hget(f"{self.prefix}names:{slug}", path)
-        return json.loads(raw)["checkpoint"] if raw is not None else None
+        entry = json.loads(raw) if raw is not None else None
+        return entry["checkpoint"] if entry is not None and _live(entry) else None
 
     async def names(self, slug: str) -> dict[str, dict[str, Any]]:
-        """Every name of `slug`'s checkpoints: path → {"checkpoint", "time"}."""
+        """Every live name of `slug`'s checkpoints: path → {"checkpoint", "time"}."""
         raw = await self.redis.hgetall(f"{self.prefix}names:{slug}")
-        return {k.decode(): json.loads(v) for k, v in raw.items()}
+        entries = {k.decode(): json.loads(v) for k, v in raw.items()}
+        return {k: v for k, v in entries.items() if _live(v)}
+
+    async def set_ttl(self, slug: str, path: str, ttl: float | None) -> bool:
+        """Give a live name a new lifetime (None: no end of its own); whether it exists."""
+        key = f"{self.prefix}names:{slug}"
+        raw = await self.redis.hget(key, path)
+        entry = json.loads(raw) if raw is not None else None
+        if entry is None or not _live(entry):
+            return False
+        entry.pop("expires", None)
+        if ttl is not None:
+            entry["expires"] = time.time() + ttl
+        await self.redis.hset(key, path, json.dumps(entry))
+        return True
+
+    # --------------------------------------------------------------- downloads
+    async def grant_download(self, grant: dict[str, str], seconds: int) -> str:
+        """A random token that stands for `grant` (what a signed URL may read) for
+        `seconds`, in Redis: any gateway behind the balancer serves the URL."""
+        token = secrets.token_urlsafe(32)
+        await self.redis.set(f"{self.prefix}download:{token}", json.dumps(grant), ex=seconds)
+        return token
+
+    async def download(self, token: str) -> dict[str, str] | None:
+        """The grant of a live download token."""
+        raw = await self.redis.get(f"{self.prefix}download:{token}")
+        return json.loads(raw) if raw is not None else None
 
     async def forget(self, slug: str, path: str) -> bool:
         """Drop a name; whether it existed."""

@@ -117,6 +117,10 @@ def test_one_teams_runs_and_futures_are_not_found_to_another(secured_stack, monk
         red.create_sampling_client(model_path=path).result()  # red may
         with pytest.raises(tinker.NotFoundError):
             blue.create_sampling_client(model_path=path).result()
+        export = tc.save_weights_external("red-e").result().path
+        assert red.create_rest_client().get_external_weights_urls(export).result().urls
+        with pytest.raises(tinker.NotFoundError):
+            blue.create_rest_client().get_external_weights_urls(export).result()
 
         def post(key: str, route: str, body: dict) -> httpx.Response:
             headers = {"X-API-Key": "tml-" + key}
@@ -441,3 +445,65 @@ def test_bad_wire_input_is_a_400_naming_the_field(gateway_stack, service):
     nested = httpx.post(f"{url}/get_info", content=b"[" * 100_000, headers=json_type)
     assert nested.status_code == 400, nested.text
     assert "loss:sum" in tc.forward_backward([datum([3, 4, 5])], "cross_entropy").result().metrics
+
+
+def test_external_weights_download_as_a_peft_adapter(gateway_stack, service, tmp_path):
+    """save_weights_external + RestClient's signed URLs give the run's PEFT adapter as the
+    store holds it (fetched with no key, as the SDK does); the SDK's own CLI downloads a
+    save_state checkpoint the same way (a run made from it, exported, the export deleted);
+    bad input is the SDK's user error and changes nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    tc = service.create_lora_training_client(base_model="tiny", rank=4).result()
+    tc.forward_backward([datum([3, 4, 5, 6])], "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    path = tc.save_weights_external("e1").result().path
+    assert path == f"tinker://{tc.model_id}/external_weights/e1"
+    rest = service.create_rest_client()
+    urls = rest.get_external_weights_urls(path).result().urls
+    assert set(urls) == {"adapter_config.json", "adapter_model.safetensors"}
+    store = gateway_stack.gateway.gateway.store
+    slug = "tk-" + tc.model_id.replace(":train:", "-")
+    folder = store.files_dir(store.resolve(slug, store.head(slug)))
+    for name, url in urls.items():
+        with urllib.request.urlopen(url) as reply:  # no key: the URL is the credential
+            assert reply.read() == (folder / name).read_bytes()
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 4
+    named = {
+        c.checkpoint_id: c.checkpoint_type
+        for c in rest.list_checkpoints(tc.model_id).result().checkpoints
+    }
+    assert named == {"external_weights/e1": "external"}
+
+    with pytest.raises(tinker.BadRequestError, match="age_encryption_recipients"):
+        tc.save_weights_external("e2", age_encryption_recipients=["age1xyz"]).result()
+    with pytest.raises(tinker.BadRequestError, match="ttl_seconds"):
+        tc.save_weights_external("e3", ttl_seconds=5).result()
+    with pytest.raises(tinker.NotFoundError):
+        rest.get_external_weights_urls(f"tinker://{tc.model_id}/external_weights/nope").result()
+    bad = urls["adapter_model.safetensors"].replace("/downloads/", "/downloads/x")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(bad)
+    assert e.value.code == 404
+    assert set(named) == {
+        c.checkpoint_id for c in rest.list_checkpoints(tc.model_id).result().checkpoints
+    }
+
+    # The SDK's CLI: a training checkpoint (save_state) downloaded as external weights.
+    state = tc.save_state("s1").result().path
+    env = dict(os.environ, TINKER_BASE_URL=gateway_stack.gateway.http_url.removesuffix("/v1"),
+               TINKER_API_KEY="tml-local", TINKER_TELEMETRY="0")  # fmt: skip
+    cli = subprocess.run(
+        [sys.executable, "-m", "tinker.cli", "checkpoint", "download", state,
+         "--output", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    got = tmp_path / state.removeprefix("tinker://").replace("/", "_")
+    assert (got / "adapter_model.safetensors").read_bytes() == (
+        folder / "adapter_model.safetensors"
+    ).read_bytes()
