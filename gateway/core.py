@@ -23,6 +23,7 @@ from gateway.redis_errors import RedisFailures
 from gateway.replies import DEFAULT_TTL_SECONDS, ReplyCache
 from gateway.routing import NoReplica, Router
 from gateway.team_slots import TeamSlots
+from gateway.tinker_state import RESULT_SECONDS
 from gateway.traces import TraceStore
 from gateway.workers import Workers
 from headway.channels import CHANNEL_OPTIONS
@@ -56,14 +57,17 @@ class Gateway:
         self._raw: dict[str, Any] = {}
 
     def _limits(self, config: GatewayConfig, redis: Any) -> None:
-        """Traces and stored replies under their Redis caps (one quota per team for both),
+        """Traces, stored replies and Tinker results under their Redis caps (one quota per
+        team for all),
         the per-team call slots and the worker threads of the HTTP API."""
         quota = TeamQuota.for_retention(
             config.redis_prefix,
             config.max_team_redis_bytes,
             config.trace_retention_seconds,
             DEFAULT_TTL_SECONDS,
+            RESULT_SECONDS,  # the Tinker API's results (gateway.tinker_state)
         )
+        self.quota = quota
         self.traces = TraceStore(
             redis,
             config.redis_prefix,

@@ -168,7 +168,10 @@ def failure(error: BaseException) -> Result:
 def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
     """The `/api/v1` routes, on `gateway`; `team_of(headers)` authenticates a request."""
     state = TinkerState(
-        gateway.redis, gateway.config.redis_prefix, gateway.config.max_calls_per_team
+        gateway.redis,
+        gateway.config.redis_prefix,
+        gateway.config.max_calls_per_team,
+        gateway.quota,
     )
     api = APIRouter(prefix="/api/v1")
     models = model_pb2_grpc.ModelServiceStub(gateway.trainer)

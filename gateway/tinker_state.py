@@ -42,12 +42,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from headway.errors import InvalidArgument, NotFound, Overloaded
+from gateway.quota import LUA, OVERHEAD, TeamQuota
+from headway.errors import InvalidArgument, NotFound, Overloaded, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
 SESSION_SECONDS = 24 * 3600  # a session (and its sampling sessions) lives this long idle
-KEEP_SECONDS = 3600  # an operation's result waits this long for its retrieve
+RESULT_SECONDS = KEEP_SECONDS = 3600  # an operation's result waits this long for its retrieve
 RETRIEVED_SECONDS = 60  # and this long after a retrieve (for a retry of a lost reply)
 NAME_SECONDS = 30 * 24 * 3600  # a named checkpoint path resolves this long
 POLL_SECONDS = 20.0  # a retrieve_future holds this long (the SDK gives up at 45 s)
@@ -91,6 +92,19 @@ class Result:
         return cls(json=json.loads(raw[1:]))
 
 
+# Store a result and count its bytes in the team's quota bucket of its expiry.
+_KEEP = (
+    LUA
+    + """
+local q = quota_of(ARGV, 4)
+local ttl = tonumber(ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+quota_add(q, quota_now() + ttl * 1000, tonumber(ARGV[3]))
+return 1
+"""
+)
+
+
 def _live(entry: dict[str, Any]) -> bool:
     """Whether a name's lifetime (if it has one) has not run out."""
     return entry.get("expires") is None or entry["expires"] > time.time()
@@ -99,9 +113,15 @@ def _live(entry: dict[str, Any]) -> bool:
 class TinkerState:
     """Sessions, sampling sessions, names and futures of the Tinker API (see the module)."""
 
-    def __init__(self, redis: Any, prefix: str, max_pending: int) -> None:
+    def __init__(
+        self, redis: Any, prefix: str, max_pending: int, quota: TeamQuota | None = None
+    ) -> None:
         self.redis, self.prefix = redis, f"{prefix}tinker:"
         self.max_pending = max_pending  # per team, on this gateway
+        # The team's bytes in Redis (traces, replies, results): a result counts until it
+        # expires, and a team over its cap starts no operation until some expire.
+        self.quota = quota or TeamQuota.for_retention(prefix, 0, KEEP_SECONDS)
+        self.quota.check_covers(KEEP_SECONDS, "Tinker results")
         self.local: dict[str, asyncio.Task] = {}  # futures running in this process
         self.local_teams: dict[str, str] = {}  # their teams
 
@@ -210,6 +230,10 @@ class TinkerState:
                 f"{self.max_pending} operations of this team are pending on this gateway; "
                 "wait for their results", retry_after_ms=1000
             )  # fmt: skip
+        if self.quota.cap:
+            used = await self.quota.used(self.redis, team)
+            if used >= self.quota.cap:
+                raise ResourceExhausted(self.quota.exceeded(used, 0, "this operation's result"))
         rid = secrets.token_hex(12)
         self.local_teams[rid] = team  # counted from now: concurrent submits see it
         keys = [f"{self.prefix}lease:{rid}", f"{self.prefix}op:{rid}"]
@@ -249,7 +273,7 @@ class TinkerState:
                     encoded = failure(ResultTooLarge(
                         f"the result is {len(encoded)} bytes, over the limit of "
                         f"{MAX_RESULT_BYTES}: send fewer datums per call")).encode()  # fmt: skip
-                await self._keep(rid, encoded)
+                await self._keep(rid, encoded, team)
             finally:
                 lease.cancel()
                 await asyncio.gather(lease, return_exceptions=True)
@@ -259,12 +283,16 @@ class TinkerState:
         task.add_done_callback(lambda _: self._forget_local(rid))
         return rid
 
-    async def _keep(self, rid: str, encoded: bytes) -> None:
-        """Store a result, retrying Redis a few times: the work is done (an optim_step
-        applied), so losing its answer is the last thing to do."""
+    async def _keep(self, rid: str, encoded: bytes, team: str) -> None:
+        """Store a result, counted in the team's bytes until it expires (over the cap too:
+        the work is done, an optim_step applied, so its answer is kept; the next operation
+        waits instead), retrying Redis a few times."""
         for attempt in range(5):
             try:
-                await self.redis.set(f"{self.prefix}result:{rid}", encoded, ex=KEEP_SECONDS)
+                await self.redis.eval(
+                    _KEEP, 1, f"{self.prefix}result:{rid}", encoded, KEEP_SECONDS,
+                    len(encoded) + OVERHEAD, *self.quota.lua_args(team),
+                )  # fmt: skip
                 return
             except Exception:
                 log.warning("tinker future %s: storing its result failed", rid, exc_info=True)

@@ -421,6 +421,50 @@ def test_stored_replies_count_toward_the_team_quota_and_one_over_it_is_not_kept(
         clear_prefix(prefix)
 
 
+def test_tinker_results_count_toward_the_team_quota_and_only_that_team_waits():
+    """A Tinker future's stored result counts in its team's bytes: over the cap, the team's
+    next operation is refused (the stored result still answers its retrieve), while
+    another team's operations go on."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from gateway.quota import OVERHEAD, TeamQuota
+    from gateway.tinker_state import KEEP_SECONDS, Result, TinkerState
+    from headway.errors import ResourceExhausted
+    from tests.stack import REDIS_URL, clear_prefix, redis_prefix
+
+    prefix = redis_prefix()
+    big = {"loss": "x" * 2000}
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        quota = TeamQuota.for_retention(prefix, 1000, KEEP_SECONDS)
+        state = TinkerState(client, prefix, max_pending=0, quota=quota)
+
+        async def work() -> Result:
+            return Result(big)
+
+        try:
+            rid = await state.submit("red", work, lambda e: Result({"error": str(e)}))
+            got = await state.retrieve(rid, "red")
+            assert got is not None and len(got.encode()) > 2000
+            assert await quota.used(client, "red") >= len(got.encode()) + OVERHEAD
+            with pytest.raises(ResourceExhausted) as err:
+                await state.submit("red", work, lambda e: Result({"error": str(e)}))
+            assert "max_team_redis_bytes" in err.value.message
+            assert (await state.retrieve(rid, "red")).encode() == got.encode()  # still there
+            other = await state.submit("blue", work, lambda e: Result({"error": str(e)}))
+            assert (await state.retrieve(other, "blue")).encode() == got.encode()
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        clear_prefix(prefix)
+
+
 def test_a_team_uses_at_most_half_the_worker_threads():
     """Red's held jobs take its half of a 2-thread pool; blue's job still runs at once, and
     red's next job waits for red's share, not for a thread."""
