@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -e '.[test]'
+	# tinker-cookbook for its test: without tml-renderers>=0.4.1 (not on PyPI here; the
+	# cookbook needs it only for Inkling models), its other dependencies in [test].
+	$(PIP) install --quiet --no-deps tinker-cookbook==0.6.1
 	touch $(STAMP)
 
 # Re-run only when package.json or the lockfile changes (npm ci starts from an empty
