@@ -494,3 +494,57 @@ def test_a_team_uses_at_most_half_the_worker_threads():
     finally:
         release.set()
         workers.close()
+
+
+def test_a_tinker_operation_whose_gateway_stopped_is_given_up_and_the_run_goes_on(monkeypatch):
+    """Gateway A runs a run's operation and stops (its task gone, as with a killed
+    process: no result, no lease renewal); gateway B holds the run's next operation behind
+    it. When A's lease lapses, B answers A's future with a server error that says so (a
+    poller does not wait for ever) and runs its own operation."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from gateway import tinker_state
+    from gateway.tinker_state import Result, TinkerState
+    from tests.stack import REDIS_URL, clear_prefix, redis_prefix
+
+    monkeypatch.setattr(tinker_state, "LEASE_SECONDS", 1)
+    prefix = redis_prefix()
+
+    def failed(e: BaseException) -> Result:
+        return Result({"error": str(e), "category": "server"})
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        a, b = TinkerState(client, prefix, 0), TinkerState(client, prefix, 0)
+        started = asyncio.Event()
+
+        async def hangs() -> Result:
+            started.set()
+            await asyncio.Event().wait()  # never
+            return Result({})
+
+        async def second() -> Result:
+            return Result({"ran": True})
+
+        try:
+            first = await a.submit("red", hangs, failed, run="run-1", seq=1)
+            await started.wait()
+            then = await b.submit("red", second, failed, run="run-1", seq=2)
+            a.local[first].cancel()  # gateway A stops
+            lost = None
+            while lost is None:  # each retrieve holds up to POLL_SECONDS
+                lost = await b.retrieve(first, "red")
+            assert "stopped before it finished" in lost.encode().decode()
+            got = None
+            while got is None:
+                got = await b.retrieve(then, "red")
+            assert got.encode() == Result({"ran": True}).encode()
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        clear_prefix(prefix)
