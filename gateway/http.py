@@ -40,7 +40,7 @@ from gateway.http_errors import HTTPError, domain_error_response, error_response
 from gateway.http_params import Completion, completion, parse_body, render_json, required_str
 from gateway.redis_errors import REDIS_ERRORS
 from gateway.team_slots import TeamSlotsMiddleware
-from headway.errors import HeadwayError, from_status, pushback_ms
+from headway.errors import HeadwayError, from_rpc_error
 from headway.modeling.tokenizer import Tokenizer
 from headway.server import logs
 from headway.tensors import to_tensor
@@ -139,8 +139,7 @@ def create_app(gateway: Gateway) -> Any:
 
     @app.exception_handler(grpc.aio.AioRpcError)
     async def _upstream_error(request: Request, e: grpc.aio.AioRpcError) -> JSONResponse:
-        name = e.code().name
-        return domain_error_response(from_status(name, e.details() or name, pushback_ms(e)))
+        return domain_error_response(from_rpc_error(e))
 
     @app.exception_handler(RedisError)
     async def _redis_error(request: Request, e: RedisError) -> JSONResponse:

@@ -51,8 +51,7 @@ from headway.errors import (
     NotFound,
     Overloaded,
     Unavailable,
-    from_status,
-    pushback_ms,
+    from_rpc_error,
 )
 from headway.server.auth import Caller
 from headway.store import ADAPTER_FILE, check_slug
@@ -144,7 +143,7 @@ async def patiently(call: Callable[[], Awaitable[Any]]) -> Any:
             return await call()
         except (grpc.aio.AioRpcError, HeadwayError) as e:
             if isinstance(e, grpc.aio.AioRpcError):
-                e = from_status(e.code().name, e.details() or "", pushback_ms(e))
+                e = from_rpc_error(e)
             if not isinstance(e, Overloaded | Unavailable) or time.monotonic() > deadline:
                 raise
             wait = e.retry_after_ms / 1000 if getattr(e, "retry_after_ms", None) else delay
@@ -157,7 +156,7 @@ def failure(error: BaseException) -> Result:
     """A failed future's body: the SDK raises it as RequestFailedError of this category
     ("user": change the request; "server": not the caller's doing)."""
     if isinstance(error, grpc.aio.AioRpcError):  # a backend's answer
-        error = from_status(error.code().name, error.details() or error.code().name, None)
+        error = from_rpc_error(error)
     if isinstance(error, HeadwayError):
         category = "user" if error.user_error else "server"
         return Result({"error": error.message, "category": category})
@@ -180,10 +179,10 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
     def md(team: str) -> list[tuple[str, str]]:
         return gateway.backend_md(Caller(team))
 
-    async def body(request: Request) -> dict[str, Any]:
-        """The JSON object of a request (400 for anything else, NaN and deep nesting
-        included), parsed on a worker thread as the OpenAI API's are."""
-        team = team_of(request.headers)
+    async def body(request: Request, team: str) -> dict[str, Any]:
+        """The JSON object of a request of `team` (authenticated by the caller; 400 for
+        anything else, NaN and deep nesting included), parsed on a worker thread of the
+        team's share as the OpenAI API's are."""
         return await gateway.workers.run(team, parse_body, (await request.body()) or b"{}")
 
     def run_of(team: str, model_id: Any) -> str:
@@ -233,7 +232,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
     @api.post("/session_heartbeat")
     async def heartbeat(request: Request) -> dict[str, str]:
         team = team_of(request.headers)
-        await session_of(team, await body(request))
+        await session_of(team, await body(request, team))
         return {"type": "session_heartbeat"}
 
     @api.post("/sessions/{session}/finish")
@@ -259,7 +258,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
     @api.post("/create_model")
     async def create_model(request: Request) -> dict[str, str]:
         team = team_of(request.headers)
-        raw = await body(request)
+        raw = await body(request, team)
         session = await session_of(team, raw)
         n = counter(raw, "model_seq_id")
         base = raw.get("base_model")
@@ -305,7 +304,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
     @api.post("/get_info")
     async def get_info(request: Request) -> dict[str, Any]:
         team = team_of(request.headers)
-        raw = await body(request)
+        raw = await body(request, team)
         slug = run_of(team, raw.get("model_id"))
         record = gateway.model(slug, team)
         base = gateway.store.get_model(record.base)
@@ -378,7 +377,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
     @api.post("/optim_step")
     async def optim_step(request: Request) -> dict[str, str]:
         team = team_of(request.headers)
-        raw = await body(request)
+        raw = await body(request, team)
         slug = run_of(team, raw.get("model_id"))
         if raw.get("optimizer_params") is not None:
             raise InvalidArgument("optimizer_params: Headway trains with adam_params only")
@@ -396,7 +395,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
     @api.post("/save_weights_for_sampler")
     async def save_for_sampler(request: Request) -> dict[str, str]:
         team = team_of(request.headers)
-        raw = await body(request)
+        raw = await body(request, team)
         model_id = raw.get("model_id")
         slug = run_of(team, model_id)
         name = raw.get("path")
@@ -433,7 +432,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         """save_state: names the run's head, whose files hold its weights and optimizer
         state (every optim_step made one)."""
         team = team_of(request.headers)
-        raw = await body(request)
+        raw = await body(request, team)
         model_id = raw.get("model_id")
         slug = run_of(team, model_id)
         name = raw.get("path")
@@ -454,7 +453,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         (`external_weights_urls`) as the PEFT adapter of that checkpoint, read from the
         store when a URL is fetched: nothing is copied. Encrypted exports are not offered."""
         team = team_of(request.headers)
-        raw = await body(request)
+        raw = await body(request, team)
         model_id = raw.get("model_id")
         slug = run_of(team, model_id)
         name = raw.get("path")
@@ -529,7 +528,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
     async def checkpoint_ttl(rid: str, kind: str, name: str, request: Request) -> dict[str, Any]:
         """A checkpoint name's lifetime from now (ttl_seconds; null: none of its own)."""
         team = team_of(request.headers)
-        raw = await body(request)
+        raw = await body(request, team)
         ttl = raw.get("ttl_seconds")
         if ttl is not None:
             ttl = number(raw, "ttl_seconds", int, *EXPORT_TTL)
@@ -546,7 +545,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         state if asked). load_state(_with_optimizer) into a run: that run's head moved back
         to one of its own checkpoints (weights and optimizer state, Headway's SetHead)."""
         team = team_of(request.headers)
-        raw = await body(request)
+        raw = await body(request, team)
         optimizer = bool(raw.get("optimizer"))
         source, checkpoint = await checkpoint_of(team, raw.get("path"))
         if raw.get("model_id") is not None:  # load into an existing run
@@ -581,7 +580,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
     @api.post("/create_sampling_session")
     async def create_sampling_session(request: Request) -> dict[str, str]:
         team = team_of(request.headers)
-        raw = await body(request)
+        raw = await body(request, team)
         session = await session_of(team, raw)
         sid = f"{session}:sample:{counter(raw, 'sampling_session_seq_id')}"
         path, base = raw.get("model_path"), raw.get("base_model")
@@ -607,7 +606,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
     @api.post("/asample")
     async def asample(request: Request) -> dict[str, Any]:
         team = team_of(request.headers)
-        raw = await body(request)
+        raw = await body(request, team)
         sid = raw.get("sampling_session_id")
         if not isinstance(sid, str):
             raise InvalidArgument("sampling_session_id: a string is required")
@@ -703,7 +702,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
     @api.post("/weights_info")
     async def weights_info(request: Request) -> dict[str, Any]:
         team = team_of(request.headers)
-        slug, _ = await checkpoint_of(team, (await body(request)).get("tinker_path"))
+        slug, _ = await checkpoint_of(team, (await body(request, team)).get("tinker_path"))
         record = gateway.model(slug, team)
         return {"base_model": record.base, "is_lora": bool(record.lora),
                 "lora_rank": (record.lora or {}).get("rank")}  # fmt: skip
@@ -711,7 +710,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
     @api.post("/retrieve_future")
     async def retrieve_future(request: Request) -> Response:
         team = team_of(request.headers)
-        request_id = (await body(request)).get("request_id")
+        request_id = (await body(request, team)).get("request_id")
         if not isinstance(request_id, str):
             raise InvalidArgument("request_id: a string is required")
         result = await state.retrieve(request_id, team)

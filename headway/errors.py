@@ -12,6 +12,8 @@ SDK and gateway can use it too.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class HeadwayError(Exception):
     """Base class: `code` is the name of a `grpc.StatusCode` member, `http_status` the
@@ -210,6 +212,16 @@ def from_status(code: str, message: str, retry_after_ms: int | None = None) -> H
     if error.code != code:
         error.code = code
     return error
+
+
+def from_rpc_error(error: Any) -> HeadwayError:
+    """The error of a failed gRPC call (anything with grpc's `code()`, `details()` and
+    trailing metadata: a `grpc.RpcError`, an `AioRpcError`), the server's message and its
+    retry pushback kept (at capacity is retryable, unlike a request over a limit)."""
+    code = error.code() if hasattr(error, "code") else None
+    name = getattr(code, "name", "UNKNOWN")
+    details = (error.details() if hasattr(error, "details") else "") or name
+    return from_status(name, details, pushback_ms(error))
 
 
 def from_http(

@@ -96,6 +96,15 @@ def test_sdk_gets_its_own_errors_for_bad_input(service):
     with pytest.raises(tinker.BadRequestError, match="topk_prompt_logprobs: not served"):
         sampler.sample(types.ModelInput.from_ints([3, 4]), 1, types.SamplingParams(max_tokens=2),
                        include_prompt_logprobs=True, topk_prompt_logprobs=2).result()  # fmt: skip
+    with pytest.raises(tinker.BadRequestError, match="stable_reinforce"):
+        tc.forward_backward(data, "stable_reinforce").result()
+    with pytest.raises(tinker.BadRequestError, match="cross_entropy"):
+        tc.forward(data, "importance_sampling").result()
+    with pytest.raises(tinker.TinkerError, match="train_mlp"):
+        service.create_lora_training_client(base_model="tiny", rank=4, train_mlp=False).result()
+    state = tc.save_state("bad-input").result().path
+    with pytest.raises(tinker.TinkerError, match="load_state_with_optimizer"):
+        tc.load_state(state).result()
     # The run still trains after the refusals.
     assert "loss:sum" in tc.forward_backward(data, "cross_entropy").result().metrics
 

@@ -17,7 +17,7 @@ import grpc
 from headway.channels import CHANNEL_OPTIONS
 from headway.client.rpcs import Call
 from headway.client.settings import ClientSettings, retry_delay
-from headway.errors import HeadwayError, from_status, pushback_ms
+from headway.errors import HeadwayError, from_rpc_error, pushback_ms
 
 __all__ = ["Connection", "error_from_rpc"]
 
@@ -25,12 +25,9 @@ T = TypeVar("T")
 
 
 def error_from_rpc(e: grpc.RpcError) -> HeadwayError:
-    """The `HeadwayError` subclass of a failed call's status, with the server's message."""
-    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-    name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-    details = (e.details() if hasattr(e, "details") else "") or name
-    # At capacity (a pushback) is retryable, unlike a request over a limit.
-    return from_status(name, details, pushback_ms(e) if name == "RESOURCE_EXHAUSTED" else None)
+    """The `HeadwayError` subclass of a failed call's status, with the server's message
+    (`headway.errors.from_rpc_error`)."""
+    return from_rpc_error(e)
 
 
 class Connection:
