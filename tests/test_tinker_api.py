@@ -109,6 +109,47 @@ def test_sdk_gets_its_own_errors_for_bad_input(service):
     assert "loss:sum" in tc.forward_backward(data, "cross_entropy").result().metrics
 
 
+def test_rl_losses_take_their_loss_fn_config_through_the_sdk(service):
+    """ppo, cispo and dro with `loss_fn_config` through the SDK: each loss is the formula
+    with the configured clip thresholds (or beta), not the defaults, on the policy's own
+    logprobs (ratios e^±0.4 sit outside both the configured and the default clips)."""
+    tc = service.create_lora_training_client(base_model="tiny", rank=4).result()
+    tokens = [3, 4, 5, 6, 7, 8]
+    lp = tc.forward([datum(tokens)], "cross_entropy").result().loss_fn_outputs[0]
+    lp = lp["logprobs"].to_numpy().astype(np.float64)
+    q = lp + np.linspace(-0.4, 0.4, len(lp))  # the sampler's logprobs: ratio = e^(lp - q)
+    adv = np.array([1.0, -1.0, 0.5, -0.5, 1.0])
+    data = [types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "logprobs": q.tolist(),
+                        "advantages": adv.tolist()},
+    )]  # fmt: skip
+    ratio = np.exp(lp - q)
+
+    def ppo(lo: float, hi: float) -> float:
+        return float(-np.minimum(ratio * adv, np.clip(ratio, lo, hi) * adv).sum())
+
+    def cispo(lo: float, hi: float) -> float:
+        return float(-(np.clip(ratio, lo, hi) * adv * lp).sum())
+
+    def dro(beta: float) -> float:
+        return float(-(adv * lp - 0.5 * beta * (lp - q) ** 2).sum())
+
+    clip = {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}
+    for loss, config, want, default in (
+        ("ppo", clip, ppo(0.9, 1.1), ppo(0.8, 1.2)),
+        ("cispo", clip, cispo(0.9, 1.1), cispo(0.8, 1.2)),
+        ("dro", {"beta": 0.5}, dro(0.5), dro(0.05)),
+    ):
+        out = tc.forward_backward(data, loss, loss_fn_config=config).result()
+        got = out.metrics["loss:sum"]
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5), (loss, got, want)
+        assert abs(want - default) > 1e-3  # the config mattered
+    with pytest.raises(tinker.RequestFailedError, match="no_such_key") as failed:
+        tc.forward_backward(data, "ppo", loss_fn_config={"no_such_key": 1.0}).result()
+    assert failed.value.category == types.RequestErrorCategory.User
+
+
 def test_one_teams_runs_and_futures_are_not_found_to_another(secured_stack, monkeypatch):
     """Headway keys, sent as tml-<key>: red's run, its sampler weights and its futures are
     NOT_FOUND to blue, through the SDK and on the wire; a key that is not one is 401."""
