@@ -433,8 +433,8 @@ def main() -> None:
         for line in bf16_choices:
             print("  " + line.split("] ", 1)[-1])
     print(
-        "sampler start-up (spawn → first Sample served; kernels measured, decode compiled and "
-        f"timed, nothing cached): {startup_s:.1f} s"
+        "sampler start-up, the bf16 replica (spawn → first Sample served; kernels measured, "
+        f"decode compiled and timed where --compile auto does, nothing cached): {startup_s:.1f} s"
     )
 
     rows, _, reload_line = reload_report(reloads, floors)

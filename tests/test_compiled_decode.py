@@ -161,6 +161,16 @@ def test_auto_compiles_nothing_where_the_cached_timings_say_eager(tmp_path, monk
     assert first.compiler.times.keys() == again.compiler.times.keys()
 
 
+def test_auto_does_not_compile_a_bf16_engine(tmp_path, monkeypatch):
+    """bf16 in auto mode: no compile, no timing (measured: it loses at 8+ rows and costs a
+    minute of the start); the engine decodes eagerly."""
+    monkeypatch.setenv("HEADWAY_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    monkeypatch.setattr(compiled, "decode", lambda *a: pytest.fail("compiled"))
+    engine = engine_of(tiny_model("qwen3").to(torch.bfloat16), "auto")
+    assert engine.compiler.compiled == set() and engine.compiler.times == {}
+    assert engine.compiler.error == ""
+
+
 def test_an_engine_of_any_row_count_measures_within_its_rows(tmp_path, monkeypatch):
     """--max-batch 6 (bucket 8 holds at most 6 rows) and --max-batch 1 (no second graph)."""
     monkeypatch.setenv("HEADWAY_KERNEL_CACHE", str(tmp_path / "kernels.json"))
