@@ -31,8 +31,9 @@ of their own.
   (`sampler_svc.compiled`) with both ways' times.
 - bf16: a second replica, `python -m sampler_svc --dtype bf16` in a child process, with an
   empty kernel cache (and so no compiled code: a first start on a machine): its start-up
-  (spawn → first Sample served, layouts measured, the decode step compiled and timed) is
-  `startup_s`; its decode at batch 8 against transformers generate in bf16; and its
+  (spawn → first Sample served, layouts measured; bf16 does not compile in auto mode), and
+  that of an fp32 replica started the same way, which compiles and times its decode step:
+  `startup_s` is the longer; its decode at batch 8 against transformers generate in bf16; and its
   sampled logprobs against the fp32 forward of the same checkpoint (the fp32 replica's
   ComputeLogprobs, which equals the trainer's to 1e-4): mean / max |Δ logprob| and the k3
   estimate of KL(sampler ‖ trainer). Skipped (`n/a`) on a CPU without bf16 units.
@@ -257,6 +258,15 @@ def main() -> None:
         bf16_choices = bf16.logged("decode kernels (", "decode compiled", "dropped")
         bf16.stop()
         bf16 = None
+        # ---- the cold start of an fp32 replica too: the one that compiles (auto).
+        log32 = store.with_name(f"{store.name}-sampler-fp32.log")
+        cold = SamplerProcess(
+            store, prefix, log32, ["--dtype", "fp32", "--max-batch", "16", "--max-seq-len", "256"]
+        )
+        startups = [("bf16" if bf16_supported else "fp32", startup_s), ("fp32", cold.startup_s)]
+        cold_compile = cold.logged("decode compiled")
+        cold.stop()
+        startup_s = max(seconds for _, seconds in startups)
         m = {k: med(v) for k, v in t.items()}
 
         # ---- reloads: LoRA fork, then full fork.
@@ -316,6 +326,7 @@ def main() -> None:
         shutil.rmtree(store, ignore_errors=True)
         store.with_name(f"{store.name}-trainer.log").unlink(missing_ok=True)
         store.with_name(f"{store.name}-sampler-bf16.log").unlink(missing_ok=True)
+        store.with_name(f"{store.name}-sampler-fp32.log").unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
 
     # ---- figures
@@ -432,10 +443,14 @@ def main() -> None:
         print("the bf16 replica's choices (its log):")
         for line in bf16_choices:
             print("  " + line.split("] ", 1)[-1])
-    print(
-        "sampler start-up, the bf16 replica (spawn → first Sample served; kernels measured, "
-        f"decode compiled and timed where --compile auto does, nothing cached): {startup_s:.1f} s"
-    )
+    for dtype, seconds in startups:
+        print(
+            f"sampler start-up, {dtype} replica (spawn → first Sample served; kernels "
+            f"measured, decode compiled and timed where --compile auto does, nothing cached): "
+            f"{seconds:.1f} s"
+        )
+    for line in cold_compile:
+        print("  fp32 replica: " + line.split("] ", 1)[-1])
 
     rows, _, reload_line = reload_report(reloads, floors)
     print_table(
