@@ -138,7 +138,11 @@ class DecodeCompiler:
         length: int,
         max_rows: int,
         kv_only: bool,
+        graph_matmuls: Callable[[int], float | None] = lambda bucket: None,
     ) -> None:
+        """`graph_matmuls(bucket)`: seconds of the layers' projections as F.linear (what
+        the graph runs) at that bucket, from the engine's layout measurements (None:
+        unknown); `auto` compiles nothing where they alone outlast the eager forward."""
         if mode not in MODES:
             raise ValueError(f"compile mode {mode!r}: choose among {', '.join(MODES)}")
         self.model, self.mode, self.caches, self.length = model, mode, caches, length
@@ -166,6 +170,8 @@ class DecodeCompiler:
             if all(pick(t) == "eager" for t in self.times.values()):
                 log.info("decode compiled: no bucket (cached timings: %s)", self.describe())
                 return
+        if mode == "auto" and not self.times and self._cannot_pay(buckets, graph_matmuls):
+            return
         started = time.perf_counter()
         try:
             self.warm()
@@ -187,6 +193,33 @@ class DecodeCompiler:
             time.perf_counter() - started,
             cache_dir(),
         )
+
+    def _cannot_pay(self, buckets: list[int], graph_matmuls: Callable[[int], float | None]) -> bool:
+        """Whether the graph cannot beat eager at any bucket, known before compiling it:
+        its matmuls are F.linear's, and where F.linear alone (measured with the layouts)
+        takes longer than the whole eager forward (on a Zen 4, MKL's few-row sgemm: 9.3 vs
+        6.8 ms a step at one row), no fusion of the rest wins that back. Compiling costs
+        a minute of a small CPU's start. Then `times` holds the eager forward and the
+        graph's matmul floor per bucket."""
+        floors = {b: graph_matmuls(b) for b in buckets}
+        if any(f is None for f in floors.values()):
+            return False
+        with torch.inference_mode():
+            eager = {b: self._time_eager(min(b, self.max_rows)) for b in buckets}
+        if any(floors[b] < eager[b] for b in buckets):
+            return False
+        self.times = {b: {"eager": eager[b], "graph matmuls": floors[b]} for b in buckets}
+        log.info(
+            "decode compiled: no bucket, not compiled (the graph's F.linear matmuls alone "
+            "outlast the eager forward: %s)",
+            self.describe(),
+        )
+        return True
+
+    def _time_eager(self, rows: int) -> float:
+        ids, positions = self._inputs(rows)
+        caches = self.caches(rows, self.length, False)
+        return fastest({"eager": lambda: self.eager(ids, positions, caches)})["eager"]
 
     def failed(self, error: Exception) -> None:
         """Decode eagerly from now on, logging why (a compile or a recompile that failed)."""

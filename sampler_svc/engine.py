@@ -135,7 +135,16 @@ class Engine:
             length=min(WINDOW, max_seq_len),
             max_rows=max_batch,
             kv_only=all(type(c) is KVCache for c in self.caches),
+            graph_matmuls=self._linear_matmuls,
         )
+
+    def _linear_matmuls(self, bucket: int) -> float | None:
+        """Seconds of one decode forward's layer projections as F.linear at `bucket`, as
+        the layouts were measured (None where they were not: forced layouts)."""
+        vocab = tuple(self.model.lm_head.weight.shape)
+        times = [t.get("linear") for (shape, b), t in self.kernels.times.items()
+                 if b == bucket and shape != vocab and shape[0] != "attention"]  # fmt: skip
+        return sum(times) if times and None not in times else None
 
     def weights_changed(self) -> None:
         """The model's weights were copied anew in place (a full reload into this idle

@@ -171,6 +171,26 @@ def test_auto_does_not_compile_a_bf16_engine(tmp_path, monkeypatch):
     assert engine.compiler.error == ""
 
 
+def test_auto_does_not_compile_where_the_graphs_matmuls_alone_outlast_eager(
+    tmp_path, monkeypatch
+):
+    """Where F.linear, the graph's matmuls, measured slower than the engine's whole eager
+    forward (here: made so in the kernel cache), compiling cannot pay: nothing compiled,
+    and the timings say why."""
+    monkeypatch.setenv("HEADWAY_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    engine_of(tiny_model("qwen3"), "off")  # measures and caches the layouts
+    slow = {}
+    for key, entry in kernel_cache.read_cache().items():
+        if "linear" in entry.get("times", {}):
+            slow[key] = {"times": {**entry["times"], "linear": 1.0}}  # a second a pass
+    kernel_cache.write_cache(slow)
+    monkeypatch.setattr(compiled, "decode", lambda *a: pytest.fail("compiled"))
+    engine = engine_of(tiny_model("qwen3"), "auto")
+    assert engine.compiler.compiled == set() and engine.compiler.error == ""
+    for times in engine.compiler.times.values():
+        assert times["graph matmuls"] >= 1.0 > times["eager"]
+
+
 def test_an_engine_of_any_row_count_measures_within_its_rows(tmp_path, monkeypatch):
     """--max-batch 6 (bucket 8 holds at most 6 rows) and --max-batch 1 (no second graph)."""
     monkeypatch.setenv("HEADWAY_KERNEL_CACHE", str(tmp_path / "kernels.json"))
