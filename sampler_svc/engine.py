@@ -139,12 +139,16 @@ class Engine:
         )
 
     def _linear_matmuls(self, bucket: int) -> float | None:
-        """Seconds of one decode forward's layer projections as F.linear at `bucket`, as
-        the layouts were measured (None where they were not: forced layouts)."""
+        """Seconds a compiled decode forward cannot go below at `bucket`: its layers'
+        projections as F.linear and its attention as SDPA, as the layouts were measured
+        (None where they were not: forced layouts)."""
         vocab = tuple(self.model.lm_head.weight.shape)
         times = [t.get("linear") for (shape, b), t in self.kernels.times.items()
                  if b == bucket and shape != vocab and shape[0] != "attention"]  # fmt: skip
-        return sum(times) if times and None not in times else None
+        sdpa = self.kernels.times.get((("attention", 0), bucket), {}).get("sdpa")
+        if not times or None in times or sdpa is None:
+            return None
+        return sum(times) + sdpa * self.model.config.num_hidden_layers
 
     def weights_changed(self) -> None:
         """The model's weights were copied anew in place (a full reload into this idle
