@@ -43,7 +43,7 @@ from google.protobuf.message import DecodeError
 
 from gateway.core import Gateway
 from gateway.http_params import parse_body
-from gateway.tinker_state import Result, SamplingSession, TinkerState
+from gateway.tinker_state import NAME_SECONDS, Result, SamplingSession, TinkerState
 from headway.errors import (
     FailedPrecondition,
     HeadwayError,
@@ -76,7 +76,9 @@ LOSSES = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
 KINDS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 # A PEFT adapter's files, what an external weights checkpoint of a LoRA run holds.
 PEFT_FILES = ("adapter_config.json", ADAPTER_FILE)
-EXPORT_TTL = (3600, 10 * 365 * 24 * 3600)  # the SDK's bounds on an export's lifetime (s)
+# An export's lifetime (s): the SDK's least; at most the life of a run's names (30 days
+# since the run last named a checkpoint), not the SDK's 10 years.
+EXPORT_TTL = (3600, NAME_SECONDS)
 URL_SECONDS = 3600  # a signed download URL's life
 KEY_PREFIX = "tml-"  # the SDK refuses keys without it: a Headway key is sent as tml-<key>
 # The reductions a metric name may end in ("loss:sum"); the SDK drops or fails others.
@@ -467,11 +469,18 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         ttl = raw.get("ttl_seconds")
         if ttl is not None:
             ttl = number(raw, "ttl_seconds", int, *EXPORT_TTL)
-        if not gateway.model(slug, team).lora:
+        record = gateway.model(slug, team)
+        if not record.lora:
             raise FailedPrecondition(
                 f"training run {model_id!r} is a full fork: its external weights are not "
                 "exported over the API yet (`headway models export --format hf` on the "
                 "store's machine)"
+            )
+        if record.frozen and not gateway.store.get_model(record.frozen.model).is_base:
+            raise FailedPrecondition(
+                f"training run {model_id!r} adapts the trained weights of "
+                f"{record.frozen.model!r}, not a base: its adapter alone does not reproduce "
+                "it; export the merged model (`headway models export --format hf`)"
             )
         run = rk(slug)
 
@@ -505,10 +514,11 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
             )
         slug, checkpoint = await checkpoint_of(team, f"tinker://{rid}/{kind}/{name}")
         files = peft_files(slug, checkpoint)
-        grant = {"team": team, "model": slug, "checkpoint": checkpoint}
-        token = await state.grant_download(grant, URL_SECONDS)
+        grant = {"team": team, "model": slug, "checkpoint": checkpoint, "run": rk(slug),
+                 "path": f"{kind}/{name}"}  # fmt: skip
+        token, left = await state.grant_download(grant, URL_SECONDS)
         root = str(request.base_url).rstrip("/")
-        expires = datetime.now(UTC).timestamp() + URL_SECONDS
+        expires = datetime.now(UTC).timestamp() + left
         return {"urls": {f: f"{root}/api/v1/downloads/{token}/{f}" for f in files},
                 "expires": iso(expires)}  # fmt: skip
 
@@ -519,6 +529,8 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         if grant is None:
             raise NotFound("this download URL is unknown or expired: ask for new URLs")
         gateway.model(grant["model"], grant["team"])  # the run may have been deleted since
+        if await state.named(grant["run"], grant["path"]) != grant["checkpoint"]:
+            raise NotFound(f"{grant['path']} was deleted or expired: its URLs with it")
         path = peft_files(grant["model"], grant["checkpoint"]).get(file)
         if path is None:
             raise NotFound(f"{file!r} is not a file of this export")

@@ -92,14 +92,22 @@ class Result:
         return cls(json=json.loads(raw[1:]))
 
 
-# Store a result and count its bytes in the team's quota bucket of its expiry.
+# Store a result (ARGV[1]; its error ARGV[2] instead when it is larger than SMALL_RESULT
+# and over the team's cap) and count its bytes in the team's bucket of its expiry.
+SMALL_RESULT = 64 * 1024
 _KEEP = (
     LUA
-    + """
+    + f"""
 local q = quota_of(ARGV, 4)
-local ttl = tonumber(ARGV[2])
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
-quota_add(q, quota_now() + ttl * 1000, tonumber(ARGV[3]))
+local ttl = tonumber(ARGV[3])
+local now = quota_now()
+local value = ARGV[1]
+local size = string.len(value) + {OVERHEAD}
+if string.len(value) > {SMALL_RESULT} and not quota_fits(q, now, size) then
+  value = ARGV[2]
+end
+redis.call('SET', KEYS[1], value, 'EX', ttl)
+quota_add(q, now + ttl * 1000, string.len(value) + {OVERHEAD})
 return 1
 """
 )
@@ -191,12 +199,21 @@ class TinkerState:
         return True
 
     # --------------------------------------------------------------- downloads
-    async def grant_download(self, grant: dict[str, str], seconds: int) -> str:
-        """A random token that stands for `grant` (what a signed URL may read) for
-        `seconds`, in Redis: any gateway behind the balancer serves the URL."""
+    async def grant_download(self, grant: dict[str, str], seconds: int) -> tuple[str, float]:
+        """A random token that stands for `grant` (what a signed URL may read) and the
+        seconds it has left, kept in Redis: any gateway behind the balancer serves the URL.
+        The same grant gets the same token while it lives, so asking again stores nothing
+        more (one key per export, however often a team asks)."""
+        digest = hashlib.sha256(json.dumps(grant, sort_keys=True).encode()).hexdigest()[:32]
+        held = f"{self.prefix}download-grant:{digest}"
         token = secrets.token_urlsafe(32)
-        await self.redis.set(f"{self.prefix}download:{token}", json.dumps(grant), ex=seconds)
-        return token
+        if await self.redis.set(held, token, nx=True, ex=seconds):
+            await self.redis.set(f"{self.prefix}download:{token}", json.dumps(grant), ex=seconds)
+            return token, float(seconds)
+        existing, left = await self.redis.get(held), await self.redis.pttl(held)
+        if existing is None or left <= 0:  # expired between the two calls: a new one
+            return await self.grant_download(grant, seconds)
+        return existing.decode(), left / 1000
 
     async def download(self, token: str) -> dict[str, str] | None:
         """The grant of a live download token."""
@@ -231,6 +248,11 @@ class TinkerState:
                 "wait for their results", retry_after_ms=1000
             )  # fmt: skip
         if self.quota.cap:
+            retried = None
+            if run and seq > 0:  # a retry of a submitted operation gets its id, cap or not
+                retried = await self.redis.get(f"{self.prefix}seq:{run}:{seq}")
+            if retried is not None:
+                return retried.decode()
             used = await self.quota.used(self.redis, team)
             if used >= self.quota.cap:
                 raise ResourceExhausted(self.quota.exceeded(used, 0, "this operation's result"))
@@ -273,7 +295,12 @@ class TinkerState:
                     encoded = failure(ResultTooLarge(
                         f"the result is {len(encoded)} bytes, over the limit of "
                         f"{MAX_RESULT_BYTES}: send fewer datums per call")).encode()  # fmt: skip
-                await self._keep(rid, encoded, team)
+                over = failure(ResourceExhausted(
+                    f"the operation ran, but its result ({len(encoded)} bytes) would take the "
+                    "team's data in Redis over its limit (max_team_redis_bytes), so it was "
+                    "not kept: send fewer datums per call, or wait for older results to "
+                    "expire")).encode()  # fmt: skip
+                await self._keep(rid, encoded, over, team)
             finally:
                 lease.cancel()
                 await asyncio.gather(lease, return_exceptions=True)
@@ -283,15 +310,15 @@ class TinkerState:
         task.add_done_callback(lambda _: self._forget_local(rid))
         return rid
 
-    async def _keep(self, rid: str, encoded: bytes, team: str) -> None:
-        """Store a result, counted in the team's bytes until it expires (over the cap too:
-        the work is done, an optim_step applied, so its answer is kept; the next operation
-        waits instead), retrying Redis a few times."""
+    async def _keep(self, rid: str, encoded: bytes, over: bytes, team: str) -> None:
+        """Store a result, counted in the team's bytes until it expires; one over the
+        team's cap is stored as `over` (its error) unless small (an optim_step's answer is
+        kept whatever the cap: the work is done), retrying Redis a few times."""
         for attempt in range(5):
             try:
                 await self.redis.eval(
-                    _KEEP, 1, f"{self.prefix}result:{rid}", encoded, KEEP_SECONDS,
-                    len(encoded) + OVERHEAD, *self.quota.lua_args(team),
+                    _KEEP, 1, f"{self.prefix}result:{rid}", encoded, over, KEEP_SECONDS,
+                    *self.quota.lua_args(team),
                 )  # fmt: skip
                 return
             except Exception:

@@ -430,7 +430,7 @@ def test_tinker_results_count_toward_the_team_quota_and_only_that_team_waits():
     import redis.asyncio as aioredis
 
     from gateway.quota import OVERHEAD, TeamQuota
-    from gateway.tinker_state import KEEP_SECONDS, Result, TinkerState
+    from gateway.tinker_state import KEEP_SECONDS, SMALL_RESULT, Result, TinkerState
     from headway.errors import ResourceExhausted
     from tests.stack import REDIS_URL, clear_prefix, redis_prefix
 
@@ -456,11 +456,36 @@ def test_tinker_results_count_toward_the_team_quota_and_only_that_team_waits():
             assert (await state.retrieve(rid, "red")).encode() == got.encode()  # still there
             other = await state.submit("blue", work, lambda e: Result({"error": str(e)}))
             assert (await state.retrieve(other, "blue")).encode() == got.encode()
+            # A retried seq_id gets its first submission's id, though that one's result
+            # took the team over the cap; a new operation does not start.
+            first = await state.submit("yellow", work, lambda e: Result({}), "run-y", 1)
+            await state.retrieve(first, "yellow")
+            assert await state.submit("yellow", work, lambda e: Result({}), "run-y", 1) == first
+            with pytest.raises(ResourceExhausted):
+                await state.submit("yellow", work, lambda e: Result({}), "run-y", 2)
+        finally:
+            await client.aclose()
+
+    async def huge() -> None:
+        # A result larger than SMALL_RESULT that would pass the cap is kept as its error.
+        client = aioredis.Redis.from_url(REDIS_URL)
+        quota = TeamQuota.for_retention(prefix, 4 * SMALL_RESULT, KEEP_SECONDS)
+        state = TinkerState(client, prefix, max_pending=0, quota=quota)
+
+        async def work() -> Result:
+            return Result({"loss": "x" * (8 * SMALL_RESULT)})
+
+        try:
+            rid = await state.submit("green", work, lambda e: Result({"error": str(e)}))
+            kept = (await state.retrieve(rid, "green")).encode()
+            assert b"max_team_redis_bytes" in kept and len(kept) < SMALL_RESULT
+            assert await quota.used(client, "green") < quota.cap
         finally:
             await client.aclose()
 
     try:
         asyncio.run(scenario())
+        asyncio.run(huge())
     finally:
         clear_prefix(prefix)
 

@@ -535,13 +535,29 @@ def test_external_weights_download_as_a_peft_adapter(gateway_stack, service, tmp
         tc.save_weights_external("e3", ttl_seconds=5).result()
     with pytest.raises(tinker.NotFoundError):
         rest.get_external_weights_urls(f"tinker://{tc.model_id}/external_weights/nope").result()
-    bad = urls["adapter_model.safetensors"].replace("/downloads/", "/downloads/x")
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(bad)
-    assert e.value.code == 404
+    url = urls["adapter_model.safetensors"]
+    for bad in (
+        url.replace("/downloads/", "/downloads/x"),  # not a token
+        url.replace("adapter_model", "optimizer"),
+    ):  # not a file of the export
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(bad)
+        assert e.value.code == 404
+    assert rest.get_external_weights_urls(path).result().urls == urls  # one token per export
+    rest.set_checkpoint_ttl_from_tinker_path(path, 7200).result()
     assert set(named) == {
         c.checkpoint_id for c in rest.list_checkpoints(tc.model_id).result().checkpoints
     }
+
+    # Deleting the name revokes its URLs.
+    tc.save_weights_external("e4").result()
+    doomed = rest.get_external_weights_urls(f"tinker://{tc.model_id}/external_weights/e4")
+    doomed_url = doomed.result().urls["adapter_config.json"]
+    urllib.request.urlopen(doomed_url).read()
+    rest.delete_checkpoint(tc.model_id, "external_weights/e4").result()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(doomed_url)
+    assert e.value.code == 404
 
     # The SDK's CLI: a training checkpoint (save_state) downloaded as external weights.
     state = tc.save_state("s1").result().path
