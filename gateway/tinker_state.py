@@ -8,8 +8,10 @@ process that took the first call:
                                                    session's last call or heartbeat
     <prefix>tinker:sampler:<team>:<sid>      str   JSON SamplingSession; SESSION_SECONDS
                                                    (<team>: a digest of the team's name)
-    <prefix>tinker:names:<run>               hash  "<kind>/<name>" → {"checkpoint", "time"}:
-                                                   what the tinker:// paths of a run name
+    <prefix>tinker:names:<run>               hash  "<kind>/<name>" → {"checkpoint", "time",
+                                                   "expires" if it has a TTL}: what the
+                                                   tinker:// paths of a run name; NAME_SECONDS
+                                                   after the run last named one
     <prefix>tinker:op:<rid>                  str   team of a submitted future; KEEP_SECONDS
     <prefix>tinker:result:<rid>              str   its result: b"J" + JSON or b"P" + the
                                                    SDK's protobuf; KEEP_SECONDS, then
@@ -19,6 +21,12 @@ process that took the first call:
     <prefix>tinker:tail:<run>                str   rid of the run's last operation
     <prefix>tinker:lease:<rid>               str   held (renewed) by the gateway running
                                                    the future; LEASE_SECONDS
+    <prefix>tinker:download-grant:<digest>   str   the token of a download grant (one per
+                                                   export and team); the URLs' life
+    <prefix>tinker:download:<token>          str   JSON grant a signed URL reads: team, fork,
+                                                   checkpoint, run and name (re-checked)
+
+Results count in the team's Redis bytes (`gateway.quota`, the cap of traces and replies).
 
 <run> is a fork's slug and creation time (a slug deleted and taken again is a new run).
 
@@ -255,7 +263,12 @@ class TinkerState:
                 return retried.decode()
             used = await self.quota.used(self.redis, team)
             if used >= self.quota.cap:
-                raise ResourceExhausted(self.quota.exceeded(used, 0, "this operation's result"))
+                raise ResourceExhausted(
+                    f"the team's data in Redis is {used} bytes, at its limit of "
+                    f"{self.quota.cap} (max_team_redis_bytes): traces, stored replies and "
+                    "Tinker results count until they expire; retrieve pending results, wait "
+                    "for old ones to expire, or ask the operator to raise the limit"
+                )
         rid = secrets.token_hex(12)
         self.local_teams[rid] = team  # counted from now: concurrent submits see it
         keys = [f"{self.prefix}lease:{rid}", f"{self.prefix}op:{rid}"]

@@ -114,8 +114,9 @@ class Kernels:
         """The choice an earlier trainer on this machine made for `key`, if any."""
         if self._cached is None:
             self._cached = kernel_cache.read_cache()
-        name = (self._cached.get(self._cache_key(key)) or {}).get("kernel")
-        if name not in self.candidates:
+        entry = self._cached.get(self._cache_key(key)) or {}
+        name = entry.get("kernel")
+        if name not in self.candidates or entry.get("disturbed"):
             return None
         with self._lock:
             self.chosen.setdefault(key, name)
@@ -140,7 +141,10 @@ class Kernels:
         with self._lock:
             self.chosen.setdefault(key, name)
             self.times[key] = best
-        kernel_cache.write_cache({self._cache_key(key): {"kernel": name, "seconds": best}})
+        entry = {"kernel": name, "seconds": dict(best)}
+        if best.disturbed:  # measured again by the next trainer that needs it
+            entry["disturbed"] = True
+        kernel_cache.write_cache({self._cache_key(key): entry})
         role, m, k, n = key
         log.info(
             "matmul %s of a linear %d→%d on ≤%d tokens: %s (%s, on %d tokens)",

@@ -23,12 +23,13 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-# A timing is disturbed when the threads that did its work (those on a CPU for at least
-# WORKING of its wall time: the caller and torch's workers, not a thread that woke briefly)
-# waited for a CPU for more than DISTURBED of its wall time between them. Quiet timings
-# here: under 2 %; beside two busy processes on 2 cores: ~55 %.
+# A timing is disturbed when the threads that took part in it (runnable, on a CPU or
+# waiting for one, for at least WORKING of its wall time: the caller and torch's workers,
+# not a thread that woke briefly) waited for a CPU for more than DISTURBED of its wall
+# time between them. Quiet timings here: under 2 %; beside two busy processes on 2 cores:
+# ~55 %. (Runnable, not on a CPU: a worker starved by a neighbour counts.)
 DISTURBED = 0.05
-WORKING = 0.2
+WORKING = 0.5
 
 _TASKS = "/proc/self/task"
 
@@ -61,14 +62,14 @@ def disturbed(before: Readings | None, after: Readings | None, seconds: float) -
     wall, waited = seconds * 1e9, 0
     for tid, (ran, wait) in after.items():
         ran0, wait0 = before.get(tid, (0, 0))
-        if ran - ran0 >= WORKING * wall:
+        if (ran - ran0) + (wait - wait0) >= WORKING * wall:
             waited += wait - wait0
     return waited > DISTURBED * wall
 
 
 class Timings(dict[str, float]):
     """Seconds per candidate (`fastest`); `disturbed`: some candidate had no timed round
-    free of other processes (`headway.server.runqueue`), so the times may measure them."""
+    free of other processes (`disturbed`), so the times may measure them."""
 
     disturbed: bool = False
 
