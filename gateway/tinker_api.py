@@ -429,10 +429,8 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
             raise NotFound(f"no checkpoint {path!r}: save_state or save_weights_for_sampler")
         return slug, checkpoint
 
-    @api.post("/save_weights")
-    async def save_weights(request: Request) -> dict[str, str]:
-        """save_state: names the run's head, whose files hold its weights and optimizer
-        state (every optim_step made one)."""
+    async def naming(request: Request) -> tuple[str, dict[str, Any], str, str, str]:
+        """(team, body, run id, fork, name) of a call that names the run's head."""
         team = team_of(request.headers)
         raw = await body(request, team)
         model_id = raw.get("model_id")
@@ -440,6 +438,13 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         name = raw.get("path")
         if not isinstance(name, str) or not name or "/" in name:
             raise InvalidArgument(f"path {name!r}: a name without '/'")
+        return team, raw, model_id, slug, name
+
+    @api.post("/save_weights")
+    async def save_weights(request: Request) -> dict[str, str]:
+        """save_state: names the run's head, whose files hold its weights and optimizer
+        state (every optim_step made one)."""
+        team, raw, model_id, slug, name = await naming(request)
 
         run = rk(slug)
 
@@ -454,13 +459,7 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         """save_weights_external: names the run's head as external weights, which download
         (`external_weights_urls`) as the PEFT adapter of that checkpoint, read from the
         store when a URL is fetched: nothing is copied. Encrypted exports are not offered."""
-        team = team_of(request.headers)
-        raw = await body(request, team)
-        model_id = raw.get("model_id")
-        slug = run_of(team, model_id)
-        name = raw.get("path")
-        if not isinstance(name, str) or not name or "/" in name:
-            raise InvalidArgument(f"path {name!r}: a name without '/'")
+        team, raw, model_id, slug, name = await naming(request)
         if raw.get("age_encryption_recipients"):
             raise InvalidArgument(
                 "age_encryption_recipients: Headway does not encrypt exports; the files stay "
