@@ -318,6 +318,23 @@ class SampledSequence:
 
 
 @dataclass
+class LogprobsResult:
+    """Result of `SamplingClient.compute_logprobs`: the exact checkpoint, and for each
+    sequence logprobs[i] = log p(seq[i+1] | seq[..i]) at temperature 1 (len(seq) - 1 of
+    them: the same numbers a Sample reports for tokens it drew, and the trainer computes)."""
+
+    checkpoint: str
+    logprobs: list[list[float]]
+
+    @classmethod
+    def from_proto(cls, r: sampling_pb2.ComputeLogprobsResponse) -> LogprobsResult:
+        return cls(
+            checkpoint=r.checkpoint,
+            logprobs=[floats(t, "logprobs").tolist() for t in r.logprobs],
+        )
+
+
+@dataclass
 class SampleResult:
     """Result of `SamplingClient.sample`: the exact checkpoint and the completions."""
 

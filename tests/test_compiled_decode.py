@@ -171,9 +171,7 @@ def test_auto_does_not_compile_a_bf16_engine(tmp_path, monkeypatch):
     assert engine.compiler.error == ""
 
 
-def test_auto_does_not_compile_where_the_graphs_matmuls_alone_outlast_eager(
-    tmp_path, monkeypatch
-):
+def test_auto_does_not_compile_where_the_graphs_matmuls_alone_outlast_eager(tmp_path, monkeypatch):
     """Where F.linear, the graph's matmuls, measured slower than the engine's whole eager
     forward (here: made so in the kernel cache), compiling cannot pay: nothing compiled,
     and the timings say why."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,6 +89,17 @@ def test_forward_backward_optim_step_step_and_the_tree(gateway_stack):
     assert [c.step for c in sync.checkpoints()] == [0, 1, 2] and sync.head().step == 1
     reply = SamplingClient("m", url=url(stack)).sync().sample(PROMPT, n=2, max_tokens=2, seed=3)
     assert len(reply.sequences) == 2
+
+    # compute_logprobs scores what was sampled as the sample reported it.
+    scorer = SamplingClient("m", url=url(stack)).sync()
+    seqs = [reply.prompt_tokens + s.tokens for s in reply.sequences]
+    scored = scorer.compute_logprobs(seqs, checkpoint=reply.checkpoint)
+    assert scored.checkpoint == reply.checkpoint
+    for s, lps in zip(reply.sequences, scored.logprobs, strict=True):
+        assert len(lps) == len(reply.prompt_tokens) + len(s.tokens) - 1
+        assert np.allclose(lps[len(reply.prompt_tokens) - 1 :], s.logprobs, atol=1e-4)
+    with pytest.raises(InvalidArgument):
+        scorer.compute_logprobs([[]])
 
 
 def test_custom_losses_match_the_builtin_and_the_seed_example_runs(gateway_stack):

@@ -230,6 +230,21 @@ def sample(
     return Call(_SAMPLING, "Sample", request)
 
 
+def compute_logprobs(
+    model: str, sequences: Sequence[Sequence[int]], checkpoint: str | None
+) -> Call:
+    """ComputeLogprobs: each sequence's per-token logprobs (int32 tensors on the wire)."""
+    request = sampling_pb2.ComputeLogprobsRequest(
+        model=model,
+        checkpoint=checkpoint or "",
+        sequences=[
+            to_tensor(np.asarray(list(s), dtype=np.int64), common_pb2.DTYPE_INT32)
+            for s in sequences
+        ],  # fmt: skip
+    )
+    return Call(_SAMPLING, "ComputeLogprobs", request)
+
+
 # --------------------------------------------------------------------- TraceService
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from headway.client import rpcs
 from headway.client.base import ModelClient
 from headway.client.blocking import SyncModelClient, blocking_twin
-from headway.types import SampleResult
+from headway.types import LogprobsResult, SampleResult
 
 __all__ = ["SamplingClient", "SyncSamplingClient"]
 
@@ -64,6 +64,15 @@ class SamplingClient(ModelClient):
         )
         # Sampling changes nothing on the server: always safe to retry.
         return SampleResult.from_proto(await self._call(call))
+
+    async def compute_logprobs(
+        self, sequences: Sequence[Sequence[int]], checkpoint: str | None = None
+    ) -> LogprobsResult:
+        """Score token sequences: for each, log p(seq[i+1] | seq[..i]) at temperature 1,
+        from the model's head (or `checkpoint`), as a Sample reports the tokens it draws
+        (an evaluation, or a KL to a reference). Each sequence needs at least one token."""
+        call = rpcs.compute_logprobs(self.model, sequences, checkpoint)
+        return LogprobsResult.from_proto(await self._call(call))  # read-only: retried safely
 
 
 @blocking_twin(SamplingClient)
