@@ -559,14 +559,28 @@ def test_serve_gives_each_service_its_own_metrics_port(tmp_path: Path) -> None:
     i's on B + 2 + i, on the trainer's host; none without it; a port another service
     takes is refused before anything starts."""
     from headway.cli.serve import ConfigError, LocalStack
+    from headway.cli.serve_config import ServeError
     from tests.helpers_serve import stack_config
 
     def argvs(config) -> dict[str, list[str]]:
         return {s.name: s.argv for s in LocalStack(config).plan()}
 
     assert not any("--metrics" in argv for argv in argvs(stack_config(tmp_path)).values())
-    base = free_run(4)
-    planned = argvs(stack_config(tmp_path, samplers=2, metrics_port_base=base))
+    for _ in range(20):  # free ports taken by another process before the plan: again
+        base = free_run(4)
+        config = stack_config(tmp_path, samplers=2, metrics_port_base=base)
+        ports = {config.sampler_port_base, config.sampler_port_base + 1} | {
+            int(a.rsplit(":", 1)[1]) for a in (config.listen, config.http, config.trainer_listen)
+        }
+        if ports & set(range(base, base + 4)):
+            continue  # the stack's own free ports fell in the metrics range
+        try:
+            planned = argvs(config)
+            break
+        except ServeError as e:
+            assert "already in use" in str(e), e
+    else:
+        pytest.fail("no free run of ports for the metrics in 20 tries")
     for i, name in enumerate(("gateway", "trainer", "sampler-0", "sampler-1")):
         argv = planned[name]
         assert argv[argv.index("--metrics") + 1] == f"127.0.0.1:{base + i}", name
