@@ -138,11 +138,12 @@ class DecodeCompiler:
         length: int,
         max_rows: int,
         kv_only: bool,
-        graph_matmuls: Callable[[int], float | None] = lambda bucket: None,
+        graph_floor: Callable[[int], float | None] = lambda bucket: None,
     ) -> None:
-        """`graph_matmuls(bucket)`: seconds of the layers' projections as F.linear (what
-        the graph runs) at that bucket, from the engine's layout measurements (None:
-        unknown); `auto` compiles nothing where they alone outlast the eager forward."""
+        """`graph_floor(bucket)`: seconds the graph cannot go below at that bucket (its
+        projections as F.linear and attention as SDPA, from the engine's layout
+        measurements; None: unknown); `auto` compiles nothing where that floor is over
+        95 % of the eager forward at every bucket (`_cannot_pay`)."""
         if mode not in MODES:
             raise ValueError(f"compile mode {mode!r}: choose among {', '.join(MODES)}")
         self.model, self.mode, self.caches, self.length = model, mode, caches, length
@@ -170,7 +171,7 @@ class DecodeCompiler:
             if all(pick(t) == "eager" for t in self.times.values()):
                 log.info("decode compiled: no bucket (cached timings: %s)", self.describe())
                 return
-        if mode == "auto" and not self.times and self._cannot_pay(buckets, graph_matmuls):
+        if mode == "auto" and not self.times and self._cannot_pay(buckets, graph_floor):
             return
         started = time.perf_counter()
         try:
@@ -194,14 +195,14 @@ class DecodeCompiler:
             cache_dir(),
         )
 
-    def _cannot_pay(self, buckets: list[int], graph_matmuls: Callable[[int], float | None]) -> bool:
+    def _cannot_pay(self, buckets: list[int], graph_floor: Callable[[int], float | None]) -> bool:
         """Whether the graph cannot beat eager at any bucket, known before compiling it:
         its matmuls are F.linear's and its attention SDPA, and where those alone (measured
         with the layouts) take longer than 95 % of the whole eager forward (on a Zen 4,
-        MKL's few-row sgemm: 7.7 vs 6.6 ms a step at one row), no fusion of the rest wins
+        MKL's few-row sgemm: 7.9 vs 7.0 ms a step at one row), no fusion of the rest wins
         that back. Compiling costs a minute of a small CPU's start. Then `times` holds the
         eager forward and the graph's floor per bucket."""
-        floors = {b: graph_matmuls(b) for b in buckets}
+        floors = {b: graph_floor(b) for b in buckets}
         if any(f is None for f in floors.values()):
             return False
         with torch.inference_mode():

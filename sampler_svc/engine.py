@@ -135,10 +135,10 @@ class Engine:
             length=min(WINDOW, max_seq_len),
             max_rows=max_batch,
             kv_only=all(type(c) is KVCache for c in self.caches),
-            graph_matmuls=self._linear_matmuls,
+            graph_floor=self._graph_floor,
         )
 
-    def _linear_matmuls(self, bucket: int) -> float | None:
+    def _graph_floor(self, bucket: int) -> float | None:
         """Seconds a compiled decode forward cannot go below at `bucket`: its layers'
         projections as F.linear and its attention as SDPA, as the layouts were measured
         (None where they were not: forced layouts)."""
