@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from headway.errors import InvalidArgument
-from headway.tensors import floats, is_set, to_tensor, tokens
+from headway.tensors import floats, from_tensor, is_set, to_tensor, tokens
 from headway.v1 import common_pb2, sampling_pb2, training_pb2
 
 I32 = common_pb2.DTYPE_INT32
@@ -298,14 +298,28 @@ StopReason = Literal["stop", "length"]
 _STOP = {sampling_pb2.STOP_REASON_STOP: "stop", sampling_pb2.STOP_REASON_LENGTH: "length"}
 
 
+TopLogprobs = list[list[tuple[int, float]]]  # per position: (token, logprob), most likely first
+
+
+def _tops(ids: Any, lps: Any) -> TopLogprobs | None:
+    """Per-position (token, logprob) pairs of [T, k] reply tensors; None when not asked."""
+    if not ids.shape:
+        return None
+    top_ids = from_tensor(ids, "top_token_ids").tolist()
+    top_lps = from_tensor(lps, "top_logprobs").tolist()
+    return [list(zip(i, v, strict=True)) for i, v in zip(top_ids, top_lps, strict=True)]
+
+
 @dataclass
 class SampledSequence:
-    """One completion: token ids, their logprobs (temperature 1), text and why it ended."""
+    """One completion: token ids, their logprobs (temperature 1), text and why it ended;
+    with `top_logprobs` asked, each position's most likely tokens and their logprobs."""
 
     tokens: list[int]
     logprobs: list[float]
     text: str
     stop_reason: StopReason
+    top_logprobs: TopLogprobs | None = None
 
     @classmethod
     def from_proto(cls, s: sampling_pb2.SampledSequence) -> SampledSequence:
@@ -314,6 +328,7 @@ class SampledSequence:
             logprobs=floats(s.logprobs, "logprobs").tolist(),
             text=s.text,
             stop_reason=_STOP.get(s.stop_reason, "stop"),  # type: ignore[arg-type]
+            top_logprobs=_tops(s.top_token_ids, s.top_logprobs),
         )
 
 
@@ -342,15 +357,26 @@ class SampleResult:
     model: str
     prompt_tokens: list[int]
     sequences: list[SampledSequence]
+    # With prompt_logprobs: log p(prompt[i+1] | prompt[..i]) (one fewer than the prompt),
+    # and with top_logprobs too, each of those positions' most likely tokens.
+    prompt_logprobs: list[float] | None = None
+    prompt_top_logprobs: TopLogprobs | None = None
 
     @classmethod
     def from_proto(cls, r: sampling_pb2.SampleResponse) -> SampleResult:
         prompt = (
             tokens(r.prompt_tokens, "prompt_tokens").tolist() if is_set(r, "prompt_tokens") else []
         )
+        prompt_lps = (
+            floats(r.prompt_logprobs, "prompt_logprobs").tolist()
+            if is_set(r, "prompt_logprobs")
+            else None
+        )
         return cls(
             checkpoint=r.checkpoint,
             model=r.model,
             prompt_tokens=prompt,
             sequences=[SampledSequence.from_proto(s) for s in r.sequences],
+            prompt_logprobs=prompt_lps,
+            prompt_top_logprobs=_tops(r.prompt_top_token_ids, r.prompt_top_logprobs),
         )

@@ -29,6 +29,9 @@ class SamplerConfig:
     max_stop_strings: int = 32  # stop strings per request
     max_stop_string_chars: int = 256  # characters per stop string
     max_stop_token_ids: int = 1024  # stop_token_ids per request
+    # Most likely tokens reported per position (SamplingParams.top_logprobs): OpenAI's and
+    # vLLM's limit; more is INVALID_ARGUMENT.
+    max_top_logprobs: int = 20
     # A prompt_text longer than this is refused before it is tokenized (RESOURCE_EXHAUSTED):
     # ~32 characters per token of an 8K context, far above what real text needs.
     max_prompt_text_chars: int = 262_144

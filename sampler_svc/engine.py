@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from headway.modeling import KVCache, Transformer, token_logprobs
+from headway.modeling import KVCache, Transformer, token_logprobs, top_logprobs
 from headway.modeling.placement import host_lists
 from sampler_svc import compiled
 from sampler_svc.kernels import (
@@ -59,8 +59,11 @@ class GenerationJob:
     draw: list[DrawParams]  # one per row (its own generator)
     slot: int = NO_ADAPTER  # adapter slot of the checkpoint that serves it
     prompt_logprobs: bool = False
-    # Called on the engine thread: ("prompt_logprobs", -1, list) once if asked, then
-    # ("token", row, (token, logprob)) per token, ("done", row, "stop" | "length").
+    top_logprobs: int = 0  # the k most likely tokens to report per position (0 = none)
+    # Called on the engine thread: ("prompt_top", -1, (ids, logprobs)) once if prompt
+    # logprobs and top_logprobs are asked, then ("prompt_logprobs", -1, list) once if asked,
+    # then ("token", row, (token, logprob)) per token ((token, logprob, (ids, logprobs))
+    # with top_logprobs), ("done", row, "stop" | "length").
     emit: Callable[[str, int, object], None] = lambda *_: None
     # Called on the engine thread once the events of an admission or a step are all
     # emitted: a consumer on another thread takes them in one hand-over.
@@ -119,8 +122,9 @@ class Engine:
             packed=self.packed,
         )
         self._windows: dict[tuple[int, int, bool], list[KVCache]] = {}
-        # Per set of rows (None = stale): their slots, draw plan, whether slots differ.
-        self._plan: tuple[list[int], DrawPlan, bool] | None = None
+        # Per set of rows (None = stale): their slots, draw plan, whether slots differ, the
+        # most likely tokens to report (the most any row asks).
+        self._plan: tuple[list[int], DrawPlan, bool, int] | None = None
         self._graph_layouts = compiled.graph_layouts(list(shapes))
         # Last: it times the decode forward, which needs the layouts and the caches.
         self.compiler = compiled.DecodeCompiler(
@@ -232,6 +236,9 @@ class Engine:
         if job.prompt_logprobs:  # logits of every position, computed as the trainer does
             logits = self.model(ids, positions, caches=self.caches, rows=rows, validate=False)
             lp = token_logprobs(logits[0, :-1], ids[0, 1:])
+            if job.top_logprobs:
+                top = top_logprobs(logits[0, :-1], job.top_logprobs)
+                job.emit("prompt_top", -1, tuple(host_lists(*top)))
             job.emit("prompt_logprobs", -1, lp.tolist())
         else:
             last_index = torch.tensor([T - 1], device=dev)
@@ -253,14 +260,16 @@ class Engine:
         new_rows = [Row(job, i, T, 0) for i in range(job.n)]
         self.rows.extend(new_rows)
         self._plan = None
-        self._record(new_rows, *host_lists(tokens, lps))
+        self._record(new_rows, *self._host(job.top_logprobs, last, tokens, lps))
 
-    def _rows_plan(self) -> tuple[list[int], DrawPlan, bool]:
-        """The live rows' adapter slots and draw settings (rebuilt when the rows change)."""
+    def _rows_plan(self) -> tuple[list[int], DrawPlan, bool, int]:
+        """The live rows' adapter slots, draw settings and top logprobs (rebuilt when the
+        rows change)."""
         if self._plan is None:
             slots = [r.job.slot for r in self.rows]
             plan = DrawPlan([r.job.draw[r.index] for r in self.rows], self.device)
-            self._plan = slots, plan, len(set(slots)) > 1
+            top_k = max(r.job.top_logprobs for r in self.rows)
+            self._plan = slots, plan, len(set(slots)) > 1, top_k
         return self._plan
 
     @torch.inference_mode()
@@ -273,7 +282,7 @@ class Engine:
         pos = [r.pos for r in self.rows]
         window = min(self.max_seq_len, -(-(max(pos) + 1) // WINDOW) * WINDOW)
         caches = self._window(B, window)
-        slots, plan, mixed = self._rows_plan()
+        slots, plan, mixed, top_k = self._rows_plan()
         self.mixed_steps += mixed
         self._select(slots)
         ids = torch.tensor([r.last for r in self.rows], device=self.device)[:, None]
@@ -294,18 +303,38 @@ class Engine:
         tokens, lps = draw_planned(logits, plan)
         for r in self.rows:
             r.pos += 1  # where the token just drawn will be fed
-        # The step's one host sync: its tokens and logprobs, read together.
-        self._record(list(self.rows), *host_lists(tokens, lps))
+        self._record(list(self.rows), *self._host(top_k, logits, tokens, lps))
 
-    def _record(self, rows: list[Row], tokens: list[int], lps: list[float]) -> None:
-        """Append each row's new token, emit it, and retire rows that are done; then flush
-        each job's events (an admission's prompt logprobs included: it ends here too)."""
+    @staticmethod
+    def _host(
+        k: int, logits: torch.Tensor, tokens: torch.Tensor, lps: torch.Tensor
+    ) -> tuple[list[int], list[float], list | None]:
+        """The step's one host sync: its tokens and logprobs, and each row's `k` most
+        likely tokens with their logprobs (k: the most any row asks; None when 0), read
+        together."""
+        if not k:
+            return (*host_lists(tokens, lps), None)
+        ids, top = top_logprobs(logits, k)
+        tokens_l, lps_l, ids_l, top_l = host_lists(tokens, lps, ids, top)
+        return tokens_l, lps_l, list(zip(ids_l, top_l, strict=True))
+
+    def _record(
+        self, rows: list[Row], tokens: list[int], lps: list[float], tops: list | None = None
+    ) -> None:
+        """Append each row's new token, emit it (with its row's most likely tokens, if its
+        job asks), and retire rows that are done; then flush each job's events (an
+        admission's prompt logprobs included: it ends here too)."""
         jobs: dict[int, GenerationJob] = {}
         self.tokens += len(rows)
-        for row, token, lp in zip(rows, tokens, lps, strict=True):
+        for i, (row, token, lp) in enumerate(zip(rows, tokens, lps, strict=True)):
             job = jobs.setdefault(id(row.job), row.job)
             row.last, row.generated = token, row.generated + 1
-            job.emit("token", row.index, (token, lp))
+            if tops is not None and job.top_logprobs:
+                ids, top = tops[i]
+                k = job.top_logprobs
+                job.emit("token", row.index, (token, lp, (ids[:k], top[:k])))
+            else:
+                job.emit("token", row.index, (token, lp))
             if token in job.stop_ids:
                 self._finish(row, "stop")
             elif row.generated >= job.max_tokens or row.pos >= self.max_seq_len:

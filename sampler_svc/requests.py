@@ -42,6 +42,7 @@ class Spec:
     stop_ids: frozenset[int]
     draw: list[DrawParams]
     prompt_logprobs: bool
+    top_logprobs: int = 0  # most likely tokens reported per position
 
 
 def row_generator(seed: int, row: int) -> torch.Generator:
@@ -79,6 +80,11 @@ def validate(
         raise ResourceExhausted(f"n = {n} is over this sampler's batch of {config.max_batch}")
     if p.max_tokens < 1:
         raise InvalidArgument(f"max_tokens must be ≥ 1; got {p.max_tokens}")
+    if not 0 <= p.top_logprobs <= config.max_top_logprobs:
+        raise InvalidArgument(
+            f"top_logprobs must lie in 0..{config.max_top_logprobs} (0 = none); "
+            f"got {p.top_logprobs}"
+        )
     stops = _stop_strings(p, config)
     stop_ids = _stop_ids(p, record, config)
     limit = min(int(record.arch["max_context"]), config.max_seq_len)
@@ -91,7 +97,10 @@ def validate(
         )
     seed = p.seed if p.HasField("seed") else secrets.randbits(62)
     draw = [DrawParams(temperature, top_p, p.top_k, row_generator(seed, i)) for i in range(n)]
-    return Spec(prompt, n, p.max_tokens, stops, stop_ids, draw, request.include_prompt_logprobs)
+    return Spec(
+        prompt, n, p.max_tokens, stops, stop_ids, draw, request.include_prompt_logprobs,
+        min(p.top_logprobs, vocab),
+    )  # fmt: skip
 
 
 def _stop_strings(p: common_pb2.SamplingParams, config: SamplerConfig) -> list[str]:
@@ -208,6 +217,8 @@ class SequenceState:
         self.decoder = IncrementalDecoder(tokenizer)
         self.scanner = StopScanner(stops)
         self.logprobs: list[float] = []
+        # Per token, its position's most likely (ids, logprobs), when top_logprobs is asked.
+        self.tops: list[tuple[list[int], list[float]]] = []
         self._text: list[str] = []  # released pieces
         self.stop_reason = ""  # "" while running, then "stop" or "length"
 
@@ -220,9 +231,14 @@ class SequenceState:
         """The text released so far (all of it once the sequence has ended)."""
         return "".join(self._text)
 
-    def add(self, token: int, logprob: float) -> tuple[str, bool]:
-        """Fold in a token: (text released, True if it completed a stop string)."""
+    def add(
+        self, token: int, logprob: float, top: tuple[list[int], list[float]] | None = None
+    ) -> tuple[str, bool]:
+        """Fold in a token (with its position's most likely tokens, when asked): (text
+        released, True if it completed a stop string)."""
         self.logprobs.append(logprob)
+        if top is not None:
+            self.tops.append(top)
         text, stopped = self.scanner.feed(self.decoder.push(token))
         self._text.append(text)
         if stopped:
@@ -247,6 +263,7 @@ class Update:
     token: tuple[int, float] | None  # the token it added, with its logprob
     text: str  # text released by it
     stop_reason: str  # "" unless it ended the sequence
+    top: tuple[list[int], list[float]] | None = None  # the position's most likely tokens
 
 
 Event = tuple[str, int, Any]  # (kind, row, payload), as `GenerationJob.emit` is called
@@ -281,6 +298,8 @@ class Collector:
         self._ending = False  # an event that ends a sequence (or an error) is pending
         self.sequences = [SequenceState(tokenizer, spec.stop) for _ in range(spec.n)]
         self.prompt_logprobs: list[float] | None = None
+        # The prompt positions' most likely (ids, logprobs), with prompt logprobs and top_logprobs.
+        self.prompt_top: tuple[list, list] | None = None
         self.queue: asyncio.Queue[list[Event]] = asyncio.Queue()
         self._loop = loop
         self._lock = threading.Lock()  # emitters: the engine thread, and error paths
@@ -293,6 +312,7 @@ class Collector:
             stop_ids=spec.stop_ids,
             draw=spec.draw,
             prompt_logprobs=spec.prompt_logprobs,
+            top_logprobs=spec.top_logprobs,
             emit=self._emit,
             flush=self._flush,
         )
@@ -336,13 +356,16 @@ class Collector:
         if kind == "prompt_logprobs":
             self.prompt_logprobs = payload
             return None
+        if kind == "prompt_top":
+            self.prompt_top = payload
+            return None
         seq = self.sequences[row]
         if seq.stop_reason:  # ended at the edge by a stop string: later tokens are dropped
             return None
         if kind == "done":
             return Update(row, None, seq.end(payload), seq.stop_reason)
-        token, lp = payload
-        text, stopped = seq.add(token, lp)
+        token, lp, *top = payload
+        text, stopped = seq.add(token, lp, *top)
         if stopped:
             self.job.stopped_rows.add(row)  # the engine frees the row at its next step
-        return Update(row, (token, lp), text, seq.stop_reason)
+        return Update(row, (token, lp), text, seq.stop_reason, *top)

@@ -7,6 +7,7 @@ import struct
 from collections.abc import AsyncIterator
 
 import grpc
+import numpy as np
 
 from headway.errors import HeadwayError
 from headway.modeling import Tokenizer
@@ -96,12 +97,14 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
                     logprobs=to_tensor(s.logprobs, F32),
                     text=s.text,
                     stop_reason=STOP_REASONS[s.stop_reason],
+                    **_tops(s.tops, collector.spec.top_logprobs),
                 )
                 for s in collector.sequences
             ],
         )
         if collector.prompt_logprobs is not None:
             response.prompt_logprobs.CopyFrom(to_tensor(collector.prompt_logprobs, F32))
+        _prompt_tops(response, collector)
         return response
 
     async def SampleStream(
@@ -120,11 +123,12 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
                 while collector.prompt_logprobs is None and not collector.done:
                     updates += await self._updates(collector)
                 first.prompt_logprobs.CopyFrom(to_tensor(collector.prompt_logprobs or [], F32))
+                _prompt_tops(first, collector)
             yield first
             while True:
                 # One chunk per sequence and batch of events: when the engine runs ahead
                 # of the stream, a chunk carries several tokens (as the contract allows).
-                for chunk in _chunks(updates):
+                for chunk in _chunks(updates, collector.spec.top_logprobs):
                     yield chunk
                 if collector.done:
                     break
@@ -149,9 +153,34 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         )
 
 
-def _chunks(updates: list[Update]) -> list[sampling_pb2.SampleChunk]:
-    """The stream chunks of `updates`: one per sequence they changed, its tokens, text and
-    end merged in order."""
+def _tops(tops: list[tuple[list[int], list[float]]], k: int) -> dict[str, common_pb2.Tensor]:
+    """SampledSequence / SampleChunk fields of positions' most likely tokens (shape [T, k]);
+    none when top_logprobs was not asked."""
+    if not k:
+        return {}
+    ids = np.asarray([t[0] for t in tops], np.int32).reshape(len(tops), k)
+    lps = np.asarray([t[1] for t in tops], np.float32).reshape(len(tops), k)
+    return {"top_token_ids": to_tensor(ids, I32), "top_logprobs": to_tensor(lps, F32)}
+
+
+def _prompt_tops(
+    message: sampling_pb2.SampleResponse | sampling_pb2.SampleChunk, collector: Collector
+) -> None:
+    """Set the prompt positions' most likely tokens on `message`, when they were asked."""
+    if collector.prompt_top is not None:
+        ids, lps = collector.prompt_top
+        k = collector.spec.top_logprobs
+        message.prompt_top_token_ids.CopyFrom(
+            to_tensor(np.asarray(ids, np.int32).reshape(len(ids), k), I32)
+        )
+        message.prompt_top_logprobs.CopyFrom(
+            to_tensor(np.asarray(lps, np.float32).reshape(len(lps), k), F32)
+        )
+
+
+def _chunks(updates: list[Update], top_k: int = 0) -> list[sampling_pb2.SampleChunk]:
+    """The stream chunks of `updates`: one per sequence they changed, its tokens (with
+    their positions' `top_k` most likely tokens), text and end merged in order."""
     by_row: dict[int, list[Update]] = {}
     for update in updates:
         by_row.setdefault(update.row, []).append(update)
@@ -171,6 +200,8 @@ def _chunks(updates: list[Update]) -> list[sampling_pb2.SampleChunk]:
             lps = struct.pack(f"<{k}f", *(lp for _, lp in tokens))
             chunk.tokens.CopyFrom(common_pb2.Tensor(data=ids, dtype=I32, shape=[k]))
             chunk.logprobs.CopyFrom(common_pb2.Tensor(data=lps, dtype=F32, shape=[k]))
+            for name, tensor in _tops([u.top for u in ups if u.token is not None], top_k).items():
+                getattr(chunk, name).CopyFrom(tensor)
         if stop:
             chunk.stop_reason = STOP_REASONS[stop]
         chunks.append(chunk)

@@ -307,6 +307,68 @@ def test_stream_yields_the_same_tokens_as_sample(sampling_stack):
     assert [per_row[0], per_row[1]] == [toks(s) for s in whole.sequences]
 
 
+def tensor2d(t, dtype) -> np.ndarray:
+    return np.frombuffer(t.data, dtype).reshape(tuple(t.shape))
+
+
+def test_top_logprobs_are_the_policys_most_likely_tokens_at_temperature_1(sampling_stack):
+    """top_logprobs at each sampled and prompt position: the K largest of a full forward's
+    log-softmax (T = 1, whatever drew the token), most likely first; where the drawn token
+    is among them its entry is its reported logprob, bit for bit; a stream sends the same."""
+    stack = sampling_stack
+    trained(stack, "m")
+    k = 5
+    params = dict(n=2, max_tokens=8, temperature=0.8, top_k=30, seed=4, ignore_eos=True)
+    request = sampling_pb2.SampleRequest(
+        model="m",
+        prompt_tokens=to_tensor(PROMPT),
+        params=common_pb2.SamplingParams(top_logprobs=k, **params),
+        include_prompt_logprobs=True,
+    )
+    reply = stack.sampler.stub.Sample(request)
+    module = reference_module(stack, "m")
+    found = 0
+    for seq in reply.sequences:
+        ids, top = tensor2d(seq.top_token_ids, np.int32), tensor2d(seq.top_logprobs, np.float32)
+        assert ids.shape == top.shape == (len(toks(seq)), k)
+        with torch.no_grad():
+            logits = module(torch.tensor([PROMPT + toks(seq)]))[0].float()
+        want = torch.log_softmax(logits, -1).topk(k, -1)
+        # Position i of the completion is predicted by logits row len(PROMPT) - 1 + i.
+        rows = slice(len(PROMPT) - 1, len(PROMPT) - 1 + len(toks(seq)))
+        assert ids.tolist() == want.indices[rows].tolist()
+        assert np.abs(top - want.values[rows].numpy()).max() <= 1e-4
+        assert (np.diff(top, axis=1) <= 0).all()  # most likely first
+        for i, token in enumerate(toks(seq)):
+            if token in ids[i]:
+                found += 1
+                assert top[i][list(ids[i]).index(token)] == lps(seq)[i]  # the same bits
+    assert found  # at T = 0.8 within the top 30, most drawn tokens are among the top 5
+    # The prompt's positions: P - 1 rows of K, and their logprobs beside prompt_logprobs.
+    p_ids = tensor2d(reply.prompt_top_token_ids, np.int32)
+    p_top = tensor2d(reply.prompt_top_logprobs, np.float32)
+    assert p_ids.shape == p_top.shape == (len(PROMPT) - 1, k)
+    with torch.no_grad():
+        logits = module(torch.tensor([PROMPT]))[0].float()
+    want = torch.log_softmax(logits[:-1], -1).topk(k, -1)
+    assert p_ids.tolist() == want.indices.tolist()
+    assert np.abs(p_top - want.values.numpy()).max() <= 1e-4
+    # A stream: the same rows, chunk by chunk, and the prompt's on the first chunk.
+    chunks = list(stack.sampler.stub.SampleStream(request))
+    assert tensor2d(chunks[0].prompt_top_token_ids, np.int32).tolist() == p_ids.tolist()
+    per_row: dict[int, list] = {0: [], 1: []}
+    for c in chunks[1:]:
+        if c.tokens.data:
+            per_row[c.index] += tensor2d(c.top_token_ids, np.int32).tolist()
+    assert [per_row[0], per_row[1]] == [
+        tensor2d(s.top_token_ids, np.int32).tolist() for s in reply.sequences
+    ]
+    # Not asked: no such fields (and nothing extra computed).
+    plain = sample(stack, "m", max_tokens=3, seed=1)
+    assert not plain.sequences[0].HasField("top_token_ids")
+    assert not plain.HasField("prompt_top_token_ids")
+
+
 def test_a_unary_sample_wakes_the_event_loop_per_sequence_end_not_per_token(
     sampling_stack, monkeypatch
 ):
@@ -497,6 +559,18 @@ BAD = {
     "negative top_k": ({}, dict(max_tokens=2, top_k=-1), "INVALID_ARGUMENT", "top_k"),
     "negative n": ({}, dict(max_tokens=2, n=-1), "INVALID_ARGUMENT", "n must be"),
     "zero max_tokens": ({}, dict(max_tokens=0), "INVALID_ARGUMENT", "max_tokens must be"),
+    "top_logprobs over the limit": (
+        {},
+        dict(max_tokens=2, top_logprobs=21),
+        "INVALID_ARGUMENT",
+        "top_logprobs must lie in 0..20",
+    ),
+    "negative top_logprobs": (
+        {},
+        dict(max_tokens=2, top_logprobs=-1),
+        "INVALID_ARGUMENT",
+        "top_logprobs",
+    ),
     "over the context": ({}, dict(max_tokens=251), "RESOURCE_EXHAUSTED", "over the context of 256"),
     "n over the limit": ({}, dict(max_tokens=2, n=33), "RESOURCE_EXHAUSTED", "limit of 32"),
     "unknown model": (

@@ -101,6 +101,21 @@ def test_forward_backward_optim_step_step_and_the_tree(gateway_stack):
     with pytest.raises(InvalidArgument):
         scorer.compute_logprobs([[]])
 
+    # top_logprobs and prompt_logprobs: each position's most likely tokens, the drawn
+    # token's entry (where it is among them) its own logprob, the prompt's as scored.
+    top = scorer.sample(PROMPT, n=2, max_tokens=4, seed=3, top_logprobs=4, prompt_logprobs=True)
+    assert top.prompt_logprobs == pytest.approx(scored.logprobs[0][: len(top.prompt_tokens) - 1],
+                                                abs=1e-4)  # fmt: skip
+    assert len(top.prompt_top_logprobs) == len(top.prompt_tokens) - 1
+    for s in top.sequences:
+        assert len(s.top_logprobs) == len(s.tokens) and all(len(r) == 4 for r in s.top_logprobs)
+        for token, lp, row in zip(s.tokens, s.logprobs, s.top_logprobs, strict=True):
+            assert [v for _, v in row] == sorted((v for _, v in row), reverse=True)
+            assert dict(row).get(token, lp) == lp
+    assert reply.sequences[0].top_logprobs is None and reply.prompt_logprobs is None
+    with pytest.raises(InvalidArgument, match="top_logprobs"):
+        scorer.sample(PROMPT, max_tokens=2, top_logprobs=21)
+
 
 def test_custom_losses_match_the_builtin_and_the_seed_example_runs(gateway_stack):
     stack = gateway_stack

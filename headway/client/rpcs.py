@@ -207,6 +207,8 @@ def sample(
     checkpoint: str | None,
     stop_token_ids: Sequence[int] | None,
     ignore_eos: bool,
+    top_logprobs: int = 0,
+    prompt_logprobs: bool = False,
 ) -> Call:
     """Sample: `n` completions of `prompt` (text, or token ids sent as an int32 tensor)."""
     params = common_pb2.SamplingParams(
@@ -218,10 +220,16 @@ def sample(
         stop=[stop] if isinstance(stop, str) else list(stop or []),
         stop_token_ids=list(stop_token_ids or []),
         ignore_eos=ignore_eos,
+        top_logprobs=top_logprobs,
     )
     if seed is not None:
         params.seed = seed
-    request = sampling_pb2.SampleRequest(model=model, params=params, checkpoint=checkpoint or "")
+    request = sampling_pb2.SampleRequest(
+        model=model,
+        params=params,
+        checkpoint=checkpoint or "",
+        include_prompt_logprobs=prompt_logprobs,
+    )
     if isinstance(prompt, str):
         request.prompt_text = prompt
     else:

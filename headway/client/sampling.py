@@ -40,13 +40,17 @@ class SamplingClient(ModelClient):
         *,
         stop_token_ids: Sequence[int] | None = None,
         ignore_eos: bool = False,
+        top_logprobs: int = 0,
+        prompt_logprobs: bool = False,
     ) -> SampleResult:
         """Sample `n` completions of `prompt` (text as is, or token ids).
 
         Text is tokenized by the model's tokenizer without a chat template. Each sequence
         has its tokens, their logprobs under the policy at temperature 1 (whatever the
         temperature of the draw), its text and stop reason ("stop" or "length"). The same
-        `seed` and request give the same tokens.
+        `seed` and request give the same tokens. `top_logprobs` = k (≤ 20): each position's
+        k most likely tokens with their logprobs (`SampledSequence.top_logprobs`, and the
+        prompt's with `prompt_logprobs`, which also returns the prompt tokens' logprobs).
         """
         call = rpcs.sample(
             self.model,
@@ -61,6 +65,8 @@ class SamplingClient(ModelClient):
             checkpoint=checkpoint,
             stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos,
+            top_logprobs=top_logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
         # Sampling changes nothing on the server: always safe to retry.
         return SampleResult.from_proto(await self._call(call))

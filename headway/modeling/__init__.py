@@ -36,6 +36,7 @@ _EXPORTS = {
     "save_model": "load",
     "entropy": "logprobs",
     "token_logprobs": "logprobs",
+    "top_logprobs": "logprobs",
     "DEFAULT_TARGETS": "lora",
     "LoraConfig": "lora",
     "LoRALinear": "lora",
@@ -72,6 +73,7 @@ __all__ = [
     "save_adapter",
     "save_model",
     "token_logprobs",
+    "top_logprobs",
 ]
 
 
@@ -96,7 +98,7 @@ if TYPE_CHECKING:  # what type checkers and editors see
         load_model,
         save_model,
     )
-    from headway.modeling.logprobs import entropy, token_logprobs
+    from headway.modeling.logprobs import entropy, token_logprobs, top_logprobs
     from headway.modeling.lora import (
         DEFAULT_TARGETS,
         LoraConfig,

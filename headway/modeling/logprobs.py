@@ -26,6 +26,18 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` most likely tokens of `logits` `[..., V]` and their logprobs, each `[..., k]`,
+    most likely first, at temperature 1 (fp32).
+
+    The same arithmetic as `token_logprobs` (logit − logsumexp), so the entry of a token
+    that was drawn equals its reported logprob to the bit.
+    """
+    logits = logits.float()
+    values, ids = torch.topk(logits, k, dim=-1)
+    return ids, values - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy `[...]` of the categorical distribution over the last dim of `logits` (fp32)."""
     logp = torch.log_softmax(logits.float(), dim=-1)

@@ -25,27 +25,27 @@ _sym_db = _symbol_database.Default()
 from headway.v1 import common_pb2 as headway_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19headway/v1/sampling.proto\x12\nheadway.v1\x1a\x17headway/v1/common.proto\"\xcd\x01\n\rSampleRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\rprompt_tokens\x18\x02 \x01(\x0b\x32\x12.headway.v1.TensorH\x00\x12\x15\n\x0bprompt_text\x18\x03 \x01(\tH\x00\x12*\n\x06params\x18\x04 \x01(\x0b\x32\x1a.headway.v1.SamplingParams\x12\x12\n\ncheckpoint\x18\x05 \x01(\t\x12\x1f\n\x17include_prompt_logprobs\x18\x06 \x01(\x08\x42\x08\n\x06prompt\"\x96\x01\n\x0fSampledSequence\x12\"\n\x06tokens\x18\x01 \x01(\x0b\x32\x12.headway.v1.Tensor\x12$\n\x08logprobs\x18\x02 \x01(\x0b\x32\x12.headway.v1.Tensor\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x0bstop_reason\x18\x04 \x01(\x0e\x32\x16.headway.v1.StopReason\"\xbb\x01\n\x0eSampleResponse\x12.\n\tsequences\x18\x01 \x03(\x0b\x32\x1b.headway.v1.SampledSequence\x12)\n\rprompt_tokens\x18\x02 \x01(\x0b\x32\x12.headway.v1.Tensor\x12+\n\x0fprompt_logprobs\x18\x03 \x01(\x0b\x32\x12.headway.v1.Tensor\x12\x12\n\ncheckpoint\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\"\x8d\x02\n\x0bSampleChunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12\"\n\x06tokens\x18\x02 \x01(\x0b\x32\x12.headway.v1.Tensor\x12$\n\x08logprobs\x18\x03 \x01(\x0b\x32\x12.headway.v1.Tensor\x12\x0c\n\x04text\x18\x04 \x01(\t\x12+\n\x0bstop_reason\x18\x05 \x01(\x0e\x32\x16.headway.v1.StopReason\x12)\n\rprompt_tokens\x18\x06 \x01(\x0b\x32\x12.headway.v1.Tensor\x12\x12\n\ncheckpoint\x18\x07 \x01(\t\x12+\n\x0fprompt_logprobs\x18\x08 \x01(\x0b\x32\x12.headway.v1.Tensor\"b\n\x16\x43omputeLogprobsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12%\n\tsequences\x18\x03 \x03(\x0b\x32\x12.headway.v1.Tensor\"S\n\x17\x43omputeLogprobsResponse\x12$\n\x08logprobs\x18\x01 \x03(\x0b\x32\x12.headway.v1.Tensor\x12\x12\n\ncheckpoint\x18\x02 \x01(\t*W\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10STOP_REASON_STOP\x10\x01\x12\x16\n\x12STOP_REASON_LENGTH\x10\x02\x32\xf4\x01\n\x0fSamplingService\x12?\n\x06Sample\x12\x19.headway.v1.SampleRequest\x1a\x1a.headway.v1.SampleResponse\x12\x44\n\x0cSampleStream\x12\x19.headway.v1.SampleRequest\x1a\x17.headway.v1.SampleChunk0\x01\x12Z\n\x0f\x43omputeLogprobs\x12\".headway.v1.ComputeLogprobsRequest\x1a#.headway.v1.ComputeLogprobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19headway/v1/sampling.proto\x12\nheadway.v1\x1a\x17headway/v1/common.proto\"\xcd\x01\n\rSampleRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\rprompt_tokens\x18\x02 \x01(\x0b\x32\x12.headway.v1.TensorH\x00\x12\x15\n\x0bprompt_text\x18\x03 \x01(\tH\x00\x12*\n\x06params\x18\x04 \x01(\x0b\x32\x1a.headway.v1.SamplingParams\x12\x12\n\ncheckpoint\x18\x05 \x01(\t\x12\x1f\n\x17include_prompt_logprobs\x18\x06 \x01(\x08\x42\x08\n\x06prompt\"\xeb\x01\n\x0fSampledSequence\x12\"\n\x06tokens\x18\x01 \x01(\x0b\x32\x12.headway.v1.Tensor\x12$\n\x08logprobs\x18\x02 \x01(\x0b\x32\x12.headway.v1.Tensor\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x0bstop_reason\x18\x04 \x01(\x0e\x32\x16.headway.v1.StopReason\x12)\n\rtop_token_ids\x18\x05 \x01(\x0b\x32\x12.headway.v1.Tensor\x12(\n\x0ctop_logprobs\x18\x06 \x01(\x0b\x32\x12.headway.v1.Tensor\"\x9e\x02\n\x0eSampleResponse\x12.\n\tsequences\x18\x01 \x03(\x0b\x32\x1b.headway.v1.SampledSequence\x12)\n\rprompt_tokens\x18\x02 \x01(\x0b\x32\x12.headway.v1.Tensor\x12+\n\x0fprompt_logprobs\x18\x03 \x01(\x0b\x32\x12.headway.v1.Tensor\x12\x12\n\ncheckpoint\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x30\n\x14prompt_top_token_ids\x18\x06 \x01(\x0b\x32\x12.headway.v1.Tensor\x12/\n\x13prompt_top_logprobs\x18\x07 \x01(\x0b\x32\x12.headway.v1.Tensor\"\xc5\x03\n\x0bSampleChunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12\"\n\x06tokens\x18\x02 \x01(\x0b\x32\x12.headway.v1.Tensor\x12$\n\x08logprobs\x18\x03 \x01(\x0b\x32\x12.headway.v1.Tensor\x12\x0c\n\x04text\x18\x04 \x01(\t\x12+\n\x0bstop_reason\x18\x05 \x01(\x0e\x32\x16.headway.v1.StopReason\x12)\n\rprompt_tokens\x18\x06 \x01(\x0b\x32\x12.headway.v1.Tensor\x12\x12\n\ncheckpoint\x18\x07 \x01(\t\x12+\n\x0fprompt_logprobs\x18\x08 \x01(\x0b\x32\x12.headway.v1.Tensor\x12)\n\rtop_token_ids\x18\t \x01(\x0b\x32\x12.headway.v1.Tensor\x12(\n\x0ctop_logprobs\x18\n \x01(\x0b\x32\x12.headway.v1.Tensor\x12\x30\n\x14prompt_top_token_ids\x18\x0b \x01(\x0b\x32\x12.headway.v1.Tensor\x12/\n\x13prompt_top_logprobs\x18\x0c \x01(\x0b\x32\x12.headway.v1.Tensor\"b\n\x16\x43omputeLogprobsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12%\n\tsequences\x18\x03 \x03(\x0b\x32\x12.headway.v1.Tensor\"S\n\x17\x43omputeLogprobsResponse\x12$\n\x08logprobs\x18\x01 \x03(\x0b\x32\x12.headway.v1.Tensor\x12\x12\n\ncheckpoint\x18\x02 \x01(\t*W\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10STOP_REASON_STOP\x10\x01\x12\x16\n\x12STOP_REASON_LENGTH\x10\x02\x32\xf4\x01\n\x0fSamplingService\x12?\n\x06Sample\x12\x19.headway.v1.SampleRequest\x1a\x1a.headway.v1.SampleResponse\x12\x44\n\x0cSampleStream\x12\x19.headway.v1.SampleRequest\x1a\x17.headway.v1.SampleChunk0\x01\x12Z\n\x0f\x43omputeLogprobs\x12\".headway.v1.ComputeLogprobsRequest\x1a#.headway.v1.ComputeLogprobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'headway.v1.sampling_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STOPREASON']._serialized_start=1074
-  _globals['_STOPREASON']._serialized_end=1161
+  _globals['_STOPREASON']._serialized_start=1442
+  _globals['_STOPREASON']._serialized_end=1529
   _globals['_SAMPLEREQUEST']._serialized_start=67
   _globals['_SAMPLEREQUEST']._serialized_end=272
   _globals['_SAMPLEDSEQUENCE']._serialized_start=275
-  _globals['_SAMPLEDSEQUENCE']._serialized_end=425
-  _globals['_SAMPLERESPONSE']._serialized_start=428
-  _globals['_SAMPLERESPONSE']._serialized_end=615
-  _globals['_SAMPLECHUNK']._serialized_start=618
-  _globals['_SAMPLECHUNK']._serialized_end=887
-  _globals['_COMPUTELOGPROBSREQUEST']._serialized_start=889
-  _globals['_COMPUTELOGPROBSREQUEST']._serialized_end=987
-  _globals['_COMPUTELOGPROBSRESPONSE']._serialized_start=989
-  _globals['_COMPUTELOGPROBSRESPONSE']._serialized_end=1072
-  _globals['_SAMPLINGSERVICE']._serialized_start=1164
-  _globals['_SAMPLINGSERVICE']._serialized_end=1408
+  _globals['_SAMPLEDSEQUENCE']._serialized_end=510
+  _globals['_SAMPLERESPONSE']._serialized_start=513
+  _globals['_SAMPLERESPONSE']._serialized_end=799
+  _globals['_SAMPLECHUNK']._serialized_start=802
+  _globals['_SAMPLECHUNK']._serialized_end=1255
+  _globals['_COMPUTELOGPROBSREQUEST']._serialized_start=1257
+  _globals['_COMPUTELOGPROBSREQUEST']._serialized_end=1355
+  _globals['_COMPUTELOGPROBSRESPONSE']._serialized_start=1357
+  _globals['_COMPUTELOGPROBSRESPONSE']._serialized_end=1440
+  _globals['_SAMPLINGSERVICE']._serialized_start=1532
+  _globals['_SAMPLINGSERVICE']._serialized_end=1776
 # @@protoc_insertion_point(module_scope)

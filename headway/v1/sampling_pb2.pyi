@@ -34,33 +34,41 @@ class SampleRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., prompt_tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., prompt_text: _Optional[str] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., checkpoint: _Optional[str] = ..., include_prompt_logprobs: _Optional[bool] = ...) -> None: ...
 
 class SampledSequence(_message.Message):
-    __slots__ = ("tokens", "logprobs", "text", "stop_reason")
+    __slots__ = ("tokens", "logprobs", "text", "stop_reason", "top_token_ids", "top_logprobs")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     tokens: _common_pb2.Tensor
     logprobs: _common_pb2.Tensor
     text: str
     stop_reason: StopReason
-    def __init__(self, tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., text: _Optional[str] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ...) -> None: ...
+    top_token_ids: _common_pb2.Tensor
+    top_logprobs: _common_pb2.Tensor
+    def __init__(self, tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., text: _Optional[str] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., top_token_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., top_logprobs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class SampleResponse(_message.Message):
-    __slots__ = ("sequences", "prompt_tokens", "prompt_logprobs", "checkpoint", "model")
+    __slots__ = ("sequences", "prompt_tokens", "prompt_logprobs", "checkpoint", "model", "prompt_top_token_ids", "prompt_top_logprobs")
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     sequences: _containers.RepeatedCompositeFieldContainer[SampledSequence]
     prompt_tokens: _common_pb2.Tensor
     prompt_logprobs: _common_pb2.Tensor
     checkpoint: str
     model: str
-    def __init__(self, sequences: _Optional[_Iterable[_Union[SampledSequence, _Mapping]]] = ..., prompt_tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., prompt_logprobs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., checkpoint: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    prompt_top_token_ids: _common_pb2.Tensor
+    prompt_top_logprobs: _common_pb2.Tensor
+    def __init__(self, sequences: _Optional[_Iterable[_Union[SampledSequence, _Mapping]]] = ..., prompt_tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., prompt_logprobs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., checkpoint: _Optional[str] = ..., model: _Optional[str] = ..., prompt_top_token_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., prompt_top_logprobs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class SampleChunk(_message.Message):
-    __slots__ = ("index", "tokens", "logprobs", "text", "stop_reason", "prompt_tokens", "checkpoint", "prompt_logprobs")
+    __slots__ = ("index", "tokens", "logprobs", "text", "stop_reason", "prompt_tokens", "checkpoint", "prompt_logprobs", "top_token_ids", "top_logprobs", "prompt_top_token_ids", "prompt_top_logprobs")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +77,10 @@ class SampleChunk(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     index: int
     tokens: _common_pb2.Tensor
     logprobs: _common_pb2.Tensor
@@ -77,7 +89,11 @@ class SampleChunk(_message.Message):
     prompt_tokens: _common_pb2.Tensor
     checkpoint: str
     prompt_logprobs: _common_pb2.Tensor
-    def __init__(self, index: _Optional[int] = ..., tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., text: _Optional[str] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., prompt_tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., checkpoint: _Optional[str] = ..., prompt_logprobs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    top_token_ids: _common_pb2.Tensor
+    top_logprobs: _common_pb2.Tensor
+    prompt_top_token_ids: _common_pb2.Tensor
+    prompt_top_logprobs: _common_pb2.Tensor
+    def __init__(self, index: _Optional[int] = ..., tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., text: _Optional[str] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., prompt_tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., checkpoint: _Optional[str] = ..., prompt_logprobs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., top_token_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., top_logprobs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., prompt_top_token_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., prompt_top_logprobs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ComputeLogprobsRequest(_message.Message):
     __slots__ = ("model", "checkpoint", "sequences")

@@ -181,19 +181,35 @@ class TinkerForwardBackwardOutput(_message.Message):
     def __init__(self, loss_fn_output_type: _Optional[str] = ..., loss_fn_outputs: _Optional[_Iterable[_Union[TinkerArrayRecord, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class TinkerSampleResponse(_message.Message):
-    __slots__ = ("sequences", "prompt_logprobs")
+    __slots__ = ("sequences", "prompt_logprobs", "topk_prompt_logprobs")
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOPK_PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     sequences: _containers.RepeatedCompositeFieldContainer[TinkerSampledSequence]
     prompt_logprobs: bytes
-    def __init__(self, sequences: _Optional[_Iterable[_Union[TinkerSampledSequence, _Mapping]]] = ..., prompt_logprobs: _Optional[bytes] = ...) -> None: ...
+    topk_prompt_logprobs: TinkerTopkLogprobs
+    def __init__(self, sequences: _Optional[_Iterable[_Union[TinkerSampledSequence, _Mapping]]] = ..., prompt_logprobs: _Optional[bytes] = ..., topk_prompt_logprobs: _Optional[_Union[TinkerTopkLogprobs, _Mapping]] = ...) -> None: ...
+
+class TinkerTopkLogprobs(_message.Message):
+    __slots__ = ("token_ids", "logprobs", "k", "length")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    token_ids: bytes
+    logprobs: bytes
+    k: int
+    length: int
+    def __init__(self, token_ids: _Optional[bytes] = ..., logprobs: _Optional[bytes] = ..., k: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class TinkerSampledSequence(_message.Message):
-    __slots__ = ("stop_reason", "tokens", "logprobs")
+    __slots__ = ("stop_reason", "tokens", "logprobs", "topk_sampled_logprobs")
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOPK_SAMPLED_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     stop_reason: TinkerStopReason
     tokens: bytes
     logprobs: bytes
-    def __init__(self, stop_reason: _Optional[_Union[TinkerStopReason, str]] = ..., tokens: _Optional[bytes] = ..., logprobs: _Optional[bytes] = ...) -> None: ...
+    topk_sampled_logprobs: TinkerTopkLogprobs
+    def __init__(self, stop_reason: _Optional[_Union[TinkerStopReason, str]] = ..., tokens: _Optional[bytes] = ..., logprobs: _Optional[bytes] = ..., topk_sampled_logprobs: _Optional[_Union[TinkerTopkLogprobs, _Mapping]] = ...) -> None: ...
