@@ -27,6 +27,8 @@ $(STAMP): pyproject.toml
 	# tinker-cookbook for its test: without tml-renderers>=0.4.1 (not on PyPI here; the
 	# cookbook needs it only for Inkling models), its other dependencies in [test].
 	$(PIP) install --quiet --no-deps tinker-cookbook==0.6.1
+	# lm-eval for its local-completions test, the same way (its API backend's imports in [test]).
+	$(PIP) install --quiet --no-deps lm_eval==0.4.13
 	touch $(STAMP)
 
 # Re-run only when package.json or the lockfile changes (npm ci starts from an empty

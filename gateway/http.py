@@ -19,6 +19,7 @@ rendering, tokenizing and reply encoding (`gateway.http_params`) run on the work
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -37,7 +38,20 @@ from starlette.exceptions import HTTPException as RoutingError
 from gateway import replies, tinker_api
 from gateway.core import Gateway
 from gateway.http_errors import HTTPError, domain_error_response, error_response
-from gateway.http_params import Completion, completion, parse_body, render_json, required_str
+from gateway.http_params import (
+    Completion,
+    completion_requests,
+    parse_body,
+    render_json,
+    required_str,
+)
+from gateway.openai_logprobs import (
+    LegacyLogprobs,
+    Pieces,
+    chat_logprobs,
+    legacy_logprobs,
+    tops_of,
+)
 from gateway.redis_errors import REDIS_ERRORS
 from gateway.team_slots import TeamSlotsMiddleware
 from headway.errors import HeadwayError, from_rpc_error
@@ -180,13 +194,20 @@ def create_app(gateway: Gateway) -> Any:
         model = required_str(body, "model")
         context = int(gateway.model(model, team).arch["max_context"])
         tok = await tokenizer_for(model, team)
-        prepare = partial(completion, chat=chat)
-        req = await gateway.workers.run(team, prepare, tok, body, model, context)
+        prepare = partial(completion_requests, chat=chat)
+        reqs = await gateway.workers.run(team, prepare, tok, body, model, context)
 
         async def run() -> Any:
-            return await _complete(gateway, tok, req, team, chat=chat)
+            if len(reqs) == 1:
+                return await _complete(gateway, tok, reqs[0], team, chat=chat)
+            # Several prompts (a text completion's batch): sampled side by side, their
+            # choices numbered prompt by prompt, as OpenAI and vLLM number them.
+            outs = await asyncio.gather(
+                *(_complete(gateway, tok, req, team, chat=chat) for req in reqs)
+            )
+            return _merged(outs)
 
-        return await _once(gateway, request, team, body, req, run)
+        return await _once(gateway, request, team, body, reqs[0], run)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -253,36 +274,60 @@ async def _once(
     return Response(data, media_type="application/json")
 
 
+def _merged(outs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One reply of the replies to each prompt of a batch: their choices in prompt order,
+    numbered on (prompt i's choice j is i * n + j), usage summed."""
+    merged = {**outs[0], "choices": [], "usage": dict.fromkeys(outs[0]["usage"], 0)}
+    merged.pop("trace_id", None)
+    merged.pop("prompt_token_ids", None)
+    for out in outs:
+        for choice in out["choices"]:
+            merged["choices"].append({**choice, "index": len(merged["choices"])})
+        for key, value in out["usage"].items():
+            merged["usage"][key] += value
+    return merged
+
+
 def _choices(
     tok: Tokenizer, reply: sampling_pb2.SampleResponse, req: Completion, chat: bool
 ) -> list[tuple[dict[str, Any], list[int], list[float]]]:
     """Each sequence's choice (without its trace), token ids and logprobs (worker thread:
     every token is decoded for the logprobs)."""
     out = []
+    pieces = Pieces(tok)
+    echoed = None
+    if req.echo:  # the prompt as the client wrote it, then its scores when asked
+        prompt_text = req.prompt_text
+        if prompt_text is None:
+            prompt_text = tok.decode(req.prompt)
+        if req.logprobs:
+            p_lps = np.frombuffer(reply.prompt_logprobs.data, np.float32).tolist()
+            p_tops = tops_of(reply.prompt_top_token_ids, reply.prompt_top_logprobs)
+            echoed = (req.prompt, p_lps, p_tops)
     for i, seq in enumerate(reply.sequences):
         ids = np.frombuffer(seq.tokens.data, np.int32).tolist()
         lps = np.frombuffer(seq.logprobs.data, np.float32).tolist()
-        choice: dict[str, Any] = {"index": i, "finish_reason": FINISH.get(seq.stop_reason, "stop")}
+        tops = tops_of(seq.top_token_ids, seq.top_logprobs)
+        finish = FINISH.get(seq.stop_reason, "stop")
+        text = seq.text
+        if req.drop_last:  # max_tokens 0: the token drawn to read the prompt's scores
+            ids, lps, tops, text, finish = [], [], tops and [], "", "length"
+        choice: dict[str, Any] = {"index": i, "finish_reason": finish}
         if chat:
-            choice["message"] = {"role": "assistant", "content": seq.text}
+            choice["message"] = {"role": "assistant", "content": text}
         else:
-            choice["text"] = seq.text
-        choice["logprobs"] = _token_logprobs(tok, ids, lps) if req.logprobs else None
+            choice["text"] = prompt_text + text if req.echo else text
+        if not req.logprobs:
+            choice["logprobs"] = None
+        elif chat:
+            choice["logprobs"] = chat_logprobs(pieces, ids, lps, tops)
+        else:
+            choice["logprobs"] = legacy_logprobs(pieces, req.top_logprobs, ids, lps, tops, echoed)
         if req.return_token_ids:
             choice["token_ids"] = ids
             choice["prompt_token_ids"] = req.prompt
         out.append((choice, ids, lps))
     return out
-
-
-def _token_logprobs(tok: Tokenizer, ids: list[int], lps: list[float]) -> dict[str, Any]:
-    content = []
-    for t, lp in zip(ids, lps, strict=True):
-        piece = tok.decode([t])
-        content.append(
-            {"token": piece, "logprob": lp, "bytes": list(piece.encode()), "top_logprobs": []}
-        )
-    return {"content": content}
 
 
 async def _record(
@@ -308,12 +353,13 @@ async def _complete(
         prompt_tokens=req.prompt_tokens,
         params=req.params,
         checkpoint=req.checkpoint,
+        include_prompt_logprobs=req.echo and req.logprobs,
     )
     created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
     if req.stream:
         chunks = await _started(gateway.sample_stream(request, team, timeout=None))
         return StreamingResponse(
-            _stream(gateway, req, request, team, chat, created, rid, chunks),
+            _stream(gateway, tok, req, request, team, chat, created, rid, chunks),
             media_type="text/event-stream",
         )
     reply = await gateway.sample(request, team, timeout=None)
@@ -370,6 +416,7 @@ async def _started(
 
 async def _stream(
     gateway: Gateway,
+    tok: Tokenizer,
     req: Completion,
     request: sampling_pb2.SampleRequest,
     team: str,
@@ -382,6 +429,8 @@ async def _stream(
     per: dict[int, tuple[list[int], list[float]]] = {}
     checkpoint = request.checkpoint
     want_ids = req.return_token_ids
+    pieces = Pieces(tok)  # each chunk's tokens decoded for its logprobs, when asked
+    legacy: dict[int, LegacyLogprobs] = {}  # text offsets run on per choice
 
     def event(choice: dict[str, Any], **extra: Any) -> bytes:
         data = {
@@ -414,6 +463,13 @@ async def _stream(
                 choice["delta"] = delta
             else:
                 choice["text"] = chunk.text
+            if req.logprobs:
+                tops = tops_of(chunk.top_token_ids, chunk.top_logprobs)
+                if chat:
+                    choice["logprobs"] = chat_logprobs(pieces, ids, lps, tops)
+                else:
+                    built = legacy.setdefault(chunk.index, LegacyLogprobs(pieces, req.top_logprobs))
+                    choice["logprobs"] = built.add(ids, lps, tops)
             if want_ids:
                 choice["token_ids"] = ids
             if chunk.stop_reason:

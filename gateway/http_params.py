@@ -41,6 +41,7 @@ FAST_PARSE_BYTES = 1024 * 1024
 INT32_MAX = 2**31 - 1
 INT64 = (-(2**63), 2**63 - 1)
 DEFAULT_MAX_TOKENS = 1024
+MAX_TOP_LOGPROBS = 20  # OpenAI's and vLLM's limit (the sampler's default too)
 # Prompt text over context × (longest token's characters) × TEXT_SLACK cannot fit the
 # context; the slack covers normalizers that shorten text before it is tokenized.
 TEXT_SLACK = 2
@@ -146,12 +147,27 @@ def flag(body: dict[str, Any], name: str) -> bool:
     return value
 
 
-def wants_logprobs(body: dict[str, Any]) -> bool:
-    """`logprobs`: a boolean (chat), or a count of top logprobs (legacy completions)."""
-    value = body.get("logprobs")
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return bool(integer(body, "logprobs", low=0))
-    return flag(body, "logprobs")
+def logprobs_asked(body: dict[str, Any], *, chat: bool) -> tuple[bool, int]:
+    """(whether logprobs are returned, how many most likely tokens per position).
+
+    Chat: `logprobs` true/false and `top_logprobs` 0..20, which needs `logprobs` true.
+    Text completions (the legacy API): `logprobs` = that count, 0..20 (null = none).
+    """
+    if not chat:
+        value = body.get("logprobs")
+        if value is None:
+            return False, 0
+        if isinstance(value, bool):  # chat's form, taken here too: true = the token's own
+            return value, 0
+        return True, integer(body, "logprobs", low=0, high=MAX_TOP_LOGPROBS) or 0
+    asked = flag(body, "logprobs")
+    top = integer(body, "top_logprobs", low=0, high=MAX_TOP_LOGPROBS, default=0) or 0
+    if top and not asked:
+        raise HTTPError(
+            400, "top_logprobs needs logprobs: true; set it, or drop top_logprobs",
+            param="top_logprobs",
+        )  # fmt: skip
+    return asked, top
 
 
 def integer(
@@ -238,13 +254,18 @@ def messages(value: Any) -> list[dict[str, Any]]:
 
 
 def sampling_params(
-    body: dict[str, Any], prompt_len: int, context: int, default_max_tokens: int | None = None
+    body: dict[str, Any],
+    prompt_len: int,
+    context: int,
+    default_max_tokens: int | None = None,
+    least: int = 1,
 ) -> common_pb2.SamplingParams:
     """The SamplingParams of a completion request (ranges the sampler checks are its own).
-    Without max_tokens: `default_max_tokens`, else what the context leaves (at most 1024)."""
+    Without max_tokens: `default_max_tokens`, else what the context leaves (at most 1024).
+    `least`: the smallest max_tokens taken (0 where echo scores the prompt alone)."""
     max_tokens = integer(body, "max_completion_tokens", low=1)
     if max_tokens is None:
-        max_tokens = integer(body, "max_tokens", low=1, default=default_max_tokens)
+        max_tokens = integer(body, "max_tokens", low=least, default=default_max_tokens)
     if max_tokens is None:
         max_tokens = max(1, min(DEFAULT_MAX_TOKENS, context - prompt_len))
     params = common_pb2.SamplingParams(
@@ -279,30 +300,75 @@ class Completion:
     stream: bool
     return_token_ids: bool  # return ids and logprobs, and record the turn in a trace
     logprobs: bool
+    top_logprobs: int = 0  # most likely tokens per position, in the logprobs returned
+    echo: bool = False  # text completions: the prompt comes back before the completion
+    prompt_text: str | None = None  # the prompt as the client wrote it (text prompts)
+    drop_last: bool = False  # max_tokens 0 with echo: one token is drawn, none returned
 
 
-def completion(
+def completion_requests(
     tok: Tokenizer, body: dict[str, Any], model: str, context: int, *, chat: bool
-) -> Completion:
-    """Check every parameter of a completion request and build its prompt (worker thread:
-    rendering and tokenizing take time)."""
-    prompt = chat_prompt(tok, body, context) if chat else completion_prompt(tok, body, context)
-    params = sampling_params(body, len(prompt), context, default_max_tokens=None if chat else 16)
+) -> list[Completion]:
+    """Check every parameter of a completion request and build its prompts (worker thread:
+    rendering and tokenizing take time): one per prompt of a text completion's list (as
+    lm-eval's local-completions batches them), else one."""
+    logprobs, top = logprobs_asked(body, chat=chat)
+    echo = flag(body, "echo")
+    if echo and chat:
+        raise HTTPError(400, "echo is a /v1/completions parameter; drop it", param="echo")
+    stream = flag(body, "stream")
+    if echo and stream:
+        raise HTTPError(
+            400, "echo is answered without streaming: drop stream, or echo", param="echo"
+        )
+    if chat:
+        prompts: list[tuple[list[int], str | None]] = [(chat_prompt(tok, body, context), None)]
+    else:
+        prompts = completion_prompts(tok, body, context)
+    if stream and len(prompts) > 1:
+        raise HTTPError(
+            400, f"a stream takes one prompt; got {len(prompts)}: send them as separate requests",
+            param="prompt",
+        )  # fmt: skip
     record = flag(body, "return_token_ids")
     trace_id = optional_str(body, "trace_id")
-    if record and trace_id and params.n != 1:
-        raise HTTPError(400, "trace_id continues one trajectory: use it with n = 1", param="n")
-    return Completion(
-        model=model,
-        prompt=prompt,
-        prompt_tokens=to_tensor(prompt, common_pb2.DTYPE_INT32),
-        params=params,
-        checkpoint=optional_str(body, "checkpoint"),
-        trace_id=trace_id,
-        stream=flag(body, "stream"),
-        return_token_ids=record,
-        logprobs=wants_logprobs(body) or record,
-    )
+    out = []
+    for prompt, text in prompts:
+        params = sampling_params(
+            body, len(prompt), context, default_max_tokens=None if chat else 16,
+            least=0 if echo else 1,
+        )  # fmt: skip
+        if record and trace_id and (params.n != 1 or len(prompts) > 1):
+            raise HTTPError(
+                400, "trace_id continues one trajectory: use it with n = 1 and one prompt",
+                param="n",
+            )  # fmt: skip
+        drop_last = params.max_tokens == 0  # echo alone: score the prompt, draw nothing
+        if drop_last and record:
+            raise HTTPError(
+                400, "return_token_ids records a sampled turn: max_tokens must be ≥ 1",
+                param="max_tokens",
+            )  # fmt: skip
+        params.max_tokens = max(params.max_tokens, 1)
+        params.top_logprobs = top
+        out.append(
+            Completion(
+                model=model,
+                prompt=prompt,
+                prompt_tokens=to_tensor(prompt, common_pb2.DTYPE_INT32),
+                params=params,
+                checkpoint=optional_str(body, "checkpoint"),
+                trace_id=trace_id,
+                stream=stream,
+                return_token_ids=record,
+                logprobs=logprobs or record,
+                top_logprobs=top,
+                echo=echo,
+                prompt_text=text,
+                drop_last=drop_last,
+            )
+        )
+    return out
 
 
 # -------------------------------------------------------------------------- prompts
@@ -346,11 +412,33 @@ def chat_prompt(tok: Tokenizer, body: dict[str, Any], context: int) -> list[int]
     return encode(tok, text, context, special=False)
 
 
-def completion_prompt(tok: Tokenizer, body: dict[str, Any], context: int) -> list[int]:
-    """The prompt of a text completion: `prompt_token_ids`, or `prompt` (text or ids)."""
+MAX_PROMPTS = 64  # prompts of one text completion request (a batch, as lm-eval sends)
+
+
+def completion_prompts(
+    tok: Tokenizer, body: dict[str, Any], context: int
+) -> list[tuple[list[int], str | None]]:
+    """The prompts of a text completion, each (ids, its text if given as text):
+    `prompt_token_ids`, or `prompt` — text, ids, or a list of several texts or id lists."""
     raw = body.get("prompt_token_ids", body.get("prompt"))
     if isinstance(raw, str):
-        return encode(tok, raw, context, special=True)
+        return [(encode(tok, raw, context, special=True), raw)]
     if isinstance(raw, list) and raw and all(type(t) is int for t in raw):
-        return token_list(raw, "prompt")
-    raise HTTPError(400, "prompt must be a string or a list of token ids", param="prompt")
+        return [(token_list(raw, "prompt"), None)]
+    if isinstance(raw, list) and raw and all(isinstance(p, str | list) for p in raw):
+        if len(raw) > MAX_PROMPTS:
+            raise HTTPError(
+                400, f"prompt holds {len(raw)} prompts; at most {MAX_PROMPTS} per request",
+                param="prompt",
+            )  # fmt: skip
+        return [
+            (encode(tok, p, context, special=True), p)
+            if isinstance(p, str)
+            else (token_list(p, f"prompt[{i}]"), None)
+            for i, p in enumerate(raw)
+        ]
+    raise HTTPError(
+        400,
+        "prompt must be a string, a list of token ids, or a list of several of either",
+        param="prompt",
+    )

@@ -31,6 +31,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from google.protobuf.message import DecodeError
 
 from gateway.core import Gateway
-from gateway.http_params import parse_body
+from gateway.http_params import MAX_TOP_LOGPROBS, parse_body
 from gateway.tinker_state import NAME_SECONDS, Result, SamplingSession, TinkerState
 from headway.errors import (
     FailedPrecondition,
@@ -622,12 +623,11 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         if not isinstance(sid, str):
             raise InvalidArgument("sampling_session_id: a string is required")
         target = await state.sampler(sid, team)
-        req, n = sample_request(raw, target)
+        req, n, asked = sample_request(raw, target)
 
         async def work() -> Result:
             reply = await patiently(lambda: gateway.sample(req, team, None))
-            prompt_lps = bool(req.include_prompt_logprobs)
-            return Result(proto=sample_output(reply, prompt_lps).SerializeToString())
+            return Result(proto=sample_output(reply, asked).SerializeToString())
 
         request_id = await state.submit(team, work, failure)
         return {"request_id": request_id, "sample_sequence_ids": [
@@ -921,14 +921,16 @@ def adam_params(raw: Any) -> common_pb2.AdamParams:
 
 def sample_request(
     raw: dict[str, Any], target: SamplingSession
-) -> tuple[sampling_pb2.SampleRequest, int]:
-    """Headway's SampleRequest for an asample body; (request, samples)."""
+) -> tuple[sampling_pb2.SampleRequest, int, Asked]:
+    """Headway's SampleRequest for an asample body; (request, samples, what else it asks)."""
     n = raw.get("num_samples", 1)
     if not is_int(n) or not 1 <= n <= MAX_SAMPLES:
         raise InvalidArgument(f"num_samples: an integer in [1, {MAX_SAMPLES}], not {n!r}")
-    for unserved in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):
-        if raw.get(unserved):
-            raise InvalidArgument(f"{unserved}: not served by Headway yet; leave it 0")
+    if raw.get("prompt_alt_tokens_k"):
+        raise InvalidArgument("prompt_alt_tokens_k: not served by Headway yet; leave it 0")
+    # One count of most likely tokens serves both (each reply keeps its own k of them).
+    topk = {key: number(raw, key, int, 0, MAX_TOP_LOGPROBS) if raw.get(key) is not None else 0
+            for key in ("topk_prompt_logprobs", "topk_sample_logprobs")}  # fmt: skip
     for unserved in ("target_prompt_logprobs", "prompt_logprobs_last_n"):
         if raw.get(unserved) is not None:
             raise InvalidArgument(f"{unserved}: not served by Headway yet; leave it unset")
@@ -944,7 +946,7 @@ def sample_request(
             raise InvalidArgument(f"prompt.chunks[{i}].tokens: a list of token ids")
         tokens += ids
     p = mapping(raw, "sampling_params")
-    params = common_pb2.SamplingParams(n=n)
+    params = common_pb2.SamplingParams(n=n, top_logprobs=max(topk.values()))
     if p.get("max_tokens") is not None:
         params.max_tokens = number(p, "max_tokens", int, 0, 2**31 - 1)
     if p.get("temperature") is not None:
@@ -969,12 +971,43 @@ def sample_request(
     req = sampling_pb2.SampleRequest(
         model=target.slug, checkpoint=target.checkpoint, params=params,
         prompt_tokens=to_tensor(np.asarray(tokens, np.int32)),
-        include_prompt_logprobs=bool(raw.get("prompt_logprobs")),
+        include_prompt_logprobs=bool(raw.get("prompt_logprobs") or topk["topk_prompt_logprobs"]),
     )  # fmt: skip
-    return req, n
+    return req, n, Asked(bool(raw.get("prompt_logprobs")), **topk)
 
 
-def sample_output(reply: sampling_pb2.SampleResponse, prompt_lps: bool) -> Any:
+@dataclass
+class Asked:
+    """The logprobs an asample asked for beside the sampled ones."""
+
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+
+
+MASK_LOGPROB = -99999.0  # Tinker's empty top-k slot (with token 0)
+
+
+def topk_message(
+    ids: common_pb2.Tensor, lps: common_pb2.Tensor, k: int, first_masked: bool = False
+) -> Any:
+    """Tinker's TopkLogprobs of Headway's [T, K] tensors, the first k columns (`first_masked`:
+    a first row of sentinels for the prompt's first position)."""
+    top_ids = from_tensor(ids, "top_token_ids").astype(np.int32)[:, :k]
+    top_lps = from_tensor(lps, "top_logprobs").astype(np.float32)[:, :k]
+    if first_masked:
+        top_ids = np.concatenate([np.zeros((1, top_ids.shape[1]), np.int32), top_ids])
+        top_lps = np.concatenate(
+            [np.full((1, top_lps.shape[1]), MASK_LOGPROB, np.float32), top_lps]
+        )
+    return tinker_pb2.TinkerTopkLogprobs(
+        token_ids=np.ascontiguousarray(top_ids).tobytes(),
+        logprobs=np.ascontiguousarray(top_lps).tobytes(),
+        k=top_ids.shape[1], length=top_ids.shape[0],
+    )  # fmt: skip
+
+
+def sample_output(reply: sampling_pb2.SampleResponse, asked: Asked) -> Any:
     """Headway's SampleResponse as Tinker's (int32 tokens, float32 logprobs)."""
     out = tinker_pb2.TinkerSampleResponse()
     for seq in reply.sequences:
@@ -985,9 +1018,18 @@ def sample_output(reply: sampling_pb2.SampleResponse, prompt_lps: bool) -> Any:
             tokens=from_tensor(seq.tokens, "tokens").astype(np.int32).tobytes(),
             logprobs=from_tensor(seq.logprobs, "logprobs").astype(np.float32).tobytes(),
         ))  # fmt: skip
-    if prompt_lps and reply.HasField("prompt_logprobs"):
+        if asked.topk_sample_logprobs and seq.HasField("top_token_ids"):
+            out.sequences[-1].topk_sampled_logprobs.CopyFrom(
+                topk_message(seq.top_token_ids, seq.top_logprobs, asked.topk_sample_logprobs)
+            )
+    if asked.prompt_logprobs and reply.HasField("prompt_logprobs"):
         lps = from_tensor(reply.prompt_logprobs, "prompt_logprobs").astype(np.float32)
         out.prompt_logprobs = np.concatenate([[np.nan], lps]).astype(np.float32).tobytes()
+    if asked.topk_prompt_logprobs and reply.HasField("prompt_top_token_ids"):
+        out.topk_prompt_logprobs.CopyFrom(topk_message(
+            reply.prompt_top_token_ids, reply.prompt_top_logprobs, asked.topk_prompt_logprobs,
+            first_masked=True,
+        ))  # fmt: skip
     return out
 
 

@@ -484,7 +484,7 @@ HTTP_CASES = [
          r"Idempotency-Key is supported on non-streaming requests: drop stream, or the key",
          headers={"Idempotency-Key": "k-1"}),
     http("a numeric prompt", TEXT_ROUTE, lambda w: {"model": FORK, "prompt": 7}, 400,
-         r"prompt must be a string or a list of token ids"),
+         r"prompt must be a string, a list of token ids, or a list of several of either"),
     http("prompt ids outside the vocabulary", TEXT_ROUTE,
          lambda w: {"model": FORK, "prompt": [5, VOCAB], "max_tokens": 2}, 400,
          rf"prompt_tokens\[1\] is token id {VOCAB}, outside the vocabulary"),

@@ -93,9 +93,11 @@ def test_sdk_gets_its_own_errors_for_bad_input(service):
     with pytest.raises(tinker.BadRequestError, match="only encoded text"):
         tc.forward_backward([image], "cross_entropy").result()
     sampler = service.create_sampling_client(base_model="tiny").result()
-    with pytest.raises(tinker.BadRequestError, match="topk_prompt_logprobs: not served"):
+    with pytest.raises(
+        tinker.BadRequestError, match=r"topk_prompt_logprobs: a number in \[0, 20\]"
+    ):
         sampler.sample(types.ModelInput.from_ints([3, 4]), 1, types.SamplingParams(max_tokens=2),
-                       include_prompt_logprobs=True, topk_prompt_logprobs=2).result()  # fmt: skip
+                       include_prompt_logprobs=True, topk_prompt_logprobs=21).result()  # fmt: skip
     with pytest.raises(tinker.BadRequestError, match="stable_reinforce"):
         tc.forward_backward(data, "stable_reinforce").result()
     with pytest.raises(tinker.BadRequestError, match="cross_entropy"):
@@ -440,6 +442,26 @@ def test_base_model_sampling_and_compute_logprobs(gateway_stack, service):
         max_tokens=3, temperature=0.0), include_prompt_logprobs=True).result()  # fmt: skip
     assert len(out.sequences[0].tokens) <= 3
     np.testing.assert_allclose(np.array(out.prompt_logprobs[1:], np.float32), want, atol=1e-4)
+    # Top-k of the prompt's and the sampled positions: Headway's top_logprobs, each its k.
+    out = sampler.sample(types.ModelInput.from_ints(tokens), 1, types.SamplingParams(
+        max_tokens=3, temperature=0.0, stop=[]), topk_prompt_logprobs=2,
+        topk_sample_logprobs=3).result()  # fmt: skip
+    ours = gateway_stack.gateway.sampling.Sample(sampling_pb2.SampleRequest(
+        model="tiny", prompt_tokens=to_tensor(np.array(tokens, np.int32)),
+        params=common_pb2.SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True,
+                                         top_logprobs=3),
+        include_prompt_logprobs=True))  # fmt: skip
+    prompt_ids = from_tensor(ours.prompt_top_token_ids, "ids")[:, :2].tolist()
+    prompt_lps = from_tensor(ours.prompt_top_logprobs, "lps")[:, :2]
+    topk = out.topk_prompt_logprobs
+    assert topk[0] is None and len(topk) == len(tokens)
+    assert [[t for t, _ in row] for row in topk[1:]] == prompt_ids
+    np.testing.assert_allclose([[v for _, v in row] for row in topk[1:]], prompt_lps, atol=1e-6)
+    seq, want_seq = out.sequences[0], ours.sequences[0]
+    assert seq.tokens == from_tensor(want_seq.tokens, "tokens").tolist()
+    assert [[t for t, _ in row] for row in seq.topk_logprobs] == from_tensor(
+        want_seq.top_token_ids, "ids").tolist()  # fmt: skip
+    assert out.prompt_logprobs is None  # not asked: only the top-k
 
 
 def test_bad_wire_input_is_a_400_naming_the_field(gateway_stack, service):
