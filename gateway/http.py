@@ -19,7 +19,6 @@ rendering, tokenizing and reply encoding (`gateway.http_params`) run on the work
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import secrets
@@ -192,20 +191,19 @@ def create_app(gateway: Gateway) -> Any:
         # Parsing, rendering and tokenizing run on worker threads, off the loop.
         body = await gateway.workers.run(team, parse_body, await request.body())
         model = required_str(body, "model")
-        context = int(gateway.model(model, team).arch["max_context"])
+        arch = gateway.model(model, team).arch
+        context, vocab = int(arch["max_context"]), int(arch["vocab_size"])
         tok = await tokenizer_for(model, team)
-        prepare = partial(completion_requests, chat=chat)
+        prepare = partial(completion_requests, chat=chat, vocab=vocab)
         reqs = await gateway.workers.run(team, prepare, tok, body, model, context)
 
         async def run() -> Any:
             if len(reqs) == 1:
                 return await _complete(gateway, tok, reqs[0], team, chat=chat)
-            # Several prompts (a text completion's batch): sampled side by side, their
-            # choices numbered prompt by prompt, as OpenAI and vLLM number them.
-            outs = await asyncio.gather(
-                *(_complete(gateway, tok, req, team, chat=chat) for req in reqs)
-            )
-            return _merged(outs)
+            # Several prompts (a text completion's batch, all checked already): one after
+            # another, as the one request they are (one team slot), their choices numbered
+            # prompt by prompt, as OpenAI and vLLM number them.
+            return _merged([await _complete(gateway, tok, req, team, chat=chat) for req in reqs])
 
         return await _once(gateway, request, team, body, reqs[0], run)
 

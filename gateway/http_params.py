@@ -147,11 +147,12 @@ def flag(body: dict[str, Any], name: str) -> bool:
     return value
 
 
-def logprobs_asked(body: dict[str, Any], *, chat: bool) -> tuple[bool, int]:
+def logprobs_asked(body: dict[str, Any], *, chat: bool, implied: bool = False) -> tuple[bool, int]:
     """(whether logprobs are returned, how many most likely tokens per position).
 
-    Chat: `logprobs` true/false and `top_logprobs` 0..20, which needs `logprobs` true.
-    Text completions (the legacy API): `logprobs` = that count, 0..20 (null = none).
+    Chat: `logprobs` true/false and `top_logprobs` 0..20, which needs `logprobs` true
+    (or `implied`: return_token_ids returns logprobs anyway). Text completions (the legacy
+    API): `logprobs` = that count, 0..20 (null = none).
     """
     if not chat:
         value = body.get("logprobs")
@@ -162,7 +163,7 @@ def logprobs_asked(body: dict[str, Any], *, chat: bool) -> tuple[bool, int]:
         return True, integer(body, "logprobs", low=0, high=MAX_TOP_LOGPROBS) or 0
     asked = flag(body, "logprobs")
     top = integer(body, "top_logprobs", low=0, high=MAX_TOP_LOGPROBS, default=0) or 0
-    if top and not asked:
+    if top and not (asked or implied):
         raise HTTPError(
             400, "top_logprobs needs logprobs: true; set it, or drop top_logprobs",
             param="top_logprobs",
@@ -307,12 +308,20 @@ class Completion:
 
 
 def completion_requests(
-    tok: Tokenizer, body: dict[str, Any], model: str, context: int, *, chat: bool
+    tok: Tokenizer,
+    body: dict[str, Any],
+    model: str,
+    context: int,
+    *,
+    chat: bool,
+    vocab: int | None = None,
 ) -> list[Completion]:
     """Check every parameter of a completion request and build its prompts (worker thread:
     rendering and tokenizing take time): one per prompt of a text completion's list (as
-    lm-eval's local-completions batches them), else one."""
-    logprobs, top = logprobs_asked(body, chat=chat)
+    lm-eval's local-completions batches them), else one. Prompts of a list are checked
+    against the vocabulary and the context here, all before any is sampled."""
+    record = flag(body, "return_token_ids")
+    logprobs, top = logprobs_asked(body, chat=chat, implied=record)
     echo = flag(body, "echo")
     if echo and chat:
         raise HTTPError(400, "echo is a /v1/completions parameter; drop it", param="echo")
@@ -330,19 +339,23 @@ def completion_requests(
             400, f"a stream takes one prompt; got {len(prompts)}: send them as separate requests",
             param="prompt",
         )  # fmt: skip
-    record = flag(body, "return_token_ids")
+    several = len(prompts) > 1
+    if several and record:
+        raise HTTPError(
+            400, f"return_token_ids records one turn per request; got {len(prompts)} prompts: "
+            "send them as separate requests", param="prompt",
+        )  # fmt: skip
     trace_id = optional_str(body, "trace_id")
     out = []
-    for prompt, text in prompts:
+    for i, (prompt, text) in enumerate(prompts):
+        if several:
+            _check_prompt(prompt, f"prompt[{i}]", vocab, context, body)
         params = sampling_params(
             body, len(prompt), context, default_max_tokens=None if chat else 16,
             least=0 if echo else 1,
         )  # fmt: skip
-        if record and trace_id and (params.n != 1 or len(prompts) > 1):
-            raise HTTPError(
-                400, "trace_id continues one trajectory: use it with n = 1 and one prompt",
-                param="n",
-            )  # fmt: skip
+        if record and trace_id and params.n != 1:
+            raise HTTPError(400, "trace_id continues one trajectory: use it with n = 1", param="n")
         drop_last = params.max_tokens == 0  # echo alone: score the prompt, draw nothing
         if drop_last and record:
             raise HTTPError(
@@ -413,6 +426,26 @@ def chat_prompt(tok: Tokenizer, body: dict[str, Any], context: int) -> list[int]
 
 
 MAX_PROMPTS = 64  # prompts of one text completion request (a batch, as lm-eval sends)
+
+
+def _check_prompt(
+    prompt: list[int], name: str, vocab: int | None, context: int, body: dict[str, Any]
+) -> None:
+    """One prompt of a list, checked as the sampler would check it (so a bad one refuses
+    the request before any other is sampled), the message naming which."""
+    if vocab is not None:
+        bad = next((j for j, t in enumerate(prompt) if t >= vocab), None)
+        if bad is not None:
+            raise HTTPError(
+                400, f"{name}[{bad}] is token id {prompt[bad]}, outside the vocabulary "
+                f"(valid ids are 0..{vocab - 1})", param="prompt",
+            )  # fmt: skip
+    wanted = max(1, integer(body, "max_tokens", low=0, default=16) or 0)
+    if len(prompt) + wanted > context:
+        raise HTTPError(
+            400, f"{name} ({len(prompt)} tokens) + max_tokens ({wanted}) is over the context "
+            f"of {context} tokens; shorten it or lower max_tokens", param="prompt",
+        )  # fmt: skip
 
 
 def completion_prompts(

@@ -12,7 +12,8 @@ Two shapes, as OpenAI defines them (and vLLM serves them):
   the first prompt token, predicted by nothing, has null for its logprob and top logprobs.
 
 Every logprob is the policy's at temperature 1 (the sampler's), whatever drew the token.
-Gateway code: no torch; runs on the worker threads (every token is decoded).
+Gateway code: no torch. A unary reply's run on the worker threads (every token is
+decoded); a stream's, chunk by chunk as they arrive (a few tokens each).
 """
 
 from __future__ import annotations

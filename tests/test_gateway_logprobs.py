@@ -174,6 +174,18 @@ BAD = {
     "completions max_tokens 0 without echo": (
         "completions", {"max_tokens": 0}, "max_tokens", "max_tokens must be between 1",
     ),
+    "completions batch with a token outside the vocabulary": (
+        "completions", {"prompt": [[5, 6], [7, 10**6]]}, "prompt",
+        "prompt[1][1] is token id 1000000, outside the vocabulary",
+    ),
+    "completions batch with a prompt over the context": (
+        "completions", {"prompt": [[5, 6], [7] * 300]}, "prompt",
+        "prompt[1] (300 tokens) + max_tokens (2) is over the context",
+    ),
+    "completions batch recording traces": (
+        "completions", {"prompt": [[5, 6], [7, 8]], "return_token_ids": True}, "prompt",
+        "records one turn per request",
+    ),
     "completions prompt list of junk": (
         "completions", {"prompt": [[5, 6], 7]}, "prompt", "a list of several of either",
     ),
