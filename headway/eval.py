@@ -12,6 +12,11 @@ await trainer.step(batch, learning_rate=1e-5, group_size=8)
 reward function, attaches the reward to the run's trace on the gateway (so the trace id
 is trainable too), and appends the runs to the job grouped by task, in task order, each
 task's runs consecutive, whatever order they finished in: `group_size=group` lines up.
+
+Rollouts fail alone when asked to (`max_errors`): one that raises or outlasts
+`rollout_timeout` (after `retries` fresh attempts) stays in its place as an errored `Run`
+(`run.error`, no reward) and the others go on; the training calls drop errored runs,
+group by group. Past `max_errors`, the rest are cancelled and `RolloutsFailed` is raised.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from headway.client import TraceClient
 from headway.errors import InvalidArgument
 from headway.types import Run
 
-__all__ = ["Job", "RewardFn", "Task", "Taskset"]
+__all__ = ["Job", "RewardFn", "RolloutsFailed", "Task", "Taskset"]
 
 # Episodes of one Taskset.run in flight at once, by default.
 DEFAULT_MAX_CONCURRENCY = 64
@@ -97,6 +102,31 @@ class Job:
             await self.traces.close()
 
 
+class RolloutsFailed(Exception):
+    """More rollouts of a `Taskset.run` failed than its `max_errors` allows. `runs`: the
+    errored runs (each with its `error`); the first failure is the `__cause__`."""
+
+    def __init__(self, message: str, runs: list[Run]) -> None:
+        super().__init__(message)
+        self.runs = runs
+
+
+def error_budget(max_errors: int | float, rollouts: int) -> int:
+    """How many of `rollouts` may fail: `max_errors` as a count (an int) or a fraction of
+    them (a float in [0, 1]); InvalidArgument otherwise."""
+    if isinstance(max_errors, bool) or not isinstance(max_errors, int | float):
+        raise InvalidArgument(f"max_errors is {max_errors!r}: a count (int) or a fraction (float)")
+    if isinstance(max_errors, float):
+        if not 0.0 <= max_errors <= 1.0:
+            raise InvalidArgument(
+                f"max_errors is {max_errors}: a fraction lies in [0, 1] (a count is an int)"
+            )
+        return math.floor(max_errors * rollouts)
+    if max_errors < 0:
+        raise InvalidArgument(f"max_errors is {max_errors}: a count is >= 0")
+    return max_errors
+
+
 class Taskset:
     """An ordered collection of tasks."""
 
@@ -116,6 +146,9 @@ class Taskset:
         *,
         group: int | None = None,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        rollout_timeout: float | None = None,
+        max_errors: int | float = 0,
+        retries: int = 0,
     ) -> list[Run]:
         """Play each task `group` times concurrently, score the runs, and return them.
 
@@ -123,10 +156,17 @@ class Taskset:
         are in flight at once (a sampler queues a bounded number of requests and refuses
         the rest; 64 keeps a replica's decode batch full). The runs come back (and are
         appended to `job.runs`) task by task, each task's `group` runs consecutive. Each
-        run's reward is set, and attached to its trace when it has one. If any rollout or
-        reward function fails, the others are cancelled and the error propagates; nothing
-        is appended to the job. `runtime` is accepted for compatibility with hosted
-        runtimes: tasks here run in-process, so it is not used.
+        run's reward is set, and attached to its trace when it has one.
+
+        A rollout (episode and reward function) that raises, or runs longer than
+        `rollout_timeout` seconds, is played again up to `retries` times; if it still
+        fails it becomes an errored `Run` in its place (`run.error`, no reward), and the
+        others go on, as long as the failures stay within `max_errors`: a count (int) or a
+        fraction of all rollouts (float). With the default 0 the first failure cancels the
+        others and propagates as it was raised; past a larger `max_errors`, the others
+        are cancelled and `RolloutsFailed` is raised. Either way nothing is appended to
+        the job. `runtime` is accepted for compatibility with hosted runtimes: tasks here
+        run in-process, so it is not used.
         """
         del runtime  # tasks run in this process; kept for the seed's call shape
         size = group or (job.group if job is not None else 1)
@@ -134,25 +174,61 @@ class Taskset:
             raise InvalidArgument(f"group is {size}: each task runs at least once")
         if max_concurrency < 1:
             raise InvalidArgument(f"max_concurrency is {max_concurrency}: it must be >= 1")
+        if rollout_timeout is not None and not (
+            math.isfinite(rollout_timeout) and rollout_timeout > 0
+        ):
+            raise InvalidArgument(f"rollout_timeout is {rollout_timeout}: seconds, > 0")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise InvalidArgument(f"retries is {retries!r}: a count, >= 0")
+        rollouts = len(self.tasks) * size
+        budget = error_budget(max_errors, rollouts)
         gate = asyncio.Semaphore(max_concurrency)
         traces = job.traces if job is not None and job.traces is not None else None
         own = traces is None
         if traces is None:  # no job: rewards still go onto the traces, through the default URL
             traces = TraceClient()
-        jobs = [
-            asyncio.ensure_future(_play(agent, task, traces, gate))
-            for task in self.tasks
-            for _ in range(size)
-        ]
+        failures: list[tuple[Run, BaseException]] = []
+        too_many = asyncio.Event()
+
+        async def attempt(task: Task) -> Run:
+            """One rollout, retried, and kept as an errored run if the budget allows."""
+            for tries in range(retries + 1):
+                try:
+                    play = _play(agent, task, traces, gate, rollout_timeout)
+                    run = await play
+                    if tries:
+                        run.info["attempts"] = tries + 1
+                    return run
+                except Exception as e:  # cancellation is not a failure of the rollout
+                    error = e
+            failed = Run(task=task, model=agent.model, error=_describe(error, rollout_timeout))
+            failed.info["attempts"] = retries + 1
+            failures.append((failed, error))
+            # This frame is in the error's traceback: without the local, no reference cycle
+            # keeps the failed episode's coroutines alive until a garbage collection.
+            del error
+            if len(failures) > budget:
+                too_many.set()
+            return failed
+
+        jobs = [asyncio.ensure_future(attempt(task)) for task in self.tasks for _ in range(size)]
+        watcher = asyncio.ensure_future(too_many.wait())
+        every = asyncio.gather(*jobs)
         try:
+            # Done when every rollout is, or at the first failure over the budget.
+            await asyncio.wait([every, watcher], return_when=asyncio.FIRST_COMPLETED)
+            if too_many.is_set():
+                raise _over_budget(failures, rollouts, max_errors)
             # gather keeps the input order, so runs come back grouped by task.
-            runs = list(await asyncio.gather(*jobs))
+            runs = every.result()
         except BaseException:
             for pending in jobs:
                 pending.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)
             raise
         finally:
+            watcher.cancel()
+            every.cancel()
             if own:
                 await traces.close()
         if job is not None:
@@ -160,9 +236,44 @@ class Taskset:
         return runs
 
 
-async def _play(agent: Agent, task: Task, traces: TraceClient, gate: asyncio.Semaphore) -> Run:
-    async with gate:
-        run = await agent.run(task.prompt, max_turns=task.max_turns, tool=task.tool)
+def _describe(error: BaseException, timeout: float | None) -> str:
+    """An errored run's `error`: the exception's type and message."""
+    if isinstance(error, TimeoutError) and timeout is not None and not str(error):
+        return f"TimeoutError: the rollout ran over rollout_timeout={timeout} s"
+    return f"{type(error).__name__}: {error}"
+
+
+def _over_budget(
+    failures: list[tuple[Run, BaseException]], rollouts: int, max_errors: int | float
+) -> BaseException:
+    """What Taskset.run raises once more rollouts failed than `max_errors` allows."""
+    first_run, first = failures[0]
+    if not isinstance(max_errors, float) and max_errors == 0:
+        return first
+    error = RolloutsFailed(
+        f"{len(failures)} of {rollouts} rollouts failed, over max_errors={max_errors}; "
+        f"the first: {first_run.error}",
+        [run for run, _ in failures],
+    )
+    error.__cause__ = first
+    return error
+
+
+async def _play(
+    agent: Agent,
+    task: Task,
+    traces: TraceClient,
+    gate: asyncio.Semaphore,
+    timeout: float | None = None,
+) -> Run:
+    async with gate:  # the timeout counts from the start of the episode, not of the wait
+        async with asyncio.timeout(timeout):
+            return await _episode(agent, task, traces)
+
+
+async def _episode(agent: Agent, task: Task, traces: TraceClient) -> Run:
+    """Play `task` once and score it (its reward attached to its trace)."""
+    run = await agent.run(task.prompt, max_turns=task.max_turns, tool=task.tool)
     run.task = task
     reward = task.reward_fn(run)
     if inspect.isawaitable(reward):

@@ -94,6 +94,15 @@ class Run:
     task: Any = None
     # Free-form extras a reward function or tool wants to keep with the run.
     info: dict[str, Any] = field(default_factory=dict)
+    # Why the rollout failed ("TimeoutError: ..."), for a run `Taskset.run` kept in place
+    # of one that raised or timed out; "" for a run that finished. An errored run has no
+    # reward; the training calls drop it (and its group, by default).
+    error: str = ""
+
+    @property
+    def errored(self) -> bool:
+        """Whether the rollout failed (see `error`)."""
+        return bool(self.error)
 
     @property
     def text(self) -> str:

@@ -164,3 +164,111 @@ def test_a_taskset_bigger_than_the_samplers_queue_runs_within_its_concurrency(tm
         node.stop()
         replica.stop()
         trainer.stop()
+
+
+def test_rollouts_that_fail_alone_and_the_step_that_drops_their_groups(gateway_stack):
+    """A reward function that raises and a tool that raises become errored runs in their
+    places (the others are scored), a hanging tool is cut by rollout_timeout, a flaky
+    reward is retried; past max_errors the run raises RolloutsFailed and the job is left
+    as it was; the default (0) propagates the failure itself. The step drops errored runs
+    group by group, or keeps the survivors as a smaller group, and says so in its metrics."""
+    from headway.eval import RolloutsFailed
+
+    stack = gateway_stack
+    fork(stack, "m")
+
+    async def main() -> None:
+        agent = create_agent(
+            "m",
+            completion_kwargs={"max_tokens": 4, "extra_body": {"return_token_ids": True}},
+            base_url=stack.gateway.http_url,
+        )
+        calls = {"bad": 0, "flaky": 0}
+
+        def bad_reward(run: Run) -> float:  # the 2nd and 4th runs of the task fail
+            calls["bad"] += 1
+            if calls["bad"] in (2, 4):
+                raise ValueError("reward server said no")
+            return 1.0
+
+        def flaky_reward(run: Run) -> float:  # fails once, then works: a retry fixes it
+            calls["flaky"] += 1
+            if calls["flaky"] == 1:
+                raise ConnectionError("blip")
+            return float(len(run.text) % 2)
+
+        async def broken_tool(reply: str) -> str:
+            raise RuntimeError("the sandbox crashed")
+
+        tasks = Taskset(
+            [
+                Task("what is 1 plus 1?", lambda run: float(len(run.text) % 3), name="ok"),
+                Task("what is 2 plus 2?", bad_reward, name="bad"),
+                Task("what is 3 plus 3?", flaky_reward, name="flaky"),
+            ]
+        )
+        job = await Job.start("m", group=4, url=url(stack))
+        runs = await tasks.run(agent, job=job, max_errors=0.25, retries=0)  # 3 of 12
+        assert len(runs) == 12 and job.runs == runs
+        assert [r.task.name for r in runs] == ["ok"] * 4 + ["bad"] * 4 + ["flaky"] * 4
+        errored = [i for i, r in enumerate(runs) if r.errored]
+        assert len(errored) == 3  # two of "bad", the first "flaky" call
+        assert sum(r.error == "ValueError: reward server said no" for r in runs) == 2
+        assert sum(r.error == "ConnectionError: blip" for r in runs) == 1
+        assert all(r.reward is None for r in runs if r.errored)
+        assert all(r.reward is not None for r in runs if not r.errored)
+
+        # Retried: the flaky reward's first failure is played again and succeeds.
+        calls.update(bad=10, flaky=0)
+        side = await Job.start("m", url=url(stack))  # where the other runs' rewards go
+        retried = await Taskset([tasks.tasks[2]]).run(agent, job=side, group=2, retries=1)
+        assert not any(r.errored for r in retried)
+        assert sorted(r.info.get("attempts", 1) for r in retried) == [1, 2]
+
+        # A tool that hangs: cut by the timeout (whatever the machine's speed, it never
+        # answers), an errored run; and one that raises.
+        never = asyncio.Event()
+
+        async def hanging_tool(reply: str) -> str:
+            await never.wait()
+            return "unreachable"
+
+        hung = Task("what is 4 plus 4?", lambda run: 1.0, max_turns=2, tool=hanging_tool)
+        crashed = Task("what is 5 plus 5?", lambda run: 1.0, max_turns=2, tool=broken_tool)
+        out = await Taskset([hung, crashed]).run(
+            agent, job=side, rollout_timeout=0.5, max_errors=1.0
+        )
+        assert out[0].error.startswith("TimeoutError") and "rollout_timeout=0.5" in out[0].error
+        assert out[1].error == "RuntimeError: the sandbox crashed"
+
+        # Over the budget: RolloutsFailed naming the count, the job unchanged.
+        before = list(job.runs)
+        calls.update(bad=0, flaky=10)
+        with pytest.raises(RolloutsFailed, match=r"rollouts failed, over max_errors=1") as err:
+            await tasks.run(agent, job=job, max_errors=1)
+        assert len(err.value.runs) >= 2 and isinstance(err.value.__cause__, ValueError)
+        assert job.runs == before
+        # The default: the first failure itself.
+        calls.update(bad=0)
+        with pytest.raises(ValueError, match="reward server said no"):
+            await Taskset([tasks.tasks[1]]).run(agent, job=side, group=4)
+
+        # Training: groups that lost runs are dropped whole, or kept smaller.
+        trainer = TrainingClient("m", url=url(stack))
+        dropped = await trainer.forward_backward(runs, group_size=4)
+        assert dropped.num_datums == 4  # only "ok" kept all four
+        assert dropped.metrics["runs/errored"] == 3 and dropped.metrics["groups/dropped"] == 2
+        kept = await trainer.step(runs, learning_rate=1e-4, group_size=4, partial_groups="keep")
+        assert kept.num_datums == 9 and kept.metrics["groups/partial"] == 2
+        assert kept.metrics["groups/dropped"] == 0
+        with pytest.raises(InvalidArgument, match="partial_groups"):
+            await trainer.forward_backward(runs, group_size=4, partial_groups="some")
+        with pytest.raises(InvalidArgument, match="nothing to train on"):
+            await trainer.forward_backward(runs[4:8], group_size=4)
+        with pytest.raises(InvalidArgument, match="max_errors"):
+            await tasks.run(agent, job=side, max_errors=-1)
+        await agent.close()
+        await job.close()
+        await side.close()
+
+    asyncio.run(main())

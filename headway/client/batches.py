@@ -19,6 +19,8 @@ from headway.v1 import common_pb2, training_pb2
 
 __all__ = [
     "BatchItem",
+    "PARTIAL_GROUPS",
+    "batch_calls",
     "forward_backward_result",
     "merge_metrics",
     "split_substeps",
@@ -52,6 +54,20 @@ def training_items(
     scale them when you call `TraceClient.set_reward`, or send the runs inline).
     """
     items = check_batch(batch)
+    _check_shape(items, group_size)
+    if not math.isfinite(reward_scale):
+        raise InvalidArgument(f"reward_scale is {reward_scale}: it must be finite")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(_training_item(item, reward_scale))
+        except InvalidArgument as e:
+            raise InvalidArgument(f"batch[{i}]: {e.message}") from None
+    return out
+
+
+def _check_shape(items: list[BatchItem], group_size: int) -> None:
+    """InvalidArgument unless `items` is a whole number of groups of `group_size`."""
     if group_size < 0:
         raise InvalidArgument(
             f"group_size is {group_size}: it must be >= 0 (None or 0 = no grouping)"
@@ -62,15 +78,6 @@ def training_items(
             f"its length must be a multiple of group_size (each group is {group_size} "
             "consecutive rollouts of one task)"
         )
-    if not math.isfinite(reward_scale):
-        raise InvalidArgument(f"reward_scale is {reward_scale}: it must be finite")
-    out = []
-    for i, item in enumerate(items):
-        try:
-            out.append(_training_item(item, reward_scale))
-        except InvalidArgument as e:
-            raise InvalidArgument(f"batch[{i}]: {e.message}") from None
-    return out
 
 
 def _training_item(item: BatchItem, reward_scale: float) -> common_pb2.TrainingItem:
@@ -95,6 +102,78 @@ def _training_item(item: BatchItem, reward_scale: float) -> common_pb2.TrainingI
         f"got a {type(item).__name__}: batch items are Runs, trace id strings or "
         "Trajectory messages"
     )
+
+
+# What becomes of a group that lost runs to errors: dropped whole, or kept (its survivors
+# form a smaller group, their advantages against their own mean).
+PARTIAL_GROUPS = ("drop", "keep")
+
+Call = tuple[list[common_pb2.TrainingItem], int]  # a call's items and its group size
+
+
+def batch_calls(
+    batch: Sequence[BatchItem],
+    *,
+    group_size: int,
+    reward_scale: float = 1.0,
+    num_substeps: int = 1,
+    partial_groups: str = "drop",
+) -> tuple[list[Call], dict[str, float]]:
+    """The training calls of a batch, (items, group size) each, and what was dropped.
+
+    Errored runs (`Run.error`: rollouts that failed, see `Taskset.run`) are never sent.
+    Without grouping they are simply left out. With `group_size` g, a group that lost
+    runs is dropped whole (`partial_groups="drop"`: its baseline would come from fewer
+    rollouts than the others') or kept (`"keep"`: its survivors are a smaller group, sent
+    in a call of that group size; gradients add up across calls). The metrics count them:
+    `runs/errored`, `groups/dropped` and `groups/partial`. InvalidArgument when nothing
+    is left to train on, or as `training_items` and `split_substeps`.
+    """
+    items = check_batch(batch)
+    if partial_groups not in PARTIAL_GROUPS:
+        raise InvalidArgument(
+            f"partial_groups is {partial_groups!r}: one of {', '.join(PARTIAL_GROUPS)}"
+        )
+    errored = sum(isinstance(x, Run) and x.errored for x in items)
+    if not errored:
+        kept = training_items(items, group_size=group_size, reward_scale=reward_scale)
+        return [(p, group_size) for p in split_substeps(kept, group_size, num_substeps)], {}
+    _check_shape(items, group_size)
+    unit = group_size or 1
+    whole: list[BatchItem] = []
+    partial: dict[int, list[BatchItem]] = {}
+    dropped = partials = 0
+    for start in range(0, len(items), unit):
+        members = items[start : start + unit]
+        alive = [x for x in members if not (isinstance(x, Run) and x.errored)]
+        if len(alive) == len(members):
+            whole.extend(members)
+        elif group_size and alive and partial_groups == "keep":
+            partial.setdefault(len(alive), []).extend(alive)
+            partials += 1
+        elif group_size:
+            dropped += 1
+    stats = {"runs/errored": float(errored)}
+    if group_size:
+        stats.update({"groups/dropped": float(dropped), "groups/partial": float(partials)})
+    if not whole and not partial:
+        raise InvalidArgument(
+            f"nothing to train on: {errored} of the batch's {len(items)} runs errored"
+            + (
+                f" and their groups were dropped ({dropped} of {len(items) // unit})"
+                if group_size
+                else ""
+            )  # fmt: skip
+        )
+    calls: list[Call] = []
+    if whole:
+        kept = training_items(whole, group_size=group_size, reward_scale=reward_scale)
+        # Fewer groups than asked substeps once some were dropped: one group per substep.
+        substeps = min(num_substeps, len(whole) // unit)
+        calls += [(p, group_size) for p in split_substeps(kept, group_size, substeps)]
+    for size, alive in partial.items():
+        calls.append((training_items(alive, group_size=size, reward_scale=reward_scale), size))
+    return calls, stats
 
 
 def split_substeps(

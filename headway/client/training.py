@@ -10,9 +10,8 @@ from headway.client import rpcs
 from headway.client.base import ModelClient
 from headway.client.batches import (
     BatchItem,
+    batch_calls,
     forward_backward_result,
-    split_substeps,
-    training_items,
 )
 from headway.client.blocking import SyncModelClient, blocking_twin
 from headway.types import (
@@ -64,6 +63,8 @@ class TrainingClient(ModelClient):
         reward_scale: float = 1.0,
         num_substeps: int = 1,
         normalize_std: bool = False,
+        *,
+        partial_groups: str = "drop",
     ) -> ForwardBackwardResult:
         """Accumulate the gradient of a built-in loss over `batch` (applied by optim_step).
 
@@ -74,17 +75,24 @@ class TrainingClient(ModelClient):
         many ForwardBackward calls, split at group boundaries, whose gradients add up to
         the whole batch's (less memory per call, same update). If a later substep fails,
         the earlier ones' gradient stays accumulated: `set_head(await head())` discards it.
+
+        Errored runs (rollouts that failed, `Run.error`) are left out, and a group that
+        lost some is dropped whole, or with `partial_groups="keep"` trained as a smaller
+        group; `metrics` counts them (`runs/errored`, `groups/dropped`, `groups/partial`).
         """
-        g = group_size or 0
-        items = training_items(batch, group_size=g, reward_scale=reward_scale)
-        parts = split_substeps(items, g, num_substeps)
+        calls, dropped = batch_calls(
+            batch, group_size=group_size or 0, reward_scale=reward_scale,
+            num_substeps=num_substeps, partial_groups=partial_groups,
+        )  # fmt: skip
         replies = [
             await self._call(
                 rpcs.forward_backward(self.model, part, loss_fn, loss_fn_config, g, normalize_std)
             )
-            for part in parts
+            for part, g in calls
         ]
-        return forward_backward_result(replies, parts)
+        result = forward_backward_result(replies, [part for part, _ in calls])
+        result.metrics.update(dropped)
+        return result
 
     async def optim_step(
         self,
@@ -113,6 +121,7 @@ class TrainingClient(ModelClient):
         num_substeps: int = 1,
         normalize_std: bool = False,
         *,
+        partial_groups: str = "drop",
         reward_scale: float = 1.0,
         beta1: float = 0.9,
         beta2: float = 0.95,
@@ -122,26 +131,29 @@ class TrainingClient(ModelClient):
     ) -> StepResult:
         """forward_backward over `batch` then optim_step: one training step.
 
-        Arguments as `forward_backward` and `optim_step`. With one substep this is a
-        single Step call (validated whole before anything is applied); with more, the
-        first substeps are ForwardBackward calls and the last is the Step that applies
-        them all.
+        Arguments as `forward_backward` and `optim_step` (errored runs and their groups
+        included). With one substep this is a single Step call (validated whole before
+        anything is applied); with more (or partial groups kept), the first are
+        ForwardBackward calls and the last is the Step that applies them all.
         """
-        g = group_size or 0
-        items = training_items(batch, group_size=g, reward_scale=reward_scale)
-        parts = split_substeps(items, g, num_substeps)
+        calls, dropped = batch_calls(
+            batch, group_size=group_size or 0, reward_scale=reward_scale,
+            num_substeps=num_substeps, partial_groups=partial_groups,
+        )  # fmt: skip
         replies: list[training_pb2.ForwardBackwardResponse] = [
             await self._call(
                 rpcs.forward_backward(self.model, part, loss_fn, loss_fn_config, g, normalize_std)
             )
-            for part in parts[:-1]
+            for part, g in calls[:-1]
         ]
         adam = rpcs.adam(learning_rate, beta1, beta2, eps, weight_decay, grad_clip_norm)
+        last, g = calls[-1]
         reply = await self._call(
-            rpcs.step(self.model, parts[-1], loss_fn, loss_fn_config, g, normalize_std, adam)
+            rpcs.step(self.model, last, loss_fn, loss_fn_config, g, normalize_std, adam)
         )
         replies.append(reply.forward_backward)
-        fb = forward_backward_result(replies, parts)
+        fb = forward_backward_result(replies, [part for part, _ in calls])
+        fb.metrics.update(dropped)
         opt = OptimStepResult.from_proto(reply.optim_step)
         return StepResult(
             step=opt.step,
@@ -177,7 +189,8 @@ class TrainingClient(ModelClient):
 
         require_torch()  # before ForwardCustom: nothing is left half-done on the trainer
         g = group_size or 0
-        items = training_items(batch, group_size=g)
+        # Errored runs left out, a group that lost some dropped whole (one call: one size).
+        ((items, _),), _ = batch_calls(batch, group_size=g)
         forward = await self._call(rpcs.forward_custom(self.model, items, g, normalize_std))
         data = [datum_tensors(d, i) for i, d in enumerate(forward.data)]
         weights, loss, metrics = compute_weights(data, loss_fn)
