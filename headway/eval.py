@@ -121,7 +121,7 @@ def error_budget(max_errors: int | float, rollouts: int) -> int:
             raise InvalidArgument(
                 f"max_errors is {max_errors}: a fraction lies in [0, 1] (a count is an int)"
             )
-        return math.floor(max_errors * rollouts)
+        return math.floor(max_errors * rollouts + 1e-9)  # 0.29 * 100 is 28.99...
     if max_errors < 0:
         raise InvalidArgument(f"max_errors is {max_errors}: a count is >= 0")
     return max_errors
@@ -200,12 +200,16 @@ class Taskset:
                         run.info["attempts"] = tries + 1
                     return run
                 except Exception as e:  # cancellation is not a failure of the rollout
+                    task_now = asyncio.current_task()
+                    if task_now is not None and task_now.cancelling():
+                        raise  # cancelled (over the budget) while failing: not retried
                     error = e
             failed = Run(task=task, model=agent.model, error=_describe(error, rollout_timeout))
             failed.info["attempts"] = retries + 1
             failures.append((failed, error))
-            # This frame is in the error's traceback: without the local, no reference cycle
-            # keeps the failed episode's coroutines alive until a garbage collection.
+            # Not kept in this frame (the error's traceback holds it): fewer cycles for the
+            # collector to find later (under CPython 3.11.7, finalizers run by a collection
+            # in the middle of an ast.parse fail it).
             del error
             if len(failures) > budget:
                 too_many.set()
@@ -214,6 +218,8 @@ class Taskset:
         jobs = [asyncio.ensure_future(attempt(task)) for task in self.tasks for _ in range(size)]
         watcher = asyncio.ensure_future(too_many.wait())
         every = asyncio.gather(*jobs)
+        # Its exception (the cancellation, when stopped early) is read when it ends.
+        every.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             # Done when every rollout is, or at the first failure over the budget.
             await asyncio.wait([every, watcher], return_when=asyncio.FIRST_COMPLETED)
@@ -238,7 +244,8 @@ class Taskset:
 
 def _describe(error: BaseException, timeout: float | None) -> str:
     """An errored run's `error`: the exception's type and message."""
-    if isinstance(error, TimeoutError) and timeout is not None and not str(error):
+    cut = isinstance(error.__cause__, asyncio.CancelledError)  # by asyncio.timeout
+    if isinstance(error, TimeoutError) and timeout is not None and cut:
         return f"TimeoutError: the rollout ran over rollout_timeout={timeout} s"
     return f"{type(error).__name__}: {error}"
 

@@ -145,7 +145,9 @@ def test_lm_eval_local_completions_scores_continuations(gateway_stack):
         for i, cont in enumerate([best, other])
     ]
     results = lm.loglikelihood(requests, disable_tqdm=True)
-    for (ll, is_greedy), cont, greedy_expected in zip(results, [best, other], [True, False]):
+    for (ll, is_greedy), cont, greedy_expected in zip(
+        results, [best, other], [True, False], strict=True
+    ):
         ids = lm.tok_encode(context + tok.decode(cont))
         want = scored(stack, ids)[-len(cont) :]
         assert ll == pytest.approx(sum(want), abs=1e-4)

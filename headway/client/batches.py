@@ -125,7 +125,8 @@ def batch_calls(
     Without grouping they are simply left out. With `group_size` g, a group that lost
     runs is dropped whole (`partial_groups="drop"`: its baseline would come from fewer
     rollouts than the others') or kept (`"keep"`: its survivors are a smaller group, sent
-    in a call of that group size; gradients add up across calls). The metrics count them:
+    in a call of that group size, after the whole groups; a lone survivor, whose advantage
+    would be 0, is dropped; gradients add up across calls). The metrics count them:
     `runs/errored`, `groups/dropped` and `groups/partial`. InvalidArgument when nothing
     is left to train on, or as `training_items` and `split_substeps`.
     """
@@ -134,6 +135,8 @@ def batch_calls(
         raise InvalidArgument(
             f"partial_groups is {partial_groups!r}: one of {', '.join(PARTIAL_GROUPS)}"
         )
+    if num_substeps < 1:
+        raise InvalidArgument(f"num_substeps is {num_substeps}: it must be >= 1")
     errored = sum(isinstance(x, Run) and x.errored for x in items)
     if not errored:
         kept = training_items(items, group_size=group_size, reward_scale=reward_scale)
@@ -148,7 +151,7 @@ def batch_calls(
         alive = [x for x in members if not (isinstance(x, Run) and x.errored)]
         if len(alive) == len(members):
             whole.extend(members)
-        elif group_size and alive and partial_groups == "keep":
+        elif group_size and len(alive) > 1 and partial_groups == "keep":
             partial.setdefault(len(alive), []).extend(alive)
             partials += 1
         elif group_size:
@@ -171,8 +174,13 @@ def batch_calls(
         # Fewer groups than asked substeps once some were dropped: one group per substep.
         substeps = min(num_substeps, len(whole) // unit)
         calls += [(p, group_size) for p in split_substeps(kept, group_size, substeps)]
+    # Partial groups, one call per size, each call no larger than a substep of the batch.
+    most = -(-len(items) // num_substeps)
     for size, alive in partial.items():
-        calls.append((training_items(alive, group_size=size, reward_scale=reward_scale), size))
+        step = max(size, most // size * size)
+        for start in range(0, len(alive), step):
+            part = alive[start : start + step]
+            calls.append((training_items(part, group_size=size, reward_scale=reward_scale), size))
     return calls, stats
 
 

@@ -78,7 +78,9 @@ class TrainingClient(ModelClient):
 
         Errored runs (rollouts that failed, `Run.error`) are left out, and a group that
         lost some is dropped whole, or with `partial_groups="keep"` trained as a smaller
-        group; `metrics` counts them (`runs/errored`, `groups/dropped`, `groups/partial`).
+        group (sent after the whole groups); `metrics` counts them (`runs/errored`,
+        `groups/dropped`, `groups/partial`), and the result's per-datum logprobs are those
+        of the items sent, in that order.
         """
         calls, dropped = batch_calls(
             batch, group_size=group_size or 0, reward_scale=reward_scale,
@@ -182,7 +184,9 @@ class TrainingClient(ModelClient):
         runs the forward, we backpropagate your scalar loss to the logprobs and send
         `-d loss / d logprob` per token back, and the service applies it through the
         model: the accumulated gradient is your loss's. `metrics` (numbers) are recorded
-        on the next checkpoint. Needs torch (`pip install 'headway[train]'`).
+        on the next checkpoint. Needs torch (`pip install 'headway[train]'`). Errored runs
+        (`Run.error`) are left out with their whole group, so `data` holds the rest, in
+        batch order.
         """
         # torch is imported here, never at import time: the SDK installs without it.
         from headway.train import compute_weights, datum_tensors, require_torch
