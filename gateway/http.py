@@ -194,7 +194,8 @@ def create_app(gateway: Gateway) -> Any:
         arch = gateway.model(model, team).arch
         context, vocab = int(arch["max_context"]), int(arch["vocab_size"])
         tok = await tokenizer_for(model, team)
-        prepare = partial(completion_requests, chat=chat, vocab=vocab)
+        so_far = await _trajectory_so_far(gateway, body, team) if chat else None
+        prepare = partial(completion_requests, chat=chat, vocab=vocab, so_far=so_far)
         reqs = await gateway.workers.run(team, prepare, tok, body, model, context)
 
         async def run() -> Any:
@@ -217,6 +218,29 @@ def create_app(gateway: Gateway) -> Any:
 
     limited = BodyLimit(app, gateway.config.max_body_bytes)
     return TeamSlotsMiddleware(limited, gateway.slots, team_of, domain_error_response)
+
+
+async def _trajectory_so_far(
+    gateway: Gateway, body: dict[str, Any], team: str
+) -> tuple[list[int], list[int]] | None:
+    """The recorded trajectory a chat turn continues (its trace's last turn: prompt and
+    completion tokens), when it records into an existing trace from `messages`; else None.
+    NotFound for a trace the team does not have (before anything is sampled)."""
+    trace_id = body.get("trace_id")
+    if not (isinstance(trace_id, str) and trace_id and body.get("return_token_ids") is True):
+        return None
+    if body.get("prompt_token_ids") is not None:
+        return None  # the client gives the exact tokens itself
+    trace = await gateway.traces.get(trace_id, team)
+    if not trace.turns:
+        return None
+    last = trace.turns[-1]
+    prompt = np.frombuffer(last.prompt_tokens.data, _INT[last.prompt_tokens.dtype]).tolist()
+    sampled = np.frombuffer(last.completion_tokens.data, _INT[last.completion_tokens.dtype])
+    return prompt, sampled.tolist()
+
+
+_INT = {common_pb2.DTYPE_INT32: np.int32, common_pb2.DTYPE_INT64: np.int64}
 
 
 async def _json(gateway: Gateway, team: str, out: Any) -> Response:
@@ -386,6 +410,10 @@ async def _complete(
         out["prompt_token_ids"] = req.prompt
         if len(traces) == 1:
             out["trace_id"] = traces[0]
+    if req.continued is not None:  # a turn of a recorded trajectory: token-exact or not
+        out["prompt_continued"] = req.continued
+        if not req.continued:
+            out["prompt_rerendered_because"] = req.rerendered_because
     return out
 
 
@@ -476,7 +504,12 @@ async def _stream(
                     choice["trace_id"] = await _record(
                         gateway, req, team, seen[0], seen[1], checkpoint
                     )
-            yield event(choice, **({"prompt_token_ids": req.prompt} if want_ids and first else {}))
+            extra: dict[str, Any] = {}
+            if want_ids and first:
+                extra["prompt_token_ids"] = req.prompt
+                if req.continued is not None:
+                    extra["prompt_continued"] = req.continued
+            yield event(choice, **extra)
     except (HeadwayError, grpc.aio.AioRpcError, *REDIS_ERRORS) as e:
         if isinstance(e, REDIS_ERRORS):
             e = gateway.redis_failures.unavailable(e)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from gateway.continuation import Continuation, continue_trajectory
 from gateway.http_errors import HTTPError
 from headway.errors import ResourceExhausted
 from headway.modeling.tokenizer import Tokenizer
@@ -305,6 +306,10 @@ class Completion:
     echo: bool = False  # text completions: the prompt comes back before the completion
     prompt_text: str | None = None  # the prompt as the client wrote it (text prompts)
     drop_last: bool = False  # max_tokens 0 with echo: one token is drawn, none returned
+    # A chat turn of a recorded trajectory: whether its prompt continues the trajectory's
+    # tokens exactly (None: not a continuation), and why not.
+    continued: bool | None = None
+    rerendered_because: str = ""
 
 
 def completion_requests(
@@ -315,11 +320,13 @@ def completion_requests(
     *,
     chat: bool,
     vocab: int | None = None,
+    so_far: tuple[list[int], list[int]] | None = None,
 ) -> list[Completion]:
     """Check every parameter of a completion request and build its prompts (worker thread:
     rendering and tokenizing take time): one per prompt of a text completion's list (as
     lm-eval's local-completions batches them), else one. Prompts of a list are checked
-    against the vocabulary and the context here, all before any is sampled."""
+    against the vocabulary and the context here, all before any is sampled. `so_far`: the
+    trajectory a chat turn continues (its trace's last prompt and completion tokens)."""
     record = flag(body, "return_token_ids")
     logprobs, top = logprobs_asked(body, chat=chat, implied=record)
     echo = flag(body, "echo")
@@ -330,8 +337,10 @@ def completion_requests(
         raise HTTPError(
             400, "echo is answered without streaming: drop stream, or echo", param="echo"
         )
+    continuation = None
     if chat:
-        prompts: list[tuple[list[int], str | None]] = [(chat_prompt(tok, body, context), None)]
+        prompt, continuation = chat_prompt(tok, body, context, so_far)
+        prompts: list[tuple[list[int], str | None]] = [(prompt, None)]
     else:
         prompts = completion_prompts(tok, body, context)
     if stream and len(prompts) > 1:
@@ -379,6 +388,8 @@ def completion_requests(
                 echo=echo,
                 prompt_text=text,
                 drop_last=drop_last,
+                continued=None if continuation is None else continuation.prompt is not None,
+                rerendered_because=continuation.reason if continuation is not None else "",
             )
         )
     return out
@@ -409,20 +420,32 @@ def encode(tok: Tokenizer, text: str, context: int, *, special: bool) -> list[in
     return tok.backend.encode_batch([text], add_special_tokens=special)[0].ids
 
 
-def chat_prompt(tok: Tokenizer, body: dict[str, Any], context: int) -> list[int]:
+def chat_prompt(
+    tok: Tokenizer,
+    body: dict[str, Any],
+    context: int,
+    so_far: tuple[list[int], list[int]] | None = None,
+) -> tuple[list[int], Continuation | None]:
     """The prompt of a chat request: `prompt_token_ids` when given, else the chat template
-    applied to `messages` and tokenized."""
+    applied to `messages` and tokenized; with `so_far` (the tokens of the trajectory the
+    request continues), those tokens and the rendered rest when the template allows
+    (`gateway.continuation`; `so_far`: its last turn's prompt and sampled tokens). Second:
+    the continuation tried (None: none was)."""
     if body.get("prompt_token_ids") is not None:
-        return token_list(body["prompt_token_ids"], "prompt_token_ids")
+        return token_list(body["prompt_token_ids"], "prompt_token_ids"), None
     chat = messages(body.get("messages"))
     _check_fits(tok, sum(len(m["content"]) for m in chat), context)
     try:
+        if so_far:
+            continued = continue_trajectory(tok, chat, *so_far)
+            if continued.prompt is not None:
+                return continued.prompt, continued
         text = tok.render_chat(chat, add_generation_prompt=True)
     except TypeError as e:  # a template that meets a value of an unexpected type
         raise HTTPError(
             400, f"the chat template cannot render these messages: {e}", param="messages"
         ) from None
-    return encode(tok, text, context, special=False)
+    return encode(tok, text, context, special=False), continued if so_far else None
 
 
 MAX_PROMPTS = 64  # prompts of one text completion request (a batch, as lm-eval sends)

@@ -11,10 +11,13 @@ anything that speaks OpenAI can stand in for it. With `return_token_ids` in the 
 kwargs' `extra_body` (training rollouts), every turn records the exact prompt and
 completion token ids, the per-token sampling logprobs and the checkpoint that produced it,
 and the gateway records the same turns in a trace whose id the run keeps; later turns pass
-that `trace_id` so that one episode is one trace. Later turns' prompts are rendered by the
-gateway from the conversation: when the rendering extends the previous prompt +
-completion token for token, the trainer makes one sequence of the episode, otherwise it
-starts a new sequence at that turn (both are correct training data, see `Trajectory`).
+that `trace_id` so that one episode is one trace. A later turn's prompt is then the
+trajectory's tokens so far, exactly as sampled, followed by the tokenization of what the
+chat template adds for the new messages (`gateway.continuation`): the tokens trained on
+are the tokens sampled, and the trainer makes one sequence of the episode. Where the
+template cannot be continued that way (it rewrites earlier turns), the gateway renders the
+conversation anew and says so; the run lists those turns in `run.info["rerendered_turns"]`
+(the trainer starts a new sequence at each: still correct data, see `Trajectory`).
 
 A gateway that cannot serve for a while (503: no sampler replica up, e.g. while one
 restarts; or not answering at all while it restarts) is retried with backoff for up to
@@ -206,6 +209,11 @@ class Agent:
             if self.records_tokens:
                 run.turns.append(self._turn(response, choice))
                 run.trace_id = _extra(choice, "trace_id") or _extra(response, "trace_id") or ""
+                if _extra(response, "prompt_continued") is False:
+                    # The gateway could not extend the trajectory token for token (see
+                    # gateway.continuation): this turn's prompt was rendered anew, and
+                    # the trainer starts a new sequence at it.
+                    run.info.setdefault("rerendered_turns", []).append(turn_index)
             if tool is None or turn_index == max_turns - 1:
                 break
             following = tool(text)

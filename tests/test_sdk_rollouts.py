@@ -113,6 +113,10 @@ def test_a_multi_turn_run_is_one_trace(gateway_stack):
         assert len(run.turns) == 2 and run.text == run.messages[-1]["content"]
         first, second = run.turns
         assert len(second.prompt_tokens) > len(first.prompt_tokens) + len(first.completion_tokens)
+        # Token-exact: the second prompt extends the first turn's tokens as sampled.
+        so_far = first.prompt_tokens + first.completion_tokens
+        if "rerendered_turns" not in run.info:
+            assert second.prompt_tokens[: len(so_far)] == so_far
         stored = await TraceClient(url=url(stack)).get_trace(run.trace_id)
         assert stored.turns == run.turns
         run.reward = 1.0
@@ -270,5 +274,76 @@ def test_rollouts_that_fail_alone_and_the_step_that_drops_their_groups(gateway_s
         await agent.close()
         await job.close()
         await side.close()
+
+    asyncio.run(main())
+
+
+def test_later_turns_extend_the_sampled_tokens_where_re_rendering_would_not(gateway_stack):
+    """A multi-turn episode's later prompts are the tokens sampled so far plus the rendered
+    rest: re-rendering the conversation would re-tokenize the model's replies (a byte-level
+    BPE's sampled tokens are often not how it tokenizes their text), and the trainer would
+    train on tokens never sampled. A client that edits a reply gets the conversation
+    rendered anew, and is told so."""
+    import openai
+
+    from headway.modeling.tokenizer import Tokenizer
+
+    stack = gateway_stack
+    fork(stack, "m")
+    tok = Tokenizer.from_dir(stack.gateway.gateway.store.get_model("tiny").path)
+
+    async def main() -> None:
+        agent = create_agent(
+            "m",
+            completion_kwargs={"max_tokens": 6, "temperature": 1.0,
+                               "extra_body": {"return_token_ids": True, "ignore_eos": True}},
+            base_url=stack.gateway.http_url,
+        )  # fmt: skip
+
+        def tool(reply: str) -> str:
+            return "and 2 plus 2?"
+
+        runs = await asyncio.gather(
+            *(agent.run("what is 1 plus 2?", max_turns=3, tool=tool) for _ in range(6))
+        )
+        differs = 0
+        for run in runs:
+            assert "rerendered_turns" not in run.info and len(run.turns) == 3
+            for earlier, later, upto in ((0, 1, 3), (1, 2, 5)):
+                a, b = run.turns[earlier], run.turns[later]
+                so_far = a.prompt_tokens + a.completion_tokens
+                assert b.prompt_tokens[: len(so_far)] == so_far  # exactly as sampled
+                rendered = tok.apply_chat_template(run.messages[:upto])  # what re-rendering gives
+                differs += rendered[: len(so_far)] != so_far
+            stored = await TraceClient(url=url(stack)).get_trace(run.trace_id)
+            assert stored.turns == run.turns
+        assert differs  # some reply re-tokenizes differently: the case this guards
+        await agent.close()
+
+        # An edited reply cannot be continued token for token: rendered anew, and said so.
+        client = openai.AsyncOpenAI(base_url=stack.gateway.http_url, api_key="local")
+        ask = [{"role": "user", "content": "what is 1 plus 2?"}]
+        first = await client.chat.completions.create(
+            model="m", messages=ask, max_tokens=4, extra_body={"return_token_ids": True}
+        )
+        edited = [*ask, {"role": "assistant", "content": "something else entirely"},
+                  {"role": "user", "content": "and 2 plus 2?"}]  # fmt: skip
+        second = await client.chat.completions.create(
+            model="m", messages=edited, max_tokens=4,
+            extra_body={"return_token_ids": True, "trace_id": first.trace_id},
+        )  # fmt: skip
+        assert second.prompt_continued is False and "edited" in second.prompt_rerendered_because
+        assert second.prompt_token_ids == tok.apply_chat_template(edited)
+        again = await client.chat.completions.create(
+            model="m", messages=ask, max_tokens=4, extra_body={"return_token_ids": True}
+        )
+        kept = [*ask, {"role": "assistant", "content": again.choices[0].message.content},
+                {"role": "user", "content": "and 2 plus 2?"}]  # fmt: skip
+        third = await client.chat.completions.create(
+            model="m", messages=kept, max_tokens=4,
+            extra_body={"return_token_ids": True, "trace_id": again.trace_id},
+        )  # fmt: skip
+        assert third.prompt_continued is True
+        await client.close()
 
     asyncio.run(main())
