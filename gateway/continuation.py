@@ -10,24 +10,26 @@ model's reply, and a reply sampled as tokens the tokenizer would not produce fro
 tokens: the trainer would then score tokens that were never sampled, with logprobs that
 belong to others.
 
-This holds when the template appends. The check is made on rendered text, never on the
-trajectory's tokens decoded (a tokenizer need not give back the text it was fed): the
-conversation before the last reply, rendered with the generation prompt (what the last
-prompt was made from), must be a prefix of it rendered with that reply, the reply's text
-must follow it as the model wrote it (the sampled tokens decoded, as the gateway returned
-them), and all of that must be a prefix of the whole conversation rendered. A template
-that rewrites earlier turns (one that drops past reasoning, say), a reply cut by a stop
-string, or a client that edited the reply breaks it: then the conversation is rendered
-whole as before, and the reply says so (`prompt_continued: false`).
+This holds when the template appends: the conversation rendered up to the last assistant
+message is a prefix of it rendered whole, so what follows is the template's end of that
+turn (found by rendering a stand-in reply) and the new messages. The reply in the
+messages must be the one sampled: its text (or, for a tool-calling turn, its calls as the
+gateway parsed them) is checked against the sampled tokens decoded, never the other way
+(a tokenizer need not give back the text it was fed). A template that rewrites earlier
+turns (one that drops past reasoning, say), a reply cut by a stop string, or a client that
+edited the reply breaks it: then the conversation is rendered whole as before, and the
+reply says so (`prompt_continued: false`).
 
 Gateway code: no torch; runs on a worker thread (it renders and tokenizes).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.tool_calls import HERMES
 from headway.modeling.tokenizer import Tokenizer
 
 
@@ -39,33 +41,75 @@ class Continuation:
     reason: str = ""
 
 
+STAND_IN = "\u2042headway-reply\u2042"  # a reply no model writes, to find the turn's end
+
+
 def continue_trajectory(
-    tok: Tokenizer, messages: list[dict[str, Any]], prompt: list[int], sampled: list[int]
+    tok: Tokenizer,
+    messages: list[dict[str, Any]],
+    prompt: list[int],
+    sampled: list[int],
+    rendering: dict[str, Any] | None = None,
+    opening: str = "",
 ) -> Continuation:
     """The prompt that extends the trajectory's last turn (`prompt` and the `sampled`
-    completion tokens) with what the chat template renders after them for `messages`, or
-    why it cannot."""
+    completion tokens) with what the chat template renders after them for `messages`
+    (`rendering`: the template's other variables, its tools; `opening`: text the new reply
+    is started with), or why it cannot."""
+    rendering = rendering or {}
     answered = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     if not answered:
         return Continuation(None, "the messages hold no assistant reply to continue after")
     last = answered[-1]
     if last == len(messages) - 1:
         return Continuation(None, "the last message is the assistant's: nothing follows it")
-    asked = tok.render_chat(messages[:last], add_generation_prompt=True)
-    before = tok.render_chat(messages[: last + 1], add_generation_prompt=False)
-    full = tok.render_chat(messages, add_generation_prompt=True)
-    reply = tok.decode(sampled, skip_special_tokens=True)
-    if messages[last].get("content") != reply:
+    if not _is_reply(tok, messages[last], sampled):
         return Continuation(
             None, "the last assistant message is not the reply sampled (an edited reply, "
             "or one cut by a stop string)",
         )  # fmt: skip
-    if not (before.startswith(asked + reply) and full.startswith(before)):
+    before = tok.render_chat(messages[: last + 1], add_generation_prompt=False, **rendering)
+    full = tok.render_chat(messages, add_generation_prompt=True, **rendering) + opening
+    stand_in = [*messages[:last], {"role": "assistant", "content": STAND_IN}]
+    shown = tok.render_chat(stand_in, add_generation_prompt=False, **rendering)
+    if not full.startswith(before) or shown.count(STAND_IN) != 1:
         return Continuation(None, "the chat template renders the earlier turns differently")
-    # What the template puts after the reply's text; an end-of-turn token the model drew
-    # (its eos) is that text's start, already in the trajectory.
-    rest = full[len(asked) + len(reply) :]
+    # The template's end of the assistant's turn; an end-of-turn token the model drew (its
+    # eos) is that text's start, already in the trajectory.
+    end = shown[shown.index(STAND_IN) + len(STAND_IN) :]
+    reply = tok.decode(sampled, skip_special_tokens=True)
     ended = tok.decode(sampled[-1:], skip_special_tokens=False) if sampled else ""
-    if ended and not reply.endswith(ended) and rest.startswith(ended):
-        rest = rest[len(ended) :]
+    if ended and not reply.endswith(ended) and end.startswith(ended):
+        end = end[len(ended) :]
+    rest = end + full[len(before) :]
     return Continuation(prompt + sampled + tok.encode(rest, add_special_tokens=False))
+
+
+def _is_reply(tok: Tokenizer, message: dict[str, Any], sampled: list[int]) -> bool:
+    """Whether an assistant `message` is what the `sampled` tokens say: its text, or for a
+    tool-calling turn its calls (name and arguments) as the gateway parses them, with the
+    call's opening the gateway may have started the reply with."""
+    reply = tok.decode(sampled, skip_special_tokens=True)
+    calls = message.get("tool_calls") or []
+    if not calls:
+        return (message.get("content") or "") == reply
+    want = [(c["function"]["name"], _arguments(c["function"].get("arguments"))) for c in calls]
+    names = {name for name, _ in want}
+    for start in ("", HERMES.opening(""), HERMES.opening(want[0][0])):
+        parsed = HERMES.parse(start + reply, names)
+        got = [
+            (c["function"]["name"], _arguments(c["function"]["arguments"])) for c in parsed.calls
+        ]
+        if got == want and (parsed.content or "") == (message.get("content") or ""):
+            return True
+    return False
+
+
+def _arguments(value: Any) -> Any:
+    """Call arguments compared as values (a JSON string parsed)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value

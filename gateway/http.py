@@ -53,6 +53,7 @@ from gateway.openai_logprobs import (
 )
 from gateway.redis_errors import REDIS_ERRORS
 from gateway.team_slots import TeamSlotsMiddleware
+from gateway.tool_calls import CallStream
 from headway.errors import HeadwayError, from_rpc_error
 from headway.modeling.tokenizer import Tokenizer
 from headway.server import logs
@@ -312,9 +313,9 @@ def _merged(outs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _choices(
     tok: Tokenizer, reply: sampling_pb2.SampleResponse, req: Completion, chat: bool
-) -> list[tuple[dict[str, Any], list[int], list[float]]]:
-    """Each sequence's choice (without its trace), token ids and logprobs (worker thread:
-    every token is decoded for the logprobs)."""
+) -> list[tuple[dict[str, Any], list[int], list[float], int]]:
+    """Each sequence's choice (without its trace), token ids, logprobs and the tool calls
+    that did not parse (worker thread: every token is decoded for the logprobs)."""
     out = []
     pieces = Pieces(tok)
     echoed = None
@@ -335,8 +336,17 @@ def _choices(
         if req.drop_last:  # max_tokens 0: the token drawn to read the prompt's scores
             ids, lps, tops, text, finish = [], [], tops and [], "", "length"
         choice: dict[str, Any] = {"index": i, "finish_reason": finish}
+        malformed = 0
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
+            calling = req.tools is not None and req.tools.spec.choice != "none"
+            if calling:  # the calls parsed out of the reply (its tokens stay as sampled)
+                parsed = req.tools.format.parse(req.tools.opening + text, req.tools.spec.names)
+                choice["message"]["content"] = parsed.content
+                malformed = parsed.malformed
+                if parsed.calls:
+                    choice["message"]["tool_calls"] = parsed.calls
+                    choice["finish_reason"] = "tool_calls"
         else:
             choice["text"] = prompt_text + text if req.echo else text
         if not req.logprobs:
@@ -348,12 +358,18 @@ def _choices(
         if req.return_token_ids:
             choice["token_ids"] = ids
             choice["prompt_token_ids"] = req.prompt
-        out.append((choice, ids, lps))
+        out.append((choice, ids, lps, malformed))
     return out
 
 
 async def _record(
-    gateway: Gateway, req: Completion, team: str, ids: list[int], lps: list[float], checkpoint: str
+    gateway: Gateway,
+    req: Completion,
+    team: str,
+    ids: list[int],
+    lps: list[float],
+    checkpoint: str,
+    malformed: int = 0,
 ) -> str:
     """Record a sampled turn in the request's trace (a new one unless it names one)."""
     turn = common_pb2.Turn(
@@ -361,6 +377,7 @@ async def _record(
         completion_tokens=to_tensor(ids, common_pb2.DTYPE_INT32),
         completion_logprobs=to_tensor(lps, common_pb2.DTYPE_FLOAT32),
         checkpoint=checkpoint,
+        malformed_tool_calls=malformed,
     )
     trace_id, _ = await gateway.traces.record_turn(req.trace_id, req.model, team, turn)
     return trace_id
@@ -386,10 +403,13 @@ async def _complete(
         )
     reply = await gateway.sample(request, team, timeout=None)
     choices, completion_tokens, traces = [], 0, []
-    for choice, ids, lps in await gateway.workers.run(team, _choices, tok, reply, req, chat):
+    made = await gateway.workers.run(team, _choices, tok, reply, req, chat)
+    for choice, ids, lps, malformed in made:
         completion_tokens += len(ids)
         if req.return_token_ids:
-            choice["trace_id"] = await _record(gateway, req, team, ids, lps, reply.checkpoint)
+            choice["trace_id"] = await _record(
+                gateway, req, team, ids, lps, reply.checkpoint, malformed
+            )
             traces.append(choice["trace_id"])
         choices.append(choice)
     prompt_len = len(req.prompt)
@@ -457,6 +477,10 @@ async def _stream(
     want_ids = req.return_token_ids
     pieces = Pieces(tok)  # each chunk's tokens decoded for its logprobs, when asked
     legacy: dict[int, LegacyLogprobs] = {}  # text offsets run on per choice
+    tools = (
+        req.tools if chat and req.tools is not None and req.tools.spec.choice != "none" else None
+    )
+    splits: dict[int, CallStream] = {}  # per choice: its text split into content and calls
 
     def event(choice: dict[str, Any], **extra: Any) -> bytes:
         data = {
@@ -482,8 +506,23 @@ async def _stream(
             seen[0].extend(ids)
             seen[1].extend(lps)
             choice: dict[str, Any] = {"index": chunk.index, "finish_reason": None}
+            calls: list[dict[str, Any]] = []
             if chat:
                 delta: dict[str, Any] = {"content": chunk.text}
+                if tools is not None:
+                    split = splits.get(chunk.index)
+                    if split is None:
+                        split = splits[chunk.index] = CallStream(
+                            tools.format, tools.spec.names, tools.opening
+                        )
+                    delta["content"], calls = split.feed(chunk.text)
+                    if chunk.stop_reason:
+                        delta["content"] += split.finish()
+                    if calls:
+                        start = split.calls - len(calls)
+                        delta["tool_calls"] = [
+                            {"index": start + k, **call} for k, call in enumerate(calls)
+                        ]
                 if first:
                     delta["role"] = "assistant"
                 choice["delta"] = delta
@@ -500,10 +539,14 @@ async def _stream(
                 choice["token_ids"] = ids
             if chunk.stop_reason:
                 choice["finish_reason"] = FINISH.get(chunk.stop_reason, "stop")
+                split = splits.get(chunk.index)
+                if split is not None and split.calls:
+                    choice["finish_reason"] = "tool_calls"
                 if want_ids:
                     choice["trace_id"] = await _record(
-                        gateway, req, team, seen[0], seen[1], checkpoint
-                    )
+                        gateway, req, team, seen[0], seen[1], checkpoint,
+                        split.malformed if split is not None else 0,
+                    )  # fmt: skip
             extra: dict[str, Any] = {}
             if want_ids and first:
                 extra["prompt_token_ids"] = req.prompt

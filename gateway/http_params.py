@@ -33,6 +33,7 @@ from typing import Any
 
 from gateway.continuation import Continuation, continue_trajectory
 from gateway.http_errors import HTTPError
+from gateway.tool_calls import HermesCalls, ToolSpec, check_tools, parser_for, template_messages
 from headway.errors import ResourceExhausted
 from headway.modeling.tokenizer import Tokenizer
 from headway.tensors import to_tensor
@@ -251,8 +252,30 @@ def messages(value: Any) -> list[dict[str, Any]]:
                 f"messages[{i}].content must be a string, a list of parts or null",
                 param="messages",
             )
-        out.append({**m, "content": content if content is not None else ""})
+        entry = {**m, "content": content if content is not None else ""}
+        if m.get("tool_calls") is not None:
+            _check_tool_calls(m["tool_calls"], i)
+        if m["role"] == "tool" and not isinstance(m.get("tool_call_id", ""), str):
+            raise HTTPError(400, f"messages[{i}].tool_call_id must be a string", param="messages")
+        out.append(entry)
     return out
+
+
+def _check_tool_calls(calls: Any, i: int) -> None:
+    """An assistant message's `tool_calls`: OpenAI's {id, type: function, function: {name,
+    arguments}} entries (arguments a JSON string, or an object)."""
+    ok = isinstance(calls, list) and all(
+        isinstance(c, dict)
+        and isinstance(c.get("function"), dict)
+        and isinstance(c["function"].get("name"), str)
+        and isinstance(c["function"].get("arguments", "{}"), str | dict)
+        for c in calls
+    )
+    if not ok:
+        raise HTTPError(
+            400, f"messages[{i}].tool_calls must be a list of {{id, type: function, function: "
+            "{name, arguments}}", param="messages",
+        )  # fmt: skip
 
 
 def sampling_params(
@@ -306,6 +329,7 @@ class Completion:
     echo: bool = False  # text completions: the prompt comes back before the completion
     prompt_text: str | None = None  # the prompt as the client wrote it (text prompts)
     drop_last: bool = False  # max_tokens 0 with echo: one token is drawn, none returned
+    tools: Tools | None = None  # chat: the tools offered, their call format
     # A chat turn of a recorded trajectory: whether its prompt continues the trajectory's
     # tokens exactly (None: not a continuation), and why not.
     continued: bool | None = None
@@ -338,8 +362,11 @@ def completion_requests(
             400, "echo is answered without streaming: drop stream, or echo", param="echo"
         )
     continuation = None
+    tools = chat_tools(tok, body) if chat else None
+    if not chat and body.get("tools") is not None:
+        raise HTTPError(400, "tools are a /v1/chat/completions parameter", param="tools")
     if chat:
-        prompt, continuation = chat_prompt(tok, body, context, so_far)
+        prompt, continuation = chat_prompt(tok, body, context, so_far, tools)
         prompts: list[tuple[list[int], str | None]] = [(prompt, None)]
     else:
         prompts = completion_prompts(tok, body, context)
@@ -388,6 +415,7 @@ def completion_requests(
                 echo=echo,
                 prompt_text=text,
                 drop_last=drop_last,
+                tools=tools,
                 continued=None if continuation is None else continuation.prompt is not None,
                 rerendered_because=continuation.reason if continuation is not None else "",
             )
@@ -420,11 +448,39 @@ def encode(tok: Tokenizer, text: str, context: int, *, special: bool) -> list[in
     return tok.backend.encode_batch([text], add_special_tokens=special)[0].ids
 
 
+@dataclass
+class Tools:
+    """A chat request's tools: checked (`tool_calls.check_tools`), the model's call format,
+    and the opening appended to the prompt when a call is required ("" otherwise)."""
+
+    spec: ToolSpec
+    format: HermesCalls
+    opening: str = ""
+
+
+def chat_tools(tok: Tokenizer, body: dict[str, Any]) -> Tools | None:
+    """The request's tools for this model (400 if they are wrong or its chat template
+    renders or writes tool calls in no form Headway parses); None without tools."""
+    spec = check_tools(body)
+    if spec is None:
+        return None
+    form = parser_for(tok.chat_template)
+    if form is None:
+        raise HTTPError(
+            400, "this model's chat template has no tool-call format Headway parses (the "
+            "<tool_call>{json}</tool_call> form of Qwen and Hermes templates): drop tools",
+            param="tools",
+        )  # fmt: skip
+    forced = spec.choice in ("required", "function")
+    return Tools(spec, form, form.opening(spec.forced) if forced else "")
+
+
 def chat_prompt(
     tok: Tokenizer,
     body: dict[str, Any],
     context: int,
     so_far: tuple[list[int], list[int]] | None = None,
+    tools: Tools | None = None,
 ) -> tuple[list[int], Continuation | None]:
     """The prompt of a chat request: `prompt_token_ids` when given, else the chat template
     applied to `messages` and tokenized; with `so_far` (the tokens of the trajectory the
@@ -433,14 +489,17 @@ def chat_prompt(
     the continuation tried (None: none was)."""
     if body.get("prompt_token_ids") is not None:
         return token_list(body["prompt_token_ids"], "prompt_token_ids"), None
-    chat = messages(body.get("messages"))
+    chat = template_messages(messages(body.get("messages")))
     _check_fits(tok, sum(len(m["content"]) for m in chat), context)
+    spec = tools.spec if tools is not None else None
+    rendering = {"tools": spec.tools} if spec is not None else {}
+    opening = tools.opening if tools is not None else ""
     try:
         if so_far:
-            continued = continue_trajectory(tok, chat, *so_far)
+            continued = continue_trajectory(tok, chat, *so_far, rendering, opening)
             if continued.prompt is not None:
                 return continued.prompt, continued
-        text = tok.render_chat(chat, add_generation_prompt=True)
+        text = tok.render_chat(chat, add_generation_prompt=True, **rendering) + opening
     except TypeError as e:  # a template that meets a value of an unexpected type
         raise HTTPError(
             400, f"the chat template cannot render these messages: {e}", param="messages"
