@@ -22,7 +22,6 @@ group by group. Past `max_errors`, the rest are cancelled and `RolloutsFailed` i
 from __future__ import annotations
 
 import asyncio
-import inspect
 import math
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -32,6 +31,7 @@ from typing import Any
 from headway.agents import Agent, Tool
 from headway.client import TraceClient
 from headway.errors import InvalidArgument
+from headway.runtimes import LocalRuntime, Runtime
 from headway.types import Run
 
 __all__ = ["Job", "RewardFn", "RolloutsFailed", "Task", "Taskset"]
@@ -141,7 +141,7 @@ class Taskset:
     async def run(
         self,
         agent: Agent,
-        runtime: Any = None,
+        runtime: Runtime | None = None,
         job: Job | None = None,
         *,
         group: int | None = None,
@@ -165,10 +165,15 @@ class Taskset:
         fraction of all rollouts (float). With the default 0 the first failure cancels the
         others and propagates as it was raised; past a larger `max_errors`, the others
         are cancelled and `RolloutsFailed` is raised. Either way nothing is appended to
-        the job. `runtime` is accepted for compatibility with hosted runtimes: tasks here
-        run in-process, so it is not used.
+        the job. `runtime` is where episodes run (`headway.runtimes`: `LocalRuntime`, the
+        default, `ProcessRuntime`, `RayRuntime`).
         """
-        del runtime  # tasks run in this process; kept for the seed's call shape
+        runtime = runtime if runtime is not None else LocalRuntime()
+        if not isinstance(runtime, Runtime):
+            raise InvalidArgument(
+                f"runtime is {type(runtime).__name__}: a headway.runtimes Runtime "
+                "(LocalRuntime, ProcessRuntime, RayRuntime)"
+            )
         size = group or (job.group if job is not None else 1)
         if size < 1:
             raise InvalidArgument(f"group is {size}: each task runs at least once")
@@ -194,7 +199,7 @@ class Taskset:
             """One rollout, retried, and kept as an errored run if the budget allows."""
             for tries in range(retries + 1):
                 try:
-                    play = _play(agent, task, traces, gate, rollout_timeout)
+                    play = _play(agent, task, traces, gate, rollout_timeout, runtime)
                     run = await play
                     if tries:
                         run.info["attempts"] = tries + 1
@@ -271,20 +276,17 @@ async def _play(
     task: Task,
     traces: TraceClient,
     gate: asyncio.Semaphore,
-    timeout: float | None = None,
+    timeout: float | None,
+    runtime: Runtime,
 ) -> Run:
     async with gate:  # the timeout counts from the start of the episode, not of the wait
         async with asyncio.timeout(timeout):
-            return await _episode(agent, task, traces)
+            return await _episode(agent, task, traces, runtime)
 
 
-async def _episode(agent: Agent, task: Task, traces: TraceClient) -> Run:
-    """Play `task` once and score it (its reward attached to its trace)."""
-    run = await agent.run(task.prompt, max_turns=task.max_turns, tool=task.tool)
-    run.task = task
-    reward = task.reward_fn(run)
-    if inspect.isawaitable(reward):
-        reward = await reward
+async def _episode(agent: Agent, task: Task, traces: TraceClient, runtime: Runtime) -> Run:
+    """Play `task` once on `runtime` and score it (its reward attached to its trace)."""
+    run, reward = await runtime.play(agent, task)
     reward = float(reward)
     if not math.isfinite(reward):
         raise InvalidArgument(f"task {task.name or task.prompt!r}: reward {reward} is not finite")
