@@ -25,11 +25,13 @@ Gateway code: no torch; runs on a worker thread (it renders and tokenizes).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from gateway.tool_calls import HERMES
+from headway.errors import ModelError
 from headway.modeling.tokenizer import Tokenizer
 
 
@@ -44,6 +46,11 @@ class Continuation:
 STAND_IN = "\u2042headway-reply\u2042"  # a reply no model writes, to find the turn's end
 
 
+def digest(text: str) -> str:
+    """The digest a turn records of the chat text its prompt stands for (Turn.prompt_digest)."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def continue_trajectory(
     tok: Tokenizer,
     messages: list[dict[str, Any]],
@@ -51,11 +58,12 @@ def continue_trajectory(
     sampled: list[int],
     rendering: dict[str, Any] | None = None,
     opening: str = "",
+    prompt_digest: str = "",
 ) -> Continuation:
-    """The prompt that extends the trajectory's last turn (`prompt` and the `sampled`
-    completion tokens) with what the chat template renders after them for `messages`
-    (`rendering`: the template's other variables, its tools; `opening`: text the new reply
-    is started with), or why it cannot."""
+    """The prompt that extends the trajectory's last turn (`prompt`, the chat text of
+    `prompt_digest`, and the `sampled` completion tokens) with what the chat template
+    renders after them for `messages` (`rendering`: the template's other variables, its
+    tools; `opening`: text the new reply is started with), or why it cannot."""
     rendering = rendering or {}
     answered = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     if not answered:
@@ -63,17 +71,35 @@ def continue_trajectory(
     last = answered[-1]
     if last == len(messages) - 1:
         return Continuation(None, "the last message is the assistant's: nothing follows it")
-    if not _is_reply(tok, messages[last], sampled):
+    if not prompt_digest:
+        return Continuation(None, "the trajectory's last turn was not made from messages here")
+    reply = messages[last]
+    called = [c["function"]["name"] for c in reply.get("tool_calls") or []]
+    try:
+        asked = tok.render_chat(messages[:last], add_generation_prompt=True, **rendering)
+        before = tok.render_chat(messages[: last + 1], add_generation_prompt=False, **rendering)
+        full = tok.render_chat(messages, add_generation_prompt=True, **rendering) + opening
+        stand_in = [*messages[:last], {"role": "assistant", "content": STAND_IN}]
+        shown = tok.render_chat(stand_in, add_generation_prompt=False, **rendering)
+    except ModelError as e:
+        return Continuation(None, f"the chat template fails on a part of the conversation: {e}")
+    # The earlier messages and tools must be those the last prompt was made from (with the
+    # call's opening, if the reply was started with one).
+    openings = {"", HERMES.opening(""), *(HERMES.opening(name) for name in called[:1])}
+    if not any(digest(asked + start) == prompt_digest for start in openings):
+        return Continuation(
+            None, "the earlier messages or tools are not those the trajectory's last prompt "
+            "was made from",
+        )  # fmt: skip
+    if not _is_reply(tok, reply, sampled):
         return Continuation(
             None, "the last assistant message is not the reply sampled (an edited reply, "
             "or one cut by a stop string)",
         )  # fmt: skip
-    before = tok.render_chat(messages[: last + 1], add_generation_prompt=False, **rendering)
-    full = tok.render_chat(messages, add_generation_prompt=True, **rendering) + opening
-    stand_in = [*messages[:last], {"role": "assistant", "content": STAND_IN}]
-    shown = tok.render_chat(stand_in, add_generation_prompt=False, **rendering)
     if not full.startswith(before) or shown.count(STAND_IN) != 1:
         return Continuation(None, "the chat template renders the earlier turns differently")
+    if not called and before != shown.replace(STAND_IN, reply.get("content") or ""):
+        return Continuation(None, "the chat template does not show the reply as it was written")
     # The template's end of the assistant's turn; an end-of-turn token the model drew (its
     # eos) is that text's start, already in the trajectory.
     end = shown[shown.index(STAND_IN) + len(STAND_IN) :]
@@ -100,7 +126,9 @@ def _is_reply(tok: Tokenizer, message: dict[str, Any], sampled: list[int]) -> bo
         got = [
             (c["function"]["name"], _arguments(c["function"]["arguments"])) for c in parsed.calls
         ]
-        if got == want and (parsed.content or "") == (message.get("content") or ""):
+        # Text around calls compared without its edge whitespace (a stream sends it, the
+        # unary reply strips it).
+        if got == want and (parsed.content or "").strip() == (message.get("content") or "").strip():
             return True
     return False
 

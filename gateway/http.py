@@ -195,7 +195,7 @@ def create_app(gateway: Gateway) -> Any:
         arch = gateway.model(model, team).arch
         context, vocab = int(arch["max_context"]), int(arch["vocab_size"])
         tok = await tokenizer_for(model, team)
-        so_far = await _trajectory_so_far(gateway, body, team) if chat else None
+        so_far = await _trajectory_so_far(gateway, body, model, team) if chat else None
         prepare = partial(completion_requests, chat=chat, vocab=vocab, so_far=so_far)
         reqs = await gateway.workers.run(team, prepare, tok, body, model, context)
 
@@ -222,23 +222,28 @@ def create_app(gateway: Gateway) -> Any:
 
 
 async def _trajectory_so_far(
-    gateway: Gateway, body: dict[str, Any], team: str
-) -> tuple[list[int], list[int]] | None:
+    gateway: Gateway, body: dict[str, Any], model: str, team: str
+) -> tuple[list[int], list[int], str] | None:
     """The recorded trajectory a chat turn continues (its trace's last turn: prompt and
-    completion tokens), when it records into an existing trace from `messages`; else None.
-    NotFound for a trace the team does not have (before anything is sampled)."""
+    completion tokens, the prompt's digest), when it records into an existing trace from
+    `messages`; else None. NotFound for a trace the team does not have, InvalidArgument
+    for another model's (before anything is sampled)."""
     trace_id = body.get("trace_id")
     if not (isinstance(trace_id, str) and trace_id and body.get("return_token_ids") is True):
         return None
     if body.get("prompt_token_ids") is not None:
         return None  # the client gives the exact tokens itself
-    trace = await gateway.traces.get(trace_id, team)
-    if not trace.turns:
+    traced, last = await gateway.traces.last_turn(trace_id, team)
+    if traced != model:
+        raise HTTPError(
+            400, f"trace '{trace_id}' is a trajectory of {traced!r}, not of {model!r}",
+            param="trace_id",
+        )  # fmt: skip
+    if last is None:
         return None
-    last = trace.turns[-1]
     prompt = np.frombuffer(last.prompt_tokens.data, _INT[last.prompt_tokens.dtype]).tolist()
     sampled = np.frombuffer(last.completion_tokens.data, _INT[last.completion_tokens.dtype])
-    return prompt, sampled.tolist()
+    return prompt, sampled.tolist(), last.prompt_digest
 
 
 _INT = {common_pb2.DTYPE_INT32: np.int32, common_pb2.DTYPE_INT64: np.int64}
@@ -378,6 +383,7 @@ async def _record(
         completion_logprobs=to_tensor(lps, common_pb2.DTYPE_FLOAT32),
         checkpoint=checkpoint,
         malformed_tool_calls=malformed,
+        prompt_digest=req.prompt_digest,
     )
     trace_id, _ = await gateway.traces.record_turn(req.trace_id, req.model, team, turn)
     return trace_id
@@ -519,6 +525,7 @@ async def _stream(
                     if chunk.stop_reason:
                         delta["content"] += split.finish()
                     if calls:
+                        delta["content"] = delta["content"] or None  # as OpenAI sends it
                         start = split.calls - len(calls)
                         delta["tool_calls"] = [
                             {"index": start + k, **call} for k, call in enumerate(calls)
@@ -552,6 +559,8 @@ async def _stream(
                 extra["prompt_token_ids"] = req.prompt
                 if req.continued is not None:
                     extra["prompt_continued"] = req.continued
+                    if not req.continued:
+                        extra["prompt_rerendered_because"] = req.rerendered_because
             yield event(choice, **extra)
     except (HeadwayError, grpc.aio.AioRpcError, *REDIS_ERRORS) as e:
         if isinstance(e, REDIS_ERRORS):

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from gateway.continuation import Continuation, continue_trajectory
+from gateway.continuation import Continuation, continue_trajectory, digest
 from gateway.http_errors import HTTPError
 from gateway.tool_calls import HermesCalls, ToolSpec, check_tools, parser_for, template_messages
 from headway.errors import ResourceExhausted
@@ -330,6 +330,7 @@ class Completion:
     prompt_text: str | None = None  # the prompt as the client wrote it (text prompts)
     drop_last: bool = False  # max_tokens 0 with echo: one token is drawn, none returned
     tools: Tools | None = None  # chat: the tools offered, their call format
+    prompt_digest: str = ""  # chat: of the text the prompt stands for (Turn.prompt_digest)
     # A chat turn of a recorded trajectory: whether its prompt continues the trajectory's
     # tokens exactly (None: not a continuation), and why not.
     continued: bool | None = None
@@ -344,13 +345,14 @@ def completion_requests(
     *,
     chat: bool,
     vocab: int | None = None,
-    so_far: tuple[list[int], list[int]] | None = None,
+    so_far: tuple[list[int], list[int], str] | None = None,
 ) -> list[Completion]:
     """Check every parameter of a completion request and build its prompts (worker thread:
     rendering and tokenizing take time): one per prompt of a text completion's list (as
     lm-eval's local-completions batches them), else one. Prompts of a list are checked
     against the vocabulary and the context here, all before any is sampled. `so_far`: the
-    trajectory a chat turn continues (its trace's last prompt and completion tokens)."""
+    trajectory a chat turn continues (its trace's last prompt and completion tokens, and
+    that prompt's digest)."""
     record = flag(body, "return_token_ids")
     logprobs, top = logprobs_asked(body, chat=chat, implied=record)
     echo = flag(body, "echo")
@@ -361,12 +363,12 @@ def completion_requests(
         raise HTTPError(
             400, "echo is answered without streaming: drop stream, or echo", param="echo"
         )
-    continuation = None
+    continuation, prompt_digest = None, ""
     tools = chat_tools(tok, body) if chat else None
     if not chat and body.get("tools") is not None:
         raise HTTPError(400, "tools are a /v1/chat/completions parameter", param="tools")
     if chat:
-        prompt, continuation = chat_prompt(tok, body, context, so_far, tools)
+        prompt, continuation, prompt_digest = chat_prompt(tok, body, context, so_far, tools)
         prompts: list[tuple[list[int], str | None]] = [(prompt, None)]
     else:
         prompts = completion_prompts(tok, body, context)
@@ -416,6 +418,7 @@ def completion_requests(
                 prompt_text=text,
                 drop_last=drop_last,
                 tools=tools,
+                prompt_digest=prompt_digest,
                 continued=None if continuation is None else continuation.prompt is not None,
                 rerendered_because=continuation.reason if continuation is not None else "",
             )
@@ -479,32 +482,36 @@ def chat_prompt(
     tok: Tokenizer,
     body: dict[str, Any],
     context: int,
-    so_far: tuple[list[int], list[int]] | None = None,
+    so_far: tuple[list[int], list[int], str] | None = None,
     tools: Tools | None = None,
-) -> tuple[list[int], Continuation | None]:
+) -> tuple[list[int], Continuation | None, str]:
     """The prompt of a chat request: `prompt_token_ids` when given, else the chat template
     applied to `messages` and tokenized; with `so_far` (the tokens of the trajectory the
     request continues), those tokens and the rendered rest when the template allows
-    (`gateway.continuation`; `so_far`: its last turn's prompt and sampled tokens). Second:
-    the continuation tried (None: none was)."""
+    (`gateway.continuation`; `so_far`: its last turn's prompt and sampled tokens, and that
+    prompt's digest). Then the continuation tried (None: none was), and the digest of the
+    chat text the prompt stands for ("" for prompt_token_ids)."""
     if body.get("prompt_token_ids") is not None:
-        return token_list(body["prompt_token_ids"], "prompt_token_ids"), None
+        return token_list(body["prompt_token_ids"], "prompt_token_ids"), None, ""
     chat = template_messages(messages(body.get("messages")))
     _check_fits(tok, sum(len(m["content"]) for m in chat), context)
     spec = tools.spec if tools is not None else None
     rendering = {"tools": spec.tools} if spec is not None else {}
     opening = tools.opening if tools is not None else ""
     try:
-        if so_far:
-            continued = continue_trajectory(tok, chat, *so_far, rendering, opening)
-            if continued.prompt is not None:
-                return continued.prompt, continued
         text = tok.render_chat(chat, add_generation_prompt=True, **rendering) + opening
+        if so_far:
+            prompt, sampled, prompt_digest = so_far
+            continued = continue_trajectory(
+                tok, chat, prompt, sampled, rendering, opening, prompt_digest
+            )
+            if continued.prompt is not None:
+                return continued.prompt, continued, digest(text)
     except TypeError as e:  # a template that meets a value of an unexpected type
         raise HTTPError(
             400, f"the chat template cannot render these messages: {e}", param="messages"
         ) from None
-    return encode(tok, text, context, special=False), continued if so_far else None
+    return encode(tok, text, context, special=False), continued if so_far else None, digest(text)
 
 
 MAX_PROMPTS = 64  # prompts of one text completion request (a batch, as lm-eval sends)

@@ -91,8 +91,9 @@ def check_tools(body: dict[str, Any]) -> ToolSpec | None:
     if choice is None or choice in CHOICES:
         spec.choice = choice or "auto"
     elif isinstance(choice, dict) and choice.get("type") == "function":
-        name = (choice.get("function") or {}).get("name")
-        if name not in names:
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or name not in names:
             raise _bad(
                 f"tool_choice names the function {name!r}, which is not among the tools "
                 f"({', '.join(sorted(names))})", "tool_choice",
@@ -144,7 +145,7 @@ class HermesCalls:
     def opening(self, forced: str) -> str:
         """The start of a reply that must call a tool (`forced`: that tool)."""
         if forced:
-            return f'{self.OPEN}\n{{"name": "{forced}", "arguments": '
+            return f'{self.OPEN}\n{{"name": "{forced}", "arguments":'
         return f'{self.OPEN}\n{{"name": "'
 
     def call(self, body: str, names: set[str]) -> dict[str, Any] | None:

@@ -133,6 +133,10 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
 _READ = """
 return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
 """
+# The metadata and the last turn only (a turn that continues a trajectory needs no more).
+_READ_LAST = """
+return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], -1, -1)}
+"""
 
 
 def _not_found(trace_id: str) -> NotFound:
@@ -192,6 +196,7 @@ class TraceStore:
         self._record_turn = redis.register_script(_RECORD_TURN)
         self._set_reward = redis.register_script(_SET_REWARD)
         self._read = redis.register_script(_READ)
+        self._read_last = redis.register_script(_READ_LAST)
 
     # ------------------------------------------------------------------------ keys
 
@@ -317,6 +322,15 @@ class TraceStore:
             raise _not_found(trace_id)
         meta, turns = await self._read(keys=[self.key(trace_id), self.turns_key(trace_id)])
         return self._trace(trace_id, team, dict(zip(meta[::2], meta[1::2], strict=True)), turns)
+
+    async def last_turn(self, trace_id: str, team: str) -> tuple[str, common_pb2.Turn | None]:
+        """(model, last turn or None) of the trace `trace_id` of `team`, reading that turn
+        alone; NotFound as `get`."""
+        if not _TRACE_ID.fullmatch(trace_id):
+            raise _not_found(trace_id)
+        meta, turns = await self._read_last(keys=[self.key(trace_id), self.turns_key(trace_id)])
+        trace = self._trace(trace_id, team, dict(zip(meta[::2], meta[1::2], strict=True)), turns)
+        return trace.model, (trace.turns[-1] if trace.turns else None)
 
     async def trajectory(self, trace_id: str, team: str) -> common_pb2.Trajectory:
         """The trace as a training `Trajectory` (with trace_id set).

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.continuation import continue_trajectory
+from gateway.continuation import continue_trajectory, digest
 from headway.modeling.tokenizer import Tokenizer
 from tests.stack import make_tiny_base
 
 ASK = [{"role": "user", "content": "what is 1 plus 2?"}]
 MORE = {"role": "user", "content": "and 2 plus 2?"}
+
+
+def ASKED(tok: Tokenizer) -> str:  # noqa: N802 - reads as the constant it stands for
+    """The digest the first turn's prompt records (the question rendered for a reply)."""
+    return digest(tok.render_chat(ASK))
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +31,7 @@ def test_a_reply_ended_by_eos_continues_as_the_template_renders_it(tok):
     prompt = tok.apply_chat_template(ASK)
     sampled = tok.encode(" it is 3.", add_special_tokens=False) + [tok.token_to_id("<|im_end|>")]
     conversation = [*ASK, {"role": "assistant", "content": " it is 3."}, MORE]
-    out = continue_trajectory(tok, conversation, prompt, sampled)
+    out = continue_trajectory(tok, conversation, prompt, sampled, prompt_digest=ASKED(tok))
     assert out.prompt == tok.apply_chat_template(conversation)
 
 
@@ -38,7 +43,7 @@ def test_sampled_tokens_are_kept_where_the_text_would_tokenize_otherwise(tok):
     sampled = [t for ch in " it is 3." for t in tok.encode(ch, add_special_tokens=False)]
     assert sampled != tok.encode(" it is 3.", add_special_tokens=False)
     conversation = [*ASK, {"role": "assistant", "content": " it is 3."}, MORE]
-    out = continue_trajectory(tok, conversation, prompt, sampled)
+    out = continue_trajectory(tok, conversation, prompt, sampled, prompt_digest=ASKED(tok))
     assert out.prompt[: len(prompt) + len(sampled)] == prompt + sampled
     rest = tok.render_chat(conversation)[len(tok.render_chat(ASK)) + len(" it is 3.") :]
     assert out.prompt[len(prompt) + len(sampled) :] == tok.encode(rest, add_special_tokens=False)
@@ -58,7 +63,7 @@ def test_sampled_tokens_are_kept_where_the_text_would_tokenize_otherwise(tok):
 def test_what_cannot_be_continued_says_why(tok, conversation, reason):
     prompt = tok.apply_chat_template(ASK)
     sampled = tok.encode(" it is 3.", add_special_tokens=False)
-    out = continue_trajectory(tok, conversation, prompt, sampled)
+    out = continue_trajectory(tok, conversation, prompt, sampled, prompt_digest=ASKED(tok))
     assert out.prompt is None and reason in out.reason
 
 
@@ -78,5 +83,41 @@ def test_a_template_that_rewrites_earlier_turns_cannot_be_continued(tok):
     prompt = rewriting.apply_chat_template(ASK)
     sampled = tok.encode(" it is 3.", add_special_tokens=False)
     conversation = [*ASK, {"role": "assistant", "content": " it is 3."}, MORE]
-    out = continue_trajectory(rewriting, conversation, prompt, sampled)
+    out = continue_trajectory(
+        rewriting, conversation, prompt, sampled, prompt_digest=digest(rewriting.render_chat(ASK))
+    )
     assert out.prompt is None and "renders the earlier turns differently" in out.reason
+
+
+def test_earlier_messages_that_changed_or_a_turn_not_made_here_are_not_continued(tok):
+    """The last prompt's digest is of the text it was made from: a client that changed an
+    earlier message (or the tools) since, or a turn recorded without one, gets the
+    conversation rendered anew."""
+    prompt = tok.apply_chat_template(ASK)
+    sampled = tok.encode(" it is 3.", add_special_tokens=False)
+    changed = [{"role": "user", "content": "what is 1 plus 3?"},
+               {"role": "assistant", "content": " it is 3."}, MORE]  # fmt: skip
+    out = continue_trajectory(tok, changed, prompt, sampled, prompt_digest=ASKED(tok))
+    assert out.prompt is None and "earlier messages or tools" in out.reason
+    same = [*ASK, {"role": "assistant", "content": " it is 3."}, MORE]
+    out = continue_trajectory(tok, same, prompt, sampled)
+    assert out.prompt is None and "not made from messages here" in out.reason
+
+
+def test_a_template_that_rewrites_every_reply_cannot_be_continued(tok):
+    """A template that trims replies (as some do) shows each one otherwise than written:
+    keeping the sampled tokens would give the model a conversation its template never
+    shows, so the turn is rendered anew."""
+    import copy
+
+    trimming = copy.copy(tok)
+    trimming.chat_template = tok.chat_template.replace(
+        "message['content']", "message['content'] | trim"
+    )
+    prompt = trimming.apply_chat_template(ASK)
+    sampled = tok.encode(" it is 3.", add_special_tokens=False)
+    conversation = [*ASK, {"role": "assistant", "content": " it is 3."}, MORE]
+    out = continue_trajectory(
+        trimming, conversation, prompt, sampled, prompt_digest=digest(trimming.render_chat(ASK))
+    )
+    assert out.prompt is None and "does not show the reply as it was written" in out.reason

@@ -14,7 +14,7 @@ import numpy as np
 import openai
 import pytest
 
-from gateway.continuation import continue_trajectory
+from gateway.continuation import continue_trajectory, digest
 from gateway.tool_calls import template_messages
 from headway.modeling.tokenizer import Tokenizer
 from headway.tensors import to_tensor
@@ -70,7 +70,10 @@ def tool_stack(gateway_stack, tmp_path):
         tok.encode(CALL, add_special_tokens=False),
     )
     # The second prompt as the gateway makes it: the call's tokens as sampled, then the rest.
-    follow = continue_trajectory(tok, template_messages(FOLLOW), ask, call + end, {"tools": TOOLS})
+    asked = digest(tok.render_chat(ASK, tools=TOOLS))
+    follow = continue_trajectory(
+        tok, template_messages(FOLLOW), ask, call + end, {"tools": TOOLS}, "", asked
+    )
     lessons = [
         (ask, call + end),
         (follow.prompt, tok.encode(ANSWER, add_special_tokens=False) + end),
@@ -106,17 +109,40 @@ def test_a_tool_call_comes_back_parsed_and_token_exact_unary_and_streamed(tool_s
     prompt, reply = stack.lessons[0]
     assert c.prompt_token_ids == prompt and choice.token_ids == reply  # the sampled ones
     # Streamed: the call arrives whole in a delta, then finish_reason tool_calls.
-    calls, finish, content = [], None, ""
+    calls, finish, content, trace_id = [], None, "", ""
     for chunk in client(stack).chat.completions.create(
-        model="agent", messages=ASK, tools=TOOLS, temperature=0, max_tokens=32, stream=True
-    ):
+        model="agent", messages=ASK, tools=TOOLS, temperature=0, max_tokens=32, stream=True,
+        extra_body={"return_token_ids": True},
+    ):  # fmt: skip
         delta = chunk.choices[0].delta
         content += delta.content or ""
         calls += delta.tool_calls or []
         finish = chunk.choices[0].finish_reason or finish
+        trace_id = (chunk.choices[0].model_extra or {}).get("trace_id") or trace_id
     assert finish == "tool_calls" and content == "" and len(calls) == 1
     assert calls[0].index == 0 and calls[0].function.name == "get_weather"
     assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+    # The message rebuilt from the deltas continues the streamed turn token for token.
+    message = {
+        "role": "assistant",
+        "content": content or None,
+        "tool_calls": [
+            {
+                "id": calls[0].id,
+                "type": "function",
+                "function": {
+                    "name": calls[0].function.name,
+                    "arguments": calls[0].function.arguments,
+                },
+            }
+        ],
+    }
+    follow = [*ASK, message, {"role": "tool", "tool_call_id": calls[0].id, "content": RESULT}]
+    after = client(stack).chat.completions.create(
+        model="agent", messages=follow, tools=TOOLS, temperature=0, max_tokens=32,
+        extra_body={"return_token_ids": True, "trace_id": trace_id},
+    )  # fmt: skip
+    assert after.prompt_continued is True and after.choices[0].message.content == ANSWER
 
 
 def test_a_multi_turn_exchange_with_the_tools_result_continues_token_for_token(tool_stack):
@@ -161,7 +187,7 @@ def test_tool_choice_forces_none_or_a_named_call_and_a_cut_call_stays_text(tool_
         tool_choice={"type": "function", "function": {"name": "get_time"}},
         extra_body={"return_token_ids": True},
     )  # fmt: skip
-    opening = '<tool_call>\n{"name": "get_time", "arguments": '
+    opening = '<tool_call>\n{"name": "get_time", "arguments":'
     assert stack.tok.decode(named.prompt_token_ids).endswith(opening)
     calls = named.choices[0].message.tool_calls or []
     assert all(c.function.name == "get_time" for c in calls)

@@ -58,18 +58,20 @@ class Datum(_message.Message):
     def __init__(self, input_tokens: _Optional[_Union[Tensor, _Mapping]] = ..., target_tokens: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., sampling_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., advantages: _Optional[_Union[Tensor, _Mapping]] = ..., reward: _Optional[float] = ..., group_index: _Optional[int] = ...) -> None: ...
 
 class Turn(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "completion_logprobs", "checkpoint", "malformed_tool_calls")
+    __slots__ = ("prompt_tokens", "completion_tokens", "completion_logprobs", "checkpoint", "malformed_tool_calls", "prompt_digest")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     MALFORMED_TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: Tensor
     completion_tokens: Tensor
     completion_logprobs: Tensor
     checkpoint: str
     malformed_tool_calls: int
-    def __init__(self, prompt_tokens: _Optional[_Union[Tensor, _Mapping]] = ..., completion_tokens: _Optional[_Union[Tensor, _Mapping]] = ..., completion_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., checkpoint: _Optional[str] = ..., malformed_tool_calls: _Optional[int] = ...) -> None: ...
+    prompt_digest: str
+    def __init__(self, prompt_tokens: _Optional[_Union[Tensor, _Mapping]] = ..., completion_tokens: _Optional[_Union[Tensor, _Mapping]] = ..., completion_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., checkpoint: _Optional[str] = ..., malformed_tool_calls: _Optional[int] = ..., prompt_digest: _Optional[str] = ...) -> None: ...
 
 class Trajectory(_message.Message):
     __slots__ = ("turns", "reward", "trace_id")
