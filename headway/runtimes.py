@@ -13,11 +13,17 @@ rewards onto traces).
   crashes fails only the call it was running (its episode becomes an errored run) and is
   replaced; a call cut by `rollout_timeout` has its worker killed and replaced, so a tool
   that never returns cannot hold a worker. Tools and reward functions must be picklable
-  (module-level functions), as must what they return.
+  (module-level functions of a module the workers can import: a script needs its
+  `if __name__ == "__main__":` guard), as must what they return; a tool is sent with each
+  call, so state it keeps between turns stays in the worker, not with the episode. They
+  may run programs (`subprocess`), not start multiprocessing children of their own
+  (workers are daemon processes, which die with the caller).
 - `RayRuntime(address=None)`: whole episodes (tools, rewards and their sampling calls to
   the gateway) run as Ray tasks on a Ray cluster, so rollouts scale past one machine; each
   task builds its own agent from the caller's (model, completion kwargs, gateway URL, key),
-  which must reach the gateway from the cluster's machines. `ray` is the `[ray]` extra.
+  which must reach the gateway from the cluster's machines (a subclass of `Agent` is
+  rebuilt as a plain one). `rollout_timeout` counts from the episode's submission, its
+  wait for a free Ray CPU included. `ray` is the `[ray]` extra.
 """
 
 from __future__ import annotations
@@ -81,19 +87,27 @@ def _serve(conn: Any) -> None:
     """A worker process: run each (function, args) received, send back (ok, value)."""
     while True:
         try:
-            fn, args = conn.recv()
-        except EOFError:
+            payload = conn.recv_bytes()
+        except (EOFError, OSError):
             return
         try:
+            fn, args = pickle.loads(payload)  # a function this process cannot import: an error
             value = fn(*args)
             if inspect.isawaitable(value):
                 value = asyncio.run(_awaited(value))
-            conn.send((True, value))
+            conn.send_bytes(pickle.dumps((True, value)))
         except BaseException as e:  # sent back: the caller's episode fails, not this worker
-            try:
-                conn.send((False, e))
-            except Exception:  # an exception that does not pickle: its text
-                conn.send((False, RuntimeError(f"{type(e).__name__}: {e}")))
+            conn.send_bytes(pickle.dumps((False, _portable(e))))
+
+
+def _portable(error: BaseException) -> Exception:
+    """An error the caller can raise in its episode: an Exception that survives pickling
+    (SystemExit, a cancellation or an exception that does not round-trip become text)."""
+    if isinstance(error, Exception):
+        with contextlib.suppress(Exception):
+            pickle.loads(pickle.dumps(error))
+            return error
+    return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 async def _awaited(value: Any) -> Any:
@@ -120,13 +134,19 @@ class _Worker:
             ) from None
         try:
             self.conn.send_bytes(payload)
-            return self.conn.recv()
+            answer = self.conn.recv_bytes()
         except (EOFError, OSError):
             self.process.join(timeout=5)
             raise WorkerCrashed(
                 f"the worker process running {getattr(fn, '__qualname__', fn)!r} died "
                 f"(exit code {self.process.exitcode})"
             ) from None
+        try:
+            return pickle.loads(answer)
+        except Exception as e:  # a result or error this process cannot rebuild
+            return False, RuntimeError(
+                f"the result of {getattr(fn, '__qualname__', fn)!r} could not be read back: {e}"
+            )
 
     def kill(self) -> None:
         with contextlib.suppress(Exception):
@@ -145,17 +165,29 @@ class ProcessRuntime(Runtime):
         self.workers = workers
         # spawn: a fork of a process with gRPC's and torch's threads is not safe.
         self._context = multiprocessing.get_context("spawn")
+        # Idle workers, as a queue of the event loop using the runtime (rebuilt for another
+        # loop: each asyncio.run of a taskset has its own).
         self._idle: asyncio.Queue[_Worker] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._all: list[_Worker] = []
+        self._busy: set[_Worker] = set()
+        self._closed = False
         self._threads = concurrent.futures.ThreadPoolExecutor(workers, "headway-runtime")
         self._lock = threading.Lock()
         self.replaced = 0  # workers replaced after a crash or a cut call
 
     def _start(self) -> asyncio.Queue[_Worker]:
-        if self._idle is None:
-            self._idle = asyncio.Queue()
-            for _ in range(self.workers):
-                self._idle.put_nowait(self._spawn())
+        if self._closed:
+            raise InvalidArgument("this ProcessRuntime is closed: make a new one")
+        loop = asyncio.get_running_loop()
+        if self._idle is None or self._loop is not loop:
+            self._idle, self._loop = asyncio.Queue(), loop
+            with self._lock:
+                if not self._all:
+                    self._all = [_Worker(self._context) for _ in range(self.workers)]
+                idle = [w for w in self._all if w not in self._busy]
+            for worker in idle:
+                self._idle.put_nowait(worker)
         return self._idle
 
     def _spawn(self) -> _Worker:
@@ -164,29 +196,34 @@ class ProcessRuntime(Runtime):
             self._all.append(worker)
         return worker
 
-    def _replace(self, worker: _Worker) -> _Worker:
+    def _replace(self, worker: _Worker) -> _Worker | None:
         worker.kill()
         with self._lock:
             if worker in self._all:
                 self._all.remove(worker)
         self.replaced += 1
-        return self._spawn()
+        return None if self._closed else self._spawn()
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(*args)` (awaited if it is a coroutine) in a worker process."""
         idle = self._start()
-        worker = await idle.get()
+        worker: _Worker | None = await idle.get()
+        self._busy.add(worker)
         loop = asyncio.get_running_loop()
         try:
             ok, value = await loop.run_in_executor(self._threads, worker.roundtrip, fn, args)
         except WorkerCrashed:
+            self._busy.discard(worker)
             worker = self._replace(worker)
             raise
         except asyncio.CancelledError:  # cut (a timeout): the call may never end
+            self._busy.discard(worker)
             worker = self._replace(worker)
             raise
         finally:
-            idle.put_nowait(worker)
+            self._busy.discard(worker)
+            if worker is not None and self._idle is idle:
+                idle.put_nowait(worker)
         if not ok:
             raise value
         return value
@@ -208,11 +245,12 @@ class ProcessRuntime(Runtime):
         return run, reward
 
     async def close(self) -> None:
+        self._closed = True
         with self._lock:
             workers, self._all = list(self._all), []
-        for worker in workers:
+        for worker in workers:  # a call still running ends with WorkerCrashed
             worker.kill()
-        self._threads.shutdown(wait=False, cancel_futures=True)
+        self._threads.shutdown(wait=False)
         self._idle = None
 
 
@@ -241,11 +279,11 @@ class RayRuntime(Runtime):
         self.options = {"num_cpus": 1, **remote_options}
         self._remote: Any = None
 
-    def _episode(self) -> Any:
+    async def _episode(self) -> Any:
         import ray
 
-        if not ray.is_initialized():
-            ray.init(address=self.address)
+        if not ray.is_initialized():  # seconds: off the event loop
+            await asyncio.to_thread(ray.init, address=self.address)
         if self._remote is None:
             self._remote = ray.remote(**self.options)(_ray_episode)
         return self._remote
@@ -259,16 +297,21 @@ class RayRuntime(Runtime):
             "base_url": agent.base_url,
             "api_key": agent.api_key,
             "system_prompt": agent.system_prompt,
+            "max_retries": agent.max_retries,
             "retry_timeout": agent.retry_timeout,
+            "retry_backoff": agent.retry_backoff,
         }
-        ref = self._episode().remote(spec, task)
+        ref = (await self._episode()).remote(spec, task)
         try:
             run, reward = await ref
         except asyncio.CancelledError:  # cut: the task stops too
             ray.cancel(ref, force=True)
             raise
-        except ray.exceptions.RayTaskError as e:  # the episode's own error, as raised
-            raise e.as_instanceof_cause() from None
+        except ray.exceptions.RayTaskError as e:  # the episode's own error, as raised there
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
         run.task = task
         return run, reward
 
