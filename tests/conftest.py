@@ -119,17 +119,26 @@ def hf_dir(family: str, tmp_path: Path) -> tuple[torch.nn.Module, Path]:
     return model, path
 
 
-def train_tokenizer(path: Path) -> Path:
-    """Train a small byte-level BPE with the `tokenizers` library and save HF files in `path`."""
+def train_tokenizer(
+    path: Path,
+    corpus: list[str] | None = None,
+    vocab_size: int = VOCAB,
+    chat_template: str = CHATML,
+    across_words: bool = False,
+) -> Path:
+    """Train a small byte-level BPE with the `tokenizers` library and save HF files in `path`
+    (by default on arithmetic questions, with a ChatML template; `across_words`: merges
+    may span words, so a few long texts compress far)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not across_words)
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     # The alphabet is what the corpus uses, so the whole vocabulary fits the tiny models.
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials)
-    corpus = [f"what is {a} plus {b}? it is {a + b}." for a in range(30) for b in range(30)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials)
+    if corpus is None:
+        corpus = [f"what is {a} plus {b}? it is {a + b}." for a in range(30) for b in range(30)]
     tok.train_from_iterator(corpus, trainer)
     path.mkdir(parents=True, exist_ok=True)
     tok.save(str(path / "tokenizer.json"))
@@ -137,7 +146,7 @@ def train_tokenizer(path: Path) -> Path:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>",
-        "chat_template": CHATML,
+        "chat_template": chat_template,
     }
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2]}))

@@ -121,29 +121,12 @@ def corpus() -> list[str]:
 
 def make_tool_base(path: Path, seed: int = 0) -> Path:
     """The tiny Qwen3-family base with the Qwen 2.5 tool template, saved at `path`."""
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from tests.conftest import train_tokenizer
 
-    backend = Backend(models.BPE())
-    # Merges across words (no regex split): the few texts the tests send compress far.
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials)
-    backend.train_from_iterator(corpus(), trainer)
-    path.mkdir(parents=True, exist_ok=True)
-    backend.save(str(path / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "chat_template": QWEN25_TEMPLATE,
-    }
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2]}))
+    train_tokenizer(path, corpus(), 320, QWEN25_TEMPLATE, across_words=True)
     tokenizer = Tokenizer.from_dir(path)
     fields = dict(model_type="qwen3", **TINY_DIMS, tie_word_embeddings=True, qk_norm=True)
-    fields.update(vocab_size=backend.get_vocab_size(), max_position_embeddings=512)
+    fields.update(vocab_size=tokenizer.backend.get_vocab_size(), max_position_embeddings=512)
     model = Transformer(ModelConfig(**fields))
     model.init_weights(std=0.1, seed=seed)
     save_model(model, tokenizer, path)
