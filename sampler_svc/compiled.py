@@ -152,6 +152,8 @@ class DecodeCompiler:
         self.compiled: set[int] = set()  # buckets that decode compiled
         self.times: dict[int, dict[str, float]] = {}  # bucket → seconds per forward, each way
         self.error = ""  # why compiling failed, if it did
+        # bucket → (eager seconds, graph floor seconds), when measured before compiling.
+        self._precheck: dict[int, tuple[float, float]] = {}
         device = next(model.parameters()).device
         if mode == "off" or device.type != "cpu" or not kv_only:
             # CUDA would need CUDA graphs as well to pay; never measured here: off.
@@ -175,6 +177,24 @@ class DecodeCompiler:
             return
         started = time.perf_counter()
         try:
+            if mode == "auto" and not self.times and self._precheck:
+                # The most promising graph first (each costs half a minute of a small
+                # CPU's start): if it does not pay where it promises most, neither is kept.
+                best = min(buckets, key=lambda b: self._precheck[b][1] / self._precheck[b][0])
+                rows = min(best, max_rows)
+                self.warm(only=[1] if rows == 1 else [min(2, max_rows)])
+                first = self._time(rows)
+                if pick(first) != "compiled":
+                    self.times = {b: {"eager": e, "graph floor": f}
+                                  for b, (e, f) in self._precheck.items()}  # fmt: skip
+                    self.times[best] = dict(first)
+                    kernel_cache.write_cache({keys[best]: cache_entry(first)})
+                    log.info(
+                        "decode compiled: no bucket (the most promising, %d rows, does not "
+                        "pay; the other graph not compiled: %s; %.1f s)",
+                        best, self.describe(), time.perf_counter() - started,
+                    )  # fmt: skip
+                    return
             self.warm()
             if mode == "auto" and not self.times:
                 self.times = {b: self._time(min(b, max_rows)) for b in buckets}
@@ -207,6 +227,7 @@ class DecodeCompiler:
             return False
         with torch.inference_mode():
             eager = {b: self._time_eager(min(b, self.max_rows)) for b in buckets}
+        self._precheck = {b: (eager[b], floors[b]) for b in buckets}
         # Compiled is chosen only where 5 % faster than eager (`pick`).
         if any(floors[b] < 0.95 * eager[b] for b in buckets):
             return False
@@ -229,10 +250,11 @@ class DecodeCompiler:
         self.error = f"{type(error).__name__}: {error}".splitlines()[0][:300]
         log.warning("decode compile failed, decoding eagerly: %s", self.error)
 
-    def warm(self) -> None:
-        """Compile the one-row and many-row graphs now (not at a first request), checking
-        each against the eager forward; raises if either fails or differs."""
-        for rows in sorted({1, min(2, self.max_rows)}):
+    def warm(self, only: list[int] | None = None) -> None:
+        """Compile the one-row and many-row graphs now (not at a first request; `rows`:
+        only: those row counts' graphs), checking each against the eager forward; raises if
+        either fails or differs."""
+        for rows in sorted(set(only or {1, min(2, self.max_rows)})):
             with torch.inference_mode():  # as decode steps run (guards check it)
                 ids, positions = self._inputs(rows)
                 graph = self.caches(rows, self.length, True)
