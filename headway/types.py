@@ -154,6 +154,44 @@ def _time(ts: Any) -> datetime:
 
 
 @dataclass
+class ModelInfo:
+    """A model of the catalogue (see the contract's `Model`): a base, or a fork of one."""
+
+    slug: str
+    base: str  # the base it derives from (itself for a base)
+    source: str  # what it was forked from ("" for a base)
+    kind: Literal["base", "lora", "full"]
+    lora_rank: int  # 0 unless a LoRA fork
+    trainable: bool  # this caller may train it
+    head_checkpoint: str
+    head_step: int
+    created: datetime
+    model_type: str
+    vocab_size: int
+    max_context: int
+    team: str
+
+    @classmethod
+    def from_proto(cls, m: common_pb2.Model) -> ModelInfo:
+        kind = "base" if m.is_base else ("full" if m.full else "lora")
+        return cls(
+            slug=m.slug,
+            base=m.base,
+            source=m.source,
+            kind=kind,  # type: ignore[arg-type]
+            lora_rank=m.lora.rank if kind == "lora" else 0,
+            trainable=m.trainable,
+            head_checkpoint=m.head_checkpoint,
+            head_step=m.head_step,
+            created=_time(m.created),
+            model_type=m.model_type,
+            vocab_size=m.vocab_size,
+            max_context=m.max_context,
+            team=m.team,
+        )
+
+
+@dataclass
 class CheckpointStats:
     """What went into the optim step that produced a checkpoint (see `CheckpointStats`)."""
 

@@ -171,3 +171,16 @@ def test_build_base_builds_once_with_a_progress_bar(monkeypatch, capsys, tmp_pat
     with pytest.raises(SystemExit) as exit_:
         main(["models", "build-base", "nope"])
     assert exit_.value.code == 2
+
+
+def test_an_unreachable_gateway_is_said_at_once(monkeypatch, capsys):
+    """No gateway at the address: one line naming the fix, exit 1, no retries."""
+    import socket
+
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HEADWAY_URL", f"127.0.0.1:{port}")
+    code = main(["models", "list"])
+    err = capsys.readouterr().err
+    assert code == 1 and "cannot reach the gateway" in err and err.count("\n") == 1

@@ -18,7 +18,7 @@ from headway import (
     TraceClient,
     TrainingClient,
 )
-from headway.client.blocking import LoopThread, SyncModelClient, public_coroutines
+from headway.client.blocking import LoopThread, SyncBoundClient, public_coroutines
 
 TWINS = [
     (TrainingClient, SyncTrainingClient),
@@ -54,7 +54,7 @@ def test_every_async_method_has_a_blocking_twin_with_its_signature(async_cls, sy
 
 
 def test_the_parity_check_catches_a_missing_or_a_drifted_twin():
-    class Bare(SyncModelClient):  # hand-written, without @blocking_twin
+    class Bare(SyncBoundClient):  # hand-written, without @blocking_twin
         def __init__(self, model: str) -> None: ...
 
     assert "forward_backward: no blocking twin" in twin_mismatches(TrainingClient, Bare)

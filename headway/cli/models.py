@@ -1,7 +1,8 @@
 """`headway models ...`: the model catalogue and checkpoint trees, from a terminal.
 
 Talks to the gateway (`HEADWAY_URL`, default 127.0.0.1:50051; key from `HEADWAY_API_KEY`)
-through the contract's stubs, and imports no torch (an import-linter contract checks):
+through the SDK's `SyncModelClient` (no retries: a terminal shows a failure at once), and
+imports no torch (an import-linter contract checks):
 `export` and `build-base`, which run torch on this machine, live in `headway.cli.local`.
 Errors are one line on stderr and a non-zero exit: 2 for bad input, 1 for everything else.
 """
@@ -15,42 +16,30 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import grpc
-
-from headway.channels import CHANNEL_OPTIONS
-from headway.client.settings import ClientSettings
-from headway.errors import from_status
-from headway.v1 import common_pb2, model_pb2, model_pb2_grpc
+from headway.client.models import SyncModelClient
+from headway.errors import HeadwayError, Unavailable
+from headway.types import Checkpoint
 
 
-def _stub(
-    args: argparse.Namespace,
-) -> tuple[model_pb2_grpc.ModelServiceStub, list[tuple[str, str]]]:
+def _client(args: argparse.Namespace) -> SyncModelClient:
     # The SDK's settings: the same address and key defaults, the same URL schemes.
-    settings = ClientSettings.resolve(args.url)
-    target, secure = settings.target
-    if secure:
-        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(), CHANNEL_OPTIONS)
-    else:
-        channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-    return model_pb2_grpc.ModelServiceStub(channel), settings.metadata
+    return SyncModelClient(args.url or None, max_retries=0)
 
 
 def _run(name: str, fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def wrapped(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except grpc.RpcError as e:
-            code = e.code().name if e.code() else "UNKNOWN"
-            if code == "UNAVAILABLE":
-                print(
-                    f"headway {name}: cannot reach the gateway ({e.details()}); is "
-                    "`headway serve` running, and HEADWAY_URL right?",
-                    file=sys.stderr,
-                )
-                return 1
-            print(f"headway {name}: {e.details()}", file=sys.stderr)
-            return 2 if from_status(code, "").user_error else 1
+        except Unavailable as e:
+            print(
+                f"headway {name}: cannot reach the gateway ({e.message}); is "
+                "`headway serve` running, and HEADWAY_URL right?",
+                file=sys.stderr,
+            )
+            return 1
+        except HeadwayError as e:
+            print(f"headway {name}: {e.message}", file=sys.stderr)
+            return 2 if e.user_error else 1
         except (ValueError, OSError) as e:
             print(f"headway {name}: {e}", file=sys.stderr)
             return 2
@@ -65,39 +54,37 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    stub, md = _stub(args)
-    models = stub.ListModels(model_pb2.ListModelsRequest(), metadata=md).models
+    with _client(args) as client:
+        models = client.list_models()
     rows = []
     for m in models:
-        kind = "base" if m.is_base else ("full" if m.full else f"lora r{m.lora.rank}")
+        kind = f"lora r{m.lora_rank}" if m.kind == "lora" else m.kind
         rows.append([m.slug, m.base, "yes" if m.trainable else "no", kind, str(m.head_step)])
     _table(rows, ["SLUG", "BASE", "TRAINABLE", "KIND", "HEAD STEP"])
     return 0
 
 
 def _fork(args: argparse.Namespace) -> int:
-    stub, md = _stub(args)
-    request = model_pb2.ForkModelRequest(
-        source=args.source,
-        name=args.name,
-        checkpoint=args.checkpoint,
-        with_optimizer=args.with_optimizer,
-    )
-    if args.full:
-        request.full = True
-    elif args.lora_rank:
-        request.lora.CopyFrom(common_pb2.LoraConfig(rank=args.lora_rank))
-    # Neither: the service's default, LoRA as the source is (or rank 32 over a base).
-    m = stub.ForkModel(request, metadata=md)
-    kind = "full fine-tuning" if m.full else f"LoRA rank {m.lora.rank}"
+    # Neither --full nor --lora-rank: the service's default, LoRA as the source is (or
+    # rank 32 over a base).
+    with _client(args) as client:
+        m = client.fork(
+            args.source,
+            args.name,
+            lora_rank=args.lora_rank,
+            full=args.full,
+            checkpoint=args.checkpoint,
+            with_optimizer=args.with_optimizer,
+        )
+    kind = "full fine-tuning" if m.kind == "full" else f"LoRA rank {m.lora_rank}"
     start = f"{args.source} at {args.checkpoint}" if args.checkpoint else args.source
     state = ", with its optimizer state" if args.with_optimizer else ""
     print(f"forked {m.slug} from {start} ({kind}{state}); head {m.head_checkpoint}")
     return 0
 
 
-def _stats(c: common_pb2.Checkpoint) -> str:
-    if not c.HasField("stats"):
+def _stats(c: Checkpoint) -> str:
+    if c.stats is None:
         return ""
     s = c.stats
     return (
@@ -107,12 +94,12 @@ def _stats(c: common_pb2.Checkpoint) -> str:
 
 
 def _checkpoints(args: argparse.Namespace) -> int:
-    stub, md = _stub(args)
-    tree = stub.ListCheckpoints(model_pb2.ListCheckpointsRequest(model=args.model), metadata=md)
-    ids = {c.id for c in tree.checkpoints}
-    children: dict[str, list[common_pb2.Checkpoint]] = {}
+    with _client(args) as client:
+        tree = client.checkpoints(args.model)
+    ids = {c.id for c in tree}
+    children: dict[str, list[Checkpoint]] = {}
     roots = []
-    for c in tree.checkpoints:  # oldest first
+    for c in tree:  # oldest first
         if c.parent_id in ids:
             children.setdefault(c.parent_id, []).append(c)
         else:
@@ -123,26 +110,24 @@ def _checkpoints(args: argparse.Namespace) -> int:
     return 0
 
 
-def tree_lines(
-    roots: list[common_pb2.Checkpoint], children: dict[str, list[common_pb2.Checkpoint]]
-) -> list[str]:
+def tree_lines(roots: list[Checkpoint], children: dict[str, list[Checkpoint]]) -> list[str]:
     """The tree as lines, oldest first: a chain of steps stays in one column; a later
     child of a node (a branch made after `models head --set`) is indented one level under
     the end of the line it branches from, with `└` and the node it starts from."""
     lines: list[str] = []
 
-    def line(c: common_pb2.Checkpoint, depth: int, branch_of: str) -> None:
+    def line(c: Checkpoint, depth: int, branch_of: str) -> None:
         mark = "▶" if c.is_head else " "
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.created.seconds))
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.created.timestamp()))
         lead = "  " * (depth - 1) + "└ " if depth else ""
         origin = f"  (branch from {branch_of})" if branch_of else ""
         lines.append(f"{mark} {lead}{c.id}  step {c.step}  {when}  {_stats(c)}{origin}".rstrip())
 
-    def chain(c: common_pb2.Checkpoint, depth: int, branch_of: str = "") -> None:
+    def chain(c: Checkpoint, depth: int, branch_of: str = "") -> None:
         # Iterative along the chain (a long run must not hit the recursion limit);
         # recursive only into branches, which are few.
-        branches: list[tuple[common_pb2.Checkpoint, str]] = []
-        node: common_pb2.Checkpoint | None = c
+        branches: list[tuple[Checkpoint, str]] = []
+        node: Checkpoint | None = c
         while node is not None:
             line(node, depth, branch_of)
             branch_of = ""
@@ -158,16 +143,14 @@ def tree_lines(
 
 
 def _head(args: argparse.Namespace) -> int:
-    stub, md = _stub(args)
-    if args.set:
-        c = stub.SetHead(
-            model_pb2.SetHeadRequest(model=args.model, checkpoint=args.set), metadata=md
-        )
-        print(f"head of {args.model} is now {c.id} (step {c.step})")
-        return 0
-    c = stub.GetHead(model_pb2.GetHeadRequest(model=args.model), metadata=md)
+    with _client(args) as client:
+        if args.set:
+            c = client.set_head(args.model, args.set)
+            print(f"head of {args.model} is now {c.id} (step {c.step})")
+            return 0
+        c = client.head(args.model)
     print(f"▶ {c.id}  step {c.step}  parent {c.parent_id or '-'}")
-    if c.HasField("stats"):
+    if c.stats is not None:
         s = c.stats
         print(f"  loss_fn {s.loss_fn}  datums {s.num_datums}  tokens {s.num_tokens}")
         print(f"  learning rate {s.learning_rate:g}")
@@ -178,10 +161,8 @@ def _head(args: argparse.Namespace) -> int:
 
 
 def _add_base(args: argparse.Namespace) -> int:
-    stub, md = _stub(args)
-    m = stub.AddBase(
-        model_pb2.AddBaseRequest(path=os.path.abspath(args.path), name=args.name), metadata=md
-    )
+    with _client(args) as client:
+        m = client.add_base(os.path.abspath(args.path), args.name)
     print(
         f"registered base {m.slug} ({m.model_type}, vocab {m.vocab_size}, context {m.max_context})"
     )
@@ -189,13 +170,13 @@ def _add_base(args: argparse.Namespace) -> int:
 
 
 def _delete(args: argparse.Namespace) -> int:
-    stub, md = _stub(args)
-    stub.DeleteModel(model_pb2.DeleteModelRequest(model=args.model), metadata=md)
+    with _client(args) as client:
+        client.delete(args.model)
     print(f"deleted {args.model}")
     return 0
 
 
-def _lineage(checkpoints: list[common_pb2.Checkpoint], last: str) -> list[common_pb2.Checkpoint]:
+def _lineage(checkpoints: list[Checkpoint], last: str) -> list[Checkpoint]:
     """The checkpoints from the root to `last`, following parent ids."""
     by_id = {c.id: c for c in checkpoints}
     line = []
@@ -209,15 +190,15 @@ def _lineage(checkpoints: list[common_pb2.Checkpoint], last: str) -> list[common
 def _plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    stub, md = _stub(args)
-    tree = stub.ListCheckpoints(model_pb2.ListCheckpointsRequest(model=args.model), metadata=md)
-    last = args.checkpoint or next((c.id for c in tree.checkpoints if c.is_head), "")
-    if last not in {c.id for c in tree.checkpoints}:
+    with _client(args) as client:
+        tree = client.checkpoints(args.model)
+    last = args.checkpoint or next((c.id for c in tree if c.is_head), "")
+    if last not in {c.id for c in tree}:
         raise ValueError(
             f"{args.model} has no checkpoint {last!r}: see `headway models checkpoints`"
         )
     # Nodes that trained (the fork's first node carries no stats of its own).
-    line = [c for c in _lineage(list(tree.checkpoints), last) if c.HasField("stats")]
+    line = [c for c in _lineage(tree, last) if c.stats is not None]
     if not line:
         raise ValueError(f"{args.model} has no trained checkpoint up to {last}: nothing to plot")
     out = Path(args.output)

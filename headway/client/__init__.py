@@ -1,5 +1,5 @@
-"""The Python SDK's gRPC clients: `TrainingClient`, `SamplingClient`, `TraceClient`, and
-their blocking twins.
+"""The Python SDK's gRPC clients: `TrainingClient`, `SamplingClient`, `TraceClient`,
+`ModelClient`, and their blocking twins.
 
 Every client talks to the gateway (`HEADWAY_URL`, default 127.0.0.1:50051) with the API
 key in `HEADWAY_API_KEY` (none in local mode), over grpc.aio. What they add to the bare
@@ -24,6 +24,7 @@ The package, one job per module:
     batches.py     batch checks, substeps, merged metrics
     base.py        what the async clients share
     training.py    TrainingClient    sampling.py  SamplingClient    traces.py  TraceClient
+    models.py      ModelClient (the catalogue, checkpoint trees, heads)
     blocking.py    the blocking twins, generated from the async clients
 
 Layering: the contract (`headway.v1`), `headway.tensors`, `headway.types`,
@@ -41,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from headway.client.batches import BatchItem, merge_metrics, split_substeps, training_items
     from headway.client.connection import error_from_rpc
+    from headway.client.models import ModelClient, SyncModelClient
     from headway.client.sampling import SamplingClient, SyncSamplingClient
     from headway.client.settings import (
         DEFAULT_RETRY_TIMEOUT,
@@ -70,8 +72,10 @@ __all__ = [
     "ClientSettings",
     "DeadlineExceeded",
     "Internal",
+    "ModelClient",
     "PermissionDenied",
     "SamplingClient",
+    "SyncModelClient",
     "SyncSamplingClient",
     "SyncTraceClient",
     "SyncTrainingClient",
@@ -94,6 +98,7 @@ _EXPORTS = {
     "headway.client.training": "TrainingClient SyncTrainingClient",
     "headway.client.sampling": "SamplingClient SyncSamplingClient",
     "headway.client.traces": "TraceClient SyncTraceClient",
+    "headway.client.models": "ModelClient SyncModelClient",
     "headway.errors": (
         "Aborted Cancelled DeadlineExceeded HeadwayError Internal InvalidArgument "
         "PermissionDenied Unavailable Unimplemented"

@@ -48,7 +48,7 @@ class Client:
         await self.close()
 
 
-class ModelClient(Client):
+class BoundClient(Client):
     """A client bound to one model slug."""
 
     _purpose = "use"  # finishes "give the slug of the model to ..." in the error

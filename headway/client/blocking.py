@@ -82,7 +82,7 @@ class SyncClient:
         self.close()  # type: ignore[attr-defined]  # the twin of the async close()
 
 
-class SyncModelClient(SyncClient):
+class SyncBoundClient(SyncClient):
     """The base of the blocking twins of model-bound clients."""
 
     @property

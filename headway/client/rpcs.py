@@ -175,6 +175,40 @@ def available_losses(model: str) -> Call:
 # --------------------------------------------------------------------- ModelService
 
 
+def list_models() -> Call:
+    """ListModels: the models the caller can see."""
+    return Call(_MODELS, "ListModels", model_pb2.ListModelsRequest())
+
+
+def get_model(model: str) -> Call:
+    """GetModel: one model of the catalogue."""
+    return Call(_MODELS, "GetModel", model_pb2.GetModelRequest(model=model))
+
+
+def fork_model(
+    source: str, name: str, lora_rank: int, full: bool, checkpoint: str, with_optimizer: bool
+) -> Call:
+    """ForkModel: a trainable model from a base or one of the caller's models."""
+    request = model_pb2.ForkModelRequest(
+        source=source, name=name, checkpoint=checkpoint, with_optimizer=with_optimizer
+    )
+    if full:
+        request.full = True
+    if lora_rank:
+        request.lora.CopyFrom(common_pb2.LoraConfig(rank=lora_rank))
+    return Call(_MODELS, "ForkModel", request)
+
+
+def add_base(path: str, name: str) -> Call:
+    """AddBase: register a Hugging Face directory of the servers as a base."""
+    return Call(_MODELS, "AddBase", model_pb2.AddBaseRequest(path=path, name=name))
+
+
+def delete_model(model: str) -> Call:
+    """DeleteModel: one of the caller's models, its checkpoints with it."""
+    return Call(_MODELS, "DeleteModel", model_pb2.DeleteModelRequest(model=model))
+
+
 def list_checkpoints(model: str) -> Call:
     """ListCheckpoints: the model's checkpoint tree."""
     return Call(_MODELS, "ListCheckpoints", model_pb2.ListCheckpointsRequest(model=model))

@@ -6,14 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from headway.client import rpcs
-from headway.client.base import ModelClient
-from headway.client.blocking import SyncModelClient, blocking_twin
+from headway.client.base import BoundClient
+from headway.client.blocking import SyncBoundClient, blocking_twin
 from headway.types import LogprobsResult, SampleResult
 
 __all__ = ["SamplingClient", "SyncSamplingClient"]
 
 
-class SamplingClient(ModelClient):
+class SamplingClient(BoundClient):
     """Samples one model through the gateway, with token ids and per-token logprobs.
 
     Settings as `TrainingClient`. Without `checkpoint`, a sample is served by the model's
@@ -82,5 +82,5 @@ class SamplingClient(ModelClient):
 
 
 @blocking_twin(SamplingClient)
-class SyncSamplingClient(SyncModelClient):
+class SyncSamplingClient(SyncBoundClient):
     """The blocking twin of `SamplingClient`: same constructor, same methods, no await."""

@@ -7,13 +7,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from headway.client import rpcs
-from headway.client.base import ModelClient
+from headway.client.base import BoundClient
 from headway.client.batches import (
     BatchItem,
     batch_calls,
     forward_backward_result,
 )
-from headway.client.blocking import SyncModelClient, blocking_twin
+from headway.client.blocking import SyncBoundClient, blocking_twin
 from headway.types import (
     Checkpoint,
     CustomResult,
@@ -27,7 +27,7 @@ from headway.v1 import training_pb2
 __all__ = ["SyncTrainingClient", "TrainingClient"]
 
 
-class TrainingClient(ModelClient):
+class TrainingClient(BoundClient):
     """Trains one model: forward_backward, optim_step, step, custom losses, its head.
 
     ```python
@@ -235,7 +235,7 @@ class TrainingClient(ModelClient):
 
 
 @blocking_twin(TrainingClient)
-class SyncTrainingClient(SyncModelClient):
+class SyncTrainingClient(SyncBoundClient):
     """The blocking twin of `TrainingClient`: same constructor, same methods, no await.
 
     `forward_backward_custom`'s loss runs in the SDK's event-loop thread.

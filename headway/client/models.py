@@ -1,0 +1,104 @@
+"""`ModelClient`: the model catalogue and checkpoint trees from Python, what the CLI's
+`headway models ...` does: list, get, fork, add a base (admin keys), delete, a model's
+checkpoints, its head and moving it (rollback / branch point)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from headway.client import rpcs
+from headway.client.base import Client
+from headway.client.blocking import SyncClient, blocking_twin
+from headway.client.settings import DEFAULT_RETRY_BACKOFF, DEFAULT_RETRY_TIMEOUT, ClientSettings
+from headway.errors import InvalidArgument
+from headway.types import Checkpoint, ModelInfo
+
+
+class ModelClient(Client):
+    """The models the caller's key can see, and their checkpoint trees. Settings as
+    `TrainingClient` (gateway address `HEADWAY_URL`, key `HEADWAY_API_KEY`)."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        *,
+        max_retries: int | None = None,
+        retry_backoff: float = DEFAULT_RETRY_BACKOFF,
+        retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        timeout: float | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+    ) -> None:
+        super().__init__(
+            ClientSettings.resolve(
+                url,
+                api_key,
+                max_retries=max_retries,
+                retry_backoff=retry_backoff,
+                retry_timeout=retry_timeout,
+                timeout=timeout,
+                interceptors=interceptors,
+            )
+        )
+
+    def sync(self) -> SyncModelClient:
+        """A blocking client with the same settings."""
+        return SyncModelClient(**self.settings.options())
+
+    async def list_models(self) -> list[ModelInfo]:
+        """Every model the caller can see: the bases and the team's forks."""
+        reply = await self._call(rpcs.list_models())
+        return [ModelInfo.from_proto(m) for m in reply.models]
+
+    async def get(self, model: str) -> ModelInfo:
+        """One model (NotFound for one the caller cannot see)."""
+        return ModelInfo.from_proto(await self._call(rpcs.get_model(model)))
+
+    async def fork(
+        self,
+        source: str,
+        name: str,
+        *,
+        lora_rank: int = 0,
+        full: bool = False,
+        checkpoint: str = "",
+        with_optimizer: bool = False,
+    ) -> ModelInfo:
+        """Fork a trainable model `name` from a base or one of the team's models: LoRA of
+        `lora_rank` (0: the source's, or the service's default over a base) or `full`;
+        from `checkpoint` of the source (default: its head), `with_optimizer` state too."""
+        if full and lora_rank:
+            raise InvalidArgument("give lora_rank or full, not both: a fork is one kind")
+        call = rpcs.fork_model(source, name, lora_rank, full, checkpoint, with_optimizer)
+        return ModelInfo.from_proto(await self._call(call))
+
+    async def add_base(self, path: str, name: str = "") -> ModelInfo:
+        """Register a Hugging Face directory of the servers as a base (admin keys; under
+        the trainer's --base-root, any directory in local mode)."""
+        return ModelInfo.from_proto(await self._call(rpcs.add_base(path, name)))
+
+    async def delete(self, model: str) -> None:
+        """Delete one of the team's models and its checkpoints."""
+        await self._call(rpcs.delete_model(model))
+
+    async def checkpoints(self, model: str) -> list[Checkpoint]:
+        """A model's checkpoint tree, oldest first (`is_head` marks the head)."""
+        reply = await self._call(rpcs.list_checkpoints(model))
+        return [Checkpoint.from_proto(c) for c in reply.checkpoints]
+
+    async def head(self, model: str) -> Checkpoint:
+        """A model's head checkpoint (what the gateway serves), with its stats."""
+        return Checkpoint.from_proto(await self._call(rpcs.get_head(model)))
+
+    async def set_head(self, model: str, checkpoint: str | Checkpoint) -> Checkpoint:
+        """Move a model's head to one of its checkpoints (rollback, or a branch point for
+        the next optim step); returns the new head."""
+        ckpt = checkpoint.id if isinstance(checkpoint, Checkpoint) else checkpoint
+        return Checkpoint.from_proto(await self._call(rpcs.set_head(model, ckpt)))
+
+
+@blocking_twin(ModelClient)
+class SyncModelClient(SyncClient):
+    """The blocking twin of `ModelClient`: same constructor, same methods, no await."""
