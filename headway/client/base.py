@@ -48,7 +48,35 @@ class Client:
         await self.close()
 
 
-class BoundClient(Client):
+class GatewayClient(Client):
+    """A client of the gateway's services: its settings resolved from the arguments (the
+    gateway address `HEADWAY_URL`, the key `HEADWAY_API_KEY`, retries, a deadline)."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        *,
+        max_retries: int | None = None,
+        retry_backoff: float = DEFAULT_RETRY_BACKOFF,
+        retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        timeout: float | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+    ) -> None:
+        super().__init__(
+            ClientSettings.resolve(
+                url,
+                api_key,
+                max_retries=max_retries,
+                retry_backoff=retry_backoff,
+                retry_timeout=retry_timeout,
+                timeout=timeout,
+                interceptors=interceptors,
+            )
+        )
+
+
+class BoundClient(GatewayClient):
     """A client bound to one model slug."""
 
     _purpose = "use"  # finishes "give the slug of the model to ..." in the error
@@ -68,14 +96,12 @@ class BoundClient(Client):
         if not model:
             raise InvalidArgument(f"model is empty: give the slug of the model to {self._purpose}")
         super().__init__(
-            ClientSettings.resolve(
-                url,
-                api_key,
-                max_retries=max_retries,
-                retry_backoff=retry_backoff,
-                retry_timeout=retry_timeout,
-                timeout=timeout,
-                interceptors=interceptors,
-            )
+            url,
+            api_key,
+            max_retries=max_retries,
+            retry_backoff=retry_backoff,
+            retry_timeout=retry_timeout,
+            timeout=timeout,
+            interceptors=interceptors,
         )
         self.model = model

@@ -4,44 +4,16 @@ checkpoints, its head and moving it (rollback / branch point)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import grpc
-
 from headway.client import rpcs
-from headway.client.base import Client
+from headway.client.base import GatewayClient
 from headway.client.blocking import SyncClient, blocking_twin
-from headway.client.settings import DEFAULT_RETRY_BACKOFF, DEFAULT_RETRY_TIMEOUT, ClientSettings
 from headway.errors import InvalidArgument
 from headway.types import Checkpoint, ModelInfo
 
 
-class ModelClient(Client):
+class ModelClient(GatewayClient):
     """The models the caller's key can see, and their checkpoint trees. Settings as
     `TrainingClient` (gateway address `HEADWAY_URL`, key `HEADWAY_API_KEY`)."""
-
-    def __init__(
-        self,
-        url: str | None = None,
-        api_key: str | None = None,
-        *,
-        max_retries: int | None = None,
-        retry_backoff: float = DEFAULT_RETRY_BACKOFF,
-        retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
-        timeout: float | None = None,
-        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
-    ) -> None:
-        super().__init__(
-            ClientSettings.resolve(
-                url,
-                api_key,
-                max_retries=max_retries,
-                retry_backoff=retry_backoff,
-                retry_timeout=retry_timeout,
-                timeout=timeout,
-                interceptors=interceptors,
-            )
-        )
 
     def sync(self) -> SyncModelClient:
         """A blocking client with the same settings."""

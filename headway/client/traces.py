@@ -3,49 +3,21 @@ blocking twin `SyncTraceClient`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import grpc
-
 from headway.client import rpcs
-from headway.client.base import Client
+from headway.client.base import GatewayClient
 from headway.client.blocking import SyncClient, blocking_twin
-from headway.client.settings import DEFAULT_RETRY_BACKOFF, DEFAULT_RETRY_TIMEOUT, ClientSettings
 from headway.types import Run, Turn
 
 __all__ = ["SyncTraceClient", "TraceClient"]
 
 
-class TraceClient(Client):
+class TraceClient(GatewayClient):
     """The traces the gateway holds: attach rewards, read them back.
 
     The OpenAI-compatible endpoint records a trace per completion requested with
     `return_token_ids`; a trace with a reward can be trained on by its id. Settings as
     `TrainingClient`.
     """
-
-    def __init__(
-        self,
-        url: str | None = None,
-        api_key: str | None = None,
-        *,
-        max_retries: int | None = None,
-        retry_backoff: float = DEFAULT_RETRY_BACKOFF,
-        retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
-        timeout: float | None = None,
-        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
-    ) -> None:
-        super().__init__(
-            ClientSettings.resolve(
-                url,
-                api_key,
-                max_retries=max_retries,
-                retry_backoff=retry_backoff,
-                retry_timeout=retry_timeout,
-                timeout=timeout,
-                interceptors=interceptors,
-            )
-        )
 
     def sync(self) -> SyncTraceClient:
         """A blocking client with the same settings."""
