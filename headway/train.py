@@ -48,6 +48,8 @@ class DatumTensors:
       the datum had none.
     - `reward`: the run's reward; `advantage`: its scalar (GRPO) advantage;
       `group_index`: its group within the call.
+    - `reference_logprobs`: the reference policy's logprob of each target token (float32)
+      when the forward named a reference, else None.
     """
 
     logprobs: np.ndarray
@@ -58,6 +60,7 @@ class DatumTensors:
     reward: float
     advantage: float
     group_index: int
+    reference_logprobs: np.ndarray | None = None
 
 
 CustomLossFn = Callable[
@@ -81,6 +84,7 @@ def datum_tensors(msg: training_pb2.DatumTensors, index: int) -> DatumTensors:
         reward=float(msg.reward),
         advantage=float(msg.advantage),
         group_index=int(msg.group_index),
+        reference_logprobs=optional("reference_logprobs"),
     )
 
 

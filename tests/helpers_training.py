@@ -14,6 +14,7 @@ from headway.store.weights import adapter_dir, base_config, full_state
 from headway.tensors import to_tensor
 from headway.v1 import common_pb2
 from tests.conftest import VOCAB
+from trainer_svc.datums import assemble_batch
 
 
 def rl_datum(seed: int, n: int = 12, prompt: int = 4) -> common_pb2.Datum:
@@ -100,3 +101,53 @@ def scored_group(sample: Any, step: int) -> list[common_pb2.Trajectory]:
         )
         for i, seq in enumerate(sample.sequences)
     ]
+
+
+LOSS_CONFIGS = {
+    "cross_entropy": {},
+    "importance_sampling": {},
+    "ppo": {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1},
+    "cispo": {"epsilon": 0.1},
+    "dro": {"beta": 0.3},
+}
+
+
+def reference_loss(module, data, loss_fn, cfg):
+    """The loss of the issue's formulas, computed datum by datum with log_softmax."""
+    total, lps = 0.0, []
+    for d in assemble_batch(data, group_size=0, normalize_std=False).datums:
+        ids = torch.from_numpy(d.input_tokens)[None]
+        logits = module(ids)[0]
+        lp = (
+            torch.log_softmax(logits.double(), -1)
+            .gather(-1, torch.from_numpy(d.target_tokens)[:, None])[:, 0]
+            .float()
+        )
+        w = torch.from_numpy(d.weights)
+        lps.append(lp.detach())
+        if loss_fn == "cross_entropy":
+            total = total - (w * lp).sum()
+            continue
+        q, a = torch.from_numpy(d.sampling_logprobs), torch.from_numpy(d.advantages)
+        ratio = torch.exp(lp - q)
+        if loss_fn == "importance_sampling":
+            term = ratio * a
+        elif loss_fn == "ppo":
+            lo, hi = cfg["clip_low_threshold"], cfg["clip_high_threshold"]
+            term = torch.minimum(ratio * a, ratio.clamp(lo, hi) * a)
+        elif loss_fn == "cispo":
+            eps = cfg["epsilon"]
+            term = ratio.clamp(1 - eps, 1 + eps).detach() * a * lp
+        else:  # dro
+            term = a * lp - 0.5 * cfg["beta"] * (lp - q) ** 2
+        total = total - (w * term).sum()
+    return total, lps
+
+
+def trainer_grads(stack: Any, slug: str) -> dict[str, torch.Tensor]:
+    state = stack.trainer._states[slug]
+    return {n: p.grad.clone() for n, p in state.params.items() if p.grad is not None}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))

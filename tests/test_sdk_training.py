@@ -13,6 +13,7 @@ import torch
 from headway import (
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     SamplingClient,
     SyncTrainingClient,
     TrainingClient,
@@ -284,5 +285,57 @@ def test_a_retried_call_applies_once(gateway_stack):
         with pytest.raises(Unavailable):
             await down.optim_step(learning_rate=1e-3)
         assert len(recorder.request_ids) == 3 and len(set(recorder.request_ids)) == 1
+
+    asyncio.run(main())
+
+
+def test_kl_penalty_builtin_and_custom_give_the_same_update(gateway_stack):
+    """`kl_penalty_coef` on a built-in loss, and the same penalty written by hand on a
+    custom loss from `reference_logprobs`, move the weights alike; bad ones change nothing."""
+    stack = gateway_stack
+    fork(stack, "start")
+    fork(stack, "builtin", source="start")  # the same adapter, A and B, in both
+    fork(stack, "custom", source="start")
+    coef = 0.3
+
+    def is_with_kl(data: list[DatumTensors], logprobs: list[torch.Tensor]):
+        loss = logprobs[0].new_zeros(())
+        for d, lp in zip(data, logprobs, strict=True):
+            mask = torch.tensor(d.mask)
+            ratio = torch.exp(lp - torch.tensor(d.sampling_logprobs))
+            diff = torch.tensor(d.reference_logprobs) - lp
+            k3 = torch.exp(diff) - diff - 1
+            loss = loss - (ratio * torch.tensor(d.advantages) * mask).sum()
+            loss = loss + coef * (mask * k3).sum()
+        return loss, {}
+
+    async def main() -> None:
+        clients = {n: TrainingClient(n, url=url(stack)) for n in ("builtin", "custom")}
+        # The same first step on both, so each policy has left its root (the reference).
+        warm = await sampled_runs(stack, "builtin", [1.0, 0.0, 0.5, 0.0])
+        for client in clients.values():
+            await client.step(warm, 5e-2, group_size=4)
+        batch = await sampled_runs(stack, "builtin", [1, 0, 0, 1], seed=3)
+        builtin = await clients["builtin"].forward_backward(
+            batch, "importance_sampling", group_size=4, kl_penalty_coef=coef
+        )
+        assert builtin.metrics["kl/reference"] > 0
+        custom = await clients["custom"].forward_backward_custom(
+            batch, is_with_kl, group_size=4, reference=""
+        )
+        assert custom.loss == pytest.approx(builtin.metrics["loss:sum"], rel=1e-4, abs=1e-4)
+        new = {n: await c.optim_step(**ADAM) for n, c in clients.items()}
+        a, b = (weights_of(stack, new[n].sampler_path) for n in ("builtin", "custom"))
+        assert max_diff(a, b) <= 1e-5
+
+        trainer = clients["builtin"]
+        head = await trainer.head()
+        with pytest.raises(InvalidArgument, match="kl_penalty.coef must be a finite number"):
+            await trainer.forward_backward(batch, group_size=4, kl_penalty_coef=-1.0)
+        with pytest.raises(NotFound, match="KL reference 'nope'"):
+            await trainer.step(batch, 1e-2, group_size=4, kl_penalty_coef=0.1, kl_reference="nope")
+        with pytest.raises(FailedPrecondition):  # nothing was accumulated
+            await trainer.optim_step(**ADAM)
+        assert (await trainer.head()).id == head.id
 
     asyncio.run(main())

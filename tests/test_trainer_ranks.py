@@ -3,8 +3,9 @@
 The same three steps run on one trainer process and on a two-rank group started from a
 copy of the same store: a GRPO step with importance_sampling (its batch split across the
 ranks at group boundaries), a custom-loss step (ForwardCustom / BackwardCustom, each rank
-keeping its share of the forward), then a `set_head` back to the first step and a Step
-with cross_entropy from there (the branch). Every checkpoint the group writes holds the
+keeping its share of the forward, and the reference logprobs of the fork's root), then a
+`set_head` back to the first step and a Step with cross_entropy and a KL penalty to the
+second step's checkpoint from there (the branch). Every checkpoint the group writes holds the
 weights the one process wrote, to fp32 tolerance, for a LoRA fork and a full fork, and
 the logprobs each call returns agree. Then a rank is SIGKILLed while a Step is in flight:
 torchrun restarts the group from the store and the SDK's retry of the same request
@@ -104,18 +105,25 @@ def run_steps(models, train, slug: str) -> tuple[list[str], list[np.ndarray]]:
     first = train.OptimStep(training_pb2.OptimStepRequest(model=slug, adam=adam(LR, eps=EPS)))
 
     fwd = train.ForwardCustom(
-        training_pb2.ForwardCustomRequest(model=slug, data=trajectories(2), group_size=GROUP)
+        training_pb2.ForwardCustomRequest(
+            model=slug, data=trajectories(2), group_size=GROUP, reference=""
+        )
     )
     lps += [from_tensor(d.logprobs, "logprobs") for d in fwd.data]
+    lps += [from_tensor(d.reference_logprobs, "reference_logprobs") for d in fwd.data]
     train.BackwardCustom(training_pb2.BackwardCustomRequest(
         model=slug, forward_id=fwd.forward_id, weights=custom_weights(fwd)))  # fmt: skip
     second = train.OptimStep(training_pb2.OptimStepRequest(model=slug, adam=adam(LR, eps=EPS)))
 
     models.SetHead(model_pb2.SetHeadRequest(model=slug, checkpoint=first.checkpoint))
     data = items(*(rl_datum(30 + i, n=6 + 4 * i) for i in range(3)))
+    kl = training_pb2.KlPenalty(coef=0.5, reference=second.checkpoint)  # off this branch
     third = train.Step(training_pb2.StepRequest(
-        model=slug, data=data, loss_fn="cross_entropy", adam=adam(LR, eps=EPS)))  # fmt: skip
+        model=slug, data=data, loss_fn="cross_entropy", adam=adam(LR, eps=EPS),
+        kl_penalty=kl))  # fmt: skip
     lps += [from_tensor(t, "logprobs") for t in third.forward_backward.logprobs]
+    assert third.forward_backward.metrics["kl/reference"] > 0
+    lps.append(np.float32([third.forward_backward.metrics["kl/reference"]]))
     assert third.optim_step.step == 2  # branched from the first step
     paths = [first.sampler_path, second.sampler_path, third.optim_step.sampler_path]
     return paths, lps

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from headway.errors import InvalidArgument
 from headway.v1 import common_pb2, training_pb2
 from trainer_svc import compute
+from trainer_svc.reference import check_coef
 
 
 @dataclass
@@ -77,15 +78,25 @@ class Call:
     request_id: str = ""
 
 
+@dataclass(frozen=True)
+class KlArgs:
+    """A KlPenalty as sent: its coefficient and reference (a checkpoint id, "" = root)."""
+
+    coef: float
+    reference: str = ""
+
+
 @dataclass(frozen=True, kw_only=True)
 class ForwardBackwardCall(Call):
     batch: BatchArgs
     loss: LossArgs
+    kl: KlArgs | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
 class ForwardCustomCall(Call):
     batch: BatchArgs
+    reference: str | None = None  # a checkpoint whose logprobs to return ("" = root)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,6 +133,7 @@ def forward_backward(
         request_id=request.request_id,
         batch=_batch(request),
         loss=LossArgs(request.loss_fn, dict(request.loss_fn_config)),
+        kl=_kl(request),
     )
 
 
@@ -131,6 +143,7 @@ def forward_custom(request: training_pb2.ForwardCustomRequest, team: str) -> For
         team=team,
         request_id=request.request_id,
         batch=_batch(request),
+        reference=request.reference if request.HasField("reference") else None,
     )
 
 
@@ -164,6 +177,7 @@ def step(request: training_pb2.StepRequest, team: str) -> StepCall:
         request_id=fb.request_id,
         batch=fb.batch,
         loss=fb.loss,
+        kl=fb.kl,
         adam=AdamArgs.from_pb(request.adam),
     )
 
@@ -174,3 +188,14 @@ def _batch(
     | training_pb2.StepRequest,
 ) -> BatchArgs:
     return BatchArgs(request.data, request.group_size, request.normalize_std)
+
+
+def _kl(
+    request: training_pb2.ForwardBackwardRequest | training_pb2.StepRequest,
+) -> KlArgs | None:
+    """The request's KL penalty (None when unset); its coefficient checked."""
+    if not request.HasField("kl_penalty"):
+        return None
+    kl = request.kl_penalty
+    check_coef(kl.coef)
+    return KlArgs(kl.coef, kl.reference)

@@ -25,6 +25,7 @@ from trainer_svc.head import head_logprobs
 from trainer_svc.kernels import Kernels
 from trainer_svc.losses import Loss, TokenInputs
 from trainer_svc.precision import FP32, Precision
+from trainer_svc.reference import Reference
 from trainer_svc.state import ModelState, summed_metric
 
 
@@ -150,6 +151,33 @@ def chunk_forward(
     return ChunkForward(lp, grad_lp, ent)
 
 
+@torch.no_grad()
+def reference_logprobs(
+    state: ModelState, reference: Reference, chunk: Chunk, mask: torch.Tensor, mode: ComputeMode
+) -> torch.Tensor:
+    """The reference policy's logprobs of the chunk's targets at the `mask` positions
+    (`[k]`, no graph): the same module and kernels, the reference's weights."""
+    module, kernels = state.module, mode.kernels
+    with reference.active(module), mode.active(module.lm_head.weight.device.type):
+        hidden = module(chunk.ids, validate=False, return_hidden=True)
+        return head_logprobs(hidden[mask], module.lm_head.weight, chunk.targets[mask], kernels)[0]
+
+
+@dataclass(frozen=True)
+class KlTerm:
+    """A call's KL penalty with its reference loaded (`trainer_svc.reference`)."""
+
+    coef: float
+    reference: Reference
+
+
+def k3(lp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per token, exp(d) − d − 1 with d = ref − lp: the k3 estimate of KL(policy ‖
+    reference), ≥ 0 and zero where they agree; its gradient flows through lp."""
+    d = ref - lp
+    return torch.exp(d) - d - 1
+
+
 class Stats:
     """Token-level statistics summed over chunks, turned into the call's metrics."""
 
@@ -182,6 +210,7 @@ class Stats:
             "kl3": "kl/sampler_trainer_k3",
             "entropy": "entropy/mean",
             "clip": "clip/fraction",
+            "klref": "kl/reference",
         }
         for key, name in names.items():
             if key in self.sums:
@@ -234,8 +263,10 @@ def forward_backward(
     cfg: dict[str, float],
     microbatch_tokens: int,
     mode: ComputeMode = DEFAULT,
+    kl: KlTerm | None = None,
 ) -> tuple[list[np.ndarray], dict[str, float]]:
-    """Accumulate the gradient of `loss` over the batch; (per-datum logprobs, metrics)."""
+    """Accumulate the gradient of `loss` (plus `kl`'s penalty) over the batch;
+    (per-datum logprobs, metrics)."""
     check_loss_inputs(datums, loss)
     chunks = make_chunks(datums, microbatch_tokens)
     stats, loss_sum, lps = Stats(), 0.0, []
@@ -251,6 +282,13 @@ def forward_backward(
             a=chunk.a[trained] if chunk.a is not None else None,
         )
         value, extra = loss.fn(inputs, cfg)
+        if kl is not None:
+            per_token = k3(
+                fwd.grad_lp, reference_logprobs(state, kl.reference, chunk, trained, mode)
+            )
+            stats.add("klref", per_token.detach().sum())
+            if kl.coef:  # weighted as the loss is (a mask, or the caller's normalisation)
+                value = value + kl.coef * (inputs.w.abs() * per_token).sum()
         if value.requires_grad:
             value.backward()
         loss_sum += float(value.detach())
@@ -276,6 +314,7 @@ class KeptForward:
     graphs: list[torch.Tensor] | None  # logprobs with autograd graph, or None: recompute
     mode: ComputeMode  # of the forward, which a recompute repeats
     logprobs: list[np.ndarray] = field(default_factory=list)  # per datum, as replied
+    reference_logprobs: list[np.ndarray] | None = None  # per datum, when asked for
     graph_bytes: int = 0  # activations the kept graphs hold (measured, see SavedBytes)
     batch: Any = None  # the assembled Batch: rewards and group metrics for the backward
     # Across ranks: each rank's [start, stop) of `datums` (rank 0's chunks are its own).
@@ -301,7 +340,8 @@ class KeptForward:
             for t in (c.ids, c.targets, c.valid, c.w, c.q, c.a)
             if t is not None
         )
-        return arrays + tensors + sum(lp.nbytes for lp in self.logprobs)
+        refs = sum(lp.nbytes for lp in self.reference_logprobs or [])
+        return arrays + tensors + refs + sum(lp.nbytes for lp in self.logprobs)
 
     def drop_graphs(self) -> None:
         """Free the kept graphs: the backward recomputes the forward (same numbers)."""
@@ -337,26 +377,35 @@ def forward_custom(
     microbatch_tokens: int,
     keep_graph_tokens: int,
     mode: ComputeMode = DEFAULT,
+    reference: Reference | None = None,
 ) -> KeptForward:
-    """Forward the batch; keep the graph when small enough, else plan a recompute."""
+    """Forward the batch; keep the graph when small enough, else plan a recompute. With
+    a `reference`, its logprobs of every datum too (for the client's KL term)."""
     chunks = make_chunks(datums, microbatch_tokens)
     keep = sum(c.ids.numel() for c in chunks) <= keep_graph_tokens
     saved = SavedBytes(state.module)
-    lps, graphs = [], []
+    lps, graphs, refs = [], [], []
     device = _device(state)
     for chunk in chunks:
         # The client may weigh any real position, so all of them carry gradient.
+        on_device = chunk.to(device)
         with torch.set_grad_enabled(keep), saved.hooks():
-            on_device = chunk.to(device)
             fwd = chunk_forward(state, on_device, on_device.valid, mode)
         graphs.append(fwd.grad_lp)
         lps.append(fwd.lp)
+        if reference is not None:
+            ref = torch.zeros(on_device.ids.shape, device=device)
+            ref[on_device.valid] = reference_logprobs(
+                state, reference, on_device, on_device.valid, mode
+            )
+            refs.append(ref)
     return KeptForward(
         datums,
         chunks,
         graphs if keep else None,
         mode,
         logprobs=_datum_logprobs(chunks, lps, len(datums)),
+        reference_logprobs=_datum_logprobs(chunks, refs, len(datums)) if refs else None,
         graph_bytes=saved.nbytes if keep else 0,
     )
 

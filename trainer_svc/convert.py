@@ -97,7 +97,8 @@ def optim_step_pb(store: CheckpointStore, result: OptimResult) -> training_pb2.O
 
 def datum_tensors_pb(result: ForwardResult) -> list[training_pb2.DatumTensors]:
     out = []
-    for lp, d in zip(result.logprobs, result.datums, strict=True):
+    refs = result.reference_logprobs
+    for i, (lp, d) in enumerate(zip(result.logprobs, result.datums, strict=True)):
         msg = training_pb2.DatumTensors(
             logprobs=to_tensor(lp, common_pb2.DTYPE_FLOAT32),
             target_tokens=to_tensor(d.target_tokens, common_pb2.DTYPE_INT32),
@@ -110,5 +111,7 @@ def datum_tensors_pb(result: ForwardResult) -> list[training_pb2.DatumTensors]:
             msg.sampling_logprobs.CopyFrom(to_tensor(d.sampling_logprobs, common_pb2.DTYPE_FLOAT32))
         if d.advantages is not None:
             msg.advantages.CopyFrom(to_tensor(d.advantages, common_pb2.DTYPE_FLOAT32))
+        if refs is not None:
+            msg.reference_logprobs.CopyFrom(to_tensor(refs[i], common_pb2.DTYPE_FLOAT32))
         out.append(msg)
     return out

@@ -27,6 +27,7 @@ import torch
 from headway.errors import Overloaded, ResourceExhausted
 from headway.store import CheckpointStore, ModelRecord
 from trainer_svc.pool import FrozenPool
+from trainer_svc.reference import release_reference
 from trainer_svc.state import ModelState, load_state
 
 
@@ -130,5 +131,7 @@ class LoadedStates:
     def drop(self, slug: str) -> None:
         """Forget the state of `slug` (its gradient and pending forwards with it)."""
         state = self._states.pop(slug, None)
+        if state is not None:
+            release_reference(self.pool, state)
         if state is not None and state.frozen_ref is not None:
             self.pool.release(state.frozen_ref)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import os
 import threading
@@ -44,10 +45,11 @@ from headway.errors import Unavailable
 from headway.store import CheckpointStore
 from trainer_svc import compute, losses
 from trainer_svc.calls import AdamArgs
-from trainer_svc.compute import ComputeMode, KeptForward
+from trainer_svc.compute import ComputeMode, KeptForward, KlTerm
 from trainer_svc.datums import DatumArrays
 from trainer_svc.losses import Loss
 from trainer_svc.pool import FrozenPool
+from trainer_svc.reference import KlPenalty, Reference, load_reference, release_reference
 from trainer_svc.state import ModelState, load_state, next_load_id
 
 log = logging.getLogger(__name__)
@@ -63,22 +65,34 @@ PING_SECONDS = 60.0
 class Compute:
     """The trainer's torch work in this process (one rank, or no torch.distributed)."""
 
-    def __init__(self, mode: ComputeMode, microbatch_tokens: int, keep_graph_tokens: int) -> None:
+    def __init__(
+        self, mode: ComputeMode, microbatch_tokens: int, keep_graph_tokens: int,
+        references: Callable[[ModelState, str], Reference],
+    ) -> None:  # fmt: skip
+        """`references(state, checkpoint)`: the reference weights of a KL penalty."""
         self.mode = mode
         self.microbatch_tokens, self.keep_graph_tokens = microbatch_tokens, keep_graph_tokens
+        self.references = references
 
     def forward_backward(
-        self, state: ModelState, datums: list[DatumArrays], loss: Loss, cfg: dict[str, float]
-    ) -> tuple[list[np.ndarray], dict[str, float]]:
-        """Accumulate the gradient of built-in loss `loss` over the batch."""
-        return compute.forward_backward(state, datums, loss, cfg, self.microbatch_tokens, self.mode)
+        self, state: ModelState, datums: list[DatumArrays], loss: Loss, cfg: dict[str, float],
+        kl: KlPenalty | None = None,
+    ) -> tuple[list[np.ndarray], dict[str, float]]:  # fmt: skip
+        """Accumulate the gradient of built-in loss `loss` (and `kl`'s penalty) over the
+        batch."""
+        term = None if kl is None else KlTerm(kl.coef, self.references(state, kl.checkpoint))
+        return compute.forward_backward(
+            state, datums, loss, cfg, self.microbatch_tokens, self.mode, term
+        )
 
     def forward_custom(
-        self, state: ModelState, datums: list[DatumArrays], forward_id: str
+        self, state: ModelState, datums: list[DatumArrays], forward_id: str, reference: str | None
     ) -> KeptForward:
-        """The forward half of a custom loss (`forward_id` names it on every rank)."""
+        """The forward half of a custom loss (`forward_id` names it on every rank), with
+        the logprobs of the `reference` checkpoint when one is named."""
+        ref = None if reference is None else self.references(state, reference)
         return compute.forward_custom(
-            state, datums, self.microbatch_tokens, self.keep_graph_tokens, self.mode
+            state, datums, self.microbatch_tokens, self.keep_graph_tokens, self.mode, ref
         )
 
     def backward_custom(
@@ -198,10 +212,11 @@ class RankedCompute(Compute):
 
     def __init__(
         self, group: RankGroup, mode: ComputeMode, micro: int, keep: int,
+        references: Callable[[ModelState, str], Reference],
         loaded: Callable[[], list[ModelState]],
     ) -> None:  # fmt: skip
         """`loaded()`: the states rank 0 holds (followers mirror them)."""
-        super().__init__(mode, micro, keep)
+        super().__init__(mode, micro, keep, references)
         self.group, self.loaded = group, loaded
         # Every rank computes in rank 0's precision (each measuring its own would let a
         # rank on a busier core choose differently).
@@ -267,41 +282,46 @@ class RankedCompute(Compute):
         return [Work(op, state.record.slug, state.head.id, state.load_id, a) for a in per_rank]
 
     def forward_backward(
-        self, state: ModelState, datums: list[DatumArrays], loss: Loss, cfg: dict[str, float]
-    ) -> tuple[list[np.ndarray], dict[str, float]]:
+        self, state: ModelState, datums: list[DatumArrays], loss: Loss, cfg: dict[str, float],
+        kl: KlPenalty | None = None,
+    ) -> tuple[list[np.ndarray], dict[str, float]]:  # fmt: skip
         # The whole batch, before any rank starts on its share (no rank refuses alone).
         compute.check_loss_inputs(datums, loss)
         parts = shares(datums, self.group.world)
         works = self._works(  # the loss by name: Work crosses as a pickle
-            "forward_backward", state, [([datums[i] for i in p], loss.name, cfg) for p in parts]
-        )
+            "forward_backward", state,
+            [([datums[i] for i in p], loss.name, cfg, kl) for p in parts],
+        )  # fmt: skip
         (lps, metrics), others = self._run(
             works, lambda: super(RankedCompute, self).forward_backward(
-                state, [datums[i] for i in parts[0]], loss, cfg), state,
+                state, [datums[i] for i in parts[0]], loss, cfg, kl), state,
         )  # fmt: skip
         for other_lps, _ in others:
             lps = lps + other_lps
         return lps, compute.merge_metrics([metrics, *(m for _, m in others)])
 
     def forward_custom(
-        self, state: ModelState, datums: list[DatumArrays], forward_id: str
+        self, state: ModelState, datums: list[DatumArrays], forward_id: str, reference: str | None
     ) -> KeptForward:
         parts = shares(datums, self.group.world)
         works = self._works(
-            "forward_custom", state, [([datums[i] for i in p], forward_id) for p in parts]
-        )
+            "forward_custom", state,
+            [([datums[i] for i in p], forward_id, reference) for p in parts],
+        )  # fmt: skip
         kept, others = self._run(
             works, lambda: super(RankedCompute, self).forward_custom(
-                state, [datums[i] for i in parts[0]], forward_id), state,
+                state, [datums[i] for i in parts[0]], forward_id, reference), state,
         )  # fmt: skip
         # Rank 0 keeps its share's chunks and graphs, and answers (and replays) the whole
         # batch: every datum, every rank's logprobs. The limits on pending forwards count
         # every rank's graphs (each rank holds its own share's).
         kept.shares = [(p.start, p.stop) for p in parts]
         kept.datums = list(datums)
-        kept.logprobs = kept.logprobs + [lp for lps, _ in others for lp in lps]
+        kept.logprobs = kept.logprobs + [lp for lps, _, _ in others for lp in lps]
+        if kept.reference_logprobs is not None:
+            kept.reference_logprobs += [lp for _, _, refs in others for lp in refs]
         if kept.graphs is not None:
-            kept.graph_bytes += sum(nbytes for _, nbytes in others)
+            kept.graph_bytes += sum(nbytes for _, nbytes, _ in others)
         return kept
 
     def discard_forward(self, state: ModelState, forward_id: str) -> None:
@@ -413,6 +433,7 @@ class Follower:
         for slug in [s for s in self.states if self.load_ids[s] != loaded.get(s)]:
             state = self.states.pop(slug)
             del self.load_ids[slug]
+            release_reference(self.pool, state)
             if state.frozen_ref is not None:
                 self.pool.release(state.frozen_ref)
 
@@ -432,13 +453,13 @@ class Follower:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("rank %d: %s %s %s", self.group.rank, work.op, work.slug, _describe(work))
         if work.op == "forward_backward":
-            datums, loss, cfg = work.args
-            return self.compute.forward_backward(state, datums, losses.LOSSES[loss], cfg)
+            datums, loss, cfg, kl = work.args
+            return self.compute.forward_backward(state, datums, losses.LOSSES[loss], cfg, kl)
         if work.op == "forward_custom":
-            datums, forward_id = work.args
-            kept = self.compute.forward_custom(state, datums, forward_id)
+            datums, forward_id, reference = work.args
+            kept = self.compute.forward_custom(state, datums, forward_id, reference)
             state.forwards[forward_id] = kept
-            return kept.logprobs, kept.graph_bytes
+            return kept.logprobs, kept.graph_bytes, kept.reference_logprobs or []
         if work.op == "backward_custom":
             forward_id, weights = work.args
             kept = state.forwards.pop(forward_id)
@@ -476,6 +497,7 @@ def follow(group: RankGroup, config: Any) -> None:
     dtype = torch.float32  # master weights and AdamW state, as on rank 0
     store = CheckpointStore(config.store, recover=False)  # rank 0 is the store's one writer
     pool = FrozenPool(store, dtype, device)
-    compute_ = Compute(mode, config.microbatch_tokens, config.keep_graph_tokens)
+    references = functools.partial(load_reference, store, pool)
+    compute_ = Compute(mode, config.microbatch_tokens, config.keep_graph_tokens, references)
     Follower(group, store, pool, dtype, compute_).run()
     dist.destroy_process_group()

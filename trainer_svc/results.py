@@ -22,6 +22,7 @@ class ForwardResult:
     num_tokens: int
     datums: list[DatumArrays] = field(default_factory=list)
     forward_id: str = ""
+    reference_logprobs: list[np.ndarray] | None = None  # ForwardCustom's, when asked for
 
 
 @dataclass

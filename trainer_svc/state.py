@@ -122,6 +122,7 @@ class ModelState:
     params: dict[str, torch.nn.Parameter]  # the trained parameters by name
     optimizer: torch.optim.AdamW
     frozen_ref: Any = None  # the FrozenPool key this state holds, to release on eviction
+    reference: Any = None  # the last KL reference it used (trainer_svc.reference)
     acc: Accumulation = field(default_factory=Accumulation)
     forwards: dict[str, Any] = field(default_factory=dict)  # forward_id → KeptForward
     # The weights (or adapter) file laid out over the parameters' memory, and the addresses

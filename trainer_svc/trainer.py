@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -49,6 +50,7 @@ from trainer_svc.calls import (
     Call,
     ForwardBackwardCall,
     ForwardCustomCall,
+    KlArgs,
     LossArgs,
     OptimStepCall,
     StepCall,
@@ -67,6 +69,7 @@ from trainer_svc.loaded import LoadedStates
 from trainer_svc.pool import FrozenPool
 from trainer_svc.publisher import HeadPublisher
 from trainer_svc.ranks import Compute, RankedCompute, RankGroup
+from trainer_svc.reference import KlPenalty, load_reference, resolve_reference
 from trainer_svc.replies import ReplyCache
 from trainer_svc.results import ForwardResult, OptimResult, reply_bytes
 from trainer_svc.spares import SpareWriter
@@ -102,13 +105,14 @@ class Trainer:
         kernels = Kernels() if self.device.type == "cpu" else None
         mode = compute.ComputeMode(precision.choose(dtype, device), kernels)
         micro, keep = config.microbatch_tokens, config.keep_graph_tokens
+        self.pool = FrozenPool(self.store, self.dtype, self.device)
+        references = functools.partial(load_reference, self.store, self.pool)
         # The torch work: in this process, or on every rank of the group.
         self.compute = (
-            RankedCompute(group, mode, micro, keep, lambda: self._states.values())
+            RankedCompute(group, mode, micro, keep, references, lambda: self._states.values())
             if group
-            else Compute(mode, micro, keep)
+            else Compute(mode, micro, keep, references)
         )
-        self.pool = FrozenPool(self.store, self.dtype, self.device)
         self._locks: dict[str, asyncio.Lock] = {}
         self._states = LoadedStates(
             self.store,
@@ -266,19 +270,23 @@ class Trainer:
         record = self.trainable(call.model, call.team)
 
         async def run() -> ForwardResult:
-            return await self._forward_backward(record, call.batch, call.loss)
+            return await self._forward_backward(record, call.batch, call.loss, call.kl)
 
         return await self._once(record, call, "forward_backward", run)
 
     async def _forward_backward(
-        self, record: ModelRecord, args: BatchArgs, loss_args: LossArgs
+        self, record: ModelRecord, args: BatchArgs, loss_args: LossArgs, kl_args: KlArgs | None
     ) -> ForwardResult:
         loss, cfg = losses.resolve(loss_args.name, loss_args.config)
+        kl = None
+        if kl_args is not None:  # NotFound for an unknown reference, before any work
+            ckpt = await self._reference(record.slug, kl_args.reference)
+            kl = KlPenalty(kl_args.coef, ckpt)
         with self._states.pinning(record):
             batch = await self._batch(record, args)
             state = await self._states.load(record.slug)
             logprobs, metrics = await asyncio.to_thread(
-                self.compute.forward_backward, state, batch.datums, loss, cfg
+                self.compute.forward_backward, state, batch.datums, loss, cfg, kl
             )
             metrics.update(_batch_metrics(batch))
             state.acc.add(loss.name, len(batch.datums), batch.rewards, metrics)
@@ -291,6 +299,9 @@ class Trainer:
         record = self.trainable(slug, call.team)
 
         async def run() -> ForwardResult:
+            reference = None
+            if call.reference is not None:  # NotFound for an unknown one, before any work
+                reference = await self._reference(slug, call.reference)
             with self._states.pinning(record):
                 self._forward_room(slug, tokens=0)  # the count first: refused before decoding
                 batch = await self._batch(record, call.batch)
@@ -298,7 +309,7 @@ class Trainer:
                 state = await self._states.load(slug)
                 forward_id = f"fwd-{secrets.token_hex(8)}"
                 kept = await asyncio.to_thread(
-                    self.compute.forward_custom, state, batch.datums, forward_id
+                    self.compute.forward_custom, state, batch.datums, forward_id, reference
                 )
                 kept.batch = batch
                 kept_graphs = kept.graphs is not None
@@ -315,11 +326,13 @@ class Trainer:
             metrics = _batch_metrics(batch)
             n = len(batch.datums)
             return ForwardResult(
-                kept.logprobs, metrics, n, batch.num_tokens, batch.datums, forward_id
-            )
+                kept.logprobs, metrics, n, batch.num_tokens, batch.datums, forward_id,
+                kept.reference_logprobs,
+            )  # fmt: skip
 
         def keep(result: ForwardResult) -> ForwardResult:
-            return replace(result, logprobs=[], datums=[])  # the forward holds them
+            # The forward holds them.
+            return replace(result, logprobs=[], datums=[], reference_logprobs=None)
 
         def replay(stored: ForwardResult) -> ForwardResult:
             state = self._states.get(slug)
@@ -331,9 +344,25 @@ class Trainer:
                     "(BackwardCustom, optim_step, set_head); run ForwardCustom again with a "
                     "new request_id"
                 )
-            return replace(stored, logprobs=kept.logprobs, datums=kept.datums)
+            return replace(
+                stored,
+                logprobs=kept.logprobs,
+                datums=kept.datums,
+                reference_logprobs=kept.reference_logprobs,
+            )
 
         return await self._once(record, call, "forward_custom", run, keep, replay)
+
+    async def _reference(self, slug: str, reference: str) -> str:
+        """The checkpoint id of a KL reference of `slug` ("" = its root); NotFound for an
+        id the model does not have."""
+        try:
+            return await asyncio.to_thread(resolve_reference, self.store, slug, reference)
+        except NotFound as e:
+            raise NotFound(
+                f"KL reference {reference!r}: {e}; name a checkpoint of model {slug!r} "
+                "(headway models checkpoints), or leave it empty for the model's root"
+            ) from e
 
     def _forward_room(self, slug: str, tokens: int) -> None:
         state = self._states.get(slug)
@@ -390,7 +419,7 @@ class Trainer:
         call.adam.check()  # everything is validated before anything is applied
 
         async def run() -> tuple[ForwardResult, OptimResult]:
-            fb = await self._forward_backward(record, call.batch, call.loss)
+            fb = await self._forward_backward(record, call.batch, call.loss, call.kl)
             return fb, await self._optim_step(call.model, call.adam, call.request_id)
 
         return await self._once(record, call, "step", run)

@@ -70,6 +70,14 @@ def adam(
 # ------------------------------------------------------------------ TrainingService
 
 
+def kl_penalty(coef: float, reference: str | None) -> training_pb2.KlPenalty | None:
+    """The KlPenalty to send: none when the coefficient is 0 and no reference is named
+    (naming one with coefficient 0 reports kl/reference without penalising)."""
+    if not coef and reference is None:
+        return None
+    return training_pb2.KlPenalty(coef=coef, reference=reference or "")
+
+
 def _loss_batch(
     model: str,
     items: Sequence[common_pb2.TrainingItem],
@@ -77,8 +85,10 @@ def _loss_batch(
     loss_fn_config: Mapping[str, float] | None,
     group_size: int,
     normalize_std: bool,
+    kl: training_pb2.KlPenalty | None,
 ) -> dict[str, Any]:
-    """The fields ForwardBackwardRequest and StepRequest share: a batch and its built-in loss."""
+    """The fields ForwardBackwardRequest and StepRequest share: a batch and its built-in
+    loss (with its KL penalty, if any)."""
     return {
         "model": model,
         "data": items,
@@ -86,6 +96,7 @@ def _loss_batch(
         "loss_fn_config": dict(loss_fn_config or {}),
         "group_size": group_size,
         "normalize_std": normalize_std,
+        "kl_penalty": kl,
     }
 
 
@@ -96,9 +107,10 @@ def forward_backward(
     loss_fn_config: Mapping[str, float] | None,
     group_size: int,
     normalize_std: bool,
+    kl: training_pb2.KlPenalty | None = None,
 ) -> Call:
     """ForwardBackward: accumulate a built-in loss's gradient over `items`."""
-    batch = _loss_batch(model, items, loss_fn, loss_fn_config, group_size, normalize_std)
+    batch = _loss_batch(model, items, loss_fn, loss_fn_config, group_size, normalize_std, kl)
     return Call(
         _TRAINING,
         "ForwardBackward",
@@ -123,9 +135,10 @@ def step(
     group_size: int,
     normalize_std: bool,
     adam_params: common_pb2.AdamParams,
+    kl: training_pb2.KlPenalty | None = None,
 ) -> Call:
     """Step: ForwardBackward over `items` then OptimStep, in one call."""
-    batch = _loss_batch(model, items, loss_fn, loss_fn_config, group_size, normalize_std)
+    batch = _loss_batch(model, items, loss_fn, loss_fn_config, group_size, normalize_std, kl)
     return Call(
         _TRAINING,
         "Step",
@@ -134,9 +147,14 @@ def step(
 
 
 def forward_custom(
-    model: str, items: Sequence[common_pb2.TrainingItem], group_size: int, normalize_std: bool
+    model: str,
+    items: Sequence[common_pb2.TrainingItem],
+    group_size: int,
+    normalize_std: bool,
+    reference: str | None = None,
 ) -> Call:
-    """ForwardCustom: the first half of a custom loss (the policy's logprobs)."""
+    """ForwardCustom: the first half of a custom loss (the policy's logprobs, and the
+    `reference` checkpoint's when one is named: "" = the model's root)."""
     return Call(
         _TRAINING,
         "ForwardCustom",
@@ -146,6 +164,7 @@ def forward_custom(
             group_size=group_size,
             normalize_std=normalize_std,
             request_id=request_id(),
+            reference=reference,
         ),
     )
 

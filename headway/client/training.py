@@ -65,6 +65,8 @@ class TrainingClient(BoundClient):
         normalize_std: bool = False,
         *,
         partial_groups: str = "drop",
+        kl_penalty_coef: float = 0.0,
+        kl_reference: str | None = None,
     ) -> ForwardBackwardResult:
         """Accumulate the gradient of a built-in loss over `batch` (applied by optim_step).
 
@@ -81,14 +83,23 @@ class TrainingClient(BoundClient):
         group (sent after the whole groups); `metrics` counts them (`runs/errored`,
         `groups/dropped`, `groups/partial`), and the result's per-datum logprobs are those
         of the items sent, in that order.
+
+        `kl_penalty_coef` > 0 adds coef·Σ w·k3 to the loss, k3 = exp(ref − lp) − (ref − lp)
+        − 1 the estimate of KL(policy ‖ reference) per trained token, with the reference
+        `kl_reference`: a checkpoint id of the model, or by default its root (the weights
+        it was forked from; for a LoRA fork, its base, adapters off). `metrics["kl/reference"]`
+        is the mean k3 (also with coefficient 0 when `kl_reference` is given).
         """
+        kl = rpcs.kl_penalty(kl_penalty_coef, kl_reference)
         calls, dropped = batch_calls(
             batch, group_size=group_size or 0, reward_scale=reward_scale,
             num_substeps=num_substeps, partial_groups=partial_groups,
         )  # fmt: skip
         replies = [
             await self._call(
-                rpcs.forward_backward(self.model, part, loss_fn, loss_fn_config, g, normalize_std)
+                rpcs.forward_backward(
+                    self.model, part, loss_fn, loss_fn_config, g, normalize_std, kl
+                )
             )
             for part, g in calls
         ]
@@ -130,28 +141,34 @@ class TrainingClient(BoundClient):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         grad_clip_norm: float = 0.0,
+        kl_penalty_coef: float = 0.0,
+        kl_reference: str | None = None,
     ) -> StepResult:
         """forward_backward over `batch` then optim_step: one training step.
 
-        Arguments as `forward_backward` and `optim_step` (errored runs and their groups
-        included). With one substep this is a single Step call (validated whole before
-        anything is applied); with more (or partial groups kept), the first are
-        ForwardBackward calls and the last is the Step that applies them all.
+        Arguments as `forward_backward` (the KL penalty included) and `optim_step`
+        (errored runs and their groups included). With one substep this is a single Step
+        call (validated whole before anything is applied); with more (or partial groups
+        kept), the first are ForwardBackward calls and the last is the Step that applies
+        them all.
         """
+        kl = rpcs.kl_penalty(kl_penalty_coef, kl_reference)
         calls, dropped = batch_calls(
             batch, group_size=group_size or 0, reward_scale=reward_scale,
             num_substeps=num_substeps, partial_groups=partial_groups,
         )  # fmt: skip
         replies: list[training_pb2.ForwardBackwardResponse] = [
             await self._call(
-                rpcs.forward_backward(self.model, part, loss_fn, loss_fn_config, g, normalize_std)
+                rpcs.forward_backward(
+                    self.model, part, loss_fn, loss_fn_config, g, normalize_std, kl
+                )
             )
             for part, g in calls[:-1]
         ]
         adam = rpcs.adam(learning_rate, beta1, beta2, eps, weight_decay, grad_clip_norm)
         last, g = calls[-1]
         reply = await self._call(
-            rpcs.step(self.model, last, loss_fn, loss_fn_config, g, normalize_std, adam)
+            rpcs.step(self.model, last, loss_fn, loss_fn_config, g, normalize_std, adam, kl)
         )
         replies.append(reply.forward_backward)
         fb = forward_backward_result(replies, [part for part, _ in calls])
@@ -174,6 +191,8 @@ class TrainingClient(BoundClient):
         loss_fn: Any,
         group_size: int | None = None,
         normalize_std: bool = False,
+        *,
+        reference: str | None = None,
     ) -> CustomResult:
         """Accumulate the gradient of your own loss, computed client-side with torch.
 
@@ -186,7 +205,8 @@ class TrainingClient(BoundClient):
         model: the accumulated gradient is your loss's. `metrics` (numbers) are recorded
         on the next checkpoint. Needs torch (`pip install 'headway[train]'`). Errored runs
         (`Run.error`) are left out with their whole group, so `data` holds the rest, in
-        batch order.
+        batch order. With `reference` (a checkpoint id of the model, "" = its root),
+        `data[i].reference_logprobs` holds that policy's logprobs, for a KL term of your own.
         """
         # torch is imported here, never at import time: the SDK installs without it.
         from headway.train import compute_weights, datum_tensors, require_torch
@@ -195,7 +215,9 @@ class TrainingClient(BoundClient):
         g = group_size or 0
         # Errored runs left out, a group that lost some dropped whole (one call: one size).
         ((items, _),), _ = batch_calls(batch, group_size=g)
-        forward = await self._call(rpcs.forward_custom(self.model, items, g, normalize_std))
+        forward = await self._call(
+            rpcs.forward_custom(self.model, items, g, normalize_std, reference)
+        )
         data = [datum_tensors(d, i) for i, d in enumerate(forward.data)]
         weights, loss, metrics = compute_weights(data, loss_fn)
         backward = await self._call(

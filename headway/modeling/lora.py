@@ -9,8 +9,10 @@ exactly those of the base. On disk an adapter is PEFT's `adapter_config.json` +
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,8 +69,11 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's initialisation
+        self.adapter_off = False  # see `adapters_off`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.adapter_off:
+            return F.linear(x, self.weight, self.bias)
         return (
             F.linear(x, self.weight, self.bias)
             + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
@@ -105,6 +110,20 @@ def apply_lora(model: nn.Module, config: LoraConfig, seed: int | None = None) ->
     for parent, name in _projections(model, config.target_modules):
         setattr(parent, name, LoRALinear(getattr(parent, name), config.rank, config.alpha))
     model.lora_config = config
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Within the block, `model` computes as its base: every adapter is skipped (not
+    multiplied by zero), so a forward costs the base's work and no copy of its weights."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.adapter_off = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.adapter_off = False
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

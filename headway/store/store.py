@@ -321,6 +321,20 @@ class CheckpointStore:
             raise NotFound(f"checkpoint {ckpt_id!r} of model {slug!r} not found")
         return CheckpointRecord.from_json(json.loads(meta.read_text()))
 
+    def root_checkpoint(self, slug: str) -> CheckpointRecord:
+        """The model's step-0 checkpoint: the weights it was created (forked) with."""
+        self.get_model(slug)
+        # Ids start with their step (`new_checkpoint_id`): the root is found without
+        # reading every checkpoint's record.
+        for meta in sorted((self.model_dir(slug) / "checkpoints").glob(f"s{0:06d}-*/{META_FILE}")):
+            record = CheckpointRecord.from_json(json.loads(meta.read_text()))
+            if record.step == 0:
+                return record
+        roots = [r for r in self.list_checkpoints(slug) if r.step == 0]
+        if not roots:
+            raise NotFound(f"model {slug!r} has no step-0 checkpoint")
+        return roots[0]
+
     def list_checkpoints(self, slug: str) -> list[CheckpointRecord]:
         """The model's complete checkpoints, oldest first."""
         self.get_model(slug)

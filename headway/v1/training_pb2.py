@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from headway.v1 import common_pb2 as headway_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19headway/v1/training.proto\x12\nheadway.v1\x1a\x17headway/v1/common.proto\"\xa2\x02\n\x16\x46orwardBackwardRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x18.headway.v1.TrainingItem\x12\x0f\n\x07loss_fn\x18\x03 \x01(\t\x12L\n\x0eloss_fn_config\x18\x04 \x03(\x0b\x32\x34.headway.v1.ForwardBackwardRequest.LossFnConfigEntry\x12\x12\n\ngroup_size\x18\x05 \x01(\x05\x12\x15\n\rnormalize_std\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x1a\x33\n\x11LossFnConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xda\x01\n\x17\x46orwardBackwardResponse\x12$\n\x08logprobs\x18\x01 \x03(\x0b\x32\x12.headway.v1.Tensor\x12\x41\n\x07metrics\x18\x02 \x03(\x0b\x32\x30.headway.v1.ForwardBackwardResponse.MetricsEntry\x12\x12\n\nnum_datums\x18\x03 \x01(\x05\x12\x12\n\nnum_tokens\x18\x04 \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8c\x01\n\x14\x46orwardCustomRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x18.headway.v1.TrainingItem\x12\x12\n\ngroup_size\x18\x03 \x01(\x05\x12\x15\n\rnormalize_std\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"S\n\x15\x46orwardCustomResponse\x12\x12\n\nforward_id\x18\x01 \x01(\t\x12&\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x18.headway.v1.DatumTensors\"\x90\x02\n\x0c\x44\x61tumTensors\x12$\n\x08logprobs\x18\x01 \x01(\x0b\x32\x12.headway.v1.Tensor\x12)\n\rtarget_tokens\x18\x02 \x01(\x0b\x32\x12.headway.v1.Tensor\x12-\n\x11sampling_logprobs\x18\x03 \x01(\x0b\x32\x12.headway.v1.Tensor\x12 \n\x04mask\x18\x04 \x01(\x0b\x32\x12.headway.v1.Tensor\x12&\n\nadvantages\x18\x05 \x01(\x0b\x32\x12.headway.v1.Tensor\x12\x0e\n\x06reward\x18\x06 \x01(\x01\x12\x11\n\tadvantage\x18\x07 \x01(\x01\x12\x13\n\x0bgroup_index\x18\x08 \x01(\x05\"\xe4\x01\n\x15\x42\x61\x63kwardCustomRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nforward_id\x18\x02 \x01(\t\x12#\n\x07weights\x18\x03 \x03(\x0b\x32\x12.headway.v1.Tensor\x12?\n\x07metrics\x18\x04 \x03(\x0b\x32..headway.v1.BackwardCustomRequest.MetricsEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb2\x01\n\x16\x42\x61\x63kwardCustomResponse\x12@\n\x07metrics\x18\x01 \x03(\x0b\x32/.headway.v1.BackwardCustomResponse.MetricsEntry\x12\x12\n\nnum_datums\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"[\n\x10OptimStepRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x04\x61\x64\x61m\x18\x02 \x01(\x0b\x32\x16.headway.v1.AdamParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x90\x01\n\x11OptimStepResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x14\n\x0csampler_path\x18\x03 \x01(\t\x12\x12\n\nstate_path\x18\x04 \x01(\t\x12/\n\x0f\x63heckpoint_info\x18\x05 \x01(\x0b\x32\x16.headway.v1.Checkpoint\"\xb2\x02\n\x0bStepRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x18.headway.v1.TrainingItem\x12\x0f\n\x07loss_fn\x18\x03 \x01(\t\x12\x41\n\x0eloss_fn_config\x18\x04 \x03(\x0b\x32).headway.v1.StepRequest.LossFnConfigEntry\x12\x12\n\ngroup_size\x18\x05 \x01(\x05\x12\x15\n\rnormalize_std\x18\x06 \x01(\x08\x12$\n\x04\x61\x64\x61m\x18\x07 \x01(\x0b\x32\x16.headway.v1.AdamParams\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x1a\x33\n\x11LossFnConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x80\x01\n\x0cStepResponse\x12=\n\x10\x66orward_backward\x18\x01 \x01(\x0b\x32#.headway.v1.ForwardBackwardResponse\x12\x31\n\noptim_step\x18\x02 \x01(\x0b\x32\x1d.headway.v1.OptimStepResponse\"\'\n\x16\x41vailableLossesRequest\x12\r\n\x05model\x18\x01 \x01(\t\"?\n\x17\x41vailableLossesResponse\x12$\n\x06losses\x18\x01 \x03(\x0b\x32\x14.headway.v1.LossInfo\"X\n\x08LossInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12)\n\x06\x63onfig\x18\x03 \x03(\x0b\x32\x19.headway.v1.LossConfigKey\"I\n\rLossConfigKey\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rdefault_value\x18\x02 \x01(\x01\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t2\xfd\x03\n\x0fTrainingService\x12Z\n\x0f\x46orwardBackward\x12\".headway.v1.ForwardBackwardRequest\x1a#.headway.v1.ForwardBackwardResponse\x12T\n\rForwardCustom\x12 .headway.v1.ForwardCustomRequest\x1a!.headway.v1.ForwardCustomResponse\x12W\n\x0e\x42\x61\x63kwardCustom\x12!.headway.v1.BackwardCustomRequest\x1a\".headway.v1.BackwardCustomResponse\x12H\n\tOptimStep\x12\x1c.headway.v1.OptimStepRequest\x1a\x1d.headway.v1.OptimStepResponse\x12\x39\n\x04Step\x12\x17.headway.v1.StepRequest\x1a\x18.headway.v1.StepResponse\x12Z\n\x0f\x41vailableLosses\x12\".headway.v1.AvailableLossesRequest\x1a#.headway.v1.AvailableLossesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19headway/v1/training.proto\x12\nheadway.v1\x1a\x17headway/v1/common.proto\"\xcd\x02\n\x16\x46orwardBackwardRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x18.headway.v1.TrainingItem\x12\x0f\n\x07loss_fn\x18\x03 \x01(\t\x12L\n\x0eloss_fn_config\x18\x04 \x03(\x0b\x32\x34.headway.v1.ForwardBackwardRequest.LossFnConfigEntry\x12\x12\n\ngroup_size\x18\x05 \x01(\x05\x12\x15\n\rnormalize_std\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12)\n\nkl_penalty\x18\x08 \x01(\x0b\x32\x15.headway.v1.KlPenalty\x1a\x33\n\x11LossFnConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\",\n\tKlPenalty\x12\x0c\n\x04\x63oef\x18\x01 \x01(\x01\x12\x11\n\treference\x18\x02 \x01(\t\"\xda\x01\n\x17\x46orwardBackwardResponse\x12$\n\x08logprobs\x18\x01 \x03(\x0b\x32\x12.headway.v1.Tensor\x12\x41\n\x07metrics\x18\x02 \x03(\x0b\x32\x30.headway.v1.ForwardBackwardResponse.MetricsEntry\x12\x12\n\nnum_datums\x18\x03 \x01(\x05\x12\x12\n\nnum_tokens\x18\x04 \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb2\x01\n\x14\x46orwardCustomRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x18.headway.v1.TrainingItem\x12\x12\n\ngroup_size\x18\x03 \x01(\x05\x12\x15\n\rnormalize_std\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x16\n\treference\x18\x06 \x01(\tH\x00\x88\x01\x01\x42\x0c\n\n_reference\"S\n\x15\x46orwardCustomResponse\x12\x12\n\nforward_id\x18\x01 \x01(\t\x12&\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x18.headway.v1.DatumTensors\"\xc0\x02\n\x0c\x44\x61tumTensors\x12$\n\x08logprobs\x18\x01 \x01(\x0b\x32\x12.headway.v1.Tensor\x12)\n\rtarget_tokens\x18\x02 \x01(\x0b\x32\x12.headway.v1.Tensor\x12-\n\x11sampling_logprobs\x18\x03 \x01(\x0b\x32\x12.headway.v1.Tensor\x12 \n\x04mask\x18\x04 \x01(\x0b\x32\x12.headway.v1.Tensor\x12&\n\nadvantages\x18\x05 \x01(\x0b\x32\x12.headway.v1.Tensor\x12\x0e\n\x06reward\x18\x06 \x01(\x01\x12\x11\n\tadvantage\x18\x07 \x01(\x01\x12\x13\n\x0bgroup_index\x18\x08 \x01(\x05\x12.\n\x12reference_logprobs\x18\t \x01(\x0b\x32\x12.headway.v1.Tensor\"\xe4\x01\n\x15\x42\x61\x63kwardCustomRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nforward_id\x18\x02 \x01(\t\x12#\n\x07weights\x18\x03 \x03(\x0b\x32\x12.headway.v1.Tensor\x12?\n\x07metrics\x18\x04 \x03(\x0b\x32..headway.v1.BackwardCustomRequest.MetricsEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb2\x01\n\x16\x42\x61\x63kwardCustomResponse\x12@\n\x07metrics\x18\x01 \x03(\x0b\x32/.headway.v1.BackwardCustomResponse.MetricsEntry\x12\x12\n\nnum_datums\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"[\n\x10OptimStepRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x04\x61\x64\x61m\x18\x02 \x01(\x0b\x32\x16.headway.v1.AdamParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x90\x01\n\x11OptimStepResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x14\n\x0csampler_path\x18\x03 \x01(\t\x12\x12\n\nstate_path\x18\x04 \x01(\t\x12/\n\x0f\x63heckpoint_info\x18\x05 \x01(\x0b\x32\x16.headway.v1.Checkpoint\"\xdd\x02\n\x0bStepRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x18.headway.v1.TrainingItem\x12\x0f\n\x07loss_fn\x18\x03 \x01(\t\x12\x41\n\x0eloss_fn_config\x18\x04 \x03(\x0b\x32).headway.v1.StepRequest.LossFnConfigEntry\x12\x12\n\ngroup_size\x18\x05 \x01(\x05\x12\x15\n\rnormalize_std\x18\x06 \x01(\x08\x12$\n\x04\x61\x64\x61m\x18\x07 \x01(\x0b\x32\x16.headway.v1.AdamParams\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12)\n\nkl_penalty\x18\t \x01(\x0b\x32\x15.headway.v1.KlPenalty\x1a\x33\n\x11LossFnConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x80\x01\n\x0cStepResponse\x12=\n\x10\x66orward_backward\x18\x01 \x01(\x0b\x32#.headway.v1.ForwardBackwardResponse\x12\x31\n\noptim_step\x18\x02 \x01(\x0b\x32\x1d.headway.v1.OptimStepResponse\"\'\n\x16\x41vailableLossesRequest\x12\r\n\x05model\x18\x01 \x01(\t\"?\n\x17\x41vailableLossesResponse\x12$\n\x06losses\x18\x01 \x03(\x0b\x32\x14.headway.v1.LossInfo\"X\n\x08LossInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12)\n\x06\x63onfig\x18\x03 \x03(\x0b\x32\x19.headway.v1.LossConfigKey\"I\n\rLossConfigKey\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rdefault_value\x18\x02 \x01(\x01\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t2\xfd\x03\n\x0fTrainingService\x12Z\n\x0f\x46orwardBackward\x12\".headway.v1.ForwardBackwardRequest\x1a#.headway.v1.ForwardBackwardResponse\x12T\n\rForwardCustom\x12 .headway.v1.ForwardCustomRequest\x1a!.headway.v1.ForwardCustomResponse\x12W\n\x0e\x42\x61\x63kwardCustom\x12!.headway.v1.BackwardCustomRequest\x1a\".headway.v1.BackwardCustomResponse\x12H\n\tOptimStep\x12\x1c.headway.v1.OptimStepRequest\x1a\x1d.headway.v1.OptimStepResponse\x12\x39\n\x04Step\x12\x17.headway.v1.StepRequest\x1a\x18.headway.v1.StepResponse\x12Z\n\x0f\x41vailableLosses\x12\".headway.v1.AvailableLossesRequest\x1a#.headway.v1.AvailableLossesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,45 +43,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPREQUEST_LOSSFNCONFIGENTRY']._loaded_options = None
   _globals['_STEPREQUEST_LOSSFNCONFIGENTRY']._serialized_options = b'8\001'
   _globals['_FORWARDBACKWARDREQUEST']._serialized_start=67
-  _globals['_FORWARDBACKWARDREQUEST']._serialized_end=357
-  _globals['_FORWARDBACKWARDREQUEST_LOSSFNCONFIGENTRY']._serialized_start=306
-  _globals['_FORWARDBACKWARDREQUEST_LOSSFNCONFIGENTRY']._serialized_end=357
-  _globals['_FORWARDBACKWARDRESPONSE']._serialized_start=360
-  _globals['_FORWARDBACKWARDRESPONSE']._serialized_end=578
-  _globals['_FORWARDBACKWARDRESPONSE_METRICSENTRY']._serialized_start=532
-  _globals['_FORWARDBACKWARDRESPONSE_METRICSENTRY']._serialized_end=578
-  _globals['_FORWARDCUSTOMREQUEST']._serialized_start=581
-  _globals['_FORWARDCUSTOMREQUEST']._serialized_end=721
-  _globals['_FORWARDCUSTOMRESPONSE']._serialized_start=723
-  _globals['_FORWARDCUSTOMRESPONSE']._serialized_end=806
-  _globals['_DATUMTENSORS']._serialized_start=809
-  _globals['_DATUMTENSORS']._serialized_end=1081
-  _globals['_BACKWARDCUSTOMREQUEST']._serialized_start=1084
-  _globals['_BACKWARDCUSTOMREQUEST']._serialized_end=1312
-  _globals['_BACKWARDCUSTOMREQUEST_METRICSENTRY']._serialized_start=532
-  _globals['_BACKWARDCUSTOMREQUEST_METRICSENTRY']._serialized_end=578
-  _globals['_BACKWARDCUSTOMRESPONSE']._serialized_start=1315
-  _globals['_BACKWARDCUSTOMRESPONSE']._serialized_end=1493
-  _globals['_BACKWARDCUSTOMRESPONSE_METRICSENTRY']._serialized_start=532
-  _globals['_BACKWARDCUSTOMRESPONSE_METRICSENTRY']._serialized_end=578
-  _globals['_OPTIMSTEPREQUEST']._serialized_start=1495
-  _globals['_OPTIMSTEPREQUEST']._serialized_end=1586
-  _globals['_OPTIMSTEPRESPONSE']._serialized_start=1589
-  _globals['_OPTIMSTEPRESPONSE']._serialized_end=1733
-  _globals['_STEPREQUEST']._serialized_start=1736
-  _globals['_STEPREQUEST']._serialized_end=2042
-  _globals['_STEPREQUEST_LOSSFNCONFIGENTRY']._serialized_start=306
-  _globals['_STEPREQUEST_LOSSFNCONFIGENTRY']._serialized_end=357
-  _globals['_STEPRESPONSE']._serialized_start=2045
-  _globals['_STEPRESPONSE']._serialized_end=2173
-  _globals['_AVAILABLELOSSESREQUEST']._serialized_start=2175
-  _globals['_AVAILABLELOSSESREQUEST']._serialized_end=2214
-  _globals['_AVAILABLELOSSESRESPONSE']._serialized_start=2216
-  _globals['_AVAILABLELOSSESRESPONSE']._serialized_end=2279
-  _globals['_LOSSINFO']._serialized_start=2281
-  _globals['_LOSSINFO']._serialized_end=2369
-  _globals['_LOSSCONFIGKEY']._serialized_start=2371
-  _globals['_LOSSCONFIGKEY']._serialized_end=2444
-  _globals['_TRAININGSERVICE']._serialized_start=2447
-  _globals['_TRAININGSERVICE']._serialized_end=2956
+  _globals['_FORWARDBACKWARDREQUEST']._serialized_end=400
+  _globals['_FORWARDBACKWARDREQUEST_LOSSFNCONFIGENTRY']._serialized_start=349
+  _globals['_FORWARDBACKWARDREQUEST_LOSSFNCONFIGENTRY']._serialized_end=400
+  _globals['_KLPENALTY']._serialized_start=402
+  _globals['_KLPENALTY']._serialized_end=446
+  _globals['_FORWARDBACKWARDRESPONSE']._serialized_start=449
+  _globals['_FORWARDBACKWARDRESPONSE']._serialized_end=667
+  _globals['_FORWARDBACKWARDRESPONSE_METRICSENTRY']._serialized_start=621
+  _globals['_FORWARDBACKWARDRESPONSE_METRICSENTRY']._serialized_end=667
+  _globals['_FORWARDCUSTOMREQUEST']._serialized_start=670
+  _globals['_FORWARDCUSTOMREQUEST']._serialized_end=848
+  _globals['_FORWARDCUSTOMRESPONSE']._serialized_start=850
+  _globals['_FORWARDCUSTOMRESPONSE']._serialized_end=933
+  _globals['_DATUMTENSORS']._serialized_start=936
+  _globals['_DATUMTENSORS']._serialized_end=1256
+  _globals['_BACKWARDCUSTOMREQUEST']._serialized_start=1259
+  _globals['_BACKWARDCUSTOMREQUEST']._serialized_end=1487
+  _globals['_BACKWARDCUSTOMREQUEST_METRICSENTRY']._serialized_start=621
+  _globals['_BACKWARDCUSTOMREQUEST_METRICSENTRY']._serialized_end=667
+  _globals['_BACKWARDCUSTOMRESPONSE']._serialized_start=1490
+  _globals['_BACKWARDCUSTOMRESPONSE']._serialized_end=1668
+  _globals['_BACKWARDCUSTOMRESPONSE_METRICSENTRY']._serialized_start=621
+  _globals['_BACKWARDCUSTOMRESPONSE_METRICSENTRY']._serialized_end=667
+  _globals['_OPTIMSTEPREQUEST']._serialized_start=1670
+  _globals['_OPTIMSTEPREQUEST']._serialized_end=1761
+  _globals['_OPTIMSTEPRESPONSE']._serialized_start=1764
+  _globals['_OPTIMSTEPRESPONSE']._serialized_end=1908
+  _globals['_STEPREQUEST']._serialized_start=1911
+  _globals['_STEPREQUEST']._serialized_end=2260
+  _globals['_STEPREQUEST_LOSSFNCONFIGENTRY']._serialized_start=349
+  _globals['_STEPREQUEST_LOSSFNCONFIGENTRY']._serialized_end=400
+  _globals['_STEPRESPONSE']._serialized_start=2263
+  _globals['_STEPRESPONSE']._serialized_end=2391
+  _globals['_AVAILABLELOSSESREQUEST']._serialized_start=2393
+  _globals['_AVAILABLELOSSESREQUEST']._serialized_end=2432
+  _globals['_AVAILABLELOSSESRESPONSE']._serialized_start=2434
+  _globals['_AVAILABLELOSSESRESPONSE']._serialized_end=2497
+  _globals['_LOSSINFO']._serialized_start=2499
+  _globals['_LOSSINFO']._serialized_end=2587
+  _globals['_LOSSCONFIGKEY']._serialized_start=2589
+  _globals['_LOSSCONFIGKEY']._serialized_end=2662
+  _globals['_TRAININGSERVICE']._serialized_start=2665
+  _globals['_TRAININGSERVICE']._serialized_end=3174
 # @@protoc_insertion_point(module_scope)

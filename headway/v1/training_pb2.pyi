@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ForwardBackwardRequest(_message.Message):
-    __slots__ = ("model", "data", "loss_fn", "loss_fn_config", "group_size", "normalize_std", "request_id")
+    __slots__ = ("model", "data", "loss_fn", "loss_fn_config", "group_size", "normalize_std", "request_id", "kl_penalty")
     class LossFnConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class ForwardBackwardRequest(_message.Message):
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_STD_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KL_PENALTY_FIELD_NUMBER: _ClassVar[int]
     model: str
     data: _containers.RepeatedCompositeFieldContainer[_common_pb2.TrainingItem]
     loss_fn: str
@@ -30,7 +31,16 @@ class ForwardBackwardRequest(_message.Message):
     group_size: int
     normalize_std: bool
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., data: _Optional[_Iterable[_Union[_common_pb2.TrainingItem, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., group_size: _Optional[int] = ..., normalize_std: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    kl_penalty: KlPenalty
+    def __init__(self, model: _Optional[str] = ..., data: _Optional[_Iterable[_Union[_common_pb2.TrainingItem, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., group_size: _Optional[int] = ..., normalize_std: _Optional[bool] = ..., request_id: _Optional[str] = ..., kl_penalty: _Optional[_Union[KlPenalty, _Mapping]] = ...) -> None: ...
+
+class KlPenalty(_message.Message):
+    __slots__ = ("coef", "reference")
+    COEF_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    coef: float
+    reference: str
+    def __init__(self, coef: _Optional[float] = ..., reference: _Optional[str] = ...) -> None: ...
 
 class ForwardBackwardResponse(_message.Message):
     __slots__ = ("logprobs", "metrics", "num_datums", "num_tokens")
@@ -52,18 +62,20 @@ class ForwardBackwardResponse(_message.Message):
     def __init__(self, logprobs: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., num_datums: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
 class ForwardCustomRequest(_message.Message):
-    __slots__ = ("model", "data", "group_size", "normalize_std", "request_id")
+    __slots__ = ("model", "data", "group_size", "normalize_std", "request_id", "reference")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_STD_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
     model: str
     data: _containers.RepeatedCompositeFieldContainer[_common_pb2.TrainingItem]
     group_size: int
     normalize_std: bool
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., data: _Optional[_Iterable[_Union[_common_pb2.TrainingItem, _Mapping]]] = ..., group_size: _Optional[int] = ..., normalize_std: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    reference: str
+    def __init__(self, model: _Optional[str] = ..., data: _Optional[_Iterable[_Union[_common_pb2.TrainingItem, _Mapping]]] = ..., group_size: _Optional[int] = ..., normalize_std: _Optional[bool] = ..., request_id: _Optional[str] = ..., reference: _Optional[str] = ...) -> None: ...
 
 class ForwardCustomResponse(_message.Message):
     __slots__ = ("forward_id", "data")
@@ -74,7 +86,7 @@ class ForwardCustomResponse(_message.Message):
     def __init__(self, forward_id: _Optional[str] = ..., data: _Optional[_Iterable[_Union[DatumTensors, _Mapping]]] = ...) -> None: ...
 
 class DatumTensors(_message.Message):
-    __slots__ = ("logprobs", "target_tokens", "sampling_logprobs", "mask", "advantages", "reward", "advantage", "group_index")
+    __slots__ = ("logprobs", "target_tokens", "sampling_logprobs", "mask", "advantages", "reward", "advantage", "group_index", "reference_logprobs")
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TARGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +95,7 @@ class DatumTensors(_message.Message):
     REWARD_FIELD_NUMBER: _ClassVar[int]
     ADVANTAGE_FIELD_NUMBER: _ClassVar[int]
     GROUP_INDEX_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     logprobs: _common_pb2.Tensor
     target_tokens: _common_pb2.Tensor
     sampling_logprobs: _common_pb2.Tensor
@@ -91,7 +104,8 @@ class DatumTensors(_message.Message):
     reward: float
     advantage: float
     group_index: int
-    def __init__(self, logprobs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., target_tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sampling_logprobs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., advantages: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., reward: _Optional[float] = ..., advantage: _Optional[float] = ..., group_index: _Optional[int] = ...) -> None: ...
+    reference_logprobs: _common_pb2.Tensor
+    def __init__(self, logprobs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., target_tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sampling_logprobs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., advantages: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., reward: _Optional[float] = ..., advantage: _Optional[float] = ..., group_index: _Optional[int] = ..., reference_logprobs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardCustomRequest(_message.Message):
     __slots__ = ("model", "forward_id", "weights", "metrics", "request_id")
@@ -156,7 +170,7 @@ class OptimStepResponse(_message.Message):
     def __init__(self, step: _Optional[int] = ..., checkpoint: _Optional[str] = ..., sampler_path: _Optional[str] = ..., state_path: _Optional[str] = ..., checkpoint_info: _Optional[_Union[_common_pb2.Checkpoint, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("model", "data", "loss_fn", "loss_fn_config", "group_size", "normalize_std", "adam", "request_id")
+    __slots__ = ("model", "data", "loss_fn", "loss_fn_config", "group_size", "normalize_std", "adam", "request_id", "kl_penalty")
     class LossFnConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +186,7 @@ class StepRequest(_message.Message):
     NORMALIZE_STD_FIELD_NUMBER: _ClassVar[int]
     ADAM_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KL_PENALTY_FIELD_NUMBER: _ClassVar[int]
     model: str
     data: _containers.RepeatedCompositeFieldContainer[_common_pb2.TrainingItem]
     loss_fn: str
@@ -180,7 +195,8 @@ class StepRequest(_message.Message):
     normalize_std: bool
     adam: _common_pb2.AdamParams
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., data: _Optional[_Iterable[_Union[_common_pb2.TrainingItem, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., group_size: _Optional[int] = ..., normalize_std: _Optional[bool] = ..., adam: _Optional[_Union[_common_pb2.AdamParams, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    kl_penalty: KlPenalty
+    def __init__(self, model: _Optional[str] = ..., data: _Optional[_Iterable[_Union[_common_pb2.TrainingItem, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., group_size: _Optional[int] = ..., normalize_std: _Optional[bool] = ..., adam: _Optional[_Union[_common_pb2.AdamParams, _Mapping]] = ..., request_id: _Optional[str] = ..., kl_penalty: _Optional[_Union[KlPenalty, _Mapping]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("forward_backward", "optim_step")

@@ -80,8 +80,9 @@ class TrainingServiceServicer:
         Errors: INVALID_ARGUMENT for an empty model or data, an unknown loss_fn, an unknown,
         non-finite or out-of-range loss_fn_config value, ragged, wrongly typed or non-finite
         tensors, a negative weight, a token outside the vocabulary, a tensor the loss needs
-        that is absent, or a group_size that is negative or does not divide the number of
-        trajectories; NOT_FOUND for an unknown model or trace_id;
+        that is absent, a group_size that is negative or does not divide the number of
+        trajectories, or a kl_penalty.coef that is negative or not finite; NOT_FOUND for an
+        unknown model or trace_id, or a kl_penalty.reference the model does not have;
         FAILED_PRECONDITION for a base (not trainable) or a trace with no reward;
         RESOURCE_EXHAUSTED for a datum longer than the model's max_context, or a batch over
         the server's limits on tokens, items or trajectory turns (checked before anything is
