@@ -343,3 +343,49 @@ def test_concurrent_calls_on_one_model_are_serialized(trainer_stack):
     for name, p in module.named_parameters():
         if p.grad is not None:
             assert rel_err(grads[name], p.grad) < 1e-4
+
+
+def test_a_cancelled_call_holds_its_model_until_its_work_ends(trainer_stack):
+    """A client that goes away mid-call does not stop the torch work, which runs on in a
+    thread: the next call on the model waits for it (never overlapping it), and the
+    cancelled call's retry (same request_id) gets its reply instead of applying it twice."""
+    import threading
+
+    stack = trainer_stack
+    stack.fork("m")
+    compute = stack.trainer.compute
+    original = compute.forward_backward
+    release, events = threading.Event(), []
+
+    def held(state, datums, *args):  # the first call's work waits until released
+        first = not events
+        events.append("start")
+        if first:
+            release.wait()
+        out = original(state, datums, *args)
+        events.append("end")
+        return out
+
+    compute.forward_backward = held
+    data = batch(seed=16)
+    first = training_pb2.ForwardBackwardRequest(
+        model="m", data=data, loss_fn="cross_entropy", request_id="r1"
+    )
+    call = stack.train.ForwardBackward.future(first)
+    wait_until(lambda: events == ["start"], "the first call's work started")
+    call.cancel()
+    second = stack.train.ForwardBackward.future(
+        training_pb2.ForwardBackwardRequest(model="m", data=data, loss_fn="cross_entropy")
+    )
+    lock = stack.trainer._lock("m")
+    # The second call either queues on the model's lock (held by the cancelled call) or,
+    # were the lock let go at the cancellation, starts its work beside the first's.
+    wait_until(lambda: len(events) > 1 or lock._waiters, "the second call queued or started")
+    assert events == ["start"], events
+    release.set()
+    second.result()
+    assert events == ["start", "end", "start", "end"]
+    retried = stack.train.ForwardBackward(first)  # the reply of the work already done
+    assert events == ["start", "end", "start", "end"]
+    assert retried.num_datums == 3
+    assert stack.trainer._states["m"].acc.num_datums == 6  # two calls' datums, not three

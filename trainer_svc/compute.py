@@ -171,10 +171,16 @@ class KlTerm:
     reference: Reference
 
 
+# Where the reference finds a token e^20 times likelier than the policy does, exp(d)
+# would soon overflow fp32 (inf loss, NaN gradient); d is capped there.
+MAX_LOG_RATIO = 20.0
+
+
 def k3(lp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per token, exp(d) − d − 1 with d = ref − lp: the k3 estimate of KL(policy ‖
-    reference), ≥ 0 and zero where they agree; its gradient flows through lp."""
-    d = ref - lp
+    """Per token, exp(d) − d − 1 with d = ref − lp (capped at `MAX_LOG_RATIO`): the k3
+    estimate of KL(policy ‖ reference), ≥ 0 and zero where they agree; its gradient flows
+    through lp."""
+    d = (ref - lp).clamp(max=MAX_LOG_RATIO)
     return torch.exp(d) - d - 1
 
 

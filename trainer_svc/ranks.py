@@ -285,8 +285,12 @@ class RankedCompute(Compute):
         self, state: ModelState, datums: list[DatumArrays], loss: Loss, cfg: dict[str, float],
         kl: KlPenalty | None = None,
     ) -> tuple[list[np.ndarray], dict[str, float]]:  # fmt: skip
-        # The whole batch, before any rank starts on its share (no rank refuses alone).
+        # The whole batch, before any rank starts on its share (no rank refuses alone),
+        # and the reference loaded here first: one that cannot be refuses the call before
+        # any rank accumulates anything.
         compute.check_loss_inputs(datums, loss)
+        if kl is not None:
+            self.references(state, kl.checkpoint)
         parts = shares(datums, self.group.world)
         works = self._works(  # the loss by name: Work crosses as a pickle
             "forward_backward", state,
@@ -303,6 +307,8 @@ class RankedCompute(Compute):
     def forward_custom(
         self, state: ModelState, datums: list[DatumArrays], forward_id: str, reference: str | None
     ) -> KeptForward:
+        if reference is not None:  # loaded before any rank runs (see forward_backward)
+            self.references(state, reference)
         parts = shares(datums, self.group.world)
         works = self._works(
             "forward_custom", state,

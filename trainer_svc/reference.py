@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from headway.errors import InvalidArgument
+from headway.errors import FailedPrecondition, InvalidArgument
 from headway.modeling.lora import adapters_off
 from headway.store import CheckpointRef, CheckpointStore
 from headway.store.weights import adapter_dir, read_adapter
@@ -84,8 +84,9 @@ def load_reference(
         return kept
     release_reference(pool, state)
     slug = state.record.slug
+    # Weights and adapters are complete once their checkpoint is visible (only the
+    # optimizer state is written after): nothing to wait for.
     owner = store.resolve(slug, ckpt)
-    store.wait_deferred(owner.model, owner.id)  # its files may still be being written
     if state.record.lora:
         _, tensors = read_adapter(adapter_dir(store, slug, ckpt))
         if not any(bool(t.any()) for k, t in tensors.items() if k.endswith("lora_B")):
@@ -96,6 +97,14 @@ def load_reference(
     else:
         key = CheckpointRef(owner.model, owner.id)
         reference = Reference(ckpt, pool.acquire(key), pool_ref=key)
+    missing = [n for n in state.params if n not in reference.tensors]
+    if missing and not reference.lora_off:
+        if reference.pool_ref is not None:
+            pool.release(reference.pool_ref)
+        raise FailedPrecondition(
+            f"checkpoint {ckpt!r} of model {slug!r} lacks {len(missing)} of the trained "
+            f"tensors (e.g. {missing[0]!r}): it cannot serve as the KL reference"
+        )
     state.reference = reference
     return reference
 

@@ -557,7 +557,20 @@ class Trainer:
                         stats.get("num_tokens", 0),
                     )
                     return (fb, result)  # type: ignore[return-value]
-            value = await run()
+            task = asyncio.ensure_future(run())
+            try:
+                value = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                # The caller went away, not the work: its torch runs on in a thread. The
+                # model's lock is held until it ends, so no other call overlaps it (a
+                # step's save must never see a forward's swapped-in reference weights),
+                # and its reply is kept for the caller's retry, which must not apply it
+                # twice.
+                await _outlast(task)
+                if request_id and not task.cancelled() and task.exception() is None:
+                    stored = keep(task.result()) if keep is not None else task.result()
+                    self._replies.put(slug, request_id, kind, stored, reply_bytes(stored))
+                raise
             if request_id:
                 stored = keep(value) if keep is not None else value
                 self._replies.put(slug, request_id, kind, stored, reply_bytes(stored))
@@ -602,3 +615,10 @@ class Trainer:
 
 def _batch_metrics(batch: Batch) -> dict[str, float]:
     return {"reward/mean": batch.reward_mean, "groups/no_signal": float(batch.no_signal_groups)}
+
+
+async def _outlast(task: asyncio.Future[Any]) -> None:
+    """Wait for `task` to end, whatever cancels the waiting meanwhile."""
+    while not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({task})
