@@ -31,7 +31,7 @@ of their own.
   (`sampler_svc.compiled`) with both ways' times.
 - bf16: a second replica, `python -m sampler_svc --dtype bf16` in a child process, with an
   empty kernel cache (and so no compiled code: a first start on a machine): its start-up
-  (spawn → first Sample served, layouts measured; bf16 does not compile in auto mode), and
+  (spawn → first Sample served, layouts measured, decode compiled where it pays), and
   that of an fp32 replica started the same way, which compiles and times its decode step:
   `startup_s` is the longer; its decode at batch 8 against transformers generate in bf16; and its
   sampled logprobs against the fp32 forward of the same checkpoint (the fp32 replica's

@@ -18,8 +18,9 @@ reload: a graph over them would recompile).
 The weights are graph inputs, not constants: a reload copies new weights into the same
 parameters and the graph serves them, and engines of one shape share the graphs. Shapes
 are dynamic (`dynamic=True`): one graph serves 2 to max_batch rows and any window; one row
-is a graph of its own (torch specialises sizes of 1). Compiling costs tens of seconds on a
-small CPU, paid at engine start (`warm`), before the replica serves; inductor keeps the
+would be a graph of its own (torch specialises sizes of 1), so the engine runs one row as
+two (see `Engine._decode_compiled`). Compiling costs tens of seconds on a small CPU, paid
+at engine start (`warm`), before the replica serves; inductor keeps the
 compiled code on disk beside the kernel cache (`cache_dir`), so a restart re-traces in
 seconds. A compile that fails (no C++ compiler, an unsupported op) leaves the engine eager,
 logged.
@@ -159,12 +160,9 @@ class DecodeCompiler:
             # CUDA would need CUDA graphs as well to pay; never measured here: off.
             return
         dtype = next(model.parameters()).dtype
-        if mode == "auto" and dtype != torch.float32:
-            # Measured on a 2-core EPYC, bf16: compiled won <= 10 % at 2-4 rows and lost at
-            # 8-16 (its matmuls are aten's, not the packed oneDNN layouts), and compiling
-            # both graphs took 70 s of the start: not worth it unless asked (`on`).
-            log.info("decode compiled: not for %s engines in auto mode (--compile on)", dtype)
-            return
+        # bf16 is measured like fp32: on a 2-core EPYC the graph won <= 10 % at 2-4 rows and
+        # lost at 8-16 (its matmuls are aten's, not the packed oneDNN layouts), on a Xeon
+        # with AMX aten's bf16 matmuls are oneDNN's own; the machine at hand decides.
         machine = machine_key(dtype)
         keys = {b: f"{machine}|decode compiled {describe_model(model)}|rows {b}" for b in buckets}
         cached = kernel_cache.read_cache()
@@ -251,9 +249,11 @@ class DecodeCompiler:
         log.warning("decode compile failed, decoding eagerly: %s", self.error)
 
     def warm(self, only: list[int] | None = None) -> None:
-        """Compile the one-row and many-row graphs now (not at a first request; `rows`:
-        only: those row counts' graphs), checking each against the eager forward; raises if
-        either fails or differs."""
+        """Compile the graphs now (not at a first request; `only`: those row counts'),
+        checking each against the eager forward; raises if one fails or differs. The
+        engine runs one row as two where it can (`Engine._decode_compiled`), so one
+        many-row graph serves every row count; a one-row graph is made only for an engine
+        of one row."""
         for rows in sorted(set(only or {1, min(2, self.max_rows)})):
             with torch.inference_mode():  # as decode steps run (guards check it)
                 ids, positions = self._inputs(rows)
