@@ -218,6 +218,7 @@ class Checkpoint:
     sampler_path: str
     state_path: str
     stats: CheckpointStats | None = None
+    tags: list[str] = field(default_factory=list)  # the model's tags naming it
 
     @classmethod
     def from_proto(cls, c: common_pb2.Checkpoint) -> Checkpoint:
@@ -244,6 +245,7 @@ class Checkpoint:
             sampler_path=c.sampler_path,
             state_path=c.state_path,
             stats=stats,
+            tags=list(c.tags),
         )
 
 

@@ -45,11 +45,19 @@ def model_pb(
 
 
 def checkpoint_pb(
-    store: CheckpointStore, record: CheckpointRecord, head_id: str | None = None
+    store: CheckpointStore,
+    record: CheckpointRecord,
+    head_id: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> common_pb2.Checkpoint:
+    """The Checkpoint message of `record` (`head_id` and the model's `tags` read from the
+    store unless given: a listing reads them once)."""
     if head_id is None:
         head_id = store.head(record.model)
+    if tags is None:
+        tags = store.tags(record.model)
     msg = common_pb2.Checkpoint(
+        tags=sorted(name for name, ckpt in tags.items() if ckpt == record.id),
         id=record.id,
         model=record.model,
         parent_id=record.parent_id,

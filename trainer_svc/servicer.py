@@ -67,10 +67,11 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     ) -> model_pb2.ListCheckpointsResponse:
         slug = required_model(request.model, "model")
         self.trainer.model(slug, team_of(context))
-        head = self.store.head(slug)
+        head, tags = self.store.head(slug), self.store.tags(slug)
         records = self.store.list_checkpoints(slug)
         return model_pb2.ListCheckpointsResponse(
-            checkpoints=[convert.checkpoint_pb(self.store, r, head) for r in records], head=head
+            checkpoints=[convert.checkpoint_pb(self.store, r, head, tags) for r in records],
+            head=head,
         )
 
     @maps_errors
@@ -89,6 +90,23 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             raise InvalidArgument("checkpoint is empty: give the id of a checkpoint of the model")
         record = await self.trainer.set_head(
             required_model(request.model, "model"), request.checkpoint, team_of(context)
+        )
+        return convert.checkpoint_pb(self.store, record)
+
+    @maps_errors
+    async def TagCheckpoint(
+        self, request: model_pb2.TagCheckpointRequest, context: Ctx
+    ) -> common_pb2.Checkpoint:
+        if not request.tag:
+            raise InvalidArgument("tag is empty: give the tag's name")
+        if not request.remove and not request.checkpoint:
+            raise InvalidArgument("checkpoint is empty: give the id of a checkpoint to tag")
+        record = await self.trainer.tag(
+            required_model(request.model, "model"),
+            request.checkpoint,
+            request.tag,
+            team_of(context),
+            remove=request.remove,
         )
         return convert.checkpoint_pb(self.store, record)
 

@@ -254,6 +254,18 @@ class Trainer:
         await self.heads.publish(slug, record)
         return record
 
+    async def tag(
+        self, slug: str, ckpt_id: str, name: str, team: str, remove: bool = False
+    ) -> CheckpointRecord:
+        """Name checkpoint `ckpt_id` of `slug` `name` (or remove the tag `name`); the
+        checkpoint the tag names."""
+        model = self.trainable(slug, team)
+        async with self._lock(slug):
+            self._still(model, team)
+            if remove:
+                return self.store.get_checkpoint(slug, self.store.untag(slug, name))
+            return self.store.tag(slug, ckpt_id, name)
+
     async def delete(self, slug: str, team: str) -> None:
         """Delete a fork (refused for bases and for models others fork from)."""
         model = self.model(slug, team)

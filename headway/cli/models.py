@@ -121,7 +121,10 @@ def tree_lines(roots: list[Checkpoint], children: dict[str, list[Checkpoint]]) -
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.created.timestamp()))
         lead = "  " * (depth - 1) + "└ " if depth else ""
         origin = f"  (branch from {branch_of})" if branch_of else ""
-        lines.append(f"{mark} {lead}{c.id}  step {c.step}  {when}  {_stats(c)}{origin}".rstrip())
+        tags = f"  [{', '.join(c.tags)}]" if c.tags else ""
+        lines.append(
+            f"{mark} {lead}{c.id}{tags}  step {c.step}  {when}  {_stats(c)}{origin}".rstrip()
+        )
 
     def chain(c: Checkpoint, depth: int, branch_of: str = "") -> None:
         # Iterative along the chain (a long run must not hit the recursion limit);
@@ -149,7 +152,8 @@ def _head(args: argparse.Namespace) -> int:
             print(f"head of {args.model} is now {c.id} (step {c.step})")
             return 0
         c = client.head(args.model)
-    print(f"▶ {c.id}  step {c.step}  parent {c.parent_id or '-'}")
+    tags = f"  [{', '.join(c.tags)}]" if c.tags else ""
+    print(f"▶ {c.id}{tags}  step {c.step}  parent {c.parent_id or '-'}")
     if c.stats is not None:
         s = c.stats
         print(f"  loss_fn {s.loss_fn}  datums {s.num_datums}  tokens {s.num_tokens}")
@@ -157,6 +161,19 @@ def _head(args: argparse.Namespace) -> int:
         print(f"  reward mean {s.reward_mean:.4f}  std {s.reward_std:.4f}  loss {s.loss:.6g}")
         for key in sorted(s.metrics):
             print(f"  {key} {s.metrics[key]:.6g}")
+    return 0
+
+
+def _tag(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.delete:
+            c = client.untag(args.model, args.name)
+            print(f"removed tag {args.name} of {args.model} (it named {c.id}, step {c.step})")
+            return 0
+        if not args.checkpoint:
+            raise SystemExit("headway models tag: give the CHECKPOINT to name (or --delete)")
+        c = client.tag(args.model, args.checkpoint, args.name)
+    print(f"tagged {args.model} {c.id} (step {c.step}) {args.name}")
     return 0
 
 
@@ -276,6 +293,15 @@ def add_commands(commands: Any) -> CommandFactory:
     p = command("head", _head, "the head checkpoint and its stats; --set moves it")
     p.add_argument("model")
     p.add_argument("--set", metavar="CHECKPOINT", default="", help="roll back / branch here")
+    p = command(
+        "tag",
+        _tag,
+        "name a checkpoint (the tag works wherever a checkpoint id does); --delete removes one",
+    )
+    p.add_argument("model")
+    p.add_argument("checkpoint", nargs="?", default="", help="id or tag (not with --delete)")
+    p.add_argument("name")
+    p.add_argument("--delete", action="store_true", help="remove the tag NAME")
     p = command(
         "add-base",
         _add_base,

@@ -70,6 +70,16 @@ class ModelClient(GatewayClient):
         ckpt = checkpoint.id if isinstance(checkpoint, Checkpoint) else checkpoint
         return Checkpoint.from_proto(await self._call(rpcs.set_head(model, ckpt)))
 
+    async def tag(self, model: str, checkpoint: str | Checkpoint, name: str) -> Checkpoint:
+        """Name a checkpoint of `model` (id, tag or `Checkpoint`) `name`: the tag is
+        accepted wherever a checkpoint id is. AlreadyExists for a tag the model has."""
+        ckpt = checkpoint.id if isinstance(checkpoint, Checkpoint) else checkpoint
+        return Checkpoint.from_proto(await self._call(rpcs.tag(model, ckpt, name)))
+
+    async def untag(self, model: str, name: str) -> Checkpoint:
+        """Remove the tag `name` of `model`; the checkpoint it named."""
+        return Checkpoint.from_proto(await self._call(rpcs.tag(model, "", name, remove=True)))
+
 
 @blocking_twin(ModelClient)
 class SyncModelClient(SyncClient):

@@ -243,6 +243,14 @@ def set_head(model: str, checkpoint: str) -> Call:
     return Call(_MODELS, "SetHead", model_pb2.SetHeadRequest(model=model, checkpoint=checkpoint))
 
 
+def tag(model: str, checkpoint: str, name: str, remove: bool = False) -> Call:
+    """TagCheckpoint: name `checkpoint` of `model` `name` (or remove the tag)."""
+    request = model_pb2.TagCheckpointRequest(
+        model=model, checkpoint=checkpoint, tag=name, remove=remove
+    )
+    return Call(_MODELS, "TagCheckpoint", request)
+
+
 # ------------------------------------------------------------------ SamplingService
 
 

@@ -56,6 +56,10 @@ SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # else is NotFound before the filesystem is asked (a client's id may be megabytes long,
 # hold "/", ".." or NUL, which the filesystem answers with errors, not "not found").
 CHECKPOINT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# A tag: a name that can never be a checkpoint id (`new_checkpoint_id`'s "s000123-...").
+TAG_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
+_ID_LIKE = re.compile(r"s\d{6}-.*")
+TAGS_FILE = "tags.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -314,12 +318,56 @@ class CheckpointStore:
         return f"s{step:06d}-{secrets.token_hex(4)}"
 
     def get_checkpoint(self, slug: str, ckpt_id: str) -> CheckpointRecord:
-        """A complete checkpoint of `slug`, or NotFound."""
+        """A complete checkpoint of `slug` by id or tag (`tag`), or NotFound."""
         self.get_model(slug)
         meta = self.checkpoint_dir(slug, ckpt_id) / META_FILE
         if not CHECKPOINT_ID_RE.fullmatch(ckpt_id) or not meta.is_file():
-            raise NotFound(f"checkpoint {ckpt_id!r} of model {slug!r} not found")
+            tagged = self.tags(slug).get(ckpt_id) if TAG_RE.fullmatch(ckpt_id) else None
+            if tagged is None:
+                raise NotFound(f"checkpoint {ckpt_id!r} of model {slug!r} not found")
+            meta = self.checkpoint_dir(slug, tagged) / META_FILE
+            if not meta.is_file():  # the tagged checkpoint was deleted under it
+                raise NotFound(f"tag {ckpt_id!r} of model {slug!r} names no checkpoint now")
         return CheckpointRecord.from_json(json.loads(meta.read_text()))
+
+    # -------------------------------------------------------------------- tags
+    def tags(self, slug: str) -> dict[str, str]:
+        """The model's tags: name → checkpoint id."""
+        try:
+            return dict(json.loads((self.model_dir(slug) / TAGS_FILE).read_text()))
+        except FileNotFoundError:
+            return {}
+
+    def tag(self, slug: str, ckpt_id: str, name: str) -> CheckpointRecord:
+        """Name checkpoint `ckpt_id` (an id or a tag) of `slug` `name`, usable wherever a
+        checkpoint id is. InvalidArgument for a name that is not a tag name, AlreadyExists
+        for one the model uses; the caller serialises writes to the model."""
+        check_tag(name)
+        record = self.get_checkpoint(slug, ckpt_id)
+        tags = self.tags(slug)
+        if name in tags:
+            raise AlreadyExists(
+                f"tag {name!r} of model {slug!r} already names checkpoint {tags[name]!r}; "
+                "remove it first (headway models tag --delete) or choose another name"
+            )
+        tags[name] = record.id
+        self._write_tags(slug, tags)
+        return record
+
+    def untag(self, slug: str, name: str) -> str:
+        """Remove tag `name` of `slug`; the id it named. NotFound if it has no such tag."""
+        tags = self.tags(slug)
+        if name not in tags:
+            raise NotFound(f"model {slug!r} has no tag {name!r}")
+        ckpt_id = tags.pop(name)
+        self._write_tags(slug, tags)
+        return ckpt_id
+
+    def _write_tags(self, slug: str, tags: dict[str, str]) -> None:
+        path = self.model_dir(slug) / TAGS_FILE
+        atomic.write_bytes(path, json.dumps(tags, sort_keys=True).encode(), sync=self.sync)
+        if not self.sync:
+            self.syncer.submit(f"{slug}/{TAGS_FILE}", [path, path.parent])
 
     def root_checkpoint(self, slug: str) -> CheckpointRecord:
         """The model's step-0 checkpoint: the weights it was created (forked) with."""
@@ -517,10 +565,10 @@ class CheckpointStore:
         or branch point, not an OptimStep's own promotion), the checkpoint's background
         fsync is waited for first.
         """
-        record = self.get_checkpoint(slug, ckpt_id)
+        record = self.get_checkpoint(slug, ckpt_id)  # by id or tag
         if wait and not self.sync:
-            self.syncer.wait(str(self.checkpoint_dir(slug, ckpt_id)))
-        self._write_head(slug, ckpt_id)
+            self.syncer.wait(str(self.checkpoint_dir(slug, record.id)))
+        self._write_head(slug, record.id)
         return record
 
     def promote(self, record: CheckpointRecord) -> None:
@@ -634,3 +682,12 @@ def _torn(ckpt_dir: Path) -> tuple[str, str]:
 
 
 __all__ = ["CheckpointRef", "CheckpointStore", "DeferredFile", "check_slug"]
+
+
+def check_tag(name: str) -> None:
+    """InvalidArgument for a name that cannot be a tag."""
+    if not TAG_RE.fullmatch(name) or _ID_LIKE.fullmatch(name):
+        raise InvalidArgument(
+            f"tag {name!r} is not a tag name: 1-64 letters, digits, '.', '_' or '-', starting "
+            "with a letter, and not shaped like a checkpoint id (s000123-...)"
+        )

@@ -161,7 +161,7 @@ class CheckpointStats(_message.Message):
     def __init__(self, loss_fn: _Optional[str] = ..., num_datums: _Optional[int] = ..., num_tokens: _Optional[int] = ..., loss: _Optional[float] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., learning_rate: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
-    __slots__ = ("id", "model", "parent_id", "step", "created", "stats", "is_head", "sampler_path", "state_path")
+    __slots__ = ("id", "model", "parent_id", "step", "created", "stats", "is_head", "sampler_path", "state_path", "tags")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class Checkpoint(_message.Message):
     IS_HEAD_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_PATH_FIELD_NUMBER: _ClassVar[int]
     STATE_PATH_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     parent_id: str
@@ -180,7 +181,8 @@ class Checkpoint(_message.Message):
     is_head: bool
     sampler_path: str
     state_path: str
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., parent_id: _Optional[str] = ..., step: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stats: _Optional[_Union[CheckpointStats, _Mapping]] = ..., is_head: _Optional[bool] = ..., sampler_path: _Optional[str] = ..., state_path: _Optional[str] = ...) -> None: ...
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., parent_id: _Optional[str] = ..., step: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stats: _Optional[_Union[CheckpointStats, _Mapping]] = ..., is_head: _Optional[bool] = ..., sampler_path: _Optional[str] = ..., state_path: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoraConfig(_message.Message):
     __slots__ = ("rank", "alpha", "target_modules")

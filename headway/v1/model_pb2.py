@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from headway.v1 import common_pb2 as headway_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16headway/v1/model.proto\x12\nheadway.v1\x1a\x17headway/v1/common.proto\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.headway.v1.Model\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\",\n\x0e\x41\x64\x64\x42\x61seRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x9c\x01\n\x10\x46orkModelRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x04lora\x18\x03 \x01(\x0b\x32\x16.headway.v1.LoraConfigH\x00\x12\x0e\n\x04\x66ull\x18\x04 \x01(\x08H\x00\x12\x12\n\ncheckpoint\x18\x05 \x01(\t\x12\x16\n\x0ewith_optimizer\x18\x06 \x01(\x08\x42\x06\n\x04mode\"\'\n\x16ListCheckpointsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"T\n\x17ListCheckpointsResponse\x12+\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x16.headway.v1.Checkpoint\x12\x0c\n\x04head\x18\x02 \x01(\t\"\x1f\n\x0eGetHeadRequest\x12\r\n\x05model\x18\x01 \x01(\t\"3\n\x0eSetHeadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\"#\n\x12\x44\x65leteModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteModelResponse2\xb9\x04\n\x0cModelService\x12K\n\nListModels\x12\x1d.headway.v1.ListModelsRequest\x1a\x1e.headway.v1.ListModelsResponse\x12:\n\x08GetModel\x12\x1b.headway.v1.GetModelRequest\x1a\x11.headway.v1.Model\x12\x38\n\x07\x41\x64\x64\x42\x61se\x12\x1a.headway.v1.AddBaseRequest\x1a\x11.headway.v1.Model\x12<\n\tForkModel\x12\x1c.headway.v1.ForkModelRequest\x1a\x11.headway.v1.Model\x12Z\n\x0fListCheckpoints\x12\".headway.v1.ListCheckpointsRequest\x1a#.headway.v1.ListCheckpointsResponse\x12=\n\x07GetHead\x12\x1a.headway.v1.GetHeadRequest\x1a\x16.headway.v1.Checkpoint\x12=\n\x07SetHead\x12\x1a.headway.v1.SetHeadRequest\x1a\x16.headway.v1.Checkpoint\x12N\n\x0b\x44\x65leteModel\x12\x1e.headway.v1.DeleteModelRequest\x1a\x1f.headway.v1.DeleteModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16headway/v1/model.proto\x12\nheadway.v1\x1a\x17headway/v1/common.proto\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.headway.v1.Model\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\",\n\x0e\x41\x64\x64\x42\x61seRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x9c\x01\n\x10\x46orkModelRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x04lora\x18\x03 \x01(\x0b\x32\x16.headway.v1.LoraConfigH\x00\x12\x0e\n\x04\x66ull\x18\x04 \x01(\x08H\x00\x12\x12\n\ncheckpoint\x18\x05 \x01(\t\x12\x16\n\x0ewith_optimizer\x18\x06 \x01(\x08\x42\x06\n\x04mode\"\'\n\x16ListCheckpointsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"T\n\x17ListCheckpointsResponse\x12+\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x16.headway.v1.Checkpoint\x12\x0c\n\x04head\x18\x02 \x01(\t\"\x1f\n\x0eGetHeadRequest\x12\r\n\x05model\x18\x01 \x01(\t\"3\n\x0eSetHeadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\"V\n\x14TagCheckpointRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\x0e\n\x06remove\x18\x04 \x01(\x08\"#\n\x12\x44\x65leteModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteModelResponse2\x84\x05\n\x0cModelService\x12K\n\nListModels\x12\x1d.headway.v1.ListModelsRequest\x1a\x1e.headway.v1.ListModelsResponse\x12:\n\x08GetModel\x12\x1b.headway.v1.GetModelRequest\x1a\x11.headway.v1.Model\x12\x38\n\x07\x41\x64\x64\x42\x61se\x12\x1a.headway.v1.AddBaseRequest\x1a\x11.headway.v1.Model\x12<\n\tForkModel\x12\x1c.headway.v1.ForkModelRequest\x1a\x11.headway.v1.Model\x12Z\n\x0fListCheckpoints\x12\".headway.v1.ListCheckpointsRequest\x1a#.headway.v1.ListCheckpointsResponse\x12=\n\x07GetHead\x12\x1a.headway.v1.GetHeadRequest\x1a\x16.headway.v1.Checkpoint\x12=\n\x07SetHead\x12\x1a.headway.v1.SetHeadRequest\x1a\x16.headway.v1.Checkpoint\x12I\n\rTagCheckpoint\x12 .headway.v1.TagCheckpointRequest\x1a\x16.headway.v1.Checkpoint\x12N\n\x0b\x44\x65leteModel\x12\x1e.headway.v1.DeleteModelRequest\x1a\x1f.headway.v1.DeleteModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,10 +50,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETHEADREQUEST']._serialized_end=538
   _globals['_SETHEADREQUEST']._serialized_start=540
   _globals['_SETHEADREQUEST']._serialized_end=591
-  _globals['_DELETEMODELREQUEST']._serialized_start=593
-  _globals['_DELETEMODELREQUEST']._serialized_end=628
-  _globals['_DELETEMODELRESPONSE']._serialized_start=630
-  _globals['_DELETEMODELRESPONSE']._serialized_end=651
-  _globals['_MODELSERVICE']._serialized_start=654
-  _globals['_MODELSERVICE']._serialized_end=1223
+  _globals['_TAGCHECKPOINTREQUEST']._serialized_start=593
+  _globals['_TAGCHECKPOINTREQUEST']._serialized_end=679
+  _globals['_DELETEMODELREQUEST']._serialized_start=681
+  _globals['_DELETEMODELREQUEST']._serialized_end=716
+  _globals['_DELETEMODELRESPONSE']._serialized_start=718
+  _globals['_DELETEMODELRESPONSE']._serialized_end=739
+  _globals['_MODELSERVICE']._serialized_start=742
+  _globals['_MODELSERVICE']._serialized_end=1386
 # @@protoc_insertion_point(module_scope)

@@ -75,6 +75,18 @@ class SetHeadRequest(_message.Message):
     checkpoint: str
     def __init__(self, model: _Optional[str] = ..., checkpoint: _Optional[str] = ...) -> None: ...
 
+class TagCheckpointRequest(_message.Message):
+    __slots__ = ("model", "checkpoint", "tag", "remove")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    checkpoint: str
+    tag: str
+    remove: bool
+    def __init__(self, model: _Optional[str] = ..., checkpoint: _Optional[str] = ..., tag: _Optional[str] = ..., remove: _Optional[bool] = ...) -> None: ...
+
 class DeleteModelRequest(_message.Message):
     __slots__ = ("model",)
     MODEL_FIELD_NUMBER: _ClassVar[int]

@@ -71,6 +71,11 @@ class ModelServiceStub:
                 request_serializer=headway_dot_v1_dot_model__pb2.SetHeadRequest.SerializeToString,
                 response_deserializer=headway_dot_v1_dot_common__pb2.Checkpoint.FromString,
                 _registered_method=True)
+        self.TagCheckpoint = channel.unary_unary(
+                '/headway.v1.ModelService/TagCheckpoint',
+                request_serializer=headway_dot_v1_dot_model__pb2.TagCheckpointRequest.SerializeToString,
+                response_deserializer=headway_dot_v1_dot_common__pb2.Checkpoint.FromString,
+                _registered_method=True)
         self.DeleteModel = channel.unary_unary(
                 '/headway.v1.ModelService/DeleteModel',
                 request_serializer=headway_dot_v1_dot_model__pb2.DeleteModelRequest.SerializeToString,
@@ -160,6 +165,21 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TagCheckpoint(self, request, context):
+        """Names a checkpoint of a model of the caller's team with a tag (or removes a tag).
+        A tag is accepted wherever a checkpoint id of the model is (SetHead, ForkModel's
+        checkpoint, a KL reference, ...) and listed on its checkpoint (Checkpoint.tags).
+        Returns the checkpoint the tag names (named before its removal).
+        Errors: INVALID_ARGUMENT for an empty model or tag, or a tag that is not 1-64
+        letters, digits, '.', '_' or '-' starting with a letter, or is shaped like a
+        checkpoint id; NOT_FOUND for an unknown model or checkpoint, or removing a tag the
+        model does not have; ALREADY_EXISTS for a tag the model already has (remove it
+        first); FAILED_PRECONDITION for a base (read-only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteModel(self, request, context):
         """Deletes a model of the caller's team with its checkpoints.
         Errors: INVALID_ARGUMENT for an empty model; NOT_FOUND for an unknown model;
@@ -206,6 +226,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
             'SetHead': grpc.unary_unary_rpc_method_handler(
                     servicer.SetHead,
                     request_deserializer=headway_dot_v1_dot_model__pb2.SetHeadRequest.FromString,
+                    response_serializer=headway_dot_v1_dot_common__pb2.Checkpoint.SerializeToString,
+            ),
+            'TagCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.TagCheckpoint,
+                    request_deserializer=headway_dot_v1_dot_model__pb2.TagCheckpointRequest.FromString,
                     response_serializer=headway_dot_v1_dot_common__pb2.Checkpoint.SerializeToString,
             ),
             'DeleteModel': grpc.unary_unary_rpc_method_handler(
@@ -403,6 +428,33 @@ class ModelService:
             target,
             '/headway.v1.ModelService/SetHead',
             headway_dot_v1_dot_model__pb2.SetHeadRequest.SerializeToString,
+            headway_dot_v1_dot_common__pb2.Checkpoint.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TagCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headway.v1.ModelService/TagCheckpoint',
+            headway_dot_v1_dot_model__pb2.TagCheckpointRequest.SerializeToString,
             headway_dot_v1_dot_common__pb2.Checkpoint.FromString,
             options,
             channel_credentials,
