@@ -119,9 +119,8 @@ class Gateway:
     def pin(self, model: str, checkpoint: str, team: str) -> str:
         """The checkpoint that serves a request: the caller's pin, else the store's head."""
         self.model(model, team)
-        if checkpoint:
-            self.store.get_checkpoint(model, checkpoint)  # NotFound for an unknown pin
-            return checkpoint
+        if checkpoint:  # by id or tag; NotFound for an unknown pin
+            return self.store.get_checkpoint(model, checkpoint).id
         return self.store.head(model)
 
     # -------------------------------------------------------------- trainer

@@ -35,8 +35,8 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         """The model (if the team sees it) and the checkpoint that serves the request."""
         record = self.store.visible_model(model, team)
         ckpt = checkpoint or self.store.head(model)
-        self.store.get_checkpoint(model, ckpt)  # NotFound for an unknown checkpoint
-        return record, ckpt
+        # By id or tag; NotFound for an unknown checkpoint.
+        return record, self.store.get_checkpoint(model, ckpt).id
 
     def _tokenizer(self, record: ModelRecord) -> Tokenizer:
         base = record.base

@@ -1,7 +1,8 @@
 """Checkpoint tags (issue 17 §4): a name for a checkpoint, accepted wherever a checkpoint
-id is (SetHead, ForkModel's checkpoint, a KL reference), listed on its checkpoint; a tag
-that exists, a bad name, an unknown checkpoint or a base are refused and change nothing;
-another team's model is not seen. Through the trainer, the SDK and the CLI."""
+id is (SetHead, ForkModel's checkpoint, a KL reference, a Sample's pin), listed on its
+checkpoint; a tag that exists, a bad name, an unknown checkpoint or a base are refused and
+change nothing; another team's model is not seen. Through the trainer, the SDK and the
+CLI."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import asyncio
 import grpc
 import pytest
 
-from headway import AlreadyExists, ModelClient, NotFound
+from headway import AlreadyExists, ModelClient, NotFound, SamplingClient
 from headway.cli import main
 from headway.v1 import model_pb2, training_pb2
 from tests.helpers_training import adam, batch
@@ -125,6 +126,10 @@ def test_tags_from_the_sdk_and_the_cli(gateway_stack, monkeypatch, capsys):
             assert tagged.id == root and tagged.tags == ["start"]
             with pytest.raises(AlreadyExists, match="already names checkpoint"):
                 await models.tag("m", root, "start")
+            # A Sample pinned by tag is served by (and names) the tagged checkpoint.
+            async with SamplingClient("m", url=stack.gateway.server.address) as sampler:
+                result = await sampler.sample([1, 2, 3], max_tokens=2, checkpoint="start")
+            assert result.checkpoint == root
             assert (await models.untag("m", "start")).id == root
             with pytest.raises(NotFound):
                 await models.untag("m", "start")
