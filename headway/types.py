@@ -170,6 +170,9 @@ class ModelInfo:
     vocab_size: int
     max_context: int
     team: str
+    # What `SetRetention` keeps ({"keep_last", "keep_every", "keep_lineage"}), None if all.
+    retention: dict[str, int] | None = None
+    store_bytes: int = 0  # its own files in the store, when listed with sizes
 
     @classmethod
     def from_proto(cls, m: common_pb2.Model) -> ModelInfo:
@@ -188,7 +191,17 @@ class ModelInfo:
             vocab_size=m.vocab_size,
             max_context=m.max_context,
             team=m.team,
+            retention=_retention(m.retention) if m.HasField("retention") else None,
+            store_bytes=m.store_bytes,
         )
+
+
+def _retention(policy: common_pb2.RetentionPolicy) -> dict[str, int]:
+    return {
+        "keep_last": policy.keep_last,
+        "keep_every": policy.keep_every,
+        "keep_lineage": policy.keep_lineage,
+    }
 
 
 @dataclass

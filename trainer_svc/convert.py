@@ -17,10 +17,10 @@ def timestamp(seconds: float) -> Timestamp:
 
 
 def model_pb(
-    store: CheckpointStore, record: ModelRecord, show_path: bool = False
+    store: CheckpointStore, record: ModelRecord, show_path: bool = False, size: bool = False
 ) -> common_pb2.Model:
     """The contract's Model; a base's server path only with `show_path` (admins: others
-    learn nothing of the server's filesystem)."""
+    learn nothing of the server's filesystem); its bytes in the store with `size`."""
     head = store.head_checkpoint(record.slug)
     msg = common_pb2.Model(
         slug=record.slug,
@@ -41,6 +41,12 @@ def model_pb(
     )
     if record.lora:
         msg.lora.CopyFrom(common_pb2.LoraConfig(**record.lora))
+    if not record.is_base:
+        policy = store.retention(record.slug)
+        if policy.active:
+            msg.retention.CopyFrom(common_pb2.RetentionPolicy(**policy.to_json()))
+        if size:
+            msg.store_bytes = store.model_bytes(record.slug)
     return msg
 
 

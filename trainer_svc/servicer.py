@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from headway.errors import InvalidArgument
 from headway.server.grpc import caller, maps_errors, team_of
+from headway.store.retention import Retention
 from headway.v1 import common_pb2, model_pb2, model_pb2_grpc, training_pb2, training_pb2_grpc
 from trainer_svc import calls, convert, losses
 from trainer_svc.adapters import LoraRequest
@@ -28,8 +31,13 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     ) -> model_pb2.ListModelsResponse:
         who = caller(context)
         models = self.trainer.list_models(who.team)
+        size = request.with_size
+
+        def listed() -> list[common_pb2.Model]:  # sizes walk the files: off the loop
+            return [convert.model_pb(self.store, m, who.admin, size) for m in models]
+
         return model_pb2.ListModelsResponse(
-            models=[convert.model_pb(self.store, m, who.admin) for m in models]
+            models=await asyncio.to_thread(listed) if size else listed()
         )
 
     @maps_errors
@@ -109,6 +117,39 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             remove=request.remove,
         )
         return convert.checkpoint_pb(self.store, record)
+
+    @maps_errors
+    async def DeleteCheckpoint(
+        self, request: model_pb2.DeleteCheckpointRequest, context: Ctx
+    ) -> model_pb2.DeleteCheckpointResponse:
+        if not request.checkpoint:
+            raise InvalidArgument("checkpoint is empty: give the id of the checkpoint to delete")
+        freed = await self.trainer.delete_checkpoint(
+            required_model(request.model, "model"), request.checkpoint, team_of(context)
+        )
+        return model_pb2.DeleteCheckpointResponse(freed_bytes=freed)
+
+    @maps_errors
+    async def PruneCheckpoints(
+        self, request: model_pb2.PruneCheckpointsRequest, context: Ctx
+    ) -> model_pb2.PruneCheckpointsResponse:
+        policy = _retention(request.policy) if request.HasField("policy") else None
+        deleted, kept, freed = await self.trainer.prune(
+            required_model(request.model, "model"), policy, team_of(context), request.dry_run
+        )
+        return model_pb2.PruneCheckpointsResponse(
+            deleted=[r.id for r in deleted], kept=kept, freed_bytes=freed
+        )
+
+    @maps_errors
+    async def SetRetention(
+        self, request: model_pb2.SetRetentionRequest, context: Ctx
+    ) -> common_pb2.Model:
+        who = caller(context)
+        record = await self.trainer.set_retention(
+            required_model(request.model, "model"), _retention(request.policy), who.team
+        )
+        return convert.model_pb(self.store, record, who.admin)
 
     @maps_errors
     async def DeleteModel(
@@ -191,3 +232,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                 for loss in losses.LOSSES.values()
             ]
         )
+
+
+def _retention(policy: common_pb2.RetentionPolicy) -> Retention:
+    """The request's policy (InvalidArgument for a negative rule)."""
+    return Retention(policy.keep_last, policy.keep_every, policy.keep_lineage)

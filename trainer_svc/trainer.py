@@ -40,6 +40,7 @@ from headway.store import (
     ModelRecord,
     check_slug,
 )
+from headway.store.retention import Retention
 from trainer_svc import batches, compute, losses, precision
 from trainer_svc.adapters import LoraRequest
 from trainer_svc.bases import base_directory, validate_base
@@ -464,7 +465,57 @@ class Trainer:
         state.head = record
         state.reset_accumulation()
         await self.heads.publish(slug, record)
+        await self._apply_retention(slug)
         return self._optim_result(record)
+
+    async def _apply_retention(self, slug: str) -> None:
+        """Prune the model by its retention policy, if it has one, after a step: what is
+        still being written stays for the next step's prune (nothing waits), and a
+        failure is logged (the step stands)."""
+        policy = self.store.retention(slug)
+        if not policy.active:
+            return
+        try:
+            deleted, _, freed = await asyncio.to_thread(self.store.prune, slug, policy, False, True)
+        except Exception:
+            log.exception("retention of %s failed; its checkpoints stay", slug)
+            return
+        if deleted:
+            log.info(
+                "retention of %s deleted %d checkpoint(s), %.1f MB", slug, len(deleted), freed / 1e6
+            )
+
+    async def delete_checkpoint(self, slug: str, ckpt_id: str, team: str) -> int:
+        """Delete one checkpoint of `slug` (see `CheckpointStore.delete_checkpoint`); the
+        bytes freed."""
+        model = self.trainable(slug, team)
+        async with self._lock(slug):
+            self._still(model, team)
+            return await asyncio.to_thread(self.store.delete_checkpoint, slug, ckpt_id)
+
+    async def prune(
+        self, slug: str, policy: Retention | None, team: str, dry_run: bool
+    ) -> tuple[list[CheckpointRecord], dict[str, str], int]:
+        """Apply `policy` (None: the model's own) to `slug` now; see `CheckpointStore.prune`."""
+        model = self.trainable(slug, team)
+        policy = policy if policy is not None else self.store.retention(slug)
+        if not policy.active:
+            raise InvalidArgument(
+                f"no retention rule to prune {slug!r} by: give keep_last, keep_every or "
+                "keep_lineage (or set the model's policy: SetRetention)"
+            )
+        async with self._lock(slug):
+            self._still(model, team)
+            return await asyncio.to_thread(self.store.prune, slug, policy, dry_run)
+
+    async def set_retention(self, slug: str, policy: Retention, team: str) -> ModelRecord:
+        """Keep `policy` as `slug`'s retention policy and apply it once now."""
+        model = self.trainable(slug, team)
+        async with self._lock(slug):
+            self._still(model, team)
+            await asyncio.to_thread(self.store.set_retention, slug, policy)
+            await self._apply_retention(slug)
+        return model
 
     def _apply_and_save(self, state: ModelState, adam: AdamArgs, record: CheckpointRecord) -> None:
         waiting = time.perf_counter()

@@ -55,12 +55,58 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
 
 def _list(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        models = client.list_models()
+        models = client.list_models(with_size=args.size)
     rows = []
     for m in models:
         kind = f"lora r{m.lora_rank}" if m.kind == "lora" else m.kind
-        rows.append([m.slug, m.base, "yes" if m.trainable else "no", kind, str(m.head_step)])
-    _table(rows, ["SLUG", "BASE", "TRAINABLE", "KIND", "HEAD STEP"])
+        row = [m.slug, m.base, "yes" if m.trainable else "no", kind, str(m.head_step)]
+        rows.append(row + ([_size(m.store_bytes) if m.trainable else "-"] if args.size else []))
+    _table(rows, ["SLUG", "BASE", "TRAINABLE", "KIND", "HEAD STEP"] + (["STORE"] * args.size))
+    if args.size:
+        teams: dict[str, int] = {}
+        for m in models:
+            if m.trainable:
+                teams[m.team] = teams.get(m.team, 0) + m.store_bytes
+        for team, total in sorted(teams.items()):
+            print(f"team {team or '(local)'}: {_size(total)} in the store")
+    return 0
+
+
+def _size(n: int) -> str:
+    """Bytes for people: 1.5 GB, 320.0 MB, 12.0 kB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _prune(args: argparse.Namespace) -> int:
+    rules = {"keep_last": args.keep_last, "keep_every": args.keep_every,
+             "keep_lineage": args.keep_lineage}  # fmt: skip
+    with _client(args) as client:
+        if args.save:
+            client.set_retention(args.model, **rules)
+            print(f"retention of {args.model}: {_rules(rules)}, applied after every step")
+            return 0
+        pruned = client.prune(args.model, dry_run=args.dry_run, **rules)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb} {len(pruned.deleted)} checkpoint(s), {_size(pruned.freed_bytes)}")
+    for ckpt in pruned.deleted:
+        print(f"  - {ckpt}")
+    for ckpt, why in sorted(pruned.kept.items()):
+        print(f"  = {ckpt}  ({why})")
+    return 0
+
+
+def _rules(rules: dict[str, int]) -> str:
+    said = [f"{k.replace('_', ' ')} {v}" for k, v in rules.items() if v]
+    return ", ".join(said) or "keep everything"
+
+
+def _delete_checkpoint(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        freed = client.delete_checkpoint(args.model, args.checkpoint)
+    print(f"deleted checkpoint {args.checkpoint} of {args.model} ({_size(freed)})")
     return 0
 
 
@@ -271,7 +317,12 @@ def add_commands(commands: Any) -> CommandFactory:
         p.set_defaults(func=_run(f"models {name}", fn))
         return p
 
-    command("list", _list, "list the models you can see (slug, base, trainable, kind, head step)")
+    p = command(
+        "list", _list, "list the models you can see (slug, base, trainable, kind, head step)"
+    )
+    p.add_argument(
+        "--size", action="store_true", help="with each model's and team's bytes in the store"
+    )
     p = command("fork", _fork, "fork a trainable model from a base or one of your models")
     p.add_argument("source")
     p.add_argument("--name", required=True)
@@ -302,6 +353,30 @@ def add_commands(commands: Any) -> CommandFactory:
     p.add_argument("checkpoint", nargs="?", default="", help="id or tag (not with --delete)")
     p.add_argument("name")
     p.add_argument("--delete", action="store_true", help="remove the tag NAME")
+    p = command(
+        "prune",
+        _prune,
+        "delete the checkpoints these rules do not keep (none: the model's own policy); the "
+        "head, the root, tagged checkpoints and those other models are built on always stay",
+    )
+    p.add_argument("model")
+    p.add_argument("--keep-last", type=int, default=0, metavar="K", help="the K newest")
+    p.add_argument("--keep-every", type=int, default=0, metavar="M", help="steps multiple of M")
+    p.add_argument(
+        "--keep-lineage", type=int, default=0, metavar="D", help="the head's last D ancestors"
+    )
+    p.add_argument("--dry-run", action="store_true", help="only say what would go")
+    p.add_argument(
+        "--save", action="store_true", help="make these the model's policy, applied every step"
+    )
+    p = command(
+        "delete-checkpoint",
+        _delete_checkpoint,
+        "delete one checkpoint (refused, with the reason, for the head, the root, a tagged "
+        "one, and one another model is built on)",
+    )
+    p.add_argument("model")
+    p.add_argument("checkpoint", help="id or tag")
     p = command(
         "add-base",
         _add_base,

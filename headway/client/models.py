@@ -1,8 +1,11 @@
 """`ModelClient`: the model catalogue and checkpoint trees from Python, what the CLI's
-`headway models ...` does: list, get, fork, add a base (admin keys), delete, a model's
-checkpoints, its head and moving it (rollback / branch point)."""
+`headway models ...` does: list (with store sizes), get, fork, add a base (admin keys),
+delete, a model's checkpoints, its head and moving it (rollback / branch point), tags,
+deleting a checkpoint, pruning and retention."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from headway.client import rpcs
 from headway.client.base import GatewayClient
@@ -19,9 +22,10 @@ class ModelClient(GatewayClient):
         """A blocking client with the same settings."""
         return SyncModelClient(**self.settings.options())
 
-    async def list_models(self) -> list[ModelInfo]:
-        """Every model the caller can see: the bases and the team's forks."""
-        reply = await self._call(rpcs.list_models())
+    async def list_models(self, with_size: bool = False) -> list[ModelInfo]:
+        """Every model the caller can see: the bases and the team's forks (`with_size`:
+        with each one's bytes in the store, `ModelInfo.store_bytes`)."""
+        reply = await self._call(rpcs.list_models(with_size))
         return [ModelInfo.from_proto(m) for m in reply.models]
 
     async def get(self, model: str) -> ModelInfo:
@@ -79,6 +83,48 @@ class ModelClient(GatewayClient):
     async def untag(self, model: str, name: str) -> Checkpoint:
         """Remove the tag `name` of `model`; the checkpoint it named."""
         return Checkpoint.from_proto(await self._call(rpcs.tag(model, "", name, remove=True)))
+
+    async def delete_checkpoint(self, model: str, checkpoint: str | Checkpoint) -> int:
+        """Delete one checkpoint (id, tag or `Checkpoint`) of `model`; the bytes freed.
+        FailedPrecondition, saying why, for the head, the root, a tagged checkpoint and
+        one another model is built on."""
+        ckpt = checkpoint.id if isinstance(checkpoint, Checkpoint) else checkpoint
+        return (await self._call(rpcs.delete_checkpoint(model, ckpt))).freed_bytes
+
+    async def prune(
+        self,
+        model: str,
+        *,
+        keep_last: int = 0,
+        keep_every: int = 0,
+        keep_lineage: int = 0,
+        dry_run: bool = False,
+    ) -> Pruned:
+        """Delete the checkpoints of `model` these rules do not keep (none given: the
+        model's own policy); `dry_run` only reports. The head, the root, tagged
+        checkpoints and those other models are built on always stay."""
+        rules = (keep_last, keep_every, keep_lineage)
+        policy = rpcs.retention_policy(*rules) if any(rules) else None
+        reply = await self._call(rpcs.prune(model, policy, dry_run))
+        return Pruned(list(reply.deleted), dict(reply.kept), reply.freed_bytes)
+
+    async def set_retention(
+        self, model: str, *, keep_last: int = 0, keep_every: int = 0, keep_lineage: int = 0
+    ) -> ModelInfo:
+        """The model's retention policy, applied now and after each optim step (all 0:
+        keep everything)."""
+        policy = rpcs.retention_policy(keep_last, keep_every, keep_lineage)
+        return ModelInfo.from_proto(await self._call(rpcs.set_retention(model, policy)))
+
+
+@dataclass
+class Pruned:
+    """What a prune deleted (or would, dry run), why each other checkpoint stayed, and
+    the bytes freed."""
+
+    deleted: list[str]
+    kept: dict[str, str]
+    freed_bytes: int
 
 
 @blocking_twin(ModelClient)

@@ -194,9 +194,9 @@ def available_losses(model: str) -> Call:
 # --------------------------------------------------------------------- ModelService
 
 
-def list_models() -> Call:
-    """ListModels: the models the caller can see."""
-    return Call(_MODELS, "ListModels", model_pb2.ListModelsRequest())
+def list_models(with_size: bool = False) -> Call:
+    """ListModels: the models the caller can see (with their bytes in the store)."""
+    return Call(_MODELS, "ListModels", model_pb2.ListModelsRequest(with_size=with_size))
 
 
 def get_model(model: str) -> Call:
@@ -249,6 +249,30 @@ def tag(model: str, checkpoint: str, name: str, remove: bool = False) -> Call:
         model=model, checkpoint=checkpoint, tag=name, remove=remove
     )
     return Call(_MODELS, "TagCheckpoint", request)
+
+
+def delete_checkpoint(model: str, checkpoint: str) -> Call:
+    """DeleteCheckpoint: remove one checkpoint of `model`."""
+    request = model_pb2.DeleteCheckpointRequest(model=model, checkpoint=checkpoint)
+    return Call(_MODELS, "DeleteCheckpoint", request)
+
+
+def retention_policy(keep_last: int, keep_every: int, keep_lineage: int) -> Any:
+    """A RetentionPolicy message."""
+    return common_pb2.RetentionPolicy(
+        keep_last=keep_last, keep_every=keep_every, keep_lineage=keep_lineage
+    )
+
+
+def prune(model: str, policy: Any | None, dry_run: bool) -> Call:
+    """PruneCheckpoints: delete what `policy` (None: the model's own) does not keep."""
+    request = model_pb2.PruneCheckpointsRequest(model=model, policy=policy, dry_run=dry_run)
+    return Call(_MODELS, "PruneCheckpoints", request)
+
+
+def set_retention(model: str, policy: Any) -> Call:
+    """SetRetention: the model's policy, applied after each optim step."""
+    return Call(_MODELS, "SetRetention", model_pb2.SetRetentionRequest(model=model, policy=policy))
 
 
 # ------------------------------------------------------------------ SamplingService

@@ -49,6 +49,7 @@ from headway.store import atomic
 from headway.store.durable import Syncer, background_priority
 from headway.store.pages import has_hole, make_spare
 from headway.store.records import CheckpointRecord, CheckpointRef, ModelRecord
+from headway.store.retention import Retention, kept
 
 # Matched whole (`fullmatch`): `$` would also accept a trailing newline ("tiny\n").
 SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -60,6 +61,7 @@ CHECKPOINT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TAG_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
 _ID_LIKE = re.compile(r"s\d{6}-.*")
 TAGS_FILE = "tags.json"
+RETENTION_FILE = "retention.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -329,6 +331,117 @@ class CheckpointStore:
             if not meta.is_file():  # the tagged checkpoint was deleted under it
                 raise NotFound(f"tag {ckpt_id!r} of model {slug!r} names no checkpoint now")
         return CheckpointRecord.from_json(json.loads(meta.read_text()))
+
+    # ------------------------------------------------------ deletes and pruning
+    def built_on(self, slug: str) -> dict[str, str]:
+        """Checkpoints of `slug` other models are built on, id → which models: a fork
+        whose root references its files, a LoRA fork over its weights as frozen ones."""
+        out: dict[str, list[str]] = {}
+        for rec in self.list_models():
+            if rec.slug == slug:
+                continue
+            if rec.frozen is not None and rec.frozen.model == slug:
+                out.setdefault(rec.frozen.checkpoint, []).append(rec.slug)
+            if rec.source == slug:
+                root = self.root_checkpoint(rec.slug)
+                if root.ref is not None and root.ref.model == slug:
+                    out.setdefault(root.ref.checkpoint, []).append(rec.slug)
+        return {ckpt: ", ".join(sorted(set(models))) for ckpt, models in out.items()}
+
+    def protected(self, slug: str) -> dict[str, str]:
+        """Checkpoints of `slug` that no retention policy removes, id → why: those tagged
+        and those other models are built on (see `retention.kept`)."""
+        out = {
+            ckpt: f"models {models} are built on it" for ckpt, models in self.built_on(slug).items()
+        }
+        for name, ckpt in sorted(self.tags(slug).items()):
+            out.setdefault(ckpt, f"tagged {name!r}")
+        return out
+
+    def delete_checkpoint(self, slug: str, ckpt_id: str) -> int:
+        """Delete checkpoint `ckpt_id` (an id or a tag) of `slug`: the bytes its files held.
+        FailedPrecondition for the head, the root, a tagged checkpoint and one other
+        models are built on, saying why. Its children keep it as their `parent_id` (the
+        tree lists them from there)."""
+        record = self.get_checkpoint(slug, ckpt_id)
+        why = self._kept_whatever(slug, record)
+        if why:
+            raise FailedPrecondition(
+                f"checkpoint {record.id} of model {slug!r} cannot be deleted: it is {why}"
+            )
+        return self._remove_checkpoint(record)
+
+    def prune(
+        self, slug: str, policy: Retention, dry_run: bool = False, skip_pending: bool = False
+    ) -> tuple[list[CheckpointRecord], dict[str, str], int]:
+        """Apply `policy` to `slug`: (the checkpoints deleted, or that would be with
+        `dry_run`, oldest first; id → why each other one is kept; bytes freed). With
+        `skip_pending`, a checkpoint whose background write or fsync is not done stays
+        (for the next prune): nothing waits."""
+        records = self.list_checkpoints(slug)
+        reasons = kept(records, policy, self.head(slug), self.protected(slug))
+        if skip_pending:
+            for r in records:
+                if r.id not in reasons and self._pending(r):
+                    reasons[r.id] = "still being written"
+        doomed = [r for r in records if r.id not in reasons]
+        freed = sum(self._owned_bytes(r) for r in doomed)
+        if not dry_run:
+            for r in doomed:
+                self._remove_checkpoint(r)
+        return doomed, reasons, freed
+
+    def retention(self, slug: str) -> Retention:
+        """The model's retention policy (applied after each optim step); inactive if none."""
+        try:
+            raw = json.loads((self.model_dir(slug) / RETENTION_FILE).read_text())
+        except FileNotFoundError:
+            return Retention()
+        return Retention(**raw)
+
+    def set_retention(self, slug: str, policy: Retention) -> None:
+        """Keep `policy` as the model's retention policy (an inactive one: none)."""
+        path = self.model_dir(slug) / RETENTION_FILE
+        atomic.write_bytes(path, json.dumps(policy.to_json()).encode(), sync=self.sync)
+        if not self.sync:
+            self.syncer.submit(f"{slug}/{RETENTION_FILE}", [path, path.parent])
+
+    def model_bytes(self, slug: str) -> int:
+        """Bytes the model's own files take in the store (referenced files not counted)."""
+        return sum(f.stat().st_size for f in self.model_dir(slug).rglob("*") if f.is_file())
+
+    def _kept_whatever(self, slug: str, record: CheckpointRecord) -> str:
+        """Why no delete may remove `record` ("" if one may)."""
+        if record.id == self.head(slug):
+            return "the model's head (move the head first: set_head)"
+        if record.step == 0:
+            return "the model's root, the weights it was forked from (delete the model instead)"
+        return self.protected(slug).get(record.id, "")
+
+    def _pending(self, record: CheckpointRecord) -> bool:
+        """Whether a background write or fsync of `record`'s files is not done."""
+        directory = str(self.checkpoint_dir(record.model, record.id))
+        with self._deferred_lock:
+            deferred = directory in self._deferred
+        return deferred or (not self.sync and self.syncer.pending(directory))
+
+    def _owned_bytes(self, record: CheckpointRecord) -> int:
+        directory = self.checkpoint_dir(record.model, record.id)
+        return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+    def _remove_checkpoint(self, record: CheckpointRecord) -> int:
+        """Remove a checkpoint's directory once its background writes are done: renamed
+        away first (atomic: a crash leaves a leftover, never half a checkpoint)."""
+        directory = self.checkpoint_dir(record.model, record.id)
+        self.wait_deferred(record.model, record.id)
+        if not self.sync:
+            self.syncer.wait(str(directory))
+        size = self._owned_bytes(record)
+        doomed = directory.with_name(f"{atomic.TMP_PREFIX}deleted-{record.id}")
+        os.rename(directory, doomed)
+        atomic.fsync_dir(directory.parent)
+        shutil.rmtree(doomed, ignore_errors=True)
+        return size
 
     # -------------------------------------------------------------------- tags
     def tags(self, slug: str) -> dict[str, str]:

@@ -195,7 +195,7 @@ class LoraConfig(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("slug", "team", "is_base", "base", "source", "trainable", "lora", "full", "head_checkpoint", "head_step", "created", "model_type", "vocab_size", "max_context", "eos_token_ids", "path")
+    __slots__ = ("slug", "team", "is_base", "base", "source", "trainable", "lora", "full", "head_checkpoint", "head_step", "created", "model_type", "vocab_size", "max_context", "eos_token_ids", "path", "retention", "store_bytes")
     SLUG_FIELD_NUMBER: _ClassVar[int]
     TEAM_FIELD_NUMBER: _ClassVar[int]
     IS_BASE_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,8 @@ class Model(_message.Message):
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_FIELD_NUMBER: _ClassVar[int]
+    STORE_BYTES_FIELD_NUMBER: _ClassVar[int]
     slug: str
     team: str
     is_base: bool
@@ -228,4 +230,16 @@ class Model(_message.Message):
     max_context: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     path: str
-    def __init__(self, slug: _Optional[str] = ..., team: _Optional[str] = ..., is_base: _Optional[bool] = ..., base: _Optional[str] = ..., source: _Optional[str] = ..., trainable: _Optional[bool] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., full: _Optional[bool] = ..., head_checkpoint: _Optional[str] = ..., head_step: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., path: _Optional[str] = ...) -> None: ...
+    retention: RetentionPolicy
+    store_bytes: int
+    def __init__(self, slug: _Optional[str] = ..., team: _Optional[str] = ..., is_base: _Optional[bool] = ..., base: _Optional[str] = ..., source: _Optional[str] = ..., trainable: _Optional[bool] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., full: _Optional[bool] = ..., head_checkpoint: _Optional[str] = ..., head_step: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., path: _Optional[str] = ..., retention: _Optional[_Union[RetentionPolicy, _Mapping]] = ..., store_bytes: _Optional[int] = ...) -> None: ...
+
+class RetentionPolicy(_message.Message):
+    __slots__ = ("keep_last", "keep_every", "keep_lineage")
+    KEEP_LAST_FIELD_NUMBER: _ClassVar[int]
+    KEEP_EVERY_FIELD_NUMBER: _ClassVar[int]
+    KEEP_LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    keep_last: int
+    keep_every: int
+    keep_lineage: int
+    def __init__(self, keep_last: _Optional[int] = ..., keep_every: _Optional[int] = ..., keep_lineage: _Optional[int] = ...) -> None: ...

@@ -25,37 +25,51 @@ _sym_db = _symbol_database.Default()
 from headway.v1 import common_pb2 as headway_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16headway/v1/model.proto\x12\nheadway.v1\x1a\x17headway/v1/common.proto\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.headway.v1.Model\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\",\n\x0e\x41\x64\x64\x42\x61seRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x9c\x01\n\x10\x46orkModelRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x04lora\x18\x03 \x01(\x0b\x32\x16.headway.v1.LoraConfigH\x00\x12\x0e\n\x04\x66ull\x18\x04 \x01(\x08H\x00\x12\x12\n\ncheckpoint\x18\x05 \x01(\t\x12\x16\n\x0ewith_optimizer\x18\x06 \x01(\x08\x42\x06\n\x04mode\"\'\n\x16ListCheckpointsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"T\n\x17ListCheckpointsResponse\x12+\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x16.headway.v1.Checkpoint\x12\x0c\n\x04head\x18\x02 \x01(\t\"\x1f\n\x0eGetHeadRequest\x12\r\n\x05model\x18\x01 \x01(\t\"3\n\x0eSetHeadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\"V\n\x14TagCheckpointRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\x0e\n\x06remove\x18\x04 \x01(\x08\"#\n\x12\x44\x65leteModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteModelResponse2\x84\x05\n\x0cModelService\x12K\n\nListModels\x12\x1d.headway.v1.ListModelsRequest\x1a\x1e.headway.v1.ListModelsResponse\x12:\n\x08GetModel\x12\x1b.headway.v1.GetModelRequest\x1a\x11.headway.v1.Model\x12\x38\n\x07\x41\x64\x64\x42\x61se\x12\x1a.headway.v1.AddBaseRequest\x1a\x11.headway.v1.Model\x12<\n\tForkModel\x12\x1c.headway.v1.ForkModelRequest\x1a\x11.headway.v1.Model\x12Z\n\x0fListCheckpoints\x12\".headway.v1.ListCheckpointsRequest\x1a#.headway.v1.ListCheckpointsResponse\x12=\n\x07GetHead\x12\x1a.headway.v1.GetHeadRequest\x1a\x16.headway.v1.Checkpoint\x12=\n\x07SetHead\x12\x1a.headway.v1.SetHeadRequest\x1a\x16.headway.v1.Checkpoint\x12I\n\rTagCheckpoint\x12 .headway.v1.TagCheckpointRequest\x1a\x16.headway.v1.Checkpoint\x12N\n\x0b\x44\x65leteModel\x12\x1e.headway.v1.DeleteModelRequest\x1a\x1f.headway.v1.DeleteModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16headway/v1/model.proto\x12\nheadway.v1\x1a\x17headway/v1/common.proto\"&\n\x11ListModelsRequest\x12\x11\n\twith_size\x18\x01 \x01(\x08\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.headway.v1.Model\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\",\n\x0e\x41\x64\x64\x42\x61seRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x9c\x01\n\x10\x46orkModelRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x04lora\x18\x03 \x01(\x0b\x32\x16.headway.v1.LoraConfigH\x00\x12\x0e\n\x04\x66ull\x18\x04 \x01(\x08H\x00\x12\x12\n\ncheckpoint\x18\x05 \x01(\t\x12\x16\n\x0ewith_optimizer\x18\x06 \x01(\x08\x42\x06\n\x04mode\"\'\n\x16ListCheckpointsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"T\n\x17ListCheckpointsResponse\x12+\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x16.headway.v1.Checkpoint\x12\x0c\n\x04head\x18\x02 \x01(\t\"\x1f\n\x0eGetHeadRequest\x12\r\n\x05model\x18\x01 \x01(\t\"3\n\x0eSetHeadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\"V\n\x14TagCheckpointRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\x0e\n\x06remove\x18\x04 \x01(\x08\"<\n\x17\x44\x65leteCheckpointRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\"/\n\x18\x44\x65leteCheckpointResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03\"f\n\x17PruneCheckpointsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x06policy\x18\x02 \x01(\x0b\x32\x1b.headway.v1.RetentionPolicy\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"\xab\x01\n\x18PruneCheckpointsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x03(\t\x12<\n\x04kept\x18\x02 \x03(\x0b\x32..headway.v1.PruneCheckpointsResponse.KeptEntry\x12\x13\n\x0b\x66reed_bytes\x18\x03 \x01(\x03\x1a+\n\tKeptEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Q\n\x13SetRetentionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x06policy\x18\x02 \x01(\x0b\x32\x1b.headway.v1.RetentionPolicy\"#\n\x12\x44\x65leteModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteModelResponse2\x86\x07\n\x0cModelService\x12K\n\nListModels\x12\x1d.headway.v1.ListModelsRequest\x1a\x1e.headway.v1.ListModelsResponse\x12:\n\x08GetModel\x12\x1b.headway.v1.GetModelRequest\x1a\x11.headway.v1.Model\x12\x38\n\x07\x41\x64\x64\x42\x61se\x12\x1a.headway.v1.AddBaseRequest\x1a\x11.headway.v1.Model\x12<\n\tForkModel\x12\x1c.headway.v1.ForkModelRequest\x1a\x11.headway.v1.Model\x12Z\n\x0fListCheckpoints\x12\".headway.v1.ListCheckpointsRequest\x1a#.headway.v1.ListCheckpointsResponse\x12=\n\x07GetHead\x12\x1a.headway.v1.GetHeadRequest\x1a\x16.headway.v1.Checkpoint\x12=\n\x07SetHead\x12\x1a.headway.v1.SetHeadRequest\x1a\x16.headway.v1.Checkpoint\x12I\n\rTagCheckpoint\x12 .headway.v1.TagCheckpointRequest\x1a\x16.headway.v1.Checkpoint\x12]\n\x10\x44\x65leteCheckpoint\x12#.headway.v1.DeleteCheckpointRequest\x1a$.headway.v1.DeleteCheckpointResponse\x12]\n\x10PruneCheckpoints\x12#.headway.v1.PruneCheckpointsRequest\x1a$.headway.v1.PruneCheckpointsResponse\x12\x42\n\x0cSetRetention\x12\x1f.headway.v1.SetRetentionRequest\x1a\x11.headway.v1.Model\x12N\n\x0b\x44\x65leteModel\x12\x1e.headway.v1.DeleteModelRequest\x1a\x1f.headway.v1.DeleteModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'headway.v1.model_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PRUNECHECKPOINTSRESPONSE_KEPTENTRY']._loaded_options = None
+  _globals['_PRUNECHECKPOINTSRESPONSE_KEPTENTRY']._serialized_options = b'8\001'
   _globals['_LISTMODELSREQUEST']._serialized_start=63
-  _globals['_LISTMODELSREQUEST']._serialized_end=82
-  _globals['_LISTMODELSRESPONSE']._serialized_start=84
-  _globals['_LISTMODELSRESPONSE']._serialized_end=139
-  _globals['_GETMODELREQUEST']._serialized_start=141
-  _globals['_GETMODELREQUEST']._serialized_end=173
-  _globals['_ADDBASEREQUEST']._serialized_start=175
-  _globals['_ADDBASEREQUEST']._serialized_end=219
-  _globals['_FORKMODELREQUEST']._serialized_start=222
-  _globals['_FORKMODELREQUEST']._serialized_end=378
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=380
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=419
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=421
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=505
-  _globals['_GETHEADREQUEST']._serialized_start=507
-  _globals['_GETHEADREQUEST']._serialized_end=538
-  _globals['_SETHEADREQUEST']._serialized_start=540
-  _globals['_SETHEADREQUEST']._serialized_end=591
-  _globals['_TAGCHECKPOINTREQUEST']._serialized_start=593
-  _globals['_TAGCHECKPOINTREQUEST']._serialized_end=679
-  _globals['_DELETEMODELREQUEST']._serialized_start=681
-  _globals['_DELETEMODELREQUEST']._serialized_end=716
-  _globals['_DELETEMODELRESPONSE']._serialized_start=718
-  _globals['_DELETEMODELRESPONSE']._serialized_end=739
-  _globals['_MODELSERVICE']._serialized_start=742
-  _globals['_MODELSERVICE']._serialized_end=1386
+  _globals['_LISTMODELSREQUEST']._serialized_end=101
+  _globals['_LISTMODELSRESPONSE']._serialized_start=103
+  _globals['_LISTMODELSRESPONSE']._serialized_end=158
+  _globals['_GETMODELREQUEST']._serialized_start=160
+  _globals['_GETMODELREQUEST']._serialized_end=192
+  _globals['_ADDBASEREQUEST']._serialized_start=194
+  _globals['_ADDBASEREQUEST']._serialized_end=238
+  _globals['_FORKMODELREQUEST']._serialized_start=241
+  _globals['_FORKMODELREQUEST']._serialized_end=397
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=399
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=438
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=440
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=524
+  _globals['_GETHEADREQUEST']._serialized_start=526
+  _globals['_GETHEADREQUEST']._serialized_end=557
+  _globals['_SETHEADREQUEST']._serialized_start=559
+  _globals['_SETHEADREQUEST']._serialized_end=610
+  _globals['_TAGCHECKPOINTREQUEST']._serialized_start=612
+  _globals['_TAGCHECKPOINTREQUEST']._serialized_end=698
+  _globals['_DELETECHECKPOINTREQUEST']._serialized_start=700
+  _globals['_DELETECHECKPOINTREQUEST']._serialized_end=760
+  _globals['_DELETECHECKPOINTRESPONSE']._serialized_start=762
+  _globals['_DELETECHECKPOINTRESPONSE']._serialized_end=809
+  _globals['_PRUNECHECKPOINTSREQUEST']._serialized_start=811
+  _globals['_PRUNECHECKPOINTSREQUEST']._serialized_end=913
+  _globals['_PRUNECHECKPOINTSRESPONSE']._serialized_start=916
+  _globals['_PRUNECHECKPOINTSRESPONSE']._serialized_end=1087
+  _globals['_PRUNECHECKPOINTSRESPONSE_KEPTENTRY']._serialized_start=1044
+  _globals['_PRUNECHECKPOINTSRESPONSE_KEPTENTRY']._serialized_end=1087
+  _globals['_SETRETENTIONREQUEST']._serialized_start=1089
+  _globals['_SETRETENTIONREQUEST']._serialized_end=1170
+  _globals['_DELETEMODELREQUEST']._serialized_start=1172
+  _globals['_DELETEMODELREQUEST']._serialized_end=1207
+  _globals['_DELETEMODELRESPONSE']._serialized_start=1209
+  _globals['_DELETEMODELRESPONSE']._serialized_end=1230
+  _globals['_MODELSERVICE']._serialized_start=1233
+  _globals['_MODELSERVICE']._serialized_end=2135
 # @@protoc_insertion_point(module_scope)

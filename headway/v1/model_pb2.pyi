@@ -8,8 +8,10 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ListModelsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("with_size",)
+    WITH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    with_size: bool
+    def __init__(self, with_size: _Optional[bool] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -86,6 +88,55 @@ class TagCheckpointRequest(_message.Message):
     tag: str
     remove: bool
     def __init__(self, model: _Optional[str] = ..., checkpoint: _Optional[str] = ..., tag: _Optional[str] = ..., remove: _Optional[bool] = ...) -> None: ...
+
+class DeleteCheckpointRequest(_message.Message):
+    __slots__ = ("model", "checkpoint")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    checkpoint: str
+    def __init__(self, model: _Optional[str] = ..., checkpoint: _Optional[str] = ...) -> None: ...
+
+class DeleteCheckpointResponse(_message.Message):
+    __slots__ = ("freed_bytes",)
+    FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    freed_bytes: int
+    def __init__(self, freed_bytes: _Optional[int] = ...) -> None: ...
+
+class PruneCheckpointsRequest(_message.Message):
+    __slots__ = ("model", "policy", "dry_run")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    policy: _common_pb2.RetentionPolicy
+    dry_run: bool
+    def __init__(self, model: _Optional[str] = ..., policy: _Optional[_Union[_common_pb2.RetentionPolicy, _Mapping]] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class PruneCheckpointsResponse(_message.Message):
+    __slots__ = ("deleted", "kept", "freed_bytes")
+    class KeptEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    deleted: _containers.RepeatedScalarFieldContainer[str]
+    kept: _containers.ScalarMap[str, str]
+    freed_bytes: int
+    def __init__(self, deleted: _Optional[_Iterable[str]] = ..., kept: _Optional[_Mapping[str, str]] = ..., freed_bytes: _Optional[int] = ...) -> None: ...
+
+class SetRetentionRequest(_message.Message):
+    __slots__ = ("model", "policy")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    policy: _common_pb2.RetentionPolicy
+    def __init__(self, model: _Optional[str] = ..., policy: _Optional[_Union[_common_pb2.RetentionPolicy, _Mapping]] = ...) -> None: ...
 
 class DeleteModelRequest(_message.Message):
     __slots__ = ("model",)

@@ -76,6 +76,21 @@ class ModelServiceStub:
                 request_serializer=headway_dot_v1_dot_model__pb2.TagCheckpointRequest.SerializeToString,
                 response_deserializer=headway_dot_v1_dot_common__pb2.Checkpoint.FromString,
                 _registered_method=True)
+        self.DeleteCheckpoint = channel.unary_unary(
+                '/headway.v1.ModelService/DeleteCheckpoint',
+                request_serializer=headway_dot_v1_dot_model__pb2.DeleteCheckpointRequest.SerializeToString,
+                response_deserializer=headway_dot_v1_dot_model__pb2.DeleteCheckpointResponse.FromString,
+                _registered_method=True)
+        self.PruneCheckpoints = channel.unary_unary(
+                '/headway.v1.ModelService/PruneCheckpoints',
+                request_serializer=headway_dot_v1_dot_model__pb2.PruneCheckpointsRequest.SerializeToString,
+                response_deserializer=headway_dot_v1_dot_model__pb2.PruneCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.SetRetention = channel.unary_unary(
+                '/headway.v1.ModelService/SetRetention',
+                request_serializer=headway_dot_v1_dot_model__pb2.SetRetentionRequest.SerializeToString,
+                response_deserializer=headway_dot_v1_dot_common__pb2.Model.FromString,
+                _registered_method=True)
         self.DeleteModel = channel.unary_unary(
                 '/headway.v1.ModelService/DeleteModel',
                 request_serializer=headway_dot_v1_dot_model__pb2.DeleteModelRequest.SerializeToString,
@@ -180,6 +195,38 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteCheckpoint(self, request, context):
+        """Deletes one checkpoint of a model of the caller's team (its files). Its children keep
+        it as their parent_id. Returns the bytes freed.
+        Errors: INVALID_ARGUMENT for an empty model or checkpoint; NOT_FOUND for an unknown
+        model or checkpoint; FAILED_PRECONDITION, saying why, for the head, the root (step 0),
+        a tagged checkpoint, a checkpoint another model is built on, and a base's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PruneCheckpoints(self, request, context):
+        """Deletes the checkpoints a retention policy does not keep (see RetentionPolicy), now;
+        with dry_run, only says which. The policy is the request's, else the model's own.
+        Errors: INVALID_ARGUMENT for an empty model, a negative rule, or no rule at all
+        (neither in the request nor on the model); NOT_FOUND for an unknown model;
+        FAILED_PRECONDITION for a base.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRetention(self, request, context):
+        """Sets the model's retention policy, applied after each OptimStep from now on (and
+        once now). All rules 0 = keep everything (no policy). Returns the model.
+        Errors: INVALID_ARGUMENT for an empty model or a negative rule; NOT_FOUND for an
+        unknown model; FAILED_PRECONDITION for a base.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteModel(self, request, context):
         """Deletes a model of the caller's team with its checkpoints.
         Errors: INVALID_ARGUMENT for an empty model; NOT_FOUND for an unknown model;
@@ -232,6 +279,21 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.TagCheckpoint,
                     request_deserializer=headway_dot_v1_dot_model__pb2.TagCheckpointRequest.FromString,
                     response_serializer=headway_dot_v1_dot_common__pb2.Checkpoint.SerializeToString,
+            ),
+            'DeleteCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCheckpoint,
+                    request_deserializer=headway_dot_v1_dot_model__pb2.DeleteCheckpointRequest.FromString,
+                    response_serializer=headway_dot_v1_dot_model__pb2.DeleteCheckpointResponse.SerializeToString,
+            ),
+            'PruneCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.PruneCheckpoints,
+                    request_deserializer=headway_dot_v1_dot_model__pb2.PruneCheckpointsRequest.FromString,
+                    response_serializer=headway_dot_v1_dot_model__pb2.PruneCheckpointsResponse.SerializeToString,
+            ),
+            'SetRetention': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRetention,
+                    request_deserializer=headway_dot_v1_dot_model__pb2.SetRetentionRequest.FromString,
+                    response_serializer=headway_dot_v1_dot_common__pb2.Model.SerializeToString,
             ),
             'DeleteModel': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteModel,
@@ -456,6 +518,87 @@ class ModelService:
             '/headway.v1.ModelService/TagCheckpoint',
             headway_dot_v1_dot_model__pb2.TagCheckpointRequest.SerializeToString,
             headway_dot_v1_dot_common__pb2.Checkpoint.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headway.v1.ModelService/DeleteCheckpoint',
+            headway_dot_v1_dot_model__pb2.DeleteCheckpointRequest.SerializeToString,
+            headway_dot_v1_dot_model__pb2.DeleteCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PruneCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headway.v1.ModelService/PruneCheckpoints',
+            headway_dot_v1_dot_model__pb2.PruneCheckpointsRequest.SerializeToString,
+            headway_dot_v1_dot_model__pb2.PruneCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRetention(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headway.v1.ModelService/SetRetention',
+            headway_dot_v1_dot_model__pb2.SetRetentionRequest.SerializeToString,
+            headway_dot_v1_dot_common__pb2.Model.FromString,
             options,
             channel_credentials,
             insecure,
