@@ -144,6 +144,13 @@ class Gateway:
             self._raw[path] = self.trainer.unary_unary(path)
         return self._raw[path]
 
+    def raw_stream(self, path: str) -> Any:
+        """`raw` for a server-streaming trainer method: bytes in, a stream of bytes out."""
+        key = f"stream:{path}"
+        if key not in self._raw:
+            self._raw[key] = self.trainer.unary_stream(path)
+        return self._raw[key]
+
     async def resolve_traces(self, items: Sequence[common_pb2.TrainingItem], team: str) -> bool:
         """Replace trace-id items by their trajectories in place; True if any was."""
         found = False

@@ -51,6 +51,25 @@ def _relay(gateway: Gateway, service: str, method: str) -> grpc.RpcMethodHandler
     return grpc.unary_unary_rpc_method_handler(handler)
 
 
+def _relay_stream(gateway: Gateway, service: str, method: str) -> grpc.RpcMethodHandler:
+    """A server-streaming method relayed as bytes, each message as the trainer sends it."""
+    path = f"/headway.v1.{service}/{method}"
+
+    async def handler(request: bytes, context: Ctx) -> AsyncIterator[bytes]:
+        try:
+            caller = gateway.caller(context.invocation_metadata())
+            await gateway.trainer_ready(context.time_remaining())
+            call = gateway.raw_stream(path)(
+                request, metadata=gateway.backend_md(caller), timeout=context.time_remaining()
+            )
+            async for message in call:
+                yield message
+        except MAPPED_ERRORS as e:
+            await abort_for(context, e)
+
+    return grpc.unary_stream_rpc_method_handler(handler)
+
+
 def relay_handlers(gateway: Gateway) -> list[grpc.GenericRpcHandler]:
     """Generic handlers relaying ModelService and TrainingService to the trainer."""
     out = []
@@ -58,7 +77,11 @@ def relay_handlers(gateway: Gateway) -> list[grpc.GenericRpcHandler]:
         methods = module.DESCRIPTOR.services_by_name[service].methods_by_name
         out.append(
             grpc.method_handlers_generic_handler(
-                f"headway.v1.{service}", {m: _relay(gateway, service, m) for m in methods}
+                f"headway.v1.{service}",
+                {
+                    name: (_relay_stream if m.server_streaming else _relay)(gateway, service, name)
+                    for name, m in methods.items()
+                },
             )
         )
     return out

@@ -48,6 +48,7 @@ Code = grpc.StatusCode
 I32, F32 = common_pb2.DTYPE_INT32, common_pb2.DTYPE_FLOAT32
 PROMPT = [5, 17, 33, 8, 41, 12]
 GARBAGE = b"\xff\xff\xff\xff"  # not a protobuf message of any type
+SERVER_STREAMING = {"ModelService.ExportCheckpoint"}  # besides the *Stream methods
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,34 @@ MODEL_CASES = [
     rpc("deleting a base", "ModelService.DeleteModel",
         lambda w: model_pb2.DeleteModelRequest(model="tiny"), Code.FAILED_PRECONDITION,
         r"'tiny' is a base: bases are read-only"),
+    rpc("a tag shaped like a checkpoint id", "ModelService.TagCheckpoint",
+        lambda w: model_pb2.TagCheckpointRequest(
+            model=FORK, checkpoint=w.first_checkpoint, tag="s000001-best"),
+        Code.INVALID_ARGUMENT, r"tag 's000001-best' is not a tag name: .* not shaped like"),
+    rpc("tagging another team's model", "ModelService.TagCheckpoint",
+        lambda w: model_pb2.TagCheckpointRequest(
+            model=FORK, checkpoint=w.first_checkpoint, tag="mine"),
+        Code.NOT_FOUND, rf"model '{FORK}' not found", who="blue"),
+    rpc("deleting the head checkpoint", "ModelService.DeleteCheckpoint",
+        lambda w: model_pb2.DeleteCheckpointRequest(
+            model=FORK, checkpoint=w.stack.trainer.trainer.store.head(FORK)),
+        Code.FAILED_PRECONDITION, r"cannot be deleted: it is the model's head \(move the head"),
+    rpc("deleting the root checkpoint", "ModelService.DeleteCheckpoint",
+        lambda w: model_pb2.DeleteCheckpointRequest(model=FORK, checkpoint=w.first_checkpoint),
+        Code.FAILED_PRECONDITION, r"it is the model's root, .* \(delete the model instead\)"),
+    rpc("pruning by no rule", "ModelService.PruneCheckpoints",
+        lambda w: model_pb2.PruneCheckpointsRequest(model=FORK),
+        Code.INVALID_ARGUMENT, r"no retention rule to prune '.+' by: give keep_last"),
+    rpc("a negative retention rule", "ModelService.SetRetention",
+        lambda w: model_pb2.SetRetentionRequest(
+            model=FORK, policy=common_pb2.RetentionPolicy(keep_last=-3)),
+        Code.INVALID_ARGUMENT, r"retention keep_last must be >= 0 \(0 = off\); got -3"),
+    rpc("an unknown export format", "ModelService.ExportCheckpoint",
+        lambda w: model_pb2.ExportCheckpointRequest(model=FORK, format="onnx"),
+        Code.INVALID_ARGUMENT, r"export format 'onnx': choose peft \(LoRA models\) or hf"),
+    rpc("exporting another team's model", "ModelService.ExportCheckpoint",
+        lambda w: model_pb2.ExportCheckpointRequest(model=FORK, format="peft"),
+        Code.NOT_FOUND, rf"model '{FORK}' not found", who="blue"),
 ]  # fmt: skip
 
 TRAINING_CASES = [
@@ -526,7 +555,7 @@ def _answer(world: World, case: Case) -> tuple[Code | int, str]:
         error = reply.get("error")
         assert isinstance(error, dict) and error.get("status"), f"not OpenAI's shape: {reply}"
         return status, error.get("message", "")
-    streaming = case.service.endswith("Stream")
+    streaming = case.service.endswith("Stream") or case.service in SERVER_STREAMING
     with pytest.raises(grpc.RpcError) as err:
         call_grpc(world, case.via, case.service, request, case.who, streaming)
     return err.value.code(), err.value.details() or ""

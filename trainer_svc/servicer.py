@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 
-from headway.errors import InvalidArgument
-from headway.server.grpc import caller, maps_errors, team_of
+from headway.errors import InvalidArgument, Overloaded
+from headway.server.grpc import MAPPED_ERRORS, abort_for, caller, maps_errors, team_of
+from headway.store.export import check_format, export_checkpoint
 from headway.store.retention import Retention
 from headway.v1 import common_pb2, model_pb2, model_pb2_grpc, training_pb2, training_pb2_grpc
 from trainer_svc import calls, convert, losses
@@ -24,6 +29,8 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.store = trainer.store
+        # A merged export holds a copy of the model in memory while it streams.
+        self.exports = Slots(EXPORT_SLOTS, "exports")
 
     @maps_errors
     async def ListModels(
@@ -151,6 +158,26 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         )
         return convert.model_pb(self.store, record, who.admin)
 
+    async def ExportCheckpoint(
+        self, request: model_pb2.ExportCheckpointRequest, context: Ctx
+    ) -> AsyncIterator[model_pb2.ExportChunk]:
+        try:
+            slug = required_model(request.model, "model")
+            record = self.trainer.model(slug, team_of(context))
+            check_format(slug, bool(record.lora), request.format)
+            ckpt = self.store.get_checkpoint(slug, request.checkpoint or self.store.head(slug)).id
+            async with self.exports.slot():
+                with tempfile.TemporaryDirectory(prefix="headway-export-") as tmp:
+                    out = Path(tmp) / "out"
+                    await asyncio.to_thread(
+                        export_checkpoint, self.store, slug, ckpt, request.format, out
+                    )
+                    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+                        async for chunk in _chunks(path, path.relative_to(out).as_posix(), ckpt):
+                            yield chunk
+        except MAPPED_ERRORS as e:
+            await abort_for(context, e)
+
     @maps_errors
     async def DeleteModel(
         self, request: model_pb2.DeleteModelRequest, context: Ctx
@@ -237,3 +264,42 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 def _retention(policy: common_pb2.RetentionPolicy) -> Retention:
     """The request's policy (InvalidArgument for a negative rule)."""
     return Retention(policy.keep_last, policy.keep_every, policy.keep_lineage)
+
+
+EXPORT_SLOTS = 2  # exports at once (each may hold a merged model in memory)
+CHUNK_BYTES = 1 << 20  # per ExportChunk: well under gRPC's 4 MB message limit
+
+
+class Slots:
+    """At most `n` of something at once; one more is refused at once (RESOURCE_EXHAUSTED
+    with a retry pushback), never queued behind another team's."""
+
+    def __init__(self, n: int, what: str) -> None:
+        self.n, self.what, self.used = n, what, 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.used >= self.n:
+            raise Overloaded(f"the trainer runs its limit of {self.n} {self.what}; retry shortly")
+        self.used += 1
+        try:
+            yield
+        finally:
+            self.used -= 1
+
+
+async def _chunks(path: Path, name: str, ckpt: str) -> AsyncIterator[model_pb2.ExportChunk]:
+    """The file at `path` as chunks named `name` (read off the event loop)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        offset = 0
+        while True:
+            data = await asyncio.to_thread(f.read, CHUNK_BYTES)
+            if not data and offset:
+                return
+            yield model_pb2.ExportChunk(
+                file=name, size=size, offset=offset, data=data, checkpoint=ckpt
+            )
+            offset += len(data)
+            if offset >= size:
+                return

@@ -1,8 +1,10 @@
-"""`headway models export` and `headway models build-base`: the commands that run torch here.
+"""`headway models export` and `headway models build-base`: the commands that can run torch
+here.
 
-They work on this machine's files (the checkpoint store, the bases cache), not through the
-gateway, and need the `server` extra: torch is imported inside each command, so that
-`headway --help` and the client commands of `headway.cli.models` stay free of it.
+`build-base`, and `export --store`, work on this machine's files (the bases cache, a
+checkpoint store) and need the `server` extra: torch is imported inside each command, so
+that `headway --help` and the client commands of `headway.cli.models` stay free of it.
+`export` without `--store` streams the checkpoint through the gateway (no torch).
 """
 
 from __future__ import annotations
@@ -22,33 +24,28 @@ def _needs_server() -> None:
 
 
 def export(args: argparse.Namespace) -> int:
-    """Write a checkpoint of the local store as a PEFT adapter or a merged HF directory."""
-    _needs_server()
-    import shutil
+    """Write a checkpoint as a PEFT adapter or a merged HF directory: through the gateway
+    (ExportCheckpoint: this machine needs no access to the store, nor torch), or with
+    `--store`, from a store on this machine."""
     from pathlib import Path
 
+    out = Path(args.output)
+    if not args.store:
+        from headway.cli.models import _client
+
+        with _client(args) as client:
+            ckpt = client.export(args.model, out, args.format, args.checkpoint)
+        print(f"exported {args.model}@{ckpt} ({args.format}) to {out}")
+        return 0
+    _needs_server()
     from headway.store import CheckpointStore
+    from headway.store.export import export_checkpoint
 
     store = CheckpointStore(args.store, recover=False)
-    record = store.get_model(args.model)
-    ckpt = args.checkpoint or store.head(args.model)
-    out = Path(args.output)
+    ckpt = store.get_checkpoint(args.model, args.checkpoint or store.head(args.model)).id
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new directory")
-    if args.format == "peft":
-        if not record.lora:
-            raise ValueError(f"{args.model} is not a LoRA model: export it with --format hf")
-        from headway.store.weights import adapter_dir
-
-        shutil.copytree(adapter_dir(store, args.model, ckpt), out, dirs_exist_ok=True)
-    else:  # merged full weights plus the base's tokenizer: a plain HF directory
-        from headway.modeling import ModelConfig, build_model, save_model
-        from headway.modeling.tokenizer import Tokenizer
-        from headway.store.weights import full_state
-
-        base = store.get_model(record.base)
-        model = build_model(ModelConfig.from_file(base.path), full_state(store, args.model, ckpt))
-        save_model(model, Tokenizer.from_dir(base.path), out)
+    export_checkpoint(store, args.model, ckpt, args.format, out)
     print(f"exported {args.model}@{ckpt} ({args.format}) to {out}")
     return 0
 
@@ -84,8 +81,12 @@ def add_commands(command: CommandFactory, default_store: str) -> None:
     p.add_argument("model")
     p.add_argument("--format", choices=("peft", "hf"), required=True)
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--checkpoint", default="", help="default: the head")
-    p.add_argument("--store", default=default_store)
+    p.add_argument("--checkpoint", default="", help="id or tag (default: the head)")
+    p.add_argument(
+        "--store",
+        default="",
+        help="read a store on this machine instead of the gateway (e.g. " + default_store + ")",
+    )
     p = command("build-base", build_base, "build (once, cached) a base the project ships")
     p.add_argument("name", choices=("tiny-arith",))
     p.add_argument("--cache", default="", help="cache directory (default $HEADWAY_HOME/bases)")

@@ -6,12 +6,17 @@ deleting a checkpoint, pruning and retention."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
 
 from headway.client import rpcs
 from headway.client.base import GatewayClient
 from headway.client.blocking import SyncClient, blocking_twin
-from headway.errors import InvalidArgument
+from headway.client.connection import error_from_rpc
+from headway.errors import InvalidArgument, Unavailable
 from headway.types import Checkpoint, ModelInfo
+from headway.v1 import model_pb2, model_pb2_grpc
 
 
 class ModelClient(GatewayClient):
@@ -115,6 +120,53 @@ class ModelClient(GatewayClient):
         keep everything)."""
         policy = rpcs.retention_policy(keep_last, keep_every, keep_lineage)
         return ModelInfo.from_proto(await self._call(rpcs.set_retention(model, policy)))
+
+    async def export(
+        self, model: str, directory: str | Path, format: str = "peft", checkpoint: str = ""
+    ) -> str:
+        """Write a checkpoint of `model` (id or tag; default its head) into `directory`
+        (new or empty), streamed from the server: `format` "peft" (a LoRA checkpoint's
+        adapter, for peft and vLLM) or "hf" (the merged model with the base's config and
+        tokenizer). Returns the checkpoint's id. Needs no access to the store, nor torch.
+        Files are written under temporary names and renamed once complete."""
+        out = Path(directory)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise InvalidArgument(f"{out} exists and is not an empty directory; choose another")
+        request = model_pb2.ExportCheckpointRequest(
+            model=model, checkpoint=checkpoint, format=format
+        )
+        stub = self._conn.stub(model_pb2_grpc.ModelServiceStub)
+        s = self.settings
+        ckpt, files = "", []
+        try:
+            async for chunk in stub.ExportCheckpoint(
+                request, metadata=s.metadata, timeout=s.timeout
+            ):
+                ckpt = chunk.checkpoint
+                part = _inside(out, chunk.file).with_name(f".part-{Path(chunk.file).name}")
+                if chunk.offset == 0:
+                    part.parent.mkdir(parents=True, exist_ok=True)
+                    part.write_bytes(b"")
+                    files.append((part, _inside(out, chunk.file), chunk.size))
+                with part.open("r+b") as f:
+                    f.seek(chunk.offset)
+                    f.write(chunk.data)
+        except grpc.aio.AioRpcError as e:
+            raise error_from_rpc(e) from e
+        for part, final, size in files:
+            if part.stat().st_size != size:
+                raise Unavailable(f"export of {model} ended early at {final.name}; run it again")
+            part.rename(final)
+        return ckpt
+
+
+def _inside(out: Path, name: str) -> Path:
+    """`out / name`, refusing a name that would leave `out` (a server is not trusted with
+    the client's filesystem)."""
+    path = (out / name).resolve()
+    if not path.is_relative_to(out.resolve()) or not name:
+        raise InvalidArgument(f"the server sent a file name outside the export: {name!r}")
+    return path
 
 
 @dataclass

@@ -138,6 +138,30 @@ class SetRetentionRequest(_message.Message):
     policy: _common_pb2.RetentionPolicy
     def __init__(self, model: _Optional[str] = ..., policy: _Optional[_Union[_common_pb2.RetentionPolicy, _Mapping]] = ...) -> None: ...
 
+class ExportCheckpointRequest(_message.Message):
+    __slots__ = ("model", "checkpoint", "format")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    checkpoint: str
+    format: str
+    def __init__(self, model: _Optional[str] = ..., checkpoint: _Optional[str] = ..., format: _Optional[str] = ...) -> None: ...
+
+class ExportChunk(_message.Message):
+    __slots__ = ("file", "size", "offset", "data", "checkpoint")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    file: str
+    size: int
+    offset: int
+    data: bytes
+    checkpoint: str
+    def __init__(self, file: _Optional[str] = ..., size: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., checkpoint: _Optional[str] = ...) -> None: ...
+
 class DeleteModelRequest(_message.Message):
     __slots__ = ("model",)
     MODEL_FIELD_NUMBER: _ClassVar[int]

@@ -91,6 +91,11 @@ class ModelServiceStub:
                 request_serializer=headway_dot_v1_dot_model__pb2.SetRetentionRequest.SerializeToString,
                 response_deserializer=headway_dot_v1_dot_common__pb2.Model.FromString,
                 _registered_method=True)
+        self.ExportCheckpoint = channel.unary_stream(
+                '/headway.v1.ModelService/ExportCheckpoint',
+                request_serializer=headway_dot_v1_dot_model__pb2.ExportCheckpointRequest.SerializeToString,
+                response_deserializer=headway_dot_v1_dot_model__pb2.ExportChunk.FromString,
+                _registered_method=True)
         self.DeleteModel = channel.unary_unary(
                 '/headway.v1.ModelService/DeleteModel',
                 request_serializer=headway_dot_v1_dot_model__pb2.DeleteModelRequest.SerializeToString,
@@ -227,6 +232,20 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportCheckpoint(self, request, context):
+        """Streams a checkpoint of a model the caller can see as files another tool loads:
+        format "peft", a LoRA checkpoint's adapter (adapter_config.json and
+        adapter_model.safetensors: peft and vLLM load it onto the base), or "hf", the merged
+        full weights with the base's config and tokenizer (a Hugging Face model directory).
+        Each file comes as consecutive chunks, in order, with its name and size on each.
+        Errors: INVALID_ARGUMENT for an empty model or an unknown format; NOT_FOUND for an
+        unknown model or checkpoint; FAILED_PRECONDITION for "peft" of a model without an
+        adapter; RESOURCE_EXHAUSTED (retry shortly) while the server's limit of exports runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteModel(self, request, context):
         """Deletes a model of the caller's team with its checkpoints.
         Errors: INVALID_ARGUMENT for an empty model; NOT_FOUND for an unknown model;
@@ -294,6 +313,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.SetRetention,
                     request_deserializer=headway_dot_v1_dot_model__pb2.SetRetentionRequest.FromString,
                     response_serializer=headway_dot_v1_dot_common__pb2.Model.SerializeToString,
+            ),
+            'ExportCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportCheckpoint,
+                    request_deserializer=headway_dot_v1_dot_model__pb2.ExportCheckpointRequest.FromString,
+                    response_serializer=headway_dot_v1_dot_model__pb2.ExportChunk.SerializeToString,
             ),
             'DeleteModel': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteModel,
@@ -599,6 +623,33 @@ class ModelService:
             '/headway.v1.ModelService/SetRetention',
             headway_dot_v1_dot_model__pb2.SetRetentionRequest.SerializeToString,
             headway_dot_v1_dot_common__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/headway.v1.ModelService/ExportCheckpoint',
+            headway_dot_v1_dot_model__pb2.ExportCheckpointRequest.SerializeToString,
+            headway_dot_v1_dot_model__pb2.ExportChunk.FromString,
             options,
             channel_credentials,
             insecure,
