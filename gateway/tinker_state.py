@@ -52,6 +52,7 @@ from typing import Any
 
 from gateway.quota import LUA, OVERHEAD, TeamQuota
 from headway.errors import InvalidArgument, NotFound, Overloaded, ResourceExhausted
+from headway.server.heads import live_name, names_key
 
 log = logging.getLogger(__name__)
 
@@ -121,18 +122,13 @@ return 1
 )
 
 
-def _live(entry: dict[str, Any]) -> bool:
-    """Whether a name's lifetime (if it has one) has not run out."""
-    return entry.get("expires") is None or entry["expires"] > time.time()
-
-
 class TinkerState:
     """Sessions, sampling sessions, names and futures of the Tinker API (see the module)."""
 
     def __init__(
         self, redis: Any, prefix: str, max_pending: int, quota: TeamQuota | None = None
     ) -> None:
-        self.redis, self.prefix = redis, f"{prefix}tinker:"
+        self.redis, self.prefix, self.base_prefix = redis, f"{prefix}tinker:", prefix
         self.max_pending = max_pending  # per team, on this gateway
         # The team's bytes in Redis (traces, replies, results): a result counts until it
         # expires, and a team over its cap starts no operation until some expire.
@@ -174,7 +170,7 @@ class TinkerState:
     async def name(self, slug: str, path: str, checkpoint: str, ttl: float | None = None) -> None:
         """Name `checkpoint` of `slug` "<kind>/<name>" (weights/..., sampler_weights/...,
         external_weights/...); with `ttl`, the name lapses after that many seconds."""
-        key = f"{self.prefix}names:{slug}"
+        key = names_key(slug, self.base_prefix)
         now = time.time()
         entry = {"checkpoint": checkpoint, "time": now}
         if ttl is not None:
@@ -183,22 +179,22 @@ class TinkerState:
         await self.redis.expire(key, NAME_SECONDS)
 
     async def named(self, slug: str, path: str) -> str | None:
-        raw = await self.redis.hget(f"{self.prefix}names:{slug}", path)
+        raw = await self.redis.hget(names_key(slug, self.base_prefix), path)
         entry = json.loads(raw) if raw is not None else None
-        return entry["checkpoint"] if entry is not None and _live(entry) else None
+        return entry["checkpoint"] if entry is not None and live_name(entry) else None
 
     async def names(self, slug: str) -> dict[str, dict[str, Any]]:
         """Every live name of `slug`'s checkpoints: path → {"checkpoint", "time"}."""
-        raw = await self.redis.hgetall(f"{self.prefix}names:{slug}")
+        raw = await self.redis.hgetall(names_key(slug, self.base_prefix))
         entries = {k.decode(): json.loads(v) for k, v in raw.items()}
-        return {k: v for k, v in entries.items() if _live(v)}
+        return {k: v for k, v in entries.items() if live_name(v)}
 
     async def set_ttl(self, slug: str, path: str, ttl: float | None) -> bool:
         """Give a live name a new lifetime (None: no end of its own); whether it exists."""
-        key = f"{self.prefix}names:{slug}"
+        key = names_key(slug, self.base_prefix)
         raw = await self.redis.hget(key, path)
         entry = json.loads(raw) if raw is not None else None
-        if entry is None or not _live(entry):
+        if entry is None or not live_name(entry):
             return False
         entry.pop("expires", None)
         if ttl is not None:
@@ -230,7 +226,7 @@ class TinkerState:
 
     async def forget(self, slug: str, path: str) -> bool:
         """Drop a name; whether it existed."""
-        return bool(await self.redis.hdel(f"{self.prefix}names:{slug}", path))
+        return bool(await self.redis.hdel(names_key(slug, self.base_prefix), path))
 
     # ----------------------------------------------------------------- futures
     def pending(self, team: str) -> int:

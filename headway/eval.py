@@ -34,7 +34,7 @@ from headway.errors import InvalidArgument
 from headway.runtimes import LocalRuntime, Runtime
 from headway.types import Run
 
-__all__ = ["Job", "RewardFn", "RolloutsFailed", "Task", "Taskset"]
+__all__ = ["Evaluation", "Job", "RewardFn", "RolloutsFailed", "Task", "Taskset", "evaluate"]
 
 # Episodes of one Taskset.run in flight at once, by default.
 DEFAULT_MAX_CONCURRENCY = 64
@@ -295,3 +295,106 @@ async def _episode(agent: Agent, task: Task, traces: TraceClient, runtime: Runti
         # The trace gets the reward too, so `trainer.step([run.trace_id, ...])` works.
         await traces.set_reward(run.trace_id, reward)
     return run
+
+
+# ------------------------------------------------------------------- evaluation
+@dataclass
+class Evaluation:
+    """An evaluation of one checkpoint on a taskset: its metrics (as recorded on the
+    checkpoint: `<name>/reward_mean`, `<name>/pass@1`, `<name>/pass@k`, `<name>/runs`,
+    `<name>/errored`) and the runs behind them, task by task."""
+
+    model: str
+    checkpoint: str
+    metrics: dict[str, float]
+    runs: list[Run]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k from n samples of which c passed (Chen et al.,
+    2021): the chance that at least one of k samples drawn without replacement passes."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise InvalidArgument(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+async def evaluate(
+    model: str,
+    taskset: Taskset,
+    *,
+    checkpoint: str = "",
+    group: int = 4,
+    name: str = "eval",
+    success: float = 1.0,
+    record: bool = True,
+    completion_kwargs: Mapping[str, Any] | None = None,
+    max_errors: int | float = 0,
+    url: str | None = None,
+    http_url: str | None = None,
+    api_key: str | None = None,
+) -> Evaluation:
+    """Play every task of `taskset` `group` times on a checkpoint of `model` (id or tag;
+    default the head when the evaluation starts, pinned for all of it), and record the
+    results on that checkpoint (`Checkpoint.evals`, shown by `headway models checkpoints`
+    and `head`) unless `record` is false: the mean reward, pass@1 and pass@`group` (a run
+    passes when its reward is at least `success`), over the runs that did not error.
+
+    `completion_kwargs` go to the agent's chat calls (default: max_tokens 64, temperature
+    1); `url` is the gateway's gRPC address (`HEADWAY_URL`), `http_url` its OpenAI
+    endpoint (`HEADWAY_HTTP_URL`).
+    """
+    from headway.agents import create_agent
+    from headway.client.models import ModelClient
+
+    if group < 1:
+        raise InvalidArgument(f"group is {group}: each task runs at least once")
+    async with ModelClient(url, api_key) as models:
+        ckpt = (
+            await models.head(model)
+            if not checkpoint
+            else await _checkpoint(models, model, checkpoint)
+        ).id
+        kwargs = {"max_tokens": 64, "temperature": 1.0, **dict(completion_kwargs or {})}
+        extra = {**dict(kwargs.pop("extra_body", None) or {}), "checkpoint": ckpt}
+        agent = create_agent(
+            model, {**kwargs, "extra_body": extra}, base_url=http_url, api_key=api_key
+        )
+        runs = await taskset.run(agent, group=group, max_errors=max_errors)
+        metrics = _eval_metrics(runs, len(taskset), group, name, success)
+        if record:
+            await models.record_eval(model, ckpt, metrics)
+    return Evaluation(model, ckpt, metrics, runs)
+
+
+async def _checkpoint(models: Any, model: str, checkpoint: str) -> Any:
+    """The checkpoint `checkpoint` (id or tag) of `model`, from its tree."""
+    for c in await models.checkpoints(model):
+        if checkpoint == c.id or checkpoint in c.tags:
+            return c
+    from headway.errors import NotFound
+
+    raise NotFound(f"checkpoint {checkpoint!r} of model {model!r} not found")
+
+
+def _eval_metrics(
+    runs: list[Run], tasks: int, group: int, name: str, success: float
+) -> dict[str, float]:
+    """Mean reward, pass@1 and pass@group over the tasks' non-errored runs."""
+    done = [r for r in runs if not r.errored and r.reward is not None]
+    out = {
+        f"{name}/runs": float(len(done)),
+        f"{name}/errored": float(len(runs) - len(done)),
+        f"{name}/reward_mean": sum(r.reward for r in done) / len(done) if done else 0.0,
+    }
+    ok = {id(r) for r in done}
+    for k in sorted({1, group}):
+        scores = []
+        for t in range(tasks):
+            mine = [r for r in runs[t * group : (t + 1) * group] if id(r) in ok]
+            if len(mine) >= k:
+                passed = sum(r.reward >= success for r in mine)
+                scores.append(pass_at_k(len(mine), passed, k))
+        out[f"{name}/pass@{k}"] = sum(scores) / len(scores) if scores else 0.0
+    return out

@@ -232,6 +232,7 @@ class Checkpoint:
     state_path: str
     stats: CheckpointStats | None = None
     tags: list[str] = field(default_factory=list)  # the model's tags naming it
+    evals: dict[str, float] = field(default_factory=dict)  # recorded evaluation results
 
     @classmethod
     def from_proto(cls, c: common_pb2.Checkpoint) -> Checkpoint:
@@ -259,6 +260,7 @@ class Checkpoint:
             state_path=c.state_path,
             stats=stats,
             tags=list(c.tags),
+            evals=dict(c.evals),
         )
 
 

@@ -250,6 +250,10 @@ MODEL_CASES = [
         lambda w: model_pb2.SetRetentionRequest(
             model=FORK, policy=common_pb2.RetentionPolicy(keep_last=-3)),
         Code.INVALID_ARGUMENT, r"retention keep_last must be >= 0 \(0 = off\); got -3"),
+    rpc("an eval result that is not a number", "ModelService.RecordEval",
+        lambda w: model_pb2.RecordEvalRequest(
+            model=FORK, checkpoint=w.first_checkpoint, metrics={"arith/reward": float("inf")}),
+        Code.INVALID_ARGUMENT, r"metrics\['arith/reward'\] = inf is not finite"),
     rpc("an unknown export format", "ModelService.ExportCheckpoint",
         lambda w: model_pb2.ExportCheckpointRequest(model=FORK, format="onnx"),
         Code.INVALID_ARGUMENT, r"export format 'onnx': choose peft \(LoRA models\) or hf"),

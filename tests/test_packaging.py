@@ -69,18 +69,23 @@ async def custom():
 
 asyncio.run(custom())
 print("serve:", main(["serve", "--store", "/nonexistent"]))
-print("export:", main(["models", "export", "m", "--format", "hf", "-o", "/tmp/x"]))
+print("export:", main(["models", "export", "m", "--format", "hf", "-o", "/tmp/x",
+                        "--store", "/nonexistent"]))
+# Through the gateway, an export needs no torch: an unreachable one is said as such.
+print("remote:", main(["models", "export", "m", "--format", "hf", "-o", "/tmp/x",
+                        "--url", "127.0.0.1:1"]))
 """
     run = run_without_torch(code)
     assert run.returncode == 0, run.stderr
     out, err = run.stdout, run.stderr
     assert "custom: custom losses are computed in your own torch" in out
     assert "pip install 'headway[train]'" in out
-    assert "serve: 2" in out and "export: 2" in out
+    assert "serve: 2" in out and "export: 2" in out and "remote: 1" in out
     lines = err.strip().splitlines()
-    assert len(lines) == 2, err
+    assert len(lines) == 3, err
     assert lines[0].startswith("headway serve: needs torch") and "headway[server]" in lines[0]
     assert lines[1].startswith("headway models export: needs torch")
+    assert "torch" not in lines[2] and "127.0.0.1:1" in lines[2], lines[2]
 
 
 def test_the_model_core_loads_torch_only_for_the_names_that_need_it():

@@ -17,9 +17,14 @@ from tests.helpers_training import adam, batch
 from tests.stack import team_md
 
 
-def _record(step: int, parent: str) -> CheckpointRecord:
+def _record(step: int, parent: str, step_no: int | None = None) -> CheckpointRecord:
     return CheckpointRecord(
-        id=f"c{step}", model="m", kind="lora", step=step, created=float(step), parent_id=parent
+        id=f"c{step}",
+        model="m",
+        kind="lora",
+        step=step if step_no is None else step_no,
+        created=float(step),
+        parent_id=parent,
     )
 
 
@@ -29,10 +34,14 @@ def test_the_policy_keeps_what_each_rule_names():
     protected = {"c2": "tagged 'best'"}
     assert set(kept(records, Retention(), head, protected)) == {r.id for r in records}
     got = kept(records, Retention(keep_last=2), head, protected)
-    assert got == {"c6": "head", "c2": "tagged 'best'", "c0": "root",
+    assert got == {"c6": "head", "c5": "the previous head", "c2": "tagged 'best'", "c0": "root",
                    "c9": "one of the last 2", "c8": "one of the last 2"}  # fmt: skip
-    assert set(kept(records, Retention(keep_every=4), head, {})) == {"c6", "c0", "c4", "c8"}
-    assert set(kept(records, Retention(keep_lineage=2), head, {})) == {"c6", "c0", "c5", "c4"}
+    every = kept(records, Retention(keep_every=4), head, {})
+    assert set(every) == {"c6", "c5", "c0", "c4", "c8"}
+    assert set(kept(records, Retention(keep_lineage=3), head, {})) == {"c6", "c0", "c5", "c4", "c3"}
+    # After a rollback to c3 and two steps from there (c10, c11), the newest are those.
+    branch = [*records, _record(10, "c3", step_no=4), _record(11, "c10", step_no=5)]
+    assert set(kept(branch, Retention(keep_last=2), "c11", {})) == {"c11", "c10", "c0"}
     with pytest.raises(InvalidArgument, match="keep_last must be >= 0"):
         Retention(keep_last=-1)
 
@@ -117,7 +126,7 @@ def test_prune_now_and_after_every_step(trainer_stack):
     assert dict(dry.kept) == {
         root: "root",
         ids[0]: "tagged 'first'",
-        ids[3]: "one of the last 2",
+        ids[3]: "the previous head",
         ids[4]: "head",
     }
     assert _ids(stack, "m") == [root, *ids]  # a dry run deletes nothing
@@ -138,7 +147,7 @@ def test_prune_now_and_after_every_step(trainer_stack):
     # background fsync, so it goes at the next prune.
     stack.trainer.store.syncer.wait()
     stack.models.PruneCheckpoints(model_pb2.PruneCheckpointsRequest(model="m"))
-    assert _ids(stack, "m") == [root, ids[0], more[-1]]
+    assert _ids(stack, "m") == [root, ids[0], more[-2], more[-1]]  # the previous head stays
     stack.models.SetHead(model_pb2.SetHeadRequest(model="m", checkpoint="first"))
     assert _steps(stack, "m", 1)
 
@@ -192,7 +201,7 @@ def test_prune_and_sizes_from_the_cli(gateway_stack, monkeypatch, capsys):
     assert "STORE" in out and "team (local):" in out
     assert main(["models", "prune", "m", "--keep-last", "1", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "would delete 2 checkpoint(s)" in out and f"- {ids[0]}" in out
+    assert "would delete 1 checkpoint(s)" in out and f"- {ids[0]}" in out
     assert main(["models", "delete-checkpoint", "m", ids[0]]) == 0
     assert "deleted checkpoint" in capsys.readouterr().out
     assert main(["models", "delete-checkpoint", "m", ids[-1]]) != 0
@@ -200,3 +209,68 @@ def test_prune_and_sizes_from_the_cli(gateway_stack, monkeypatch, capsys):
     assert main(["models", "prune", "m", "--keep-last", "1", "--save"]) == 0
     assert "keep last 1" in capsys.readouterr().out
     assert main(["models", "prune", "m", "--keep-every", "-1"]) != 0
+
+
+def test_checkpoints_the_tinker_api_names_are_kept(trainer_stack):
+    """A name the Tinker API gave (save_state, save_weights_for_sampler) keeps its
+    checkpoint through prunes and refuses its delete; a lapsed name does not."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from gateway.tinker_state import TinkerState
+
+    stack = trainer_stack
+    stack.fork("m")
+    ids = _steps(stack, "m", 4)
+
+    async def name() -> None:
+        client = aioredis.Redis.from_url(stack.config.redis_url)
+        state = TinkerState(client, stack.prefix, 8)
+        await state.name("m", "weights/keep-me", ids[0])
+        await state.name("m", "sampler_weights/lapsed", ids[1], ttl=-1.0)
+        await client.aclose()
+
+    asyncio.run(name())
+    _refused(
+        lambda: stack.models.DeleteCheckpoint(
+            model_pb2.DeleteCheckpointRequest(model="m", checkpoint=ids[0])
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "named 'weights/keep-me' by the Tinker API",
+    )
+    done = stack.models.PruneCheckpoints(
+        model_pb2.PruneCheckpointsRequest(model="m", policy=common_pb2.RetentionPolicy(keep_last=1))
+    )
+    assert list(done.deleted) == [ids[1]]
+    assert done.kept[ids[0]] == "named 'weights/keep-me' by the Tinker API"
+
+
+def test_a_retried_step_whose_checkpoint_was_pruned_is_refused(trainer_stack):
+    """After a restart (the reply cache gone), a retry of a Step whose checkpoint a prune
+    removed is FAILED_PRECONDITION: its step was applied once, it is not applied again."""
+    from tests.stack import TrainerStack
+
+    stack = trainer_stack
+    stack.fork("m")
+    step = training_pb2.StepRequest(
+        model="m", data=batch(seed=1), loss_fn="cross_entropy", adam=adam(), request_id="once"
+    )
+    first = stack.train.Step(step).optim_step.checkpoint
+    _steps(stack, "m", 2)
+    done = stack.models.PruneCheckpoints(
+        model_pb2.PruneCheckpointsRequest(model="m", policy=common_pb2.RetentionPolicy(keep_last=1))
+    )
+    assert list(done.deleted) == [first]
+    # A new trainer process on the same store: no reply cache, only the store.
+    again = TrainerStack(stack.config.store)
+    try:
+        before = _ids(again, "m")
+        _refused(
+            lambda: again.train.Step(step),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"request_id 'once' made checkpoint {first} of model 'm', deleted since",
+        )
+        assert _ids(again, "m") == before
+    finally:
+        again.stop()

@@ -64,6 +64,7 @@ def checkpoint_pb(
         tags = store.tags(record.model)
     msg = common_pb2.Checkpoint(
         tags=sorted(name for name, ckpt in tags.items() if ckpt == record.id),
+        evals=store.evals(record.model, record.id) if record.model else {},
         id=record.id,
         model=record.model,
         parent_id=record.parent_id,

@@ -179,6 +179,22 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             await abort_for(context, e)
 
     @maps_errors
+    async def RecordEval(
+        self, request: model_pb2.RecordEvalRequest, context: Ctx
+    ) -> common_pb2.Checkpoint:
+        if not request.checkpoint:
+            raise InvalidArgument("checkpoint is empty: give the id of the evaluated checkpoint")
+        if not request.metrics:
+            raise InvalidArgument("metrics is empty: give at least one result")
+        record = await self.trainer.record_eval(
+            required_model(request.model, "model"),
+            request.checkpoint,
+            dict(request.metrics),
+            team_of(context),
+        )
+        return convert.checkpoint_pb(self.store, record)
+
+    @maps_errors
     async def DeleteModel(
         self, request: model_pb2.DeleteModelRequest, context: Ctx
     ) -> model_pb2.DeleteModelResponse:

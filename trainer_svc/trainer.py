@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import secrets
 import time
@@ -30,9 +31,16 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from headway.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from headway.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from headway.modeling.placement import settle
 from headway.server.auth import Caller
+from headway.server.heads import live_name, names_key
 from headway.store import (
     OPTIMIZER_FILE,
     CheckpointRecord,
@@ -264,7 +272,10 @@ class Trainer:
         async with self._lock(slug):
             self._still(model, team)
             if remove:
-                return self.store.get_checkpoint(slug, self.store.untag(slug, name))
+                named = self.store.untag(slug, name)
+                if named is None:  # the tagged checkpoint was deleted since
+                    raise NotFound(f"tag {name!r} of {slug!r} named a checkpoint deleted since")
+                return named
             return self.store.tag(slug, ckpt_id, name)
 
     async def delete(self, slug: str, team: str) -> None:
@@ -476,7 +487,10 @@ class Trainer:
         if not policy.active:
             return
         try:
-            deleted, _, freed = await asyncio.to_thread(self.store.prune, slug, policy, False, True)
+            pinned = await self._named(slug)
+            deleted, _, freed = await asyncio.to_thread(
+                self.store.prune, slug, policy, False, True, pinned
+            )
         except Exception:
             log.exception("retention of %s failed; its checkpoints stay", slug)
             return
@@ -485,20 +499,35 @@ class Trainer:
                 "retention of %s deleted %d checkpoint(s), %.1f MB", slug, len(deleted), freed / 1e6
             )
 
+    async def record_eval(
+        self, slug: str, ckpt_id: str, metrics: dict[str, float], team: str
+    ) -> CheckpointRecord:
+        """Record evaluation `metrics` on checkpoint `ckpt_id` of `slug` (bounded as
+        client metrics are: they are stored)."""
+        model = self.trainable(slug, team)
+        check_client_metrics(
+            metrics, self.config.max_client_metrics, self.config.max_metric_key_chars
+        )
+        async with self._lock(slug):
+            self._still(model, team)
+            return await asyncio.to_thread(self.store.record_eval, slug, ckpt_id, metrics)
+
     async def delete_checkpoint(self, slug: str, ckpt_id: str, team: str) -> int:
         """Delete one checkpoint of `slug` (see `CheckpointStore.delete_checkpoint`); the
         bytes freed."""
         model = self.trainable(slug, team)
         async with self._lock(slug):
             self._still(model, team)
-            return await asyncio.to_thread(self.store.delete_checkpoint, slug, ckpt_id)
+            pinned = await self._named(slug)
+            return await asyncio.to_thread(self.store.delete_checkpoint, slug, ckpt_id, pinned)
 
     async def prune(
         self, slug: str, policy: Retention | None, team: str, dry_run: bool
     ) -> tuple[list[CheckpointRecord], dict[str, str], int]:
         """Apply `policy` (None: the model's own) to `slug` now; see `CheckpointStore.prune`."""
         model = self.trainable(slug, team)
-        policy = policy if policy is not None else self.store.retention(slug)
+        if policy is None or not policy.active:
+            policy = self.store.retention(slug)
         if not policy.active:
             raise InvalidArgument(
                 f"no retention rule to prune {slug!r} by: give keep_last, keep_every or "
@@ -506,7 +535,28 @@ class Trainer:
             )
         async with self._lock(slug):
             self._still(model, team)
-            return await asyncio.to_thread(self.store.prune, slug, policy, dry_run)
+            pinned = await self._named(slug)
+            return await asyncio.to_thread(self.store.prune, slug, policy, dry_run, False, pinned)
+
+    async def _named(self, slug: str) -> dict[str, str]:
+        """Checkpoints of `slug` the Tinker API names (in Redis), id → why: no delete
+        removes them. Unavailable without Redis (nothing is deleted then)."""
+        if self.redis is None:
+            return {}
+        try:
+            raw = await self.redis.hgetall(names_key(slug, self.config.redis_prefix))
+        except Exception as e:
+            raise Unavailable(
+                f"cannot read the Tinker API's names of {slug!r} from Redis ({e}); "
+                "nothing was deleted: retry"
+            ) from e
+        out: dict[str, str] = {}
+        for path, value in raw.items():
+            entry = json.loads(value)
+            if live_name(entry):
+                name = path.decode() if isinstance(path, bytes) else path
+                out.setdefault(entry["checkpoint"], f"named {name!r} by the Tinker API")
+        return out
 
     async def set_retention(self, slug: str, policy: Retention, team: str) -> ModelRecord:
         """Keep `policy` as `slug`'s retention policy and apply it once now."""

@@ -130,13 +130,17 @@ def _fork(args: argparse.Namespace) -> int:
 
 
 def _stats(c: Checkpoint) -> str:
+    evals = "  ".join(
+        f"{k} {v:.3f}" for k, v in sorted(c.evals.items()) if k.endswith(("/reward_mean", "@1"))
+    )
     if c.stats is None:
-        return ""
+        return evals
     s = c.stats
-    return (
+    line = (
         f"reward {s.reward_mean:.3f}  loss {s.loss:.4g}  tokens {s.num_tokens}  "
         f"lr {s.learning_rate:g}"
     )
+    return f"{line}  {evals}" if evals else line
 
 
 def _checkpoints(args: argparse.Namespace) -> int:
@@ -207,6 +211,42 @@ def _head(args: argparse.Namespace) -> int:
         print(f"  reward mean {s.reward_mean:.4f}  std {s.reward_std:.4f}  loss {s.loss:.6g}")
         for key in sorted(s.metrics):
             print(f"  {key} {s.metrics[key]:.6g}")
+    for key in sorted(c.evals):
+        print(f"  eval {key} {c.evals[key]:.6g}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import asyncio
+    import importlib
+
+    from headway.eval import Taskset, evaluate
+
+    module, _, attr = args.taskset.partition(":")
+    if not module or not attr:
+        raise ValueError(f"--taskset {args.taskset!r}: give module:function (a Taskset maker)")
+    sys.path.insert(0, os.getcwd())  # a module of the working directory, as python -m does
+    try:
+        made = getattr(importlib.import_module(module), attr)()
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--taskset {args.taskset!r}: {e}") from e
+    if not isinstance(made, Taskset):
+        raise ValueError(f"--taskset {args.taskset!r} made a {type(made).__name__}, not a Taskset")
+    result = asyncio.run(
+        evaluate(
+            args.model,
+            made,
+            checkpoint=args.checkpoint,
+            group=args.group,
+            name=args.name,
+            success=args.success,
+            url=args.url or None,
+            completion_kwargs={"max_tokens": args.max_tokens},
+        )
+    )
+    print(f"evaluated {args.model}@{result.checkpoint} on {len(made)} task(s) x {args.group}")
+    for key, value in sorted(result.metrics.items()):
+        print(f"  {key} {value:.6g}")
     return 0
 
 
@@ -344,6 +384,18 @@ def add_commands(commands: Any) -> CommandFactory:
     p = command("head", _head, "the head checkpoint and its stats; --set moves it")
     p.add_argument("model")
     p.add_argument("--set", metavar="CHECKPOINT", default="", help="roll back / branch here")
+    p = command(
+        "eval",
+        _eval,
+        "run a taskset on a checkpoint and record the results on it (mean reward, pass@k)",
+    )
+    p.add_argument("model")
+    p.add_argument("--taskset", required=True, help="module:function returning a Taskset")
+    p.add_argument("--checkpoint", default="", help="id or tag (default: the head)")
+    p.add_argument("--group", type=int, default=4, help="runs per task (the k of pass@k)")
+    p.add_argument("--name", default="eval", help="prefix of the recorded metrics")
+    p.add_argument("--success", type=float, default=1.0, help="reward at which a run passes")
+    p.add_argument("--max-tokens", type=int, default=64)
     p = command(
         "tag",
         _tag,

@@ -5,6 +5,7 @@ deleting a checkpoint, pruning and retention."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,14 @@ class ModelClient(GatewayClient):
     async def untag(self, model: str, name: str) -> Checkpoint:
         """Remove the tag `name` of `model`; the checkpoint it named."""
         return Checkpoint.from_proto(await self._call(rpcs.tag(model, "", name, remove=True)))
+
+    async def record_eval(
+        self, model: str, checkpoint: str | Checkpoint, metrics: Mapping[str, float]
+    ) -> Checkpoint:
+        """Record evaluation results on a checkpoint (listed as `Checkpoint.evals`); see
+        `headway.eval.evaluate`, which runs a taskset and records its results."""
+        ckpt = checkpoint.id if isinstance(checkpoint, Checkpoint) else checkpoint
+        return Checkpoint.from_proto(await self._call(rpcs.record_eval(model, ckpt, metrics)))
 
     async def delete_checkpoint(self, model: str, checkpoint: str | Checkpoint) -> int:
         """Delete one checkpoint (id, tag or `Checkpoint`) of `model`; the bytes freed.

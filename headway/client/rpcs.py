@@ -251,6 +251,12 @@ def tag(model: str, checkpoint: str, name: str, remove: bool = False) -> Call:
     return Call(_MODELS, "TagCheckpoint", request)
 
 
+def record_eval(model: str, checkpoint: str, metrics: Mapping[str, float]) -> Call:
+    """RecordEval: evaluation results onto a checkpoint."""
+    request = model_pb2.RecordEvalRequest(model=model, checkpoint=checkpoint, metrics=metrics)
+    return Call(_MODELS, "RecordEval", request)
+
+
 def delete_checkpoint(model: str, checkpoint: str) -> Call:
     """DeleteCheckpoint: remove one checkpoint of `model`."""
     request = model_pb2.DeleteCheckpointRequest(model=model, checkpoint=checkpoint)

@@ -9,6 +9,7 @@ only time. The store stays the truth; Redis only makes changes travel fast.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 
 DEFAULT_PREFIX = "headway:"
@@ -39,6 +40,17 @@ def channel(prefix: str = DEFAULT_PREFIX) -> str:
 def mirror_key(model: str, prefix: str = DEFAULT_PREFIX) -> str:
     """The key mirroring a model's current head (a HeadEvent as JSON)."""
     return f"{prefix}head:{model}"
+
+
+def names_key(model: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """The hash of the names the Tinker API gave a model's checkpoints: path → JSON
+    {"checkpoint", "time", "expires"?}. The trainer's retention keeps what it names."""
+    return f"{prefix}tinker:names:{model}"
+
+
+def live_name(entry: dict) -> bool:
+    """Whether a name's lifetime (if it has one) has not run out."""
+    return entry.get("expires") is None or entry["expires"] > time.time()
 
 
 async def publish_head(redis: object, event: HeadEvent, prefix: str = DEFAULT_PREFIX) -> None:

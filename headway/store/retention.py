@@ -3,13 +3,16 @@
 A full fork writes weights and twice their size in optimizer state at every step; a store
 that keeps them all grows without end. A policy names what to keep, the rest may go:
 
-- `keep_last` K: the K newest checkpoints (by step, then creation);
+- `keep_last` K: the K newest checkpoints (by creation: after a rollback, the new
+  branch's);
 - `keep_every` M: every checkpoint whose step is a multiple of M (milestones);
 - `keep_lineage` D: the head and its ancestors up to D steps back (what a rollback needs).
 
-Whatever the policy, a model always keeps its head, its root (step 0: where it was forked
-from, the default KL reference), every tagged checkpoint, and every checkpoint another
-model is built on (a fork rooted on it, a LoRA fork over its weights). A policy with no
+Whatever the policy, a model always keeps its head and the previous head (Samples pinned
+to it may still be loading), its root (step 0: where it was forked from, the default KL
+reference), every tagged checkpoint, every checkpoint another model is built on (a fork
+rooted on it, a LoRA fork over its weights), those the Tinker API names, and the last
+checkpoint on disk before one still being written (what a crash falls back to). A policy with no
 rule (all zero) keeps everything: pruning needs at least one rule.
 """
 
@@ -60,12 +63,17 @@ def kept(
         reasons.setdefault(ckpt, why)
 
     keep(head, "head")
+    by_id = {r.id: r for r in records}
+    if head in by_id and by_id[head].parent_id in by_id:
+        # Samples pinned to it just before the step that replaced it may still be loading.
+        keep(by_id[head].parent_id, "the previous head")
     for ckpt, why in protected.items():
         keep(ckpt, why)
     for r in records:
         if r.step == 0:
             keep(r.id, "root")
-    newest = sorted(records, key=lambda r: (r.step, r.created), reverse=True)
+    # Newest by creation, not by step: after a rollback, the new branch is the newest.
+    newest = sorted(records, key=lambda r: (r.created, r.step), reverse=True)
     for r in newest[: policy.keep_last]:
         keep(r.id, f"one of the last {policy.keep_last}")
     if policy.keep_every:
@@ -73,7 +81,6 @@ def kept(
             if r.step % policy.keep_every == 0:
                 keep(r.id, f"step a multiple of {policy.keep_every}")
     if policy.keep_lineage:
-        by_id = {r.id: r for r in records}
         node = by_id.get(head)
         for _ in range(policy.keep_lineage):
             if node is None or node.parent_id not in by_id:

@@ -59,9 +59,12 @@ SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CHECKPOINT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # A tag: a name that can never be a checkpoint id (`new_checkpoint_id`'s "s000123-...").
 TAG_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
-_ID_LIKE = re.compile(r"s\d{6}-.*")
+_ID_LIKE = re.compile(r"s\d{6,}-.*")
 TAGS_FILE = "tags.json"
 RETENTION_FILE = "retention.json"
+EVALS_FILE = "evals.json"  # in a checkpoint's directory, beside its meta.json
+# OptimStep request ids whose checkpoints a delete removed: id → that checkpoint's id.
+PRUNED_FILE = "pruned-requests.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -348,23 +351,43 @@ class CheckpointStore:
                     out.setdefault(root.ref.checkpoint, []).append(rec.slug)
         return {ckpt: ", ".join(sorted(set(models))) for ckpt, models in out.items()}
 
-    def protected(self, slug: str) -> dict[str, str]:
-        """Checkpoints of `slug` that no retention policy removes, id → why: those tagged
-        and those other models are built on (see `retention.kept`)."""
+    def protected(self, slug: str, pinned: dict[str, str] | None = None) -> dict[str, str]:
+        """Checkpoints of `slug` that no retention policy removes, id → why: those tagged,
+        those other models are built on, those `pinned` names (the Tinker API's names),
+        and, for every checkpoint whose background write or fsync is not done, the last
+        one before it that is: a crash before it reaches the disk falls back there (see
+        `retention.kept`)."""
         out = {
             ckpt: f"models {models} are built on it" for ckpt, models in self.built_on(slug).items()
         }
         for name, ckpt in sorted(self.tags(slug).items()):
             out.setdefault(ckpt, f"tagged {name!r}")
+        for ckpt, why in (pinned or {}).items():
+            out.setdefault(ckpt, why)
+        records = {r.id: r for r in self.list_checkpoints(slug)}
+        for r in records.values():
+            if not self._pending(r):
+                continue
+            node = records.get(r.parent_id)
+            while node is not None and self._pending(node):
+                node = records.get(node.parent_id)
+            if node is not None:
+                out.setdefault(
+                    node.id, f"the last checkpoint on disk before {r.id}, still being written"
+                )
         return out
 
-    def delete_checkpoint(self, slug: str, ckpt_id: str) -> int:
+    def delete_checkpoint(
+        self, slug: str, ckpt_id: str, pinned: dict[str, str] | None = None
+    ) -> int:
         """Delete checkpoint `ckpt_id` (an id or a tag) of `slug`: the bytes its files held.
-        FailedPrecondition for the head, the root, a tagged checkpoint and one other
-        models are built on, saying why. Its children keep it as their `parent_id` (the
-        tree lists them from there)."""
+        FailedPrecondition for the head, the root, a tagged checkpoint, one other models
+        are built on and one `pinned`, saying why. Its children keep it as their
+        `parent_id` (the tree lists them from there). Waits for the model's background
+        writes first: a crash then never needs what it removes."""
         record = self.get_checkpoint(slug, ckpt_id)
-        why = self._kept_whatever(slug, record)
+        self._settle(slug)
+        why = self._kept_whatever(slug, record, pinned)
         if why:
             raise FailedPrecondition(
                 f"checkpoint {record.id} of model {slug!r} cannot be deleted: it is {why}"
@@ -372,21 +395,30 @@ class CheckpointStore:
         return self._remove_checkpoint(record)
 
     def prune(
-        self, slug: str, policy: Retention, dry_run: bool = False, skip_pending: bool = False
+        self,
+        slug: str,
+        policy: Retention,
+        dry_run: bool = False,
+        skip_pending: bool = False,
+        pinned: dict[str, str] | None = None,
     ) -> tuple[list[CheckpointRecord], dict[str, str], int]:
         """Apply `policy` to `slug`: (the checkpoints deleted, or that would be with
         `dry_run`, oldest first; id → why each other one is kept; bytes freed). With
         `skip_pending`, a checkpoint whose background write or fsync is not done stays
-        (for the next prune): nothing waits."""
+        (for the next prune), and so does the last one on disk before it: nothing waits.
+        Without, the model's background writes are waited for first."""
+        if not skip_pending and not dry_run:
+            self._settle(slug)
         records = self.list_checkpoints(slug)
-        reasons = kept(records, policy, self.head(slug), self.protected(slug))
+        reasons = kept(records, policy, self.head(slug), self.protected(slug, pinned))
         if skip_pending:
             for r in records:
                 if r.id not in reasons and self._pending(r):
                     reasons[r.id] = "still being written"
         doomed = [r for r in records if r.id not in reasons]
         freed = sum(self._owned_bytes(r) for r in doomed)
-        if not dry_run:
+        if not dry_run and doomed:
+            self._note_pruned(slug, doomed)
             for r in doomed:
                 self._remove_checkpoint(r)
         return doomed, reasons, freed
@@ -407,16 +439,26 @@ class CheckpointStore:
             self.syncer.submit(f"{slug}/{RETENTION_FILE}", [path, path.parent])
 
     def model_bytes(self, slug: str) -> int:
-        """Bytes the model's own files take in the store (referenced files not counted)."""
-        return sum(f.stat().st_size for f in self.model_dir(slug).rglob("*") if f.is_file())
+        """Bytes the model's own files take in the store (referenced files not counted;
+        nor leftovers and spares, which a write is about to rename or remove)."""
+        return _tree_bytes(self.model_dir(slug))
 
-    def _kept_whatever(self, slug: str, record: CheckpointRecord) -> str:
+    def _settle(self, slug: str) -> None:
+        """Wait for the model's background writes and fsyncs (before a delete)."""
+        for r in self.list_checkpoints(slug):
+            self.wait_deferred(slug, r.id)
+            if not self.sync:
+                self.syncer.wait(str(self.checkpoint_dir(slug, r.id)))
+
+    def _kept_whatever(
+        self, slug: str, record: CheckpointRecord, pinned: dict[str, str] | None = None
+    ) -> str:
         """Why no delete may remove `record` ("" if one may)."""
         if record.id == self.head(slug):
             return "the model's head (move the head first: set_head)"
         if record.step == 0:
             return "the model's root, the weights it was forked from (delete the model instead)"
-        return self.protected(slug).get(record.id, "")
+        return self.protected(slug, pinned).get(record.id, "")
 
     def _pending(self, record: CheckpointRecord) -> bool:
         """Whether a background write or fsync of `record`'s files is not done."""
@@ -426,8 +468,20 @@ class CheckpointStore:
         return deferred or (not self.sync and self.syncer.pending(directory))
 
     def _owned_bytes(self, record: CheckpointRecord) -> int:
-        directory = self.checkpoint_dir(record.model, record.id)
-        return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+        return _tree_bytes(self.checkpoint_dir(record.model, record.id))
+
+    def _note_pruned(self, slug: str, doomed: list[CheckpointRecord]) -> None:
+        """Remember the OptimStep request ids of checkpoints about to go, so a late retry
+        of one is refused rather than applied a second time (see `find_request`)."""
+        noted = {r.request_id: r.id for r in doomed if r.request_id}
+        if not noted:
+            return
+        path = self.model_dir(slug) / PRUNED_FILE
+        try:
+            known = json.loads(path.read_text())
+        except FileNotFoundError:
+            known = {}
+        atomic.write_bytes(path, json.dumps({**known, **noted}).encode(), sync=True)
 
     def _remove_checkpoint(self, record: CheckpointRecord) -> int:
         """Remove a checkpoint's directory once its background writes are done: renamed
@@ -439,9 +493,32 @@ class CheckpointStore:
         size = self._owned_bytes(record)
         doomed = directory.with_name(f"{atomic.TMP_PREFIX}deleted-{record.id}")
         os.rename(directory, doomed)
-        atomic.fsync_dir(directory.parent)
+        if self.sync:
+            atomic.fsync_dir(directory.parent)
+        else:
+            self.syncer.submit(f"{record.model}/deleted/{record.id}", [directory.parent])
         shutil.rmtree(doomed, ignore_errors=True)
         return size
+
+    # ------------------------------------------------------------------- evals
+    def evals(self, slug: str, ckpt_id: str) -> dict[str, float]:
+        """Evaluation results recorded on a checkpoint (`record_eval`), by metric name."""
+        try:
+            path = self.checkpoint_dir(slug, ckpt_id) / EVALS_FILE
+            return dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return {}
+
+    def record_eval(self, slug: str, ckpt_id: str, metrics: dict[str, float]) -> CheckpointRecord:
+        """Add `metrics` to the evaluation results of checkpoint `ckpt_id` (id or tag) of
+        `slug` (a name recorded again is replaced); the caller serialises writes."""
+        record = self.get_checkpoint(slug, ckpt_id)
+        path = self.checkpoint_dir(slug, record.id) / EVALS_FILE
+        merged = {**self.evals(slug, record.id), **metrics}
+        atomic.write_bytes(path, json.dumps(merged, sort_keys=True).encode(), sync=self.sync)
+        if not self.sync:
+            self.syncer.submit(f"{slug}/{record.id}/{EVALS_FILE}", [path, path.parent])
+        return record
 
     # -------------------------------------------------------------------- tags
     def tags(self, slug: str) -> dict[str, str]:
@@ -467,14 +544,19 @@ class CheckpointStore:
         self._write_tags(slug, tags)
         return record
 
-    def untag(self, slug: str, name: str) -> str:
-        """Remove tag `name` of `slug`; the id it named. NotFound if it has no such tag."""
+    def untag(self, slug: str, name: str) -> CheckpointRecord | None:
+        """Remove tag `name` of `slug`; the checkpoint it named (None if that was deleted
+        since). NotFound if it has no such tag."""
         tags = self.tags(slug)
         if name not in tags:
             raise NotFound(f"model {slug!r} has no tag {name!r}")
         ckpt_id = tags.pop(name)
+        try:
+            record: CheckpointRecord | None = self.get_checkpoint(slug, ckpt_id)
+        except NotFound:
+            record = None
         self._write_tags(slug, tags)
-        return ckpt_id
+        return record
 
     def _write_tags(self, slug: str, tags: dict[str, str]) -> None:
         path = self.model_dir(slug) / TAGS_FILE
@@ -738,12 +820,24 @@ class CheckpointStore:
         return str(path.relative_to(self.root))
 
     def find_request(self, slug: str, request_id: str) -> CheckpointRecord | None:
-        """The checkpoint an OptimStep with this idempotency key produced, if any."""
+        """The checkpoint an OptimStep with this idempotency key produced, if any;
+        FailedPrecondition if a delete removed it since (its step was applied: a retry
+        must not apply it again)."""
         if not request_id:
             return None
         for record in self.list_checkpoints(slug):
             if record.request_id == request_id:
                 return record
+        try:
+            pruned = json.loads((self.model_dir(slug) / PRUNED_FILE).read_text())
+        except FileNotFoundError:
+            return None
+        if request_id in pruned:
+            raise FailedPrecondition(
+                f"request_id {request_id!r} made checkpoint {pruned[request_id]} of model "
+                f"{slug!r}, deleted since: its step was applied once and is not applied "
+                "again; send a new request_id to train another step"
+            )
         return None
 
 
@@ -804,3 +898,19 @@ def check_tag(name: str) -> None:
             f"tag {name!r} is not a tag name: 1-64 letters, digits, '.', '_' or '-', starting "
             "with a letter, and not shaped like a checkpoint id (s000123-...)"
         )
+
+
+def _tree_bytes(root: Path) -> int:
+    """Bytes of the files under `root`, skipping leftovers and spares (named with the
+    temp prefix) and whatever vanishes during the walk (a write renaming its temp)."""
+    total = 0
+    for directory, dirs, files in os.walk(root, onerror=lambda e: None):
+        dirs[:] = [d for d in dirs if not d.startswith(atomic.TMP_PREFIX)]
+        for name in files:
+            if name.startswith(atomic.TMP_PREFIX):
+                continue
+            try:
+                total += os.stat(os.path.join(directory, name)).st_size
+            except FileNotFoundError:
+                continue
+    return total

@@ -161,7 +161,14 @@ class CheckpointStats(_message.Message):
     def __init__(self, loss_fn: _Optional[str] = ..., num_datums: _Optional[int] = ..., num_tokens: _Optional[int] = ..., loss: _Optional[float] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., learning_rate: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
-    __slots__ = ("id", "model", "parent_id", "step", "created", "stats", "is_head", "sampler_path", "state_path", "tags")
+    __slots__ = ("id", "model", "parent_id", "step", "created", "stats", "is_head", "sampler_path", "state_path", "tags", "evals")
+    class EvalsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +179,7 @@ class Checkpoint(_message.Message):
     SAMPLER_PATH_FIELD_NUMBER: _ClassVar[int]
     STATE_PATH_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
+    EVALS_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     parent_id: str
@@ -182,7 +190,8 @@ class Checkpoint(_message.Message):
     sampler_path: str
     state_path: str
     tags: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., parent_id: _Optional[str] = ..., step: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stats: _Optional[_Union[CheckpointStats, _Mapping]] = ..., is_head: _Optional[bool] = ..., sampler_path: _Optional[str] = ..., state_path: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
+    evals: _containers.ScalarMap[str, float]
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., parent_id: _Optional[str] = ..., step: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stats: _Optional[_Union[CheckpointStats, _Mapping]] = ..., is_head: _Optional[bool] = ..., sampler_path: _Optional[str] = ..., state_path: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., evals: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class LoraConfig(_message.Message):
     __slots__ = ("rank", "alpha", "target_modules")

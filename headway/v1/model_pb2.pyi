@@ -162,6 +162,23 @@ class ExportChunk(_message.Message):
     checkpoint: str
     def __init__(self, file: _Optional[str] = ..., size: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., checkpoint: _Optional[str] = ...) -> None: ...
 
+class RecordEvalRequest(_message.Message):
+    __slots__ = ("model", "checkpoint", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    checkpoint: str
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, model: _Optional[str] = ..., checkpoint: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
 class DeleteModelRequest(_message.Message):
     __slots__ = ("model",)
     MODEL_FIELD_NUMBER: _ClassVar[int]

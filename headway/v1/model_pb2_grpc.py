@@ -96,6 +96,11 @@ class ModelServiceStub:
                 request_serializer=headway_dot_v1_dot_model__pb2.ExportCheckpointRequest.SerializeToString,
                 response_deserializer=headway_dot_v1_dot_model__pb2.ExportChunk.FromString,
                 _registered_method=True)
+        self.RecordEval = channel.unary_unary(
+                '/headway.v1.ModelService/RecordEval',
+                request_serializer=headway_dot_v1_dot_model__pb2.RecordEvalRequest.SerializeToString,
+                response_deserializer=headway_dot_v1_dot_common__pb2.Checkpoint.FromString,
+                _registered_method=True)
         self.DeleteModel = channel.unary_unary(
                 '/headway.v1.ModelService/DeleteModel',
                 request_serializer=headway_dot_v1_dot_model__pb2.DeleteModelRequest.SerializeToString,
@@ -246,6 +251,19 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordEval(self, request, context):
+        """Records evaluation results on a checkpoint of a model of the caller's team (a metric
+        recorded again is replaced); they are listed with it (Checkpoint.evals). Returns the
+        checkpoint.
+        Errors: INVALID_ARGUMENT for an empty model, checkpoint or metrics, a value that is
+        not finite, more metrics (or longer names) than the server's limit (64 of 128
+        characters by default); NOT_FOUND for an unknown model or checkpoint;
+        FAILED_PRECONDITION for a base.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteModel(self, request, context):
         """Deletes a model of the caller's team with its checkpoints.
         Errors: INVALID_ARGUMENT for an empty model; NOT_FOUND for an unknown model;
@@ -318,6 +336,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.ExportCheckpoint,
                     request_deserializer=headway_dot_v1_dot_model__pb2.ExportCheckpointRequest.FromString,
                     response_serializer=headway_dot_v1_dot_model__pb2.ExportChunk.SerializeToString,
+            ),
+            'RecordEval': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordEval,
+                    request_deserializer=headway_dot_v1_dot_model__pb2.RecordEvalRequest.FromString,
+                    response_serializer=headway_dot_v1_dot_common__pb2.Checkpoint.SerializeToString,
             ),
             'DeleteModel': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteModel,
@@ -650,6 +673,33 @@ class ModelService:
             '/headway.v1.ModelService/ExportCheckpoint',
             headway_dot_v1_dot_model__pb2.ExportCheckpointRequest.SerializeToString,
             headway_dot_v1_dot_model__pb2.ExportChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordEval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headway.v1.ModelService/RecordEval',
+            headway_dot_v1_dot_model__pb2.RecordEvalRequest.SerializeToString,
+            headway_dot_v1_dot_common__pb2.Checkpoint.FromString,
             options,
             channel_credentials,
             insecure,
