@@ -14,7 +14,7 @@ NODE_DIR   := clients/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 HAVE_NODE  := $(shell command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 && echo yes)
 
-.PHONY: install test test-fast lint protos demo bench bench-model bench-trainer bench-sampler bench-gateway gpu-check clean
+.PHONY: install test test-fast lint protos demo bench bench-model bench-trainer bench-sampler bench-gateway bench-loop gpu-check clean
 
 install: $(STAMP) $(if $(HAVE_NODE),$(NODE_STAMP))
 
@@ -75,6 +75,9 @@ bench-sampler: install
 
 bench-gateway: install
 	HEADWAY_DEVICE=cpu $(PY) bench/bench_gateway.py
+
+bench-loop: install
+	HEADWAY_DEVICE=cpu $(PY) bench/bench_loop.py
 
 # On a machine with a CUDA GPU (never run on this project's machines, which have none):
 # the gpu-marked tests (parity on cuda: prefill + decode = full forward, sampler logprobs =

@@ -114,6 +114,7 @@ async def train_with_progress(args: argparse.Namespace, held_out: HeldOut) -> li
         tasks=args.tasks,
         learning_rate=args.learning_rate,
         on_step=on_step,
+        max_steps_off_policy=args.off_policy,
     )
     bar.close()
     await sampler.close()
@@ -151,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-rank", type=int, default=0, help="default: the trainer's")
     parser.add_argument("--tasks", type=int, default=32, help="problems in the taskset")
     parser.add_argument("--full", action="store_true", help="full fine-tuning, not LoRA")
+    parser.add_argument(
+        "--async",
+        dest="off_policy",
+        action="store_const",
+        const=1,
+        default=0,
+        help="roll out the next step while this one trains (headway.rl, one step off policy)",
+    )
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be at least 2: the demo rolls the head back to a middle step")

@@ -16,10 +16,11 @@ import asyncio
 import inspect
 from collections.abc import Callable
 
-from headway import StepResult, TrainingClient
+from headway import StepResult
 from headway.agents import create_agent
 from headway.bases.tiny_arith import reward, train_problems
-from headway.eval import Job, Task, Taskset
+from headway.eval import Task, Taskset
+from headway.rl import StepReport, rl_loop
 from headway.types import Run
 
 # For a LoRA fork of tiny-arith (measured): 1e-4 barely moves in 12 steps; 2e-3 climbs
@@ -43,7 +44,10 @@ async def main(
     group: int = 8,
     learning_rate: float = DEFAULT_LEARNING_RATE,
     on_step: Callable[[StepResult, list[Run]], object] | None = None,
-) -> list[StepResult]:
+    max_steps_off_policy: int = 0,
+) -> list[StepReport]:
+    """`steps` GRPO steps; with `max_steps_off_policy` 1 the rollouts of the next step run
+    while this one trains (see `headway.rl`)."""
     # return_token_ids marks these as training rollouts: the gateway returns
     # token ids + per-token logprobs, recorded on each turn for training.
     agent = create_agent(
@@ -54,28 +58,26 @@ async def main(
             "extra_body": {"return_token_ids": True},
         },
     )
-    trainer = TrainingClient(model)
-
     taskset = arith_taskset(tasks, seed=0)
 
-    session = await Job.start(model, group=group)  # `group` rollouts per task (GRPO group)
-    results = []
-    for _step in range(steps):
-        start = len(session.runs)
-        await taskset.run(agent, job=session)
-        batch = session.runs[start:]
-        result = await trainer.step(batch, learning_rate=learning_rate, group_size=group)
-        results.append(result)
-        if on_step is not None:  # the demo's progress bar and held-out accuracy
-            if inspect.isawaitable(shown := on_step(result, batch)):
+    async def report(step: StepReport) -> None:
+        if step.result is None:
+            print(f"step skipped: all {step.dropped} runs too far off policy")
+        elif on_step is not None:  # the demo's progress bar and held-out accuracy
+            if inspect.isawaitable(shown := on_step(step.result, step.runs)):
                 await shown
         else:
-            mean_reward = sum(run.reward or 0.0 for run in batch) / len(batch)
-            print(f"optim {result.step} → {result.sampler_path}  mean reward {mean_reward:.3f}")
+            print(
+                f"optim {step.result.step} → {step.result.sampler_path}  "
+                f"mean reward {step.reward_mean:.3f}"
+            )
+
+    reports = await rl_loop(
+        model, taskset, agent, steps=steps, group=group, learning_rate=learning_rate,
+        max_steps_off_policy=max_steps_off_policy, on_step=report,
+    )  # fmt: skip
     await agent.close()
-    await session.close()
-    await trainer.close()
-    return results
+    return reports
 
 
 if __name__ == "__main__":
@@ -85,5 +87,18 @@ if __name__ == "__main__":
     parser.add_argument("--tasks", type=int, default=32, help="problems per step")
     parser.add_argument("--group", type=int, default=8, help="rollouts per problem")
     parser.add_argument("--learning-rate", type=float, default=DEFAULT_LEARNING_RATE)
+    parser.add_argument(
+        "--async", dest="off_policy", action="store_const", const=1, default=0,
+        help="roll out the next step while this one trains (one step off policy)",
+    )  # fmt: skip
     args = parser.parse_args()
-    asyncio.run(main(args.model, args.steps, args.tasks, args.group, args.learning_rate))
+    asyncio.run(
+        main(
+            args.model,
+            args.steps,
+            args.tasks,
+            args.group,
+            args.learning_rate,
+            max_steps_off_policy=args.off_policy,
+        )  # fmt: skip
+    )

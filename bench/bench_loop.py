@@ -1,0 +1,146 @@
+"""`make bench-loop`: wall time per step of the demo's RL loop, asynchronous (the next
+step's rollouts run while this one trains, `headway.rl`, max_steps_off_policy=1) against
+synchronous, on the same machine in the same run.
+
+The stack is `headway serve`'s (trainer, one sampler, gateway, embedded Redis) on a fresh
+store; the base is the project's tiny-arith (built once, cached). Two LoRA forks of one
+fork of it start from the same weights, and each trains the same steps on the same
+taskset (same problems, same group size, same learning rate), one synchronously, one
+asynchronously, in turn. Reported: seconds per step of each (the first step of each is
+left out: it loads the fork on the trainer and the sampler), their ratio, and both reward
+curves: the asynchronous loop must still learn (the mean reward of its last three steps
+above that of its first three).
+
+Last line: `async_vs_sync=<sync s per step / async s per step> async_learns=<yes|no>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+
+import train  # noqa: E402  (examples/train.py: the demo's taskset and agent settings)
+
+from bench.common import print_table  # noqa: E402
+from headway import ModelClient  # noqa: E402
+from headway.agents import create_agent  # noqa: E402
+from headway.bases.tiny_arith import ensure_tiny_arith  # noqa: E402
+from headway.cli.serve import LocalStack, ServeConfig  # noqa: E402
+from headway.rl import StepReport, rl_loop  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def run(model: str, args: argparse.Namespace, bound: int) -> list[StepReport]:
+    agent = create_agent(
+        model,
+        completion_kwargs={
+            "max_tokens": 8,
+            "temperature": 1.0,
+            "extra_body": {"return_token_ids": True},
+        },
+    )
+    reports = await rl_loop(
+        model, train.arith_taskset(args.tasks, seed=0), agent, steps=args.steps,
+        group=args.group, learning_rate=args.learning_rate, max_steps_off_policy=bound,
+    )  # fmt: skip
+    await agent.close()
+    return reports
+
+
+async def forks() -> None:
+    async with ModelClient() as models:
+        await models.fork("tiny-arith", "start")
+        for name in ("sync", "async"):  # both continue start's adapter: the same weights
+            await models.fork("start", name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--tasks", type=int, default=16, help="problems per step")
+    parser.add_argument("--group", type=int, default=8, help="rollouts per problem")
+    parser.add_argument("--learning-rate", type=float, default=train.DEFAULT_LEARNING_RATE)
+    args = parser.parse_args()
+    base = ensure_tiny_arith()
+    work = Path(tempfile.mkdtemp(prefix="headway-bench-loop-"))
+    ports = {name: free_port() for name in ("gateway", "http", "trainer", "sampler")}
+    config = ServeConfig(
+        store=work / "store",
+        listen=f"127.0.0.1:{ports['gateway']}",
+        http=f"127.0.0.1:{ports['http']}",
+        trainer_listen=f"127.0.0.1:{ports['trainer']}",
+        sampler_port_base=ports["sampler"],
+    )
+    os.environ["HEADWAY_URL"] = f"127.0.0.1:{ports['gateway']}"
+    os.environ["HEADWAY_HTTP_URL"] = f"http://127.0.0.1:{ports['http']}/v1"
+    os.environ.pop("HEADWAY_API_KEY", None)
+    stack = LocalStack(config)
+    started = time.monotonic()
+    try:
+        stack.start()
+
+        async def register() -> None:
+            async with ModelClient() as models:
+                await models.add_base(str(base), "tiny-arith")
+
+        asyncio.run(register())
+        asyncio.run(forks())
+        reports = {
+            name: asyncio.run(run(name, args, bound)) for name, bound in (("sync", 0), ("async", 1))
+        }
+    finally:
+        stack.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    per_step = {n: statistics.median(r.seconds for r in rs[1:]) for n, rs in reports.items()}
+    curves = {n: [r.reward_mean for r in rs] for n, rs in reports.items()}
+    ratio = per_step["sync"] / per_step["async"]
+    stale = sum(r.staleness.get(1, 0) for r in reports["async"])
+    total = sum(sum(r.staleness.values()) for r in reports["async"])
+    print(
+        f"RL loop on tiny-arith: {args.steps} steps of {args.tasks} tasks x {args.group} "
+        f"rollouts, LoRA; CPU threads {os.cpu_count()}"
+    )
+    print_table(
+        "wall time per step (ratio: sync / async, > 1 = async faster)",
+        ["metric", "async", "sync", "ratio"],
+        [
+            ["s per step (median, step 1 left out)", per_step["async"], per_step["sync"], ratio],
+            ["runs one step off policy (async)", stale, "", f"{stale}/{total}"],
+        ],
+    )
+    print("step  reward sync  reward async")
+    for k, (a, b) in enumerate(zip(curves["sync"], curves["async"], strict=True), start=1):
+        print(f"{k:>4}  {a:>11.3f}  {b:>12.3f}")
+
+    def learns(curve: list[float]) -> bool:
+        return sum(curve[-3:]) / 3 > sum(curve[:3]) / 3
+
+    print(
+        f"goal: async_vs_sync >= 1.3 on 2 cores, and async still learns; "
+        f"bench took {time.monotonic() - started:.0f} s"
+    )
+    print(
+        f"async_vs_sync={ratio:.2f} async_learns={'yes' if learns(curves['async']) else 'no'} "
+        f"sync_learns={'yes' if learns(curves['sync']) else 'no'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
