@@ -1,6 +1,6 @@
-"""`make bench-loop`: wall time per step of the demo's RL loop, asynchronous (the next
-step's rollouts run while this one trains, `headway.rl`, max_steps_off_policy=1) against
-synchronous, on the same machine in the same run.
+"""`make bench-loop`: wall time per step of the demo's RL loop, asynchronous (the next two
+steps' rollouts run while this one trains, `headway.rl`, max_steps_off_policy=2, the
+demo's `--async`) against synchronous, on the same machine in the same run.
 
 The stack is `headway serve`'s (trainer, one sampler, gateway, embedded Redis) on a fresh
 store; the base is the project's tiny-arith (built once, cached). Two LoRA forks of one
@@ -76,6 +76,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=16, help="problems per step")
     parser.add_argument("--group", type=int, default=8, help="rollouts per problem")
     parser.add_argument("--learning-rate", type=float, default=train.DEFAULT_LEARNING_RATE)
+    parser.add_argument(
+        "--ahead", type=int, default=2, help="the async loop's max_steps_off_policy"
+    )
     args = parser.parse_args()
     base = ensure_tiny_arith()
     work = Path(tempfile.mkdtemp(prefix="headway-bench-loop-"))
@@ -102,28 +105,40 @@ def main() -> None:
         asyncio.run(register())
         asyncio.run(forks())
         reports = {
-            name: asyncio.run(run(name, args, bound)) for name, bound in (("sync", 0), ("async", 1))
+            name: asyncio.run(run(name, args, bound))
+            for name, bound in (("sync", 0), ("async", args.ahead))
         }
     finally:
         stack.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     per_step = {n: statistics.median(r.seconds for r in rs[1:]) for n, rs in reports.items()}
+    waited = {n: statistics.median(r.waited for r in rs[1:]) for n, rs in reports.items()}
+    trained = {n: statistics.median(r.trained for r in rs[1:]) for n, rs in reports.items()}
+    # Perfect overlap on idle cores: a step lasts the longer of its rollouts and training.
+    ideal = (waited["sync"] + trained["sync"]) / max(waited["sync"], trained["sync"])
     curves = {n: [r.reward_mean for r in rs] for n, rs in reports.items()}
     ratio = per_step["sync"] / per_step["async"]
-    stale = sum(r.staleness.get(1, 0) for r in reports["async"])
+    stale = sum(n for r in reports["async"] for b, n in r.staleness.items() if b)
     total = sum(sum(r.staleness.values()) for r in reports["async"])
     print(
         f"RL loop on tiny-arith: {args.steps} steps of {args.tasks} tasks x {args.group} "
-        f"rollouts, LoRA; CPU threads {os.cpu_count()}"
+        f"rollouts, LoRA; async: max_steps_off_policy {args.ahead}; CPU threads {os.cpu_count()}"
     )
     print_table(
         "wall time per step (ratio: sync / async, > 1 = async faster)",
         ["metric", "async", "sync", "ratio"],
         [
             ["s per step (median, step 1 left out)", per_step["async"], per_step["sync"], ratio],
-            ["runs one step off policy (async)", stale, "", f"{stale}/{total}"],
+            ["  waiting for the step's rollouts", waited["async"], waited["sync"], ""],
+            ["  in the training calls", trained["async"], trained["sync"], ""],
+            ["runs sampled off policy (async)", stale, "", f"{stale}/{total}"],
         ],
+    )
+    print(
+        f"overlap bound: (sync rollouts + training) / the longer of the two = {ideal:.2f} "
+        "(what one batch ahead could reach were the two not sharing these cores; two "
+        "batches ahead also decode as one larger batch)"
     )
     print("step  reward sync  reward async")
     for k, (a, b) in enumerate(zip(curves["sync"], curves["async"], strict=True), start=1):

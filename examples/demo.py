@@ -156,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         "--async",
         dest="off_policy",
         action="store_const",
-        const=1,
+        const=2,
         default=0,
-        help="roll out the next step while this one trains (headway.rl, one step off policy)",
+        help="roll out the next two steps while this one trains (headway.rl, 2 steps off policy)",
     )
     args = parser.parse_args(argv)
     if args.steps < 2:

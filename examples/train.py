@@ -46,8 +46,8 @@ async def main(
     on_step: Callable[[StepResult, list[Run]], object] | None = None,
     max_steps_off_policy: int = 0,
 ) -> list[StepReport]:
-    """`steps` GRPO steps; with `max_steps_off_policy` 1 the rollouts of the next step run
-    while this one trains (see `headway.rl`)."""
+    """`steps` GRPO steps; with `max_steps_off_policy` N the rollouts of the next N steps
+    run while this one trains (see `headway.rl`)."""
     # return_token_ids marks these as training rollouts: the gateway returns
     # token ids + per-token logprobs, recorded on each turn for training.
     agent = create_agent(
@@ -88,8 +88,8 @@ if __name__ == "__main__":
     parser.add_argument("--group", type=int, default=8, help="rollouts per problem")
     parser.add_argument("--learning-rate", type=float, default=DEFAULT_LEARNING_RATE)
     parser.add_argument(
-        "--async", dest="off_policy", action="store_const", const=1, default=0,
-        help="roll out the next step while this one trains (one step off policy)",
+        "--async", dest="off_policy", action="store_const", const=2, default=0,
+        help="roll out the next two steps while this one trains (up to two steps off policy)",
     )  # fmt: skip
     args = parser.parse_args()
     asyncio.run(

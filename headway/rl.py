@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,8 @@ class StepReport:
     runs: list[Run]  # the runs trained on (dropped groups left out)
     reward_mean: float  # over the runs rolled out for this step
     seconds: float  # wall time since the previous step ended
+    waited: float = 0.0  # of which waiting for this step's rollouts to finish
+    trained: float = 0.0  # of which in the training calls
     staleness: dict[int, int] = field(default_factory=dict)  # steps behind → runs
     dropped: int = 0  # runs in groups dropped as too far off policy
     evaluation: Evaluation | None = None
@@ -83,23 +86,33 @@ async def rl_loop(
     reports: list[StepReport] = []
     last = time.monotonic()
 
-    async def rollouts() -> list[Run]:
-        start = len(session.runs)
-        await taskset.run(agent, job=session)
-        return session.runs[start:]
+    # Rollouts of the steps ahead, oldest first: one at a time when synchronous, up to
+    # `max_steps_off_policy` beside the step training when not.
+    ahead: deque[asyncio.Future[list[Run]]] = deque()
+    launched = 0
 
-    ahead = asyncio.ensure_future(rollouts())
+    def launch() -> None:
+        nonlocal launched
+        # Its own runs, whatever other batches append to the job meanwhile.
+        ahead.append(asyncio.ensure_future(taskset.run(agent, job=session)))
+        launched += 1
+
+    launch()
     try:
         for k in range(steps):
-            batch = await ahead
-            # The next step's rollouts sample while this one trains (asynchronous), or
+            wait = time.monotonic()
+            batch = await ahead.popleft()
+            wait = time.monotonic() - wait
+            # The next steps' rollouts sample while this one trains (asynchronous), or
             # after it (synchronous: they then sample its checkpoint).
-            if max_steps_off_policy and k + 1 < steps:
-                ahead = asyncio.ensure_future(rollouts())
+            while len(ahead) < max_steps_off_policy and launched < steps:
+                launch()
+            training = time.monotonic()
             report = await _train(
                 trainer, batch, group, steps_of, head.step, learning_rate, loss_fn,
                 max_steps_off_policy, off_policy, decay, kl_penalty_coef,
             )  # fmt: skip
+            report.waited, report.trained = wait, time.monotonic() - training
             if report.result is not None:
                 head = report.result.checkpoint_info
                 steps_of[report.result.checkpoint] = report.result.step
@@ -115,12 +128,12 @@ async def rl_loop(
             reports.append(report)
             if on_step is not None and inspect.isawaitable(shown := on_step(report)):
                 await shown
-            if not max_steps_off_policy and k + 1 < steps:
-                ahead = asyncio.ensure_future(rollouts())
+            if not max_steps_off_policy and launched < steps:
+                launch()
     finally:
-        if not ahead.done():
-            ahead.cancel()
-            await asyncio.gather(ahead, return_exceptions=True)
+        for pending in ahead:
+            pending.cancel()
+        await asyncio.gather(*ahead, return_exceptions=True)
         await session.close()
         await trainer.close()
     return reports

@@ -34,7 +34,7 @@ def test_stale_groups_are_dropped_or_scaled():
     assert scaled == {1.0: fresh}
 
 
-@pytest.mark.parametrize("bound", [0, 1], ids=["sync", "async"])
+@pytest.mark.parametrize("bound", [0, 1, 2], ids=["sync", "async1", "async2"])
 def test_the_loop_trains_and_evaluates(gateway_stack, monkeypatch, bound):
     stack = gateway_stack
     monkeypatch.setenv("HEADWAY_URL", url(stack))
