@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -30,31 +29,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
-import train  # noqa: E402  (examples/train.py: the demo's taskset and agent settings)
+import demo  # noqa: E402  (examples/demo.py: its stack)
+import train  # noqa: E402  (examples/train.py: the demo's taskset and agent)
 
 from bench.common import print_table  # noqa: E402
 from headway import ModelClient  # noqa: E402
-from headway.agents import create_agent  # noqa: E402
 from headway.bases.tiny_arith import ensure_tiny_arith  # noqa: E402
-from headway.cli.serve import LocalStack, ServeConfig  # noqa: E402
 from headway.rl import StepReport, rl_loop  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def run(model: str, args: argparse.Namespace, bound: int) -> list[StepReport]:
-    agent = create_agent(
-        model,
-        completion_kwargs={
-            "max_tokens": 8,
-            "temperature": 1.0,
-            "extra_body": {"return_token_ids": True},
-        },
-    )
+    agent = train.arith_agent(model)
     reports = await rl_loop(
         model, train.arith_taskset(args.tasks, seed=0), agent, steps=args.steps,
         group=args.group, learning_rate=args.learning_rate, max_steps_off_policy=bound,
@@ -82,18 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     base = ensure_tiny_arith()
     work = Path(tempfile.mkdtemp(prefix="headway-bench-loop-"))
-    ports = {name: free_port() for name in ("gateway", "http", "trainer", "sampler")}
-    config = ServeConfig(
-        store=work / "store",
-        listen=f"127.0.0.1:{ports['gateway']}",
-        http=f"127.0.0.1:{ports['http']}",
-        trainer_listen=f"127.0.0.1:{ports['trainer']}",
-        sampler_port_base=ports["sampler"],
-    )
-    os.environ["HEADWAY_URL"] = f"127.0.0.1:{ports['gateway']}"
-    os.environ["HEADWAY_HTTP_URL"] = f"http://127.0.0.1:{ports['http']}/v1"
-    os.environ.pop("HEADWAY_API_KEY", None)
-    stack = LocalStack(config)
+    stack = demo.local_stack(work / "store")
     started = time.monotonic()
     try:
         stack.start()

@@ -48,6 +48,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def local_stack(store: Path) -> LocalStack:
+    """`headway serve`'s stack on free ports over `store` (not started), with this
+    process's HEADWAY_URL and HEADWAY_HTTP_URL pointing at it, in local mode."""
+    ports = {name: free_port() for name in ("gateway", "http", "trainer", "sampler")}
+    config = ServeConfig(
+        store=store,
+        listen=f"127.0.0.1:{ports['gateway']}",
+        http=f"127.0.0.1:{ports['http']}",
+        trainer_listen=f"127.0.0.1:{ports['trainer']}",
+        sampler_port_base=ports["sampler"],
+    )
+    os.environ["HEADWAY_URL"] = f"127.0.0.1:{ports['gateway']}"
+    os.environ["HEADWAY_HTTP_URL"] = f"http://127.0.0.1:{ports['http']}/v1"
+    os.environ.pop("HEADWAY_API_KEY", None)  # local mode
+    return LocalStack(config)
+
+
 def shell(*argv: str) -> None:
     """Run a `headway` CLI command in this process, echoed as a user would type it."""
     print(f"\n$ headway {' '.join(argv)}", flush=True)
@@ -180,18 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     build.close()
     print(f"base at {base}")
 
-    ports = {name: free_port() for name in ("gateway", "http", "trainer", "sampler")}
-    config = ServeConfig(
-        store=store,
-        listen=f"127.0.0.1:{ports['gateway']}",
-        http=f"127.0.0.1:{ports['http']}",
-        trainer_listen=f"127.0.0.1:{ports['trainer']}",
-        sampler_port_base=ports["sampler"],
-    )
-    os.environ["HEADWAY_URL"] = f"127.0.0.1:{ports['gateway']}"
-    os.environ["HEADWAY_HTTP_URL"] = f"http://127.0.0.1:{ports['http']}/v1"
-    os.environ.pop("HEADWAY_API_KEY", None)  # local mode
-    stack = LocalStack(config)
+    stack = local_stack(store)
     try:
         stack.start()
         print(stack.ready_line())

@@ -17,7 +17,7 @@ import inspect
 from collections.abc import Callable
 
 from headway import StepResult
-from headway.agents import create_agent
+from headway.agents import Agent, create_agent
 from headway.bases.tiny_arith import reward, train_problems
 from headway.eval import Task, Taskset
 from headway.rl import StepReport, rl_loop
@@ -37,6 +37,20 @@ def arith_taskset(size: int, seed: int) -> Taskset:
     return Taskset(task(problem) for problem, _answer in train_problems(size, seed))
 
 
+def arith_agent(model: str) -> Agent:
+    """The agent that rolls out tiny-arith problems (short answers, temperature 1)."""
+    # return_token_ids marks these as training rollouts: the gateway returns
+    # token ids + per-token logprobs, recorded on each turn for training.
+    return create_agent(
+        model,
+        completion_kwargs={
+            "max_tokens": 8,
+            "temperature": 1.0,
+            "extra_body": {"return_token_ids": True},
+        },
+    )
+
+
 async def main(
     model: str = "arith-rl",
     steps: int = 10,
@@ -48,16 +62,7 @@ async def main(
 ) -> list[StepReport]:
     """`steps` GRPO steps; with `max_steps_off_policy` N the rollouts of the next N steps
     run while this one trains (see `headway.rl`)."""
-    # return_token_ids marks these as training rollouts: the gateway returns
-    # token ids + per-token logprobs, recorded on each turn for training.
-    agent = create_agent(
-        model,
-        completion_kwargs={
-            "max_tokens": 8,
-            "temperature": 1.0,
-            "extra_body": {"return_token_ids": True},
-        },
-    )
+    agent = arith_agent(model)
     taskset = arith_taskset(tasks, seed=0)
 
     async def report(step: StepReport) -> None:
