@@ -55,6 +55,7 @@ from headway.errors import (
     from_rpc_error,
 )
 from headway.server.auth import Caller
+from headway.server.heads import run_key
 from headway.store import ADAPTER_FILE, check_slug
 from headway.tensors import from_tensor, to_tensor
 from headway.v1 import (
@@ -201,9 +202,8 @@ def create_router(gateway: Gateway, team_of: Callable[[Any], str]) -> APIRouter:
         return slug
 
     def rk(slug: str) -> str:
-        """A fork's key in the API's Redis state: its slug and creation time, so a slug
-        freed by DeleteModel and taken again starts with no names, seq ids or queue."""
-        return f"{slug}@{gateway.store.get_model(slug).created!r}"
+        """A fork's key in the API's Redis state (`run_key`)."""
+        return run_key(slug, gateway.store.get_model(slug).created)
 
     @api.post("/client/config")
     async def client_config(request: Request) -> dict[str, Any]:

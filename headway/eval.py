@@ -361,7 +361,12 @@ async def evaluate(
         agent = create_agent(
             model, {**kwargs, "extra_body": extra}, base_url=http_url, api_key=api_key
         )
-        runs = await taskset.run(agent, group=group, max_errors=max_errors)
+        # Rewards go onto the traces through this gateway (`url`, `api_key`).
+        job = await Job.start(model, group=group, url=url, api_key=api_key)
+        try:
+            runs = await taskset.run(agent, job=job, max_errors=max_errors)
+        finally:
+            await job.close()
         metrics = _eval_metrics(runs, len(taskset), group, name, success)
         if record:
             await models.record_eval(model, ckpt, metrics)
@@ -396,5 +401,6 @@ def _eval_metrics(
             if len(mine) >= k:
                 passed = sum(r.reward >= success for r in mine)
                 scores.append(pass_at_k(len(mine), passed, k))
-        out[f"{name}/pass@{k}"] = sum(scores) / len(scores) if scores else 0.0
+        if scores:  # no task with k finished runs: no pass@k to report
+            out[f"{name}/pass@{k}"] = sum(scores) / len(scores)
     return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -35,6 +36,8 @@ from headway.eval import Evaluation, Job, Taskset, evaluate
 from headway.types import Run, StepResult
 
 OFF_POLICY = ("drop", "downweight")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,11 +83,8 @@ async def rl_loop(
     if it returns an awaitable) after each step."""
     _check(steps, group, max_steps_off_policy, off_policy, decay, eval_every, eval_taskset)
     trainer = TrainingClient(model, url=url)
-    session = await Job.start(model, group=group, url=url)
-    head = await trainer.head()
-    steps_of = {head.id: head.step}  # checkpoint → its step, as the loop saw them
+    session: Job | None = None
     reports: list[StepReport] = []
-    last = time.monotonic()
 
     # Rollouts of the steps ahead, oldest first: one at a time when synchronous, up to
     # `max_steps_off_policy` beside the step training when not.
@@ -97,8 +97,12 @@ async def rl_loop(
         ahead.append(asyncio.ensure_future(taskset.run(agent, job=session)))
         launched += 1
 
-    launch()
     try:
+        session = await Job.start(model, group=group, url=url)
+        head = await trainer.head()
+        steps_of = {head.id: head.step}  # checkpoint → its step, as the loop saw them
+        last = time.monotonic()
+        launch()
         for k in range(steps):
             wait = time.monotonic()
             batch = await ahead.popleft()
@@ -118,11 +122,14 @@ async def rl_loop(
                 steps_of[report.result.checkpoint] = report.result.step
             if eval_every and report.result is not None and (k + 1) % eval_every == 0:
                 assert eval_taskset is not None
-                report.evaluation = await evaluate(
-                    model, eval_taskset, checkpoint=report.result.checkpoint,
-                    group=eval_group, name=eval_name, url=url, http_url=agent.base_url,
-                    api_key=agent.api_key,
-                )  # fmt: skip
+                try:
+                    report.evaluation = await evaluate(
+                        model, eval_taskset, checkpoint=report.result.checkpoint,
+                        group=eval_group, name=eval_name, url=url, http_url=agent.base_url,
+                        api_key=agent.api_key,
+                    )  # fmt: skip
+                except Exception:  # an evaluation failing does not end the training
+                    log.exception("evaluation of %s at step %d failed", model, k + 1)
             now = time.monotonic()
             report.seconds, last = now - last, now
             reports.append(report)
@@ -133,8 +140,9 @@ async def rl_loop(
     finally:
         for pending in ahead:
             pending.cancel()
-        await asyncio.gather(*ahead, return_exceptions=True)
-        await session.close()
+        await asyncio.gather(*ahead, return_exceptions=True)  # their errors read, too
+        if session is not None:
+            await session.close()
         await trainer.close()
     return reports
 
@@ -212,15 +220,22 @@ async def _train(
         return report
     kl = {"kl_penalty_coef": kl_penalty_coef}
     last_scale = 1.0 if 1.0 in scaled else min(scaled)
-    for scale, runs in scaled.items():
-        if scale != last_scale:
-            await trainer.forward_backward(
-                runs, loss_fn, group_size=group, reward_scale=scale, **kl
-            )
-            report.runs += runs
-    runs = scaled[last_scale]
-    report.result = await trainer.step(
-        runs, learning_rate, group_size=group, loss_fn=loss_fn, reward_scale=last_scale, **kl
-    )
+    accumulated = False
+    try:
+        for scale, runs in scaled.items():
+            if scale != last_scale:
+                await trainer.forward_backward(
+                    runs, loss_fn, group_size=group, reward_scale=scale, **kl
+                )
+                accumulated = True
+                report.runs += runs
+        runs = scaled[last_scale]
+        report.result = await trainer.step(
+            runs, learning_rate, group_size=group, loss_fn=loss_fn, reward_scale=last_scale, **kl
+        )
+    except BaseException:
+        if accumulated:  # a gradient half applied: dropped (the head is unchanged)
+            await trainer.set_head(await trainer.head())
+        raise
     report.runs += runs
     return report

@@ -219,16 +219,20 @@ def test_checkpoints_the_tinker_api_names_are_kept(trainer_stack):
     import redis.asyncio as aioredis
 
     from gateway.tinker_state import TinkerState
+    from headway.server.heads import run_key
 
     stack = trainer_stack
     stack.fork("m")
     ids = _steps(stack, "m", 4)
 
+    # Named as the gateway's Tinker API names them (keyed by the run: slug and creation).
+    run = run_key("m", stack.trainer.store.get_model("m").created)
+
     async def name() -> None:
         client = aioredis.Redis.from_url(stack.config.redis_url)
         state = TinkerState(client, stack.prefix, 8)
-        await state.name("m", "weights/keep-me", ids[0])
-        await state.name("m", "sampler_weights/lapsed", ids[1], ttl=-1.0)
+        await state.name(run, "weights/keep-me", ids[0])
+        await state.name(run, "sampler_weights/lapsed", ids[1], ttl=-1.0)
         await client.aclose()
 
     asyncio.run(name())
@@ -246,7 +250,8 @@ def test_checkpoints_the_tinker_api_names_are_kept(trainer_stack):
     assert done.kept[ids[0]] == "named 'weights/keep-me' by the Tinker API"
 
 
-def test_a_retried_step_whose_checkpoint_was_pruned_is_refused(trainer_stack):
+@pytest.mark.parametrize("how", ["prune", "delete"])
+def test_a_retried_step_whose_checkpoint_was_pruned_is_refused(trainer_stack, how):
     """After a restart (the reply cache gone), a retry of a Step whose checkpoint a prune
     removed is FAILED_PRECONDITION: its step was applied once, it is not applied again."""
     from tests.stack import TrainerStack
@@ -258,10 +263,16 @@ def test_a_retried_step_whose_checkpoint_was_pruned_is_refused(trainer_stack):
     )
     first = stack.train.Step(step).optim_step.checkpoint
     _steps(stack, "m", 2)
-    done = stack.models.PruneCheckpoints(
-        model_pb2.PruneCheckpointsRequest(model="m", policy=common_pb2.RetentionPolicy(keep_last=1))
-    )
-    assert list(done.deleted) == [first]
+    if how == "prune":
+        policy = common_pb2.RetentionPolicy(keep_last=1)
+        done = stack.models.PruneCheckpoints(
+            model_pb2.PruneCheckpointsRequest(model="m", policy=policy)
+        )
+        assert list(done.deleted) == [first]
+    else:
+        stack.models.DeleteCheckpoint(
+            model_pb2.DeleteCheckpointRequest(model="m", checkpoint=first)
+        )
     # A new trainer process on the same store: no reply cache, only the store.
     again = TrainerStack(stack.config.store)
     try:

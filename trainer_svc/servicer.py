@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from headway.errors import InvalidArgument, Overloaded
+from headway.errors import InvalidArgument, NotFound, Overloaded
 from headway.server.grpc import MAPPED_ERRORS, abort_for, caller, maps_errors, team_of
 from headway.store.export import check_format, export_checkpoint
 from headway.store.retention import Retention
@@ -18,7 +18,7 @@ from headway.v1 import common_pb2, model_pb2, model_pb2_grpc, training_pb2, trai
 from trainer_svc import calls, convert, losses
 from trainer_svc.adapters import LoraRequest
 from trainer_svc.calls import required_model
-from trainer_svc.trainer import Trainer
+from trainer_svc.trainer import Trainer, outlast
 
 Ctx = grpc.aio.ServicerContext
 
@@ -169,12 +169,23 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             async with self.exports.slot():
                 with tempfile.TemporaryDirectory(prefix="headway-export-") as tmp:
                     out = Path(tmp) / "out"
-                    await asyncio.to_thread(
-                        export_checkpoint, self.store, slug, ckpt, request.format, out
+                    work = asyncio.ensure_future(
+                        asyncio.to_thread(
+                            export_checkpoint, self.store, slug, ckpt, request.format, out
+                        )
                     )
+                    try:
+                        await asyncio.shield(work)
+                    except asyncio.CancelledError:
+                        # The client left; the merge runs on in its thread: its slot and
+                        # directory stay until it ends (no pile of merges, no leftovers).
+                        await outlast(work)
+                        raise
                     for path in sorted(p for p in out.rglob("*") if p.is_file()):
                         async for chunk in _chunks(path, path.relative_to(out).as_posix(), ckpt):
                             yield chunk
+        except FileNotFoundError as e:  # deleted (retention, a delete) while exported
+            await abort_for(context, NotFound(f"checkpoint {request.checkpoint!r}: {e}"))
         except MAPPED_ERRORS as e:
             await abort_for(context, e)
 

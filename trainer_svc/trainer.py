@@ -40,7 +40,7 @@ from headway.errors import (
 )
 from headway.modeling.placement import settle
 from headway.server.auth import Caller
-from headway.server.heads import live_name, names_key
+from headway.server.heads import live_name, names_key, run_key
 from headway.store import (
     OPTIMIZER_FILE,
     CheckpointRecord,
@@ -273,8 +273,10 @@ class Trainer:
             self._still(model, team)
             if remove:
                 named = self.store.untag(slug, name)
-                if named is None:  # the tagged checkpoint was deleted since
-                    raise NotFound(f"tag {name!r} of {slug!r} named a checkpoint deleted since")
+                if named is None:  # removed; the checkpoint it named was deleted since
+                    raise NotFound(
+                        f"tag {name!r} of {slug!r} is removed; it named a checkpoint deleted since"
+                    )
                 return named
             return self.store.tag(slug, ckpt_id, name)
 
@@ -540,11 +542,13 @@ class Trainer:
 
     async def _named(self, slug: str) -> dict[str, str]:
         """Checkpoints of `slug` the Tinker API names (in Redis), id → why: no delete
-        removes them. Unavailable without Redis (nothing is deleted then)."""
+        removes them. Unavailable when Redis does not answer (nothing is deleted then);
+        none without a Redis at all (no gateway can have named any)."""
         if self.redis is None:
             return {}
+        run = run_key(slug, self.store.get_model(slug).created)
         try:
-            raw = await self.redis.hgetall(names_key(slug, self.config.redis_prefix))
+            raw = await self.redis.hgetall(names_key(run, self.config.redis_prefix))
         except Exception as e:
             raise Unavailable(
                 f"cannot read the Tinker API's names of {slug!r} from Redis ({e}); "
@@ -679,7 +683,7 @@ class Trainer:
                 # step's save must never see a forward's swapped-in reference weights),
                 # and its reply is kept for the caller's retry, which must not apply it
                 # twice.
-                await _outlast(task)
+                await outlast(task)
                 if request_id and not task.cancelled() and task.exception() is None:
                     stored = keep(task.result()) if keep is not None else task.result()
                     self._replies.put(slug, request_id, kind, stored, reply_bytes(stored))
@@ -730,7 +734,7 @@ def _batch_metrics(batch: Batch) -> dict[str, float]:
     return {"reward/mean": batch.reward_mean, "groups/no_signal": float(batch.no_signal_groups)}
 
 
-async def _outlast(task: asyncio.Future[Any]) -> None:
+async def outlast(task: asyncio.Future[Any]) -> None:
     """Wait for `task` to end, whatever cancels the waiting meanwhile."""
     while not task.done():
         with contextlib.suppress(asyncio.CancelledError):

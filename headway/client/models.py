@@ -5,6 +5,8 @@ deleting a checkpoint, pruning and retention."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,34 +148,41 @@ class ModelClient(GatewayClient):
         )
         stub = self._conn.stub(model_pb2_grpc.ModelServiceStub)
         s = self.settings
-        ckpt, files = "", []
+        ckpt, sizes = "", {}
+        # Written beside `out` and renamed to it whole: a failed export leaves nothing.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        part = Path(tempfile.mkdtemp(prefix=f".{out.name}.part-", dir=out.parent))
         try:
-            async for chunk in stub.ExportCheckpoint(
-                request, metadata=s.metadata, timeout=s.timeout
-            ):
+            stream = stub.ExportCheckpoint(request, metadata=s.metadata, timeout=s.timeout)
+            async for chunk in stream:
                 ckpt = chunk.checkpoint
-                part = _inside(out, chunk.file).with_name(f".part-{Path(chunk.file).name}")
+                path = _inside(part, chunk.file)
                 if chunk.offset == 0:
-                    part.parent.mkdir(parents=True, exist_ok=True)
-                    part.write_bytes(b"")
-                    files.append((part, _inside(out, chunk.file), chunk.size))
-                with part.open("r+b") as f:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(b"")
+                    sizes[path] = chunk.size
+                with path.open("r+b") as f:
                     f.seek(chunk.offset)
                     f.write(chunk.data)
+            for path, size in sizes.items():
+                if path.stat().st_size != size:
+                    raise Unavailable(f"the export of {model} ended early at {path.name}; retry")
+            if out.exists():
+                out.rmdir()  # empty (checked above)
+            part.rename(out)
         except grpc.aio.AioRpcError as e:
             raise error_from_rpc(e) from e
-        for part, final, size in files:
-            if part.stat().st_size != size:
-                raise Unavailable(f"export of {model} ended early at {final.name}; run it again")
-            part.rename(final)
+        finally:
+            shutil.rmtree(part, ignore_errors=True)
         return ckpt
 
 
 def _inside(out: Path, name: str) -> Path:
-    """`out / name`, refusing a name that would leave `out` (a server is not trusted with
-    the client's filesystem)."""
+    """`out / name`, refusing a name that would leave `out` or name it (a server is not
+    trusted with the client's filesystem)."""
+    parts = Path(name).parts
     path = (out / name).resolve()
-    if not path.is_relative_to(out.resolve()) or not name:
+    if not parts or any(p in (".", "..") for p in parts) or not path.is_relative_to(out.resolve()):
         raise InvalidArgument(f"the server sent a file name outside the export: {name!r}")
     return path
 

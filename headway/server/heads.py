@@ -42,10 +42,17 @@ def mirror_key(model: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}head:{model}"
 
 
-def names_key(model: str, prefix: str = DEFAULT_PREFIX) -> str:
-    """The hash of the names the Tinker API gave a model's checkpoints: path → JSON
-    {"checkpoint", "time", "expires"?}. The trainer's retention keeps what it names."""
-    return f"{prefix}tinker:names:{model}"
+def run_key(slug: str, created: float) -> str:
+    """A fork's key in the Tinker API's Redis state: its slug and creation time, so a slug
+    freed by DeleteModel and taken again starts with no names, seq ids or queue."""
+    return f"{slug}@{created!r}"
+
+
+def names_key(run: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """The hash of the names the Tinker API gave the checkpoints of `run` (`run_key`):
+    path → JSON {"checkpoint", "time", "expires"?}. The trainer's retention keeps what
+    it names."""
+    return f"{prefix}tinker:names:{run}"
 
 
 def live_name(entry: dict) -> bool:

@@ -30,9 +30,13 @@ def export_checkpoint(store: CheckpointStore, slug: str, ckpt: str, fmt: str, ou
     check_format(slug, bool(record.lora), fmt)
     ckpt = store.get_checkpoint(slug, ckpt).id
     if fmt == "peft":
+        from headway.store import ADAPTER_FILE
         from headway.store.weights import adapter_dir
 
-        shutil.copytree(adapter_dir(store, slug, ckpt), out, dirs_exist_ok=True)
+        source = adapter_dir(store, slug, ckpt)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("adapter_config.json", ADAPTER_FILE):  # what peft loads, nothing else
+            shutil.copyfile(source / name, out / name)
         return
     # Merged full weights plus the base's config and tokenizer: a plain HF directory.
     from headway.modeling import ModelConfig, build_model, save_model

@@ -65,6 +65,7 @@ RETENTION_FILE = "retention.json"
 EVALS_FILE = "evals.json"  # in a checkpoint's directory, beside its meta.json
 # OptimStep request ids whose checkpoints a delete removed: id → that checkpoint's id.
 PRUNED_FILE = "pruned-requests.json"
+PRUNED_KEPT = 4096  # ids remembered there, newest
 ADAPTER_FILE = "adapter_model.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -392,6 +393,7 @@ class CheckpointStore:
             raise FailedPrecondition(
                 f"checkpoint {record.id} of model {slug!r} cannot be deleted: it is {why}"
             )
+        self._note_pruned(slug, [record])
         return self._remove_checkpoint(record)
 
     def prune(
@@ -481,7 +483,9 @@ class CheckpointStore:
             known = json.loads(path.read_text())
         except FileNotFoundError:
             known = {}
-        atomic.write_bytes(path, json.dumps({**known, **noted}).encode(), sync=True)
+        # The most recent ids only: a retry comes within minutes, not thousands of steps.
+        kept_ids = list({**known, **noted}.items())[-PRUNED_KEPT:]
+        atomic.write_bytes(path, json.dumps(dict(kept_ids)).encode(), sync=True)
 
     def _remove_checkpoint(self, record: CheckpointRecord) -> int:
         """Remove a checkpoint's directory once its background writes are done: renamed
