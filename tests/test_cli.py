@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from headway.cli import main
-from headway.v1 import training_pb2
+from headway.v1 import model_pb2, training_pb2
 from tests.helpers_training import adam, batch
 
 
@@ -133,11 +133,20 @@ def test_plot_draws_the_heads_lineage(cli, gateway_stack, tmp_path):
     assert code == 2 and "nothing to plot" in err and not (tmp_path / "r.png").exists()
     ids = train(gateway_stack, range(3))
     code, out, _ = cli("models", "plot", "m", "-o", str(tmp_path / "r.png"))
-    assert code == 0 and "3 steps (1..3)" in out
+    assert code == 0 and "3 steps (1..3)" in out and "evaluations" not in out
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The lineage of another node; an SVG by its suffix.
+    # Evaluations recorded along the lineage: a second curve. The lineage of another
+    # node; an SVG by its suffix.
+    for ckpt, score in ((ids[0], 0.25), (ids[1], 0.5)):
+        gateway_stack.gateway.models.RecordEval(
+            model_pb2.RecordEvalRequest(
+                model="m", checkpoint=ckpt, metrics={"arith/reward_mean": score}
+            )
+        )
     code, out, _ = cli("models", "plot", "m", "-o", str(tmp_path / "r.svg"), "--checkpoint", ids[1])
-    assert code == 0 and "2 steps (1..2)" in out and b"<svg" in (tmp_path / "r.svg").read_bytes()
+    assert code == 0 and "2 steps (1..2), evaluations arith" in out
+    svg = (tmp_path / "r.svg").read_bytes()
+    assert b"<svg" in svg and b"arith (eval mean reward)" in svg
     for argv, message in [
         (["nope", "-o", str(tmp_path / "x.png")], "nope"),
         (["m", "-o", str(tmp_path / "x.txt")], ".png, .pdf or .svg"),

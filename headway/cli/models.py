@@ -319,6 +319,12 @@ def _plot(args: argparse.Namespace) -> int:
     mean = [c.stats.reward_mean for c in line]
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 5.5))
     top.plot(steps, mean, marker="o", label="mean reward")
+    # The evaluations recorded along the lineage (headway.eval.evaluate): a second curve
+    # per evaluation name, root included (the score before training).
+    evals = _eval_curves(_lineage(tree, last))
+    for name, points in sorted(evals.items()):
+        xs, ys = zip(*points, strict=True)
+        top.plot(xs, ys, marker="s", linestyle="--", label=f"{name} (eval mean reward)")
     top.set_ylabel("reward")
     top.legend(loc="best")
     top.set_title(f"{args.model}: the head's lineage, up to {last}")
@@ -330,8 +336,19 @@ def _plot(args: argparse.Namespace) -> int:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    print(f"wrote {out}: reward and loss of {len(line)} steps ({steps[0]}..{steps[-1]})")
+    shown = f", evaluations {', '.join(sorted(evals))}" if evals else ""
+    print(f"wrote {out}: reward and loss of {len(line)} steps ({steps[0]}..{steps[-1]}){shown}")
     return 0
+
+
+def _eval_curves(line: list[Checkpoint]) -> dict[str, list[tuple[int, float]]]:
+    """Evaluation name → (step, mean reward) along `line`, where one was recorded."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for c in line:
+        for key, value in c.evals.items():
+            if key.endswith("/reward_mean"):
+                curves.setdefault(key.removesuffix("/reward_mean"), []).append((c.step, value))
+    return curves
 
 
 # Registers one `headway models NAME` command: (name, function, help) -> its parser.
