@@ -58,6 +58,7 @@ from headway.errors import HeadwayError, from_rpc_error
 from headway.modeling.tokenizer import Tokenizer
 from headway.server import logs
 from headway.tensors import to_tensor
+from headway.tensors import tokens as token_ids
 from headway.v1 import common_pb2, sampling_pb2
 
 __all__ = ["HTTPError", "create_app", "domain_error_response", "error_response"]
@@ -241,12 +242,9 @@ async def _trajectory_so_far(
         )  # fmt: skip
     if last is None:
         return None
-    prompt = np.frombuffer(last.prompt_tokens.data, _INT[last.prompt_tokens.dtype]).tolist()
-    sampled = np.frombuffer(last.completion_tokens.data, _INT[last.completion_tokens.dtype])
-    return prompt, sampled.tolist(), last.prompt_digest
-
-
-_INT = {common_pb2.DTYPE_INT32: np.int32, common_pb2.DTYPE_INT64: np.int64}
+    prompt = token_ids(last.prompt_tokens, "the trace's prompt_tokens").tolist()
+    sampled = token_ids(last.completion_tokens, "the trace's completion_tokens").tolist()
+    return prompt, sampled, last.prompt_digest
 
 
 async def _json(gateway: Gateway, team: str, out: Any) -> Response:
@@ -339,7 +337,8 @@ def _choices(
         finish = FINISH.get(seq.stop_reason, "stop")
         text = seq.text
         if req.drop_last:  # max_tokens 0: the token drawn to read the prompt's scores
-            ids, lps, tops, text, finish = [], [], tops and [], "", "length"
+            ids, lps, text, finish = [], [], "", "length"
+            tops = [] if tops is not None else None
         choice: dict[str, Any] = {"index": i, "finish_reason": finish}
         malformed = 0
         if chat:
