@@ -218,21 +218,23 @@ async def _train(
     scaled, report = plan(batch, group, steps_of, head_step, bound, off_policy, decay)
     if not scaled:
         return report
-    kl = {"kl_penalty_coef": kl_penalty_coef}
     last_scale = 1.0 if 1.0 in scaled else min(scaled)
     accumulated = False
     try:
         for scale, runs in scaled.items():
             if scale != last_scale:
+                # The whole of a stale group's gradient is scaled: its KL term too.
                 await trainer.forward_backward(
-                    runs, loss_fn, group_size=group, reward_scale=scale, **kl
-                )
+                    runs, loss_fn, group_size=group, reward_scale=scale,
+                    kl_penalty_coef=kl_penalty_coef * scale,
+                )  # fmt: skip
                 accumulated = True
                 report.runs += runs
         runs = scaled[last_scale]
         report.result = await trainer.step(
-            runs, learning_rate, group_size=group, loss_fn=loss_fn, reward_scale=last_scale, **kl
-        )
+            runs, learning_rate, group_size=group, loss_fn=loss_fn, reward_scale=last_scale,
+            kl_penalty_coef=kl_penalty_coef * last_scale,
+        )  # fmt: skip
     except BaseException:
         if accumulated:  # a gradient half applied: dropped (the head is unchanged)
             await trainer.set_head(await trainer.head())

@@ -151,3 +151,17 @@ def trainer_grads(stack: Any, slug: str) -> dict[str, torch.Tensor]:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def train_steps(stack: Any, model: str, n: int) -> list[str]:
+    """`n` cross-entropy Steps of `model` (seeds 0..n-1); the new checkpoint ids."""
+    from headway.v1 import training_pb2
+
+    return [
+        stack.train.Step(
+            training_pb2.StepRequest(
+                model=model, data=batch(seed=k), loss_fn="cross_entropy", adam=adam()
+            )
+        ).optim_step.checkpoint
+        for k in range(n)
+    ]

@@ -14,7 +14,7 @@ import pytest
 from headway import AlreadyExists, ModelClient, NotFound, SamplingClient
 from headway.cli import main
 from headway.v1 import model_pb2, training_pb2
-from tests.helpers_training import adam, batch
+from tests.helpers_training import batch, train_steps
 from tests.stack import team_md
 
 
@@ -23,17 +23,6 @@ def _tag(stack, model: str, checkpoint: str, name: str, remove: bool = False, te
         model_pb2.TagCheckpointRequest(model=model, checkpoint=checkpoint, tag=name, remove=remove),
         metadata=team_md(team),
     )
-
-
-def _steps(stack, model: str, n: int) -> list[str]:
-    return [
-        stack.train.Step(
-            training_pb2.StepRequest(
-                model=model, data=batch(seed=k), loss_fn="cross_entropy", adam=adam()
-            )
-        ).optim_step.checkpoint
-        for k in range(n)
-    ]
 
 
 def _tags(stack, model: str) -> dict[str, list[str]]:
@@ -45,7 +34,7 @@ def test_a_tag_names_a_checkpoint_wherever_an_id_is_taken(trainer_stack):
     stack = trainer_stack
     stack.fork("m")
     root = stack.trainer.store.root_checkpoint("m").id
-    first, second = _steps(stack, "m", 2)
+    first, second = train_steps(stack, "m", 2)
     assert _tag(stack, "m", first, "warm").id == first
     assert _tag(stack, "m", "warm", "also-warm").id == first  # a tag of a tag: its node
     assert _tag(stack, "m", root, "start.v1").id == root
@@ -82,7 +71,7 @@ def test_bad_tags_are_refused_and_change_nothing(trainer_stack):
     stack = trainer_stack
     stack.fork("m")
     stack.fork("theirs", team="other")
-    (first,) = _steps(stack, "m", 1)
+    (first,) = train_steps(stack, "m", 1)
     _tag(stack, "m", first, "best")
     before = _tags(stack, "m")
     cases = [

@@ -13,7 +13,7 @@ from headway.errors import InvalidArgument
 from headway.store.records import CheckpointRecord
 from headway.store.retention import Retention, kept
 from headway.v1 import common_pb2, model_pb2, training_pb2
-from tests.helpers_training import adam, batch
+from tests.helpers_training import adam, batch, train_steps
 from tests.stack import team_md
 
 
@@ -46,17 +46,6 @@ def test_the_policy_keeps_what_each_rule_names():
         Retention(keep_last=-1)
 
 
-def _steps(stack, model: str, n: int) -> list[str]:
-    return [
-        stack.train.Step(
-            training_pb2.StepRequest(
-                model=model, data=batch(seed=k), loss_fn="cross_entropy", adam=adam()
-            )
-        ).optim_step.checkpoint
-        for k in range(n)
-    ]
-
-
 def _ids(stack, model: str) -> list[str]:
     listed = stack.models.ListCheckpoints(model_pb2.ListCheckpointsRequest(model=model))
     return [c.id for c in listed.checkpoints]
@@ -75,7 +64,7 @@ def test_delete_one_checkpoint_and_what_is_refused(trainer_stack, full):
     stack.fork("m", full=full)
     stack.fork("theirs", team="other")
     root = stack.trainer.store.root_checkpoint("m").id
-    c1, c2, c3, c4 = _steps(stack, "m", 4)
+    c1, c2, c3, c4 = train_steps(stack, "m", 4)
     stack.models.TagCheckpoint(model_pb2.TagCheckpointRequest(model="m", checkpoint=c2, tag="best"))
     fork = model_pb2.ForkModelRequest(source="m", name="f", checkpoint=c3)
     if full:
@@ -104,14 +93,14 @@ def test_delete_one_checkpoint_and_what_is_refused(trainer_stack, full):
     listed = stack.models.ListCheckpoints(model_pb2.ListCheckpointsRequest(model="m"))
     assert next(c for c in listed.checkpoints if c.id == c2).parent_id == c1
     stack.models.SetHead(model_pb2.SetHeadRequest(model="m", checkpoint=c2))
-    assert _steps(stack, "m", 1)
+    assert train_steps(stack, "m", 1)
 
 
 def test_prune_now_and_after_every_step(trainer_stack):
     stack = trainer_stack
     stack.fork("m", full=True)
     root = stack.trainer.store.root_checkpoint("m").id
-    ids = _steps(stack, "m", 5)
+    ids = train_steps(stack, "m", 5)
     stack.models.TagCheckpoint(
         model_pb2.TagCheckpointRequest(model="m", checkpoint=ids[0], tag="first")
     )
@@ -142,20 +131,20 @@ def test_prune_now_and_after_every_step(trainer_stack):
         model_pb2.SetRetentionRequest(model="m", policy=common_pb2.RetentionPolicy(keep_last=1))
     )
     assert model.retention.keep_last == 1
-    more = _steps(stack, "m", 3)
+    more = train_steps(stack, "m", 3)
     # Each step prunes what is fully written; the last step's parent may still be in its
     # background fsync, so it goes at the next prune.
     stack.trainer.store.syncer.wait()
     stack.models.PruneCheckpoints(model_pb2.PruneCheckpointsRequest(model="m"))
     assert _ids(stack, "m") == [root, ids[0], more[-2], more[-1]]  # the previous head stays
     stack.models.SetHead(model_pb2.SetHeadRequest(model="m", checkpoint="first"))
-    assert _steps(stack, "m", 1)
+    assert train_steps(stack, "m", 1)
 
 
 def test_bad_prunes_are_refused(trainer_stack):
     stack = trainer_stack
     stack.fork("m")
-    _steps(stack, "m", 2)
+    train_steps(stack, "m", 2)
     before = _ids(stack, "m")
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     _refused(
@@ -194,7 +183,7 @@ def test_prune_and_sizes_from_the_cli(gateway_stack, monkeypatch, capsys):
     stack = gateway_stack
     monkeypatch.setenv("HEADWAY_URL", stack.gateway.server.address)
     assert main(["models", "fork", "tiny", "--name", "m", "--lora-rank", "4"]) == 0
-    ids = _steps(stack.gateway, "m", 3)
+    ids = train_steps(stack.gateway, "m", 3)
     capsys.readouterr()
     assert main(["models", "list", "--size"]) == 0
     out = capsys.readouterr().out
@@ -223,7 +212,7 @@ def test_checkpoints_the_tinker_api_names_are_kept(trainer_stack):
 
     stack = trainer_stack
     stack.fork("m")
-    ids = _steps(stack, "m", 4)
+    ids = train_steps(stack, "m", 4)
 
     # Named as the gateway's Tinker API names them (keyed by the run: slug and creation).
     run = run_key("m", stack.trainer.store.get_model("m").created)
@@ -262,7 +251,7 @@ def test_a_retried_step_whose_checkpoint_was_pruned_is_refused(trainer_stack, ho
         model="m", data=batch(seed=1), loss_fn="cross_entropy", adam=adam(), request_id="once"
     )
     first = stack.train.Step(step).optim_step.checkpoint
-    _steps(stack, "m", 2)
+    train_steps(stack, "m", 2)
     if how == "prune":
         policy = common_pb2.RetentionPolicy(keep_last=1)
         done = stack.models.PruneCheckpoints(
