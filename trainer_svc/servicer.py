@@ -18,7 +18,7 @@ from headway.v1 import common_pb2, model_pb2, model_pb2_grpc, training_pb2, trai
 from trainer_svc import calls, convert, losses
 from trainer_svc.adapters import LoraRequest
 from trainer_svc.calls import required_model
-from trainer_svc.trainer import Trainer, outlast
+from trainer_svc.trainer import Trainer, unabandoned
 
 Ctx = grpc.aio.ServicerContext
 
@@ -169,18 +169,13 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             async with self.exports.slot():
                 with tempfile.TemporaryDirectory(prefix="headway-export-") as tmp:
                     out = Path(tmp) / "out"
-                    work = asyncio.ensure_future(
+                    # If the client leaves, the merge runs on in its thread: its slot
+                    # and directory stay until it ends (no pile of merges, no leftovers).
+                    await unabandoned(
                         asyncio.to_thread(
                             export_checkpoint, self.store, slug, ckpt, request.format, out
                         )
                     )
-                    try:
-                        await asyncio.shield(work)
-                    except asyncio.CancelledError:
-                        # The client left; the merge runs on in its thread: its slot and
-                        # directory stay until it ends (no pile of merges, no leftovers).
-                        await outlast(work)
-                        raise
                     for path in sorted(p for p in out.rglob("*") if p.is_file()):
                         async for chunk in _chunks(path, path.relative_to(out).as_posix(), ckpt):
                             yield chunk

@@ -674,24 +674,19 @@ class Trainer:
                         stats.get("num_tokens", 0),
                     )
                     return (fb, result)  # type: ignore[return-value]
-            task = asyncio.ensure_future(run())
-            try:
-                value = await asyncio.shield(task)
-            except asyncio.CancelledError:
-                # The caller went away, not the work: its torch runs on in a thread. The
-                # model's lock is held until it ends, so no other call overlaps it (a
-                # step's save must never see a forward's swapped-in reference weights),
-                # and its reply is kept for the caller's retry, which must not apply it
-                # twice.
-                await outlast(task)
-                if request_id and not task.cancelled() and task.exception() is None:
-                    stored = keep(task.result()) if keep is not None else task.result()
+
+            async def run_and_keep() -> T:
+                value = await run()
+                if request_id:
+                    stored = keep(value) if keep is not None else value
                     self._replies.put(slug, request_id, kind, stored, reply_bytes(stored))
-                raise
-            if request_id:
-                stored = keep(value) if keep is not None else value
-                self._replies.put(slug, request_id, kind, stored, reply_bytes(stored))
-            return value
+                return value
+
+            # A caller that goes away does not stop the work (its torch runs on in a
+            # thread): the model's lock is held until it ends, so no other call overlaps
+            # it (a step's save must never see a forward's swapped-in reference weights),
+            # and its reply is kept for the caller's retry, which must not apply it twice.
+            return await unabandoned(run_and_keep())
 
     async def _finish_promotion(self, slug: str, record: CheckpointRecord) -> None:
         """Complete an OptimStep interrupted between its checkpoint and its HEAD move.
@@ -734,8 +729,14 @@ def _batch_metrics(batch: Batch) -> dict[str, float]:
     return {"reward/mean": batch.reward_mean, "groups/no_signal": float(batch.no_signal_groups)}
 
 
-async def outlast(task: asyncio.Future[Any]) -> None:
-    """Wait for `task` to end, whatever cancels the waiting meanwhile."""
-    while not task.done():
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait({task})
+async def unabandoned(work: Awaitable[T]) -> T:
+    """Await `work`; if the waiting is cancelled, let `work` finish first (waiting on
+    through further cancellations), then propagate the cancellation."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({task})
+        raise

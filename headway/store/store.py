@@ -435,10 +435,7 @@ class CheckpointStore:
 
     def set_retention(self, slug: str, policy: Retention) -> None:
         """Keep `policy` as the model's retention policy (an inactive one: none)."""
-        path = self.model_dir(slug) / RETENTION_FILE
-        atomic.write_bytes(path, json.dumps(policy.to_json()).encode(), sync=self.sync)
-        if not self.sync:
-            self.syncer.submit(f"{slug}/{RETENTION_FILE}", [path, path.parent])
+        self._replace(self.model_dir(slug) / RETENTION_FILE, json.dumps(policy.to_json()))
 
     def model_bytes(self, slug: str) -> int:
         """Bytes the model's own files take in the store (referenced files not counted;
@@ -517,11 +514,10 @@ class CheckpointStore:
         """Add `metrics` to the evaluation results of checkpoint `ckpt_id` (id or tag) of
         `slug` (a name recorded again is replaced); the caller serialises writes."""
         record = self.get_checkpoint(slug, ckpt_id)
-        path = self.checkpoint_dir(slug, record.id) / EVALS_FILE
         merged = {**self.evals(slug, record.id), **metrics}
-        atomic.write_bytes(path, json.dumps(merged, sort_keys=True).encode(), sync=self.sync)
-        if not self.sync:
-            self.syncer.submit(f"{slug}/{record.id}/{EVALS_FILE}", [path, path.parent])
+        self._replace(
+            self.checkpoint_dir(slug, record.id) / EVALS_FILE, json.dumps(merged, sort_keys=True)
+        )
         return record
 
     # -------------------------------------------------------------------- tags
@@ -563,10 +559,7 @@ class CheckpointStore:
         return record
 
     def _write_tags(self, slug: str, tags: dict[str, str]) -> None:
-        path = self.model_dir(slug) / TAGS_FILE
-        atomic.write_bytes(path, json.dumps(tags, sort_keys=True).encode(), sync=self.sync)
-        if not self.sync:
-            self.syncer.submit(f"{slug}/{TAGS_FILE}", [path, path.parent])
+        self._replace(self.model_dir(slug) / TAGS_FILE, json.dumps(tags, sort_keys=True))
 
     def root_checkpoint(self, slug: str) -> CheckpointRecord:
         """The model's step-0 checkpoint: the weights it was created (forked) with."""
@@ -777,10 +770,15 @@ class CheckpointStore:
         self._write_head(record.model, record.id)
 
     def _write_head(self, slug: str, ckpt_id: str) -> None:
-        head = self.model_dir(slug) / "HEAD"
-        atomic.write_bytes(head, (ckpt_id + "\n").encode(), sync=self.sync)
+        self._replace(self.model_dir(slug) / "HEAD", ckpt_id + "\n")
+
+    def _replace(self, path: Path, text: str) -> None:
+        """Atomically replace a small file of the store (HEAD, tags, retention, evals):
+        durable on return in a synchronous store, else fsynced in the background (safe
+        from a process crash at once)."""
+        atomic.write_bytes(path, text.encode(), sync=self.sync)
         if not self.sync:
-            self.syncer.submit(f"{slug}/HEAD", [head, head.parent])
+            self.syncer.submit(str(path.relative_to(self.models_dir)), [path, path.parent])
 
     # -------------------------------------------------------------------- files
     def resolve(self, slug: str, ckpt_id: str) -> CheckpointRecord:
