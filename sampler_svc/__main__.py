@@ -62,6 +62,11 @@ FLAGS = (
         "compile",
         "decode steps compiled: auto (where measured faster), on or off",
     ),
+    Flag(
+        "stream_interval_ms",
+        "a stream's tokens leave at most this often (the first and the end at once; 0 = "
+        "every decode step)",
+    ),
     Flag("max_stop_strings", "stop strings per request"),
     Flag("max_stop_string_chars", "characters per stop string"),
     Flag("max_prompt_text_chars", "characters of a prompt_text, refused before tokenizing"),

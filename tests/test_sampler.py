@@ -424,6 +424,68 @@ def test_a_collector_wakes_its_loop_at_each_step_only_when_live():
         loop.close()
 
 
+def test_a_live_collector_wakes_its_loop_at_most_once_an_interval():
+    """With an interval: the first tokens wake the loop at once; tokens drawn within the
+    interval arm one timer instead of a wake-up each; a sequence's end wakes it at once;
+    the loop gets every event, in order, each once."""
+    import asyncio
+
+    from sampler_svc.requests import Collector, Spec
+    from sampler_svc.sampling import DrawParams
+
+    loop = asyncio.new_event_loop()
+    try:
+        spec = Spec([1], 1, 4, [], frozenset(), [DrawParams(0.0, 1.0, 0, None)], False)
+        collector = Collector(spec, None, loop, True, 3600.0)  # type: ignore[arg-type]
+        collector.job.emit("token", 0, (5, -0.5))
+        collector.job.flush()
+        assert collector._wake_due  # the first tokens: at once
+        first = loop.run_until_complete(collector.next_events())
+        assert [payload for _, _, payload in first] == [(5, -0.5)]
+        for token in (6, 7):
+            collector.job.emit("token", 0, (token, -0.5))
+            collector.job.flush()
+            assert not collector._wake_due and collector._timer_due  # within the interval
+        collector.job.emit("done", 0, "length")
+        collector.job.flush()
+        assert collector._wake_due  # the end: at once
+        rest = loop.run_until_complete(collector.next_events())
+        assert [(kind, payload) for kind, _, payload in rest] == [
+            ("token", (6, -0.5)),
+            ("token", (7, -0.5)),
+            ("done", "length"),
+        ]
+        loop.run_until_complete(asyncio.sleep(0))  # the timer armed meanwhile: scheduled
+        assert collector.queue.empty()
+    finally:
+        loop.close()
+
+
+def test_a_stream_sends_what_its_interval_gathered_in_one_chunk(sampling_stack):
+    """A replica whose stream interval outlasts the request sends each sequence's first
+    tokens at once and every later one with its end, in one more chunk: the same tokens as
+    the unary call. (That a live collector wakes the loop once an interval is the unit test
+    above's; here the whole path, engine to client, with the interval in the way.)"""
+    stack = sampling_stack
+    params = dict(n=2, max_tokens=20, seed=5, ignore_eos=True)
+    whole = sample(stack, "tiny", **params)
+    request = sampling_pb2.SampleRequest(
+        model="tiny", prompt_tokens=to_tensor(PROMPT), params=common_pb2.SamplingParams(**params)
+    )
+    config = stack.sampler.config
+    before, config.stream_interval_ms = config.stream_interval_ms, 3_600_000.0
+    try:
+        chunks = list(stack.sampler.stub.SampleStream(request))[1:]  # after the checkpoint's
+    finally:
+        config.stream_interval_ms = before
+    per_row: dict[int, list[list[int]]] = {0: [], 1: []}
+    for c in chunks:
+        per_row[c.index].append(np.frombuffer(c.tokens.data, np.int32).tolist())
+    for row, seq in enumerate(whole.sequences):
+        assert sum(per_row[row], []) == toks(seq)
+        assert len(per_row[row]) <= 2, per_row[row]
+
+
 def test_tokens_a_stream_has_not_sent_yet_leave_together(sampling_stack):
     """When the engine runs ahead of the stream (the replica's event loop busy), the tokens
     waiting for a sequence go out in one chunk, not a message each. Deterministically: the
