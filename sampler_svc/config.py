@@ -32,10 +32,10 @@ class SamplerConfig:
     # Most likely tokens reported per position (SamplingParams.top_logprobs): OpenAI's and
     # vLLM's limit; more is INVALID_ARGUMENT.
     max_top_logprobs: int = 20
-    # A stream (or a request with stop strings) gets its tokens at most this often, the
-    # first ones and a sequence's end at once: those drawn in between leave together, a
-    # chunk per sequence. Fewer wake-ups of the event loop leave the engine more of the
-    # CPU and the GIL (vLLM's --stream-interval, in time); 0 = every decode step.
+    # A stream gets its tokens at most this often, the first ones and a sequence's end at
+    # once: those drawn in between leave together, a chunk per sequence. Fewer wake-ups of
+    # the event loop leave the engine more of the CPU and the GIL (vLLM's
+    # --stream-interval, in time); 0 = every decode step.
     stream_interval_ms: float = 20.0
     # A prompt_text longer than this is refused before it is tokenized (RESOURCE_EXHAUSTED):
     # ~32 characters per token of an 8K context, far above what real text needs.

@@ -286,10 +286,12 @@ class Collector:
     the decoding per step (measured ~0.8 ms of it per step at batch 1 on a 2-core EPYC,
     time the engine's matmul threads wait for a core).
 
-    `interval` (seconds; `SamplerConfig.stream_interval_ms`): a live collector wakes the
-    loop at most that often. The first tokens and an event that ends a sequence (or an
-    error) wake it at once; tokens drawn in between wait at most `interval` (a timer on the
-    loop, whatever the engine does meanwhile) and leave together, a chunk per sequence.
+    `interval` (seconds; `SamplerConfig.stream_interval_ms`, given to streams only: a
+    unary call with stop strings finds them at every step, so that the engine frees a
+    stopped row at once): a live collector wakes the loop at most that often. The first
+    tokens and an end the engine reports (a stop token, the length; or an error) wake it at
+    once; tokens drawn in between wait at most `interval` (a timer on the loop, whatever
+    the engine does meanwhile) and leave together, a chunk per sequence.
     Each wake-up costs the loop a message per sequence, and the loop's thread holds the
     GIL the engine needs between its ops: a batch-8 bf16 stream decoded 12-14 % slower
     woken at every step than woken every fourth (2-core EPYC, `make bench-sampler`).
@@ -307,7 +309,8 @@ class Collector:
         self.live, self.interval = live, interval
         self._ending = False  # an event that ends a sequence (or an error) is pending
         self._next_wake = 0.0  # monotonic time from which a live flush wakes the loop
-        self._timer_due = False  # a delayed _deliver is scheduled and has not run yet
+        self._timer_due = False  # a delayed _deliver is (being) armed and has not run yet
+        self._timer: asyncio.TimerHandle | None = None  # that delivery (loop thread only)
         self.sequences = [SequenceState(tokenizer, spec.stop) for _ in range(spec.n)]
         self.prompt_logprobs: list[float] | None = None
         # The prompt positions' most likely (ids, logprobs), with prompt logprobs and top_logprobs.
@@ -350,12 +353,20 @@ class Collector:
         if wake:
             self._loop.call_soon_threadsafe(self._deliver)
         elif timer:
-            delay = self._next_wake - now
-            self._loop.call_soon_threadsafe(self._loop.call_later, delay, self._deliver)
+            self._loop.call_soon_threadsafe(self._arm, self._next_wake)
+
+    def _arm(self, when: float) -> None:
+        """On the loop: deliver at monotonic time `when` (a timer replacing any left)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(max(0.0, when - time.monotonic()), self._deliver)
 
     def _deliver(self) -> None:
-        """On the loop: hand the events gathered so far to the consumer, as one batch (a
-        timer that finds them taken already delivers nothing)."""
+        """On the loop: hand the events gathered so far to the consumer, as one batch; a
+        timer still armed is cancelled (the next interval starts now)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         with self._lock:
             events, self._pending = self._pending, []
             self._wake_due = self._timer_due = self._ending = False

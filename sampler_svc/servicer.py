@@ -54,7 +54,7 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         # A stream sends each step's tokens; stop strings are looked for as text is made
         # (the engine frees a row at its stop); else the events can wait for the end.
         live = stream or bool(spec.stop)
-        interval = self.sampler.config.stream_interval_ms / 1e3
+        interval = self.sampler.config.stream_interval_ms / 1e3 if stream else 0.0
         collector = Collector(spec, tokenizer, asyncio.get_running_loop(), live, interval)
 
         def on_error(error: Exception) -> None:

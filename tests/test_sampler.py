@@ -455,8 +455,30 @@ def test_a_live_collector_wakes_its_loop_at_most_once_an_interval():
             ("token", (7, -0.5)),
             ("done", "length"),
         ]
-        loop.run_until_complete(asyncio.sleep(0))  # the timer armed meanwhile: scheduled
-        assert collector.queue.empty()
+        assert collector._timer is None  # the end's delivery cancelled the armed timer
+    finally:
+        loop.close()
+
+
+def test_tokens_within_a_stream_interval_leave_when_it_ends():
+    """Tokens that arrive within the interval and are followed by nothing (the engine busy
+    elsewhere, the sequence not ended) are still delivered: by the timer they armed."""
+    import asyncio
+
+    from sampler_svc.requests import Collector, Spec
+    from sampler_svc.sampling import DrawParams
+
+    loop = asyncio.new_event_loop()
+    try:
+        spec = Spec([1], 1, 4, [], frozenset(), [DrawParams(0.0, 1.0, 0, None)], False)
+        collector = Collector(spec, None, loop, True, 0.01)  # type: ignore[arg-type]
+        collector.job.emit("token", 0, (5, -0.5))
+        collector.job.flush()
+        loop.run_until_complete(collector.next_events())  # the first: at once
+        collector.job.emit("token", 0, (6, -0.5))
+        collector.job.flush()  # within the interval, most likely: a timer (or, late, a wake)
+        events = loop.run_until_complete(asyncio.wait_for(collector.next_events(), HANG_SECONDS))
+        assert [payload for _, _, payload in events] == [(6, -0.5)]
     finally:
         loop.close()
 
