@@ -298,6 +298,33 @@ def test_full_weights_are_copied_from_the_file_into_the_engine(tmp_path, dtype):
                        want["layers.0.mlp.gate_proj.weight"].to(dtype))  # fmt: skip
 
 
+def test_a_second_reload_reuses_the_copy_plan_until_the_tensors_move(tmp_path):
+    """Where each tensor of a weights file goes is worked out once per model and header and
+    reused by the next reload of the same model; a model whose tensors were re-pointed
+    since (as fusing q/k/v does) gets a new plan: each reload lands in the live tensors."""
+    from sampler_svc import weights
+
+    model = tiny_model("qwen2")
+    for seed in (5, 6):
+        other = tiny_model("qwen2", seed=seed)
+        write_safetensors(tmp_path / f"{seed}.safetensors", hf_state_dict(other), {"format": "pt"})
+    copy_weights_file(tmp_path / "5.safetensors", model)
+    plan = weights._PLANS[model]
+    copy_weights_file(tmp_path / "6.safetensors", model)
+    assert weights._PLANS[model] is plan  # same header, same tensors: reused
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, tiny_model("qwen2", seed=6).state_dict()[name]), name
+    Engine(model, None, max_batch=8, max_seq_len=128)  # fuses: q/k/v, gate/up re-pointed
+    copy_weights_file(tmp_path / "5.safetensors", model)
+    assert weights._PLANS[model] is not plan
+    want = tiny_model("qwen2", seed=5).state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, want[name]), name
+    fused = model.layers[0].self_attn.fused_qkv.weight
+    q = want["layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(fused[: q.shape[0]], q)  # in the fused storage the engine multiplies
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_copies_follow_a_full_reload(tmp_path, dtype):
     """The `packed` layout multiplies by oneDNN-blocked copies of the weights. A full

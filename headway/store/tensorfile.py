@@ -224,10 +224,17 @@ def map_bytes(path: Path) -> tuple[np.ndarray, dict, int]:
     the map is released with the last view of it. Copy them (into memory of your own) and
     drop them: a writer never changes a file in place (checkpoints are immutable), and
     writes to the array stay private (copy-on-write: torch takes it without a warning)."""
+    data, raw, base = map_raw_header(path)
+    return data, json.loads(raw), base
+
+
+def map_raw_header(path: Path) -> tuple[np.ndarray, bytes, int]:
+    """`map_bytes` with the header as its JSON bytes, not parsed: a reader that has seen
+    the same bytes before (each checkpoint of a model has the same) skips parsing it."""
     with open(path, "rb") as f:
         data = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), np.uint8)
     header_len = struct.unpack("<Q", data[:8].tobytes())[0]
-    return data, json.loads(data[8 : 8 + header_len].tobytes()), 8 + header_len
+    return data, data[8 : 8 + header_len].tobytes(), 8 + header_len
 
 
 def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
