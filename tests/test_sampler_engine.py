@@ -301,7 +301,8 @@ def test_full_weights_are_copied_from_the_file_into_the_engine(tmp_path, dtype):
 def test_a_second_reload_reuses_the_copy_plan_until_the_tensors_move(tmp_path):
     """Where each tensor of a weights file goes is worked out once per model and header and
     reused by the next reload of the same model; a model whose tensors were re-pointed
-    since (as fusing q/k/v does) gets a new plan: each reload lands in the live tensors."""
+    since (as fusing q/k/v does), or replaced, gets a new plan: each reload lands in the
+    live tensors. A copy told not to keep its plan leaves none."""
     from sampler_svc import weights
 
     model = tiny_model("qwen2")
@@ -323,6 +324,15 @@ def test_a_second_reload_reuses_the_copy_plan_until_the_tensors_move(tmp_path):
     fused = model.layers[0].self_attn.fused_qkv.weight
     q = want["layers.0.self_attn.q_proj.weight"]
     assert torch.equal(fused[: q.shape[0]], q)  # in the fused storage the engine multiplies
+    plan = weights._PLANS[model]
+    norm = model.layers[0].input_layernorm
+    norm.weight = torch.nn.Parameter(torch.zeros_like(norm.weight))  # a parameter replaced
+    copy_weights_file(tmp_path / "6.safetensors", model)
+    assert weights._PLANS[model] is not plan
+    assert torch.equal(norm.weight, tiny_model("qwen2", seed=6).layers[0].input_layernorm.weight)
+    fresh = tiny_model("qwen2")  # a model about to be moved or fused keeps no plan
+    copy_weights_file(tmp_path / "5.safetensors", fresh, keep_plan=False)
+    assert fresh not in weights._PLANS
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -66,9 +66,10 @@ EVALS_FILE = "evals.json"  # in a checkpoint's directory, beside its meta.json
 # OptimStep request ids whose checkpoints a delete removed: id → that checkpoint's id.
 PRUNED_FILE = "pruned-requests.json"
 PRUNED_KEPT = 4096  # ids remembered there, newest
-# Longest a deferred write waits for the samplers' reload (`_start_deferred`): a model whose
-# weights take longer than this to write is big enough that its next step comes much later.
-MAX_DEFER_PAUSE = 2.0
+# Longest a deferred write waits for the samplers' reload (`_start_deferred`): the pause
+# also holds the store's fsync queue (a checkpoint's fsync follows its deferred write), and
+# lengthens the window in which a kill -9 takes back the last acknowledged step.
+MAX_DEFER_PAUSE = 0.25
 ADAPTER_FILE = "adapter_model.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -681,8 +682,9 @@ class CheckpointStore:
         of the memory bus and a CPU from that copy. Measured, full fork of the 40M bench
         model, AMD EPYC 2 cores (`python -m bench.sampler_reload`): the copy 11.1-12.3 ms
         written at once, 9.3 ms (the copy floor: 8.3-8.5) after the pause. What it costs:
-        the file is on disk that much later, and an AdamW of the model's next step that
-        comes sooner waits for it."""
+        the file is on disk that much later (so are the fsyncs queued behind it, and a
+        kill -9 in the meantime takes back this step: `check_checkpoints`), and an AdamW
+        of the model's next step that comes sooner waits for it."""
         future: Future[None] = Future()
         key = str(final)
         pause = min(pause, MAX_DEFER_PAUSE)
