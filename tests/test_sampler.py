@@ -399,19 +399,25 @@ def test_a_unary_sample_wakes_the_event_loop_per_sequence_end_not_per_token(
     assert [streamed[0], streamed[1]] == [toks(s) for s in whole.sequences]
 
 
+def one_row_collector(loop, live: bool = True, interval: float = 0.0):
+    """A Collector of one greedy sequence of up to 4 tokens, without text (no tokenizer):
+    what the engine emits is fed to it by hand."""
+    from sampler_svc.requests import Collector, Spec
+    from sampler_svc.sampling import DrawParams
+
+    spec = Spec([1], 1, 4, [], frozenset(), [DrawParams(0.0, 1.0, 0, None)], False)
+    return Collector(spec, None, loop, live, interval)  # type: ignore[arg-type]  # no text
+
+
 def test_a_collector_wakes_its_loop_at_each_step_only_when_live():
     """Live (a stream, or stop strings to find): a step's tokens wake the loop. Not live:
     only an event that ends a sequence does; either way the loop then gets every event."""
     import asyncio
 
-    from sampler_svc.requests import Collector, Spec
-    from sampler_svc.sampling import DrawParams
-
     loop = asyncio.new_event_loop()
     try:
         for live in (False, True):
-            spec = Spec([1], 1, 4, [], frozenset(), [DrawParams(0.0, 1.0, 0, None)], False)
-            collector = Collector(spec, None, loop, live)  # type: ignore[arg-type]  # no text
+            collector = one_row_collector(loop, live)
             collector.job.emit("token", 0, (5, -0.5))
             collector.job.flush()  # as the engine does after a step
             assert collector._wake_due == live
@@ -430,13 +436,9 @@ def test_a_live_collector_wakes_its_loop_at_most_once_an_interval():
     the loop gets every event, in order, each once."""
     import asyncio
 
-    from sampler_svc.requests import Collector, Spec
-    from sampler_svc.sampling import DrawParams
-
     loop = asyncio.new_event_loop()
     try:
-        spec = Spec([1], 1, 4, [], frozenset(), [DrawParams(0.0, 1.0, 0, None)], False)
-        collector = Collector(spec, None, loop, True, 3600.0)  # type: ignore[arg-type]
+        collector = one_row_collector(loop, interval=3600.0)
         collector.job.emit("token", 0, (5, -0.5))
         collector.job.flush()
         assert collector._wake_due  # the first tokens: at once
@@ -465,13 +467,9 @@ def test_tokens_within_a_stream_interval_leave_when_it_ends():
     elsewhere, the sequence not ended) are still delivered: by the timer they armed."""
     import asyncio
 
-    from sampler_svc.requests import Collector, Spec
-    from sampler_svc.sampling import DrawParams
-
     loop = asyncio.new_event_loop()
     try:
-        spec = Spec([1], 1, 4, [], frozenset(), [DrawParams(0.0, 1.0, 0, None)], False)
-        collector = Collector(spec, None, loop, True, 0.01)  # type: ignore[arg-type]
+        collector = one_row_collector(loop, interval=0.01)
         collector.job.emit("token", 0, (5, -0.5))
         collector.job.flush()
         loop.run_until_complete(collector.next_events())  # the first: at once
