@@ -20,14 +20,15 @@ of their own.
   same 63 tokens per row. (c) is compared end to end with generate at batch 8 and with 8
   users served one after another by generate at batch 1.
 - Machine limit: a decode step must read every weight once (at batch 1 it is a chain of
-  matrix-vector products), so weight bytes / memory bandwidth bounds its time; and it must
+  matrix- vector products), so weight bytes / memory bandwidth bounds its time; and it must
   do its matmuls. Measured: a read and a copy of the model's bytes, and the step's matmuls
   alone at batch 1 and 8 in every layout the engine chooses among (`sampler_svc.kernels`),
-  per weight shape, unfused and with q/k/v and gate/up fused. The bound of each batch is
-  transformers' step time over the larger of (weight bytes / read bandwidth) and (the
-  step's matmuls at the fastest layout per shape): the highest fp32 ratio this machine
-  allows. The engine's own choice per shape and bucket is printed with the alternatives'
-  times it measured, and whether the layers' decode forward runs compiled
+  per weight shape, unfused and with q/k/v and gate/up fused, each shape after a read of the
+  other weights (as in a step: from memory where the model outgrows the cache). The bound of
+  each batch is transformers' step time over the larger of (weight bytes / read bandwidth)
+  and (the step's matmuls at the fastest layout per shape): the highest fp32 ratio this
+  machine allows. The engine's own choice per shape and bucket is printed with the
+  alternatives' times it measured, and whether the layers' decode forward runs compiled
   (`sampler_svc.compiled`) with both ways' times.
 - bf16: a second replica, `python -m sampler_svc --dtype bf16` in a child process, with an
   empty kernel cache (and so no compiled code: a first start on a machine): its start-up

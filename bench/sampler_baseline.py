@@ -126,9 +126,11 @@ def machine_limit(model: torch.nn.Module, repeats: int) -> dict[str, Any]:
     The matmuls are timed in every layout of `sampler_svc.kernels` (what our engine chooses
     among; F.linear is what transformers calls), per weight shape, interleaved, for the
     model's own projections and for q/k/v and gate/up fused (what our engine multiplies):
-    the fastest per shape, summed, is what a decode step's matmuls can cost here.
+    the fastest per shape, summed, is what a decode step's matmuls can cost here. Each
+    shape is timed after a read of the model's other weights, as a step reads them in
+    between (`kernels.Evictor`: from memory where the model outgrows the cache).
     """
-    from sampler_svc.kernels import layout_names, time_layouts
+    from sampler_svc.kernels import Evictor, layout_names, time_layouts
 
     linears = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     weights = list(linears.values())
@@ -157,8 +159,14 @@ def machine_limit(model: torch.nn.Module, repeats: int) -> dict[str, Any]:
         groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
         for w in ws:
             groups.setdefault(tuple(w.shape), []).append(w)
+        others = {
+            sh: Evictor(w for other, g in groups.items() if other != sh for w in g) for sh in groups
+        }
         for batch in (1, BATCH):
-            per_shape = {sh: time_layouts(g, batch, rounds=reps) for sh, g in groups.items()}
+            per_shape = {
+                sh: time_layouts(g, batch, rounds=reps, evict=others[sh])
+                for sh, g in groups.items()
+            }
             for layout in layout_names(ws[0].device, ws[0].dtype):
                 out[f"{label}{layout}_b{batch}_s"] = sum(t[layout] for t in per_shape.values())
             out[f"{label}best_b{batch}_s"] = sum(min(t.values()) for t in per_shape.values())

@@ -140,16 +140,20 @@ class DecodeCompiler:
         max_rows: int,
         kv_only: bool,
         graph_floor: Callable[[int], float | None] = lambda bucket: None,
+        evict: Callable[[], object] | None = None,
     ) -> None:
         """`graph_floor(bucket)`: seconds the graph cannot go below at that bucket (its
         projections as F.linear and attention as SDPA, from the engine's layout
         measurements; None: unknown); `auto` compiles nothing where that floor is over
-        95 % of the eager forward at every bucket (`_cannot_pay`)."""
+        95 % of the eager forward at every bucket (`_cannot_pay`). `evict`: run before each
+        timed forward, as the rest of a step (the vocabulary's product) runs between two
+        (`kernels.Evictor`)."""
         if mode not in MODES:
             raise ValueError(f"compile mode {mode!r}: choose among {', '.join(MODES)}")
         self.model, self.mode, self.caches, self.length = model, mode, caches, length
         self.max_rows = max_rows
         self.eager, self.compiled_forward = eager, compiled
+        self.evict = evict
         self.compiled: set[int] = set()  # buckets that decode compiled
         self.times: dict[int, dict[str, float]] = {}  # bucket → seconds per forward, each way
         self.error = ""  # why compiling failed, if it did
@@ -164,7 +168,10 @@ class DecodeCompiler:
         # lost at 8-16 (its matmuls are aten's, not the packed oneDNN layouts), on a Xeon
         # with AMX aten's bf16 matmuls are oneDNN's own; the machine at hand decides.
         machine = machine_key(dtype)
-        keys = {b: f"{machine}|decode compiled {describe_model(model)}|rows {b}" for b in buckets}
+        keys = {
+            b: f"{machine}|decode compiled {describe_model(model)}|rows {b}|from memory"
+            for b in buckets
+        }
         cached = kernel_cache.read_cache()
         if mode == "auto" and all(usable_entry(cached.get(keys[b]), WAYS) for b in buckets):
             self.times = {b: cached[keys[b]]["times"] for b in buckets}
@@ -240,7 +247,8 @@ class DecodeCompiler:
     def _time_eager(self, rows: int) -> float:
         ids, positions = self._inputs(rows)
         caches = self.caches(rows, self.length, False)
-        return fastest({"eager": lambda: self.eager(ids, positions, caches)})["eager"]
+        eager = {"eager": lambda: self.eager(ids, positions, caches)}
+        return fastest(eager, inner=1, reset=self.evict)["eager"]
 
     def failed(self, error: Exception) -> None:
         """Decode eagerly from now on, logging why (a compile or a recompile that failed)."""
@@ -287,7 +295,9 @@ class DecodeCompiler:
                 {
                     "eager": lambda: self.eager(ids, positions, eager),
                     "compiled": lambda: self.compiled_forward(ids, positions, graph),
-                }
+                },
+                inner=1,  # each forward after `evict`
+                reset=self.evict,
             )
 
     def runs(self, bucket: int) -> bool:

@@ -32,6 +32,7 @@ from headway.modeling import KVCache, Transformer, token_logprobs, top_logprobs
 from headway.modeling.placement import host_lists
 from sampler_svc import compiled
 from sampler_svc.kernels import (
+    Evictor,
     KernelChoice,
     PackedWeights,
     bucket_of,
@@ -140,6 +141,7 @@ class Engine:
             max_rows=max_batch,
             kv_only=all(type(c) is KVCache for c in self.caches),
             graph_floor=self._graph_floor,
+            evict=Evictor([model.lm_head.weight]),
         )
 
     def _graph_floor(self, bucket: int) -> float | None:

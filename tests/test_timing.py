@@ -13,7 +13,7 @@ import torch
 
 from headway.server import kernel_cache
 from headway.server.timing import disturbed, fastest, thread_times
-from sampler_svc.kernels import KernelChoice, layout_names, machine_key
+from sampler_svc.kernels import KernelChoice, layout_key, layout_names
 
 pytestmark = pytest.mark.skipif(
     thread_times() is None, reason="this kernel reports no per-thread run-queue wait"
@@ -98,14 +98,55 @@ def test_a_disturbed_cached_choice_is_measured_again(tmp_path, monkeypatch):
     names = [n for n in layout_names("cpu", torch.float32) if n != "packed"]
     # Made-up times no measurement gives: "rows" wins by far.
     bogus = {n: (1e-9 if n == "rows" else 1.0) for n in names}
-    key = f"{machine_key(torch.float32)}|64x32x1|rows"
-    kernel_cache.write_cache(
-        {f"{key} 1": {"times": bogus}, f"{key} 2": {"times": bogus, "disturbed": True}}
-    )
+    key1, key2 = (layout_key(torch.float32, (64, 32), 1, b) for b in (1, 2))
+    kernel_cache.write_cache({key1: {"times": bogus}, key2: {"times": bogus, "disturbed": True}})
     choice = KernelChoice(weights, max_rows=2)
     assert choice.buckets == [1, 2]
     assert choice.times[(64, 32), 1] == bogus and choice.choice[(64, 32), 1] == "rows"
     assert choice.times[(64, 32), 2] != bogus  # measured again
     assert choice.cached == 1
-    stored = json.loads(cache.read_text())[f"{key} 2"]
+    stored = json.loads(cache.read_text())[key2]
     assert stored["times"] == choice.times[(64, 32), 2]
+
+
+def test_fastest_resets_before_every_timed_round():
+    """`reset` (e.g. evicting the caches) runs before each round of each candidate, the
+    warmup included, so no candidate is timed on what the one before it left behind."""
+    events: list[str] = []
+    fastest(
+        {"a": lambda: events.append("a"), "b": lambda: events.append("b")},
+        rounds=2,
+        inner=1,
+        reset=lambda: events.append("reset"),
+    )
+    calls = [e for e in events if e != "reset"]
+    assert len(calls) >= 2 * 3  # a warmup round and two timed ones, each candidate
+    assert events == [x for call in calls for x in ("reset", call)]
+
+
+def test_layouts_are_timed_with_the_other_shapes_weights_read_in_between(monkeypatch):
+    """Each shape's layouts are timed after reading the model's other weights (up to the
+    last-level cache's size), as a decode step reads them between two passes over it."""
+    from sampler_svc import kernels
+
+    monkeypatch.setenv("HEADWAY_KERNEL_CACHE", "/dev/null/none")  # nothing cached, nothing kept
+    monkeypatch.setattr(kernels.kernel_cache, "write_cache", lambda entries: None)
+    monkeypatch.setattr(kernels.kernel_cache, "read_cache", lambda: {})
+    seen: dict[tuple[int, int], list[int]] = {}
+    real = kernels.time_layouts
+
+    def spy(ws, rows, **kw):
+        seen[tuple(ws[0].shape)] = [id(t) for t in kw["evict"].tensors]
+        return real(ws, rows, **kw)
+
+    monkeypatch.setattr(kernels, "time_layouts", spy)
+    weights = {(64, 32): [torch.randn(64, 32)], (32, 64): [torch.randn(32, 64)] * 2}
+    KernelChoice(weights, max_rows=1)
+    assert seen == {
+        (64, 32): [id(w) for w in weights[32, 64]],
+        (32, 64): [id(w) for w in weights[64, 32]],
+    }
+    # The sweep stops once it has read a cache's worth.
+    small = [torch.zeros(256) for _ in range(4)]  # 1 KB each
+    assert len(kernels.Evictor(small, limit=1536).tensors) == 2
+    assert kernels.last_level_cache() > 0

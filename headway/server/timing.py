@@ -74,17 +74,26 @@ class Timings(dict[str, float]):
     disturbed: bool = False
 
 
-def fastest(fns: dict[str, Callable[[], object]], rounds: int = 5, inner: int = 3) -> Timings:
+def fastest(
+    fns: dict[str, Callable[[], object]],
+    rounds: int = 5,
+    inner: int = 3,
+    reset: Callable[[], object] | None = None,
+) -> Timings:
     """Seconds of one call of each of `fns`, timed interleaved (A, B, A, B, ...) so that
     load from other processes hits them alike, after a warmup round, keeping each one's
     fastest round of `inner` calls: on a shared machine the slow rounds measure the
     neighbours, the fastest one the code. A round during which this process's threads
     waited for a CPU (another process held the cores) does not count: rounds go on, up to
-    4x as many, until each candidate has `rounds` undisturbed ones."""
+    4x as many, until each candidate has `rounds` undisturbed ones. `reset`, if given,
+    runs untimed before every round (e.g. to leave the caches as the real work finds
+    them: `sampler_svc.kernels.Evictor`)."""
     clean: dict[str, list[float]] = {name: [] for name in fns}
     every: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(4 * rounds + 1):
         for name, fn in fns.items():
+            if reset is not None:
+                reset()
             before = thread_times()
             start = time.perf_counter()
             for _ in range(inner):
