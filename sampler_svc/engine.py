@@ -123,6 +123,8 @@ class Engine:
             packed=self.packed,
         )
         self._windows: dict[tuple[int, int, bool], list[KVCache]] = {}
+        # (rows, window) of compiled decodes whose guards have passed once (`_decode_compiled`).
+        self._guarded: set[tuple[int, int]] = set()
         # Per set of rows (None = stale): their slots, draw plan, whether slots differ, the
         # most likely tokens to report (the most any row asks).
         self._plan: tuple[list[int], DrawPlan, bool, int] | None = None
@@ -206,17 +208,24 @@ class Engine:
         compile (25 s of a 2-core Xeon's start, measured) for a step ~7 % faster. The copy
         writes its keys at the row's position in row 1, which no live row reads (a row is
         admitted at row 1 later writes each position before attending to it, and the
-        mask hides the positions past its own).
+        mask hides the positions past its own). The graph's guards run in full the first
+        time a row count and window length reach it; after that only the guards that tell
+        graphs apart (`compiled.decode`'s `guards`).
         """
         rows = ids.shape[0]
         if rows == 1 and self.max_batch > 1:
             ids, positions = ids.repeat(2, 1), positions.repeat(2, 1)
             caches = self._window(2, caches[0].k.shape[2], True)
+        shape = (ids.shape[0], caches[0].k.shape[2])
         self.bank.kernels = self._graph_layouts
         try:
-            return compiled.decode(self.model, ids, positions, caches)[:rows]
+            hidden = compiled.decode(
+                self.model, ids, positions, caches, guards=shape not in self._guarded
+            )
         finally:
             self.bank.kernels = None
+        self._guarded.add(shape)
+        return hidden[:rows]
 
     def _vocab(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits `[N, V]` of hidden states `[N, hidden]` (few rows)."""

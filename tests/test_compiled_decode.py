@@ -36,15 +36,27 @@ def engine_of(model: torch.nn.Module, mode: str, max_batch: int = 8) -> Engine:
     return Engine(model, bank, max_batch=max_batch, max_seq_len=128, compile=mode)
 
 
+class Calls(list):
+    """Rows of every call of the compiled decode; `shapes`: (rows, window, guards run)."""
+
+    shapes: list[tuple[int, int, bool]]
+
+    def clear(self) -> None:
+        super().clear()
+        self.shapes.clear()
+
+
 @pytest.fixture()
-def compiled_calls(monkeypatch) -> list[int]:
+def compiled_calls(monkeypatch) -> Calls:
     """Rows of every call of the compiled decode (the calls go through)."""
-    calls: list[int] = []
+    calls = Calls()
+    calls.shapes = []
     decode = compiled.decode
 
-    def counting(model, ids, positions, caches):
+    def counting(model, ids, positions, caches, guards=True):
         calls.append(ids.shape[0])
-        return decode(model, ids, positions, caches)
+        calls.shapes.append((ids.shape[0], caches[0].k.shape[2], guards))
+        return decode(model, ids, positions, caches, guards)
 
     monkeypatch.setattr(compiled, "decode", counting)
     return calls
@@ -88,6 +100,28 @@ def test_a_compiled_engine_decodes_the_eager_tokens_and_logprobs(family, compile
     assert 1 not in compiled_calls
     assert counters["stats"]["unique_graphs"] - before == made  # no recompiles
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(compiled.cache_dir())
+
+
+def test_graphs_run_their_full_guards_once_per_shape_and_still_tell_models_apart(
+    compiled_calls,
+):
+    """A row count and window reach the graph with its full guards once; later steps of
+    that shape run only the guards that tell graphs apart (`compiled.decode`). Two models
+    of different shapes compiled in one process, decoding in turns that way, each still
+    give their eager tokens and logprobs."""
+    families = ("qwen3", "qwen2")
+    want = {f: outputs(engine_of(tiny_model(f), "off")) for f in families}
+    fast = {f: engine_of(tiny_model(f), "on") for f in families}
+    assert all(e.compiler.compiled == {1, 2, 4, 8} for e in fast.values())
+    compiled_calls.clear()
+    for family in ("qwen3", "qwen2", "qwen3"):
+        assert_same(outputs(fast[family]), want[family])
+    guarded = [(rows, window) for rows, window, guards in compiled_calls.shapes if guards]
+    skipped = [(rows, window) for rows, window, guards in compiled_calls.shapes if not guards]
+    assert skipped and len(skipped) > 10 * len(guarded)
+    # Each engine ran each shape's guards once (warming ran 2 rows at its first window).
+    assert sorted(guarded) == sorted(2 * list(set(guarded)))
+    assert set(skipped) <= set(guarded) | {(2, 64)}
 
 
 def test_an_engine_of_one_row_has_a_one_row_graph(compiled_calls):
@@ -160,10 +194,10 @@ def test_auto_compiles_the_most_promising_graph_first_and_stops_where_it_does_no
     calls: list[int] = []
     decode = compiled.decode
 
-    def slow(model, ids, positions, caches):
+    def slow(model, ids, positions, caches, guards=True):
         calls.append(ids.shape[0])
         time.sleep(0.02)  # far over a tiny model's eager step
-        return decode(model, ids, positions, caches)
+        return decode(model, ids, positions, caches, guards)
 
     monkeypatch.setattr(compiled, "decode", slow)
     engine = engine_of(tiny_model("qwen3"), "auto")
