@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from headway.modeling import KVCache, Transformer, token_logprobs, top_logprobs
+from headway.modeling.kv_cache import CacheWindow
 from headway.modeling.placement import host_lists
 from sampler_svc import compiled
 from sampler_svc.kernels import (
@@ -215,8 +216,8 @@ class Engine:
         rows = ids.shape[0]
         if rows == 1 and self.max_batch > 1:
             ids, positions = ids.repeat(2, 1), positions.repeat(2, 1)
-            caches = self._window(2, caches[0].k.shape[2], True)
-        shape = (ids.shape[0], caches[0].k.shape[2])
+            caches = self._window(2, caches[0].max_len, True)
+        shape = (ids.shape[0], caches[0].max_len)
         self.bank.kernels = self._graph_layouts
         try:
             hidden = compiled.decode(
@@ -236,13 +237,18 @@ class Engine:
 
     def _window(self, batch: int, length: int, graph: bool = False) -> list[KVCache]:
         """Views of the caches' first rows and positions (made once per shape). `graph`:
-        for the compiled decode, which attends with SDPA at every row count (one graph)."""
+        for the compiled decode, which attends with SDPA at every row count (one graph) and
+        writes into the whole caches (`CacheWindow`: in place in the graph)."""
         key = (batch, length, graph)
         views = self._windows.get(key)
         if views is None:
-            views = self._windows[key] = [c.window(batch, length) for c in self.caches]
-            for view in views:
-                view.decode_attention = None if graph else self.kernels.attend(batch)
+            if graph:
+                views = [CacheWindow(c, length) for c in self.caches]
+            else:
+                views = [c.window(batch, length) for c in self.caches]
+                for view in views:
+                    view.decode_attention = self.kernels.attend(batch)
+            self._windows[key] = views
         return views
 
     @torch.inference_mode()

@@ -55,7 +55,7 @@ def compiled_calls(monkeypatch) -> Calls:
 
     def counting(model, ids, positions, caches, guards=True):
         calls.append(ids.shape[0])
-        calls.shapes.append((ids.shape[0], caches[0].k.shape[2], guards))
+        calls.shapes.append((ids.shape[0], caches[0].max_len, guards))
         return decode(model, ids, positions, caches, guards)
 
     monkeypatch.setattr(compiled, "decode", counting)

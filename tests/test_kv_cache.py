@@ -68,3 +68,26 @@ def test_cached_greedy_generation_matches_transformers_generate(hf_dir):
             out.append(int(token))
             logits = model(token[:, None], torch.tensor([[T + i]]), caches=caches, validate=False)
     assert out == expected.tolist()
+
+
+def test_a_cache_window_writes_the_whole_cache_and_reads_its_window():
+    """`CacheWindow` (the compiled decode's window): the new keys and values land in the
+    whole cache itself, at each row's position, and attention gets the first rows' first
+    `length` positions: the same as a `KVCache.window` view's update."""
+    from headway.modeling.kv_cache import CacheWindow, KVCache
+
+    torch.manual_seed(0)
+    caches = [KVCache(4, 2, 24, 8, torch.float32) for _ in range(2)]
+    for c in caches:
+        c.k.normal_(), c.v.normal_()
+    caches[1].k.copy_(caches[0].k), caches[1].v.copy_(caches[0].v)
+    k, v = torch.randn(2, 3, 2, 1, 8)
+    positions = torch.tensor([[5], [9], [0]])
+    window = CacheWindow(caches[0], 16)
+    assert window.max_len == 16 and window.k is caches[0].k
+    got = window.update(positions, k, v)
+    want = caches[1].window(3, 16).update(positions, k, v)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == (3, 2, 16, 8) and torch.equal(g, w)
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    assert torch.equal(caches[0].k[1, :, 9], k[1, :, 0])

@@ -80,6 +80,42 @@ class KVCache(torch.nn.Module):
         return self.k[rows], self.v[rows]
 
 
+class CacheWindow(KVCache):
+    """The first `length` positions of a `KVCache`, for a compiled decode step.
+
+    `update` writes the new keys and values into the whole cache and returns the first
+    rows' `length` positions. A `KVCache.window` view as a compiled graph's input is
+    strided (its positions are a slice of the cache's), and inductor writes into such an
+    input by copying it out, writing and copying it back: the whole window of every layer
+    at every step (16 MB a step at 8 rows over 128 positions of a small model). The
+    whole cache is contiguous and is written in place. The length is the shape of a
+    tensor (`span`), not an int, so that one graph with a dynamic size serves every window.
+    """
+
+    def __init__(self, cache: KVCache, length: int) -> None:
+        torch.nn.Module.__init__(self)
+        self.k, self.v = cache.k, cache.v  # the cache's own tensors, not views
+        self.span = torch.empty(length, dtype=torch.int8, device=cache.k.device)
+
+    @property
+    def max_len(self) -> int:
+        return self.span.shape[0]
+
+    def update(
+        self,
+        positions: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`KVCache.update` of the first B rows (`rows` must be None), returning their
+        window's keys and values `[B, kv_heads, length, head_dim]`."""
+        assert rows is None, "a cache window serves the first rows"
+        B, length = k.shape[0], self.span.shape[0]
+        super().update(positions, k, v)
+        return self.k[:B, :, :length], self.v[:B, :, :length]
+
+
 def round_up(n: int, multiple: int = 8) -> int:
     """`n` rounded up to a multiple (cache lengths are multiples of 8, as in gpt-fast)."""
     return (n + multiple - 1) // multiple * multiple
