@@ -58,6 +58,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import add_tokenizer, build_bench_model, clean_redis, print_table  # noqa: E402
+from bench.sampler_baseline import off_main  # noqa: E402
 from bench.trainer_ranks import measure_ranks  # noqa: E402
 from headway.channels import CHANNEL_OPTIONS  # noqa: E402
 from headway.store import atomic  # noqa: E402
@@ -184,6 +185,75 @@ class PlainLoop:
     def step(self) -> None:
         self.fwd_bwd()
         self.opt_step()
+
+
+class LoopWorker:
+    """`PlainLoop` in a child process, called like one.
+
+    Why a process (as `bench.sampler_baseline.HFWorker`): every thread that runs torch's
+    parallel CPU ops keeps an OpenMP team for the life of the process; with the loop's
+    team beside the trainer's compute thread's, libgomp has more workers than cores, stops
+    spinning and puts them to sleep at every parallel region, slowing both sides (a
+    training step is thousands of such regions). `headway serve` runs the trainer as a
+    process of its own; the loop gets one too, and this process's main thread runs no torch.
+    """
+
+    def __init__(self, path: Path, batch: list[dict[str, np.ndarray]]) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_loop_serve, args=(str(path), batch, child), daemon=True)
+        self.proc.start()
+        child.close()
+        self.params: int = self._call("params")
+        self.first_lp: torch.Tensor | None = None
+
+    def _call(self, cmd: str) -> Any:
+        self.conn.send(cmd)
+        ok, value = self.conn.recv()
+        if not ok:
+            raise RuntimeError(f"plain loop process: {value}")
+        return value
+
+    def fwd_bwd(self) -> None:
+        self._call("fwd_bwd")
+        if self.first_lp is None:
+            self.first_lp = self._call("first_lp")
+
+    def opt_step(self) -> None:
+        self._call("opt_step")
+
+    def step(self) -> None:
+        self._call("step")
+        if self.first_lp is None:
+            self.first_lp = self._call("first_lp")
+
+    def close(self) -> None:
+        try:
+            self.conn.send("stop")
+        finally:
+            self.proc.join(timeout=30)
+
+
+def _loop_serve(path: str, batch: list[dict[str, np.ndarray]], conn: Any) -> None:
+    """The loop's process: answers LoopWorker's calls until told to stop."""
+    loop = PlainLoop(Path(path), batch)
+    calls: dict[str, Callable[[], Any]] = {
+        "params": lambda: sum(p.numel() for p in loop.model.parameters()),
+        "fwd_bwd": loop.fwd_bwd,
+        "opt_step": loop.opt_step,
+        "step": loop.step,
+        "first_lp": lambda: loop.first_lp,
+    }
+    while True:
+        cmd = conn.recv()
+        if cmd == "stop":
+            return
+        try:
+            conn.send((True, calls[cmd]()))
+        except Exception as e:  # reported in the bench process
+            conn.send((False, repr(e)))
 
 
 # -------------------------------------------------------------------------- measuring
@@ -330,7 +400,7 @@ def logprobs_of(reply: Any) -> np.ndarray:
 
 
 def measure_step(
-    b: Bench, loop: PlainLoop, repeats: int, block: int = 3
+    b: Bench, loop: LoopWorker, repeats: int, block: int = 3
 ) -> tuple[float, float, float]:
     """Full fine-tuning, our Step vs the plain loop's: (our median s per step, the loop's,
     max |Δ logprob| of the first step, same weights and batch). Each side runs `block`
@@ -357,7 +427,7 @@ def measure_step(
     return med(t["step"]) / block, med(t["loop"]) / block, lp_diff
 
 
-def measure_full_fork(b: Bench, loop: PlainLoop, repeats: int) -> dict[str, list[float]]:
+def measure_full_fork(b: Bench, loop: LoopWorker, repeats: int) -> dict[str, list[float]]:
     """The full fork's step split in its halves, against the loop's: each round times our
     ForwardBackward, our OptimStep (its reply: AdamW, weights written, HEAD moved,
     published), then the rest of its write (the deferred optimizer state, waited for
@@ -391,7 +461,7 @@ def measure_custom(b: Bench, repeats: int) -> tuple[float, float, list[float]]:
 
 
 def measure_bf16(
-    path: Path, b32: Bench, loop: PlainLoop, repeats: int
+    path: Path, b32: Bench, loop: LoopWorker, repeats: int
 ) -> tuple[str, list[list[object]]]:
     """A `--dtype bf16` trainer beside ours in fp32: (its precision note, table rows)."""
     store = Path(tempfile.mkdtemp(prefix="headway-bench-store-bf16-"))
@@ -444,11 +514,12 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
 
-    path = build_bench_model()
+    path = off_main(build_bench_model)  # no torch on this thread: see LoopWorker
     add_tokenizer(path)
     store = Path(tempfile.mkdtemp(prefix="headway-bench-store-"))
     prefix = redis_prefix("bench")
     srv = ServerThread(store, prefix)
+    loop = None
     try:
         srv.models.AddBase(model_pb2.AddBaseRequest(path=str(path), name="base40m"))
         srv.models.ForkModel(model_pb2.ForkModelRequest(source="base40m", name="full", full=True))
@@ -458,8 +529,8 @@ def main() -> None:
         config = json.loads((path / "config.json").read_text())
         batch = make_batch(config["vocab_size"])
         b = Bench(srv, training_items(batch))
-        loop = PlainLoop(path, batch)
-        params = sum(p.numel() for p in loop.model.parameters()) / 1e6
+        loop = LoopWorker(path, batch)
+        params = loop.params / 1e6
         print(
             f"model: qwen3-40m ({params:.1f}M params, fp32), batch {BATCH}×{SEQ} tokens, "
             f"torch threads {torch.get_num_threads()}"
@@ -469,7 +540,7 @@ def main() -> None:
         split = measure_full_fork(b, loop, args.save_repeats)  # 2. its halves
         t_builtin, t_custom, opt_lora = measure_custom(b, args.save_repeats)  # 3. LoRA
         bf16_note, bf16_rows = measure_bf16(path, b, loop, args.bf16_repeats)  # 4. bf16
-        weight_bytes = 4 * sum(p.numel() for p in loop.model.parameters())  # fp32
+        weight_bytes = 4 * loop.params  # fp32
         write_s = page_cache_write_seconds(store, weight_bytes)
         spare_rows = spare_choice_rows(srv.trainer)
         srv.stop()  # its threads would compete with the two trainers below
@@ -481,6 +552,8 @@ def main() -> None:
     finally:
         if srv is not None:
             srv.stop()
+        if loop is not None:
+            loop.close()
         clean_redis(prefix)
         shutil.rmtree(store, ignore_errors=True)
         shutil.rmtree(path, ignore_errors=True)
