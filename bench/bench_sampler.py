@@ -20,7 +20,7 @@ of their own.
   same 63 tokens per row. (c) is compared end to end with generate at batch 8 and with 8
   users served one after another by generate at batch 1.
 - Machine limit: a decode step must read every weight once (at batch 1 it is a chain of
-  matrix- vector products), so weight bytes / memory bandwidth bounds its time; and it must
+  matrix-vector products), so weight bytes / memory bandwidth bounds its time; and it must
   do its matmuls. Measured: a read and a copy of the model's bytes, and the step's matmuls
   alone at batch 1 and 8 in every layout the engine chooses among (`sampler_svc.kernels`),
   per weight shape, unfused and with q/k/v and gate/up fused, each shape after a read of the

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -195,7 +196,8 @@ class LoopWorker:
     team beside the trainer's compute thread's, libgomp has more workers than cores, stops
     spinning and puts them to sleep at every parallel region, slowing both sides (a
     training step is thousands of such regions). `headway serve` runs the trainer as a
-    process of its own; the loop gets one too, and this process's main thread runs no torch.
+    process of its own; the loop gets one too, and this process's main thread runs no torch
+    while anything is timed.
     """
 
     def __init__(self, path: Path, batch: list[dict[str, np.ndarray]]) -> None:
@@ -230,10 +232,13 @@ class LoopWorker:
             self.first_lp = self._call("first_lp")
 
     def close(self) -> None:
-        try:
+        """Stop the child (killed if it does not stop: a bench must clean up anyway)."""
+        with contextlib.suppress(OSError):  # a child that died: nothing to tell
             self.conn.send("stop")
-        finally:
-            self.proc.join(timeout=30)
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
 
 
 def _loop_serve(path: str, batch: list[dict[str, np.ndarray]], conn: Any) -> None:
@@ -545,6 +550,8 @@ def main() -> None:
         spare_rows = spare_choice_rows(srv.trainer)
         srv.stop()  # its threads would compete with the two trainers below
         srv = None
+        loop.close()  # its ~0.6 GB of weights and AdamW state too
+        loop = None
         rank_rows, ranks_ratio = measure_ranks(  # 5. torch.distributed
             path, b.items, BATCH * SEQ, prefix, lora_rank=LORA_RANK, lr=LR,
             repeats=args.repeats,

@@ -91,11 +91,14 @@ def decode(
     replica with --compile off should not pay).
 
     `guards=False`: dynamo checks only the guards that tell its compiled graphs apart, not
-    every guard of the one it runs (~100 parameters' and caches' dtypes, shapes, strides:
-    0.3-0.5 ms of a 5-9 ms step on a 2-core Xeon, `torch.compiler.set_stance`'s
-    `skip_guard_eval_unsafe`). Only for a call whose engine, row count and window length
-    passed the full guards before (`Engine._decode_compiled`): the same model's tensors
-    and the same shapes, which is all those guards look at."""
+    every guard of the one it runs (~100 parameters' and caches' dtypes, shapes, strides,
+    the model's Python constants: 0.3-0.5 ms of a 5-9 ms step on a 2-core Xeon,
+    `torch.compiler.set_stance`'s `skip_guard_eval_unsafe`). Only for a call whose engine,
+    row count and window length passed the full guards before (`Engine._decode_compiled`).
+    That is safe because every configuration that fails a guard compiles a graph of its own
+    (which is when dynamo updates the guards that tell graphs apart): a call that would need
+    a graph once dynamo's recompile limit is reached raises instead of running eagerly
+    (`fail_on_recompile_limit_hit`), and the engine decodes eagerly from then on."""
     global _decode
     if _decode is None:
         # Without duck sizing: by default sizes equal when a graph is made share a symbol,
@@ -104,6 +107,11 @@ def decode(
         import torch.fx.experimental._config as fx_config
 
         fx_config.use_duck_shape = False
+        # No silent eager fallback at the recompile limit: it would leave the guards that
+        # tell graphs apart without the new configuration (see `guards` above).
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.fail_on_recompile_limit_hit = True
         # Inductor reads (and pins) its cache directory at its first compile.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())
         _decode = torch.compile(decode_hidden, dynamic=True)

@@ -138,8 +138,7 @@ class Engine:
             eager=lambda ids, positions, caches: self._forward_few(ids, positions, caches=caches),
             compiled=self._decode_compiled,
             caches=self._window,
-            # A window shorter than the cache: one as long would share its size's symbol
-            # with the cache's length, and the graph would not serve shorter windows.
+            # The window the graph is compiled and timed at: the first one a request uses.
             length=min(WINDOW, max_seq_len),
             max_rows=max_batch,
             kv_only=all(type(c) is KVCache for c in self.caches),
@@ -242,7 +241,8 @@ class Engine:
         key = (batch, length, graph)
         views = self._windows.get(key)
         if views is None:
-            if graph:
+            if graph:  # compiled only where every layer keeps a KV cache (`kv_only`)
+                assert all(type(c) is KVCache for c in self.caches)
                 views = [CacheWindow(c, length) for c in self.caches]
             else:
                 views = [c.window(batch, length) for c in self.caches]

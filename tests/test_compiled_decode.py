@@ -107,8 +107,8 @@ def test_graphs_run_their_full_guards_once_per_shape_and_still_tell_models_apart
 ):
     """A row count and window reach the graph with its full guards once; later steps of
     that shape run only the guards that tell graphs apart (`compiled.decode`). Two models
-    of different shapes compiled in one process, decoding in turns that way, each still
-    give their eager tokens and logprobs."""
+    of different architectures (q/k norms, biases, tied embeddings) compiled in one
+    process, decoding in turns that way, each still give their eager tokens and logprobs."""
     families = ("qwen3", "qwen2")
     want = {f: outputs(engine_of(tiny_model(f), "off")) for f in families}
     fast = {f: engine_of(tiny_model(f), "on") for f in families}
@@ -237,7 +237,7 @@ def test_auto_compiles_nothing_where_the_cached_timings_say_eager(tmp_path, monk
             if "decode compiled" in k
         }
     )
-    monkeypatch.setattr(compiled, "decode", lambda *a: pytest.fail("compiled"))
+    monkeypatch.setattr(compiled, "decode", lambda *a, **k: pytest.fail("compiled"))
     again = engine_of(tiny_model("qwen3"), "auto")
     assert again.compiler.compiled == set() and again.compiler.error == ""
     assert first.compiler.times.keys() == again.compiler.times.keys()
@@ -268,7 +268,7 @@ def test_auto_does_not_compile_where_the_graphs_matmuls_alone_outlast_eager(tmp_
         if "linear" in entry.get("times", {}):
             slow[key] = {"times": {**entry["times"], "linear": 1.0}}  # a second a pass
     kernel_cache.write_cache(slow)
-    monkeypatch.setattr(compiled, "decode", lambda *a: pytest.fail("compiled"))
+    monkeypatch.setattr(compiled, "decode", lambda *a, **k: pytest.fail("compiled"))
     engine = engine_of(tiny_model("qwen3"), "auto")
     assert engine.compiler.compiled == set() and engine.compiler.error == ""
     for times in engine.compiler.times.values():

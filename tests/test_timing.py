@@ -130,6 +130,7 @@ def test_layouts_are_timed_with_the_other_shapes_weights_read_in_between(monkeyp
     from sampler_svc import kernels
 
     monkeypatch.setenv("HEADWAY_KERNEL_CACHE", "/dev/null/none")  # nothing cached, nothing kept
+    monkeypatch.delenv("HEADWAY_KERNELS", raising=False)  # measured, not forced
     monkeypatch.setattr(kernels.kernel_cache, "write_cache", lambda entries: None)
     monkeypatch.setattr(kernels.kernel_cache, "read_cache", lambda: {})
     seen: dict[tuple[int, int], list[int]] = {}
