@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shutil
@@ -58,7 +57,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import add_tokenizer, build_bench_model, clean_redis, print_table  # noqa: E402
+from bench.common import (  # noqa: E402
+    ChildCalls,
+    add_tokenizer,
+    build_bench_model,
+    clean_redis,
+    print_table,
+    serve_calls,
+)
 from bench.sampler_baseline import off_main  # noqa: E402
 from bench.trainer_ranks import measure_ranks  # noqa: E402
 from headway.channels import CHANNEL_OPTIONS  # noqa: E402
@@ -188,7 +194,7 @@ class PlainLoop:
         self.opt_step()
 
 
-class LoopWorker:
+class LoopWorker(ChildCalls):
     """`PlainLoop` in a child process, called like one.
 
     Why a process (as `bench.sampler_baseline.HFWorker`): every thread that runs torch's
@@ -201,44 +207,22 @@ class LoopWorker:
     """
 
     def __init__(self, path: Path, batch: list[dict[str, np.ndarray]]) -> None:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_loop_serve, args=(str(path), batch, child), daemon=True)
-        self.proc.start()
-        child.close()
-        self.params: int = self._call("params")
+        super().__init__("plain loop process", _loop_serve, str(path), batch)
+        self.params: int = self.call("params")
         self.first_lp: torch.Tensor | None = None
 
-    def _call(self, cmd: str) -> Any:
-        self.conn.send(cmd)
-        ok, value = self.conn.recv()
-        if not ok:
-            raise RuntimeError(f"plain loop process: {value}")
-        return value
-
     def fwd_bwd(self) -> None:
-        self._call("fwd_bwd")
+        self.call("fwd_bwd")
         if self.first_lp is None:
-            self.first_lp = self._call("first_lp")
+            self.first_lp = self.call("first_lp")
 
     def opt_step(self) -> None:
-        self._call("opt_step")
+        self.call("opt_step")
 
     def step(self) -> None:
-        self._call("step")
+        self.call("step")
         if self.first_lp is None:
-            self.first_lp = self._call("first_lp")
-
-    def close(self) -> None:
-        """Stop the child (killed if it does not stop: a bench must clean up anyway)."""
-        with contextlib.suppress(OSError):  # a child that died: nothing to tell
-            self.conn.send("stop")
-        self.proc.join(timeout=30)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
+            self.first_lp = self.call("first_lp")
 
 
 def _loop_serve(path: str, batch: list[dict[str, np.ndarray]], conn: Any) -> None:
@@ -251,14 +235,7 @@ def _loop_serve(path: str, batch: list[dict[str, np.ndarray]], conn: Any) -> Non
         "step": loop.step,
         "first_lp": lambda: loop.first_lp,
     }
-    while True:
-        cmd = conn.recv()
-        if cmd == "stop":
-            return
-        try:
-            conn.send((True, calls[cmd]()))
-        except Exception as e:  # reported in the bench process
-            conn.send((False, repr(e)))
+    serve_calls(calls, conn)
 
 
 # -------------------------------------------------------------------------- measuring

@@ -8,13 +8,16 @@ same run, never as absolute targets: machines here are noisy and differ between 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
 import statistics
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,6 +53,49 @@ def add_tokenizer(path: Path) -> None:
         "pad_token": "<|endoftext|>",
     }
     (path / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+class ChildCalls:
+    """An object built in a spawned child process and called by name from this one: a
+    baseline kept out of the process that runs ours (`bench.sampler_baseline.HFWorker`
+    says why). `target(*args, conn)` builds the object and answers calls (`serve_calls`)."""
+
+    def __init__(self, what: str, target: Callable[..., None], *args: Any) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.what = what  # named in the errors the child reports
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=target, args=(*args, child), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def call(self, cmd: str, *args: Any) -> Any:
+        """The child's answer to `cmd(*args)`; RuntimeError with its error if it failed."""
+        self.conn.send((cmd, args))
+        ok, value = self.conn.recv()
+        if not ok:
+            raise RuntimeError(f"{self.what}: {value}")
+        return value
+
+    def close(self) -> None:
+        """Stop the child (killed if it does not stop: a bench must clean up anyway)."""
+        with contextlib.suppress(OSError):  # a child that died: nothing to tell
+            self.conn.send(("stop", ()))
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
+
+def serve_calls(calls: dict[str, Callable[..., Any]], conn: Any) -> None:
+    """In the child of a `ChildCalls`: answer its calls from `calls` until told to stop."""
+    while True:
+        cmd, args = conn.recv()
+        if cmd == "stop":
+            return
+        try:
+            conn.send((True, calls[cmd](*args)))
+        except Exception as e:  # reported in the bench process
+            conn.send((False, repr(e)))
 
 
 def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from bench.common import median_time
+from bench.common import ChildCalls, median_time, serve_calls
 from bench.sampler_decode import BATCH, NEW, now
 
 
@@ -43,7 +43,7 @@ class HFBaseline:
         return now() - start
 
 
-class HFWorker:
+class HFWorker(ChildCalls):
     """`HFBaseline` (and the machine-limit probe) in a child process, called like one.
 
     Why a process: torch's CPU ops run on OpenMP (libgomp), and every thread that runs a
@@ -56,36 +56,17 @@ class HFWorker:
     """
 
     def __init__(self, path: Path, dtype: str = "fp32") -> None:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_hf_serve, args=(str(path), dtype, child), daemon=True)
-        self.proc.start()
-        child.close()
-        self.params = self._call("params")
-
-    def _call(self, cmd: str, *args: Any) -> Any:
-        self.conn.send((cmd, args))
-        ok, value = self.conn.recv()
-        if not ok:
-            raise RuntimeError(f"transformers baseline process: {value}")
-        return value
+        super().__init__("transformers baseline process", _hf_serve, str(path), dtype)
+        self.params = self.call("params")
 
     def generate(self, prompt: torch.Tensor, sample: bool) -> tuple[float, torch.Tensor]:
-        return self._call("generate", prompt, sample)
+        return self.call("generate", prompt, sample)
 
     def prefill(self, prompt: torch.Tensor) -> float:
-        return self._call("prefill", prompt)
+        return self.call("prefill", prompt)
 
     def machine_limit(self, repeats: int) -> dict[str, float]:
-        return self._call("machine_limit", repeats)
-
-    def close(self) -> None:
-        try:
-            self.conn.send(("stop", ()))
-        finally:
-            self.proc.join(timeout=30)
+        return self.call("machine_limit", repeats)
 
 
 def _hf_serve(path: str, dtype: str, conn: Any) -> None:
@@ -97,14 +78,7 @@ def _hf_serve(path: str, dtype: str, conn: Any) -> None:
         "prefill": hf.prefill,
         "machine_limit": lambda repeats: machine_limit(hf.model, repeats),
     }
-    while True:
-        cmd, args = conn.recv()
-        if cmd == "stop":
-            return
-        try:
-            conn.send((True, calls[cmd](*args)))
-        except Exception as e:  # reported in the bench process
-            conn.send((False, repr(e)))
+    serve_calls(calls, conn)
 
 
 def off_main(fn: Callable[[], Any]) -> Any:

@@ -30,7 +30,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -205,16 +204,8 @@ UNKNOWN_CACHE = 256 << 20  # bytes swept where the CPU's last-level cache size i
 
 
 def last_level_cache() -> int:
-    """Bytes of this CPU's largest cache (Linux's sysfs; `UNKNOWN_CACHE` elsewhere)."""
-    best = 0
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            size = (index / "size").read_text().strip()
-            unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
-            best = max(best, int(size.rstrip("KMG")) * unit)
-        except (OSError, ValueError):
-            continue
-    return best or UNKNOWN_CACHE
+    """Bytes of this CPU's largest cache (`UNKNOWN_CACHE` where it cannot be read)."""
+    return kernel_cache.cache_bytes() or UNKNOWN_CACHE
 
 
 class Evictor:

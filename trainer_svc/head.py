@@ -19,27 +19,13 @@ for the matmuls.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from headway.modeling import token_logprobs
+from headway.server import kernel_cache
 from trainer_svc.kernels import Kernels
-
-
-def _cache_bytes(level: int, default: int) -> int:
-    """This CPU's cache of `level` (Linux sysfs), `default` where it cannot be read."""
-    try:
-        for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-            if (index / "level").read_text().strip() == str(level):
-                size = (index / "size").read_text().strip().upper()
-                scale = {"K": 2**10, "M": 2**20}.get(size[-1], 1)
-                return int(size.rstrip("KM")) * scale
-    except (OSError, ValueError):
-        pass
-    return default
-
 
 # Bytes of logits per row block: a quarter of the last-level cache, so a block and its
 # temporary stay in cache across the max, exp, sum and dot that sweep it, in blocks few
@@ -47,7 +33,7 @@ def _cache_bytes(level: int, default: int) -> int:
 # machine): 128-512 KiB blocks 2.6-3.4 s per head fwd+bwd (each small op a parallel
 # region that waits for a descheduled thread), 4-16 MiB 1.4-1.7 s, the whole tensor at
 # once 1.6 s; one thread, anything from 128 KiB to all within 10%.
-BLOCK_BYTES = _cache_bytes(3, 32 * 2**20) // 4
+BLOCK_BYTES = (kernel_cache.cache_bytes(3) or 32 * 2**20) // 4
 
 
 def _block_rows(vocab: int) -> int:

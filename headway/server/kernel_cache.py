@@ -14,6 +14,7 @@ dtype, the shape — in one JSON file (`$HEADWAY_KERNEL_CACHE`, default
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -25,8 +26,10 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 
 
+@functools.cache
 def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    """The CPU's model name (from /proc/cpuinfo where there is one; read once: every kernel
+    cache key names it)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -36,6 +39,23 @@ def cpu_model() -> str:
     except OSError:
         pass
     return cpu
+
+
+def cache_bytes(level: int | None = None) -> int:
+    """Bytes of this CPU's cache of `level` (None: its largest), from Linux's sysfs; 0 where
+    that cannot be read. A VM may report its host's whole cache (480 MiB on a 2-core Xeon
+    guest that behaved as if it had ~64 MB)."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if level is not None and (index / "level").read_text().strip() != str(level):
+                continue
+            size = (index / "size").read_text().strip().upper()
+            unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+            best = max(best, int(size.rstrip("KMG")) * unit)
+        except (OSError, ValueError):
+            continue
+    return best
 
 
 def machine_key(torch_version: str, threads: int, dtype: str) -> str:
