@@ -30,7 +30,7 @@ import torch
 from headway.modeling import LoraConfig, Transformer, build_model, load_model
 from headway.modeling.load import empty_model, hf_name
 from headway.store import WEIGHTS_FILE, CheckpointRef, CheckpointStore
-from headway.store.tensorfile import TORCH_DTYPES, map_raw_header, map_safetensors
+from headway.store.tensorfile import TORCH_DTYPES, map_raw_header, mapped_tensors
 from headway.store.weights import base_config, full_state, read_adapter
 
 _MAX_READERS = 4  # threads copying one weights file (at most the process's torch threads)
@@ -156,8 +156,9 @@ def copy_weights_file(file: Path, model: Transformer, keep_plan: bool = True) ->
             _PLANS.pop(model, None)
     pairs = [(dst, data[base + start : base + end]) for _, _, dst, start, end in plan.direct]
     _copy_all(pairs)
-    if plan.converted or plan.device:
-        sources, _ = map_safetensors(file)
+    sources: dict[str, torch.Tensor] = {}
+    if plan.converted or plan.device:  # views of the same map, not a second one
+        sources = mapped_tensors(data, json.loads(raw_header), base)
         with torch.no_grad():
             for name, dst in plan.converted.items():
                 dst.copy_(sources[name])
@@ -165,8 +166,8 @@ def copy_weights_file(file: Path, model: Transformer, keep_plan: bool = True) ->
                 copy_to_device(plan.device, sources)
     # Unmapping 160 MB is ~0.5-1 ms the reload need not wait for: the last views of the
     # map go to a reader thread, which drops them.
-    _readers().submit(_drop, [data, pairs])
-    del data, pairs
+    _readers().submit(_drop, [data, pairs, sources])
+    del data, pairs, sources
 
 
 def _drop(views: list) -> None:

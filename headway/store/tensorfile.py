@@ -241,6 +241,12 @@ def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(every tensor of a safetensors file as a view of a private memory map of it, header):
     see `map_bytes`."""
     data, header, base = map_bytes(path)
+    return mapped_tensors(data, header, base), header
+
+
+def mapped_tensors(data: np.ndarray, header: dict, base: int) -> dict[str, torch.Tensor]:
+    """The tensors of a file mapped by `map_bytes` / `map_raw_header` (its bytes `data`,
+    parsed `header` and data offset `base`), as views of the map."""
     out: dict[str, torch.Tensor] = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -257,4 +263,4 @@ def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             out[name] = torch.from_numpy(raw.view(np_dtype).reshape(info["shape"]))
         else:
             out[name] = torch.from_numpy(raw).view(dtype).reshape(info["shape"])
-    return out, header
+    return out
