@@ -41,6 +41,7 @@ from headway.modeling import KVCache
 from headway.server import kernel_cache
 from headway.server.timing import Timings, fastest
 from sampler_svc.kernels import (
+    FROM_MEMORY,
     Kernel,
     Shape,
     cache_entry,
@@ -191,7 +192,7 @@ class DecodeCompiler:
         # with AMX aten's bf16 matmuls are oneDNN's own; the machine at hand decides.
         machine = machine_key(dtype)
         keys = {
-            b: f"{machine}|decode compiled {describe_model(model)}|rows {b}|from memory"
+            b: f"{machine}|decode compiled {describe_model(model)}|rows {b}|{FROM_MEMORY}"
             for b in buckets
         }
         cached = kernel_cache.read_cache()

@@ -375,10 +375,15 @@ def usable_entry(entry: dict | None, names: Iterable[str]) -> bool:
     )
 
 
+# Ends the kernel-cache keys of timings taken with the caches as a step leaves them
+# (`Evictor`): entries timed otherwise are measured again.
+FROM_MEMORY = "from memory"
+
+
 def layout_key(dtype: torch.dtype, shape: Shape, count: int, bucket: int) -> str:
     """The kernel-cache key of the layouts' times for `count` weights of `shape` at `bucket`
-    rows ("from memory": timed with the caches as a step leaves them, `Evictor`)."""
-    return f"{machine_key(dtype)}|{shape[0]}x{shape[1]}x{count}|rows {bucket}|from memory"
+    rows."""
+    return f"{machine_key(dtype)}|{shape[0]}x{shape[1]}x{count}|rows {bucket}|{FROM_MEMORY}"
 
 
 class KernelChoice:
