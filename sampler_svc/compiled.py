@@ -10,10 +10,14 @@ default), or compiles every bucket (`on`) or none (`off`).
 
 What is compiled: `decode_hidden`, the model's forward for one new token per row over a
 window of the KV cache, for rows without a LoRA adapter (bases, full forks). In the graph
-the projections are F.linear (q/k/v and gate/up fused); oneDNN's layouts cannot enter an
-inductor graph, so the vocabulary projection, the largest, stays outside in its measured
-layout. Rows with adapters decode eagerly (the adapters' slots and ranks change with every
-reload: a graph over them would recompile).
+each projection (q/k/v and gate/up fused) is one call of `headway::decode_linear`, an op
+inductor does not look into, which runs the layout the engine measured for the call's row
+count (`decode(layouts=)`): the graph's matmuls are the eager forward's, oneDNN's packed
+copies included (an opaque oneDNN tensor cannot be a graph input). Attention is traced, so
+it fuses: the way (SDPA or grouped matmuls) the engine measured fastest over its row
+buckets (`KernelChoice.graph_attention`). The vocabulary projection, the largest, stays
+outside in its measured layout. Rows with adapters decode eagerly (the adapters' slots
+and ranks change with every reload: a graph over them would recompile).
 
 The weights are graph inputs, not constants: a reload copies new weights into the same
 parameters and the graph serves them, and engines of one shape share the graphs. Shapes
@@ -35,7 +39,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from headway.modeling import KVCache
 from headway.server import kernel_cache
@@ -76,6 +79,35 @@ def decode_hidden(
     return model(ids, positions, caches=caches, validate=False, return_hidden=True)
 
 
+# The layouts `headway::decode_linear` runs in during the current compiled call: set by
+# `decode` (one engine thread calls it; engines of other row counts and dtypes in turn).
+_layouts: dict[Shape, Kernel] = {}
+
+_ops = torch.library.Library("headway", "DEF")
+_ops.define("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+
+
+def _decode_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """`headway::decode_linear` on real tensors: F.linear's result, in the layout measured
+    for this call's rows and the weight's shape."""
+    return _layouts[tuple(weight.shape)](x, weight, bias)
+
+
+_ops.impl("decode_linear", _decode_linear, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("headway::decode_linear")
+def _decode_linear_shape(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+DECODE_LINEAR: Kernel = torch.ops.headway.decode_linear.default
+
+
 _decode: Callable[..., torch.Tensor] | None = None
 
 
@@ -84,12 +116,15 @@ def decode(
     ids: torch.Tensor,
     positions: torch.Tensor,
     caches: list[KVCache],
+    layouts: dict[Shape, Kernel],
     guards: bool = True,
 ) -> torch.Tensor:
-    """`decode_hidden`, compiled. One compiled function for the process: its graphs are
-    keyed by shapes and dtype, not by the model object, so every engine of a shape uses the
-    same two graphs. Made at its first call (importing torch's compiler takes seconds that a
-    replica with --compile off should not pay).
+    """`decode_hidden`, compiled, its projections (`DECODE_LINEAR`, `graph_layouts`) run in
+    `layouts` (weight shape → kernel: the engine's measured table for these rows). One
+    compiled function for the process: its graphs are keyed by shapes and dtype, not by the
+    model object, so every engine of a shape uses the same two graphs. Made at its first
+    call (importing torch's compiler takes seconds that a replica with --compile off should
+    not pay).
 
     `guards=False`: dynamo checks only the guards that tell its compiled graphs apart, not
     every guard of the one it runs (~100 parameters' and caches' dtypes, shapes, strides,
@@ -122,6 +157,8 @@ def decode(
         # Inductor reads (and pins) its cache directory at its first compile.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())
         _decode = torch.compile(decode_hidden, dynamic=True)
+    _layouts.clear()
+    _layouts.update(layouts)
     if guards:
         return _decode(model, ids, positions, caches)
     with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
@@ -141,8 +178,9 @@ Forward = Callable[[torch.Tensor, torch.Tensor, list[KVCache]], torch.Tensor]
 
 
 def graph_layouts(shapes: list[Shape]) -> dict[Shape, Kernel]:
-    """The layout table a compiled decode runs with: F.linear for every projection."""
-    return {s: F.linear for s in shapes}
+    """The layout table a compiled decode is traced with: `DECODE_LINEAR` for every
+    projection (which runs the layouts `decode` is given)."""
+    return {s: DECODE_LINEAR for s in shapes}
 
 
 class DecodeCompiler:
@@ -170,13 +208,15 @@ class DecodeCompiler:
         kv_only: bool,
         graph_floor: Callable[[int], float | None] = lambda bucket: None,
         evict: Callable[[], object] | None = None,
+        attention: str = "sdpa",
     ) -> None:
         """`graph_floor(bucket)`: seconds the graph cannot go below at that bucket (its
-        projections as F.linear and attention as SDPA, from the engine's layout
+        projections in the measured layouts and its attention, from the engine's layout
         measurements; None: unknown); `auto` compiles nothing where that floor is over
         95 % of the eager forward at every bucket (`_cannot_pay`). `evict`: run before each
         timed forward, as the rest of a step (the vocabulary's product) runs between two
-        (`kernels.Evictor`)."""
+        (`kernels.Evictor`). `attention`: the graph's (`KernelChoice.graph_attention`), a
+        part of its timings' cache keys."""
         if mode not in MODES:
             raise ValueError(f"compile mode {mode!r}: choose among {', '.join(MODES)}")
         self.model, self.mode, self.caches, self.length = model, mode, caches, length
@@ -198,7 +238,8 @@ class DecodeCompiler:
         # with AMX aten's bf16 matmuls are oneDNN's own; the machine at hand decides.
         machine = machine_key(dtype)
         keys = {
-            b: f"{machine}|decode compiled {describe_model(model)}|rows {b}|{FROM_MEMORY}"
+            b: f"{machine}|decode compiled {describe_model(model)}, measured layouts, "
+            f"attention {attention}|rows {b}|{FROM_MEMORY}"
             for b in buckets
         }
         cached = kernel_cache.read_cache()
@@ -251,11 +292,11 @@ class DecodeCompiler:
 
     def _cannot_pay(self, buckets: list[int], graph_floor: Callable[[int], float | None]) -> bool:
         """Whether the graph cannot beat eager at any bucket, known before compiling it:
-        its matmuls are F.linear's and its attention SDPA, and where those alone (measured
-        with the layouts) take longer than 95 % of the whole eager forward (on a Zen 4,
-        MKL's few-row sgemm: 7.9 vs 7.0 ms a step at one row), no fusion of the rest wins
-        that back. Compiling costs a minute of a small CPU's start. Then `times` holds the
-        eager forward and the graph's floor per bucket."""
+        its matmuls are the eager forward's, and where those and its attention alone
+        (measured with the layouts) take longer than 95 % of the whole eager forward, no
+        fusion of the rest (norms, RoPE, cache writes) wins that back. Compiling costs half
+        a minute of a small CPU's start. Then `times` holds the eager forward and the
+        graph's floor per bucket."""
         floors = {b: graph_floor(b) for b in buckets}
         if any(f is None for f in floors.values()):
             return False
@@ -267,7 +308,7 @@ class DecodeCompiler:
             return False
         self.times = {b: {"eager": eager[b], "graph floor": floors[b]} for b in buckets}
         log.info(
-            "decode compiled: no bucket, not compiled (the graph's F.linear matmuls and SDPA "
+            "decode compiled: no bucket, not compiled (the graph's matmuls and attention "
             "alone outlast the eager forward: %s)",
             self.describe(),
         )

@@ -33,6 +33,7 @@ from headway.modeling.kv_cache import CacheWindow
 from headway.modeling.placement import host_lists
 from sampler_svc import compiled
 from sampler_svc.kernels import (
+    ATTENTIONS,
     Evictor,
     KernelChoice,
     PackedWeights,
@@ -130,11 +131,13 @@ class Engine:
         # most likely tokens to report (the most any row asks).
         self._plan: tuple[list[int], DrawPlan, bool, int] | None = None
         self._graph_layouts = compiled.graph_layouts(list(shapes))
+        buckets = [b for b in self.kernels.buckets if b <= bucket_of(max_batch)]
+        self._graph_attention = self.kernels.graph_attention(buckets)
         # Last: it times the decode forward, which needs the layouts and the caches.
         self.compiler = compiled.DecodeCompiler(
             model,
             compile,
-            [b for b in self.kernels.buckets if b <= bucket_of(max_batch)],
+            buckets,
             eager=lambda ids, positions, caches: self._forward_few(ids, positions, caches=caches),
             compiled=self._decode_compiled,
             caches=self._window,
@@ -144,19 +147,21 @@ class Engine:
             kv_only=all(type(c) is KVCache for c in self.caches),
             graph_floor=self._graph_floor,
             evict=Evictor([model.lm_head.weight]),
+            attention=self._graph_attention,
         )
 
     def _graph_floor(self, bucket: int) -> float | None:
         """Seconds a compiled decode forward cannot go below at `bucket`: its layers'
-        projections as F.linear and its attention as SDPA, as the layouts were measured
-        (None where they were not: forced layouts)."""
+        projections in their chosen layouts and the graph's attention, as measured (None
+        where they were not: forced layouts)."""
         vocab = tuple(self.model.lm_head.weight.shape)
-        times = [t.get("linear") for (shape, b), t in self.kernels.times.items()
+        k = self.kernels
+        times = [t[k.choice[shape, b]] for (shape, b), t in k.times.items()
                  if b == bucket and shape != vocab and shape[0] != "attention"]  # fmt: skip
-        sdpa = self.kernels.times.get((("attention", 0), bucket), {}).get("sdpa")
-        if not times or None in times or sdpa is None:
+        attention = k.times.get((("attention", 0), bucket), {}).get(self._graph_attention)
+        if not times or attention is None:
             return None
-        return sum(times) + sdpa * self.model.config.num_hidden_layers
+        return sum(times) + attention * self.model.config.num_hidden_layers
 
     def weights_changed(self) -> None:
         """The model's weights were copied anew in place (a full reload into this idle
@@ -217,10 +222,12 @@ class Engine:
             ids, positions = ids.repeat(2, 1), positions.repeat(2, 1)
             caches = self._window(2, caches[0].max_len, True)
         shape = (ids.shape[0], caches[0].max_len)
+        layouts = self.kernels.table(shape[0])
+        assert layouts is not None  # compiled buckets are measured ones
         self.bank.kernels = self._graph_layouts
         try:
             hidden = compiled.decode(
-                self.model, ids, positions, caches, guards=shape not in self._guarded
+                self.model, ids, positions, caches, layouts, guards=shape not in self._guarded
             )
         finally:
             self.bank.kernels = None
@@ -236,7 +243,7 @@ class Engine:
 
     def _window(self, batch: int, length: int, graph: bool = False) -> list[KVCache]:
         """Views of the caches' first rows and positions (made once per shape). `graph`:
-        for the compiled decode, which attends with SDPA at every row count (one graph) and
+        for the compiled decode, which attends one way at every row count (one graph) and
         writes into the whole caches (`CacheWindow`: in place in the graph)."""
         key = (batch, length, graph)
         views = self._windows.get(key)
@@ -244,6 +251,8 @@ class Engine:
             if graph:  # compiled only where every layer keeps a KV cache (`kv_only`)
                 assert all(type(c) is KVCache for c in self.caches)
                 views = [CacheWindow(c, length) for c in self.caches]
+                for view in views:
+                    view.decode_attention = ATTENTIONS[self._graph_attention]
             else:
                 views = [c.window(batch, length) for c in self.caches]
                 for view in views:

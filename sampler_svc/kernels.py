@@ -478,6 +478,15 @@ class KernelChoice:
         b = bucket_of(rows)
         return self._tables.get(b)
 
+    def graph_attention(self, buckets: list[int]) -> str:
+        """The decode attention a compiled graph (one for every row count) traces: the way
+        with the least measured time summed over `buckets` (SDPA where not measured)."""
+        times = [self.times.get((("attention", 0), b)) for b in buckets]
+        if not buckets or None in times:
+            return "sdpa"
+        total = {name: sum(t[name] for t in times) for name in times[0]}
+        return pick(total)
+
     def attend(self, rows: int) -> Callable[..., torch.Tensor] | None:
         """The decode attention for `rows` rows (None: SDPA)."""
         return ATTENTIONS[self.attention.get(bucket_of(rows), "sdpa")]

@@ -9,6 +9,7 @@ shape: every row count, one row run as two), so each test builds as few shapes a
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from headway.modeling import LoraConfig
 from headway.server import kernel_cache
 from sampler_svc import compiled
 from sampler_svc.engine import Engine
+from sampler_svc.kernels import ATTENTIONS
 from sampler_svc.multilora import AdapterBank
 from sampler_svc.requests import row_generator
 from sampler_svc.sampling import DrawParams
@@ -53,10 +55,10 @@ def compiled_calls(monkeypatch) -> Calls:
     calls.shapes = []
     decode = compiled.decode
 
-    def counting(model, ids, positions, caches, guards=True):
+    def counting(model, ids, positions, caches, layouts, guards=True):
         calls.append(ids.shape[0])
         calls.shapes.append((ids.shape[0], caches[0].max_len, guards))
-        return decode(model, ids, positions, caches, guards)
+        return decode(model, ids, positions, caches, layouts, guards)
 
     monkeypatch.setattr(compiled, "decode", counting)
     return calls
@@ -150,6 +152,48 @@ def test_an_engine_of_one_row_has_a_one_row_graph(compiled_calls):
         assert tg == tw and np.abs(lg - lw).max() <= 1e-5
 
 
+def test_the_graphs_projections_run_the_layouts_measured_for_their_rows(compiled_calls):
+    """Each projection in the graph runs the kernel the engine's table holds for the
+    call's row bucket (`headway::decode_linear`), once per layer per compiled step; the
+    graph attends the way `KernelChoice.graph_attention` chose."""
+    engine = engine_of(tiny_model("qwen3"), "on")
+    seen: Counter = Counter()
+    for bucket, table in engine.kernels._tables.items():
+        for shape, fn in table.items():
+
+            def spy(x, weight, bias=None, fn=fn, key=(bucket, shape)):
+                if x.dim() == 3 and x.shape[1] == 1:  # a decode step's rows, not a prefill
+                    seen[(*key, x.shape[0])] += 1
+                return fn(x, weight, bias)
+
+            table[shape] = spy
+    compiled_calls.clear()
+    draws = [DrawParams(1.0, 1.0, 0, row_generator(3, i)) for i in range(3)]
+    run(engine, PROMPT, 3, 0, draws, max_tokens=20)
+    steps = compiled_calls.count(3)
+    assert steps == len(compiled_calls) >= 15  # 3 rows: bucket 4's table
+    layers = engine.model.config.num_hidden_layers
+    vocab = tuple(engine.model.lm_head.weight.shape)
+    shapes = [s for s in engine.kernels._tables[4] if s != vocab]
+    assert shapes and all(seen[4, s, 3] == layers * steps for s in shapes), seen
+    assert not any(b != 4 for b, _, _ in seen)
+    window = engine._window(2, 64, graph=True)
+    assert all(view.decode_attention is ATTENTIONS[engine._graph_attention] for view in window)
+
+
+def test_the_graph_attends_the_way_fastest_summed_over_its_row_buckets():
+    """One graph serves every row count, so it attends one way: the least total of the
+    measured times over the buckets it serves (SDPA unless another beats it by 5 %)."""
+    kernels = engine_of(tiny_model("qwen3"), "off").kernels
+    for b in kernels.buckets:
+        grouped = 1.5 if b <= 2 else 0.1  # slower than SDPA at few rows, faster at many
+        kernels.times[("attention", 0), b] = {"sdpa": 1.0, "grouped": grouped, "grouped_fp32": 3.0}
+    assert kernels.graph_attention([1, 2]) == "sdpa"
+    assert kernels.graph_attention([1, 2, 4, 8]) == "grouped"  # 3.2 s against 4
+    assert kernels.graph_attention([1, 2, 4]) == "sdpa"  # 3.1 against 3: within 5 %
+    assert kernels.graph_attention([]) == "sdpa"
+
+
 def test_a_full_reload_is_served_by_the_same_graphs(compiled_calls):
     """New weights copied into the parameters (a full reload) decode compiled exactly as an
     eager engine of those weights, without compiling anew; so does a second engine."""
@@ -205,11 +249,11 @@ def test_auto_compiles_the_most_promising_graph_first_and_stops_where_it_does_no
     calls: list[int] = []
     decode = compiled.decode
 
-    def slow(model, ids, positions, caches, guards=True):
+    def slow(model, ids, positions, caches, layouts, guards=True):
         calls.append(ids.shape[0])
         for _ in range(3):  # three eager forwards first: slower than eager on any machine
             compiled.decode_hidden(model, ids, positions, caches)
-        return decode(model, ids, positions, caches, guards)
+        return decode(model, ids, positions, caches, layouts, guards)
 
     monkeypatch.setattr(compiled, "decode", slow)
     engine = engine_of(tiny_model("qwen3"), "auto")
@@ -270,15 +314,15 @@ def test_auto_measures_a_bf16_engine_as_an_fp32_one(tmp_path, monkeypatch):
 
 
 def test_auto_does_not_compile_where_the_graphs_matmuls_alone_outlast_eager(tmp_path, monkeypatch):
-    """Where F.linear, the graph's matmuls, measured slower than the engine's whole eager
-    forward (here: made so in the kernel cache), compiling cannot pay: nothing compiled,
-    and the timings say why."""
+    """Where the projections, the graph's matmuls in their measured layouts, took longer
+    than the engine's whole eager forward (here: made so in the kernel cache), compiling
+    cannot pay: nothing compiled, and the timings say why."""
     monkeypatch.setenv("HEADWAY_KERNEL_CACHE", str(tmp_path / "kernels.json"))
     engine_of(tiny_model("qwen3"), "off")  # measures and caches the layouts
     slow = {}
     for key, entry in kernel_cache.read_cache().items():
-        if "linear" in entry.get("times", {}):
-            slow[key] = {"times": {**entry["times"], "linear": 1.0}}  # a second a pass
+        if "linear" in entry.get("times", {}):  # every layout: a second a pass
+            slow[key] = {"times": dict.fromkeys(entry["times"], 1.0)}
     kernel_cache.write_cache(slow)
     monkeypatch.setattr(compiled, "decode", lambda *a, **k: pytest.fail("compiled"))
     engine = engine_of(tiny_model("qwen3"), "auto")
