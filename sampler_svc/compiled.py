@@ -20,14 +20,18 @@ outside in its measured layout. Rows with adapters decode eagerly (the adapters'
 and ranks change with every reload: a graph over them would recompile).
 
 The weights are graph inputs, not constants: a reload copies new weights into the same
-parameters and the graph serves them, and engines of one shape share the graphs. Shapes
-are dynamic (`dynamic=True`): one graph serves 2 to max_batch rows and any window; one row
-would be a graph of its own (torch specialises sizes of 1), so the engine runs one row as
-two (see `Engine._decode_compiled`). Compiling costs tens of seconds on a small CPU, paid
-at engine start (`warm`), before the replica serves; inductor keeps the
-compiled code on disk beside the kernel cache (`cache_dir`), so a restart re-traces in
-seconds. A compile that fails (no C++ compiler, an unsupported op) leaves the engine eager,
-logged.
+parameters and the graph serves them, and engines of one shape share the graphs. Two
+sizes are dynamic (marked): the row count and the window length, so one graph serves 2 to
+max_batch rows and any window; one row would be a graph of its own (torch specialises
+sizes of 1), so the engine runs one row as two (see `Engine._decode_compiled`). Every other
+size is static: the weights' and the whole caches' (an engine's max_batch and max_seq_len:
+a graph per engine configuration). As symbols (`dynamic=True`) they made dynamo reason
+about a window's strides over a cache of symbolic size at every view of the attention:
+twice the compile (57 vs 27 s, bf16, 2-core EPYC) and slower code. Compiling costs
+tens of seconds on a small CPU, paid at engine start (`warm`), before the replica serves;
+inductor keeps the compiled code on disk beside the kernel cache (`cache_dir`), so a
+restart re-traces in seconds. A compile that fails (no C++ compiler, an unsupported op)
+leaves the engine eager, logged.
 """
 
 from __future__ import annotations
@@ -138,7 +142,7 @@ def decode(
     global _decode
     if _decode is None:
         # Without duck sizing: by default sizes equal when a graph is made share a symbol,
-        # so a window of 64 positions in a model of head_dim 64 would be specialised to 64
+        # so rows and window lengths that happen to be equal would be tied in the graph
         # (the process's only compiled code is this; the setting is global).
         import torch.fx.experimental._config as fx_config
 
@@ -148,18 +152,23 @@ def decode(
         import torch._dynamo.config as dynamo_config
 
         dynamo_config.fail_on_recompile_limit_hit = True
+        # A graph per engine configuration (model shape, dtype, cache size): a sampler
+        # serving many bases needs more than dynamo's default 8.
+        dynamo_config.recompile_limit = 64
         # Python floats (the norms' eps, the attention scale) as constants: traced as
-        # symbols (`dynamic=True`'s default), inductor's pass that turns them into tensors
-        # gives up and dynamo traces and lowers the whole model again (a third of the
-        # compile: 10 of 41 s on a 2-core EPYC, bf16). A model with another eps fails the
-        # guard and gets a graph of its own, as one of another shape does.
+        # symbols (dynamo's default in a dynamic graph), inductor's pass that turns them
+        # into tensors gave up and dynamo traced and lowered the whole model again (a
+        # third of the compile: 10 of 41 s on a 2-core EPYC, bf16). A model with another
+        # eps fails the guard and gets a graph of its own, as one of another shape does.
         dynamo_config.specialize_float = True
         # Inductor reads (and pins) its cache directory at its first compile.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())
-        _decode = torch.compile(decode_hidden, dynamic=True)
+        _decode = torch.compile(decode_hidden, dynamic=None)  # static but what is marked
     _layouts.clear()
     _layouts.update(layouts)
     if guards:
+        for t in (ids, positions, *(c.span for c in caches)):  # rows, window length
+            torch._dynamo.mark_dynamic(t, 0)
         return _decode(model, ids, positions, caches)
     with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
         return _decode(model, ids, positions, caches)
