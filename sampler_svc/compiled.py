@@ -20,7 +20,7 @@ outside in its measured layout. Rows with adapters decode eagerly (the adapters'
 and ranks change with every reload: a graph over them would recompile).
 
 The weights are graph inputs, not constants: a reload copies new weights into the same
-parameters and the graph serves them, and engines of one shape share the graphs. Two
+parameters and the graph serves them, and engines of one configuration share it. Two
 sizes are dynamic (marked): the row count and the window length, so one graph serves 2 to
 max_batch rows and any window; one row would be a graph of its own (torch specialises
 sizes of 1), so the engine runs one row as two (see `Engine._decode_compiled`). Every other
@@ -84,7 +84,8 @@ def decode_hidden(
 
 
 # The layouts `headway::decode_linear` runs in during the current compiled call: set by
-# `decode` (one engine thread calls it; engines of other row counts and dtypes in turn).
+# `decode` and emptied after it (it would hold the engine's packed copies alive). A
+# replica drives all its engines from one thread (`Sampler`), so calls never overlap.
 _layouts: dict[Shape, Kernel] = {}
 
 _ops = torch.library.Library("headway", "DEF")
@@ -125,10 +126,11 @@ def decode(
 ) -> torch.Tensor:
     """`decode_hidden`, compiled, its projections (`DECODE_LINEAR`, `graph_layouts`) run in
     `layouts` (weight shape → kernel: the engine's measured table for these rows). One
-    compiled function for the process: its graphs are keyed by shapes and dtype, not by the
-    model object, so every engine of a shape uses the same two graphs. Made at its first
-    call (importing torch's compiler takes seconds that a replica with --compile off should
-    not pay).
+    compiled function for the process: its graphs are keyed by sizes, dtypes and
+    constants, not by the model object, so engines of one configuration (model shape,
+    dtype, cache size, graph attention) share one graph. Made at its first call
+    (importing torch's compiler takes seconds that a replica with --compile off should not
+    pay).
 
     `guards=False`: dynamo checks only the guards that tell its compiled graphs apart, not
     every guard of the one it runs (~100 parameters' and caches' dtypes, shapes, strides,
@@ -152,6 +154,10 @@ def decode(
         import torch._dynamo.config as dynamo_config
 
         dynamo_config.fail_on_recompile_limit_hit = True
+        # Static means static: by default a size that fails a guard (another engine's
+        # cache length) is made a symbol in the next graph, which then also serves the
+        # configurations before it, slower (see the module's docstring).
+        dynamo_config.automatic_dynamic_shapes = False
         # A graph per engine configuration (model shape, dtype, cache size): a sampler
         # serving many bases needs more than dynamo's default 8.
         dynamo_config.recompile_limit = 64
@@ -164,14 +170,16 @@ def decode(
         # Inductor reads (and pins) its cache directory at its first compile.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())
         _decode = torch.compile(decode_hidden, dynamic=None)  # static but what is marked
-    _layouts.clear()
     _layouts.update(layouts)
-    if guards:
-        for t in (ids, positions, *(c.span for c in caches)):  # rows, window length
-            torch._dynamo.mark_dynamic(t, 0)
-        return _decode(model, ids, positions, caches)
-    with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-        return _decode(model, ids, positions, caches)
+    try:
+        if guards:
+            for t in (ids, positions, *(c.span for c in caches)):  # rows, window length
+                torch._dynamo.mark_dynamic(t, 0)
+            return _decode(model, ids, positions, caches)
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            return _decode(model, ids, positions, caches)
+    finally:
+        _layouts.clear()
 
 
 def describe_model(model: torch.nn.Module) -> str:
@@ -217,15 +225,16 @@ class DecodeCompiler:
         kv_only: bool,
         graph_floor: Callable[[int], float | None] = lambda bucket: None,
         evict: Callable[[], object] | None = None,
-        attention: str = "sdpa",
+        variant: Callable[[int], str] = lambda bucket: "",
     ) -> None:
         """`graph_floor(bucket)`: seconds the graph cannot go below at that bucket (its
         projections in the measured layouts and its attention, from the engine's layout
         measurements; None: unknown); `auto` compiles nothing where that floor is over
         95 % of the eager forward at every bucket (`_cannot_pay`). `evict`: run before each
         timed forward, as the rest of a step (the vocabulary's product) runs between two
-        (`kernels.Evictor`). `attention`: the graph's (`KernelChoice.graph_attention`), a
-        part of its timings' cache keys."""
+        (`kernels.Evictor`). `variant(bucket)`: what else the graph's time at that bucket
+        depends on (its attention, the layouts it runs, the caches' size), in the timings'
+        cache keys."""
         if mode not in MODES:
             raise ValueError(f"compile mode {mode!r}: choose among {', '.join(MODES)}")
         self.model, self.mode, self.caches, self.length = model, mode, caches, length
@@ -247,8 +256,8 @@ class DecodeCompiler:
         # with AMX aten's bf16 matmuls are oneDNN's own; the machine at hand decides.
         machine = machine_key(dtype)
         keys = {
-            b: f"{machine}|decode compiled {describe_model(model)}, measured layouts, "
-            f"attention {attention}|rows {b}|{FROM_MEMORY}"
+            b: f"{machine}|decode compiled {describe_model(model)}, {variant(b)}|rows {b}|"
+            f"{FROM_MEMORY}"
             for b in buckets
         }
         cached = kernel_cache.read_cache()

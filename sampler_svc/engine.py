@@ -132,7 +132,9 @@ class Engine:
         self._plan: tuple[list[int], DrawPlan, bool, int] | None = None
         self._graph_layouts = compiled.graph_layouts(list(shapes))
         buckets = [b for b in self.kernels.buckets if b <= bucket_of(max_batch)]
-        self._graph_attention = self.kernels.graph_attention(buckets)
+        self._graph_attention = self.kernels.graph_attention(
+            sorted({self._graph_bucket(b) for b in buckets})
+        )
         # Last: it times the decode forward, which needs the layouts and the caches.
         self.compiler = compiled.DecodeCompiler(
             model,
@@ -147,7 +149,22 @@ class Engine:
             kv_only=all(type(c) is KVCache for c in self.caches),
             graph_floor=self._graph_floor,
             evict=Evictor([model.lm_head.weight]),
-            attention=self._graph_attention,
+            variant=self._graph_variant,
+        )
+
+    def _graph_bucket(self, bucket: int) -> int:
+        """The row bucket whose layouts the compiled decode runs for rows of `bucket`: one
+        row runs as two where the engine has a second row (`_decode_compiled`)."""
+        return 2 if bucket == 1 and self.max_batch > 1 else bucket
+
+    def _graph_variant(self, bucket: int) -> str:
+        """What the compiled decode's time at `bucket` depends on besides the model and the
+        machine: its attention, the layouts its projections run, the caches' size."""
+        b = self._graph_bucket(bucket)
+        picks = ",".join(name for (_, bb), name in sorted(self.kernels.choice.items()) if bb == b)
+        return (
+            f"attention {self._graph_attention}, layouts {picks}, "
+            f"cache {self.max_batch}x{self.max_seq_len}"
         )
 
     def _graph_floor(self, bucket: int) -> float | None:
@@ -155,7 +172,7 @@ class Engine:
         projections in their chosen layouts and the graph's attention, as measured (None
         where they were not: forced layouts)."""
         vocab = tuple(self.model.lm_head.weight.shape)
-        k = self.kernels
+        k, bucket = self.kernels, self._graph_bucket(bucket)
         times = [t[k.choice[shape, b]] for (shape, b), t in k.times.items()
                  if b == bucket and shape != vocab and shape[0] != "attention"]  # fmt: skip
         attention = k.times.get((("attention", 0), bucket), {}).get(self._graph_attention)

@@ -32,10 +32,12 @@ PROMPT = [5, 17, 33, 8, 41, 12]
 pytestmark = pytest.mark.slow  # compiling: seconds per graph
 
 
-def engine_of(model: torch.nn.Module, mode: str, max_batch: int = 8) -> Engine:
+def engine_of(
+    model: torch.nn.Module, mode: str, max_batch: int = 8, max_seq_len: int = 128
+) -> Engine:
     bank = AdapterBank(model, slots=2, max_rank=8)
     bank.load(1, LoraConfig(rank=4, alpha=8), adapter(bank, 4, seed=7))
-    return Engine(model, bank, max_batch=max_batch, max_seq_len=128, compile=mode)
+    return Engine(model, bank, max_batch=max_batch, max_seq_len=max_seq_len, compile=mode)
 
 
 class Calls(list):
@@ -194,6 +196,29 @@ def test_the_graph_attends_the_way_fastest_summed_over_its_row_buckets():
     assert kernels.graph_attention([]) == "sdpa"
 
 
+def test_each_cache_size_has_a_static_graph_of_its_own(compiled_calls):
+    """Engines of one model with different cache sizes compile a graph each: the caches'
+    sizes stay static (torch would otherwise make a size that fails a guard a symbol, in a
+    slower graph that then serves the earlier engines too). Decoding in turns, each gives
+    its eager tokens and logprobs without another compile, and the layouts table is empty
+    between calls (it would keep an engine's packed copies alive)."""
+    before = counters["stats"]["unique_graphs"]
+    fast = {}
+    for n, length in enumerate((72, 96, 160)):  # sizes no other test's engine has
+        fast[length] = engine_of(tiny_model("qwen3"), "on", max_seq_len=length)
+        assert fast[length].compiler.compiled == {1, 2, 4, 8}, fast[length].compiler.error
+        assert counters["stats"]["unique_graphs"] == before + n + 1
+    draws = lambda: [DrawParams(1.0, 1.0, 0, row_generator(5, i)) for i in range(3)]  # noqa: E731
+    for length in (96, 160, 72, 96):
+        eager = engine_of(tiny_model("qwen3"), "off", max_seq_len=length)
+        compiled_calls.clear()
+        got = run(fast[length], PROMPT, 3, 0, draws(), max_tokens=80)
+        assert compiled_calls and compiled._layouts == {}
+        want = run(eager, PROMPT, 3, 0, draws(), max_tokens=80)
+        assert_same({0: got}, {0: want})
+    assert counters["stats"]["unique_graphs"] == before + 3
+
+
 def test_a_full_reload_is_served_by_the_same_graphs(compiled_calls):
     """New weights copied into the parameters (a full reload) decode compiled exactly as an
     eager engine of those weights, without compiling anew; so does a second engine."""
@@ -251,6 +276,7 @@ def test_auto_compiles_the_most_promising_graph_first_and_stops_where_it_does_no
 
     def slow(model, ids, positions, caches, layouts, guards=True):
         calls.append(ids.shape[0])
+        compiled._layouts.update(layouts)  # the graph's projections' table, as `decode` sets
         for _ in range(3):  # three eager forwards first: slower than eager on any machine
             compiled.decode_hidden(model, ids, positions, caches)
         return decode(model, ids, positions, caches, layouts, guards)
