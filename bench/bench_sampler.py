@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 replica")
     args = parser.parse_args()
     from sampler_svc.config import SamplerConfig
+    from sampler_svc.kernels import ATTENTION
 
     started, load_before = now(), os.getloadavg()[0]
     path = off_main(build_bench_model)
@@ -406,7 +407,7 @@ def main() -> None:
             times = kernels.times.get(((o, i), b), {})
             alts = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in sorted(times.items()))
             rows.append([f"b{b} {o}x{i}", kernels.choice[(o, i), b], alts or "(forced)"])
-        times = kernels.times.get((("attention", 0), b), {})
+        times = kernels.times.get((ATTENTION, b), {})
         alts = ", ".join(f"{k} {v * 1e3:.3f}" for k, v in sorted(times.items()))
         rows.append([f"b{b} attention (per layer)", kernels.attention[b], alts or "(forced)"])
         times = compiler.times.get(b, {})

@@ -33,6 +33,7 @@ from headway.modeling.kv_cache import CacheWindow
 from headway.modeling.placement import host_lists
 from sampler_svc import compiled
 from sampler_svc.kernels import (
+    ATTENTION,
     ATTENTIONS,
     Evictor,
     KernelChoice,
@@ -174,8 +175,8 @@ class Engine:
         vocab = tuple(self.model.lm_head.weight.shape)
         k, bucket = self.kernels, self._graph_bucket(bucket)
         times = [t[k.choice[shape, b]] for (shape, b), t in k.times.items()
-                 if b == bucket and shape != vocab and shape[0] != "attention"]  # fmt: skip
-        attention = k.times.get((("attention", 0), bucket), {}).get(self._graph_attention)
+                 if b == bucket and shape not in (vocab, ATTENTION)]  # fmt: skip
+        attention = k.times.get((ATTENTION, bucket), {}).get(self._graph_attention)
         if not times or attention is None:
             return None
         return sum(times) + attention * self.model.config.num_hidden_layers
@@ -235,7 +236,7 @@ class Engine:
         graphs apart (`compiled.decode`'s `guards`).
         """
         rows = ids.shape[0]
-        if rows == 1 and self.max_batch > 1:
+        if self._graph_bucket(rows) > rows:  # one row, run as two
             ids, positions = ids.repeat(2, 1), positions.repeat(2, 1)
             caches = self._window(2, caches[0].max_len, True)
         shape = (ids.shape[0], caches[0].max_len)

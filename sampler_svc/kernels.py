@@ -386,6 +386,11 @@ def layout_key(dtype: torch.dtype, shape: Shape, count: int, bucket: int) -> str
     return f"{machine_key(dtype)}|{shape[0]}x{shape[1]}x{count}|rows {bucket}|{FROM_MEMORY}"
 
 
+# The key `KernelChoice.times` holds decode attention's timings under, beside the weights'
+# shapes: (ATTENTION, bucket).
+ATTENTION: tuple[str, int] = ("attention", 0)
+
+
 class KernelChoice:
     """The measured layout for each (weight shape, batch bucket) of one engine's forwards."""
 
@@ -459,7 +464,7 @@ class KernelChoice:
                     entry = fresh[key] = cache_entry(times)
                 else:
                     self.cached += 1
-                self.times[("attention", 0), b] = entry["times"]
+                self.times[ATTENTION, b] = entry["times"]
                 self.attention[b] = pick(entry["times"])
         if fresh:
             kernel_cache.write_cache(fresh)
@@ -481,7 +486,7 @@ class KernelChoice:
     def graph_attention(self, buckets: list[int]) -> str:
         """The decode attention a compiled graph (one for every row count) traces: the way
         with the least measured time summed over `buckets` (SDPA where not measured)."""
-        times = [self.times.get((("attention", 0), b)) for b in buckets]
+        times = [self.times.get((ATTENTION, b)) for b in buckets]
         if not buckets or None in times:
             return "sdpa"
         total = {name: sum(t[name] for t in times) for name in times[0]}
