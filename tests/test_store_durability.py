@@ -3,7 +3,9 @@ what a power loss may tear removed on the next open; safetensors written from me
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import threading
 import time
@@ -21,6 +23,7 @@ from headway.store.tensorfile import (
     read_safetensors,
     safetensors_header,
     write_plan,
+    write_plan_direct,
     write_safetensors,
 )
 
@@ -181,6 +184,49 @@ def test_write_plan_over_a_spare_of_any_size_writes_the_file(tmp_path, spare_siz
     assert not has_hole(tmp_path / "w.safetensors")
     back = load_file(str(tmp_path / "w.safetensors"))
     assert all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+
+def _cached_pages(path) -> tuple[int, int]:
+    """(pages of file `path` in the page cache, pages in all), by mincore(2)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]  # fmt: skip
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        vec = (ctypes.c_ubyte * pages)()
+        try:
+            assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(v & 1 for v in vec), pages
+
+
+@pytest.mark.parametrize("floats", [5, 1024, (8 << 20) // 4 + 1000], ids=["tail", "4k", "8m+"])
+def test_a_direct_write_writes_write_plans_bytes_around_the_page_cache(tmp_path, floats):
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"m": [torch.randn(floats, generator=gen), torch.randn(7, generator=gen)],
+               "s": torch.arange(3.0)}  # fmt: skip
+    plan = plan_safetensors(tensors, {"k": "v"})
+    size = write_plan_direct(tmp_path / "d.safetensors", plan)
+    if size is None:
+        pytest.skip(f"no direct I/O on the filesystem of {tmp_path}")
+    write_plan(tmp_path / "c.safetensors", plan)
+    direct, cached = tmp_path / "d.safetensors", tmp_path / "c.safetensors"
+    assert size == plan.size == direct.stat().st_size
+    # Only the last partial block went through the cache; the page-cache write is all in it.
+    in_cache, pages = _cached_pages(direct)
+    assert in_cache <= 1, (in_cache, pages)
+    assert _cached_pages(cached) == (pages, pages)
+    assert direct.read_bytes() == cached.read_bytes()
 
 
 def test_a_head_naming_a_lost_checkpoint_falls_back_to_the_latest_complete_one(tmp_path):

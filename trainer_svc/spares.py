@@ -74,6 +74,12 @@ class SpareWriter:
         self.sizes[name] = plan.size
         return plan.size
 
+    def discard(self, name: str) -> None:
+        """Remove the spare taken for `name`, if any: the file was written another way."""
+        spare = self.spares.pop(name, None)
+        if spare is not None:
+            spare.unlink(missing_ok=True)
+
     def prepare_next(self) -> None:
         """Have the next checkpoint's spares made (same layout: same sizes), for the files
         whose writes go over one next."""

@@ -47,6 +47,7 @@ from headway.store.tensorfile import (
     plan_safetensors,
     safetensors_header,
     write_plan,
+    write_plan_direct,
 )
 from headway.store.weights import adapter_dir, base_config, full_state, read_adapter
 from trainer_svc.pool import FrozenPool
@@ -305,7 +306,7 @@ def weights_file(state: ModelState) -> str:
 
 
 def checkpoint_writers(
-    state: ModelState, spares: SpareWriter | None = None
+    state: ModelState, spares: SpareWriter | None = None, direct_bytes: int | None = None
 ) -> tuple[Callable[[Path], None], DeferredFile]:
     """How to write the state's checkpoint, straight from the tensors' memory
     (`headway.store.tensorfile`): a function writing the weights (or adapter) into a
@@ -313,7 +314,9 @@ def checkpoint_writers(
     its tensors gathered when it is written), which the caller writes with them or leaves
     to the store's background queue. With `spares`, each file goes through it (over a
     spare made ahead, where that is faster), and the optimizer state's write, the last,
-    has the next checkpoint's spares made."""
+    has the next checkpoint's spares made. An optimizer state of at least `direct_bytes`
+    is written around the page cache where the filesystem allows (`write_plan_direct`:
+    only a restore reads it back), else like the weights."""
     base_path = state.record.base
 
     def put(name: str, path: Path, plan: TensorFilePlan) -> int:
@@ -334,7 +337,14 @@ def checkpoint_writers(
 
     def write_optimizer(path: Path) -> int:
         tensors = optimizer.tensors() if gathered is None else gathered
-        size = put(OPTIMIZER_FILE, path, plan_safetensors(tensors, optimizer.metadata))
+        plan = plan_safetensors(tensors, optimizer.metadata)
+        size = None
+        if direct_bytes is not None and plan.size >= direct_bytes:
+            size = write_plan_direct(path, plan)  # None: no direct I/O here
+            if size is not None and spares is not None:
+                spares.discard(OPTIMIZER_FILE)  # one made before it went direct
+        if size is None:
+            size = put(OPTIMIZER_FILE, path, plan)
         if spares is not None:
             spares.prepare_next()
         return size

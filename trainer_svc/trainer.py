@@ -589,7 +589,7 @@ class Trainer:
             [weights_file(state), OPTIMIZER_FILE],
         )
         record.sized_first = spares.sized_first
-        write, optimizer = checkpoint_writers(state, spares)
+        write, optimizer = checkpoint_writers(state, spares, self.config.direct_state_bytes)
         if optimizer.size >= self.config.defer_state_bytes:
             self.store.write_checkpoint(record, write, deferred=optimizer)
         else:  # small: written with the weights, as cheap as a background job's bookkeeping
