@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -42,12 +43,14 @@ class LoadedStates:
         max_loaded: int,
         max_pinned_per_team: int,
         in_use: Callable[[str], bool],
+        run: Callable[..., Awaitable[Any]] = asyncio.to_thread,
     ) -> None:
-        """`in_use(slug)` tells whether a call holds the model (its lock): not evictable."""
+        """`in_use(slug)` tells whether a call holds the model (its lock): not evictable.
+        `run(fn, *args)` runs a load off the event loop (the trainer's torch thread)."""
         self.store, self.pool, self.dtype = store, pool, dtype
         self.max_loaded = max_loaded
         self.max_pinned_per_team = max_pinned_per_team or max(1, max_loaded // 2)
-        self.in_use = in_use
+        self.in_use, self._run = in_use, run
         self._states: OrderedDict[str, ModelState] = OrderedDict()
         self._loading: set[str] = set()
         self._pinning: dict[str, str] = {}  # slug → team, calls that may pin it right now
@@ -112,7 +115,7 @@ class LoadedStates:
             )
         self._loading.add(slug)
         try:
-            state = await asyncio.to_thread(load_state, self.store, self.pool, slug, self.dtype)
+            state = await self._run(load_state, self.store, self.pool, slug, self.dtype)
         finally:
             self._loading.discard(slug)
         self._states[slug] = state

@@ -169,10 +169,11 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             async with self.exports.slot():
                 with tempfile.TemporaryDirectory(prefix="headway-export-") as tmp:
                     out = Path(tmp) / "out"
-                    # If the client leaves, the merge runs on in its thread: its slot
-                    # and directory stay until it ends (no pile of merges, no leftovers).
+                    # If the client leaves, the merge runs on: its slot and directory
+                    # stay until it ends (no pile of merges, no leftovers). On the torch
+                    # thread, as the training is (why: trainer_svc.torch_thread).
                     await unabandoned(
-                        asyncio.to_thread(
+                        self.trainer.torch.run(
                             export_checkpoint, self.store, slug, ckpt, request.format, out
                         )
                     )

@@ -87,6 +87,7 @@ from trainer_svc.state import (
     checkpoint_writers,
     weights_file,
 )
+from trainer_svc.torch_thread import TorchThread
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -115,6 +116,8 @@ class Trainer:
         mode = compute.ComputeMode(precision.choose(dtype, device), kernels)
         micro, keep = config.microbatch_tokens, config.keep_graph_tokens
         self.pool = FrozenPool(self.store, self.dtype, self.device)
+        # Every torch call of this process runs on this one thread (why: torch_thread).
+        self.torch = TorchThread()
         references = functools.partial(load_reference, self.store, self.pool)
         # The torch work: in this process, or on every rank of the group.
         self.compute = (
@@ -130,6 +133,7 @@ class Trainer:
             config.max_loaded_models,
             config.max_pinned_per_team,
             in_use=lambda slug: self._lock(slug).locked(),
+            run=self.torch.run,
         )
         self._create_lock = asyncio.Lock()
         # Called with (phase, seconds) as an OptimStep's parts finish ("state_wait",
@@ -188,7 +192,7 @@ class Trainer:
         admin action, limited to the base roots (see `trainer_svc.bases`)."""
         directory = base_directory(path, caller, self.config.base_roots)
         name = check_slug(name or directory.name)
-        arch = await asyncio.to_thread(validate_base, directory)
+        arch = await self.torch.run(validate_base, directory)  # builds the model: torch
         record = ModelRecord(
             slug=name,
             team="",
@@ -242,12 +246,13 @@ class Trainer:
         checkpoint: str = "",
         with_optimizer: bool = False,
     ) -> ModelRecord:
-        plan = await asyncio.to_thread(
+        # On the torch thread: a fork builds model shells and writes a new adapter.
+        plan = await self.torch.run(
             plan_fork, self.store, src, name, team, ask, full, self.config.max_lora_rank,
             checkpoint, with_optimizer,
         )  # fmt: skip
         async with self._create_lock:
-            await asyncio.to_thread(self.store.create_model, plan.record, plan.root, plan.writer)
+            await self.torch.run(self.store.create_model, plan.record, plan.root, plan.writer)
         log.info("forked %s from %s@%s (%s)", name, src.slug, plan.root.parent_id, plan.root.kind)
         await self.heads.publish(name, plan.root)
         return plan.record
@@ -311,7 +316,7 @@ class Trainer:
         with self._states.pinning(record):
             batch = await self._batch(record, args)
             state = await self._states.load(record.slug)
-            logprobs, metrics = await asyncio.to_thread(
+            logprobs, metrics = await self.torch.run(
                 self.compute.forward_backward, state, batch.datums, loss, cfg, kl
             )
             metrics.update(_batch_metrics(batch))
@@ -334,7 +339,7 @@ class Trainer:
                 self._forward_room(slug, sum(len(d.input_tokens) for d in batch.datums))
                 state = await self._states.load(slug)
                 forward_id = f"fwd-{secrets.token_hex(8)}"
-                kept = await asyncio.to_thread(
+                kept = await self.torch.run(
                     self.compute.forward_custom, state, batch.datums, forward_id, reference
                 )
                 kept.batch = batch
@@ -344,10 +349,10 @@ class Trainer:
                         slug, kept, state.forwards.values(), self._pending_forward_bytes()
                     )
                 except ResourceExhausted:
-                    await asyncio.to_thread(self.compute.discard_forward, state, forward_id)
+                    await self.torch.run(self.compute.discard_forward, state, forward_id)
                     raise
                 if kept_graphs and kept.graphs is None:  # dropped to fit: on every rank
-                    await asyncio.to_thread(self.compute.drop_graphs, state, forward_id)
+                    await self.torch.run(self.compute.drop_graphs, state, forward_id)
                 state.forwards[forward_id] = kept
             metrics = _batch_metrics(batch)
             n = len(batch.datums)
@@ -416,9 +421,7 @@ class Trainer:
                 )
             check_weight_sizes(call.weights, kept.datums)  # before decoding any of them
             w = await asyncio.to_thread(decode_weights, call.weights, kept.datums)
-            metrics = await asyncio.to_thread(
-                self.compute.backward_custom, state, kept, w, forward_id
-            )
+            metrics = await self.torch.run(self.compute.backward_custom, state, kept, w, forward_id)
             del state.forwards[forward_id]
             metrics.update(_batch_metrics(kept.batch))
             metrics.update(call.client_metrics)
@@ -469,7 +472,7 @@ class Trainer:
             request_id=request_id,
         )
         try:
-            await asyncio.to_thread(self._apply_and_save, state, adam, record)
+            await self.torch.run(self._apply_and_save, state, adam, record)
         except BaseException:
             # The optimizer may have stepped in memory: forget the state, so the next use
             # reloads the durable head instead of diverging from it.
@@ -713,7 +716,8 @@ class Trainer:
     async def close(self) -> None:
         """Stop the other ranks, finish the background fsyncs, stop background
         publishing, close Redis."""
-        await asyncio.to_thread(self.compute.close)
+        await self.torch.run(self.compute.close)
+        self.torch.close()
         await asyncio.to_thread(self.store.flush)
         await self.heads.close()
         if self.metrics is not None:
