@@ -38,9 +38,9 @@ MODES = {
     "deferred": {"defer_state_bytes": 0},  # every optimizer state written after the reply
     "sync": {"sync_saves": True},
     # every weights file written over a spare allocated ahead (headway.store.pages)
-    "spare": {"defer_state_bytes": 0, "spare_min_bytes": 0, "direct_state_bytes": None},
+    "spare": {"defer_state_bytes": 0, "spare_min_bytes": 0, "direct_state_bytes": 0},
     # every optimizer state written around the page cache (tensorfile.write_plan_direct)
-    "direct": {"defer_state_bytes": 0, "direct_state_bytes": 0},
+    "direct": {"defer_state_bytes": 0, "direct_state_bytes": 1},
 }
 
 

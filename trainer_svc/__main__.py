@@ -51,6 +51,10 @@ FLAGS = (
     ),
     Flag("defer_state_bytes", "optimizer states this large are written after the reply"),
     Flag("spare_min_bytes", "checkpoint files this large may go over pages allocated ahead"),
+    Flag(
+        "direct_state_bytes",
+        "optimizer states this large are written around the page cache (O_DIRECT; 0 = never)",
+    ),
     Flag("max_pending_syncs", "checkpoints written ahead of their background fsync"),
 )
 

@@ -60,8 +60,8 @@ class TrainerConfig:
     # An optimizer state of at least this many bytes is written around the page cache
     # (O_DIRECT, where the filesystem takes it): only a restore reads it back, and its
     # pages' allocation, writeback and fsync would take the CPU from the next step's
-    # compute (headway.store.tensorfile.write_plan_direct). None: always the page cache.
-    direct_state_bytes: int | None = 8 * 2**20
+    # compute (headway.store.tensorfile.write_plan_direct). 0: always the page cache.
+    direct_state_bytes: int = 8 * 2**20
     # Asynchronous saves: checkpoints written but not yet fsynced before a save waits for
     # the disk (bounds the dirty memory and what a power loss can take back).
     max_pending_syncs: int = 2

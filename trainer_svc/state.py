@@ -306,7 +306,7 @@ def weights_file(state: ModelState) -> str:
 
 
 def checkpoint_writers(
-    state: ModelState, spares: SpareWriter | None = None, direct_bytes: int | None = None
+    state: ModelState, spares: SpareWriter | None = None, direct_bytes: int = 0
 ) -> tuple[Callable[[Path], None], DeferredFile]:
     """How to write the state's checkpoint, straight from the tensors' memory
     (`headway.store.tensorfile`): a function writing the weights (or adapter) into a
@@ -314,7 +314,7 @@ def checkpoint_writers(
     its tensors gathered when it is written), which the caller writes with them or leaves
     to the store's background queue. With `spares`, each file goes through it (over a
     spare made ahead, where that is faster), and the optimizer state's write, the last,
-    has the next checkpoint's spares made. An optimizer state of at least `direct_bytes`
+    has the next checkpoint's spares made. An optimizer state of at least `direct_bytes` (> 0)
     is written around the page cache where the filesystem allows (`write_plan_direct`:
     only a restore reads it back), else like the weights."""
     base_path = state.record.base
@@ -339,7 +339,7 @@ def checkpoint_writers(
         tensors = optimizer.tensors() if gathered is None else gathered
         plan = plan_safetensors(tensors, optimizer.metadata)
         size = None
-        if direct_bytes is not None and plan.size >= direct_bytes:
+        if 0 < direct_bytes <= plan.size:
             size = write_plan_direct(path, plan)  # None: no direct I/O here
             if size is not None and spares is not None:
                 spares.discard(OPTIMIZER_FILE)  # one made before it went direct
