@@ -4,18 +4,21 @@ what a power loss may tear removed on the next open; safetensors written from me
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import json
 import mmap
 import os
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from headway.store import CheckpointRecord, CheckpointStore, ModelRecord, atomic
+from headway.store import CheckpointRecord, CheckpointStore, ModelRecord, atomic, tensorfile
 from headway.store.durable import Syncer
 from headway.store.pages import SpareChoice, has_hole, make_spare
 from headway.store.tensorfile import (
@@ -227,6 +230,63 @@ def test_a_direct_write_writes_write_plans_bytes_around_the_page_cache(tmp_path,
     assert in_cache <= 1, (in_cache, pages)
     assert _cached_pages(cached) == (pages, pages)
     assert direct.read_bytes() == cached.read_bytes()
+
+
+def test_a_filesystem_refusing_direct_writes_gets_none_nothing_left_and_no_second_ask(
+    tmp_path, monkeypatch
+):
+    """EINVAL when O_DIRECT is asked for (tmpfs before Linux 6.6, ramfs, some FUSE)."""
+    real, asked = fcntl.fcntl, []
+
+    def refusing(fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            asked.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, cmd, arg)
+
+    monkeypatch.setattr(tensorfile.fcntl, "fcntl", refusing)
+    monkeypatch.setattr(tensorfile, "_DIRECT_REFUSED", set())  # restored after the test
+    plan = plan_safetensors({"a": torch.arange(10.0)})
+    assert write_plan_direct(tmp_path / "x.safetensors", plan) is None
+    assert not (tmp_path / "x.safetensors").exists() and len(asked) == 1
+    assert write_plan_direct(tmp_path / "y.safetensors", plan) is None
+    assert not (tmp_path / "y.safetensors").exists() and len(asked) == 1  # remembered
+    assert write_plan(tmp_path / "x.safetensors", plan) == plan.size  # the caller's way
+
+
+@pytest.mark.parametrize("floats", [5, (8 << 20) // 4 + 1000], ids=["tail", "8m+"])
+def test_a_failed_direct_write_raises_its_error_and_leaves_nothing(tmp_path, monkeypatch, floats):
+    real = os.write
+
+    def full_disk(fd: int, data: Any) -> int:
+        if len(memoryview(data)) % 4096:  # the last partial block
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(tensorfile.os, "write", full_disk)
+    plan = plan_safetensors({"a": torch.randn(floats)})
+    with pytest.raises(OSError) as raised:
+        write_plan_direct(tmp_path / "x.safetensors", plan)
+    assert raised.value.errno == errno.ENOSPC
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_short_direct_write_is_finished_through_the_page_cache(tmp_path, monkeypatch):
+    real, calls = os.write, []
+
+    def short(fd: int, data: Any) -> int:
+        calls.append(len(memoryview(data)))
+        return real(fd, memoryview(data)[: 2 * 4096] if len(calls) == 1 else data)
+
+    monkeypatch.setattr(tensorfile.os, "write", short)
+    plan = plan_safetensors({"a": torch.randn((8 << 20) // 4 + 1000)})
+    size = write_plan_direct(tmp_path / "d.safetensors", plan)
+    if size is None:
+        pytest.skip(f"no direct I/O on the filesystem of {tmp_path}")
+    monkeypatch.undo()
+    write_plan(tmp_path / "c.safetensors", plan)
+    assert len(calls) > 2  # the rest after the short write, unaligned
+    assert (tmp_path / "d.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
 
 
 def test_a_head_naming_a_lost_checkpoint_falls_back_to_the_latest_complete_one(tmp_path):

@@ -169,13 +169,13 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             async with self.exports.slot():
                 with tempfile.TemporaryDirectory(prefix="headway-export-") as tmp:
                     out = Path(tmp) / "out"
-                    # If the client leaves, the merge runs on: its slot and directory
-                    # stay until it ends (no pile of merges, no leftovers). On the torch
-                    # thread, as the training is (why: trainer_svc.torch_thread).
+                    # If the client leaves, the export runs on: its slot and directory
+                    # stay until it ends (no pile of merges, no leftovers). A merge (hf)
+                    # is torch work, on the torch thread (trainer_svc.torch_thread); a
+                    # peft export copies files, in a worker thread.
+                    run = self.trainer.torch.run if request.format == "hf" else asyncio.to_thread
                     await unabandoned(
-                        self.trainer.torch.run(
-                            export_checkpoint, self.store, slug, ckpt, request.format, out
-                        )
+                        run(export_checkpoint, self.store, slug, ckpt, request.format, out)
                     )
                     for path in sorted(p for p in out.rglob("*") if p.is_file()):
                         async for chunk in _chunks(path, path.relative_to(out).as_posix(), ckpt):
@@ -295,7 +295,8 @@ CHUNK_BYTES = 1 << 20  # per ExportChunk: well under gRPC's 4 MB message limit
 
 class Slots:
     """At most `n` of something at once; one more is refused at once (RESOURCE_EXHAUSTED
-    with a retry pushback), never queued behind another team's."""
+    with a retry pushback), never queued behind another team's for a slot (an hf export's
+    merge then takes its turn on the torch thread, as training calls do)."""
 
     def __init__(self, n: int, what: str) -> None:
         self.n, self.what, self.used = n, what, 0

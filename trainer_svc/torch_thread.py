@@ -1,7 +1,8 @@
 """`TorchThread`: the one thread that runs a trainer process's torch work.
 
 Why one: torch's parallel CPU ops run on OpenMP (libgomp), which gives every thread that
-starts a parallel region a team of workers of its own, kept for the life of the process.
+starts a parallel region a team of workers of its own, kept for as long as that thread
+lives.
 Once a process holds more OpenMP threads than there are cores, libgomp stops spinning at
 its barriers and puts the workers to sleep at every parallel region, and a training step
 is thousands of regions. `asyncio.to_thread` hands each call to whichever thread of its
@@ -34,6 +35,11 @@ class TorchThread:
         """`fn(*args)` on the torch thread, after the calls queued before it."""
         call = functools.partial(contextvars.copy_context().run, fn, *args)
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    def call(self, fn: Callable[..., T], /, *args: Any) -> T:
+        """`fn(*args)` on the torch thread, waited for here (outside the event loop: a
+        trainer's construction)."""
+        return self._pool.submit(fn, *args).result()
 
     def close(self) -> None:
         """Let the thread end once the calls queued are done (no new call is taken)."""

@@ -4,7 +4,9 @@ It owns the store, the in-memory training states (`LoadedStates`: LRU, restored 
 heads, bounded per team), the shared frozen weights, and the order of things: requests
 for one model are serialized by a lock, and a call re-resolves its model inside that lock
 (a model deleted and re-created meanwhile is another model); different models proceed
-independently, their batch decoding and torch work in threads, never on the event loop.
+independently, never on the event loop: batch decoding and checkpoint writes in worker
+threads, torch work one call at a time, in arrival order, on the trainer's one torch
+thread (`trainer_svc.torch_thread`: why).
 A training call with a request id seen before returns its first result (`ReplyCache`);
 an OptimStep saves, promotes and then publishes (`HeadPublisher`), and returns once the
 new head survives a crash of this process (files written and renamed, HEAD moved); the
@@ -113,11 +115,12 @@ class Trainer:
         log.info("training on %s, --dtype %s", device, dtype)
         # The measured CPU kernels serve CPU forwards only (a GPU runs torch's own).
         kernels = Kernels() if self.device.type == "cpu" else None
-        mode = compute.ComputeMode(precision.choose(dtype, device), kernels)
+        # Every torch call of this process runs on this one thread (why: torch_thread), the
+        # --dtype bf16 probe's matmuls first.
+        self.torch = TorchThread()
+        mode = compute.ComputeMode(self.torch.call(precision.choose, dtype, device), kernels)
         micro, keep = config.microbatch_tokens, config.keep_graph_tokens
         self.pool = FrozenPool(self.store, self.dtype, self.device)
-        # Every torch call of this process runs on this one thread (why: torch_thread).
-        self.torch = TorchThread()
         references = functools.partial(load_reference, self.store, self.pool)
         # The torch work: in this process, or on every rank of the group.
         self.compute = (
@@ -136,8 +139,8 @@ class Trainer:
             run=self.torch.run,
         )
         self._create_lock = asyncio.Lock()
-        # Called with (phase, seconds) as an OptimStep's parts finish ("state_wait",
-        # "adamw", "checkpoint_write", "head"), from the thread that ran them. The server's
+        # Called with (phase, seconds) once an OptimStep's parts are done ("state_wait",
+        # "adamw", "checkpoint_write", "head"), on the event loop. The server's
         # metrics set it; nothing here knows about them.
         self.on_phase: Callable[[str, float], None] = lambda phase, seconds: None
         # Its metrics registry and the port of /metrics (0: not served): trainer_svc.server's.
@@ -472,7 +475,7 @@ class Trainer:
             request_id=request_id,
         )
         try:
-            await self.torch.run(self._apply_and_save, state, adam, record)
+            await self._apply_and_save(state, adam, record)
         except BaseException:
             # The optimizer may have stepped in memory: forget the state, so the next use
             # reloads the durable head instead of diverging from it.
@@ -574,15 +577,37 @@ class Trainer:
             await self._apply_retention(slug)
         return model
 
-    def _apply_and_save(self, state: ModelState, adam: AdamArgs, record: CheckpointRecord) -> None:
+    async def _apply_and_save(
+        self, state: ModelState, adam: AdamArgs, record: CheckpointRecord
+    ) -> None:
+        """AdamW on the torch thread; the waits and writes around it on worker threads,
+        so that other models' torch work runs meanwhile (the model's lock keeps its
+        tensors still until the checkpoint is written)."""
         waiting = time.perf_counter()
         # The previous step's optimizer state may still be being written from the moments
         # AdamW is about to change in place.
-        self.store.wait_deferred(record.model, state.head.id)
+        await asyncio.to_thread(self.store.wait_deferred, record.model, state.head.id)
         started = time.perf_counter()
-        norm = self.compute.optim_step(state, adam)
+        norm = await self.torch.run(self.compute.optim_step, state, adam)
         record.stats["metrics"]["grad/norm"] = norm
         stepped = time.perf_counter()
+        written = await asyncio.to_thread(self._save, state, record)
+        self.on_phase("state_wait", started - waiting)
+        self.on_phase("adamw", stepped - started)
+        self.on_phase("checkpoint_write", written - stepped)
+        self.on_phase("head", time.perf_counter() - written)
+        log.debug(
+            "optim_step %s/%s: AdamW %.1f ms, checkpoint written %.1f ms, HEAD %.1f ms",
+            record.model,
+            record.id,
+            1e3 * (stepped - started),
+            1e3 * (written - stepped),
+            1e3 * (time.perf_counter() - written),
+        )
+
+    def _save(self, state: ModelState, record: CheckpointRecord) -> float:
+        """Write the state's checkpoint `record` and move HEAD to it; returns the
+        `perf_counter` time its files were written at."""
         # Files may go over pages allocated while the model trained (trainer_svc.spares).
         spares = SpareWriter(
             self.store,
@@ -601,18 +626,7 @@ class Trainer:
             )
         written = time.perf_counter()
         self.store.promote(record)  # fsynced after the files
-        self.on_phase("state_wait", started - waiting)
-        self.on_phase("adamw", stepped - started)
-        self.on_phase("checkpoint_write", written - stepped)
-        self.on_phase("head", time.perf_counter() - written)
-        log.debug(
-            "optim_step %s/%s: AdamW %.1f ms, checkpoint written %.1f ms, HEAD %.1f ms",
-            record.model,
-            record.id,
-            1e3 * (stepped - started),
-            1e3 * (written - stepped),
-            1e3 * (time.perf_counter() - written),
-        )
+        return written
 
     def _optim_result(self, record: CheckpointRecord) -> OptimResult:
         return OptimResult(
@@ -714,11 +728,13 @@ class Trainer:
         self.compute.mode = mode
 
     async def close(self) -> None:
-        """Stop the other ranks, finish the background fsyncs, stop background
-        publishing, close Redis."""
-        await self.torch.run(self.compute.close)
-        self.torch.close()
-        await asyncio.to_thread(self.store.flush)
+        """Stop the other ranks and the torch thread, finish the background fsyncs, stop
+        background publishing, close Redis."""
+        try:
+            await self.torch.run(self.compute.close)
+        finally:
+            self.torch.close()
+            await asyncio.to_thread(self.store.flush)
         await self.heads.close()
         if self.metrics is not None:
             self.metrics.stop()

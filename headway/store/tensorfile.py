@@ -52,8 +52,8 @@ _DTYPES = {
 }
 _CHUNK = 1 << 30  # Linux writes at most ~2 GiB per call
 _IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one writev takes
-# Direct writes: the staging buffer (page-aligned, a multiple of every block size in use)
-# and the alignment of what goes to the disk through it.
+# Direct writes: the staging buffer, and the alignment of its address and of every length
+# written directly (a filesystem that needs more refuses them: EINVAL, then no direct I/O).
 _DIRECT_STAGING = 8 << 20
 _DIRECT_ALIGN = 4096
 # safetensors dtype name → torch dtype (readers that copy straight into tensors use it too).
@@ -153,74 +153,94 @@ def write_plan(path: Path, plan: TensorFilePlan, spare: Path | None = None) -> i
 
 def write_plan_direct(path: Path, plan: TensorFilePlan) -> int | None:
     """Write a planned file to a new file `path` around the page cache (O_DIRECT); returns
-    its size, or None where the filesystem (or OS) takes no direct writes: then nothing is
-    left at `path`, and the caller writes it with `write_plan`. Not fsynced (the data is
-    on the disk when this returns, the file's size and blocks are not: see
+    its size, or None where the filesystem takes no direct writes: then nothing is left at
+    `path` (and that filesystem is not asked again), and the caller writes it with
+    `write_plan`. Not fsynced: the file's blocks and size, its last partial block (written
+    through the cache) and the device's own cache wait for the fsync (see
     headway.store.durable).
 
     Why, for a file nobody reads back soon (a full fork's optimizer state, read only by a
     restore): written through the page cache, its pages must first be allocated, then be
     written back by the kernel's threads, then dropped, all while the next step computes
-    on the same cores; a direct write only copies it through an 8 MiB aligned buffer. A
-    324 MB write beside a ForwardBackward of a 58M model slowed it 9 % through the page
-    cache (with its fsync), 1.6 % directly (AMD EPYC, 2 cores, ext4 on virtio;
-    `bench/bench_trainer.py` measures both beside the trainer's own step)."""
+    on the same cores; a direct write only copies it through an 8 MiB aligned buffer
+    (numpy's copy, which lets go of the GIL). A 324 MB write beside a forward+backward of
+    a 58M-parameter model slowed it 9 % through the page cache (with its fsync), 1.6 %
+    directly (AMD EPYC Zen 3, 2 cores, ext4 on virtio)."""
     direct = getattr(os, "O_DIRECT", 0)
     if not direct:
         return None
+    # Created without O_DIRECT, which is then asked for: an open with O_DIRECT that the
+    # filesystem refuses has created the file all the same.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | direct, 0o666)
-    except OSError as e:
-        if e.errno == errno.EINVAL:  # a filesystem without direct I/O
-            return None
-        raise
-    try:
+        device = os.fstat(fd).st_dev
+        if device in _DIRECT_REFUSED:
+            raise _Refused
         try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | direct)
             _write_direct(fd, [memoryview(plan.header), *plan.chunks])
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-            os.close(fd)
-            fd = -1
-            path.unlink()
+            _DIRECT_REFUSED.add(device)  # no direct I/O there (or not at 4 KiB alignment)
+            raise _Refused from e
+    except BaseException as e:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        if isinstance(e, _Refused):
             return None
-    finally:
-        if fd >= 0:
-            os.close(fd)
+        raise
+    os.close(fd)
     return plan.size
+
+
+class _Refused(Exception):
+    """The filesystem refused a direct write."""
+
+
+_DIRECT_REFUSED: set[int] = set()  # st_dev of filesystems that refused a direct write
 
 
 def _write_direct(fd: int, views: list[memoryview]) -> None:
     """Write `views` back to back to `fd` (open with O_DIRECT, at offset 0) through an
     aligned staging buffer; the last partial block goes through the page cache (a direct
     write's length must be a multiple of the block size)."""
-    with mmap.mmap(-1, _DIRECT_STAGING) as staging, memoryview(staging) as buf:
-        filled = 0
-        for view in views:
-            while view.nbytes:
-                take = min(view.nbytes, _DIRECT_STAGING - filled)
-                buf[filled : filled + take] = view[:take]
-                filled += take
-                view = view[take:]
-                if filled == _DIRECT_STAGING:
-                    _write_all(fd, buf)
-                    filled = 0
-        aligned = filled - filled % _DIRECT_ALIGN
-        if aligned:
-            _write_all(fd, buf[:aligned])
-        if filled > aligned:
-            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
-            _write_all(fd, buf[aligned:filled])
+    raw = np.empty(_DIRECT_STAGING + _DIRECT_ALIGN, np.uint8)
+    start = -raw.ctypes.data % _DIRECT_ALIGN
+    staging = raw[start : start + _DIRECT_STAGING]  # page-aligned, not a copy
+    filled = 0
+    for view in views:
+        src, pos = np.frombuffer(view, np.uint8), 0
+        while pos < src.size:
+            take = min(src.size - pos, _DIRECT_STAGING - filled)
+            np.copyto(staging[filled : filled + take], src[pos : pos + take])
+            filled, pos = filled + take, pos + take
+            if filled == _DIRECT_STAGING:
+                _write_all(fd, staging)
+                filled = 0
+    aligned = filled - filled % _DIRECT_ALIGN
+    if aligned:
+        _write_all(fd, staging[:aligned])
+    if filled > aligned:
+        _buffered(fd)
+        _write_all(fd, staging[aligned:filled])
 
 
-def _write_all(fd: int, view: memoryview) -> None:
-    """Write all of `view` at the file's offset (a short write is continued)."""
-    while view.nbytes:
-        n = os.write(fd, view)
+def _buffered(fd: int) -> None:
+    """Turn O_DIRECT off on `fd`: what follows goes through the page cache."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+
+
+def _write_all(fd: int, data: np.ndarray) -> None:
+    """Write all of `data` at the file's offset. A short write is continued through the
+    page cache: it leaves the offset off the block alignment a direct write needs."""
+    while data.size:
+        n = os.write(fd, data)
         if n <= 0:
             raise OSError(f"write wrote {n} bytes")
-        view = view[n:]
+        if n < data.size:
+            _buffered(fd)
+        data = data[n:]
 
 
 def write_safetensors(
