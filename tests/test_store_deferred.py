@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from headway.store import CheckpointRecord, CheckpointStore, DeferredFile, ModelRecord, atomic
+from tests.helpers_pages import cached_pages
 from tests.stack import HANG_SECONDS
 
 STATE = b"s" * 4096
@@ -191,33 +192,6 @@ def test_a_deferred_write_waits_behind_no_other_models_fsync(tmp_path, monkeypat
     store.flush()
 
 
-def _cached_pages(path: Path) -> int:
-    """How many of `path`'s pages are in the page cache now (mincore over a map of it)."""
-    import ctypes
-    import mmap
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]  # fmt: skip
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    size = path.stat().st_size
-    pages = -(-size // mmap.PAGESIZE)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
-        try:
-            vec = ctypes.create_string_buffer(pages)
-            assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
-            return sum(b & 1 for b in vec.raw)
-        finally:
-            libc.munmap(addr, size)
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore/fadvise: Linux")
 def test_superseded_files_leave_the_page_cache_once_on_disk(tmp_path):
     """Once a checkpoint is fsynced, the store drops the page cache of its optimizer state
@@ -227,7 +201,7 @@ def test_superseded_files_leave_the_page_cache_once_on_disk(tmp_path):
     probe.write_bytes(b"p" * (1 << 20))
     atomic.fsync_file(probe)
     atomic.drop_cached(probe)
-    if _cached_pages(probe):
+    if cached_pages(probe):
         pytest.skip(f"this filesystem keeps dropped pages cached ({tmp_path}: tmpfs?)")
     store = CheckpointStore(tmp_path, sync=False)
     _model(store)
@@ -243,15 +217,15 @@ def test_superseded_files_leave_the_page_cache_once_on_disk(tmp_path):
     store.set_head("m", "c1", wait=False)
     store.flush()
     c1 = tmp_path / "models/m/checkpoints/c1"
-    assert _cached_pages(c1 / "optimizer.safetensors") == 0
-    assert _cached_pages(c1 / "weights.safetensors") > 0  # the head's: samplers read it
+    assert cached_pages(c1 / "optimizer.safetensors") == 0
+    assert cached_pages(c1 / "weights.safetensors") > 0  # the head's: samplers read it
     store.write_checkpoint(_record("c2", "c1", 2), weights, state())
     store.set_head("m", "c2", wait=False)
     store.flush()
     c2 = tmp_path / "models/m/checkpoints/c2"
-    assert _cached_pages(c1 / "weights.safetensors") == 0  # superseded by c2
-    assert _cached_pages(c2 / "weights.safetensors") > 0
-    assert _cached_pages(c2 / "optimizer.safetensors") == 0
+    assert cached_pages(c1 / "weights.safetensors") == 0  # superseded by c2
+    assert cached_pages(c2 / "weights.safetensors") > 0
+    assert cached_pages(c2 / "optimizer.safetensors") == 0
     # Dropped from memory, not from disk: a restore reads the same bytes.
     assert (c1 / "optimizer.safetensors").read_bytes() == big
 

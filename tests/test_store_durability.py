@@ -3,11 +3,9 @@ what a power loss may tear removed on the next open; safetensors written from me
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import json
-import mmap
 import os
 import threading
 import time
@@ -29,6 +27,7 @@ from headway.store.tensorfile import (
     write_plan_direct,
     write_safetensors,
 )
+from tests.helpers_pages import cached_pages, file_pages
 
 
 def _model(store: CheckpointStore, slug: str = "m") -> None:
@@ -189,30 +188,6 @@ def test_write_plan_over_a_spare_of_any_size_writes_the_file(tmp_path, spare_siz
     assert all(torch.equal(back[k], tensors[k]) for k in tensors)
 
 
-def _cached_pages(path) -> tuple[int, int]:
-    """(pages of file `path` in the page cache, pages in all), by mincore(2)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]  # fmt: skip
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    size = path.stat().st_size
-    pages = -(-size // mmap.PAGESIZE)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
-        vec = (ctypes.c_ubyte * pages)()
-        try:
-            assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
-        finally:
-            libc.munmap(addr, size)
-    finally:
-        os.close(fd)
-    return sum(v & 1 for v in vec), pages
-
-
 @pytest.mark.parametrize("floats", [5, 1024, (8 << 20) // 4 + 1000], ids=["tail", "4k", "8m+"])
 def test_a_direct_write_writes_write_plans_bytes_around_the_page_cache(tmp_path, floats):
     gen = torch.Generator().manual_seed(0)
@@ -226,9 +201,8 @@ def test_a_direct_write_writes_write_plans_bytes_around_the_page_cache(tmp_path,
     direct, cached = tmp_path / "d.safetensors", tmp_path / "c.safetensors"
     assert size == plan.size == direct.stat().st_size
     # Only the last partial block went through the cache; the page-cache write is all in it.
-    in_cache, pages = _cached_pages(direct)
-    assert in_cache <= 1, (in_cache, pages)
-    assert _cached_pages(cached) == (pages, pages)
+    assert cached_pages(direct) <= 1, (cached_pages(direct), file_pages(direct))
+    assert cached_pages(cached) == file_pages(cached)
     assert direct.read_bytes() == cached.read_bytes()
 
 
