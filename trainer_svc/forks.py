@@ -47,9 +47,9 @@ def plan_fork(
     """The fork `name` of `team` from `src`'s head (or its `checkpoint`): full, or LoRA
     (`ask`'s config, else the source's adapter, else the default one); continuing that
     checkpoint's optimizer state if `with_optimizer`, for a fork that references its
-    weights. Blocking (it may merge weights): run it on the trainer's torch thread. InvalidArgument
-    for a LoRA config the server refuses or an optimizer state it cannot continue,
-    NotFound for an unknown checkpoint."""
+    weights. Blocking (it may merge weights): run it on the trainer's torch thread.
+    InvalidArgument for a LoRA config the server refuses or an optimizer state it cannot
+    continue, NotFound for an unknown checkpoint."""
     source = src.slug
     lora = None
     if ask is not None and not full:

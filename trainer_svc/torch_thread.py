@@ -2,14 +2,13 @@
 
 Why one: torch's parallel CPU ops run on OpenMP (libgomp), which gives every thread that
 starts a parallel region a team of workers of its own, kept for as long as that thread
-lives.
-Once a process holds more OpenMP threads than there are cores, libgomp stops spinning at
-its barriers and puts the workers to sleep at every parallel region, and a training step
-is thousands of regions. `asyncio.to_thread` hands each call to whichever thread of its
-pool is free, so training, AdamW and model loads ran on several threads and soon left the
-process with several teams. Measured (AMD EPYC Zen 3, 2 cores, a 58M-parameter Qwen3
-forward+backward of 8×128 tokens, medians): 2.09 s on one thread, 2.22 s on it once a
-second thread had run one parallel op, 2.33 s on that second thread.
+lives. Once a process holds more OpenMP threads than there are cores, libgomp stops
+spinning at its barriers and puts the workers to sleep at every parallel region, and a
+training step is thousands of regions. `asyncio.to_thread` hands each call to whichever
+thread of its pool is free, so training, AdamW and model loads ran on several threads
+and soon left the process with several teams. Measured (AMD EPYC Zen 3, 2 cores, a
+58M-parameter Qwen3 forward+backward of 8×128 tokens, medians): 2.09 s on one thread,
+2.22 s on it once a second thread had run one parallel op, 2.33 s on that second thread.
 """
 
 from __future__ import annotations
