@@ -37,15 +37,12 @@ $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 	cd $(NODE_DIR) && npm ci --ignore-scripts --no-audit --no-fund
 	touch $(NODE_STAMP)
 
-# Two workers (pytest-xdist), as test-fast: the suite's tests each compute on one torch
-# thread (tests/stack.py) and wait on service processes, gRPC and Redis as much as they
-# compute. On a 2-core AMD EPYC Zen 3: 490 s against 770-866 s in one process.
 test: install
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q
 
 # The developer's inner loop: every test not marked slow (under a minute on 2 cores).
 # Two workers (pytest-xdist): these tests wait on gRPC and Redis round trips as much as
-# they compute, so two share two cores well.
+# they compute, so two share two cores well. `make test` stays one process.
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" -n 2
 
